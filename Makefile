@@ -1,0 +1,31 @@
+# Two commands: `make dev` runs the whole system, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: dev test bench clean
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Herald needs Python 3.11 or newer")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+# A development secret, made once; `.env` is read by flask and honcho.
+.env:
+	@echo "HERALD_SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))')" > .env
+	@echo "made .env with a development HERALD_SECRET_KEY"
+
+dev: $(STAMP) .env
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/flask --app app dev
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/e2e.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .dev .pytest_cache

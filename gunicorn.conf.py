@@ -1,0 +1,60 @@
+"""gunicorn settings for the `web` process: gevent workers, one hub per worker.
+
+gevent because one process must hold thousands of WebSockets; each gunicorn
+worker is its own hub node, and the Kafka producer is made after the fork.
+"""
+
+import os
+import sys
+
+import gevent
+
+from pipeline.settings import load_or_exit
+
+_settings = load_or_exit()
+
+bind = f"0.0.0.0:{_settings.port}"
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+worker_connections = int(os.environ.get("HERALD_WORKER_CONNECTIONS", "20000"))
+# Heroku sends SIGKILL 30 s after SIGTERM: finish well before it.
+graceful_timeout = 20
+timeout = 30
+keepalive = 5
+accesslog = None
+errorlog = "-"
+loglevel = "warning"
+
+
+def on_starting(server):
+    """Refuse to start, in one line, when Redis or Kafka does not answer."""
+    from pipeline.kafka import kafka_reachable
+    from pipeline.store import connect
+
+    try:
+        connect(_settings.redis_url).ping()
+    except Exception as exc:  # any failure: one line, no traceback (SPEC)
+        print(f"herald web: cannot start: Redis at {_settings.redis_url} does not answer ({exc})", file=sys.stderr)
+        sys.exit(1)
+    if not kafka_reachable(_settings):
+        print(f"herald web: cannot start: Kafka at {_settings.kafka_bootstrap_servers} does not answer",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def post_worker_init(worker):
+    """Connect this worker's services and watch for shutdown."""
+    from pipeline.logs import configure_logging
+
+    configure_logging("web")
+    services = worker.wsgi.extensions["herald"]
+    services.start()
+
+    def watch():
+        # gunicorn only flips `alive` on SIGTERM; WebSocket handlers would keep
+        # the worker up until graceful_timeout, so close them ourselves.
+        while worker.alive:
+            gevent.sleep(0.2)
+        services.stop()
+
+    gevent.spawn(watch)

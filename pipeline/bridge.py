@@ -1,0 +1,194 @@
+"""The bridge: a Kafka consumer group that turns records into Celery tasks.
+
+At least once: a record's offset is stored only after its task was handed to
+the Celery broker; stored offsets are committed in the background, on
+partition revocation and at shutdown. Effects stay exactly once because the
+tasks deduplicate (see `pipeline.store`). Run it with `python -m pipeline.bridge`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import OrderedDict
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from pipeline.dlq import DeadLetters
+from pipeline.errors import PermanentError
+from pipeline.kafka import Publisher, client_config, ensure_topics
+from pipeline.logs import configure_logging
+from pipeline.messages import decode
+from pipeline.settings import current
+from pipeline.store import Store, connect
+
+log = logging.getLogger("herald.bridge")
+
+
+class ChannelOrder:
+    """Remembers, per partition, the last offset seen of each channel (bounded, LRU).
+
+    Each envelope carries `prev`, the offset of the previous message of its
+    channel, so workers running in parallel can deliver a channel in order.
+    """
+
+    def __init__(self, capacity: int = 100_000):
+        self.capacity = capacity
+        self._last: dict[int, OrderedDict] = {}
+
+    def stamp(self, partition: int, channel: str, offset: int) -> int | None:
+        """Record `offset` for the channel and return the one before it (None when unknown)."""
+        seen = self._last.setdefault(partition, OrderedDict())
+        prev = seen.pop(channel, None)
+        seen[channel] = offset
+        if len(seen) > self.capacity:
+            seen.popitem(last=False)
+        return prev
+
+    def forget(self, partitions) -> None:
+        """Drop what is known of partitions this bridge no longer owns."""
+        for partition in partitions:
+            self._last.pop(partition, None)
+
+
+def group_batches(records, batch_size: int):
+    """Split decoded (partition, envelope) pairs into per-partition batches in offset order."""
+    by_partition: dict[int, list] = {}
+    for partition, envelope in records:
+        by_partition.setdefault(partition, []).append(envelope)
+    for partition, envelopes in by_partition.items():
+        for start in range(0, len(envelopes), batch_size):
+            yield partition, envelopes[start:start + batch_size]
+
+
+class Bridge:
+    """The consumer loop: decode, dispatch, store offsets."""
+
+    def __init__(self, settings, celery_app, dead_letters: DeadLetters):
+        self.settings = settings
+        self.celery = celery_app
+        self.dead_letters = dead_letters
+        self.order = ChannelOrder()
+        self.running = True
+        self.consumer = Consumer(client_config(
+            settings,
+            **{
+                "group.id": settings.consumer_group,
+                "enable.auto.offset.store": False,
+                "enable.auto.commit": True,
+                "auto.commit.interval.ms": 1000,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "fetch.wait.max.ms": 5,
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 1000,
+            },
+        ))
+
+    def stop(self, *_args) -> None:
+        """Finish the current batch, commit, leave the group (SIGTERM handler)."""
+        self.running = False
+
+    def run(self) -> None:
+        """Consume until stopped; always closes the consumer (which commits stored offsets)."""
+        self.consumer.subscribe([self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while self.running:
+                records = self.consumer.consume(num_messages=self.settings.batch_size * 5, timeout=0.2)
+                if records:
+                    self.handle(records)
+        finally:
+            self.consumer.close()
+            log.info("bridge stopped")
+
+    def handle(self, records) -> None:
+        """Dispatch one polled set of records and store their offsets."""
+        decoded, last_offsets = [], {}
+        for record in records:
+            if record.error():
+                self._record_error(record.error())
+                continue
+            partition, offset = record.partition(), record.offset()
+            last_offsets[partition] = offset
+            try:
+                envelope = decode(record.value())
+            except PermanentError as exc:
+                self.dead_letters.send(reason=str(exc), partition=partition, offset=offset, attempts=0,
+                                       raw=record.value(), key=record.key())
+                continue
+            envelope["partition"], envelope["offset"] = partition, offset
+            envelope["prev"] = self.order.stamp(partition, envelope["channel"], offset)
+            for name, value in record.headers() or ():
+                if name == "herald-origin":
+                    envelope["origin"] = value.decode()
+                elif name == "x-request-id":
+                    envelope["request_id"] = value.decode()
+            decoded.append((partition, envelope))
+        for partition, batch in group_batches(decoded, self.settings.batch_size):
+            self._dispatch(batch)
+        if last_offsets:
+            self.consumer.store_offsets(offsets=[
+                TopicPartition(self.settings.topic, partition, offset + 1)
+                for partition, offset in last_offsets.items()
+            ])
+
+    def _dispatch(self, batch: list[dict]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                self.celery.send_task("process_message", args=(batch,))
+                log.info("dispatched", extra={"message_id": batch[0]["id"], "count": len(batch),
+                                              "partition": batch[0]["partition"], "offset": batch[0]["offset"]})
+                return
+            except Exception as exc:  # kombu raises many types; none may lose the batch
+                if not self.running:
+                    # Offsets of this poll are not stored: another bridge re-reads them.
+                    raise SystemExit(0) from exc
+                log.warning("celery broker unavailable, retrying", extra={"error": str(exc), "delay": delay})
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _record_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer error", extra={"error": error.str()})
+
+    def _on_assign(self, _consumer, partitions) -> None:
+        log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:  # nothing stored yet is not a failure
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("commit on revoke failed", extra={"error": str(exc)})
+        self.order.forget(p.partition for p in partitions)
+        log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+
+
+def main() -> None:
+    """Entry point of the `bridge` process."""
+    configure_logging("bridge")
+    settings = current()
+    from tasks import celery_app
+
+    try:
+        ensure_topics(settings)
+        store = Store(connect(settings.redis_url), settings)
+        store.redis.ping()
+    except Exception as exc:  # one clear line, never a traceback (SPEC)
+        raise SystemExit(f"herald bridge: cannot start: {exc}") from None
+    publisher = Publisher(settings, client_id=f"herald-bridge-{settings.node_id}")
+    bridge = Bridge(settings, celery_app, DeadLetters(publisher, store, settings))
+    signal.signal(signal.SIGTERM, bridge.stop)
+    signal.signal(signal.SIGINT, bridge.stop)
+    log.info("bridge started", extra={"topic": settings.topic, "group": settings.consumer_group})
+    try:
+        bridge.run()
+    finally:
+        publisher.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Bridging blocking C clients and gevent.
+
+The web process runs under gevent (many WebSockets per process), but
+confluent-kafka's calls block in C and never yield to the gevent hub
+(confluent-kafka-python issue #612). Its blocking calls therefore run in
+native threads, and their results come back to greenlets through a
+thread-safe hub watcher. In processes without gevent the same API is plain
+threading.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+
+
+def gevent_active() -> bool:
+    """True when this process has monkey-patched threading with gevent."""
+    try:
+        from gevent import monkey
+    except ImportError:  # gevent is optional outside the web process
+        return False
+    return monkey.is_module_patched("threading")
+
+
+def start_native_thread(target, name: str) -> None:
+    """Start `target` in a real OS thread, even under gevent monkey-patching."""
+    if gevent_active():
+        from gevent import monkey
+
+        monkey.get_original("_thread", "start_new_thread")(target, ())
+    else:
+        threading.Thread(target=target, name=name, daemon=True).start()
+
+
+def run_blocking(fn, *args):
+    """Call a function that blocks in C without stalling the gevent hub."""
+    if gevent_active():
+        import gevent
+
+        return gevent.get_hub().threadpool.apply(fn, args)
+    return fn(*args)
+
+
+class ResultChannel:
+    """Makes futures that a native thread can resolve and a greenlet or thread can wait on."""
+
+    def __init__(self):
+        self._green = gevent_active()
+        if self._green:
+            import gevent
+
+            self._done = collections.deque()
+            self._watcher = gevent.get_hub().loop.async_()
+            self._watcher.start(self._drain)
+
+    def future(self):
+        """A new unresolved future with `.get(timeout)`."""
+        if self._green:
+            from gevent.event import AsyncResult
+
+            return AsyncResult()
+        return concurrent.futures.Future()
+
+    def resolve(self, future, value=None, error: BaseException | None = None) -> None:
+        """Resolve `future` from any thread."""
+        if self._green:
+            self._done.append((future, value, error))
+            self._watcher.send()
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def wait(self, future, timeout: float):
+        """The future's value; raises TimeoutError when it is not resolved in time."""
+        if self._green:
+            import gevent
+
+            try:
+                return future.get(timeout=timeout)
+            except gevent.Timeout:
+                raise TimeoutError from None
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError from None
+
+    def _drain(self):
+        # Runs in the hub's own thread, where touching AsyncResult is safe.
+        while self._done:
+            future, value, error = self._done.popleft()
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set(value)

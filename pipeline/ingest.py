@@ -1,0 +1,115 @@
+"""Accepting messages: idempotency, then Kafka, then the `accepted` status.
+
+Shared by the HTTP API and the WebSocket hub, so both answer the same way:
+an answer means Kafka acknowledged the record (SPEC: never 202 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+
+from pipeline.errors import HeraldError, KafkaUnavailable, TransientError
+from pipeline.messages import encode
+
+log = logging.getLogger("herald.ingest")
+
+
+class IdempotencyConflict(TransientError):
+    """The same id is being published by another request right now."""
+
+
+class Ingest:
+    """Publishes validated envelopes to the main topic."""
+
+    def __init__(self, settings, store, publisher):
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+
+    def publish(self, envelope: dict, *, idempotent: bool, origin: str | None = None,
+                request_id: str | None = None) -> dict:
+        """Publish one envelope; returns `{id, channel, status, partition, offset}`."""
+        return self.publish_many([envelope], idempotent=[idempotent], origin=origin, request_id=request_id)[0]
+
+    def publish_many(self, envelopes: list[dict], *, idempotent: list[bool], origin: str | None = None,
+                     request_id: str | None = None, raise_errors: bool = True) -> list:
+        """Publish several envelopes at once; each result is an answer dict or, with
+        `raise_errors=False`, the HeraldError that kept that message out."""
+        results: list = [None] * len(envelopes)
+        pending = {}
+        for index, envelope in enumerate(envelopes):
+            try:
+                if idempotent[index]:
+                    prior = self._claim(envelope["id"])
+                    if prior is not None:
+                        results[index] = prior
+                        continue
+                pending[index] = self.publisher.send(self.settings.topic, envelope["channel"], encode(envelope),
+                                                     _headers(origin, request_id))
+            except HeraldError as exc:
+                self._forget(envelope, idempotent[index])
+                results[index] = exc
+        for index, future in pending.items():
+            envelope = envelopes[index]
+            try:
+                partition, offset = self.publisher.wait(future)
+            except HeraldError as exc:
+                self._forget(envelope, idempotent[index])
+                results[index] = exc
+                continue
+            results[index] = self._accepted(envelope, partition, offset, idempotent[index], request_id)
+        if raise_errors:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
+
+    def _claim(self, msg_id: str) -> dict | None:
+        deadline = time.monotonic() + self.settings.produce_timeout + 2
+        try:
+            while True:
+                prior = self.store.claim_idempotency(msg_id, self.settings.node_id)
+                if prior is None:
+                    return None
+                if prior != "pending":
+                    return json.loads(prior)
+                if time.monotonic() > deadline:
+                    raise IdempotencyConflict(f"message {msg_id} is still being published by another request")
+                time.sleep(0.01)
+        except redis.RedisError as exc:
+            raise KafkaUnavailable(f"cannot check the idempotency key: {exc}") from None
+
+    def _forget(self, envelope: dict, idempotent: bool) -> None:
+        if not idempotent:
+            return
+        try:
+            self.store.release_idempotency(envelope["id"])
+        except redis.RedisError:
+            log.warning("cannot release idempotency claim", extra={"message_id": envelope["id"]})
+
+    def _accepted(self, envelope, partition, offset, idempotent, request_id) -> dict:
+        answer = {"id": envelope["id"], "channel": envelope["channel"], "status": "accepted",
+                  "partition": partition, "offset": offset}
+        try:
+            self.store.record_accepted(envelope, partition, offset)
+            if idempotent:
+                self.store.store_answer(envelope["id"], answer)
+        except redis.RedisError as exc:
+            # Kafka has the record: the answer stands, the worker fills the status in.
+            log.warning("status store unavailable", extra={"message_id": envelope["id"], "error": str(exc)})
+        log.info("accepted", extra={"message_id": envelope["id"], "request_id": request_id,
+                                    "channel": envelope["channel"], "partition": partition, "offset": offset})
+        return answer
+
+
+def _headers(origin, request_id):
+    headers = []
+    if origin:
+        headers.append(("herald-origin", origin.encode()))
+    if request_id:
+        headers.append(("x-request-id", request_id.encode()))
+    return headers

@@ -1,0 +1,158 @@
+"""Kafka plumbing shared by the web, the bridge and the workers: topics and the producer.
+
+Plain confluent-kafka, so Herald runs on any Kafka cluster; clients are made
+per process, after any fork (librdkafka's threads do not survive `fork()`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.errors import KafkaUnavailable, ValidationError
+from pipeline.green import ResultChannel, run_blocking, start_native_thread
+
+log = logging.getLogger("herald.kafka")
+
+
+def client_config(settings, **extra) -> dict:
+    """Base librdkafka configuration for every Herald client."""
+    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.keepalive.enable": True}
+    conf.update(extra)
+    return conf
+
+
+def kafka_reachable(settings, timeout: float = 3.0) -> bool:
+    """A plain TCP check of the bootstrap servers: safe before a fork, unlike a client."""
+    for server in settings.kafka_bootstrap_servers.split(","):
+        host, _, port = server.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def ensure_topics(settings, timeout: float = 10.0) -> None:
+    """Create the main and dead-letter topics when missing.
+
+    A broker may come back empty (Tansu's memory store does), so every process
+    calls this at start instead of trusting that topics exist.
+    """
+    admin = AdminClient(client_config(settings))
+    wanted = [
+        NewTopic(settings.topic, settings.topic_partitions, 1),
+        NewTopic(settings.dlq_topic, settings.topic_partitions, 1),
+    ]
+
+    def create():
+        existing = admin.list_topics(timeout=timeout).topics
+        missing = [t for t in wanted if t.topic not in existing]
+        if not missing:
+            return
+        for topic, future in admin.create_topics(missing, operation_timeout=timeout).items():
+            try:
+                future.result(timeout)
+                log.info("topic created", extra={"topic": topic})
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+
+    try:
+        run_blocking(create)
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"cannot create topics: {exc}") from None
+
+
+class Publisher:
+    """An idempotent `acks=all` producer whose `publish` returns only once Kafka has the record."""
+
+    def __init__(self, settings, *, client_id: str = "herald"):
+        self._settings = settings
+        self._timeout = settings.produce_timeout
+        # message.timeout.ms bounds librdkafka's own retries to our answer's
+        # deadline, so a record we answered 503 for is not written later.
+        self._producer = Producer(
+            client_config(
+                settings,
+                **{
+                    "client.id": client_id,
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 2,
+                    "message.timeout.ms": int(self._timeout * 1000),
+                    "queue.buffering.max.messages": 100_000,
+                    "queue.buffering.max.kbytes": 131_072,
+                    "message.max.bytes": max(1_048_576, settings.max_message_bytes * 2 + 4096),
+                },
+            )
+        )
+        self._results = ResultChannel()
+        # A plain flag: the poll thread is native, where gevent's Event is not safe.
+        self._running = True
+        start_native_thread(self._poll_loop, "herald-producer-poll")
+
+    def warm_up(self, timeout: float = 5.0) -> None:
+        """Connect and fetch metadata now, so the first request does not pay for it."""
+        try:
+            run_blocking(self._producer.list_topics, None, timeout)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"Kafka did not answer: {exc}") from None
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """True when a broker answers a metadata request within `timeout`."""
+        try:
+            run_blocking(self._producer.list_topics, self._settings.topic, timeout)
+            return True
+        except KafkaException:
+            return False
+
+    def publish(self, topic: str, key: str, value: bytes, headers=None) -> tuple[int, int]:
+        """Produce one record and wait for its acknowledgement; returns (partition, offset)."""
+        future = self.send(topic, key, value, headers)
+        return self.wait(future)
+
+    def send(self, topic: str, key: str, value: bytes, headers=None):
+        """Queue one record; `wait()` on the returned future gives (partition, offset)."""
+        future = self._results.future()
+
+        def delivered(err, msg):
+            if err is not None:
+                self._results.resolve(future, error=_delivery_error(err))
+            else:
+                self._results.resolve(future, (msg.partition(), msg.offset()))
+
+        try:
+            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+        except BufferError:
+            raise KafkaUnavailable("the producer queue is full: Kafka is slow or down") from None
+        except KafkaException as exc:
+            raise _delivery_error(exc.args[0]) from None
+        return future
+
+    def wait(self, future) -> tuple[int, int]:
+        """Block this greenlet or thread until the record is acknowledged."""
+        try:
+            # One extra second: librdkafka reports its own timeout at the deadline.
+            return self._results.wait(future, self._timeout + 1.0)
+        except TimeoutError:
+            raise KafkaUnavailable("Kafka did not acknowledge the record in time") from None
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Deliver what is queued (up to `timeout`), stop polling; returns records left."""
+        self._running = False
+        return self._producer.flush(timeout)
+
+    def _poll_loop(self):
+        while self._running:
+            self._producer.poll(0.05)
+
+
+def _delivery_error(err: KafkaError):
+    if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        return ValidationError("The message is larger than Kafka accepts", status=413, title="Message too large")
+    return KafkaUnavailable(f"Kafka did not take the record: {err.str()}")

@@ -1,0 +1,99 @@
+"""What a worker does with messages, as plain functions of their collaborators.
+
+The Celery task in `tasks/` only adds transport concerns (retries, acks);
+everything here runs, and is tested, without a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import redis
+
+from pipeline.errors import OutOfTurn, PermanentError, TransientError
+
+log = logging.getLogger("herald.processing")
+
+TERMINAL = {"delivered", "failed", "rejected"}
+# Errors worth retrying: the services a message passes through were unreachable.
+RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+class RetryLater(Exception):
+    """A transient failure at `remaining[0]`; the rest must wait behind it to keep order."""
+
+    def __init__(self, remaining: list[dict], cause: BaseException):
+        super().__init__(str(cause))
+        self.remaining = remaining
+        self.cause = cause
+
+
+def backoff_delay(retries: int, base: float, cap: float, rand=random.random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**retries)]."""
+    return rand() * min(cap, base * (2 ** retries))
+
+
+def check_type(envelope: dict, allowed: tuple[str, ...]) -> None:
+    """Reject message types no handler knows (when the deployment lists its types)."""
+    if allowed and envelope["type"] not in allowed:
+        raise PermanentError(f"unknown message type {envelope['type']!r}")
+
+
+class Processor:
+    """Takes a batch of envelopes of one partition, in offset order, through to delivery."""
+
+    def __init__(self, settings, store, archive, dead_letters):
+        self.settings = settings
+        self.store = store
+        self.archive = archive
+        self.dead_letters = dead_letters
+
+    def run(self, envelopes: list[dict], *, final_attempt: bool) -> dict:
+        """Process each message once; raises RetryLater at the first transient failure."""
+        counts = {"delivered": 0, "duplicate": 0, "dead": 0}
+        for index, envelope in enumerate(envelopes):
+            try:
+                counts[self._one(envelope, final_attempt=final_attempt)] += 1
+            except PermanentError as exc:
+                self._dead_letter(envelope, str(exc), attempts=1)
+                counts["dead"] += 1
+            except RETRYABLE as exc:
+                raise RetryLater(envelopes[index:], exc) from exc
+        return counts
+
+    def dead_letter_first(self, envelopes: list[dict], error: str, attempts: int) -> None:
+        """Retries are used up: dead-letter the message that kept failing."""
+        self._dead_letter(envelopes[0], error, attempts=attempts)
+
+    def _one(self, envelope: dict, *, final_attempt: bool) -> str:
+        status = self.store.mark_processing(envelope)
+        if status in TERMINAL:
+            return "duplicate"
+        check_type(envelope, self.settings.message_types)
+        self.archive.store([envelope])
+        outcome = self._deliver_in_turn(envelope, force=final_attempt)
+        log.info("message %s", outcome, extra={"message_id": envelope["id"], "channel": envelope["channel"],
+                                               "offset": envelope.get("offset"),
+                                               "request_id": envelope.get("request_id")})
+        return "duplicate" if outcome == "duplicate" else "delivered"
+
+    def _deliver_in_turn(self, envelope: dict, *, force: bool) -> str:
+        # An earlier message of this channel is usually being processed by
+        # another worker right now: wait briefly rather than pay a retry.
+        deadline = time.monotonic() + self.settings.order_wait
+        delay = 0.002
+        while True:
+            outcome, _sid = self.store.deliver(envelope, force=force)
+            if outcome != "wait":
+                return outcome
+            if time.monotonic() >= deadline:
+                raise OutOfTurn(f"message {envelope.get('prev')} of {envelope['channel']} is not handled yet")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _dead_letter(self, envelope: dict, error: str, *, attempts: int) -> None:
+        self.dead_letters.send(reason=error, partition=envelope.get("partition", -1),
+                               offset=envelope.get("offset", -1), attempts=attempts, envelope=envelope)
+        self.store.mark_failed(envelope, error)

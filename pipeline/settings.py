@@ -1,0 +1,218 @@
+"""Herald's one settings object, read from the environment once per process.
+
+Every process builds `Settings.from_env()` at start and passes it down; tests
+build it from a plain dict. A bad value fails here, with a sentence that says
+which variable and what to do, never later with a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+import sys
+from urllib.parse import urlsplit
+
+from pipeline.errors import ConfigError
+
+_ON = {"1", "on", "true", "yes"}
+_OFF = {"0", "off", "false", "no"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated configuration; field names mirror the SPEC's variables."""
+
+    port: int = 8000
+    redis_url: str = "redis://localhost:6379/0"
+    celery_broker_url: str = "redis://localhost:6379/0"
+    kafka_bootstrap_servers: str = "localhost:9092"
+    database_url: str = "sqlite:///herald.db"
+    topic: str = "herald.messages"
+    secret_key: str | None = None
+    auth: bool = True
+    cors_origins: tuple[str, ...] = ()
+    max_message_bytes: int = 65536
+    # Internals a deployment may tune; the SPEC leaves them to us.
+    topic_partitions: int = 12
+    redis_prefix: str = "herald"
+    consumer_group: str = "herald-bridge"
+    produce_timeout: float = 5.0
+    retry_max: int = 8
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 60.0
+    visibility_timeout: int = 3600
+    history_maxlen: int = 1000
+    status_ttl: int = 86400
+    batch_size: int = 100
+    send_queue_size: int = 512
+    ping_interval: int = 25
+    order_wait: float = 2.0
+    message_types: tuple[str, ...] = ()
+    worker_concurrency: int = 2
+    node_id: str = ""
+
+    @property
+    def dlq_topic(self) -> str:
+        """Dead letters go to `<topic>.dlq` (SPEC)."""
+        return f"{self.topic}.dlq"
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Settings":
+        """Build settings from an environment mapping (default `os.environ`)."""
+        env = os.environ if environ is None else environ
+        redis_url = _url(env, "REDIS_URL", cls.redis_url, {"redis", "rediss", "unix"})
+        auth = _flag(env, "HERALD_AUTH", True)
+        secret = env.get("HERALD_SECRET_KEY") or None
+        if auth and not secret:
+            raise ConfigError(
+                "HERALD_SECRET_KEY is not set: set it to a long random string, "
+                "or set HERALD_AUTH=off for local development"
+            )
+        origins = tuple(o.strip().rstrip("/") for o in env.get("HERALD_CORS_ORIGINS", "").split(",") if o.strip())
+        if "*" in origins:
+            raise ConfigError("HERALD_CORS_ORIGINS may not contain '*': list the allowed origins")
+        settings = cls(
+            port=_int(env, "PORT", cls.port, 1, 65535),
+            redis_url=redis_url,
+            celery_broker_url=_url(env, "CELERY_BROKER_URL", redis_url, {"redis", "rediss", "unix", "amqp", "amqps", "sqs"}),
+            kafka_bootstrap_servers=_kafka_servers(env),
+            database_url=_database_url(env),
+            topic=_topic(env),
+            secret_key=secret,
+            auth=auth,
+            cors_origins=origins,
+            max_message_bytes=_int(env, "HERALD_MAX_MESSAGE_BYTES", cls.max_message_bytes, 64, 16 * 1024 * 1024),
+            topic_partitions=_int(env, "HERALD_TOPIC_PARTITIONS", cls.topic_partitions, 1, 10000),
+            redis_prefix=env.get("HERALD_REDIS_PREFIX", cls.redis_prefix) or cls.redis_prefix,
+            consumer_group=env.get("HERALD_CONSUMER_GROUP", cls.consumer_group) or cls.consumer_group,
+            produce_timeout=_float(env, "HERALD_PRODUCE_TIMEOUT", cls.produce_timeout, 0.1, 60),
+            retry_max=_int(env, "HERALD_RETRY_MAX", cls.retry_max, 0, 100),
+            retry_base_delay=_float(env, "HERALD_RETRY_BASE_DELAY", cls.retry_base_delay, 0.001, 3600),
+            retry_max_delay=_float(env, "HERALD_RETRY_MAX_DELAY", cls.retry_max_delay, 0.001, 86400),
+            visibility_timeout=_int(env, "HERALD_VISIBILITY_TIMEOUT", cls.visibility_timeout, 1, 7 * 86400),
+            history_maxlen=_int(env, "HERALD_HISTORY_MAXLEN", cls.history_maxlen, 1, 10_000_000),
+            status_ttl=_int(env, "HERALD_STATUS_TTL", cls.status_ttl, 60, 30 * 86400),
+            batch_size=_int(env, "HERALD_BATCH_SIZE", cls.batch_size, 1, 10000),
+            send_queue_size=_int(env, "HERALD_SEND_QUEUE", cls.send_queue_size, 1, 1_000_000),
+            ping_interval=_int(env, "HERALD_PING_INTERVAL", cls.ping_interval, 1, 3600),
+            order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
+            message_types=tuple(t.strip() for t in env.get("HERALD_MESSAGE_TYPES", "").split(",") if t.strip()),
+            worker_concurrency=_int(env, "HERALD_WORKER_CONCURRENCY", cls.worker_concurrency, 1, 256),
+            node_id=env.get("HERALD_NODE_ID") or f"{socket.gethostname()}-{os.getpid()}",
+        )
+        if settings.retry_max_delay * 2 > settings.visibility_timeout:
+            # A retry parked longer than the visibility timeout is handed to a
+            # second worker by the Redis broker: the task would run twice.
+            raise ConfigError(
+                f"HERALD_RETRY_MAX_DELAY ({settings.retry_max_delay:g}s) must stay under half of "
+                f"HERALD_VISIBILITY_TIMEOUT ({settings.visibility_timeout}s)"
+            )
+        return settings
+
+    def with_node(self, node_id: str) -> "Settings":
+        """A copy naming this process; each web process is its own hub node."""
+        return dataclasses.replace(self, node_id=node_id)
+
+
+@functools.cache
+def current() -> Settings:
+    """This process's settings, read from `os.environ` on first use."""
+    return load_or_exit()
+
+
+def load_or_exit(environ=None) -> Settings:
+    """`Settings.from_env`, or one line on stderr and exit 1 (SPEC: no traceback)."""
+    try:
+        return Settings.from_env(environ)
+    except ConfigError as exc:
+        print(f"herald: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _flag(env, name, default):
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in _ON:
+        return True
+    if raw.lower() in _OFF:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not on or off")
+
+
+def _int(env, name, default, low, high):
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+def _float(env, name, default, low, high):
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value:g} is outside {low:g}..{high:g}")
+    return value
+
+
+def _url(env, name, default, schemes):
+    raw = env.get(name) or default
+    parts = urlsplit(raw)
+    if parts.scheme not in schemes:
+        raise ConfigError(f"{name}={raw!r} is not a URL of scheme {', '.join(sorted(schemes))}")
+    if parts.scheme != "unix" and parts.scheme != "sqs" and not parts.hostname:
+        raise ConfigError(f"{name}={raw!r} names no host")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} has a bad port") from None
+    return raw
+
+
+def _kafka_servers(env):
+    # Heroku's Kafka add-on sets KAFKA_URL as comma-separated kafka:// URLs.
+    raw = env.get("KAFKA_BOOTSTRAP_SERVERS") or env.get("KAFKA_URL") or Settings.kafka_bootstrap_servers
+    servers = []
+    for item in raw.split(","):
+        item = item.strip()
+        if "://" in item:
+            scheme, _, item = item.partition("://")
+            if scheme not in {"kafka", "tcp", "plaintext"}:
+                raise ConfigError(f"Kafka address {scheme}://{item} has an unsupported scheme")
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"Kafka address {item!r} is not host:port (KAFKA_BOOTSTRAP_SERVERS)")
+        servers.append(f"{host}:{port}")
+    return ",".join(servers)
+
+
+def _database_url(env):
+    raw = env.get("DATABASE_URL") or Settings.database_url
+    # Heroku still hands out postgres://, which SQLAlchemy 2 no longer accepts.
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw[len("postgres://"):]
+    scheme = raw.split("://", 1)[0] if "://" in raw else ""
+    if not scheme.startswith(("sqlite", "postgresql")):
+        raise ConfigError(f"DATABASE_URL={raw!r} is neither sqlite:// nor postgresql://")
+    return raw
+
+
+def _topic(env):
+    topic = env.get("HERALD_TOPIC") or Settings.topic
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    if len(topic) > 200 or not set(topic) <= allowed:
+        raise ConfigError(f"HERALD_TOPIC={topic!r} is not a valid Kafka topic name")
+    return topic

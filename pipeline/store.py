@@ -1,0 +1,249 @@
+"""Herald's Redis state: message status, channel history, dedupe, idempotency and fan-out.
+
+Every change that must happen at most once (delivering a message, moving its
+status forward) is one Lua script, so a task that runs twice, or two workers
+racing, cannot deliver twice or move a status backwards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
+
+# KEYS: msg hash, status pub/sub channel. ARGV: status, rank, ttl, status frame,
+# origin pub/sub channel or '', origin client, force ('1' lets a replay restart
+# a finished message), then field/value pairs to store.
+_SET_STATUS = """
+local current = redis.call('HGET', KEYS[1], 'status')
+local rank = {accepted=1, processing=2, delivered=3, failed=3, rejected=3}
+local new = tonumber(ARGV[2])
+if current and ARGV[7] ~= '1' and (rank[current] or 0) >= new then
+  if ARGV[1] == 'processing' and current == 'processing' then
+    redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  end
+  return current
+end
+if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if ARGV[1] == 'processing' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('PUBLISH', KEYS[2], ARGV[4])
+  if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\\n' .. ARGV[4]) end
+end
+return ARGV[1]
+"""
+
+# KEYS: done marker, order gate, history stream, msg hash, message pub/sub
+# channel, status pub/sub channel, history epoch.
+# ARGV: kafka offset, previous offset of the channel or '', ttl, history
+# maxlen, message frame head, status frame, origin channel or '', origin client,
+# force ('1' once the order wait ran out).
+_DELIVER = """
+local done = redis.call('GET', KEYS[1])
+if done then return {'duplicate', done} end
+local offset = tonumber(ARGV[1])
+local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if ARGV[2] ~= '' and ARGV[9] ~= '1' and last < tonumber(ARGV[2]) then return {'wait', ''} end
+local sid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'f', ARGV[5])
+redis.call('SET', KEYS[7], sid, 'NX')
+if offset > last then redis.call('SET', KEYS[2], offset, 'EX', ARGV[3]) end
+redis.call('SET', KEYS[1], sid, 'EX', ARGV[3])
+redis.call('HSET', KEYS[4], 'status', 'delivered', 'stream_id', sid)
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+redis.call('PUBLISH', KEYS[5], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
+redis.call('PUBLISH', KEYS[6], ARGV[6])
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8] .. '\\n' .. ARGV[6]) end
+return {'delivered', sid}
+"""
+
+# KEYS: order gate. ARGV: offset, ttl. A dead-lettered message still counts as
+# handled, or its channel would wait for it forever.
+_ADVANCE = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > last then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 1
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client with bounded timeouts, so an outage fails fast instead of hanging."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=5,
+        socket_connect_timeout=3,
+        health_check_interval=15,
+    )
+
+
+def message_frame_head(envelope: dict) -> str:
+    """The SPEC's `message` frame without its closing offset, which XADD assigns."""
+    frame = {"op": "message"}
+    frame.update({k: envelope[k] for k in ("channel", "id", "type", "data", "sender", "ts")})
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"offset":"'
+
+
+def status_frame(envelope: dict, status: str) -> str:
+    """The SPEC's `status` frame."""
+    return json.dumps({"op": "status", "channel": envelope["channel"], "id": envelope["id"], "status": status},
+                      separators=(",", ":"))
+
+
+def stream_id_key(sid: str) -> tuple[int, int]:
+    """Orders stream ids ('ms-seq'); malformed ids sort first."""
+    ms, _, seq = sid.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return -1, -1
+
+
+class Store:
+    """Typed access to Herald's keys under one prefix."""
+
+    def __init__(self, client: redis.Redis, settings):
+        self.redis = client
+        self.settings = settings
+        self.prefix = settings.redis_prefix
+        self._set_status = client.register_script(_SET_STATUS)
+        self._deliver = client.register_script(_DELIVER)
+        self._advance = client.register_script(_ADVANCE)
+
+    # Key names: one place, so the hub, the tasks and the API agree.
+    def key(self, kind: str, name: str) -> str:
+        """`<prefix>:<kind>:<name>`."""
+        return f"{self.prefix}:{kind}:{name}"
+
+    def message_channel(self, channel: str) -> str:
+        """Pub/sub channel carrying a channel's `message` frames."""
+        return self.key("m", channel)
+
+    def status_channel(self, channel: str) -> str:
+        """Pub/sub channel carrying a channel's `status` frames."""
+        return self.key("s", channel)
+
+    def node_channel(self, node: str) -> str:
+        """Pub/sub channel of one web process, for frames meant for one of its clients."""
+        return self.key("n", node)
+
+    def set_status(self, envelope: dict, status: str, *, fields=None, origin=None, force=False) -> str:
+        """Move a message's status forward (never back) and push the change; returns the status now."""
+        flat = []
+        for name, value in (fields or {}).items():
+            flat += [name, value if isinstance(value, str) else json.dumps(value)]
+        frame = status_frame(envelope, status) if status != "accepted" else ""
+        node, client = _origin(self, origin)
+        return self._set_status(
+            keys=[self.key("msg", envelope["id"]), self.status_channel(envelope["channel"])],
+            args=[status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
+                  "1" if force else "0", *flat],
+        )
+
+    def record_accepted(self, envelope: dict, partition: int, offset: int) -> None:
+        """Note a record Kafka acknowledged, unless a worker already moved it further."""
+        self.set_status(envelope, "accepted", fields=_message_fields(envelope, partition, offset))
+
+    def mark_processing(self, envelope: dict) -> str:
+        """A worker took the message; returns the status now (a finished one stays finished)."""
+        fields = _message_fields(envelope, envelope.get("partition", ""), envelope.get("offset", ""))
+        return self.set_status(envelope, "processing", fields=fields, origin=envelope.get("origin"))
+
+    def deliver(self, envelope: dict, *, force: bool = False) -> tuple[str, str]:
+        """Append to history and push, once; returns ('delivered'|'duplicate'|'wait', stream id)."""
+        channel = envelope["channel"]
+        node, client = _origin(self, envelope.get("origin"))
+        prev = envelope.get("prev")
+        outcome, sid = self._deliver(
+            keys=[self.key("done", envelope["id"]), self.key("last", channel), self.key("hist", channel),
+                  self.key("msg", envelope["id"]), self.message_channel(channel), self.status_channel(channel),
+                  self.key("epoch", channel)],
+            args=[envelope.get("offset", -1), "" if prev is None else prev, self.settings.status_ttl,
+                  self.settings.history_maxlen, message_frame_head(envelope), status_frame(envelope, "delivered"),
+                  node, client, "1" if force else "0"],
+        )
+        return outcome, sid
+
+    def mark_failed(self, envelope: dict, error: str, status: str = "failed") -> None:
+        """Record a dead-lettered (or rejected) message and let its channel move on."""
+        self._advance(keys=[self.key("last", envelope["channel"])],
+                      args=[envelope.get("offset", -1), self.settings.status_ttl])
+        self.set_status(envelope, status, fields={"error": error}, origin=envelope.get("origin"))
+
+    def get_message(self, msg_id: str) -> dict | None:
+        """The stored message with its status, or None."""
+        raw = self.redis.hgetall(self.key("msg", msg_id))
+        if not raw:
+            return None
+        out = {"id": msg_id}
+        for name in ("channel", "type", "sender", "status", "error"):
+            out[name] = raw.get(name)
+        for name in ("ts", "attempts", "partition", "offset"):
+            out[name] = int(raw[name]) if raw.get(name, "").lstrip("-").isdigit() else None
+        out["attempts"] = out["attempts"] or 0
+        out["data"] = json.loads(raw["data"]) if "data" in raw else None
+        out["stream_id"] = raw.get("stream_id")
+        return out
+
+    def history(self, channel: str, since: str | None, limit: int) -> dict:
+        """Messages after `since` (exclusive), oldest first, and whether nothing was lost."""
+        stream = self.key("hist", channel)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.key("epoch", channel))
+        pipe.xrange(stream, min=f"({since}" if since else "-", count=limit + 1)
+        pipe.xinfo_stream(stream) if since else pipe.exists(stream)
+        try:
+            epoch, entries, info = pipe.execute()
+        except redis.ResponseError:  # no such stream: nothing retained
+            epoch, entries, info = None, [], None
+        recovered = True
+        if since:
+            deleted = (info or {}).get("max-deleted-entry-id", "0-0")
+            recovered = bool(epoch) and stream_id_key(since) >= stream_id_key(epoch) \
+                and stream_id_key(since) >= stream_id_key(deleted)
+        more = len(entries) > limit
+        entries = entries[:limit]
+        messages = [json.loads(fields["f"] + sid + '"}') for sid, fields in entries]
+        return {"messages": messages, "next": entries[-1][0] if more else None, "recovered": recovered}
+
+    def last_id(self, channel: str) -> str | None:
+        """The newest history entry's id, or None."""
+        newest = self.redis.xrevrange(self.key("hist", channel), count=1)
+        return newest[0][0] if newest else None
+
+    # Idempotent publishing: the first request claims the id, later ones get its answer.
+    def claim_idempotency(self, msg_id: str, owner: str) -> str | None:
+        """None when this request owns `msg_id`; else the stored answer or 'pending'."""
+        key = self.key("idem", msg_id)
+        if self.redis.set(key, "pending:" + owner, nx=True, ex=self.settings.status_ttl):
+            return None
+        value = self.redis.get(key)
+        if value is None:
+            return self.claim_idempotency(msg_id, owner)
+        return "pending" if value.startswith("pending:") else value
+
+    def store_answer(self, msg_id: str, answer: dict) -> None:
+        """Keep the first answer for 24 h."""
+        self.redis.set(self.key("idem", msg_id), json.dumps(answer), ex=self.settings.status_ttl)
+
+    def release_idempotency(self, msg_id: str) -> None:
+        """Forget a claim whose publish failed, so the client may retry."""
+        self.redis.delete(self.key("idem", msg_id))
+
+
+def _origin(store: Store, origin) -> tuple[str, str]:
+    if not origin or "/" not in origin:
+        return "", ""
+    node, client = origin.split("/", 1)
+    return store.node_channel(node), client
+
+
+def _message_fields(envelope: dict, partition, offset) -> dict:
+    return {
+        "channel": envelope["channel"], "type": envelope["type"], "sender": envelope.get("sender") or "",
+        "ts": str(envelope["ts"]), "data": json.dumps(envelope["data"], ensure_ascii=False),
+        "partition": str(partition), "offset": str(offset),
+    }

@@ -1,0 +1,101 @@
+"""The Celery app and Herald's task: `celery -A tasks:celery_app worker`.
+
+The task is a thin shell: retries, acks and dead-lettering after the last
+retry; the work itself is `pipeline.processing.Processor`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+
+from pipeline.logs import configure_logging
+from pipeline.processing import RETRYABLE, Processor, RetryLater, backoff_delay
+from pipeline.settings import current
+
+log = logging.getLogger("herald.tasks")
+
+
+def make_celery(settings) -> Celery:
+    """A Celery app configured for at-least-once processing with late acks."""
+    app = Celery("herald")
+    app.conf.update(
+        broker_url=settings.celery_broker_url,
+        result_backend=settings.redis_url,
+        result_expires=settings.status_ttl,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue=f"{settings.redis_prefix}.tasks",
+        # A task is acknowledged only when it finished; a worker that dies
+        # mid-task hands it back instead of losing it.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_concurrency=settings.worker_concurrency,
+    )
+    return app
+
+
+settings = current()
+celery_app = make_celery(settings)
+_processor: Processor | None = None
+
+
+def processor() -> Processor:
+    """This worker process's Processor, made after the fork (Kafka clients do not survive one)."""
+    global _processor
+    if _processor is None:
+        from pipeline.archive import Archive
+        from pipeline.dlq import DeadLetters
+        from pipeline.kafka import Publisher
+        from pipeline.store import Store, connect
+
+        store = Store(connect(settings.redis_url), settings)
+        publisher = Publisher(settings, client_id=f"herald-worker-{settings.node_id}")
+        _processor = Processor(settings, store, Archive(settings.database_url),
+                               DeadLetters(publisher, store, settings))
+    return _processor
+
+
+@signals.worker_process_init.connect
+def _warm_up(**_kwargs):
+    # Each pool process connects once at start, not on its first message.
+    processor().dead_letters.publisher.warm_up()
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_kwargs):
+    configure_logging("worker")
+
+
+@celery_app.task(name="process_message", bind=True, max_retries=settings.retry_max)
+def process_message(self, envelopes: list[dict]) -> dict:
+    """Process a batch of one partition's messages, in order; retried from the first failure."""
+    final = self.request.retries >= self.max_retries
+    try:
+        return processor().run(envelopes, final_attempt=final)
+    except RetryLater as pending:
+        error = f"{type(pending.cause).__name__}: {pending.cause}"
+        if not final:
+            delay = backoff_delay(self.request.retries, settings.retry_base_delay, settings.retry_max_delay)
+            log.warning("retrying", extra={"message_id": pending.remaining[0]["id"], "error": error,
+                                           "retries": self.request.retries, "countdown": round(delay, 3)})
+            raise self.retry(args=(pending.remaining,), countdown=delay, exc=pending.cause) from None
+        try:
+            processor().dead_letter_first(pending.remaining, error, attempts=self.request.retries + 1)
+        except RETRYABLE as exc:
+            # Losing the message is worse than retrying past the limit.
+            raise self.retry(args=(pending.remaining,), countdown=settings.retry_max_delay,
+                             max_retries=None, exc=exc) from None
+        if len(pending.remaining) > 1:
+            # The others never failed themselves: they get a fresh set of retries.
+            process_message.apply_async(args=(pending.remaining[1:],))
+        return {"dead": 1}

@@ -1,0 +1,40 @@
+"""Shared fixtures: one real Herald stack per test session, plus helpers."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.harness import Stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """Tansu, Redis, a Celery worker, the bridge and two web processes."""
+    system = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        system.worker()
+        system.bridge()
+        system.webs = [system.web("web1"), system.web("web2")]
+        yield system
+    finally:
+        system.stop()
+
+
+@pytest.fixture
+def web(stack):
+    """The first web process of the shared stack."""
+    return stack.webs[0]
+
+
+@pytest.fixture
+def token(stack):
+    """A token allowed everything on the shared stack."""
+    return stack.token()
+
+
+@pytest.fixture
+def channel():
+    """A channel name no other test uses."""
+    return f"test:{uuid.uuid4().hex[:12]}"

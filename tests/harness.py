@@ -1,0 +1,320 @@
+"""Real services for tests: Tansu, Redis, and Herald's own processes on free ports.
+
+Every stack gets its own topic, consumer group, Redis prefix and SQLite file,
+so tests can share servers without seeing each other's data. An existing
+broker or Redis can be reused by naming it in HERALD_TEST_KAFKA /
+HERALD_TEST_REDIS_URL; otherwise they are started here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import websocket
+
+from pipeline import embedded
+from pipeline.settings import Settings
+from web.auth import mint
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-key-that-is-long-enough-for-hs256"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A Herald process (web, bridge, worker) with its log captured to a file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path):
+        self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
+        self.proc: subprocess.Popen | None = None
+        self._offset = 0
+
+    def start(self) -> "Proc":
+        """Start the process (its log is appended to)."""
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=embedded._die_with_parent)
+        return self
+
+    def log(self) -> str:
+        """What this run of the process has logged so far."""
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._offset)
+            return fh.read().decode("utf-8", "replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> None:
+        """Wait until the log matches `pattern` (and fail early if the process died)."""
+        regex = re.compile(pattern)
+
+        def seen():
+            if regex.search(self.log()):
+                return True
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return False
+
+        wait_until(seen, timeout, 0.1, f"{self.name} to log {pattern!r}")
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the process."""
+        if self.running:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> float:
+        """SIGTERM and wait; returns how long it took to exit (SIGKILL after `timeout`)."""
+        if not self.running:
+            return 0.0
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.running:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def running(self) -> bool:
+        """True while the process lives."""
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Stack:
+    """A whole Herald system for tests, with handles to restart or kill each part."""
+
+    def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False, **env):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.kafka = self.redis = None
+        self.kafka_port = self.redis_port = None
+        external_kafka = None if own_kafka else os.environ.get("HERALD_TEST_KAFKA")
+        external_redis = None if own_redis else os.environ.get("HERALD_TEST_REDIS_URL")
+        if external_kafka:
+            self.bootstrap = external_kafka
+        else:
+            self.kafka_port = embedded.free_port()
+            self.kafka = embedded.kafka_server(self.kafka_port, str(workdir / "kafka.log")).start()
+            self.bootstrap = f"127.0.0.1:{self.kafka_port}"
+        if external_redis:
+            self.redis_url = external_redis
+        else:
+            self.redis_port = embedded.free_port()
+            self.redis = embedded.redis_server(self.redis_port, str(workdir / "redis.log")).start()
+            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        tag = uuid.uuid4().hex[:10]
+        self.env = {
+            **os.environ,
+            "REDIS_URL": self.redis_url,
+            "CELERY_BROKER_URL": self.redis_url,
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "DATABASE_URL": f"sqlite:///{workdir / 'archive.db'}",
+            "HERALD_TOPIC": f"herald.test.{tag}",
+            "HERALD_REDIS_PREFIX": f"t{tag}",
+            "HERALD_CONSUMER_GROUP": f"bridge-{tag}",
+            "HERALD_SECRET_KEY": SECRET,
+            "HERALD_TOPIC_PARTITIONS": "4",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("KAFKA_URL", None)
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.settings = Settings.from_env(self.env)
+        self.procs: list[Proc] = []
+
+    # -- processes ---------------------------------------------------------
+    def _proc(self, name: str, argv: list[str], **env) -> Proc:
+        full_env = {**self.env, **{k: str(v) for k, v in env.items()}}
+        proc = Proc(name, argv, full_env, self.workdir / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, name: str = "worker", concurrency: int = 2, **env) -> Proc:
+        """Start a Celery worker and wait until it is ready."""
+        proc = self._proc(name, [sys.executable, "-m", "celery", "-A", "tasks:celery_app", "worker",
+                                 "--loglevel=INFO", "--without-gossip", "--without-mingle",
+                                 f"--concurrency={concurrency}", "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h"],
+                          HERALD_NODE_ID=name, **env).start()
+        proc.wait_for_log(r"ready\.", 60)
+        return proc
+
+    def bridge(self, name: str = "bridge", wait: bool = True, **env) -> Proc:
+        """Start the bridge and wait until it owns partitions."""
+        proc = self._proc(name, [sys.executable, "-m", "pipeline.bridge"], HERALD_NODE_ID=name, **env).start()
+        if wait:
+            proc.wait_for_log("partitions assigned", 60)
+        return proc
+
+    def web(self, name: str = "web", **env) -> "Web":
+        """Start a web process (gunicorn, gevent) on a free port and wait until it is ready."""
+        port = embedded.free_port()
+        proc = self._proc(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                          PORT=port, **env).start()
+        web = Web(proc, port)
+        wait_until(web.ready, 60, 0.1, f"{name} to be ready")
+        return web
+
+    def stop(self) -> None:
+        """Stop every process and server of the stack."""
+        for proc in reversed(self.procs):
+            proc.stop(10)
+        for server in (self.kafka, self.redis):
+            if server is not None:
+                server.stop()
+
+    # -- helpers ---------------------------------------------------------------
+    def token(self, user: str = "tester", **claims) -> str:
+        """A valid token for this stack."""
+        return mint(self.settings, user, **claims)
+
+    def store(self):
+        """A Store on this stack's Redis."""
+        from pipeline.store import Store, connect
+
+        return Store(connect(self.redis_url), self.settings)
+
+
+class Web:
+    """A running web process and an HTTP client for it."""
+
+    def __init__(self, proc: Proc, port: int):
+        self.proc, self.port = proc, port
+        self.base = f"http://127.0.0.1:{port}"
+
+    def ready(self) -> bool:
+        """True once /readyz answers 200 (fails early if the process died)."""
+        if not self.proc.running:
+            raise AssertionError(f"{self.proc.name} exited:\n{self.proc.log()[-3000:]}")
+        try:
+            return self.request("GET", "/readyz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def request(self, method: str, path: str, body=None, *, token: str | None = None, headers=None,
+                raw: bytes | None = None, content_type: str = "application/json", timeout: float = 15):
+        """Send a request; returns (status, headers, parsed JSON body or text)."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", content_type)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        for name, value in (headers or {}).items():
+            req.add_header(name, value)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, resp_headers, payload = resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as err:
+            status, resp_headers, payload = err.code, err.headers, err.read()
+        text = payload.decode("utf-8", "replace")
+        try:
+            parsed = json.loads(text) if text else None
+        except ValueError:
+            parsed = text
+        return status, resp_headers, parsed
+
+    def ws(self, token: str | None = None, **kwargs) -> "WsClient":
+        """A connected WebSocket client (token on the URL, or none)."""
+        url = f"ws://127.0.0.1:{self.port}/ws" + (f"?token={token}" if token else "")
+        return WsClient(url, **kwargs)
+
+
+class WsClient:
+    """A real WebSocket client speaking Herald's JSON frames."""
+
+    def __init__(self, url: str, **kwargs):
+        self.sock = websocket.create_connection(url, timeout=10, **kwargs)
+        self.frames: list[dict] = []
+
+    def send(self, frame: dict) -> None:
+        """Send one frame."""
+        self.sock.send(json.dumps(frame))
+
+    def recv(self, timeout: float = 10.0) -> dict:
+        """The next frame (raises on timeout or close)."""
+        self.sock.settimeout(timeout)
+        frame = json.loads(self.sock.recv())
+        self.frames.append(frame)
+        return frame
+
+    def expect(self, predicate, timeout: float = 10.0) -> dict:
+        """Read frames until one matches `predicate`; returns it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching frame within {timeout:g}s; saw {self.frames[-5:]}")
+            frame = self.recv(remaining)
+            if predicate(frame):
+                return frame
+
+    def subscribe(self, channel: str, **options) -> dict:
+        """Subscribe and return the `subscribed` reply."""
+        self.send({"op": "subscribe", "channel": channel, **options})
+        return self.expect(lambda f: f.get("op") == "subscribed" and f.get("channel") == channel)
+
+    def close(self) -> None:
+        """Close the socket."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def topic_size(stack: Stack, topic: str | None = None) -> int:
+    """How many records the topic holds (sum of high watermarks over its partitions)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = topic or stack.settings.topic
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+    finally:
+        consumer.close()
+
+
+def read_topic(stack: Stack, topic: str, timeout: float = 3.0) -> list:
+    """Every record of a topic, read by partition assignment (no group join)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        wanted = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records, deadline = [], time.monotonic() + timeout
+        while len(records) < sum(wanted.values()) and time.monotonic() < deadline:
+            record = consumer.poll(0.2)
+            if record is not None and not record.error():
+                records.append(record)
+        return records
+    finally:
+        consumer.close()

@@ -1,0 +1,110 @@
+"""Bad input: each gets its problem+json answer with the right 4xx, and nothing reaches Kafka."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import topic_size
+
+
+@pytest.fixture
+def unchanged_topic(stack):
+    """Asserts, after the test, that no record was added to the topic."""
+    before = topic_size(stack)
+    yield
+    assert topic_size(stack) == before
+
+
+def assert_problem(response, status: int, *, field: str | None = None):
+    code, headers, body = response
+    assert code == status, body
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
+    assert headers["X-Request-ID"]
+    if field is not None:
+        assert field in {e["field"] for e in body["errors"]}, body
+    return body
+
+
+def test_malformed_json(web, token, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", raw=b'{"channel": "a", "data": ', token=token), 400)
+
+
+def test_wrong_content_type(web, token, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", raw=b'{"channel":"a","data":1}', token=token,
+                               content_type="text/plain"), 415)
+
+
+def test_unknown_field(web, token, channel, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", {"channel": channel, "data": 1, "colour": "red"},
+                               token=token), 422, field="colour")
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 201, "semi;colon", "slash/es", 42])
+def test_bad_channel_name(web, token, bad, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", {"channel": bad, "data": 1}, token=token), 422,
+                   field="channel")
+
+
+def test_missing_data(web, token, channel, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", {"channel": channel}, token=token), 422, field="data")
+
+
+def test_body_over_max_message_bytes(stack, web, token, channel, unchanged_topic):
+    big = "x" * (stack.settings.max_message_bytes + 1)
+    assert_problem(web.request("POST", "/api/v1/messages", {"channel": channel, "data": big}, token=token), 413)
+
+
+def test_not_an_object(web, token, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", [1, 2], token=token), 422)
+
+
+def test_bad_id(web, token, channel, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", {"channel": channel, "data": 1, "id": "no spaces"},
+                               token=token), 422, field="id")
+
+
+def test_missing_token_is_401(web, channel, unchanged_topic):
+    body = assert_problem(web.request("POST", "/api/v1/messages", {"channel": channel, "data": 1}), 401)
+    assert "token" in body["detail"]
+
+
+def test_wrongly_signed_token_is_401(stack, web, channel, unchanged_topic):
+    import jwt
+
+    forged = jwt.encode({"sub": "x", "exp": 9999999999}, "another-secret-another-secret-12345", algorithm="HS256")
+    assert_problem(web.request("POST", "/api/v1/messages", {"channel": channel, "data": 1}, token=forged), 401)
+
+
+def test_channel_outside_token_globs_is_403(stack, web, unchanged_topic):
+    limited = stack.token(publish=["chat:*"])
+    assert_problem(web.request("POST", "/api/v1/messages", {"channel": "news:x", "data": 1}, token=limited), 403)
+
+
+def test_batch_reports_each_bad_message_and_accepts_the_good(stack, web, token, channel):
+    before = topic_size(stack)
+    status, _, body = web.request("POST", "/api/v1/messages/batch", {"messages": [
+        {"channel": channel, "data": 1}, {"channel": "bad channel", "data": 2}, {"channel": channel}]}, token=token)
+    assert status == 202
+    first, second, third = body["results"]
+    assert first["status"] == "accepted"
+    assert second["status"] == 422 and third["status"] == 422
+    assert topic_size(stack) == before + 1
+
+
+@pytest.mark.parametrize("body", [{}, {"messages": []}, {"messages": "x"}, {"messages": [{}] * 1001}])
+def test_bad_batch(web, token, body, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages/batch", body, token=token), 422)
+
+
+def test_unknown_message_is_404(web, token):
+    assert_problem(web.request("GET", "/api/v1/messages/01NOSUCHMESSAGE", token=token), 404)
+
+
+def test_unknown_path_is_problem_404(web):
+    assert_problem(web.request("GET", "/api/v1/nope"), 404)
+
+
+def test_request_id_is_echoed(web):
+    status, headers, _ = web.request("GET", "/healthz", headers={"X-Request-ID": "abc-123"})
+    assert status == 200 and headers["X-Request-ID"] == "abc-123"

@@ -1,0 +1,105 @@
+"""The Flask app factory: HTTP API, WebSocket hub, demo page, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+
+from flask import Flask, Response, g, request, send_from_directory
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from pipeline.messages import new_id
+from pipeline.settings import current
+from web.problems import problem
+from web.services import Services
+
+log = logging.getLogger("herald.web")
+access_log = logging.getLogger("herald.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+HTTP_REQUESTS = Counter("herald_http_requests_total", "HTTP requests", ["method", "status"])
+HTTP_LATENCY = Histogram("herald_http_request_seconds", "HTTP request latency", ["method"])
+
+
+def create_app(settings=None) -> Flask:
+    """Build the web app; services connect lazily, after any fork (see `gunicorn.conf.py`)."""
+    settings = settings or current()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes * 1000 + 65536
+    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": None}
+    services = Services(settings)
+    app.extensions["herald"] = services
+
+    from web import api, cli, hub
+
+    app.register_blueprint(api.blueprint)
+    hub.init_app(app, services)
+    cli.init_app(app)
+    _install_request_ids(app)
+    _install_errors(app)
+
+    @app.get("/")
+    def index():
+        return send_from_directory(app.static_folder, "index.html")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        down = services.down()
+        if down:
+            return problem(503, f"not ready: {', '.join(down)} unreachable", slug="not-ready",
+                           headers={"Retry-After": "5"})
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _install_request_ids(app: Flask) -> None:
+    @app.before_request
+    def assign_request_id():
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else new_id()
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def log_request(response):
+        request_id = g.get("request_id") or new_id()
+        response.headers["X-Request-ID"] = request_id
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        HTTP_REQUESTS.labels(request.method, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(request.method).observe(elapsed)
+        access_log.info("request", extra={
+            "request_id": request_id, "method": request.method, "path": request.path,
+            "status": response.status_code, "ms": round(elapsed * 1000, 2),
+            "remote": request.remote_addr, "message_id": g.get("message_id"),
+        })
+        return response
+
+
+def _install_errors(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 413:
+            return problem(413, "The request body is larger than HERALD_MAX_MESSAGE_BYTES allows",
+                           slug="too-large")
+        return problem(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+        return problem(500, "An unexpected error occurred; it has been logged", slug="internal")
+
+
+def to_json(value) -> str:
+    """Compact JSON text, as every frame and body uses."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

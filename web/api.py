@@ -1,0 +1,169 @@
+"""The HTTP API under /api/v1 (SPEC: HTTP API)."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+from flask import Blueprint, current_app, g, request
+
+from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
+from pipeline.ingest import IdempotencyConflict
+from pipeline.messages import ID_RE, parse_publish, valid_channel
+from web.auth import AuthError, Identity, bearer, verify
+from web.problems import from_validation, problem, problem_body
+
+blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
+MAX_BATCH = 1000
+
+
+def services():
+    """The web process's Services."""
+    return current_app.extensions["herald"]
+
+
+def authenticate() -> Identity:
+    """The caller's Identity; raises AuthError for a missing or bad token."""
+    return verify(bearer(request.headers.get("Authorization")), services().settings)
+
+
+@blueprint.errorhandler(AuthError)
+def unauthorized(exc: AuthError):
+    return problem(401, str(exc), slug="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="herald"'})
+
+
+@blueprint.errorhandler(ValidationError)
+def invalid(exc: ValidationError):
+    return from_validation(exc)
+
+
+@blueprint.errorhandler(IdempotencyConflict)
+def conflict(exc: IdempotencyConflict):
+    return problem(409, str(exc), slug="idempotency-conflict", headers={"Retry-After": "1"})
+
+
+@blueprint.errorhandler(KafkaUnavailable)
+def kafka_down(exc: KafkaUnavailable):
+    return problem(503, f"{exc}; nothing was accepted, retry later", slug="kafka-unavailable",
+                   headers={"Retry-After": "5"})
+
+
+@blueprint.errorhandler(redis.RedisError)
+def redis_down(exc: redis.RedisError):
+    return problem(503, "Redis is unreachable; retry later", slug="redis-unavailable", headers={"Retry-After": "5"})
+
+
+def read_json(limit: int):
+    """The request's JSON body, after checking its type and size."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ValidationError("Send the message as application/json", status=415,
+                              title="Unsupported media type")
+    if request.content_length is not None and request.content_length > limit:
+        raise ValidationError(f"The body is {request.content_length} bytes; the limit is {limit}",
+                              status=413, title="Payload too large")
+    raw = request.get_data(cache=False)
+    if len(raw) > limit:
+        raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
+                              title="Payload too large")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
+
+
+def checked_message(body, identity: Identity, idempotency_key: str | None) -> tuple[dict, bool]:
+    """Validate one message and the caller's right to publish it; returns (envelope, idempotent)."""
+    envelope = parse_publish(body, sender=identity.user, idempotency_key=idempotency_key)
+    if not identity.may_publish(envelope["channel"]):
+        raise ValidationError(f"This token may not publish to {envelope['channel']}", status=403,
+                              title="Forbidden")
+    return envelope, "id" in body or idempotency_key is not None
+
+
+@blueprint.post("/messages")
+def publish_one():
+    identity = authenticate()
+    settings = services().settings
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not ID_RE.fullmatch(key):
+        raise ValidationError("Idempotency-Key must match [A-Za-z0-9_.:-]{1,128}", status=400,
+                              title="Bad Idempotency-Key")
+    envelope, idempotent = checked_message(read_json(settings.max_message_bytes), identity, key)
+    g.message_id = envelope["id"]
+    answer = services().ingest.publish(envelope, idempotent=idempotent, request_id=g.request_id)
+    return answer, 202
+
+
+@blueprint.post("/messages/batch")
+def publish_batch():
+    identity = authenticate()
+    settings = services().settings
+    body = read_json(settings.max_message_bytes * MAX_BATCH)
+    if not isinstance(body, dict) or set(body) != {"messages"} or not isinstance(body["messages"], list):
+        raise ValidationError('The body is {"messages": [...]}', [{"field": "messages", "problem": "required list"}])
+    items = body["messages"]
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise ValidationError(f"A batch holds 1 to {MAX_BATCH} messages", [{"field": "messages",
+                                                                              "problem": "1..1000 items"}])
+    results: list = [None] * len(items)
+    envelopes, flags, slots = [], [], []
+    for index, item in enumerate(items):
+        try:
+            if len(json.dumps(item)) > settings.max_message_bytes:
+                raise ValidationError("The message is larger than HERALD_MAX_MESSAGE_BYTES", status=413,
+                                      title="Payload too large")
+            envelope, idempotent = checked_message(item, identity, None)
+        except ValidationError as exc:
+            results[index] = problem_body(exc.status, exc.detail, title=exc.title, errors=exc.errors)
+            continue
+        envelopes.append(envelope)
+        flags.append(idempotent)
+        slots.append(index)
+    answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
+                                             raise_errors=False)
+    for index, answer in zip(slots, answers):
+        if isinstance(answer, HeraldError):
+            status = 409 if isinstance(answer, IdempotencyConflict) else 503
+            results[index] = problem_body(status, str(answer), title="Not accepted")
+        else:
+            results[index] = answer
+    return {"results": results}, 202
+
+
+@blueprint.get("/messages/<msg_id>")
+def get_message(msg_id: str):
+    authenticate()
+    message = services().store.get_message(msg_id) if ID_RE.fullmatch(msg_id) else None
+    if message is None:
+        return problem(404, f"No message {msg_id} is known (statuses are kept 24 h)", slug="unknown-message")
+    return message
+
+
+@blueprint.get("/channels/<channel>/history")
+def history(channel: str):
+    identity = authenticate()
+    if not valid_channel(channel):
+        raise ValidationError("Bad channel name", [{"field": "channel", "problem": "must match [A-Za-z0-9_:.@-]{1,200}"}])
+    if not identity.may_subscribe(channel):
+        return problem(403, f"This token may not read {channel}", slug="forbidden")
+    since = request.args.get("since") or None
+    if since is not None and not _stream_id(since):
+        raise ValidationError("since is an offset from a message frame", [{"field": "since", "problem": "bad offset"}],
+                              status=400, title="Bad query")
+    try:
+        limit = int(request.args.get("limit", "100"))
+    except ValueError:
+        limit = -1
+    if not 1 <= limit <= 1000:
+        raise ValidationError("limit is 1..1000", [{"field": "limit", "problem": "1..1000"}], status=400,
+                              title="Bad query")
+    page = services().store.history(channel, since, limit)
+    for message in page["messages"]:
+        message.pop("op", None)
+    return page
+
+
+def _stream_id(value: str) -> bool:
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and (seq == "" or seq.isdigit()) and len(value) < 42

@@ -1,0 +1,140 @@
+"""`flask --app app <command>`: dev, token, publish, tail."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+from flask import current_app
+
+from pipeline import embedded
+from pipeline.kafka import kafka_reachable
+from pipeline.messages import parse_publish
+from pipeline.settings import Settings
+from web.auth import mint
+
+
+def _settings() -> Settings:
+    return current_app.extensions["herald"].settings
+
+
+@click.command("token")
+@click.argument("user", default="dev")
+@click.option("--publish", "publish", multiple=True, default=["*"], show_default=True, help="channel glob")
+@click.option("--subscribe", "subscribe", multiple=True, default=["*"], show_default=True, help="channel glob")
+@click.option("--admin", is_flag=True, help="may use the DLQ endpoints")
+@click.option("--ttl", default=86400, show_default=True, help="seconds until it expires")
+def token_command(user, publish, subscribe, admin, ttl):
+    """Mint a token for USER."""
+    click.echo(mint(_settings(), user, publish=publish, subscribe=subscribe, admin=admin, ttl=ttl))
+
+
+@click.command("publish")
+@click.argument("channel")
+@click.argument("data")
+@click.option("--type", "mtype", default="message", show_default=True)
+@click.option("--id", "msg_id", default=None, help="idempotency id")
+def publish_command(channel, data, mtype, msg_id):
+    """Publish DATA (JSON, or plain text) to CHANNEL through Kafka."""
+    from pipeline.errors import HeraldError
+
+    try:
+        value = json.loads(data)
+    except ValueError:
+        value = data
+    body = {"channel": channel, "data": value, "type": mtype}
+    if msg_id:
+        body["id"] = msg_id
+    services = current_app.extensions["herald"]
+    try:
+        envelope = parse_publish(body, sender="cli")
+        services.publisher.warm_up()
+        answer = services.ingest.publish(envelope, idempotent=msg_id is not None)
+    except HeraldError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        services.publisher.close(5)
+    click.echo(json.dumps(answer))
+
+
+@click.command("tail")
+@click.argument("channel")
+def tail_command(channel):
+    """Print CHANNEL's messages as they are delivered (Ctrl-C to stop)."""
+    services = current_app.extensions["herald"]
+    pubsub = services.store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(services.store.message_channel(channel))
+    try:
+        for item in pubsub.listen():
+            click.echo(item["data"].partition("\n")[2])
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command("dev")
+@click.option("--no-flower", is_flag=True, help="skip the Flower process")
+def dev_command(no_flower):
+    """Run web, bridge, worker and flower, with embedded Redis and Kafka when none answers."""
+    settings = _settings()
+    run_dir = Path(".dev")
+    run_dir.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    servers = []
+    redis_url = urlsplit(settings.redis_url)
+    if not _redis_answers(settings.redis_url):
+        port = redis_url.port or 6379
+        if redis_url.hostname not in ("localhost", "127.0.0.1") or embedded.port_open("127.0.0.1", port):
+            port = embedded.free_port()
+        servers.append(embedded.redis_server(port, str(run_dir / "redis.log")).start())
+        env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        env["CELERY_BROKER_URL"] = env["REDIS_URL"]
+        click.echo(f"embedded Redis on 127.0.0.1:{port}")
+    if not kafka_reachable(settings, timeout=1.0):
+        port = 9092 if not embedded.port_open("127.0.0.1", 9092) else embedded.free_port()
+        servers.append(embedded.kafka_server(port, str(run_dir / "kafka.log")).start())
+        env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{port}"
+        env.pop("KAFKA_URL", None)
+        click.echo(f"embedded Kafka-compatible broker (Tansu) on 127.0.0.1:{port}")
+    click.echo(f"web     http://localhost:{settings.port}/   (demo chat)")
+    click.echo(f"api     http://localhost:{settings.port}/api/v1   docs: http://localhost:{settings.port}/docs")
+    click.echo(f"ws      ws://localhost:{settings.port}/ws")
+    if not no_flower:
+        click.echo(f"flower  http://localhost:{env.get('FLOWER_PORT', '5555')}/")
+    if settings.auth:
+        click.echo(f"token   {mint(settings, 'dev', ttl=7 * 86400)}")
+    honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or "honcho"
+    argv = [honcho, "start", "-p", str(settings.port)]
+    if no_flower:
+        argv += ["web", "bridge", "worker"]
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait()
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    sys.exit(code)
+
+
+def _redis_answers(url: str) -> bool:
+    from pipeline.store import connect
+
+    try:
+        return bool(connect(url).ping())
+    except Exception:  # unreachable in any way means: start our own
+        return False
+
+
+def init_app(app) -> None:
+    """Register the commands on the app's CLI."""
+    for command in (dev_command, token_command, publish_command, tail_command):
+        app.cli.add_command(command)

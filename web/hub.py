@@ -1,0 +1,417 @@
+"""The WebSocket hub: `/ws` connections in this process, fed by one Redis pub/sub listener.
+
+Workers PUBLISH each frame once, already encoded; the listener hands it to
+the local subscribers' bounded send queues, and a writer per connection
+drains its queue, so a slow client never holds up the others (it is closed
+with 4008 when its queue overflows). Under gevent every thread here is a
+greenlet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+
+import redis
+from flask import request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+
+from pipeline.errors import HeraldError, ValidationError
+from pipeline.messages import new_id, parse_publish, valid_channel
+from pipeline.store import connect, stream_id_key
+from web.auth import AuthError, verify
+
+log = logging.getLogger("herald.hub")
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_TOO_SLOW = 4008
+CLOSE_TOO_LARGE = 4009
+CLOSE_RATE_LIMITED = 4029
+CONNECT_TIMEOUT = 10.0
+MAX_BAD_FRAMES = 5
+_STOP = object()
+
+
+def dumps(frame: dict) -> str:
+    """Encode a frame as compact JSON text."""
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+class Subscription:
+    """One connection's interest in one channel, with the resume seam state."""
+
+    def __init__(self, status: bool):
+        self.status = status
+        self.last = (-1, -1)      # newest stream id sent, to skip duplicates at the seam
+        self.backlog: list | None = []  # live frames held while history is replayed
+
+    def offer(self, conn: "Connection", sid: str, frame: str) -> None:
+        """Queue a live message frame unless the replay already sent it."""
+        if self.backlog is not None:
+            self.backlog.append((sid, frame))
+            return
+        key = stream_id_key(sid)
+        if key > self.last:
+            self.last = key
+            conn.push(frame)
+
+
+class Connection:
+    """A client's socket, its send queue and its writer."""
+
+    def __init__(self, hub: "Hub", ws, identity, remote: str):
+        self.hub = hub
+        self.ws = ws
+        self.identity = identity
+        self.remote = remote
+        self.id = new_id()
+        self.subscriptions: dict[str, Subscription] = {}
+        self.lock = threading.Lock()
+        self.queue: queue.Queue = queue.Queue(maxsize=hub.settings.send_queue_size)
+        self.closing = False
+        self.writer = threading.Thread(target=self._write, name=f"ws-writer-{self.id}", daemon=True)
+        self.writer.start()
+
+    def push(self, frame: str) -> None:
+        """Queue a frame; a full queue means the client is too slow: close it with 4008."""
+        if self.closing:
+            return
+        try:
+            self.queue.put_nowait(frame)
+        except queue.Full:
+            log.warning("send queue overflow", extra={"client": self.id, "user": self.identity.user})
+            self.close(CLOSE_TOO_SLOW, "too slow")
+
+    def send(self, frame: dict) -> None:
+        """Queue a frame given as a dict."""
+        self.push(dumps(frame))
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after what is queued so far (the close frame travels behind it)."""
+        if self.closing:
+            return
+        self.closing = True
+        self._force(("close", code, reason))
+
+    def _force(self, item) -> None:
+        while True:
+            try:
+                self.queue.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()  # drop the oldest: the client is being closed anyway
+                except queue.Empty:
+                    pass
+
+    def stop_writer(self) -> None:
+        """End the writer (after the reader has finished)."""
+        self._force(_STOP)
+
+    def _write(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            try:
+                if isinstance(item, tuple):
+                    self.ws.close(reason=item[1], message=item[2])
+                    return
+                self.ws.send(item)
+            except (ConnectionClosed, OSError):
+                self.closing = True
+                return
+
+
+class Hub:
+    """This process's connections, subscriptions and pub/sub listener."""
+
+    def __init__(self, services):
+        self.services = services
+        self.settings = services.settings
+        self.node = self.settings.node_id
+        self.connections: dict[str, Connection] = {}
+        self.channels: dict[str, dict[str, Subscription]] = {}
+        self.running = False
+        self.listening = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        """Start the listener (once per process)."""
+        if self.running:
+            return
+        self.running = True
+        threading.Thread(target=self._listen, name="hub-listener", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Close every connection with 1001 so clients reconnect to another process."""
+        self.running = False
+        for conn in list(self.connections.values()):
+            conn.close(CLOSE_GOING_AWAY, "server going away")
+
+    # -- fan-out -----------------------------------------------------------
+    def _listen(self) -> None:
+        store = self.services.store
+        prefix = store.prefix
+        delay = 0.1
+        while self.running:
+            client = connect(self.settings.redis_url)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.psubscribe(f"{prefix}:m:*", f"{prefix}:s:*")
+                pubsub.subscribe(store.node_channel(self.node))
+                self.listening.set()
+                log.info("hub listening", extra={"node": self.node})
+                delay = 0.1
+                while self.running:
+                    item = pubsub.get_message(timeout=1.0)
+                    if item is not None:
+                        self._dispatch(prefix, item)
+            except redis.RedisError as exc:
+                self.listening.clear()
+                log.warning("hub listener lost Redis, reconnecting", extra={"error": str(exc), "delay": delay})
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:  # a bad frame must not kill fan-out for everyone
+                log.exception("hub dispatch failed")
+            finally:
+                try:
+                    pubsub.close()
+                    client.close()
+                except redis.RedisError:
+                    pass
+
+    def _dispatch(self, prefix: str, item: dict) -> None:
+        channel_name, data = item["channel"], item["data"]
+        kind = channel_name[len(prefix) + 1:len(prefix) + 2]
+        name = channel_name[len(prefix) + 3:]
+        if item["type"] == "message":  # our node channel: "client\nframe"
+            client, _, frame = data.partition("\n")
+            conn = self.connections.get(client)
+            if conn is not None:
+                channel = json.loads(frame).get("channel")
+                sub = conn.subscriptions.get(channel)
+                if sub is None or not sub.status:  # else it gets the channel's copy
+                    conn.push(frame)
+            return
+        subs = self.channels.get(name)
+        if not subs:
+            return
+        if kind == "m":
+            sid, _, frame = data.partition("\n")
+            for client, sub in list(subs.items()):
+                conn = self.connections.get(client)
+                if conn is not None:
+                    sub.offer(conn, sid, frame)
+        elif kind == "s":
+            for client, sub in list(subs.items()):
+                if sub.status and sub.backlog is None:
+                    conn = self.connections.get(client)
+                    if conn is not None:
+                        conn.push(data)
+
+    # -- one connection ------------------------------------------------------
+    def serve(self, ws) -> None:
+        """Run one WebSocket connection from handshake to close."""
+        remote = request.headers.get("X-Forwarded-For", request.remote_addr or "").split(",")[0].strip()
+        identity = self._authenticate(ws, request.args.get("token"))
+        if identity is None:
+            return
+        conn = Connection(self, ws, identity, remote)
+        self.connections[conn.id] = conn
+        log.info("ws connected", extra={"client": conn.id, "user": identity.user, "remote": remote})
+        conn.send({"op": "connected", "client": conn.id, "user": identity.user,
+                   "ping_interval": self.settings.ping_interval})
+        try:
+            self._read(conn)
+        finally:
+            self._drop(conn)
+
+    def _authenticate(self, ws, token):
+        ref = None
+        if token is None and self.settings.auth:
+            raw = ws.receive(timeout=CONNECT_TIMEOUT)
+            frame = _parse(raw)
+            if not isinstance(frame, dict) or frame.get("op") != "connect":
+                ws.close(reason=CLOSE_UNAUTHORIZED, message="first frame must be connect")
+                return None
+            token, ref = frame.get("token"), frame.get("ref")
+        try:
+            return verify(token, self.settings)
+        except AuthError as exc:
+            ws.close(reason=CLOSE_UNAUTHORIZED, message=str(exc)[:120])
+            log.info("ws unauthorized", extra={"error": str(exc), "ref": ref})
+            return None
+
+    def _read(self, conn: Connection) -> None:
+        bad = 0
+        while not conn.closing:
+            raw = conn.ws.receive(timeout=1.0)
+            if raw is None:
+                if not conn.ws.connected:
+                    return
+                continue
+            frame = _parse(raw)
+            ref = frame.get("ref") if isinstance(frame, dict) else None
+            try:
+                self._handle(conn, frame)
+                bad = 0
+            except ValidationError as exc:
+                bad += 1
+                reply = {"op": "error", "code": exc.title.lower().replace(" ", "_"), "message": exc.detail}
+                if ref is not None:
+                    reply["ref"] = ref
+                conn.send(reply)
+                if bad >= MAX_BAD_FRAMES:
+                    conn.close(CLOSE_POLICY, "too many bad frames")
+
+    def _handle(self, conn: Connection, frame) -> None:
+        if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
+            raise ValidationError("a frame is a JSON object with an op", title="bad_frame")
+        op, ref = frame["op"], frame.get("ref")
+        if op == "ping":
+            conn.send(_with_ref({"op": "pong"}, ref))
+        elif op == "subscribe":
+            self._subscribe(conn, frame, ref)
+        elif op == "unsubscribe":
+            channel = _channel(frame)
+            self._unsubscribe(conn, channel)
+            conn.send(_with_ref({"op": "unsubscribed", "channel": channel}, ref))
+        elif op == "publish":
+            self._publish(conn, frame, ref)
+        elif op == "connect":
+            raise ValidationError("already connected", title="bad_frame")
+        else:
+            raise ValidationError(f"unknown op {op!r}", title="bad_frame")
+
+    def _subscribe(self, conn: Connection, frame: dict, ref) -> None:
+        channel = _channel(frame)
+        if not conn.identity.may_subscribe(channel):
+            raise ValidationError(f"this token may not subscribe to {channel}", status=403, title="forbidden")
+        since = frame.get("since")
+        if since is not None and (not isinstance(since, str) or stream_id_key(since) < (0, 0)):
+            raise ValidationError("since is an offset from a message frame", title="bad_frame")
+        sub = Subscription(status=frame.get("status") is True)
+        # Register first, holding live frames, then read history: whatever
+        # arrives in between is in one or the other, and `last` drops the overlap.
+        with conn.lock:
+            previous = conn.subscriptions.get(channel)
+            conn.subscriptions[channel] = sub
+            self.channels.setdefault(channel, {})[conn.id] = sub
+        store = self.services.store
+        try:
+            if since:
+                page = store.history(channel, since, self.settings.history_maxlen)
+                replay, recovered = page["messages"], page["recovered"]
+                sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
+            else:
+                replay, recovered = [], True
+                newest = store.last_id(channel)
+                sub.last = stream_id_key(newest) if newest else (-1, -1)
+            offset = _format_sid(sub.last)
+        except redis.RedisError:
+            self._unsubscribe(conn, channel)
+            if previous is not None:
+                conn.subscriptions[channel] = previous
+                self.channels.setdefault(channel, {})[conn.id] = previous
+            raise ValidationError("history is unavailable, retry", title="unavailable") from None
+        conn.send(_with_ref({"op": "subscribed", "channel": channel, "offset": offset,
+                             "recovered": recovered, "replayed": len(replay)}, ref))
+        for message in replay:
+            conn.send(message)
+        backlog, sub.backlog = sub.backlog, None
+        for sid, live in backlog or ():
+            sub.offer(conn, sid, live)
+        if previous is None:
+            self._presence_join(conn, channel)
+
+    def _unsubscribe(self, conn: Connection, channel: str) -> None:
+        with conn.lock:
+            existed = conn.subscriptions.pop(channel, None) is not None
+            subs = self.channels.get(channel)
+            if subs is not None:
+                subs.pop(conn.id, None)
+                if not subs:
+                    self.channels.pop(channel, None)
+        if existed:
+            self._presence_leave(conn, channel)
+
+    def _publish(self, conn: Connection, frame: dict, ref) -> None:
+        body = {k: v for k, v in frame.items() if k not in ("op", "ref")}
+        envelope = parse_publish(body, sender=conn.identity.user)
+        if not conn.identity.may_publish(envelope["channel"]):
+            raise ValidationError(f"this token may not publish to {envelope['channel']}", status=403,
+                                  title="forbidden")
+        try:
+            answer = self.services.ingest.publish(envelope, idempotent="id" in body,
+                                                  origin=f"{self.node}/{conn.id}", request_id=new_id())
+        except HeraldError as exc:
+            raise ValidationError(str(exc), status=503, title="unavailable") from None
+        conn.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
+
+    def _presence_join(self, conn: Connection, channel: str) -> None:
+        entry = dumps({"client": conn.id, "user": conn.identity.user, "since": int(time.time() * 1000),
+                       "node": self.node})
+        try:
+            self.services.store.redis.hset(self.services.store.key("presence", channel), conn.id, entry)
+        except redis.RedisError:
+            log.warning("presence not recorded", extra={"client": conn.id, "channel": channel})
+
+    def _presence_leave(self, conn: Connection, channel: str) -> None:
+        try:
+            self.services.store.redis.hdel(self.services.store.key("presence", channel), conn.id)
+        except redis.RedisError:
+            log.warning("presence not removed", extra={"client": conn.id, "channel": channel})
+
+    def _drop(self, conn: Connection) -> None:
+        for channel in list(conn.subscriptions):
+            self._unsubscribe(conn, channel)
+        self.connections.pop(conn.id, None)
+        conn.stop_writer()
+        log.info("ws disconnected", extra={"client": conn.id, "user": conn.identity.user})
+
+
+def init_app(app, services) -> Hub:
+    """Mount `/ws` on the app and attach this process's Hub to the services."""
+    hub = Hub(services)
+    services.hub = hub
+    sock = Sock(app)
+
+    @sock.route("/ws")
+    def websocket(ws):
+        hub.serve(ws)
+
+    return hub
+
+
+def _parse(raw):
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def _channel(frame: dict) -> str:
+    channel = frame.get("channel")
+    if not valid_channel(channel):
+        raise ValidationError("channel must match [A-Za-z0-9_:.@-]{1,200}", title="bad_channel")
+    return channel
+
+
+def _with_ref(frame: dict, ref) -> dict:
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
+
+
+def _format_sid(key: tuple[int, int]) -> str | None:
+    return None if key < (0, 0) else f"{key[0]}-{key[1]}"

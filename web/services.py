@@ -1,0 +1,69 @@
+"""The connections one web process holds: Redis, the Kafka producer and the hub.
+
+Made lazily so the app can be built before a fork; `start()` connects them
+in the worker process (gunicorn's post_worker_init).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import redis
+
+from pipeline.ingest import Ingest
+from pipeline.kafka import Publisher, ensure_topics
+from pipeline.store import Store, connect
+
+log = logging.getLogger("herald.web")
+
+
+class Services:
+    """Per-process collaborators of the web app."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.hub = None  # set by web.hub.init_app
+
+    @functools.cached_property
+    def store(self) -> Store:
+        """Redis access under the configured prefix."""
+        return Store(connect(self.settings.redis_url), self.settings)
+
+    @functools.cached_property
+    def publisher(self) -> Publisher:
+        """This process's Kafka producer."""
+        return Publisher(self.settings, client_id=f"herald-web-{self.settings.node_id}")
+
+    @functools.cached_property
+    def ingest(self) -> Ingest:
+        """The publish path shared by HTTP and WebSocket."""
+        return Ingest(self.settings, self.store, self.publisher)
+
+    def start(self) -> None:
+        """Connect everything now, so the first request pays for nothing."""
+        ensure_topics(self.settings)
+        self.publisher.warm_up()
+        self.store.redis.ping()
+        if self.hub is not None:
+            self.hub.start()
+
+    def stop(self) -> None:
+        """Close WebSockets with 1001, then deliver what the producer still holds."""
+        if self.hub is not None:
+            self.hub.shutdown()
+        if "publisher" in self.__dict__:
+            left = self.publisher.close(10)
+            if left:
+                log.error("records not delivered at shutdown", extra={"count": left})
+
+    def down(self) -> list[str]:
+        """Names of the services that do not answer now (for /readyz)."""
+        down = []
+        try:
+            self.store.redis.ping()
+        except redis.RedisError:
+            down.append("redis")
+        if not self.publisher.reachable():
+            down.append("kafka")
+        return down
