@@ -38,7 +38,12 @@ class Archive:
         self._insert = sqlite_insert if sqlite else pg_insert
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_wal)
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)
+        except OperationalError:
+            # Another worker process created the table between our check and
+            # our CREATE; a second pass sees it and does nothing.
+            metadata.create_all(self.engine)
 
     def store(self, envelopes: list[dict]) -> None:
         """Insert messages not archived yet; raises TransientError when the database is unreachable."""

@@ -39,7 +39,18 @@ def run_blocking(fn, *args):
     if gevent_active():
         import gevent
 
-        return gevent.get_hub().threadpool.apply(fn, args)
+        # Hand the exception back as a value: gevent's pool would print a
+        # traceback for every one raised inside it.
+        def call():
+            try:
+                return False, fn(*args)
+            except Exception as exc:  # re-raised in the caller's greenlet
+                return True, exc
+
+        failed, value = gevent.get_hub().threadpool.apply(call)
+        if failed:
+            raise value
+        return value
     return fn(*args)
 
 

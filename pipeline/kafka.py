@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -76,22 +77,28 @@ class Publisher:
         self._timeout = settings.produce_timeout
         # message.timeout.ms bounds librdkafka's own retries to our answer's
         # deadline, so a record we answered 503 for is not written later.
-        self._producer = Producer(
-            client_config(
-                settings,
-                **{
-                    "client.id": client_id,
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "linger.ms": 2,
-                    "message.timeout.ms": int(self._timeout * 1000),
-                    "queue.buffering.max.messages": 100_000,
-                    "queue.buffering.max.kbytes": 131_072,
-                    "message.max.bytes": max(1_048_576, settings.max_message_bytes * 2 + 4096),
-                },
-            )
+        self._config = client_config(
+            settings,
+            **{
+                "client.id": client_id,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 2,
+                "message.timeout.ms": int(self._timeout * 1000),
+                "queue.buffering.max.messages": 100_000,
+                "queue.buffering.max.kbytes": 131_072,
+                "message.max.bytes": max(1_048_576, settings.max_message_bytes * 2 + 4096),
+            },
         )
+        self._producer = Producer(self._config)
+        # A fatal error (say, a broker that restarted empty and forgot our
+        # producer id) leaves an idempotent producer unusable: make a new one.
+        self._fatal = False
         self._results = ResultChannel()
+        # After a failed delivery the broker may have come back empty: check
+        # the topics (at most every few seconds) before the next record.
+        self._topics_suspect = False
+        self._topics_checked = 0.0
         # A plain flag: the poll thread is native, where gevent's Event is not safe.
         self._running = True
         start_native_thread(self._poll_loop, "herald-producer-poll")
@@ -118,10 +125,21 @@ class Publisher:
 
     def send(self, topic: str, key: str, value: bytes, headers=None):
         """Queue one record; `wait()` on the returned future gives (partition, offset)."""
+        if self._fatal:
+            self._fatal = False
+            retired, self._producer = self._producer, Producer(self._config)
+            run_blocking(_retire, retired)
+            log.warning("producer rebuilt after a fatal error")
+        if self._topics_suspect and time.monotonic() - self._topics_checked > 2.0:
+            self._topics_checked = time.monotonic()
+            ensure_topics(self._settings, timeout=3.0)  # raises KafkaUnavailable while Kafka is down
+            self._topics_suspect = False
         future = self._results.future()
 
         def delivered(err, msg):
             if err is not None:
+                self._topics_suspect = True
+                self._fatal = self._fatal or err.fatal()
                 self._results.resolve(future, error=_delivery_error(err))
             else:
                 self._results.resolve(future, (msg.partition(), msg.offset()))
@@ -131,6 +149,7 @@ class Publisher:
         except BufferError:
             raise KafkaUnavailable("the producer queue is full: Kafka is slow or down") from None
         except KafkaException as exc:
+            self._topics_suspect = True
             raise _delivery_error(exc.args[0]) from None
         return future
 
@@ -140,6 +159,7 @@ class Publisher:
             # One extra second: librdkafka reports its own timeout at the deadline.
             return self._results.wait(future, self._timeout + 1.0)
         except TimeoutError:
+            self._topics_suspect = True
             raise KafkaUnavailable("Kafka did not acknowledge the record in time") from None
 
     def close(self, timeout: float = 10.0) -> int:
@@ -149,7 +169,17 @@ class Publisher:
 
     def _poll_loop(self):
         while self._running:
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                self._fatal = self._fatal or exc.args[0].fatal()
+                time.sleep(0.05)
+
+
+def _retire(producer: Producer) -> None:
+    # Fail what it still holds now (those callers get 503) rather than at their deadline.
+    producer.purge()
+    producer.poll(0)
 
 
 def _delivery_error(err: KafkaError):

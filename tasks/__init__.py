@@ -17,12 +17,16 @@ from pipeline.settings import current
 log = logging.getLogger("herald.tasks")
 
 
-def make_celery(settings) -> Celery:
-    """A Celery app configured for at-least-once processing with late acks."""
+def make_celery(settings, *, results: bool = True) -> Celery:
+    """A Celery app configured for at-least-once processing with late acks.
+
+    `results=False` is for senders (the bridge): Celery's Redis result backend
+    subscribes to every sent task's result, which a sender never reads.
+    """
     app = Celery("herald")
     app.conf.update(
         broker_url=settings.celery_broker_url,
-        result_backend=settings.redis_url,
+        result_backend=settings.redis_url if results else None,
         result_expires=settings.status_ttl,
         task_serializer="json",
         result_serializer="json",

@@ -110,7 +110,8 @@ class Proc:
 class Stack:
     """A whole Herald system for tests, with handles to restart or kill each part."""
 
-    def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False, **env):
+    def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False,
+                 separate_broker: bool = False, **env):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.kafka = self.redis = None
@@ -129,11 +130,18 @@ class Stack:
             self.redis_port = embedded.free_port()
             self.redis = embedded.redis_server(self.redis_port, str(workdir / "redis.log")).start()
             self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        # A Celery broker apart from the state Redis lets a test stop one without the other.
+        self.broker = None
+        broker_url = self.redis_url
+        if separate_broker:
+            port = embedded.free_port()
+            self.broker = embedded.redis_server(port, str(workdir / "broker.log")).start()
+            broker_url = f"redis://127.0.0.1:{port}/0"
         tag = uuid.uuid4().hex[:10]
         self.env = {
             **os.environ,
             "REDIS_URL": self.redis_url,
-            "CELERY_BROKER_URL": self.redis_url,
+            "CELERY_BROKER_URL": broker_url,
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "DATABASE_URL": f"sqlite:///{workdir / 'archive.db'}",
             "HERALD_TOPIC": f"herald.test.{tag}",
@@ -184,7 +192,7 @@ class Stack:
         """Stop every process and server of the stack."""
         for proc in reversed(self.procs):
             proc.stop(10)
-        for server in (self.kafka, self.redis):
+        for server in (self.kafka, self.redis, self.broker):
             if server is not None:
                 server.stop()
 

@@ -161,12 +161,18 @@ class Hub:
         store = self.services.store
         prefix = store.prefix
         delay = 0.1
+        reconnecting = False
         while self.running:
             client = connect(self.settings.redis_url)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(f"{prefix}:m:*", f"{prefix}:s:*")
                 pubsub.subscribe(store.node_channel(self.node))
+                if reconnecting:
+                    # Frames published while we were away are in history:
+                    # send them before any live frame, so order holds.
+                    self._catch_up()
+                reconnecting = True
                 self.listening.set()
                 log.info("hub listening", extra={"node": self.node})
                 delay = 0.1
@@ -187,6 +193,21 @@ class Hub:
                     client.close()
                 except redis.RedisError:
                     pass
+
+    def _catch_up(self) -> None:
+        store = self.services.store
+        for channel, subs in list(self.channels.items()):
+            since = min(sub.last for sub in subs.values())
+            if since < (0, 0):
+                since = (0, 0)
+            page = store.history(channel, f"{since[0]}-{since[1]}", self.settings.history_maxlen)
+            for message in page["messages"]:
+                frame = dumps(message)
+                for client, sub in list(subs.items()):
+                    conn = self.connections.get(client)
+                    if conn is not None:
+                        sub.offer(conn, message["offset"], frame)
+        log.info("hub caught up after reconnect", extra={"channels": len(self.channels)})
 
     def _dispatch(self, prefix: str, item: dict) -> None:
         channel_name, data = item["channel"], item["data"]
