@@ -46,7 +46,7 @@ def post_worker_init(worker):
     """Connect this worker's services and watch for shutdown."""
     from pipeline.logs import configure_logging
 
-    configure_logging("web")
+    configure_logging("web", _settings.log_level)
     services = worker.wsgi.extensions["herald"]
     services.start()
 

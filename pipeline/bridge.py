@@ -95,7 +95,9 @@ class Bridge:
         self.consumer.subscribe([self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while self.running:
-                records = self.consumer.consume(num_messages=self.settings.batch_size * 5, timeout=0.2)
+                # A short timeout: consume() waits for it whenever fewer
+                # records than asked for are ready, which is most of the time.
+                records = self.consumer.consume(num_messages=self.settings.batch_size * 5, timeout=0.01)
                 if records:
                     self.handle(records)
         finally:
@@ -169,8 +171,8 @@ class Bridge:
 
 def main() -> None:
     """Entry point of the `bridge` process."""
-    configure_logging("bridge")
     settings = current()
+    configure_logging("bridge", settings.log_level)
     from tasks import make_celery
 
     try:

@@ -42,7 +42,12 @@ def check_type(envelope: dict, allowed: tuple[str, ...]) -> None:
 
 
 class Processor:
-    """Takes a batch of envelopes of one partition, in offset order, through to delivery."""
+    """Takes a batch of envelopes of one partition, in offset order, through to delivery.
+
+    Each step is one Redis round trip or one SQL transaction for the whole
+    batch; every step is idempotent, so a batch that fails half-way is simply
+    run again.
+    """
 
     def __init__(self, settings, store, archive, dead_letters):
         self.settings = settings
@@ -51,33 +56,41 @@ class Processor:
         self.dead_letters = dead_letters
 
     def run(self, envelopes: list[dict], *, final_attempt: bool) -> dict:
-        """Process each message once; raises RetryLater at the first transient failure."""
+        """Process the batch once; raises RetryLater when a transient failure stops it."""
         counts = {"delivered": 0, "duplicate": 0, "dead": 0}
-        for index, envelope in enumerate(envelopes):
-            try:
-                counts[self._one(envelope, final_attempt=final_attempt)] += 1
-            except PermanentError as exc:
-                self._dead_letter(envelope, str(exc), attempts=1)
-                counts["dead"] += 1
-            except RETRYABLE as exc:
-                raise RetryLater(envelopes[index:], exc) from exc
+        try:
+            statuses = self.store.mark_processing(envelopes)
+            todo = []
+            for envelope, status in zip(envelopes, statuses):
+                if status in TERMINAL:
+                    counts["duplicate"] += 1
+                    continue
+                try:
+                    check_type(envelope, self.settings.message_types)
+                except PermanentError as exc:
+                    self._dead_letter(envelope, str(exc), attempts=1)
+                    counts["dead"] += 1
+                    continue
+                todo.append(envelope)
+            self.archive.store(todo)
+            outcomes = self.store.deliver(todo, force=final_attempt)
+        except RETRYABLE as exc:
+            raise RetryLater(envelopes, exc) from exc
+        for index, (envelope, (outcome, _sid)) in enumerate(zip(todo, outcomes)):
+            if outcome == "wait":
+                try:
+                    outcome = self._deliver_in_turn(envelope, force=final_attempt)
+                except RETRYABLE as exc:
+                    raise RetryLater(todo[index:], exc) from exc
+            counts["duplicate" if outcome == "duplicate" else "delivered"] += 1
+            log.info("message %s", outcome, extra={"message_id": envelope["id"], "channel": envelope["channel"],
+                                                   "offset": envelope.get("offset"),
+                                                   "request_id": envelope.get("request_id")})
         return counts
 
     def dead_letter_first(self, envelopes: list[dict], error: str, attempts: int) -> None:
         """Retries are used up: dead-letter the message that kept failing."""
         self._dead_letter(envelopes[0], error, attempts=attempts)
-
-    def _one(self, envelope: dict, *, final_attempt: bool) -> str:
-        status = self.store.mark_processing(envelope)
-        if status in TERMINAL:
-            return "duplicate"
-        check_type(envelope, self.settings.message_types)
-        self.archive.store([envelope])
-        outcome = self._deliver_in_turn(envelope, force=final_attempt)
-        log.info("message %s", outcome, extra={"message_id": envelope["id"], "channel": envelope["channel"],
-                                               "offset": envelope.get("offset"),
-                                               "request_id": envelope.get("request_id")})
-        return "duplicate" if outcome == "duplicate" else "delivered"
 
     def _deliver_in_turn(self, envelope: dict, *, force: bool) -> str:
         # An earlier message of this channel is usually being processed by
@@ -85,7 +98,7 @@ class Processor:
         deadline = time.monotonic() + self.settings.order_wait
         delay = 0.002
         while True:
-            outcome, _sid = self.store.deliver(envelope, force=force)
+            (outcome, _sid), = self.store.deliver([envelope], force=force)
             if outcome != "wait":
                 return outcome
             if time.monotonic() >= deadline:

@@ -51,6 +51,7 @@ class Settings:
     order_wait: float = 2.0
     message_types: tuple[str, ...] = ()
     worker_concurrency: int = 2
+    log_level: str = "INFO"
     node_id: str = ""
 
     @property
@@ -100,6 +101,7 @@ class Settings:
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
             message_types=tuple(t.strip() for t in env.get("HERALD_MESSAGE_TYPES", "").split(",") if t.strip()),
             worker_concurrency=_int(env, "HERALD_WORKER_CONCURRENCY", cls.worker_concurrency, 1, 256),
+            log_level=_choice(env, "HERALD_LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             node_id=env.get("HERALD_NODE_ID") or f"{socket.gethostname()}-{os.getpid()}",
         )
         if settings.retry_max_delay * 2 > settings.visibility_timeout:
@@ -140,6 +142,13 @@ def _flag(env, name, default):
     if raw.lower() in _OFF:
         return False
     raise ConfigError(f"{name}={raw!r} is not on or off")
+
+
+def _choice(env, name, default, choices):
+    raw = (env.get(name) or default).upper()
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
 
 
 def _int(env, name, default, low, high):

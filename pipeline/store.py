@@ -132,40 +132,49 @@ class Store:
 
     def set_status(self, envelope: dict, status: str, *, fields=None, origin=None, force=False) -> str:
         """Move a message's status forward (never back) and push the change; returns the status now."""
+        return self._set_status(**self._status_call(envelope, status, fields, origin, force))
+
+    def _status_call(self, envelope, status, fields=None, origin=None, force=False) -> dict:
         flat = []
         for name, value in (fields or {}).items():
             flat += [name, value if isinstance(value, str) else json.dumps(value)]
         frame = status_frame(envelope, status) if status != "accepted" else ""
         node, client = _origin(self, origin)
-        return self._set_status(
-            keys=[self.key("msg", envelope["id"]), self.status_channel(envelope["channel"])],
-            args=[status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
-                  "1" if force else "0", *flat],
-        )
+        return {"keys": [self.key("msg", envelope["id"]), self.status_channel(envelope["channel"])],
+                "args": [status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
+                         "1" if force else "0", *flat]}
 
     def record_accepted(self, envelope: dict, partition: int, offset: int) -> None:
         """Note a record Kafka acknowledged, unless a worker already moved it further."""
         self.set_status(envelope, "accepted", fields=_message_fields(envelope, partition, offset))
 
-    def mark_processing(self, envelope: dict) -> str:
-        """A worker took the message; returns the status now (a finished one stays finished)."""
-        fields = _message_fields(envelope, envelope.get("partition", ""), envelope.get("offset", ""))
-        return self.set_status(envelope, "processing", fields=fields, origin=envelope.get("origin"))
+    def mark_processing(self, envelopes: list[dict]) -> list[str]:
+        """Workers took these messages; returns each one's status now (a finished one stays finished)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for envelope in envelopes:
+            fields = _message_fields(envelope, envelope.get("partition", ""), envelope.get("offset", ""))
+            self._set_status(**self._status_call(envelope, "processing", fields, envelope.get("origin")),
+                             client=pipe)
+        return pipe.execute()
 
-    def deliver(self, envelope: dict, *, force: bool = False) -> tuple[str, str]:
-        """Append to history and push, once; returns ('delivered'|'duplicate'|'wait', stream id)."""
-        channel = envelope["channel"]
-        node, client = _origin(self, envelope.get("origin"))
-        prev = envelope.get("prev")
-        outcome, sid = self._deliver(
-            keys=[self.key("done", envelope["id"]), self.key("last", channel), self.key("hist", channel),
-                  self.key("msg", envelope["id"]), self.message_channel(channel), self.status_channel(channel),
-                  self.key("epoch", channel)],
-            args=[envelope.get("offset", -1), "" if prev is None else prev, self.settings.status_ttl,
-                  self.settings.history_maxlen, message_frame_head(envelope), status_frame(envelope, "delivered"),
-                  node, client, "1" if force else "0"],
-        )
-        return outcome, sid
+    def deliver(self, envelopes: list[dict], *, force: bool = False) -> list[tuple[str, str]]:
+        """Append each to history and push it, once, in order; returns per message
+        ('delivered'|'duplicate'|'wait', stream id). One round trip for the batch."""
+        pipe = self.redis.pipeline(transaction=False)
+        for envelope in envelopes:
+            channel = envelope["channel"]
+            node, client = _origin(self, envelope.get("origin"))
+            prev = envelope.get("prev")
+            self._deliver(
+                keys=[self.key("done", envelope["id"]), self.key("last", channel), self.key("hist", channel),
+                      self.key("msg", envelope["id"]), self.message_channel(channel),
+                      self.status_channel(channel), self.key("epoch", channel)],
+                args=[envelope.get("offset", -1), "" if prev is None else prev, self.settings.status_ttl,
+                      self.settings.history_maxlen, message_frame_head(envelope),
+                      status_frame(envelope, "delivered"), node, client, "1" if force else "0"],
+                client=pipe,
+            )
+        return [tuple(result) for result in pipe.execute()]
 
     def mark_failed(self, envelope: dict, error: str, status: str = "failed") -> None:
         """Record a dead-lettered (or rejected) message and let its channel move on."""
@@ -213,6 +222,12 @@ class Store:
         """The newest history entry's id, or None."""
         newest = self.redis.xrevrange(self.key("hist", channel), count=1)
         return newest[0][0] if newest else None
+
+    def presence(self, channel: str) -> list[dict]:
+        """Clients subscribed to a channel now, oldest first."""
+        entries = [json.loads(v) for v in self.redis.hvals(self.key("presence", channel))]
+        entries.sort(key=lambda e: e.get("since", 0))
+        return [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries]
 
     # Idempotent publishing: the first request claims the id, later ones get its answer.
     def claim_idempotency(self, msg_id: str, owner: str) -> str | None:

@@ -40,8 +40,9 @@ def make_celery(settings, *, results: bool = True) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost about half of a worker's main-process CPU; Flower
+        # switches them on while it runs (its --enable-events default).
+        worker_send_task_events=False,
         worker_hijack_root_logger=False,
         worker_concurrency=settings.worker_concurrency,
     )
@@ -77,7 +78,7 @@ def _warm_up(**_kwargs):
 
 @signals.setup_logging.connect
 def _setup_logging(**_kwargs):
-    configure_logging("worker")
+    configure_logging("worker", settings.log_level)
 
 
 @celery_app.task(name="process_message", bind=True, max_retries=settings.retry_max)

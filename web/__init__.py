@@ -8,6 +8,7 @@ import re
 import time
 
 from flask import Flask, Response, g, request, send_from_directory
+from flask_swagger_ui import get_swaggerui_blueprint
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from werkzeug.exceptions import HTTPException
 
@@ -36,6 +37,7 @@ def create_app(settings=None) -> Flask:
     from web import api, cli, hub
 
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(get_swaggerui_blueprint("/docs", "/api/v1/openapi.json", config={"app_name": "Herald"}))
     hub.init_app(app, services)
     cli.init_app(app)
     _install_request_ids(app)

@@ -11,6 +11,7 @@ from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict
 from pipeline.messages import ID_RE, parse_publish, valid_channel
 from web.auth import AuthError, Identity, bearer, verify
+from web.openapi import document
 from web.problems import from_validation, problem, problem_body
 
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -131,6 +132,11 @@ def publish_batch():
     return {"results": results}, 202
 
 
+@blueprint.get("/openapi.json")
+def openapi():
+    return document(services().settings)
+
+
 @blueprint.get("/messages/<msg_id>")
 def get_message(msg_id: str):
     authenticate()
@@ -162,6 +168,16 @@ def history(channel: str):
     for message in page["messages"]:
         message.pop("op", None)
     return page
+
+
+@blueprint.get("/channels/<channel>/presence")
+def presence(channel: str):
+    identity = authenticate()
+    if not valid_channel(channel):
+        raise ValidationError("Bad channel name", [{"field": "channel", "problem": "must match [A-Za-z0-9_:.@-]{1,200}"}])
+    if not identity.may_subscribe(channel):
+        return problem(403, f"This token may not read {channel}", slug="forbidden")
+    return {"clients": services().store.presence(channel)}
 
 
 def _stream_id(value: str) -> bool:

@@ -1,0 +1,69 @@
+"""Pure helpers of the bridge, the task and the auth module."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from pipeline.bridge import ChannelOrder, group_batches
+from pipeline.processing import backoff_delay
+from pipeline.settings import Settings
+from pipeline.store import stream_id_key
+from web.auth import AuthError, mint, verify
+
+SETTINGS = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32})
+
+
+def test_backoff_grows_exponentially_and_is_capped():
+    top = [backoff_delay(n, 0.5, 10, rand=lambda: 1.0) for n in range(8)]
+    assert top[:5] == [0.5, 1.0, 2.0, 4.0, 8.0] and top[5:] == [10, 10, 10]
+    assert backoff_delay(3, 0.5, 10, rand=lambda: 0.0) == 0.0  # full jitter reaches zero
+
+
+def test_channel_order_remembers_the_previous_offset_per_partition():
+    order = ChannelOrder(capacity=2)
+    assert order.stamp(0, "a", 5) is None
+    assert order.stamp(0, "a", 9) == 5
+    assert order.stamp(1, "a", 3) is None
+    order.stamp(0, "b", 10)
+    order.stamp(0, "c", 11)  # evicts the least recently seen channel, "a"
+    assert order.stamp(0, "a", 12) is None
+    order.forget([0])
+    assert order.stamp(0, "c", 13) is None
+
+
+def test_batches_keep_partition_and_offset_order():
+    records = [(0, {"o": 1}), (1, {"o": 2}), (0, {"o": 3}), (0, {"o": 4}), (0, {"o": 5})]
+    batches = list(group_batches(records, 2))
+    assert batches == [(0, [{"o": 1}, {"o": 3}]), (0, [{"o": 4}, {"o": 5}]), (1, [{"o": 2}])]
+
+
+def test_stream_ids_order_numerically():
+    assert stream_id_key("10-0") > stream_id_key("9-5") > stream_id_key("9-4")
+    assert stream_id_key("junk") < stream_id_key("0-0")
+
+
+def test_token_round_trip_and_globs():
+    identity = verify(mint(SETTINGS, "ann", publish=["chat:*"], subscribe=["*"]), SETTINGS)
+    assert identity.user == "ann" and identity.may_publish("chat:x") and not identity.may_publish("news:x")
+    assert identity.may_subscribe("anything") and not identity.admin
+
+
+@pytest.mark.parametrize("make", [
+    lambda: None,
+    lambda: "not-a-jwt",
+    lambda: jwt.encode({"sub": "a", "exp": int(time.time()) - 60}, "k" * 32, algorithm="HS256"),
+    lambda: jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, "wrong" * 8, algorithm="HS256"),
+    lambda: jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, None, algorithm="none"),
+    lambda: jwt.encode({"sub": "a"}, "k" * 32, algorithm="HS256"),
+])
+def test_bad_tokens_are_refused(make):
+    with pytest.raises(AuthError):
+        verify(make(), SETTINGS)
+
+
+def test_auth_off_allows_everything():
+    identity = verify(None, Settings.from_env({"HERALD_AUTH": "off"}))
+    assert identity.may_publish("x") and identity.admin

@@ -1,0 +1,68 @@
+"""Message validation and the record format."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import PermanentError, ValidationError
+from pipeline.messages import channel_allowed, decode, encode, namespace, new_id, parse_publish
+
+
+def test_ids_are_unique_and_sortable_by_time():
+    earlier, later = new_id(1_000), new_id(2_000)
+    assert len(earlier) == 26 and earlier < later
+    assert len({new_id() for _ in range(1000)}) == 1000
+
+
+def test_parse_fills_defaults():
+    envelope = parse_publish({"channel": "chat:lobby", "data": {"a": 1}}, sender="ann")
+    assert envelope["type"] == "message" and envelope["sender"] == "ann" and envelope["data"] == {"a": 1}
+    assert len(envelope["id"]) == 26 and envelope["ts"] > 0
+
+
+def test_null_data_is_data():
+    assert parse_publish({"channel": "c", "data": None}, sender="x")["data"] is None
+
+
+def test_idempotency_key_becomes_the_id():
+    assert parse_publish({"channel": "c", "data": 1}, sender="x", idempotency_key="k-1")["id"] == "k-1"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"channel": "c"}, "data"),
+    ({"data": 1}, "channel"),
+    ({"channel": "a b", "data": 1}, "channel"),
+    ({"channel": "c", "data": 1, "extra": 2}, "extra"),
+    ({"channel": "c", "data": 1, "type": ""}, "type"),
+    ({"channel": "c", "data": 1, "id": 5}, "id"),
+])
+def test_each_bad_field_is_named(body, field):
+    with pytest.raises(ValidationError) as info:
+        parse_publish(body, sender="x")
+    assert field in {e["field"] for e in info.value.errors}
+
+
+def test_conflicting_id_and_header():
+    with pytest.raises(ValidationError):
+        parse_publish({"channel": "c", "data": 1, "id": "a"}, sender="x", idempotency_key="b")
+
+
+def test_record_round_trip():
+    envelope = parse_publish({"channel": "c:1", "data": ["ü", 1]}, sender="x")
+    assert decode(encode(envelope)) == envelope
+
+
+@pytest.mark.parametrize("value, reason", [
+    (None, "no value"), (b"\xff", "not JSON"), (b"[1]", "not a JSON object"),
+    (b'{"id":"a"}', "lacks"), (b'{"id":"a","channel":"bad channel","type":"m","data":1,"sender":"s","ts":1}',
+                                "channel"),
+])
+def test_bad_records_say_why(value, reason):
+    with pytest.raises(PermanentError, match=reason):
+        decode(value)
+
+
+def test_globs_and_namespaces():
+    assert channel_allowed("chat:lobby", ["chat:*"]) and not channel_allowed("news:x", ["chat:*"])
+    assert not channel_allowed("chat:lobby", [])
+    assert namespace("chat:lobby:x") == "chat" and namespace("plain") == ""

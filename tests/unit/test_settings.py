@@ -1,0 +1,76 @@
+"""Settings: defaults, parsing, and one clear sentence for each bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings
+
+BASE = {"HERALD_SECRET_KEY": "s" * 32}
+
+
+def test_defaults_follow_the_spec():
+    settings = Settings.from_env(BASE)
+    assert settings.port == 8000
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.celery_broker_url == settings.redis_url
+    assert settings.kafka_bootstrap_servers == "localhost:9092"
+    assert settings.database_url == "sqlite:///herald.db"
+    assert settings.topic == "herald.messages" and settings.dlq_topic == "herald.messages.dlq"
+    assert settings.auth is True and settings.cors_origins == ()
+    assert settings.max_message_bytes == 65536
+
+
+def test_broker_defaults_to_redis_url():
+    settings = Settings.from_env({**BASE, "REDIS_URL": "redis://cache:6380/2"})
+    assert settings.celery_broker_url == "redis://cache:6380/2"
+
+
+def test_heroku_kafka_url_is_accepted():
+    settings = Settings.from_env({**BASE, "KAFKA_URL": "kafka://h1:9092,kafka://h2:9093"})
+    assert settings.kafka_bootstrap_servers == "h1:9092,h2:9093"
+
+
+def test_heroku_postgres_scheme_is_rewritten():
+    settings = Settings.from_env({**BASE, "DATABASE_URL": "postgres://u:p@db:5432/x"})
+    assert settings.database_url == "postgresql://u:p@db:5432/x"
+
+
+def test_auth_off_needs_no_secret():
+    assert Settings.from_env({"HERALD_AUTH": "off"}).auth is False
+
+
+def test_cors_origins_are_split():
+    settings = Settings.from_env({**BASE, "HERALD_CORS_ORIGINS": "https://a.example, https://b.example/"})
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+
+
+@pytest.mark.parametrize("env, words", [
+    ({}, "HERALD_SECRET_KEY"),
+    ({**BASE, "PORT": "eighty"}, "PORT"),
+    ({**BASE, "PORT": "70000"}, "PORT"),
+    ({**BASE, "REDIS_URL": "http://x"}, "REDIS_URL"),
+    ({**BASE, "REDIS_URL": "redis://"}, "names no host"),
+    ({**BASE, "KAFKA_BOOTSTRAP_SERVERS": "nohostport"}, "host:port"),
+    ({**BASE, "DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+    ({**BASE, "HERALD_AUTH": "maybe"}, "HERALD_AUTH"),
+    ({**BASE, "HERALD_CORS_ORIGINS": "*"}, "HERALD_CORS_ORIGINS"),
+    ({**BASE, "HERALD_MAX_MESSAGE_BYTES": "-1"}, "HERALD_MAX_MESSAGE_BYTES"),
+    ({**BASE, "HERALD_TOPIC": "bad topic!"}, "HERALD_TOPIC"),
+    ({**BASE, "HERALD_RETRY_MAX_DELAY": "3000", "HERALD_VISIBILITY_TIMEOUT": "3600"}, "VISIBILITY_TIMEOUT"),
+])
+def test_bad_values_name_the_variable(env, words):
+    with pytest.raises(ConfigError, match=words):
+        Settings.from_env(env)
+
+
+def test_misconfigured_process_prints_one_line_and_exits_1():
+    result = subprocess.run([sys.executable, "-m", "pipeline.bridge"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "REDIS_URL": "ftp://nope"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "REDIS_URL" in lines[0] and "Traceback" not in result.stderr

@@ -1,0 +1,124 @@
+// Herald's browser client: connect, subscribe with automatic resume, publish.
+// Reconnects with capped exponential backoff and resumes every channel from
+// the last offset it saw, so a dropped network loses no message.
+(function (global) {
+  "use strict";
+
+  class Herald {
+    constructor(url, options) {
+      options = options || {};
+      this.url = url;
+      this.token = options.token || null;
+      this.maxDelay = options.maxDelay || 10000;
+      this.channels = new Map(); // channel -> {handler, status, offset}
+      this.pending = new Map();  // ref -> {resolve, reject}
+      this.listeners = {};
+      this.nextRef = 1;
+      this.attempt = 0;
+      this.closed = false;
+      this.ws = null;
+      this.ready = false;
+      this.outbox = [];
+    }
+
+    on(event, fn) { (this.listeners[event] = this.listeners[event] || []).push(fn); return this; }
+    emit(event, value) { (this.listeners[event] || []).forEach((fn) => fn(value)); }
+
+    connect() {
+      this.closed = false;
+      const ws = new WebSocket(this.url);
+      this.ws = ws;
+      ws.onopen = () => ws.send(JSON.stringify({ op: "connect", token: this.token || "" }));
+      ws.onmessage = (event) => this.receive(JSON.parse(event.data));
+      ws.onclose = (event) => {
+        this.ready = false;
+        this.emit("disconnected", { code: event.code, reason: event.reason });
+        this.pending.forEach((p) => p.reject(new Error("disconnected")));
+        this.pending.clear();
+        if (this.closed || event.code === 4001 || event.code === 4003) return;
+        const delay = Math.min(this.maxDelay, 250 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
+        this.attempt += 1;
+        setTimeout(() => this.connect(), delay);
+      };
+      return this;
+    }
+
+    close() { this.closed = true; if (this.ws) this.ws.close(1000); }
+
+    receive(frame) {
+      if (frame.ref !== undefined && this.pending.has(frame.ref)) {
+        const waiter = this.pending.get(frame.ref);
+        this.pending.delete(frame.ref);
+        if (frame.op === "error") waiter.reject(frame); else waiter.resolve(frame);
+      }
+      switch (frame.op) {
+        case "connected":
+          this.ready = true;
+          this.attempt = 0;
+          this.client = frame.client;
+          this.emit("connected", frame);
+          this.channels.forEach((sub, channel) => this.sendSubscribe(channel, sub));
+          this.outbox.splice(0).forEach((f) => this.ws.send(JSON.stringify(f)));
+          break;
+        case "message": {
+          const sub = this.channels.get(frame.channel);
+          if (sub) { sub.offset = frame.offset; sub.handler(frame); }
+          break;
+        }
+        case "subscribed":
+          this.emit("subscribed", frame);
+          if (frame.recovered === false) this.emit("gap", frame); // history lost: reload the view
+          break;
+        case "ping": this.send({ op: "pong" }); break;
+        default: this.emit(frame.op, frame);
+      }
+    }
+
+    send(frame) {
+      if (this.ready) this.ws.send(JSON.stringify(frame)); else this.outbox.push(frame);
+    }
+
+    request(frame) {
+      const ref = String(this.nextRef++);
+      return new Promise((resolve, reject) => {
+        this.pending.set(ref, { resolve, reject });
+        this.send(Object.assign({ ref }, frame));
+      });
+    }
+
+    subscribe(channel, handler, options) {
+      options = options || {};
+      const sub = { handler, status: !!options.status, presence: !!options.presence, offset: options.since || null };
+      this.channels.set(channel, sub);
+      if (this.ready) this.sendSubscribe(channel, sub);
+    }
+
+    sendSubscribe(channel, sub) {
+      const frame = { op: "subscribe", channel, status: sub.status, presence: sub.presence };
+      if (sub.offset) frame.since = sub.offset;
+      this.send(frame);
+    }
+
+    unsubscribe(channel) {
+      this.channels.delete(channel);
+      this.send({ op: "unsubscribe", channel });
+    }
+
+    publish(channel, data, options) {
+      options = options || {};
+      const frame = { op: "publish", channel, data };
+      if (options.type) frame.type = options.type;
+      // An id makes a retried publish idempotent (the server answers the first ack).
+      frame.id = options.id || (global.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random());
+      return this.request(frame);
+    }
+
+    presence(channel, baseUrl) {
+      return fetch((baseUrl || "") + "/api/v1/channels/" + encodeURIComponent(channel) + "/presence", {
+        headers: this.token ? { Authorization: "Bearer " + this.token } : {},
+      }).then((r) => r.json());
+    }
+  }
+
+  global.Herald = Herald;
+})(typeof window !== "undefined" ? window : globalThis);
