@@ -80,8 +80,11 @@ class Server:
         """Start and wait until the port accepts connections."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
+            # A session of its own: Ctrl-C in the terminal must not stop the
+            # broker before the processes that still need it have shut down.
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                         start_new_session=True)
         finally:
             if self.log_path:
                 out.close()  # the child keeps its own descriptor
