@@ -38,12 +38,20 @@ class Archive:
         self._insert = sqlite_insert if sqlite else pg_insert
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_wal)
+        self._ready = False
+
+    def _ensure_table(self) -> None:
+        # Made on first use, not at start: a database that is down when the
+        # worker starts is a transient error of the first task, not a crash.
+        if self._ready:
+            return
         try:
             metadata.create_all(self.engine)
         except OperationalError:
-            # Another worker process created the table between our check and
-            # our CREATE; a second pass sees it and does nothing.
+            # Another worker process may have created the table between our
+            # check and our CREATE; a second pass sees it and does nothing.
             metadata.create_all(self.engine)
+        self._ready = True
 
     def store(self, envelopes: list[dict]) -> None:
         """Insert messages not archived yet; raises TransientError when the database is unreachable."""
@@ -56,6 +64,7 @@ class Archive:
         } for e in envelopes]
         statement = self._insert(messages).on_conflict_do_nothing(index_elements=["id"])
         try:
+            self._ensure_table()
             with self.engine.begin() as conn:
                 conn.execute(statement, rows)
         except OperationalError as exc:
@@ -63,6 +72,7 @@ class Archive:
 
     def count(self, channel: str | None = None) -> int:
         """How many messages are archived (in one channel)."""
+        self._ensure_table()
         query = select(func.count()).select_from(messages)
         if channel:
             query = query.where(messages.c.channel == channel)

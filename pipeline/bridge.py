@@ -13,6 +13,7 @@ import signal
 import time
 from collections import OrderedDict
 
+import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.dlq import DeadLetters
@@ -71,6 +72,8 @@ class Bridge:
         self.dead_letters = dead_letters
         self.order = ChannelOrder()
         self.running = True
+        self.store = dead_letters.store
+        self.next_sweep = time.monotonic() + settings.redispatch_after / 10
         self.consumer = Consumer(client_config(
             settings,
             **{
@@ -79,9 +82,14 @@ class Bridge:
                 "enable.auto.commit": True,
                 "auto.commit.interval.ms": 1000,
                 "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
+                # Eager rebalancing: with Tansu, cooperative-sticky never hands
+                # revoked partitions to the new member (seen with two bridges).
+                "partition.assignment.strategy": "range",
                 "fetch.wait.max.ms": 5,
                 "session.timeout.ms": 10000,
+                # Also the rebalance timeout: how long a rebalance waits for a
+                # member that left mid-rebalance without being heard (300 s by default).
+                "max.poll.interval.ms": 30000,
                 "heartbeat.interval.ms": 1000,
             },
         ))
@@ -100,6 +108,8 @@ class Bridge:
                 records = self.consumer.consume(num_messages=self.settings.batch_size * 5, timeout=0.01)
                 if records:
                     self.handle(records)
+                if time.monotonic() >= self.next_sweep:
+                    self.sweep()
         finally:
             self.consumer.close()
             log.info("bridge stopped")
@@ -135,10 +145,25 @@ class Bridge:
                 for partition, offset in last_offsets.items()
             ])
 
+    def sweep(self) -> None:
+        """Send again what was dispatched long ago and never finished (lost by the broker)."""
+        self.next_sweep = time.monotonic() + self.settings.redispatch_after / 10
+        try:
+            stale = self.store.stale_dispatched(self.settings.redispatch_after)
+        except redis.RedisError as exc:
+            log.warning("sweep skipped", extra={"error": str(exc)})
+            return
+        for envelope in stale:
+            # Its predecessors are long done or long lost: do not wait for them.
+            envelope["force_order"] = True
+            log.warning("redispatching a message no worker finished", extra={"message_id": envelope["id"]})
+            self._dispatch([envelope])
+
     def _dispatch(self, batch: list[dict]) -> None:
         delay = 0.1
         while True:
             try:
+                self.store.track_dispatched(batch)
                 self.celery.send_task("process_message", args=(batch,))
                 log.info("dispatched", extra={"message_id": batch[0]["id"], "count": len(batch),
                                               "partition": batch[0]["partition"], "offset": batch[0]["offset"]})

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import logging
 
+from pipeline.errors import HeraldError
 from pipeline.messages import encode, now_ms
 
 log = logging.getLogger("herald.dlq")
+
+
+class NotReplayable(HeraldError):
+    """A dead letter that cannot go back through the pipeline (unknown, or never decoded)."""
 
 
 class DeadLetters:
@@ -48,6 +53,43 @@ class DeadLetters:
         log.warning("dead-lettered", extra={"message_id": letter_id, "reason": reason,
                                             "partition": partition, "offset": offset, "attempts": attempts})
         return letter_id
+
+
+    def list(self, limit: int = 50, cursor: int = 0) -> dict:
+        """Dead letters, newest first: `{items, next, total}`; `next` is the cursor of the next page."""
+        index = self.store.key("dlq", "index")
+        ids = self.store.redis.zrevrange(index, cursor, cursor + limit - 1)
+        total = self.store.redis.zcard(index)
+        raw = self.store.redis.mget([self.store.key("dlq", i) for i in ids]) if ids else []
+        items = [json.loads(r) for r in raw if r]
+        more = cursor + len(ids) < total
+        return {"items": items, "next": cursor + len(ids) if more else None, "total": total}
+
+    def get(self, letter_id: str) -> dict | None:
+        """One dead letter, or None."""
+        raw = self.store.redis.get(self.store.key("dlq", letter_id))
+        return json.loads(raw) if raw else None
+
+    def replay(self, letter_id: str) -> dict:
+        """Send a dead letter back through the pipeline; it leaves the DLQ once Kafka has it again."""
+        entry = self.get(letter_id)
+        if entry is None:
+            raise NotReplayable(f"no dead letter {letter_id}")
+        envelope = entry.get("message")
+        if not envelope:
+            raise NotReplayable(f"dead letter {letter_id} was never a valid message and cannot be replayed")
+        partition, offset = self.publisher.publish(self.settings.topic, envelope["channel"], encode(envelope),
+                                                   [("herald-replay", b"1")])
+        # The message starts over: its status may move forward again.
+        self.store.set_status(envelope, "accepted", force=True,
+                              fields={"partition": str(partition), "offset": str(offset), "error": ""})
+        pipe = self.store.redis.pipeline()
+        pipe.zrem(self.store.key("dlq", "index"), letter_id)
+        pipe.delete(self.store.key("dlq", letter_id))
+        pipe.execute()
+        log.info("replayed", extra={"message_id": letter_id, "partition": partition, "offset": offset})
+        return {"id": envelope["id"], "channel": envelope["channel"], "status": "accepted",
+                "partition": partition, "offset": offset}
 
 
 def _original(envelope: dict) -> dict:

@@ -129,8 +129,17 @@ def kafka_server(port: int, log_path: str | None = None) -> Server:
     return Server("kafka (tansu)", argv, port, log_path)
 
 
-def redis_server(port: int, log_path: str | None = None) -> Server:
-    """A Redis (or Valkey) server on 127.0.0.1:port that keeps nothing on disk (not started)."""
-    argv = [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-            "--dir", os.environ.get("TMPDIR", "/tmp")]
+def redis_server(port: int, log_path: str | None = None, data_dir: str | None = None) -> Server:
+    """A Redis (or Valkey) server on 127.0.0.1:port (not started).
+
+    With `data_dir` it keeps an append-only file there, so a restart keeps the
+    Celery queue and Herald's state, as a production Redis should; without,
+    it keeps nothing on disk.
+    """
+    argv = [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+    if data_dir:
+        os.makedirs(data_dir, exist_ok=True)
+        argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", data_dir]
+    else:
+        argv += ["--appendonly", "no", "--dir", os.environ.get("TMPDIR", "/tmp")]
     return Server("redis", argv, port, log_path)

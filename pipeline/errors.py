@@ -28,9 +28,5 @@ class KafkaUnavailable(TransientError):
     """Kafka did not acknowledge a record in time; nothing was accepted."""
 
 
-class OutOfTurn(TransientError):
-    """An earlier message of the same channel is not handled yet."""
-
-
 class PermanentError(HeraldError):
     """A message no retry can fix: it goes straight to the dead-letter topic."""

@@ -12,11 +12,12 @@ import time
 
 import redis
 
-from pipeline.errors import OutOfTurn, PermanentError, TransientError
+from pipeline.errors import PermanentError, TransientError
 
 log = logging.getLogger("herald.processing")
 
 TERMINAL = {"delivered", "failed", "rejected"}
+ORDER_SPIN = 0.05  # seconds a worker waits in place for a channel's previous message
 # Errors worth retrying: the services a message passes through were unreachable.
 RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
@@ -56,10 +57,23 @@ class Processor:
         self.dead_letters = dead_letters
 
     def run(self, envelopes: list[dict], *, final_attempt: bool) -> dict:
-        """Process the batch once; raises RetryLater when a transient failure stops it."""
-        counts = {"delivered": 0, "duplicate": 0, "dead": 0}
+        """Process the batch once; raises RetryLater when a transient failure stops it.
+
+        Messages whose predecessor in the channel is not handled yet come back
+        in `counts["waiting"]`, to be run again shortly; once they have waited
+        `order_wait` seconds they are delivered anyway (the predecessor may sit
+        with a dead worker until the broker's visibility timeout).
+        """
+        counts = {"delivered": 0, "duplicate": 0, "dead": 0, "waiting": []}
+        now = time.time()
+        for envelope in envelopes:
+            if now - envelope.get("waiting_since", now) >= self.settings.order_wait:
+                envelope["force_order"] = True
         try:
-            statuses = self.store.mark_processing(envelopes)
+            # A message back from waiting was marked already; it is not a new attempt.
+            fresh = [e for e in envelopes if "waiting_since" not in e]
+            marked = iter(self.store.mark_processing(fresh))
+            statuses = ["processing" if "waiting_since" in e else next(marked) for e in envelopes]
             todo = []
             for envelope, status in zip(envelopes, statuses):
                 if status in TERMINAL:
@@ -82,6 +96,14 @@ class Processor:
                     outcome = self._deliver_in_turn(envelope, force=final_attempt)
                 except RETRYABLE as exc:
                     raise RetryLater(todo[index:], exc) from exc
+            if outcome == "wait":
+                envelope.setdefault("waiting_since", now)
+                counts["waiting"].append(envelope)
+                continue
+            if envelope.get("force_order"):
+                log.warning("delivered out of order: its predecessor is still not handled",
+                            extra={"message_id": envelope["id"], "channel": envelope["channel"],
+                                   "prev": envelope.get("prev")})
             counts["duplicate" if outcome == "duplicate" else "delivered"] += 1
             log.info("message %s", outcome, extra={"message_id": envelope["id"], "channel": envelope["channel"],
                                                    "offset": envelope.get("offset"),
@@ -93,18 +115,17 @@ class Processor:
         self._dead_letter(envelopes[0], error, attempts=attempts)
 
     def _deliver_in_turn(self, envelope: dict, *, force: bool) -> str:
-        # An earlier message of this channel is usually being processed by
-        # another worker right now: wait briefly rather than pay a retry.
-        deadline = time.monotonic() + self.settings.order_wait
+        # The predecessor is usually being processed by another worker right
+        # now: a few milliseconds of waiting here beat a round trip through
+        # the broker, but a worker slot must not be held for long.
+        deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
         while True:
             (outcome, _sid), = self.store.deliver([envelope], force=force)
-            if outcome != "wait":
+            if outcome != "wait" or time.monotonic() >= deadline:
                 return outcome
-            if time.monotonic() >= deadline:
-                raise OutOfTurn(f"message {envelope.get('prev')} of {envelope['channel']} is not handled yet")
             time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.02)
 
     def _dead_letter(self, envelope: dict, error: str, *, attempts: int) -> None:
         self.dead_letters.send(reason=error, partition=envelope.get("partition", -1),

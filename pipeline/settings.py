@@ -48,11 +48,18 @@ class Settings:
     batch_size: int = 100
     send_queue_size: int = 512
     ping_interval: int = 25
-    order_wait: float = 2.0
+    order_wait: float = 5.0
+    max_redeliveries: int = 3
     message_types: tuple[str, ...] = ()
     worker_concurrency: int = 2
     log_level: str = "INFO"
     node_id: str = ""
+
+    @property
+    def redispatch_after(self) -> float:
+        """Seconds after which an unfinished dispatched message is sent again: well past
+        the broker's own hand-back of a dead worker's tasks (the visibility timeout)."""
+        return 2.0 * self.visibility_timeout
 
     @property
     def dlq_topic(self) -> str:
@@ -99,6 +106,7 @@ class Settings:
             send_queue_size=_int(env, "HERALD_SEND_QUEUE", cls.send_queue_size, 1, 1_000_000),
             ping_interval=_int(env, "HERALD_PING_INTERVAL", cls.ping_interval, 1, 3600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
+            max_redeliveries=_int(env, "HERALD_MAX_REDELIVERIES", cls.max_redeliveries, 0, 100),
             message_types=tuple(t.strip() for t in env.get("HERALD_MESSAGE_TYPES", "").split(",") if t.strip()),
             worker_concurrency=_int(env, "HERALD_WORKER_CONCURRENCY", cls.worker_concurrency, 1, 256),
             log_level=_choice(env, "HERALD_LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),

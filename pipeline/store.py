@@ -8,6 +8,7 @@ racing, cannot deliver twice or move a status backwards.
 from __future__ import annotations
 
 import json
+import time
 
 import redis
 
@@ -38,13 +39,17 @@ return ARGV[1]
 """
 
 # KEYS: done marker, order gate, history stream, msg hash, message pub/sub
-# channel, status pub/sub channel, history epoch.
+# channel, status pub/sub channel, history epoch, in-flight index, in-flight envelopes.
 # ARGV: kafka offset, previous offset of the channel or '', ttl, history
 # maxlen, message frame head, status frame, origin channel or '', origin client,
-# force ('1' once the order wait ran out).
+# force ('1' once the order wait ran out), message id.
 _DELIVER = """
 local done = redis.call('GET', KEYS[1])
-if done then return {'duplicate', done} end
+if done then
+  redis.call('ZREM', KEYS[8], ARGV[10])
+  redis.call('HDEL', KEYS[9], ARGV[10])
+  return {'duplicate', done}
+end
 local offset = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if ARGV[2] ~= '' and ARGV[9] ~= '1' and last < tonumber(ARGV[2]) then return {'wait', ''} end
@@ -52,6 +57,8 @@ local sid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'f', ARGV[5
 redis.call('SET', KEYS[7], sid, 'NX')
 if offset > last then redis.call('SET', KEYS[2], offset, 'EX', ARGV[3]) end
 redis.call('SET', KEYS[1], sid, 'EX', ARGV[3])
+redis.call('ZREM', KEYS[8], ARGV[10])
+redis.call('HDEL', KEYS[9], ARGV[10])
 redis.call('HSET', KEYS[4], 'status', 'delivered', 'stream_id', sid)
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 redis.call('PUBLISH', KEYS[5], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
@@ -168,10 +175,12 @@ class Store:
             self._deliver(
                 keys=[self.key("done", envelope["id"]), self.key("last", channel), self.key("hist", channel),
                       self.key("msg", envelope["id"]), self.message_channel(channel),
-                      self.status_channel(channel), self.key("epoch", channel)],
+                      self.status_channel(channel), self.key("epoch", channel),
+                      self.key("inflight", "index"), self.key("inflight", "envelopes")],
                 args=[envelope.get("offset", -1), "" if prev is None else prev, self.settings.status_ttl,
                       self.settings.history_maxlen, message_frame_head(envelope),
-                      status_frame(envelope, "delivered"), node, client, "1" if force else "0"],
+                      status_frame(envelope, "delivered"), node, client,
+                      "1" if force or envelope.get("force_order") else "0", envelope["id"]],
                 client=pipe,
             )
         return [tuple(result) for result in pipe.execute()]
@@ -180,6 +189,7 @@ class Store:
         """Record a dead-lettered (or rejected) message and let its channel move on."""
         self._advance(keys=[self.key("last", envelope["channel"])],
                       args=[envelope.get("offset", -1), self.settings.status_ttl])
+        self.forget_dispatched([envelope["id"]])
         self.set_status(envelope, status, fields={"error": error}, origin=envelope.get("origin"))
 
     def get_message(self, msg_id: str) -> dict | None:
@@ -222,6 +232,44 @@ class Store:
         """The newest history entry's id, or None."""
         newest = self.redis.xrevrange(self.key("hist", channel), count=1)
         return newest[0][0] if newest else None
+
+    # In-flight index: what the bridge handed to Celery and no worker finished.
+    # The broker can still lose a task (a worker killed between taking it and
+    # recording it as unacked); the bridge sends such stale ones again.
+    def track_dispatched(self, envelopes: list[dict]) -> None:
+        """Remember dispatched messages until they are delivered or dead-lettered."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.key("inflight", "index"), {e["id"]: now for e in envelopes}, nx=True)
+        pipe.hset(self.key("inflight", "envelopes"), mapping={e["id"]: json.dumps(e) for e in envelopes})
+        pipe.execute()
+
+    def forget_dispatched(self, ids: list[str]) -> None:
+        """Drop messages from the in-flight index."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.key("inflight", "index"), *ids)
+        pipe.hdel(self.key("inflight", "envelopes"), *ids)
+        pipe.execute()
+
+    def stale_dispatched(self, older_than: float, limit: int = 500) -> list[dict]:
+        """Messages dispatched more than `older_than` seconds ago and still not finished;
+        their clock restarts, so each is returned once per period."""
+        index = self.key("inflight", "index")
+        now = time.time()
+        ids = self.redis.zrangebyscore(index, "-inf", now - older_than, start=0, num=limit)
+        if not ids:
+            return []
+        raw = self.redis.hmget(self.key("inflight", "envelopes"), ids)
+        self.redis.zadd(index, {i: now for i in ids}, xx=True)
+        return [json.loads(r) for r in raw if r]
+
+    def count_run(self, task_id: str) -> int:
+        """How many times a task has started (redeliveries and retries included)."""
+        key = self.key("runs", task_id)
+        pipe = self.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, self.settings.status_ttl)
+        return pipe.execute()[0]
 
     def presence(self, channel: str) -> list[dict]:
         """Clients subscribed to a channel now, oldest first."""

@@ -15,6 +15,7 @@ from pipeline.processing import RETRYABLE, Processor, RetryLater, backoff_delay
 from pipeline.settings import current
 
 log = logging.getLogger("herald.tasks")
+ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again
 
 
 def make_celery(settings, *, results: bool = True) -> Celery:
@@ -37,8 +38,20 @@ def make_celery(settings, *, results: bool = True) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Cancelling on connection loss crashes kombu 5.7's Redis transport
+        # (AttributeError in restore_unacked, seen restarting Redis); a task
+        # left running is handed back after the visibility timeout instead.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # kombu sweeps for tasks abandoned by dead workers only every
+        # interval x throttle seconds (100 s by default): tie it to the timeout.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": max(1, settings.visibility_timeout // 10),
+            "unacked_restore_throttle": 1,
+            # A worker killed during a sweep keeps the sweep lock until it
+            # expires (300 s by default): no one could restore tasks meanwhile.
+            "unacked_mutex_expire": min(300, max(5, settings.visibility_timeout // 2)),
+        },
         broker_connection_retry_on_startup=True,
         # Task events cost about half of a worker's main-process CPU; Flower
         # switches them on while it runs (its --enable-events default).
@@ -70,6 +83,31 @@ def processor() -> Processor:
     return _processor
 
 
+def _after_worker_loss(envelopes: list[dict], deaths: int, final: bool) -> dict:
+    """Isolate the message that may be killing workers; dead-letter it past the cap."""
+    if len(envelopes) > 1:
+        # One task per message from here on, so only a poisonous one is held back.
+        log.warning("batch redelivered after a worker died; splitting it",
+                    extra={"message_id": envelopes[0]["id"], "count": len(envelopes), "deaths": deaths})
+        for envelope in envelopes:
+            process_message.apply_async(args=([envelope],))
+        return {"split": len(envelopes)}
+    if deaths > settings.max_redeliveries:
+        processor().dead_letter_first(envelopes, f"worker died {deaths} times while processing it",
+                                      attempts=deaths + 1)
+        return {"dead": 1}
+    return _requeue_waiting(processor().run(envelopes, final_attempt=final))
+
+
+def _requeue_waiting(counts: dict) -> dict:
+    """Send messages waiting for their channel's previous one back, shortly, as a new task."""
+    waiting = counts.pop("waiting")
+    if waiting:
+        process_message.apply_async(args=(waiting,), countdown=ORDER_RECHECK)
+    counts["requeued"] = len(waiting)
+    return counts
+
+
 @signals.worker_process_init.connect
 def _warm_up(**_kwargs):
     # Each pool process connects once at start, not on its first message.
@@ -86,13 +124,23 @@ def process_message(self, envelopes: list[dict]) -> dict:
     """Process a batch of one partition's messages, in order; retried from the first failure."""
     final = self.request.retries >= self.max_retries
     try:
-        return processor().run(envelopes, final_attempt=final)
+        # A task started more often than retried was handed back by a worker
+        # that died while running it: maybe one message kills workers.
+        try:
+            deaths = processor().store.count_run(self.request.id) - 1 - self.request.retries
+        except RETRYABLE as exc:
+            raise RetryLater(envelopes, exc) from exc
+        if deaths > 0:
+            return _after_worker_loss(envelopes, deaths, final)
+        return _requeue_waiting(processor().run(envelopes, final_attempt=final))
     except RetryLater as pending:
         error = f"{type(pending.cause).__name__}: {pending.cause}"
         if not final:
             delay = backoff_delay(self.request.retries, settings.retry_base_delay, settings.retry_max_delay)
+            ceiling = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** self.request.retries)
             log.warning("retrying", extra={"message_id": pending.remaining[0]["id"], "error": error,
-                                           "retries": self.request.retries, "countdown": round(delay, 3)})
+                                           "retries": self.request.retries, "countdown": round(delay, 3),
+                                           "ceiling": round(ceiling, 3)})
             raise self.retry(args=(pending.remaining,), countdown=delay, exc=pending.cause) from None
         try:
             processor().dead_letter_first(pending.remaining, error, attempts=self.request.retries + 1)

@@ -54,8 +54,10 @@ class Proc:
         """Start the process (its log is appended to)."""
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as out:
+            # Its own process group, so kill() can take its children (pool processes) too.
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=embedded._die_with_parent)
+                                         stdin=subprocess.DEVNULL, preexec_fn=embedded._die_with_parent,
+                                         start_new_session=True)
         return self
 
     def log(self) -> str:
@@ -64,12 +66,12 @@ class Proc:
             fh.seek(self._offset)
             return fh.read().decode("utf-8", "replace")
 
-    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> None:
-        """Wait until the log matches `pattern` (and fail early if the process died)."""
+    def wait_for_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> None:
+        """Wait until the log matches `pattern` `count` times (and fail early if the process died)."""
         regex = re.compile(pattern)
 
         def seen():
-            if regex.search(self.log()):
+            if len(regex.findall(self.log())) >= count:
                 return True
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
@@ -96,9 +98,12 @@ class Proc:
         return time.monotonic() - started
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.running:
-            self.proc.kill()
+        """SIGKILL to the process and its children, as a machine dying would."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
 
     @property
@@ -111,7 +116,7 @@ class Stack:
     """A whole Herald system for tests, with handles to restart or kill each part."""
 
     def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False,
-                 separate_broker: bool = False, **env):
+                 separate_broker: bool = False, persistent_redis: bool = False, **env):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.kafka = self.redis = None
@@ -128,7 +133,8 @@ class Stack:
             self.redis_url = external_redis
         else:
             self.redis_port = embedded.free_port()
-            self.redis = embedded.redis_server(self.redis_port, str(workdir / "redis.log")).start()
+            self.redis = embedded.redis_server(self.redis_port, str(workdir / "redis.log"),
+                                               str(workdir / "redis-data") if persistent_redis else None).start()
             self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         # A Celery broker apart from the state Redis lets a test stop one without the other.
         self.broker = None
@@ -155,6 +161,7 @@ class Stack:
         self.env.update({k: str(v) for k, v in env.items()})
         self.settings = Settings.from_env(self.env)
         self.procs: list[Proc] = []
+        self._store = None
 
     # -- processes ---------------------------------------------------------
     def _proc(self, name: str, argv: list[str], **env) -> Proc:
@@ -181,7 +188,7 @@ class Stack:
 
     def web(self, name: str = "web", **env) -> "Web":
         """Start a web process (gunicorn, gevent) on a free port and wait until it is ready."""
-        port = embedded.free_port()
+        port = int(env.pop("PORT", 0)) or embedded.free_port()
         proc = self._proc(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
                           PORT=port, **env).start()
         web = Web(proc, port)
@@ -190,8 +197,11 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every process and server of the stack."""
+        if self._store is not None:
+            self._store.redis.close()
         for proc in reversed(self.procs):
             proc.stop(10)
+            proc.kill()  # whatever it left behind
         for server in (self.kafka, self.redis, self.broker):
             if server is not None:
                 server.stop()
@@ -202,10 +212,12 @@ class Stack:
         return mint(self.settings, user, **claims)
 
     def store(self):
-        """A Store on this stack's Redis."""
+        """A Store on this stack's Redis (one per stack, closed by stop())."""
         from pipeline.store import Store, connect
 
-        return Store(connect(self.redis_url), self.settings)
+        if self._store is None:
+            self._store = Store(connect(self.redis_url), self.settings)
+        return self._store
 
 
 class Web:
@@ -246,6 +258,11 @@ class Web:
         except ValueError:
             parsed = text
         return status, resp_headers, parsed
+
+    def restart(self) -> None:
+        """Start the stopped process again, on the same port."""
+        self.proc.start()
+        wait_until(self.ready, 60, 0.1, f"{self.proc.name} to be ready again")
 
     def ws(self, token: str | None = None, **kwargs) -> "WsClient":
         """A connected WebSocket client (token on the URL, or none)."""

@@ -7,6 +7,7 @@ import json
 import redis
 from flask import Blueprint, current_app, g, request
 
+from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict
 from pipeline.messages import ID_RE, parse_publish, valid_channel
@@ -168,6 +169,40 @@ def history(channel: str):
     for message in page["messages"]:
         message.pop("op", None)
     return page
+
+
+def authenticate_admin() -> Identity:
+    """The caller's Identity, which must carry `admin: true`."""
+    identity = authenticate()
+    if not identity.admin:
+        raise ValidationError("The dead-letter queue is for admin tokens only", status=403, title="Forbidden")
+    return identity
+
+
+@blueprint.get("/dlq")
+def dlq_list():
+    authenticate_admin()
+    try:
+        limit = int(request.args.get("limit", "50"))
+        cursor = int(request.args.get("cursor", "0"))
+    except ValueError:
+        limit = cursor = -1
+    if not 1 <= limit <= 500 or cursor < 0:
+        raise ValidationError("limit is 1..500 and cursor a cursor from a previous page", status=400,
+                              title="Bad query")
+    return services().dead_letters.list(limit, cursor)
+
+
+@blueprint.post("/dlq/<letter_id>/replay")
+def dlq_replay(letter_id: str):
+    authenticate_admin()
+    if not ID_RE.fullmatch(letter_id):
+        return problem(404, f"No dead letter {letter_id}", slug="unknown-dead-letter")
+    try:
+        return services().dead_letters.replay(letter_id), 202
+    except NotReplayable as exc:
+        status = 404 if services().dead_letters.get(letter_id) is None else 409
+        return problem(status, str(exc), slug="not-replayable")
 
 
 @blueprint.get("/channels/<channel>/presence")

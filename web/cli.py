@@ -78,6 +78,55 @@ def tail_command(channel):
         pass
 
 
+@click.group("dlq")
+def dlq_group():
+    """List and replay dead letters."""
+
+
+@dlq_group.command("list")
+@click.option("--limit", default=50, show_default=True)
+def dlq_list_command(limit):
+    """Print dead letters, newest first, one JSON object per line."""
+    services = current_app.extensions["herald"]
+    cursor = 0
+    while cursor is not None and limit > 0:
+        page = services.dead_letters.list(min(limit, 500), cursor)
+        for item in page["items"]:
+            click.echo(json.dumps(item))
+        limit -= len(page["items"])
+        cursor = page["next"]
+
+
+@dlq_group.command("replay")
+@click.argument("letter_id", required=False)
+@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter that can be replayed")
+def dlq_replay_command(letter_id, replay_all):
+    """Send dead letter LETTER_ID (or --all) back through the pipeline."""
+    from pipeline.dlq import NotReplayable
+    from pipeline.errors import HeraldError
+
+    if bool(letter_id) == replay_all:
+        raise click.UsageError("give one dead letter id, or --all")
+    services = current_app.extensions["herald"]
+    letters = services.dead_letters
+    ids = [letter_id] if letter_id else [i["id"] for i in letters.list(100_000)["items"]]
+    services.publisher.warm_up()
+    failed = 0
+    try:
+        for one in ids:
+            try:
+                click.echo(json.dumps(letters.replay(one)))
+            except NotReplayable as exc:
+                failed += 1
+                click.echo(f"skipped: {exc}", err=True)
+            except HeraldError as exc:
+                raise click.ClickException(str(exc)) from None
+    finally:
+        services.publisher.close(5)
+    if failed and letter_id:
+        sys.exit(1)
+
+
 @click.command("dev")
 @click.option("--no-flower", is_flag=True, help="skip the Flower process")
 def dev_command(no_flower):
@@ -92,7 +141,7 @@ def dev_command(no_flower):
         port = redis_url.port or 6379
         if redis_url.hostname not in ("localhost", "127.0.0.1") or embedded.port_open("127.0.0.1", port):
             port = embedded.free_port()
-        servers.append(embedded.redis_server(port, str(run_dir / "redis.log")).start())
+        servers.append(embedded.redis_server(port, str(run_dir / "redis.log"), str(run_dir / "redis")).start())
         env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         env["CELERY_BROKER_URL"] = env["REDIS_URL"]
         click.echo(f"embedded Redis on 127.0.0.1:{port}")
@@ -136,5 +185,5 @@ def _redis_answers(url: str) -> bool:
 
 def init_app(app) -> None:
     """Register the commands on the app's CLI."""
-    for command in (dev_command, token_command, publish_command, tail_command):
+    for command in (dev_command, token_command, publish_command, tail_command, dlq_group):
         app.cli.add_command(command)

@@ -242,6 +242,10 @@ class Hub:
     def serve(self, ws) -> None:
         """Run one WebSocket connection from handshake to close."""
         remote = request.headers.get("X-Forwarded-For", request.remote_addr or "").split(",")[0].strip()
+        if not self.running:
+            # Shutting down: send the client to another process now.
+            ws.close(reason=CLOSE_GOING_AWAY, message="server going away")
+            return
         identity = self._authenticate(ws, request.args.get("token"))
         if identity is None:
             return

@@ -11,6 +11,7 @@ import logging
 
 import redis
 
+from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
 from pipeline.kafka import Publisher, ensure_topics
 from pipeline.store import Store, connect
@@ -39,6 +40,11 @@ class Services:
     def ingest(self) -> Ingest:
         """The publish path shared by HTTP and WebSocket."""
         return Ingest(self.settings, self.store, self.publisher)
+
+    @functools.cached_property
+    def dead_letters(self) -> DeadLetters:
+        """Listing and replay of dead letters."""
+        return DeadLetters(self.publisher, self.store, self.settings)
 
     def start(self) -> None:
         """Connect everything now, so the first request pays for nothing."""
