@@ -160,26 +160,21 @@ def _choice(env, name, default, choices):
 
 
 def _int(env, name, default, low, high):
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}={value} is outside {low}..{high}")
-    return value
+    return _number(env, name, default, low, high, int, "a whole number")
 
 
 def _float(env, name, default, low, high):
+    return _number(env, name, default, low, high, float, "a number")
+
+
+def _number(env, name, default, low, high, kind, noun):
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not {noun}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name}={value:g} is outside {low:g}..{high:g}")
     return value

@@ -147,13 +147,18 @@ def get_message(msg_id: str):
     return message
 
 
-@blueprint.get("/channels/<channel>/history")
-def history(channel: str):
+def readable_channel(channel: str) -> None:
+    """Check the channel's name and the caller's right to read it."""
     identity = authenticate()
     if not valid_channel(channel):
         raise ValidationError("Bad channel name", [{"field": "channel", "problem": "must match [A-Za-z0-9_:.@-]{1,200}"}])
     if not identity.may_subscribe(channel):
-        return problem(403, f"This token may not read {channel}", slug="forbidden")
+        raise ValidationError(f"This token may not read {channel}", status=403, title="Forbidden")
+
+
+@blueprint.get("/channels/<channel>/history")
+def history(channel: str):
+    readable_channel(channel)
     since = request.args.get("since") or None
     if since is not None and not _stream_id(since):
         raise ValidationError("since is an offset from a message frame", [{"field": "since", "problem": "bad offset"}],
@@ -207,11 +212,7 @@ def dlq_replay(letter_id: str):
 
 @blueprint.get("/channels/<channel>/presence")
 def presence(channel: str):
-    identity = authenticate()
-    if not valid_channel(channel):
-        raise ValidationError("Bad channel name", [{"field": "channel", "problem": "must match [A-Za-z0-9_:.@-]{1,200}"}])
-    if not identity.may_subscribe(channel):
-        return problem(403, f"This token may not read {channel}", slug="forbidden")
+    readable_channel(channel)
     return {"clients": services().store.presence(channel)}
 
 

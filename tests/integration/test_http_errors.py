@@ -108,3 +108,22 @@ def test_unknown_path_is_problem_404(web):
 def test_request_id_is_echoed(web):
     status, headers, _ = web.request("GET", "/healthz", headers={"X-Request-ID": "abc-123"})
     assert status == 200 and headers["X-Request-ID"] == "abc-123"
+
+
+def test_history_and_presence_outside_subscribe_globs_are_403(stack, web):
+    limited = stack.token(subscribe=["chat:*"])
+    assert_problem(web.request("GET", "/api/v1/channels/news:x/history", token=limited), 403)
+    assert_problem(web.request("GET", "/api/v1/channels/news:x/presence", token=limited), 403)
+    assert web.request("GET", "/api/v1/channels/chat:x/presence", token=limited)[0] == 200
+
+
+@pytest.mark.parametrize("query", ["?limit=0", "?limit=abc", "?since=nope"])
+def test_bad_history_query_is_400(web, token, channel, query):
+    assert_problem(web.request("GET", f"/api/v1/channels/{channel}/history{query}", token=token), 400)
+
+
+def test_openapi_document_and_docs_page(web):
+    status, _, document = web.request("GET", "/api/v1/openapi.json")
+    assert status == 200 and document["openapi"].startswith("3.1") and "/api/v1/messages" in document["paths"]
+    status, headers, _ = web.request("GET", "/docs/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
