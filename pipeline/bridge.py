@@ -160,10 +160,15 @@ class Bridge:
             self._dispatch([envelope])
 
     def _dispatch(self, batch: list[dict]) -> None:
+        try:
+            self.store.track_dispatched(batch)
+        except redis.RedisError as exc:
+            # Only the safety net is missing: the Celery broker (maybe another
+            # Redis) still gets the task, which the state outage must not stop.
+            log.warning("in-flight index unavailable", extra={"message_id": batch[0]["id"], "error": str(exc)})
         delay = 0.1
         while True:
             try:
-                self.store.track_dispatched(batch)
                 self.celery.send_task("process_message", args=(batch,))
                 log.info("dispatched", extra={"message_id": batch[0]["id"], "count": len(batch),
                                               "partition": batch[0]["partition"], "offset": batch[0]["offset"]})

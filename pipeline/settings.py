@@ -44,10 +44,16 @@ class Settings:
     retry_max_delay: float = 60.0
     visibility_timeout: int = 3600
     history_maxlen: int = 1000
+    history_max_age: int = 86400
+    history_retention: tuple = ()  # ((namespace, maxlen, max_age_seconds), ...)
     status_ttl: int = 86400
     batch_size: int = 100
     send_queue_size: int = 512
     ping_interval: int = 25
+    ws_rate: float = 50.0
+    ws_max_per_user: int = 100
+    ws_max_per_ip: int = 1000
+    presence_ttl: int = 15
     order_wait: float = 5.0
     max_redeliveries: int = 3
     message_types: tuple[str, ...] = ()
@@ -101,10 +107,16 @@ class Settings:
             retry_max_delay=_float(env, "HERALD_RETRY_MAX_DELAY", cls.retry_max_delay, 0.001, 86400),
             visibility_timeout=_int(env, "HERALD_VISIBILITY_TIMEOUT", cls.visibility_timeout, 1, 7 * 86400),
             history_maxlen=_int(env, "HERALD_HISTORY_MAXLEN", cls.history_maxlen, 1, 10_000_000),
+            history_max_age=_int(env, "HERALD_HISTORY_MAX_AGE", cls.history_max_age, 0, 365 * 86400),
+            history_retention=_retention(env.get("HERALD_HISTORY_RETENTION", "")),
             status_ttl=_int(env, "HERALD_STATUS_TTL", cls.status_ttl, 60, 30 * 86400),
             batch_size=_int(env, "HERALD_BATCH_SIZE", cls.batch_size, 1, 10000),
             send_queue_size=_int(env, "HERALD_SEND_QUEUE", cls.send_queue_size, 1, 1_000_000),
             ping_interval=_int(env, "HERALD_PING_INTERVAL", cls.ping_interval, 1, 3600),
+            ws_rate=_float(env, "HERALD_WS_RATE", cls.ws_rate, 0.1, 100000),
+            ws_max_per_user=_int(env, "HERALD_WS_MAX_PER_USER", cls.ws_max_per_user, 1, 10_000_000),
+            ws_max_per_ip=_int(env, "HERALD_WS_MAX_PER_IP", cls.ws_max_per_ip, 1, 10_000_000),
+            presence_ttl=_int(env, "HERALD_PRESENCE_TTL", cls.presence_ttl, 3, 3600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
             max_redeliveries=_int(env, "HERALD_MAX_REDELIVERIES", cls.max_redeliveries, 0, 100),
             message_types=tuple(t.strip() for t in env.get("HERALD_MESSAGE_TYPES", "").split(",") if t.strip()),
@@ -120,6 +132,14 @@ class Settings:
                 f"HERALD_VISIBILITY_TIMEOUT ({settings.visibility_timeout}s)"
             )
         return settings
+
+    def retention(self, channel: str) -> tuple[int, int]:
+        """(max length, max age in seconds; 0 = no limit) of a channel's history, by its namespace."""
+        space = channel.split(":", 1)[0] if ":" in channel else ""
+        for name, maxlen, age in self.history_retention:
+            if name == space:
+                return maxlen, age
+        return self.history_maxlen, self.history_max_age
 
     def with_node(self, node_id: str) -> "Settings":
         """A copy naming this process; each web process is its own hub node."""
@@ -178,6 +198,18 @@ def _number(env, name, default, low, high, kind, noun):
     if not low <= value <= high:
         raise ConfigError(f"{name}={value:g} is outside {low:g}..{high:g}")
     return value
+
+
+def _retention(raw: str) -> tuple:
+    # "chat=500/86400,alerts=50/3600": per namespace, entries kept / seconds kept.
+    rules = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, _, rule = item.partition("=")
+        maxlen, _, age = rule.partition("/")
+        if not name or not maxlen.isdigit() or not age.isdigit() or int(maxlen) < 1:
+            raise ConfigError(f"HERALD_HISTORY_RETENTION item {item!r} is not namespace=LENGTH/SECONDS")
+        rules.append((name, int(maxlen), int(age)))
+    return tuple(rules)
 
 
 def _url(env, name, default, schemes):

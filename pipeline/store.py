@@ -42,7 +42,7 @@ return ARGV[1]
 # channel, status pub/sub channel, history epoch, in-flight index, in-flight envelopes.
 # ARGV: kafka offset, previous offset of the channel or '', ttl, history
 # maxlen, message frame head, status frame, origin channel or '', origin client,
-# force ('1' once the order wait ran out), message id.
+# force ('1' once the order wait ran out), message id, oldest id to keep ('' = no age limit).
 _DELIVER = """
 local done = redis.call('GET', KEYS[1])
 if done then
@@ -53,7 +53,8 @@ end
 local offset = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if ARGV[2] ~= '' and ARGV[9] ~= '1' and last < tonumber(ARGV[2]) then return {'wait', ''} end
-local sid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'f', ARGV[5])
+local sid = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '*', 'f', ARGV[5])
+if ARGV[11] ~= '' then redis.call('XTRIM', KEYS[3], 'MINID', ARGV[11]) end
 redis.call('SET', KEYS[7], sid, 'NX')
 if offset > last then redis.call('SET', KEYS[2], offset, 'EX', ARGV[3]) end
 redis.call('SET', KEYS[1], sid, 'EX', ARGV[3])
@@ -172,15 +173,17 @@ class Store:
             channel = envelope["channel"]
             node, client = _origin(self, envelope.get("origin"))
             prev = envelope.get("prev")
+            maxlen, max_age = self.settings.retention(channel)
+            oldest = f"{int((time.time() - max_age) * 1000)}-0" if max_age else ""
             self._deliver(
                 keys=[self.key("done", envelope["id"]), self.key("last", channel), self.key("hist", channel),
                       self.key("msg", envelope["id"]), self.message_channel(channel),
                       self.status_channel(channel), self.key("epoch", channel),
                       self.key("inflight", "index"), self.key("inflight", "envelopes")],
                 args=[envelope.get("offset", -1), "" if prev is None else prev, self.settings.status_ttl,
-                      self.settings.history_maxlen, message_frame_head(envelope),
+                      maxlen, message_frame_head(envelope),
                       status_frame(envelope, "delivered"), node, client,
-                      "1" if force or envelope.get("force_order") else "0", envelope["id"]],
+                      "1" if force or envelope.get("force_order") else "0", envelope["id"], oldest],
                 client=pipe,
             )
         return [tuple(result) for result in pipe.execute()]
@@ -220,9 +223,7 @@ class Store:
             epoch, entries, info = None, [], None
         recovered = True
         if since:
-            deleted = (info or {}).get("max-deleted-entry-id", "0-0")
-            recovered = bool(epoch) and stream_id_key(since) >= stream_id_key(epoch) \
-                and stream_id_key(since) >= stream_id_key(deleted)
+            recovered = bool(epoch) and bool(info) and _nothing_trimmed_after(since, epoch, info)
         more = len(entries) > limit
         entries = entries[:limit]
         messages = [json.loads(fields["f"] + sid + '"}') for sid, fields in entries]
@@ -272,10 +273,36 @@ class Store:
         return pipe.execute()[0]
 
     def presence(self, channel: str) -> list[dict]:
-        """Clients subscribed to a channel now, oldest first."""
+        """Clients subscribed to a channel now, oldest first (entries of dead nodes left out)."""
         entries = [json.loads(v) for v in self.redis.hvals(self.key("presence", channel))]
-        entries.sort(key=lambda e: e.get("since", 0))
+        alive = self._alive_nodes({e.get("node", "") for e in entries})
+        entries = sorted((e for e in entries if e.get("node", "") in alive), key=lambda e: e.get("since", 0))
         return [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries]
+
+    def reap_presence(self) -> list[tuple[str, dict]]:
+        """Remove presence entries of web processes that stopped heart-beating; returns them."""
+        reaped = []
+        for channel in self.redis.smembers(self.key("presence", "channels")):
+            key = self.key("presence", channel)
+            entries = {client: json.loads(v) for client, v in self.redis.hgetall(key).items()}
+            alive = self._alive_nodes({e.get("node", "") for e in entries.values()})
+            for client, entry in entries.items():
+                if entry.get("node", "") not in alive:
+                    if self.redis.hdel(key, client):
+                        frame = json.dumps({"op": "leave", "channel": channel, "user": entry["user"],
+                                            "client": client}, separators=(",", ":"))
+                        self.redis.publish(self.key("p", channel), frame)
+                        reaped.append((channel, entry))
+            if not self.redis.exists(key):
+                self.redis.srem(self.key("presence", "channels"), channel)
+        return reaped
+
+    def _alive_nodes(self, nodes: set[str]) -> set[str]:
+        nodes = [n for n in nodes if n]
+        if not nodes:
+            return set()
+        flags = self.redis.mget([self.key("node", n) for n in nodes])
+        return {n for n, flag in zip(nodes, flags) if flag}
 
     # Idempotent publishing: the first request claims the id, later ones get its answer.
     def claim_idempotency(self, msg_id: str, owner: str) -> str | None:
@@ -295,6 +322,20 @@ class Store:
     def release_idempotency(self, msg_id: str) -> None:
         """Forget a claim whose publish failed, so the client may retry."""
         self.redis.delete(self.key("idem", msg_id))
+
+
+def _nothing_trimmed_after(since: str, epoch: str, info: dict) -> bool:
+    # Trimming removes the oldest entries, so nothing after `since` is gone
+    # when `since` is at or past the first retained one (or, in an emptied
+    # stream, past the last one ever added). `epoch` is the first entry this
+    # stream ever had: an offset older than it belongs to a lost history.
+    key = stream_id_key(since)
+    if key < stream_id_key(epoch):
+        return False
+    first = info.get("first-entry")
+    if not first:
+        return key >= stream_id_key(info.get("last-generated-id", "0-0"))
+    return key >= stream_id_key(first[0])
 
 
 def _origin(store: Store, origin) -> tuple[str, str]:

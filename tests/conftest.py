@@ -12,7 +12,7 @@ from tests.harness import Stack
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """Tansu, Redis, a Celery worker, the bridge and two web processes."""
-    system = Stack(tmp_path_factory.mktemp("stack"))
+    system = Stack(tmp_path_factory.mktemp("stack"), HERALD_HISTORY_RETENTION="short=5/3600")
     try:
         system.worker()
         system.bridge()

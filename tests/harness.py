@@ -274,7 +274,9 @@ class WsClient:
     """A real WebSocket client speaking Herald's JSON frames."""
 
     def __init__(self, url: str, **kwargs):
-        self.sock = websocket.create_connection(url, timeout=10, **kwargs)
+        # websocket-client validates UTF-8 in pure Python, about a millisecond
+        # per few KB: a test client doing that falls behind the server.
+        self.sock = websocket.create_connection(url, timeout=10, skip_utf8_validation=True, **kwargs)
         self.frames: list[dict] = []
 
     def send(self, frame: dict) -> None:
@@ -305,11 +307,12 @@ class WsClient:
         return self.expect(lambda f: f.get("op") == "subscribed" and f.get("channel") == channel)
 
     def close(self) -> None:
-        """Close the socket."""
+        """Close the socket (also when the server closed it first)."""
         try:
-            self.sock.close()
-        except OSError:
+            self.sock.close(timeout=1)
+        except (OSError, websocket.WebSocketException):
             pass
+        self.sock.shutdown()
 
 
 def topic_size(stack: Stack, topic: str | None = None) -> int:

@@ -30,7 +30,12 @@ def create_app(settings=None) -> Flask:
     settings = settings or current()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes * 1000 + 65536
-    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": None}
+    # Protocol pings every ping_interval; a client that has not answered the
+    # previous one by the next is dropped. Frames up to twice the message
+    # limit are read so that the hub can refuse them with 4009 (beyond, the
+    # library closes with 1009 without buffering them).
+    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": settings.ping_interval,
+                                         "max_message_size": settings.max_message_bytes * 2 + 1024}
     services = Services(settings)
     app.extensions["herald"] = services
 

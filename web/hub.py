@@ -9,11 +9,14 @@ greenlet.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
+import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import redis
 from flask import request
@@ -23,7 +26,8 @@ from simple_websocket import ConnectionClosed
 from pipeline.errors import HeraldError, ValidationError
 from pipeline.messages import new_id, parse_publish, valid_channel
 from pipeline.store import connect, stream_id_key
-from web.auth import AuthError, verify
+from web.auth import LEEWAY_SECONDS, AuthError, verify
+from web.problems import problem
 
 log = logging.getLogger("herald.hub")
 
@@ -36,6 +40,8 @@ CLOSE_TOO_LARGE = 4009
 CLOSE_RATE_LIMITED = 4029
 CONNECT_TIMEOUT = 10.0
 MAX_BAD_FRAMES = 5
+SEND_BUFFER_BYTES = 64 * 1024
+CLOSE_WAIT = 10.0  # seconds a close frame may wait for room in a stalled socket
 _STOP = object()
 
 
@@ -44,11 +50,31 @@ def dumps(frame: dict) -> str:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
+class WholeFrames:
+    """A socket whose send() never sends part of its data.
+
+    simple-websocket writes frames with socket.send(), which under back
+    pressure may write only part of one and corrupt the stream.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def send(self, data) -> int:
+        """Send all of `data` (blocking this greenlet until it is out)."""
+        self._sock.sendall(data)
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
 class Subscription:
     """One connection's interest in one channel, with the resume seam state."""
 
-    def __init__(self, status: bool):
+    def __init__(self, status: bool, presence: bool = False):
         self.status = status
+        self.presence = presence
         self.last = (-1, -1)      # newest stream id sent, to skip duplicates at the seam
         self.backlog: list | None = []  # live frames held while history is replayed
 
@@ -76,6 +102,9 @@ class Connection:
         self.lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue(maxsize=hub.settings.send_queue_size)
         self.closing = False
+        # Token bucket: `ws_rate` frames a second, bursts of twice that.
+        self.tokens = hub.settings.ws_rate * 2
+        self.refilled = time.monotonic()
         self.writer = threading.Thread(target=self._write, name=f"ws-writer-{self.id}", daemon=True)
         self.writer.start()
 
@@ -87,11 +116,33 @@ class Connection:
             self.queue.put_nowait(frame)
         except queue.Full:
             log.warning("send queue overflow", extra={"client": self.id, "user": self.identity.user})
+            # What is queued will never be read in time: the close goes first.
+            self._discard_queued()
             self.close(CLOSE_TOO_SLOW, "too slow")
+
+    def _discard_queued(self) -> None:
+        # Through get_nowait(): under gevent this is gevent's Queue, with no
+        # lock or deque of the standard one to reach into.
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                return
 
     def send(self, frame: dict) -> None:
         """Queue a frame given as a dict."""
         self.push(dumps(frame))
+
+    def take_token(self) -> bool:
+        """Spend one frame of the client's allowance; False when it is flooding."""
+        now = time.monotonic()
+        rate = self.hub.settings.ws_rate
+        self.tokens = min(rate * 2, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
     def close(self, code: int, reason: str) -> None:
         """Close after what is queued so far (the close frame travels behind it)."""
@@ -141,6 +192,8 @@ class Hub:
         self.channels: dict[str, dict[str, Subscription]] = {}
         self.running = False
         self.listening = threading.Event()
+        self.per_user: collections.Counter = collections.Counter()
+        self.per_ip: collections.Counter = collections.Counter()
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +202,7 @@ class Hub:
             return
         self.running = True
         threading.Thread(target=self._listen, name="hub-listener", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="hub-heartbeat", daemon=True).start()
 
     def shutdown(self) -> None:
         """Close every connection with 1001 so clients reconnect to another process."""
@@ -166,7 +220,7 @@ class Hub:
             client = connect(self.settings.redis_url)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.psubscribe(f"{prefix}:m:*", f"{prefix}:s:*")
+                pubsub.psubscribe(f"{prefix}:m:*", f"{prefix}:s:*", f"{prefix}:p:*")
                 pubsub.subscribe(store.node_channel(self.node))
                 if reconnecting:
                     # Frames published while we were away are in history:
@@ -180,6 +234,10 @@ class Hub:
                     item = pubsub.get_message(timeout=1.0)
                     if item is not None:
                         self._dispatch(prefix, item)
+                        # Let the writers drain between frames: a burst (a
+                        # worker delivers a whole batch at once) must not
+                        # overflow the queues of clients that do read.
+                        time.sleep(0)
             except redis.RedisError as exc:
                 self.listening.clear()
                 log.warning("hub listener lost Redis, reconnecting", extra={"error": str(exc), "delay": delay})
@@ -200,7 +258,7 @@ class Hub:
             since = min(sub.last for sub in subs.values())
             if since < (0, 0):
                 since = (0, 0)
-            page = store.history(channel, f"{since[0]}-{since[1]}", self.settings.history_maxlen)
+            page = store.history(channel, f"{since[0]}-{since[1]}", self.settings.retention(channel)[0])
             for message in page["messages"]:
                 frame = dumps(message)
                 for client, sub in list(subs.items()):
@@ -231,9 +289,10 @@ class Hub:
                 conn = self.connections.get(client)
                 if conn is not None:
                     sub.offer(conn, sid, frame)
-        elif kind == "s":
+        elif kind in ("s", "p"):
             for client, sub in list(subs.items()):
-                if sub.status and sub.backlog is None:
+                wanted = sub.status if kind == "s" else sub.presence
+                if wanted and sub.backlog is None:
                     conn = self.connections.get(client)
                     if conn is not None:
                         conn.push(data)
@@ -249,8 +308,22 @@ class Hub:
         identity = self._authenticate(ws, request.args.get("token"))
         if identity is None:
             return
+        if self.per_user[identity.user] >= self.settings.ws_max_per_user \
+                or self.per_ip[remote] >= self.settings.ws_max_per_ip:
+            ws.close(reason=CLOSE_RATE_LIMITED, message="too many connections")
+            log.info("ws refused: connection cap", extra={"user": identity.user, "remote": remote})
+            return
+        try:
+            # A fixed kernel send buffer (no autotuning up to 4 MB): bounded
+            # memory per connection, and a stalled client shows in its queue soon.
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        except (AttributeError, OSError):
+            pass
+        ws.sock = WholeFrames(ws.sock)
         conn = Connection(self, ws, identity, remote)
         self.connections[conn.id] = conn
+        self.per_user[identity.user] += 1
+        self.per_ip[remote] += 1
         log.info("ws connected", extra={"client": conn.id, "user": identity.user, "remote": remote})
         conn.send({"op": "connected", "client": conn.id, "user": identity.user,
                    "ping_interval": self.settings.ping_interval})
@@ -277,12 +350,22 @@ class Hub:
 
     def _read(self, conn: Connection) -> None:
         bad = 0
+        expires = conn.identity.expires
         while not conn.closing:
             raw = conn.ws.receive(timeout=1.0)
+            if expires is not None and time.time() > expires + LEEWAY_SECONDS:
+                conn.close(CLOSE_UNAUTHORIZED, "token expired")
+                return
             if raw is None:
                 if not conn.ws.connected:
                     return
                 continue
+            if len(raw) > self.settings.max_message_bytes:
+                conn.close(CLOSE_TOO_LARGE, "frame too large")
+                return
+            if not conn.take_token():
+                conn.close(CLOSE_RATE_LIMITED, "too many frames")
+                return
             frame = _parse(raw)
             ref = frame.get("ref") if isinstance(frame, dict) else None
             try:
@@ -295,7 +378,7 @@ class Hub:
                     reply["ref"] = ref
                 conn.send(reply)
                 if bad >= MAX_BAD_FRAMES:
-                    conn.close(CLOSE_POLICY, "too many bad frames")
+                    conn.close(CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_POLICY, "too many bad frames")
 
     def _handle(self, conn: Connection, frame) -> None:
         if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
@@ -323,7 +406,7 @@ class Hub:
         since = frame.get("since")
         if since is not None and (not isinstance(since, str) or stream_id_key(since) < (0, 0)):
             raise ValidationError("since is an offset from a message frame", title="bad_frame")
-        sub = Subscription(status=frame.get("status") is True)
+        sub = Subscription(status=frame.get("status") is True, presence=frame.get("presence") is True)
         # Register first, holding live frames, then read history: whatever
         # arrives in between is in one or the other, and `last` drops the overlap.
         with conn.lock:
@@ -333,7 +416,7 @@ class Hub:
         store = self.services.store
         try:
             if since:
-                page = store.history(channel, since, self.settings.history_maxlen)
+                page = store.history(channel, since, self.settings.retention(channel)[0])
                 replay, recovered = page["messages"], page["recovered"]
                 sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
             else:
@@ -382,24 +465,57 @@ class Hub:
         conn.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
 
     def _presence_join(self, conn: Connection, channel: str) -> None:
+        store = self.services.store
         entry = dumps({"client": conn.id, "user": conn.identity.user, "since": int(time.time() * 1000),
                        "node": self.node})
         try:
-            self.services.store.redis.hset(self.services.store.key("presence", channel), conn.id, entry)
+            pipe = store.redis.pipeline(transaction=False)
+            pipe.hset(store.key("presence", channel), conn.id, entry)
+            pipe.sadd(store.key("presence", "channels"), channel)
+            pipe.publish(store.key("p", channel), _presence_frame("join", channel, conn.identity.user, conn.id))
+            pipe.execute()
         except redis.RedisError:
             log.warning("presence not recorded", extra={"client": conn.id, "channel": channel})
 
     def _presence_leave(self, conn: Connection, channel: str) -> None:
+        store = self.services.store
         try:
-            self.services.store.redis.hdel(self.services.store.key("presence", channel), conn.id)
+            pipe = store.redis.pipeline(transaction=False)
+            pipe.hdel(store.key("presence", channel), conn.id)
+            pipe.publish(store.key("p", channel), _presence_frame("leave", channel, conn.identity.user, conn.id))
+            pipe.execute()
         except redis.RedisError:
             log.warning("presence not removed", extra={"client": conn.id, "channel": channel})
+
+    def _heartbeat(self) -> None:
+        # This node's liveness key: presence entries of a node whose key has
+        # expired (the process died) are removed by whichever node reaps next.
+        store = self.services.store
+        period = max(1.0, self.settings.presence_ttl / 3)
+        while self.running:
+            try:
+                store.redis.set(store.key("node", self.node), "1", ex=self.settings.presence_ttl)
+                if store.redis.set(store.key("presence", "reaper"), self.node, nx=True, ex=int(period)):
+                    for channel, entry in store.reap_presence():
+                        log.info("presence reaped", extra={"channel": channel, "client": entry["client"]})
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc)})
+            time.sleep(period)
 
     def _drop(self, conn: Connection) -> None:
         for channel in list(conn.subscriptions):
             self._unsubscribe(conn, channel)
         self.connections.pop(conn.id, None)
+        self.per_user[conn.identity.user] -= 1
+        self.per_ip[conn.remote] -= 1
+        if self.per_user[conn.identity.user] <= 0:
+            del self.per_user[conn.identity.user]
+        if self.per_ip[conn.remote] <= 0:
+            del self.per_ip[conn.remote]
         conn.stop_writer()
+        # flask-sock closes with 1000 once we return: let our close code go
+        # first, waiting a while for a stalled client to make room for it.
+        conn.writer.join(timeout=CLOSE_WAIT)
         log.info("ws disconnected", extra={"client": conn.id, "user": conn.identity.user})
 
 
@@ -409,11 +525,33 @@ def init_app(app, services) -> Hub:
     services.hub = hub
     sock = Sock(app)
 
+    @app.before_request
+    def guard_upgrade():
+        if request.path != "/ws":
+            return None
+        origin = request.headers.get("Origin")
+        if origin and not origin_allowed(origin, request.host, services.settings.cors_origins):
+            return problem(403, f"Origin {origin} is not allowed (HERALD_CORS_ORIGINS)", slug="origin-not-allowed")
+        # permessage-deflate holds compression state of a few hundred KB per
+        # connection; at thousands of connections that is most of the memory.
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        return None
+
     @sock.route("/ws")
     def websocket(ws):
         hub.serve(ws)
 
     return hub
+
+
+def origin_allowed(origin: str, host: str, allowed) -> bool:
+    """Same-origin, or listed in HERALD_CORS_ORIGINS."""
+    origin = origin.rstrip("/")
+    return origin in allowed or urlsplit(origin).netloc == host
+
+
+def _presence_frame(op: str, channel: str, user: str, client: str) -> str:
+    return dumps({"op": op, "channel": channel, "user": user, "client": client})
 
 
 def _parse(raw):

@@ -74,3 +74,13 @@ def test_misconfigured_process_prints_one_line_and_exits_1():
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "REDIS_URL" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_retention_per_namespace():
+    settings = Settings.from_env({**BASE, "HERALD_HISTORY_RETENTION": "chat=500/3600, alerts=10/0",
+                                  "HERALD_HISTORY_MAXLEN": "99"})
+    assert settings.retention("chat:lobby") == (500, 3600)
+    assert settings.retention("alerts:x") == (10, 0)
+    assert settings.retention("other:x") == (99, 86400)
+    with pytest.raises(ConfigError, match="HERALD_HISTORY_RETENTION"):
+        Settings.from_env({**BASE, "HERALD_HISTORY_RETENTION": "chat=many"})

@@ -1,0 +1,169 @@
+"""WebSocket scale benchmark: N connections to one web process, then broadcasts to them.
+
+    python bench/connections.py --spawn -n 1000 --messages 20
+    python bench/connections.py --url http://127.0.0.1:8000 --token T --pid WEB_WORKER_PID -n 5000
+
+Prints connections held, the web process's RSS per connection, deliveries/s
+and delivery latency p50/p99 (from the POST to the frame at the client).
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402  (after monkey-patching, as gevent requires)
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.pool  # noqa: E402
+import websocket  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process and its children (the gunicorn worker), in KiB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for one in pids:
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def percentile(values, pct):
+    """Nearest-rank percentile."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+class Client:
+    """One subscriber connection, counting the message frames it gets."""
+
+    def __init__(self, url: str, channel: str, stats: dict):
+        self.url, self.channel, self.stats = url, channel, stats
+        self.sock = None
+
+    def connect(self) -> bool:
+        try:
+            self.sock = websocket.create_connection(self.url, timeout=30)
+            json.loads(self.sock.recv())
+            self.sock.send(json.dumps({"op": "subscribe", "channel": self.channel}))
+            while json.loads(self.sock.recv()).get("op") != "subscribed":
+                pass
+            return True
+        except (OSError, websocket.WebSocketException, ValueError):
+            self.stats["failed"] += 1
+            return False
+
+    def read(self) -> None:
+        self.sock.settimeout(None)
+        while True:
+            try:
+                raw = self.sock.recv()
+            except (OSError, websocket.WebSocketException):
+                self.stats["closed"] += 1
+                return
+            frame = json.loads(raw)
+            if frame.get("op") == "message":
+                now = time.time()
+                self.stats["latencies"].append(now - frame["data"]["sent"])
+                self.stats["delivered"] += 1
+                self.stats["last"] = now
+
+
+def run(base: str, token: str, pid: int | None, count: int, channels: int, messages: int, interval: float):
+    """Open, subscribe, broadcast, measure; returns the figures."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    url = f"ws://{parts.netloc}/ws?token={token}"
+    tag = uuid.uuid4().hex[:6]
+    names = [f"bench:{tag}-{i}" for i in range(channels)]
+    stats = {"delivered": 0, "failed": 0, "closed": 0, "latencies": [], "last": 0.0}
+    before = rss_kb(pid) if pid else None
+    clients = [Client(url, names[i % channels], stats) for i in range(count)]
+    started = time.monotonic()
+    pool = gevent.pool.Pool(200)  # connect in waves, within the listen backlog
+    connected = [c for c, ok in zip(clients, pool.imap(Client.connect, clients)) if ok]
+    connect_seconds = time.monotonic() - started
+    readers = [gevent.spawn(c.read) for c in connected]
+    gevent.sleep(2)
+    after = rss_kb(pid) if pid else None
+
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    first_sent = time.time()
+    for n in range(messages):
+        body = json.dumps({"messages": [{"channel": name, "data": {"n": n, "sent": time.time()}} for name in names]})
+        conn.request("POST", "/api/v1/messages/batch", body, {"Content-Type": "application/json",
+                                                               "Authorization": f"Bearer {token}"})
+        conn.getresponse().read()
+        gevent.sleep(interval)
+    expected = len(connected) * messages
+    deadline = time.monotonic() + 120
+    while stats["delivered"] < expected and time.monotonic() < deadline:
+        gevent.sleep(0.2)
+    elapsed = max(stats["last"] - first_sent, 1e-9)
+    for c in connected:
+        c.sock.close()
+    gevent.killall(readers, timeout=5)
+    return {
+        "connections": len(connected), "failed": stats["failed"], "connect_seconds": round(connect_seconds, 1),
+        "rss_mb_before": round(before / 1024, 1) if before else None,
+        "rss_mb_after": round(after / 1024, 1) if after else None,
+        "rss_kb_per_connection": round((after - before) / max(1, len(connected)), 1) if pid else None,
+        "messages": messages, "channels": channels, "deliveries": stats["delivered"], "expected": expected,
+        "deliveries_per_s": round(stats["delivered"] / elapsed, 1),
+        "latency_ms_p50": round(percentile(stats["latencies"], 50) * 1000, 1),
+        "latency_ms_p99": round(percentile(stats["latencies"], 99) * 1000, 1),
+        "closed_by_server": stats["closed"],
+    }
+
+
+def main() -> None:
+    """Parse arguments, optionally start a stack, run and print the figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--token", default="")
+    parser.add_argument("--pid", type=int, default=None, help="web process to measure (its children included)")
+    parser.add_argument("-n", "--connections", type=int, default=1000)
+    parser.add_argument("--channels", type=int, default=1, help="1 = every connection on one channel")
+    parser.add_argument("--messages", type=int, default=20, help="broadcasts per channel")
+    parser.add_argument("--interval", type=float, default=0.2, help="seconds between broadcasts")
+    parser.add_argument("--spawn", action="store_true", help="start Tansu, Redis and Herald here first")
+    args = parser.parse_args()
+    stack = None
+    try:
+        if args.spawn:
+            from tests.harness import Stack
+
+            stack = Stack(Path(tempfile.mkdtemp(prefix="herald-bench-")), HERALD_WS_MAX_PER_USER=100000,
+                          HERALD_WS_MAX_PER_IP=100000)
+            stack.worker()
+            stack.bridge(wait=False)
+            web = stack.web(WEB_CONCURRENCY=1)
+            args.url, args.token, args.pid = web.base, stack.token(), web.proc.proc.pid
+            time.sleep(6)  # the bridge joins its group
+        print(json.dumps(run(args.url, args.token, args.pid, args.connections, args.channels, args.messages,
+                             args.interval)))
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""The WebSocket protocol frame by frame, with a real client against a real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import jwt
+import pytest
+import websocket
+
+from tests.harness import SECRET, Stack, wait_until
+
+
+def close_code(client, timeout: float = 15.0) -> int:
+    """Read frames until the server's close frame; returns its code (-1 if the socket just ended)."""
+    client.sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            # Raw frames: the higher-level calls answer the close, and the
+            # server may already have gone.
+            frame = client.sock.recv_frame()
+        except (websocket.WebSocketConnectionClosedException, OSError):
+            return -1
+        if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+            return int.from_bytes(frame.data[:2], "big")
+    raise AssertionError("the server did not close the connection")
+
+
+def test_connect_frame_then_ping_with_ref(web, token):
+    client = web.ws()
+    client.send({"op": "connect", "token": token})
+    assert client.recv()["op"] == "connected"
+    client.send({"op": "ping", "ref": "r1"})
+    assert client.recv() == {"op": "pong", "ref": "r1"}
+    client.close()
+
+
+@pytest.mark.parametrize("bad", [
+    "garbage",
+    jwt.encode({"sub": "a", "exp": int(time.time()) - 3600}, SECRET, algorithm="HS256"),
+    jwt.encode({"sub": "a", "exp": int(time.time()) + 3600}, "not-the-secret-not-the-secret-1234", algorithm="HS256"),
+    jwt.encode({"sub": "a", "exp": int(time.time()) + 3600}, None, algorithm="none"),
+])
+def test_bad_tokens_close_4001(web, bad):
+    client = web.ws()
+    client.send({"op": "connect", "token": bad})
+    assert close_code(client) == 4001
+    client.close()
+    on_url = web.ws(bad)
+    assert close_code(on_url) == 4001
+    on_url.close()
+
+
+def test_first_frame_must_be_connect(web):
+    client = web.ws()
+    client.send({"op": "subscribe", "channel": "x"})
+    assert close_code(client) == 4001
+    client.close()
+
+
+def test_wrong_origin_is_refused_before_the_upgrade(web, token):
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        web.ws(token, origin="https://evil.example")
+    assert info.value.status_code == 403
+    same = web.ws(token, origin=f"http://127.0.0.1:{web.port}")
+    assert same.recv()["op"] == "connected"
+    same.close()
+
+
+def test_forbidden_subscribe_and_publish_are_error_frames(stack, web):
+    client = web.ws(stack.token(subscribe=["chat:*"], publish=["chat:*"]))
+    client.recv()
+    client.send({"op": "subscribe", "channel": "news:x", "ref": 1})
+    assert client.recv() == {"op": "error", "ref": 1, "code": "forbidden",
+                             "message": "this token may not subscribe to news:x"}
+    client.send({"op": "publish", "channel": "news:x", "data": 1, "ref": 2})
+    error = client.recv()
+    assert error["op"] == "error" and error["code"] == "forbidden" and error["ref"] == 2
+    client.send({"op": "ping"})
+    assert client.recv()["op"] == "pong"  # still connected
+    client.close()
+
+
+def test_publish_over_the_socket_acks_after_kafka_and_delivers(web, token, channel):
+    client = web.ws(token)
+    client.recv()
+    client.subscribe(channel, status=True)
+    client.send({"op": "publish", "channel": channel, "data": {"hi": 1}, "ref": "p1"})
+    ack = client.expect(lambda f: f["op"] == "ack")
+    assert ack["ref"] == "p1" and ack["status"] == "accepted"
+    message = client.expect(lambda f: f["op"] == "message")
+    assert message["id"] == ack["id"] and message["data"] == {"hi": 1}
+    client.send({"op": "unsubscribe", "channel": channel, "ref": "u"})
+    assert client.expect(lambda f: f["op"] == "unsubscribed") == {"op": "unsubscribed", "channel": channel, "ref": "u"}
+    client.close()
+
+
+def test_bad_frames_get_errors_then_a_close(web, token):
+    client = web.ws(token)
+    client.recv()
+    client.sock.send("not json")
+    assert client.recv()["op"] == "error"
+    client.send({"op": "nope"})
+    assert client.recv()["code"] == "bad_frame"
+    for _ in range(3):
+        client.sock.send("{")
+    assert close_code(client) == 1008
+    client.close()
+
+
+def test_frame_over_the_limit_closes_4009(stack, web, token, channel):
+    client = web.ws(token)
+    client.recv()
+    client.send({"op": "publish", "channel": channel, "data": "x" * (stack.settings.max_message_bytes + 10)})
+    assert close_code(client) == 4009
+    client.close()
+
+
+def test_flooding_closes_4029(web, token):
+    client = web.ws(token)
+    client.recv()
+    try:
+        for _ in range(1000):
+            client.send({"op": "ping"})
+    except (websocket.WebSocketException, OSError):
+        pass
+    assert close_code(client) == 4029
+    client.close()
+
+
+def test_expired_token_closes_the_connection_4001(stack, web):
+    client = web.ws(stack.token(ttl=1))
+    client.recv()
+    # The token's exp plus the verification leeway (10 s).
+    assert close_code(client, timeout=20) == 4001
+    client.close()
+
+
+def test_resume_replays_exactly_what_was_missed(web, token, channel):
+    client = web.ws(token)
+    client.recv()
+    client.subscribe(channel)
+    first = [web.request("POST", "/api/v1/messages", {"channel": channel, "data": n}, token=token)[2]["id"]
+             for n in range(3)]
+    seen = [client.expect(lambda f: f["op"] == "message") for _ in range(3)]
+    assert [f["id"] for f in seen] == first
+    client.close()
+    missed = [web.request("POST", "/api/v1/messages", {"channel": channel, "data": n}, token=token)[2]["id"]
+              for n in range(50)]
+    wait_until(lambda: len(web.request("GET", f"/api/v1/channels/{channel}/history?limit=100",
+                                       token=token)[2]["messages"]) == 53, 30, what="delivery of 50")
+    again = web.ws(token)
+    again.recv()
+    reply = again.subscribe(channel, since=seen[-1]["offset"])
+    assert reply["recovered"] is True and reply["replayed"] == 50
+    replayed = [again.expect(lambda f: f["op"] == "message")["id"] for _ in range(50)]
+    assert replayed == missed
+    again.close()
+
+
+def test_resume_while_messages_flow_has_no_gap_and_no_duplicate(web, token, channel):
+    import threading
+
+    client = web.ws(token)
+    client.recv()
+    client.subscribe(channel)
+    sent = []
+
+    def publish(count):
+        for n in range(count):
+            sent.append(web.request("POST", "/api/v1/messages", {"channel": channel, "data": n},
+                                    token=token)[2]["id"])
+
+    publish(5)
+    seen = [client.expect(lambda f: f["op"] == "message") for _ in range(5)]
+    client.close()
+    flow = threading.Thread(target=publish, args=(60,))
+    flow.start()
+    time.sleep(0.3)
+    again = web.ws(token)
+    again.recv()
+    again.subscribe(channel, since=seen[-1]["offset"])
+    flow.join()
+    got = []
+    while len(got) < 60:
+        got.append(again.expect(lambda f: f["op"] == "message")["id"])
+    assert got == sent[5:]
+    time.sleep(0.5)
+    again.sock.settimeout(0.5)
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        again.sock.recv()  # nothing twice
+    again.close()
+
+
+def test_presence_join_leave_and_listing(stack, web, channel):
+    watcher = web.ws(stack.token("watcher"))
+    watcher.recv()
+    watcher.subscribe(channel, presence=True)
+    joiner = web.ws(stack.token("ann"))
+    hello = joiner.recv()
+    joiner.subscribe(channel)
+    join = watcher.expect(lambda f: f["op"] == "join" and f["user"] == "ann")
+    assert join == {"op": "join", "channel": channel, "user": "ann", "client": hello["client"]}
+    clients = web.request("GET", f"/api/v1/channels/{channel}/presence", token=stack.token())[2]["clients"]
+    assert {c["user"] for c in clients} == {"watcher", "ann"} and all(c["since"] > 0 for c in clients)
+    joiner.close()
+    leave = watcher.expect(lambda f: f["op"] == "leave")
+    assert leave["user"] == "ann" and leave["client"] == hello["client"]
+    watcher.close()
+
+
+OTHERS = 100
+
+
+def test_slow_consumer_is_closed_4008_and_the_others_keep_receiving(tmp_path, channel):
+    system = Stack(tmp_path / "slow", HERALD_SEND_QUEUE=128, HERALD_WS_MAX_PER_USER=1000)
+    try:
+        system.worker()
+        system.bridge()
+        web = system.web()
+        token = system.token()
+        # A tiny receive buffer, and then it never reads again.
+        slow = web.ws(token, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 2048),))
+        slow.recv()
+        slow.subscribe(channel)
+        others = []
+        for _ in range(OTHERS):
+            other = web.ws(token)
+            other.recv()
+            other.subscribe(channel)
+            others.append(other)
+        big = "y" * 4000  # 200 of them fill the slow client's socket buffers, then its send queue
+        import threading
+
+        received = []
+
+        def drain(other):
+            for _ in range(200):
+                other.expect(lambda f: f["op"] == "message", timeout=60)
+            received.append(time.monotonic())
+
+        readers = [threading.Thread(target=drain, args=(other,)) for other in others]
+        for reader in readers:
+            reader.start()
+        started = time.monotonic()
+        for n in range(200):  # a steady 20 messages/s, 2,000 deliveries/s
+            assert web.request("POST", "/api/v1/messages", {"channel": channel, "data": big}, token=token)[0] == 202
+            time.sleep(max(0.0, started + (n + 1) / 20 - time.monotonic()))
+        for reader in readers:
+            reader.join(90)
+        assert len(received) == OTHERS
+        elapsed = max(received) - started
+        assert close_code(slow, timeout=30) == 4008
+        print("\nFIGURES " + json.dumps({"test": "slow consumer", "others": OTHERS, "messages_each": 200,
+                                         "seconds_for_all_others": round(elapsed, 2)}))
+        for client in [slow, *others]:
+            client.close()
+    finally:
+        system.stop()
+
+
+@pytest.fixture
+def capped(tmp_path):
+    system = Stack(tmp_path, HERALD_WS_MAX_PER_USER=2, HERALD_PRESENCE_TTL=3)
+    try:
+        system.webs = [system.web("capped1"), system.web("capped2")]
+        yield system
+    finally:
+        system.stop()
+
+
+def test_connection_cap_per_user_closes_4029(capped):
+    web = capped.webs[0]
+    token = capped.token("greedy")
+    first, second = web.ws(token), web.ws(token)
+    first.recv(), second.recv()
+    third = web.ws(token)
+    assert close_code(third) == 4029
+    for client in (first, second, third):
+        client.close()
+
+
+def test_a_killed_web_process_leaves_no_ghosts_in_presence(capped, channel):
+    doomed, survivor = capped.webs
+    ghost = doomed.ws(capped.token("ghost"))
+    ghost.recv()
+    ghost.subscribe(channel)
+    token = capped.token()
+    listing = lambda: survivor.request("GET", f"/api/v1/channels/{channel}/presence", token=token)[2]["clients"]
+    assert [c["user"] for c in listing()] == ["ghost"]
+    doomed.proc.kill()
+    started = time.monotonic()
+    wait_until(lambda: listing() == [], 30, 0.5, "the ghost to leave presence")
+    print("\nFIGURES " + json.dumps({"test": "presence after kill -9", "seconds_to_clear": round(time.monotonic() - started, 1),
+                                     "presence_ttl": 3}))
+    ghost.close()
+
+
+def test_python_client_publishes_and_resumes_after_a_dropped_connection(web, token, channel):
+    from web.client import HeraldClient, HeraldError
+
+    with HeraldClient(f"ws://127.0.0.1:{web.port}/ws", token) as herald:
+        assert herald.subscribe(channel)["op"] == "subscribed"
+        ack = herald.publish(channel, {"n": 1})
+        first = next(f for f in herald.frames(timeout=10) if f["op"] == "message")
+        assert first["id"] == ack["id"]
+        herald._sock.sock.close()  # the network drops
+        answer = web.request("POST", "/api/v1/messages", {"channel": channel, "data": {"n": 2}}, token=token)[2]
+        second = next(f for f in herald.frames(timeout=10) if f["op"] == "message")
+        assert second["id"] == answer["id"]
+        with pytest.raises(HeraldError, match="bad_channel"):
+            herald.subscribe("bad channel name")
+
+
+def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, token):
+    import uuid
+
+    channel = f"short:{uuid.uuid4().hex[:8]}"  # the "short" namespace keeps 5 messages
+    client = web.ws(token)
+    client.recv()
+    client.subscribe(channel)
+    web.request("POST", "/api/v1/messages", {"channel": channel, "data": 0}, token=token)
+    first = client.expect(lambda f: f["op"] == "message")
+    client.close()
+    for n in range(10):
+        web.request("POST", "/api/v1/messages", {"channel": channel, "data": n}, token=token)
+    wait_until(lambda: web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"]
+               and web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"][-1]["data"]
+               == 9, 30, what="the last message")
+    again = web.ws(token)
+    again.recv()
+    reply = again.subscribe(channel, since=first["offset"])
+    assert reply["recovered"] is False and reply["replayed"] == 5
+    # History lost altogether (Redis flushed or restarted empty) also says so.
+    store = stack.store()
+    store.redis.delete(store.key("hist", channel), store.key("epoch", channel))
+    web.request("POST", "/api/v1/messages", {"channel": channel, "data": "after"}, token=token)
+    wait_until(lambda: web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"],
+               30, what="the new message")
+    third = web.ws(token)
+    third.recv()
+    assert third.subscribe(channel, since=reply["offset"])["recovered"] is False
+    again.close()
+    third.close()
