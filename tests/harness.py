@@ -172,7 +172,7 @@ class Stack:
 
     def worker(self, name: str = "worker", concurrency: int = 2, **env) -> Proc:
         """Start a Celery worker and wait until it is ready."""
-        proc = self._proc(name, [sys.executable, "-m", "celery", "-A", "tasks:celery_app", "worker",
+        proc = self._proc(name, [sys.executable, "-m", "tasks",
                                  "--loglevel=INFO", "--without-gossip", "--without-mingle",
                                  f"--concurrency={concurrency}", "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h"],
                           HERALD_NODE_ID=name, **env).start()

@@ -62,8 +62,13 @@ def test_first_frame_must_be_connect(web):
 
 
 def test_wrong_origin_is_refused_before_the_upgrade(web, token):
-    with pytest.raises(websocket.WebSocketBadStatusException) as info:
-        web.ws(token, origin="https://evil.example")
+    # Our own TCP socket: websocket-client leaks its own when the handshake is refused.
+    raw = socket.create_connection(("127.0.0.1", web.port), timeout=10)
+    try:
+        with pytest.raises(websocket.WebSocketBadStatusException) as info:
+            web.ws(token, origin="https://evil.example", socket=raw)
+    finally:
+        raw.close()
     assert info.value.status_code == 403
     same = web.ws(token, origin=f"http://127.0.0.1:{web.port}")
     assert same.recv()["op"] == "connected"

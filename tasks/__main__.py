@@ -1,0 +1,46 @@
+"""`python -m tasks [celery worker options]`: the `worker` process, kept up.
+
+Runs `celery -A tasks:celery_app worker` and starts it again when it dies
+on its own: kombu 5.7's Redis transport can raise AttributeError in
+`restore_unacked` when the broker connection drops, which ends the worker
+("Unrecoverable error"). A platform restarts a crashed dyno too, but
+`make dev` (honcho) would stop everything instead. SIGTERM and SIGINT are
+passed on, and then the worker's own exit code is ours.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
+
+
+def main(argv: list[str]) -> int:
+    """Run the worker until it is told to stop; returns its exit code."""
+    command = [sys.executable, "-m", "celery", "-A", "tasks:celery_app", "worker", *argv]
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        child = subprocess.Popen(command)
+        code = child.wait()
+        if stopping or code == 0:
+            return code
+        print(f'{{"level": "error", "proc": "worker", "event": "worker exited with {code}; restarting"}}',
+              file=sys.stderr, flush=True)
+        time.sleep(RESTART_DELAY)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
