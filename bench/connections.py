@@ -14,7 +14,7 @@ monkey.patch_all()
 import argparse  # noqa: E402  (after monkey-patching, as gevent requires)
 import json  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -76,6 +76,8 @@ class Client:
                 raw = self.sock.recv()
             except (OSError, websocket.WebSocketException):
                 self.stats["closed"] += 1
+                return
+            if not raw:  # the socket was closed under us
                 return
             frame = json.loads(raw)
             if frame.get("op") == "message":
@@ -149,21 +151,18 @@ def main() -> None:
     stack = None
     try:
         if args.spawn:
-            from tests.harness import Stack
-
-            stack = Stack(Path(tempfile.mkdtemp(prefix="herald-bench-")), HERALD_WS_MAX_PER_USER=100000,
-                          HERALD_WS_MAX_PER_IP=100000)
-            stack.worker()
-            stack.bridge(wait=False)
-            web = stack.web(WEB_CONCURRENCY=1)
-            args.url, args.token, args.pid = web.base, stack.token(), web.proc.proc.pid
-            time.sleep(6)  # the bridge joins its group
+            # The stack runs in its own, unpatched process (bench/stack.py).
+            stack = subprocess.Popen([sys.executable, str(Path(__file__).with_name("stack.py")),
+                                      "HERALD_WS_MAX_PER_USER=1000000", "HERALD_WS_MAX_PER_IP=1000000"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            info = json.loads(stack.stdout.readline())
+            args.url, args.token, args.pid = info["url"], info["token"], info["pid"]
         print(json.dumps(run(args.url, args.token, args.pid, args.connections, args.channels, args.messages,
                              args.interval)))
     finally:
         if stack is not None:
-            stack.stop()
-
+            stack.stdin.close()
+            stack.wait(60)
 
 if __name__ == "__main__":
     main()
