@@ -15,6 +15,7 @@ import sys
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
+from pipeline.messages import namespace
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
@@ -135,15 +136,12 @@ class Settings:
 
     def retention(self, channel: str) -> tuple[int, int]:
         """(max length, max age in seconds; 0 = no limit) of a channel's history, by its namespace."""
-        space = channel.split(":", 1)[0] if ":" in channel else ""
+        space = namespace(channel)
         for name, maxlen, age in self.history_retention:
             if name == space:
                 return maxlen, age
         return self.history_maxlen, self.history_max_age
 
-    def with_node(self, node_id: str) -> "Settings":
-        """A copy naming this process; each web process is its own hub node."""
-        return dataclasses.replace(self, node_id=node_id)
 
 
 @functools.cache

@@ -79,11 +79,6 @@ class Proc:
 
         wait_until(seen, timeout, 0.1, f"{self.name} to log {pattern!r}")
 
-    def signal(self, sig: int) -> None:
-        """Send a signal to the process."""
-        if self.running:
-            self.proc.send_signal(sig)
-
     def stop(self, timeout: float = 30.0) -> float:
         """SIGTERM and wait; returns how long it took to exit (SIGKILL after `timeout`)."""
         if not self.running:

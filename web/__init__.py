@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -106,7 +105,3 @@ def _install_errors(app: Flask) -> None:
         log.exception("unhandled error", extra={"request_id": g.get("request_id")})
         return problem(500, "An unexpected error occurred; it has been logged", slug="internal")
 
-
-def to_json(value) -> str:
-    """Compact JSON text, as every frame and body uses."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -191,7 +191,6 @@ class Hub:
         self.connections: dict[str, Connection] = {}
         self.channels: dict[str, dict[str, Subscription]] = {}
         self.running = False
-        self.listening = threading.Event()
         self.per_user: collections.Counter = collections.Counter()
         self.per_ip: collections.Counter = collections.Counter()
 
@@ -227,7 +226,6 @@ class Hub:
                     # send them before any live frame, so order holds.
                     self._catch_up()
                 reconnecting = True
-                self.listening.set()
                 log.info("hub listening", extra={"node": self.node})
                 delay = 0.1
                 while self.running:
@@ -239,7 +237,6 @@ class Hub:
                         # overflow the queues of clients that do read.
                         time.sleep(0)
             except redis.RedisError as exc:
-                self.listening.clear()
                 log.warning("hub listener lost Redis, reconnecting", extra={"error": str(exc), "delay": delay})
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
