@@ -4,8 +4,9 @@ Runs `celery -A tasks:celery_app worker` and starts it again when it dies
 on its own: kombu 5.7's Redis transport can raise AttributeError in
 `restore_unacked` when the broker connection drops, which ends the worker
 ("Unrecoverable error"). A platform restarts a crashed dyno too, but
-`make dev` (honcho) would stop everything instead. SIGTERM and SIGINT are
-passed on, and then the worker's own exit code is ours.
+`make dev` (honcho) would stop everything instead. SIGTERM is passed
+on (SIGINT reaches the worker from the terminal itself), and then the
+worker's own exit code is ours.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def main(argv: list[str]) -> int:
     def forward(signum, _frame):
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
+        # Ctrl-C in a terminal reaches the worker too (same process group):
+        # passing SIGINT on would be a second Ctrl-C, Celery's cold shutdown.
+        if signum != signal.SIGINT and child is not None and child.poll() is None:
             child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
