@@ -99,7 +99,7 @@ def decode(value: bytes | None) -> dict:
         raise PermanentError("record has no value")
     try:
         envelope = json.loads(value)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PermanentError(f"record is not JSON: {exc}") from None
     if not isinstance(envelope, dict):
         raise PermanentError("record is not a JSON object")

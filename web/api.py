@@ -70,7 +70,7 @@ def read_json(limit: int):
                               title="Payload too large")
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
 
 

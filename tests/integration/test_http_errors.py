@@ -30,6 +30,10 @@ def test_malformed_json(web, token, unchanged_topic):
     assert_problem(web.request("POST", "/api/v1/messages", raw=b'{"channel": "a", "data": ', token=token), 400)
 
 
+def test_json_nested_too_deep_is_400_not_500(web, token, unchanged_topic):
+    assert_problem(web.request("POST", "/api/v1/messages", raw=b"[" * 60_000, token=token), 400)
+
+
 def test_wrong_content_type(web, token, unchanged_topic):
     assert_problem(web.request("POST", "/api/v1/messages", raw=b'{"channel":"a","data":1}', token=token,
                                content_type="text/plain"), 415)

@@ -53,7 +53,7 @@ def test_record_round_trip():
 
 
 @pytest.mark.parametrize("value, reason", [
-    (None, "no value"), (b"\xff", "not JSON"), (b"[1]", "not a JSON object"),
+    (None, "no value"), (b"\xff", "not JSON"), (b"[1]", "not a JSON object"), (b"[" * 100_000, "not JSON"),
     (b'{"id":"a"}', "lacks"), (b'{"id":"a","channel":"bad channel","type":"m","data":1,"sender":"s","ts":1}',
                                 "channel"),
 ])
