@@ -20,7 +20,7 @@ import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
-import gevent.pool  # noqa: E402
+import gevent.lock  # noqa: E402
 import websocket  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,16 +58,27 @@ class Client:
         self.sock = None
 
     def connect(self) -> bool:
+        """Connect and subscribe, retrying a subscribe the server answers `unavailable` (as clients do)."""
         try:
             self.sock = websocket.create_connection(self.url, timeout=30)
             json.loads(self.sock.recv())
-            self.sock.send(json.dumps({"op": "subscribe", "channel": self.channel}))
-            while json.loads(self.sock.recv()).get("op") != "subscribed":
-                pass
-            return True
+            for attempt in range(8):
+                self.sock.send(json.dumps({"op": "subscribe", "channel": self.channel}))
+                reply = self._reply()
+                if reply.get("op") == "subscribed":
+                    return True
+                self.stats["retried"] += 1
+                gevent.sleep(0.25 * 2 ** attempt)
         except (OSError, websocket.WebSocketException, ValueError):
-            self.stats["failed"] += 1
-            return False
+            pass
+        self.stats["failed"] += 1
+        return False
+
+    def _reply(self) -> dict:
+        while True:
+            frame = json.loads(self.sock.recv())
+            if frame.get("op") in ("subscribed", "error"):
+                return frame
 
     def read(self) -> None:
         self.sock.settimeout(None)
@@ -96,14 +107,26 @@ def run(base: str, token: str, pid: int | None, count: int, channels: int, messa
     url = f"ws://{parts.netloc}/ws?token={token}"
     tag = uuid.uuid4().hex[:6]
     names = [f"bench:{tag}-{i}" for i in range(channels)]
-    stats = {"delivered": 0, "failed": 0, "closed": 0, "latencies": [], "last": 0.0}
+    stats = {"delivered": 0, "failed": 0, "retried": 0, "closed": 0, "latencies": [], "last": 0.0}
     before = rss_kb(pid) if pid else None
     clients = [Client(url, names[i % channels], stats) for i in range(count)]
     started = time.monotonic()
-    pool = gevent.pool.Pool(200)  # connect in waves, within the listen backlog
-    connected = [c for c, ok in zip(clients, pool.imap(Client.connect, clients)) if ok]
+    gate = gevent.lock.BoundedSemaphore(200)  # connect in waves, within the listen backlog
+
+    def connect_and_read(client: Client) -> None:
+        # Read from the moment it is subscribed: a client that leaves the
+        # server's pings unanswered while the others connect is dropped.
+        with gate:
+            ok = client.connect()
+        if ok:
+            connected.append(client)
+            client.read()
+
+    connected: list[Client] = []
+    readers = [gevent.spawn(connect_and_read, c) for c in clients]
+    while len(connected) + stats["failed"] < count:
+        gevent.sleep(0.1)
     connect_seconds = time.monotonic() - started
-    readers = [gevent.spawn(c.read) for c in connected]
     gevent.sleep(2)
     after = rss_kb(pid) if pid else None
 
@@ -124,7 +147,7 @@ def run(base: str, token: str, pid: int | None, count: int, channels: int, messa
         c.sock.close()
     gevent.killall(readers, timeout=5)
     return {
-        "connections": len(connected), "failed": stats["failed"], "connect_seconds": round(connect_seconds, 1),
+        "connections": len(connected), "failed": stats["failed"], "subscribe_retries": stats["retried"], "connect_seconds": round(connect_seconds, 1),
         "rss_mb_before": round(before / 1024, 1) if before else None,
         "rss_mb_after": round(after / 1024, 1) if after else None,
         "rss_kb_per_connection": round((after - before) / max(1, len(connected)), 1) if pid else None,

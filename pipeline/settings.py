@@ -38,6 +38,7 @@ class Settings:
     # Internals a deployment may tune; the SPEC leaves them to us.
     topic_partitions: int = 12
     redis_prefix: str = "herald"
+    redis_pool_size: int = 50
     consumer_group: str = "herald-bridge"
     produce_timeout: float = 5.0
     retry_max: int = 8
@@ -101,6 +102,7 @@ class Settings:
             max_message_bytes=_int(env, "HERALD_MAX_MESSAGE_BYTES", cls.max_message_bytes, 64, 16 * 1024 * 1024),
             topic_partitions=_int(env, "HERALD_TOPIC_PARTITIONS", cls.topic_partitions, 1, 10000),
             redis_prefix=env.get("HERALD_REDIS_PREFIX", cls.redis_prefix) or cls.redis_prefix,
+            redis_pool_size=_int(env, "HERALD_REDIS_POOL_SIZE", cls.redis_pool_size, 2, 10000),
             consumer_group=env.get("HERALD_CONSUMER_GROUP", cls.consumer_group) or cls.consumer_group,
             produce_timeout=_float(env, "HERALD_PRODUCE_TIMEOUT", cls.produce_timeout, 0.1, 60),
             retry_max=_int(env, "HERALD_RETRY_MAX", cls.retry_max, 0, 100),

@@ -77,15 +77,42 @@ return 1
 """
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client with bounded timeouts, so an outage fails fast instead of hanging."""
-    return redis.Redis.from_url(
+# Open WebSockets per user and per address, counted across every web process:
+# sorted sets of "node/client" scored by when the entry lapses, so the
+# connections of a process that died stop counting after the presence TTL.
+# KEYS: user set, address set; ARGV: member, now, lapse, user cap, address cap.
+_CLAIM_CONNECTION = """
+local now = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'user' end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 'address' end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000))
+redis.call('PEXPIREAT', KEYS[2], math.floor(tonumber(ARGV[3]) * 1000))
+return false
+"""
+
+
+def connect(url: str, pool_size: int = 4) -> redis.Redis:
+    """A Redis client with bounded timeouts, so an outage fails fast instead of hanging.
+
+    Its pool blocks for a free connection (up to 5 s) when `pool_size` are in
+    use: a burst of thousands of WebSocket subscribes waits its turn instead
+    of failing with "Too many connections". Long-lived services pass
+    `HERALD_REDIS_POOL_SIZE`; the small default suits one-off clients.
+    """
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=pool_size,
+        timeout=5,
         decode_responses=True,
         socket_timeout=5,
         socket_connect_timeout=3,
         health_check_interval=15,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def message_frame_head(envelope: dict) -> str:
@@ -120,6 +147,7 @@ class Store:
         self._set_status = client.register_script(_SET_STATUS)
         self._deliver = client.register_script(_DELIVER)
         self._advance = client.register_script(_ADVANCE)
+        self._claim_connection = client.register_script(_CLAIM_CONNECTION)
 
     # Key names: one place, so the hub, the tasks and the API agree.
     def key(self, kind: str, name: str) -> str:
@@ -303,6 +331,33 @@ class Store:
             return set()
         flags = self.redis.mget([self.key("node", n) for n in nodes])
         return {n for n, flag in zip(nodes, flags) if flag}
+
+    # Connection caps across the cluster.
+    def claim_connection(self, member: str, user: str, address: str) -> str | None:
+        """Count a new WebSocket; returns "user" or "address" (and counts nothing) when that cap is reached."""
+        now = time.time()
+        return self._claim_connection(
+            keys=[self.key("wsuser", user), self.key("wsaddr", address)],
+            args=[member, now, now + self.settings.presence_ttl,
+                  self.settings.ws_max_per_user, self.settings.ws_max_per_ip]) or None
+
+    def refresh_connections(self, members: list[tuple[str, str, str]]) -> None:
+        """Keep this process's open connections (member, user, address) counted for another TTL."""
+        lapse = time.time() + self.settings.presence_ttl
+        pipe = self.redis.pipeline(transaction=False)
+        for member, user, address in members:
+            for key in (self.key("wsuser", user), self.key("wsaddr", address)):
+                # Re-added, not only updated: a Redis that restarted empty counts them again.
+                pipe.zadd(key, {member: lapse})
+                pipe.pexpireat(key, int(lapse * 1000))
+        pipe.execute()
+
+    def release_connection(self, member: str, user: str, address: str) -> None:
+        """Stop counting a closed WebSocket."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.key("wsuser", user), member)
+        pipe.zrem(self.key("wsaddr", address), member)
+        pipe.execute()
 
     # Idempotent publishing: the first request claims the id, later ones get its answer.
     def claim_idempotency(self, msg_id: str, owner: str) -> str | None:

@@ -76,7 +76,7 @@ def processor() -> Processor:
         from pipeline.kafka import Publisher
         from pipeline.store import Store, connect
 
-        store = Store(connect(settings.redis_url), settings)
+        store = Store(connect(settings.redis_url, settings.redis_pool_size), settings)
         publisher = Publisher(settings, client_id=f"herald-worker-{settings.node_id}")
         _processor = Processor(settings, store, Archive(settings.database_url),
                                DeadLetters(publisher, store, settings))

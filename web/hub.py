@@ -9,7 +9,6 @@ greenlet.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import queue
@@ -33,6 +32,7 @@ log = logging.getLogger("herald.hub")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_TOO_SLOW = 4008
@@ -92,12 +92,12 @@ class Subscription:
 class Connection:
     """A client's socket, its send queue and its writer."""
 
-    def __init__(self, hub: "Hub", ws, identity, remote: str):
+    def __init__(self, hub: "Hub", ws, identity, remote: str, client_id: str):
         self.hub = hub
         self.ws = ws
         self.identity = identity
         self.remote = remote
-        self.id = new_id()
+        self.id = client_id
         self.subscriptions: dict[str, Subscription] = {}
         self.lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue(maxsize=hub.settings.send_queue_size)
@@ -174,11 +174,18 @@ class Connection:
             try:
                 if isinstance(item, tuple):
                     self.ws.close(reason=item[1], message=item[2])
+                    self._wake_reader()
                     return
                 self.ws.send(item)
             except (ConnectionClosed, OSError):
                 self.closing = True
+                self._wake_reader()
                 return
+
+    def _wake_reader(self) -> None:
+        # The reader blocks in receive() without a timeout; simple-websocket
+        # wakes it through this event, which a close from our side never sets.
+        self.ws.event.set()
 
 
 class Hub:
@@ -190,9 +197,10 @@ class Hub:
         self.node = self.settings.node_id
         self.connections: dict[str, Connection] = {}
         self.channels: dict[str, dict[str, Subscription]] = {}
+        # The subscribers that asked for status ("s") or presence ("p") frames,
+        # so a join among 10,000 subscribers is not a walk over all of them.
+        self.watchers: dict[str, dict[str, dict[str, Subscription]]] = {"s": {}, "p": {}}
         self.running = False
-        self.per_user: collections.Counter = collections.Counter()
-        self.per_ip: collections.Counter = collections.Counter()
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -277,19 +285,15 @@ class Hub:
                 if sub is None or not sub.status:  # else it gets the channel's copy
                     conn.push(frame)
             return
-        subs = self.channels.get(name)
-        if not subs:
-            return
         if kind == "m":
             sid, _, frame = data.partition("\n")
-            for client, sub in list(subs.items()):
+            for client, sub in list(self.channels.get(name, {}).items()):
                 conn = self.connections.get(client)
                 if conn is not None:
                     sub.offer(conn, sid, frame)
-        elif kind in ("s", "p"):
-            for client, sub in list(subs.items()):
-                wanted = sub.status if kind == "s" else sub.presence
-                if wanted and sub.backlog is None:
+        elif kind in self.watchers:
+            for client, sub in list(self.watchers[kind].get(name, {}).items()):
+                if sub.backlog is None:
                     conn = self.connections.get(client)
                     if conn is not None:
                         conn.push(data)
@@ -305,10 +309,16 @@ class Hub:
         identity = self._authenticate(ws, request.args.get("token"))
         if identity is None:
             return
-        if self.per_user[identity.user] >= self.settings.ws_max_per_user \
-                or self.per_ip[remote] >= self.settings.ws_max_per_ip:
+        client_id = new_id()
+        try:
+            over = self.services.store.claim_connection(self._member(client_id), identity.user, remote)
+        except redis.RedisError as exc:
+            ws.close(reason=CLOSE_TRY_AGAIN, message="try again later")
+            log.warning("ws refused: Redis unavailable", extra={"user": identity.user, "error": str(exc)})
+            return
+        if over:
             ws.close(reason=CLOSE_RATE_LIMITED, message="too many connections")
-            log.info("ws refused: connection cap", extra={"user": identity.user, "remote": remote})
+            log.info("ws refused: connection cap", extra={"user": identity.user, "remote": remote, "cap": over})
             return
         try:
             # A fixed kernel send buffer (no autotuning up to 4 MB): bounded
@@ -317,10 +327,8 @@ class Hub:
         except (AttributeError, OSError):
             pass
         ws.sock = WholeFrames(ws.sock)
-        conn = Connection(self, ws, identity, remote)
+        conn = Connection(self, ws, identity, remote, client_id)
         self.connections[conn.id] = conn
-        self.per_user[identity.user] += 1
-        self.per_ip[remote] += 1
         log.info("ws connected", extra={"client": conn.id, "user": identity.user, "remote": remote})
         conn.send({"op": "connected", "client": conn.id, "user": identity.user,
                    "ping_interval": self.settings.ping_interval})
@@ -349,7 +357,10 @@ class Hub:
         bad = 0
         expires = conn.identity.expires
         while not conn.closing:
-            raw = conn.ws.receive(timeout=1.0)
+            # No polling: sleep until a frame, the close, or the token's expiry.
+            # Waking every connection each second costs a core at 10,000 of them.
+            wait = None if expires is None else max(0.0, expires + LEEWAY_SECONDS - time.time()) + 0.05
+            raw = conn.ws.receive(timeout=wait)
             if expires is not None and time.time() > expires + LEEWAY_SECONDS:
                 conn.close(CLOSE_UNAUTHORIZED, "token expired")
                 return
@@ -406,10 +417,7 @@ class Hub:
         sub = Subscription(status=frame.get("status") is True, presence=frame.get("presence") is True)
         # Register first, holding live frames, then read history: whatever
         # arrives in between is in one or the other, and `last` drops the overlap.
-        with conn.lock:
-            previous = conn.subscriptions.get(channel)
-            conn.subscriptions[channel] = sub
-            self.channels.setdefault(channel, {})[conn.id] = sub
+        previous = self._attach(conn, channel, sub)
         store = self.services.store
         try:
             if since:
@@ -421,11 +429,13 @@ class Hub:
                 newest = store.last_id(channel)
                 sub.last = stream_id_key(newest) if newest else (-1, -1)
             offset = _format_sid(sub.last)
-        except redis.RedisError:
-            self._unsubscribe(conn, channel)
+        except redis.RedisError as exc:
+            log.warning("subscribe failed: history unavailable",
+                        extra={"client": conn.id, "channel": channel, "error": str(exc)})
             if previous is not None:
-                conn.subscriptions[channel] = previous
-                self.channels.setdefault(channel, {})[conn.id] = previous
+                self._attach(conn, channel, previous)
+            else:
+                self._detach(conn, channel)
             raise ValidationError("history is unavailable, retry", title="unavailable") from None
         conn.send(_with_ref({"op": "subscribed", "channel": channel, "offset": offset,
                              "recovered": recovered, "replayed": len(replay)}, ref))
@@ -438,15 +448,29 @@ class Hub:
             self._presence_join(conn, channel)
 
     def _unsubscribe(self, conn: Connection, channel: str) -> None:
+        if self._detach(conn, channel):
+            self._presence_leave(conn, channel)
+
+    def _attach(self, conn: Connection, channel: str, sub: Subscription) -> Subscription | None:
+        """Index `sub` (in place of the connection's earlier one, which is returned)."""
+        with conn.lock:
+            previous = conn.subscriptions.get(channel)
+            conn.subscriptions[channel] = sub
+            self.channels.setdefault(channel, {})[conn.id] = sub
+            for kind, wanted in (("s", sub.status), ("p", sub.presence)):
+                if wanted:
+                    self.watchers[kind].setdefault(channel, {})[conn.id] = sub
+                else:
+                    _discard(self.watchers[kind], channel, conn.id)
+        return previous
+
+    def _detach(self, conn: Connection, channel: str) -> bool:
+        """Remove the connection's subscription from every index; False if it had none."""
         with conn.lock:
             existed = conn.subscriptions.pop(channel, None) is not None
-            subs = self.channels.get(channel)
-            if subs is not None:
-                subs.pop(conn.id, None)
-                if not subs:
-                    self.channels.pop(channel, None)
-        if existed:
-            self._presence_leave(conn, channel)
+            for index in (self.channels, *self.watchers.values()):
+                _discard(index, channel, conn.id)
+        return existed
 
     def _publish(self, conn: Connection, frame: dict, ref) -> None:
         body = {k: v for k, v in frame.items() if k not in ("op", "ref")}
@@ -492,6 +516,8 @@ class Hub:
         while self.running:
             try:
                 store.redis.set(store.key("node", self.node), "1", ex=self.settings.presence_ttl)
+                store.refresh_connections([(self._member(c.id), c.identity.user, c.remote)
+                                           for c in list(self.connections.values())])
                 if store.redis.set(store.key("presence", "reaper"), self.node, nx=True, ex=int(period)):
                     for channel, entry in store.reap_presence():
                         log.info("presence reaped", extra={"channel": channel, "client": entry["client"]})
@@ -499,16 +525,17 @@ class Hub:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
             time.sleep(period)
 
+    def _member(self, client_id: str) -> str:
+        return f"{self.node}/{client_id}"
+
     def _drop(self, conn: Connection) -> None:
         for channel in list(conn.subscriptions):
             self._unsubscribe(conn, channel)
         self.connections.pop(conn.id, None)
-        self.per_user[conn.identity.user] -= 1
-        self.per_ip[conn.remote] -= 1
-        if self.per_user[conn.identity.user] <= 0:
-            del self.per_user[conn.identity.user]
-        if self.per_ip[conn.remote] <= 0:
-            del self.per_ip[conn.remote]
+        try:
+            self.services.store.release_connection(self._member(conn.id), conn.identity.user, conn.remote)
+        except redis.RedisError:
+            log.warning("connection not uncounted", extra={"client": conn.id})  # it lapses after the TTL
         conn.stop_writer()
         # flask-sock closes with 1000 once we return: let our close code go
         # first, waiting a while for a stalled client to make room for it.
@@ -545,6 +572,14 @@ def origin_allowed(origin: str, host: str, allowed) -> bool:
     """Same-origin, or listed in HERALD_CORS_ORIGINS."""
     origin = origin.rstrip("/")
     return origin in allowed or urlsplit(origin).netloc == host
+
+
+def _discard(index: dict, channel: str, client: str) -> None:
+    subs = index.get(channel)
+    if subs is not None:
+        subs.pop(client, None)
+        if not subs:
+            del index[channel]
 
 
 def _presence_frame(op: str, channel: str, user: str, client: str) -> str:

@@ -279,15 +279,28 @@ def capped(tmp_path):
         system.stop()
 
 
-def test_connection_cap_per_user_closes_4029(capped):
-    web = capped.webs[0]
+def test_connection_cap_per_user_closes_4029_across_web_processes(capped):
+    one, other = capped.webs
     token = capped.token("greedy")
-    first, second = web.ws(token), web.ws(token)
-    first.recv(), second.recv()
-    third = web.ws(token)
-    assert close_code(third) == 4029
-    for client in (first, second, third):
-        client.close()
+    first, second = one.ws(token), other.ws(token)
+    assert first.recv()["op"] == second.recv()["op"] == "connected"
+    # The cap counts the user's connections on every web process.
+    for web in (one, other):
+        refused = web.ws(token)
+        assert close_code(refused) == 4029
+        refused.close()
+    # A closed connection stops counting at once.
+    second.close()
+    def third_accepted():
+        third = other.ws(token)
+        try:
+            return third.recv()["op"] == "connected"
+        except (websocket.WebSocketException, OSError):
+            return False
+        finally:
+            third.close()
+    wait_until(third_accepted, 10, 0.2, "a connection to be accepted after one closed")
+    first.close()
 
 
 def test_a_killed_web_process_leaves_no_ghosts_in_presence(capped, channel):
@@ -304,6 +317,13 @@ def test_a_killed_web_process_leaves_no_ghosts_in_presence(capped, channel):
     print("\nFIGURES " + json.dumps({"test": "presence after kill -9", "seconds_to_clear": round(time.monotonic() - started, 1),
                                      "presence_ttl": 3}))
     ghost.close()
+    # Its connection stopped counting toward the cap (2) as well.
+    wait_until(lambda: capped.store().redis.zcard(capped.store().key("wsuser", "ghost")) == 0, 10, 0.2,
+               "the dead process's connection to lapse")
+    again = [survivor.ws(capped.token("ghost")) for _ in range(2)]
+    assert [client.recv()["op"] for client in again] == ["connected", "connected"]
+    for client in again:
+        client.close()
 
 
 def test_python_client_publishes_and_resumes_after_a_dropped_connection(web, token, channel):
@@ -352,3 +372,32 @@ def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, to
     assert third.subscribe(channel, since=reply["offset"])["recovered"] is False
     again.close()
     third.close()
+
+
+def test_a_burst_of_subscribes_waits_for_redis_connections_instead_of_failing(stack, channel):
+    # A pool of 2 Redis connections and 60 clients subscribing at once: each
+    # subscribe waits its turn for a connection; none is answered `unavailable`.
+    import concurrent.futures
+
+    web = stack.web("tiny-pool", HERALD_REDIS_POOL_SIZE=2, HERALD_WS_MAX_PER_USER=1000)
+    token = stack.token("burst")
+
+    def subscribe(_):
+        client = web.ws(token)
+        client.recv()
+        client.send({"op": "subscribe", "channel": channel})
+        reply = client.expect(lambda f: f["op"] in ("subscribed", "error"), timeout=30)
+        return client, reply
+
+    with concurrent.futures.ThreadPoolExecutor(60) as pool:
+        results = list(pool.map(subscribe, range(60)))
+    try:
+        assert [reply["op"] for _, reply in results] == ["subscribed"] * 60
+        status, _, _ = web.request("POST", "/api/v1/messages", {"channel": channel, "data": "to all"}, token=token)
+        assert status == 202
+        for client, _ in results:
+            assert client.expect(lambda f: f["op"] == "message", timeout=30)["data"] == "to all"
+    finally:
+        for client, _ in results:
+            client.close()
+        web.proc.stop()
