@@ -21,7 +21,11 @@ import websocket
 
 
 class HeraldError(Exception):
-    """The server answered a request with an `error` frame."""
+    """The server answered a request with an `error` frame (its `code` kept)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class HeraldClient:
@@ -51,7 +55,7 @@ class HeraldClient:
             raise HeraldError(f"not connected: {connected}")
         self.client_id = connected["client"]
         for channel, options in self.channels.items():
-            self._request({"op": "subscribe", "channel": channel, **options})
+            self._subscribe(channel, options)
 
     def close(self) -> None:
         """Close the connection."""
@@ -66,7 +70,18 @@ class HeraldClient:
         if since:
             options["since"] = since
         self.channels[channel] = options
-        return self._request({"op": "subscribe", "channel": channel, **options})
+        return self._subscribe(channel, options)
+
+    def _subscribe(self, channel: str, options: dict) -> dict:
+        # `unavailable` means the server could not read the channel's history
+        # just now (Redis busy or reconnecting): ask again, after a pause.
+        for attempt in itertools.count():
+            try:
+                return self._request({"op": "subscribe", "channel": channel, **options})
+            except HeraldError as exc:
+                if exc.code != "unavailable" or attempt >= 5:
+                    raise
+            time.sleep(min(self.max_backoff, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2))
 
     def unsubscribe(self, channel: str) -> dict:
         """Stop receiving a channel."""
@@ -112,7 +127,7 @@ class HeraldClient:
             reply = self._receive(self.timeout)
             if reply.get("ref") == ref:
                 if reply["op"] == "error":
-                    raise HeraldError(f"{reply['code']}: {reply['message']}")
+                    raise HeraldError(f"{reply['code']}: {reply['message']}", reply["code"])
                 return reply
             self._pending.append(reply)
         raise HeraldError(f"no reply to {frame['op']} within {self.timeout:g}s")
