@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 from urllib.parse import urlsplit
@@ -50,6 +51,23 @@ def dumps(frame: dict) -> str:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
+def wire_frame(text: str) -> bytes:
+    """A whole unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it.
+
+    A broadcast is encoded once for all its subscribers instead of once per
+    connection by wsproto; without extensions the bytes are the same.
+    """
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + payload
+
+
 class WholeFrames:
     """A socket whose send() never sends part of its data.
 
@@ -59,10 +77,14 @@ class WholeFrames:
 
     def __init__(self, sock):
         self._sock = sock
+        # The writer and simple-websocket's ping/pong thread both send: a frame
+        # blocked half-written must not let the other's bytes in between.
+        self._lock = threading.Lock()
 
     def send(self, data) -> int:
         """Send all of `data` (blocking this greenlet until it is out)."""
-        self._sock.sendall(data)
+        with self._lock:
+            self._sock.sendall(data)
         return len(data)
 
     def __getattr__(self, name):
@@ -78,12 +100,11 @@ class Subscription:
         self.last = (-1, -1)      # newest stream id sent, to skip duplicates at the seam
         self.backlog: list | None = []  # live frames held while history is replayed
 
-    def offer(self, conn: "Connection", sid: str, frame: str) -> None:
-        """Queue a live message frame unless the replay already sent it."""
+    def offer(self, conn: "Connection", key: tuple[int, int], frame) -> None:
+        """Queue a message frame (`key`: its parsed offset) unless the replay already sent it."""
         if self.backlog is not None:
-            self.backlog.append((sid, frame))
+            self.backlog.append((key, frame))
             return
-        key = stream_id_key(sid)
         if key > self.last:
             self.last = key
             conn.push(frame)
@@ -108,7 +129,7 @@ class Connection:
         self.writer = threading.Thread(target=self._write, name=f"ws-writer-{self.id}", daemon=True)
         self.writer.start()
 
-    def push(self, frame: str) -> None:
+    def push(self, frame: str | bytes) -> None:
         """Queue a frame; a full queue means the client is too slow: close it with 4008."""
         if self.closing:
             return
@@ -176,7 +197,12 @@ class Connection:
                     self.ws.close(reason=item[1], message=item[2])
                     self._wake_reader()
                     return
-                self.ws.send(item)
+                if isinstance(item, bytes):  # already a whole frame (wire_frame)
+                    if not self.ws.connected:
+                        raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
+                    self.ws.sock.send(item)
+                else:
+                    self.ws.send(item)
             except (ConnectionClosed, OSError):
                 self.closing = True
                 self._wake_reader()
@@ -265,11 +291,11 @@ class Hub:
                 since = (0, 0)
             page = store.history(channel, f"{since[0]}-{since[1]}", self.settings.retention(channel)[0])
             for message in page["messages"]:
-                frame = dumps(message)
+                key, frame = stream_id_key(message["offset"]), wire_frame(dumps(message))
                 for client, sub in list(subs.items()):
                     conn = self.connections.get(client)
                     if conn is not None:
-                        sub.offer(conn, message["offset"], frame)
+                        sub.offer(conn, key, frame)
         log.info("hub caught up after reconnect", extra={"channels": len(self.channels)})
 
     def _dispatch(self, prefix: str, item: dict) -> None:
@@ -286,17 +312,21 @@ class Hub:
                     conn.push(frame)
             return
         if kind == "m":
-            sid, _, frame = data.partition("\n")
-            for client, sub in list(self.channels.get(name, {}).items()):
-                conn = self.connections.get(client)
-                if conn is not None:
-                    sub.offer(conn, sid, frame)
-        elif kind in self.watchers:
-            for client, sub in list(self.watchers[kind].get(name, {}).items()):
+            subs = self.channels.get(name)
+            if subs:
+                sid, _, frame = data.partition("\n")
+                key, wire = stream_id_key(sid), wire_frame(frame)
+                for client, sub in list(subs.items()):
+                    conn = self.connections.get(client)
+                    if conn is not None:
+                        sub.offer(conn, key, wire)
+        elif self.watchers.get(kind, {}).get(name):
+            wire = wire_frame(data)
+            for client, sub in list(self.watchers[kind][name].items()):
                 if sub.backlog is None:
                     conn = self.connections.get(client)
                     if conn is not None:
-                        conn.push(data)
+                        conn.push(wire)
 
     # -- one connection ------------------------------------------------------
     def serve(self, ws) -> None:
@@ -442,8 +472,8 @@ class Hub:
         for message in replay:
             conn.send(message)
         backlog, sub.backlog = sub.backlog, None
-        for sid, live in backlog or ():
-            sub.offer(conn, sid, live)
+        for key, live in backlog or ():
+            sub.offer(conn, key, live)
         if previous is None:
             self._presence_join(conn, channel)
 

@@ -1,4 +1,4 @@
-"""Pure helpers of the bridge, the task and the auth module."""
+"""Pure helpers of the bridge, the task, the auth module and the hub's frame encoder."""
 
 from __future__ import annotations
 
@@ -67,3 +67,17 @@ def test_bad_tokens_are_refused(make):
 def test_auth_off_allows_everything():
     identity = verify(None, Settings.from_env({"HERALD_AUTH": "off"}))
     assert identity.may_publish("x") and identity.admin
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_a_broadcast_frame_encoded_once_matches_wsproto(size):
+    from wsproto import ConnectionType
+    from wsproto.connection import Connection, ConnectionState
+    from wsproto.events import TextMessage
+
+    from web.hub import wire_frame
+
+    text = ("é" + "x" * size)[:size] if size else ""
+    server = Connection(ConnectionType.SERVER)
+    assert server.state == ConnectionState.OPEN
+    assert wire_frame(text) == server.send(TextMessage(data=text))
