@@ -13,6 +13,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402  (after monkey-patching, as gevent requires)
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -26,16 +27,27 @@ import websocket  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def family(pid: int) -> list[int]:
+    """A process and its children (gunicorn's master and its worker)."""
+    try:
+        return [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return [pid]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its children."""
+    ticks = 0
+    for one in family(pid):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid: int) -> int:
     """Resident memory of a process and its children (the gunicorn worker), in KiB."""
     total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for one in pids:
+    for one in family(pid):
         for line in Path(f"/proc/{one}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
@@ -132,6 +144,7 @@ def run(base: str, token: str, pid: int | None, count: int, channels: int, messa
 
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     first_sent = time.time()
+    cpu_before = cpu_seconds(pid) if pid else None
     for n in range(messages):
         body = json.dumps({"messages": [{"channel": name, "data": {"n": n, "sent": time.time()}} for name in names]})
         conn.request("POST", "/api/v1/messages/batch", body, {"Content-Type": "application/json",
@@ -143,6 +156,7 @@ def run(base: str, token: str, pid: int | None, count: int, channels: int, messa
     while stats["delivered"] < expected and time.monotonic() < deadline:
         gevent.sleep(0.2)
     elapsed = max(stats["last"] - first_sent, 1e-9)
+    web_cpu = cpu_seconds(pid) - cpu_before if pid else None
     for c in connected:
         c.sock.close()
     gevent.killall(readers, timeout=5)
@@ -153,6 +167,10 @@ def run(base: str, token: str, pid: int | None, count: int, channels: int, messa
         "rss_kb_per_connection": round((after - before) / max(1, len(connected)), 1) if pid else None,
         "messages": messages, "channels": channels, "deliveries": stats["delivered"], "expected": expected,
         "deliveries_per_s": round(stats["delivered"] / elapsed, 1),
+        # The benchmark client shares the machine: the web process's own cost per delivery
+        # says what a web process could do with the cores to itself.
+        "web_cpu_seconds": round(web_cpu, 2) if pid else None,
+        "deliveries_per_web_cpu_second": round(stats["delivered"] / web_cpu) if pid and web_cpu else None,
         "latency_ms_p50": round(percentile(stats["latencies"], 50) * 1000, 1),
         "latency_ms_p99": round(percentile(stats["latencies"], 99) * 1000, 1),
         "closed_by_server": stats["closed"],

@@ -7,6 +7,7 @@ racing, cannot deliver twice or move a status backwards.
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 
@@ -344,12 +345,15 @@ class Store:
     def refresh_connections(self, members: list[tuple[str, str, str]]) -> None:
         """Keep this process's open connections (member, user, address) counted for another TTL."""
         lapse = time.time() + self.settings.presence_ttl
-        pipe = self.redis.pipeline(transaction=False)
+        by_key: dict[str, dict[str, float]] = collections.defaultdict(dict)
         for member, user, address in members:
-            for key in (self.key("wsuser", user), self.key("wsaddr", address)):
-                # Re-added, not only updated: a Redis that restarted empty counts them again.
-                pipe.zadd(key, {member: lapse})
-                pipe.pexpireat(key, int(lapse * 1000))
+            by_key[self.key("wsuser", user)][member] = lapse
+            by_key[self.key("wsaddr", address)][member] = lapse
+        pipe = self.redis.pipeline(transaction=False)
+        for key, scores in by_key.items():
+            # Re-added, not only updated: a Redis that restarted empty counts them again.
+            pipe.zadd(key, scores)
+            pipe.pexpireat(key, int(lapse * 1000))
         pipe.execute()
 
     def release_connection(self, member: str, user: str, address: str) -> None:

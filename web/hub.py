@@ -24,6 +24,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from pipeline.errors import HeraldError, ValidationError
+from pipeline.green import gevent_active
 from pipeline.messages import new_id, parse_publish, valid_channel
 from pipeline.store import connect, stream_id_key
 from web.auth import LEEWAY_SECONDS, AuthError, verify
@@ -87,8 +88,24 @@ class WholeFrames:
             self._sock.sendall(data)
         return len(data)
 
+    def send_now(self, data: bytes) -> int | None:
+        """Under gevent: send what the kernel takes at once, without waiting (0 when
+        its buffer is full); None when another send is under way."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._sock.send(data, 0, timeout=0.0)  # gevent's send: raise, never wait
+        except BlockingIOError:
+            return 0
+        finally:
+            self._lock.release()
+
     def __getattr__(self, name):
         return getattr(self._sock, name)
+
+
+class _Rest(bytes):
+    """The unsent end of a frame written in part: it goes out before anything else."""
 
 
 class Subscription:
@@ -126,15 +143,29 @@ class Connection:
         # Token bucket: `ws_rate` frames a second, bursts of twice that.
         self.tokens = hub.settings.ws_rate * 2
         self.refilled = time.monotonic()
+        # Writing straight from the caller saves two greenlet switches per
+        # frame; with threads, two callers could split each other's frames.
+        self.direct = gevent_active()
         self.writer = threading.Thread(target=self._write, name=f"ws-writer-{self.id}", daemon=True)
         self.writer.start()
 
     def push(self, frame: str | bytes) -> None:
-        """Queue a frame; a full queue means the client is too slow: close it with 4008."""
+        """Send a frame now if the socket takes it, else queue it for the writer;
+        a full queue means the client is too slow: close it with 4008."""
         if self.closing:
             return
+        data = frame if isinstance(frame, bytes) else wire_frame(frame)
+        if self.direct and self.queue.empty() and self.ws.connected:
+            try:
+                sent = self.ws.sock.send_now(data)
+            except OSError:
+                sent = None  # the writer meets the error too, and ends the connection
+            if sent == len(data):
+                return
+            if sent:
+                data = _Rest(data[sent:])
         try:
-            self.queue.put_nowait(frame)
+            self.queue.put_nowait(data)
         except queue.Full:
             log.warning("send queue overflow", extra={"client": self.id, "user": self.identity.user})
             # What is queued will never be read in time: the close goes first.
@@ -144,11 +175,16 @@ class Connection:
     def _discard_queued(self) -> None:
         # Through get_nowait(): under gevent this is gevent's Queue, with no
         # lock or deque of the standard one to reach into.
+        rest = None
         while True:
             try:
-                self.queue.get_nowait()
+                item = self.queue.get_nowait()
             except queue.Empty:
-                return
+                break
+            if isinstance(item, _Rest):
+                rest = item  # a frame's end dropped would garble all that follows
+        if rest is not None:
+            self.queue.put_nowait(rest)
 
     def send(self, frame: dict) -> None:
         """Queue a frame given as a dict."""
@@ -173,15 +209,11 @@ class Connection:
         self._force(("close", code, reason))
 
     def _force(self, item) -> None:
-        while True:
-            try:
-                self.queue.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    self.queue.get_nowait()  # drop the oldest: the client is being closed anyway
-                except queue.Empty:
-                    pass
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            self._discard_queued()  # the client is being closed anyway
+            self.queue.put_nowait(item)
 
     def stop_writer(self) -> None:
         """End the writer (after the reader has finished)."""
@@ -197,12 +229,9 @@ class Connection:
                     self.ws.close(reason=item[1], message=item[2])
                     self._wake_reader()
                     return
-                if isinstance(item, bytes):  # already a whole frame (wire_frame)
-                    if not self.ws.connected:
-                        raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
-                    self.ws.sock.send(item)
-                else:
-                    self.ws.send(item)
+                if not self.ws.connected:
+                    raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
+                self.ws.sock.send(item)  # whole frames (wire_frame), or the rest of one
             except (ConnectionClosed, OSError):
                 self.closing = True
                 self._wake_reader()
