@@ -251,7 +251,12 @@ class Store:
         except redis.ResponseError:  # no such stream: nothing retained
             epoch, entries, info = None, [], None
         recovered = True
-        if since:
+        if since == "0-0":
+            # "From the start" (a client that had seen nothing yet): nothing is
+            # missing while the first message ever added is still retained.
+            first = (info or {}).get("first-entry")
+            recovered = bool(epoch) and bool(first) and first[0] == epoch
+        elif since:
             recovered = bool(epoch) and bool(info) and _nothing_trimmed_after(since, epoch, info)
         more = len(entries) > limit
         entries = entries[:limit]

@@ -342,6 +342,19 @@ def test_python_client_publishes_and_resumes_after_a_dropped_connection(web, tok
             herald.subscribe("bad channel name")
 
 
+def test_resume_from_the_start_replays_all_of_an_untrimmed_history(web, token, channel):
+    for n in range(3):
+        assert web.request("POST", "/api/v1/messages", {"channel": channel, "data": n}, token=token)[0] == 202
+    wait_until(lambda: len(web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"])
+               == 3, 30, what="three messages in history")
+    client = web.ws(token)
+    client.recv()
+    reply = client.subscribe(channel, since="0-0")
+    assert reply["recovered"] is True and reply["replayed"] == 3
+    assert [client.expect(lambda f: f["op"] == "message")["data"] for _ in range(3)] == [0, 1, 2]
+    client.close()
+
+
 def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, token):
     import uuid
 
@@ -361,6 +374,7 @@ def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, to
     again.recv()
     reply = again.subscribe(channel, since=first["offset"])
     assert reply["recovered"] is False and reply["replayed"] == 5
+    assert again.subscribe(channel, since="0-0")["recovered"] is False  # "from the start": trimmed too
     # History lost altogether (Redis flushed or restarted empty) also says so.
     store = stack.store()
     store.redis.delete(store.key("hist", channel), store.key("epoch", channel))

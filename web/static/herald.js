@@ -65,10 +65,16 @@
           if (sub) { sub.offset = frame.offset; sub.handler(frame); }
           break;
         }
-        case "subscribed":
+        case "subscribed": {
+          // A channel that has sent us nothing yet still needs an offset to
+          // resume from, or a reconnect would skip what was published while
+          // we were away: take the server's (its newest message, or none yet).
+          const sub = this.channels.get(frame.channel);
+          if (sub && !sub.offset) sub.offset = frame.offset || "0-0";
           this.emit("subscribed", frame);
           if (frame.recovered === false) this.emit("gap", frame); // history lost: reload the view
           break;
+        }
         case "ping": this.send({ op: "pong" }); break;
         default: this.emit(frame.op, frame);
       }
@@ -88,7 +94,8 @@
 
     subscribe(channel, handler, options) {
       options = options || {};
-      const sub = { handler, status: !!options.status, presence: !!options.presence, offset: options.since || null };
+      const sub = { handler, status: !!options.status, presence: !!options.presence, offset: options.since || null,
+                    retries: 0 };
       this.channels.set(channel, sub);
       if (this.ready) this.sendSubscribe(channel, sub);
     }
@@ -96,7 +103,18 @@
     sendSubscribe(channel, sub) {
       const frame = { op: "subscribe", channel, status: sub.status, presence: sub.presence };
       if (sub.offset) frame.since = sub.offset;
-      this.send(frame);
+      const ws = this.ws;
+      this.request(frame).then(() => { sub.retries = 0; }, (error) => {
+        // "unavailable": the server could not read history (Redis busy) and
+        // keeps the connection open, so no reconnect would subscribe again.
+        // Retry after a backoff, from the offset reached by then. Any other
+        // error stands; a lost connection resubscribes when it is back.
+        if (error.code !== "unavailable") return;
+        const delay = Math.min(this.maxDelay, 250 * 2 ** sub.retries++) * (0.5 + Math.random() / 2);
+        setTimeout(() => {
+          if (this.ws === ws && this.ready && this.channels.get(channel) === sub) this.sendSubscribe(channel, sub);
+        }, delay);
+      });
     }
 
     unsubscribe(channel) {

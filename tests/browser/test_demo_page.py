@@ -1,0 +1,305 @@
+"""The demo chat page in a real browser: two tabs chat, and one survives a network cut.
+
+Headless Chromium (Debian's `chromium`, which `.ci/run` installs) is driven by
+Playwright. Tab A talks to one web process directly; tab B reaches the other
+web process through a TCP proxy the test can cut and restore, which drops B's
+WebSocket the way a lost network does (Chromium's offline emulation,
+`context.set_offline`, leaves an open WebSocket open: the page never notices).
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import shutil
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.harness import wait_until
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements.txt)")
+expect = sync_api.expect
+
+CHROMIUM = shutil.which("chromium")
+if CHROMIUM is None:
+    pytest.skip("chromium not installed; .ci/run installs it with apt-get", allow_module_level=True)
+
+# No GPU, no sandbox (containers), and none of Chromium's own background
+# connections, which a closed network refuses noisily.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 20_000
+
+
+class CuttableProxy:
+    """Forwards TCP connections to a port until cut: then it closes every open
+    connection and drops new ones at once, until restored."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)  # the accept loop polls `stopping`
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.open: set[socket.socket] = set()
+        self.threads: list[threading.Thread] = []
+        self.is_cut = False
+        self.stopping = False
+        self.accepted = 0
+        self._start(self._accept)
+
+    def _start(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        with self.listener:
+            while not self.stopping:
+                try:
+                    client, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                self.accepted += 1
+                if self.is_cut:
+                    client.close()  # a dead network: the browser's connect fails
+                    continue
+                try:
+                    upstream = socket.create_connection(self.target, timeout=5)
+                except OSError:
+                    client.close()
+                    continue
+                upstream.settimeout(None)
+                with self.lock:
+                    self.open.update((client, upstream))
+                self._start(self._relay, client, upstream)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        # This thread alone closes the pair; cut() only shuts them down, which
+        # wakes select() here, so no socket is closed under another thread.
+        with client, upstream:
+            try:
+                while True:
+                    readable, _, _ = select.select([client, upstream], [], [])
+                    for src in readable:
+                        data = src.recv(65536)
+                        if not data:
+                            return
+                        (upstream if src is client else client).sendall(data)
+            except OSError:
+                pass
+            finally:
+                with self.lock:
+                    self.open.difference_update((client, upstream))
+
+    def cut(self) -> None:
+        """Close every forwarded connection and refuse new ones."""
+        with self.lock:
+            self.is_cut = True
+            for sock in self.open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def restore(self) -> None:
+        """Forward new connections again."""
+        self.is_cut = False
+
+    def close(self) -> None:
+        """Cut everything, stop accepting and wait for every thread."""
+        self.stopping = True
+        self.cut()
+        for thread in self.threads:
+            thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def proxy(stack):
+    """A cuttable way to the second web process."""
+    cuttable = CuttableProxy(stack.webs[1].port)
+    try:
+        yield cuttable
+    finally:
+        cuttable.close()
+
+
+def open_chat(browser, base: str, token: str, channel: str, *, web, subscribers: int):
+    """A tab in its own browser context, subscribed to `channel` and online.
+
+    The page joins chat:lobby on load; the test joins its own channel instead
+    and waits until `web` lists `subscribers` clients there: the server records
+    presence only after the subscribe is answered, so from then on every
+    message published reaches the tab.
+    """
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(f"{base}/#token={token}")
+    page.fill("#channel", channel)
+    page.click("#join")
+    wait_until(lambda: len(web.request("GET", f"/api/v1/channels/{channel}/presence", token=token)[2]["clients"])
+               == subscribers, 20, 0.1, f"{subscribers} subscriber(s) on {channel}")
+    expect(page.locator("#state")).to_have_text("online")
+    return context, page
+
+
+def texts(page) -> list[str]:
+    """The message texts in the tab's log, top to bottom."""
+    return page.locator("#log li .text").all_text_contents()
+
+
+def say(page, text: str) -> None:
+    """Send `text` from the tab's form and wait until the tab shows it."""
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    expect(page.locator("#log li .text", has_text=text)).to_have_count(1, timeout=TIMEOUT_MS)
+
+
+def test_two_tabs_chat_and_a_tab_catches_up_after_a_network_cut(browser, stack, proxy, channel):
+    token = stack.token("alice")
+    web1 = stack.webs[0]
+    ctx_a, tab_a = open_chat(browser, web1.base, token, channel, web=web1, subscribers=1)
+    ctx_b, tab_b = open_chat(browser, f"http://127.0.0.1:{proxy.port}", token, channel, web=web1, subscribers=2)
+    try:
+        # A message typed in one tab appears in the other (across web processes).
+        say(tab_a, "hello from A")
+        expect(tab_b.locator("#log li .text")).to_have_text(["hello from A"], timeout=TIMEOUT_MS)
+        expect(tab_b.locator("#log li .who")).to_have_text(["alice"])
+
+        # Cut B's network: its page notices and goes offline.
+        proxy.cut()
+        expect(tab_b.locator("#state")).to_have_text(re.compile(r"^offline"), timeout=TIMEOUT_MS)
+        attempts = proxy.accepted
+        # Meanwhile, messages from tab A and from the HTTP API.
+        missed = []
+        for n in range(3):
+            missed.append(f"while B was away {n} ({uuid.uuid4().hex[:6]})")
+            say(tab_a, missed[-1])
+        for n in range(2):
+            missed.append(f"over HTTP {n}")
+            status, _, body = web1.request("POST", "/api/v1/messages",
+                                           {"channel": channel, "data": {"text": missed[-1]}}, token=token)
+            assert status == 202, body
+        expected = ["hello from A", *missed]
+        expect(tab_a.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
+        # B keeps trying to reconnect while cut (its attempts reach the proxy and are dropped).
+        wait_until(lambda: proxy.accepted > attempts, 20, 0.1, "tab B to try reconnecting")
+        assert tab_b.locator("#state").text_content().startswith("offline")
+        assert texts(tab_b) == ["hello from A"]
+
+        # Restore: B reconnects, resumes from its last offset and shows each missed message once, in order.
+        proxy.restore()
+        expect(tab_b.locator("#state")).to_have_text("online", timeout=TIMEOUT_MS)
+        expect(tab_b.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
+        ids_b = tab_b.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
+        ids_a = tab_a.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
+        assert ids_b == ids_a and len(set(ids_b)) == len(expected)
+
+        # And the live stream carries on both ways after the reconnect.
+        say(tab_b, "B is back")
+        expect(tab_a.locator("#log li .text")).to_have_text([*expected, "B is back"], timeout=TIMEOUT_MS)
+        expect(tab_b.locator("#log li .text")).to_have_text([*expected, "B is back"])
+    finally:
+        ctx_a.close()
+        ctx_b.close()
+
+
+def test_a_tab_that_saw_no_message_yet_catches_up_after_a_network_cut(browser, stack, proxy, channel):
+    token = stack.token("bob")
+    web1 = stack.webs[0]
+    ctx, tab = open_chat(browser, f"http://127.0.0.1:{proxy.port}", token, channel, web=web1, subscribers=1)
+    try:
+        # Nothing has arrived in the tab when the network goes: it resumes
+        # from the offset its subscribe was answered with.
+        proxy.cut()
+        expect(tab.locator("#state")).to_have_text(re.compile(r"^offline"), timeout=TIMEOUT_MS)
+        status, _, body = web1.request("POST", "/api/v1/messages", {"channel": channel, "data": {"text": "missed"}},
+                                       token=token)
+        assert status == 202, body
+        wait_until(lambda: stack.store().last_id(channel), 20, 0.1, "the message to be in history")
+        proxy.restore()
+        expect(tab.locator("#state")).to_have_text("online", timeout=TIMEOUT_MS)
+        expect(tab.locator("#log li .text")).to_have_text(["missed"], timeout=TIMEOUT_MS)
+    finally:
+        ctx.close()
+
+
+# A stand-in for the server's WebSocket, so the test can script what a real
+# one rarely does: refuse a subscribe with "unavailable" (Redis busy).
+FAKE_SOCKET = """
+window.sent = [];
+window.sockets = [];
+window.refuse = 1;  // how many subscribes to answer with "unavailable"
+window.WebSocket = class {
+  constructor(url) { sockets.push(this); setTimeout(() => this.onopen(), 0); }
+  deliver(frame) { setTimeout(() => this.onmessage({ data: JSON.stringify(frame) }), 0); }
+  drop(code) { setTimeout(() => this.onclose({ code, reason: "" }), 0); }
+  close(code) { this.drop(code); }
+  send(text) {
+    const frame = JSON.parse(text);
+    sent.push(frame);
+    if (frame.op === "connect") this.deliver({ op: "connected", client: "c" + sockets.length });
+    if (frame.op !== "subscribe") return;
+    if (refuse > 0) {
+      refuse -= 1;
+      this.deliver({ op: "error", code: "unavailable", message: "history is unavailable, retry", ref: frame.ref });
+    } else {
+      this.deliver({ op: "subscribed", channel: frame.channel, offset: frame.since || "3-0", recovered: true,
+                     replayed: 0, ref: frame.ref });
+    }
+  }
+};
+"""
+
+
+def test_client_retries_a_subscribe_refused_as_unavailable_and_keeps_its_offset(browser):
+    static = Path(__file__).resolve().parents[2] / "web" / "static"
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    context.add_init_script(FAKE_SOCKET)
+    # The page and herald.js from the source tree, under a made-up origin.
+    context.route("http://herald.test/**", lambda route: route.fulfill(
+        path=static / ("herald.js" if route.request.url.endswith("/herald.js") else "index.html")))
+    page = context.new_page()
+    try:
+        page.goto("http://herald.test/#token=t")
+        subscribes = lambda: page.evaluate("sent.filter((f) => f.op === 'subscribe')")  # noqa: E731
+
+        # Refused once, subscribed on the retry (each with its own ref).
+        wait_until(lambda: len(subscribes()) == 2, 20, 0.1, "the subscribe to be retried")
+        first, retry = subscribes()
+        assert first["channel"] == retry["channel"] == "chat:lobby"
+        assert "since" not in first and "since" not in retry and first["ref"] != retry["ref"]
+        expect(page.locator("#state")).to_have_text("online")
+
+        # Dropped before any message: it resumes from the offset the subscribe was answered with.
+        page.evaluate("sockets.at(-1).drop(1006)")
+        wait_until(lambda: len(subscribes()) == 3, 20, 0.1, "a resubscribe after the reconnect")
+        assert subscribes()[-1]["since"] == "3-0"
+
+        # A message moves the offset; a resubscribe refused twice retries from it.
+        page.evaluate("""sockets.at(-1).deliver({op: "message", channel: "chat:lobby", id: "m1", offset: "7-0",
+                                                 sender: "carol", data: {text: "hi"}})""")
+        expect(page.locator("#log li .text")).to_have_text(["hi"])
+        page.evaluate("refuse = 2; sockets.at(-1).drop(1006)")
+        wait_until(lambda: len(subscribes()) == 6, 20, 0.1, "two retries of the refused resubscribe")
+        assert [f.get("since") for f in subscribes()[3:]] == ["7-0"] * 3
+        expect(page.locator("#state")).to_have_text("online")
+        assert page.evaluate("sockets.length") == 3
+    finally:
+        context.close()
