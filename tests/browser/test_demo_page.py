@@ -245,8 +245,12 @@ FAKE_SOCKET = """
 window.sent = [];
 window.sockets = [];
 window.refuse = 1;  // how many subscribes to answer with "unavailable"
+window.failing = 0;  // how many connection attempts to fail
 window.WebSocket = class {
-  constructor(url) { sockets.push(this); setTimeout(() => this.onopen(), 0); }
+  constructor(url) {
+    sockets.push(this);
+    if (failing > 0) { failing -= 1; this.drop(1006); } else setTimeout(() => this.onopen(), 0);
+  }
   deliver(frame) { setTimeout(() => this.onmessage({ data: JSON.stringify(frame) }), 0); }
   drop(code) { setTimeout(() => this.onclose({ code, reason: "" }), 0); }
   close(code) { this.drop(code); }
@@ -254,6 +258,7 @@ window.WebSocket = class {
     const frame = JSON.parse(text);
     sent.push(frame);
     if (frame.op === "connect") this.deliver({ op: "connected", client: "c" + sockets.length });
+    if (frame.op === "publish") this.deliver({ op: "ack", id: frame.id, status: "accepted", ref: frame.ref });
     if (frame.op !== "subscribe") return;
     if (refuse > 0) {
       refuse -= 1;
@@ -267,15 +272,19 @@ window.WebSocket = class {
 """
 
 
-def test_client_retries_a_subscribe_refused_as_unavailable_and_keeps_its_offset(browser):
+def scripted_page(browser):
+    """The demo page and herald.js from the source tree, under a made-up origin, with FAKE_SOCKET."""
     static = Path(__file__).resolve().parents[2] / "web" / "static"
     context = browser.new_context()
     context.set_default_timeout(TIMEOUT_MS)
     context.add_init_script(FAKE_SOCKET)
-    # The page and herald.js from the source tree, under a made-up origin.
     context.route("http://herald.test/**", lambda route: route.fulfill(
         path=static / ("herald.js" if route.request.url.endswith("/herald.js") else "index.html")))
-    page = context.new_page()
+    return context, context.new_page()
+
+
+def test_client_retries_a_subscribe_refused_as_unavailable_and_keeps_its_offset(browser):
+    context, page = scripted_page(browser)
     try:
         page.goto("http://herald.test/#token=t")
         subscribes = lambda: page.evaluate("sent.filter((f) => f.op === 'subscribe')")  # noqa: E731
@@ -301,5 +310,24 @@ def test_client_retries_a_subscribe_refused_as_unavailable_and_keeps_its_offset(
         assert [f.get("since") for f in subscribes()[3:]] == ["7-0"] * 3
         expect(page.locator("#state")).to_have_text("online")
         assert page.evaluate("sockets.length") == 3
+    finally:
+        context.close()
+
+
+def test_a_publish_made_while_offline_is_sent_after_the_reconnect_and_resolves(browser):
+    context, page = scripted_page(browser)
+    try:
+        page.goto("http://herald.test/#token=t")
+        expect(page.locator("#state")).to_have_text("online")
+        # The connection drops, and the next two attempts fail too.
+        page.evaluate("failing = 2; sockets.at(-1).drop(1006)")
+        expect(page.locator("#state")).to_have_text(re.compile(r"^offline"))
+        page.evaluate("""window.outcome = null;
+            herald.publish("chat:lobby", {text: "queued"}).then((a) => { outcome = "ack " + a.id; },
+                                                                   () => { outcome = "rejected"; });""")
+        wait_until(lambda: page.evaluate("outcome"), 20, 0.1, "the publish to be answered")
+        assert page.evaluate("outcome").startswith("ack ")
+        assert page.evaluate("sent.filter((f) => f.op === 'publish').length") == 1
+        assert page.evaluate("sockets.length") >= 4
     finally:
         context.close()

@@ -33,8 +33,12 @@
       ws.onclose = (event) => {
         this.ready = false;
         this.emit("disconnected", { code: event.code, reason: event.reason });
-        this.pending.forEach((p) => p.reject(new Error("disconnected")));
-        this.pending.clear();
+        // Requests still in the outbox go out after the reconnect: they keep
+        // their promises. Those already sent may be lost with the socket.
+        const queued = new Set(this.outbox.map((f) => f.ref));
+        this.pending.forEach((p, ref) => {
+          if (!queued.has(ref)) { p.reject(new Error("disconnected")); this.pending.delete(ref); }
+        });
         if (this.closed || event.code === 4001 || event.code === 4003) return;
         const delay = Math.min(this.maxDelay, 250 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
         this.attempt += 1;
