@@ -146,8 +146,8 @@ class Connection:
         # Writing straight from the caller saves two greenlet switches per
         # frame; with threads, two callers could split each other's frames.
         self.direct = gevent_active()
-        self.writer = threading.Thread(target=self._write, name=f"ws-writer-{self.id}", daemon=True)
-        self.writer.start()
+        # Started at the first frame that has to wait: most connections never need one.
+        self.writer: threading.Thread | None = None
 
     def push(self, frame: str | bytes) -> None:
         """Send a frame now if the socket takes it, else queue it for the writer;
@@ -165,12 +165,18 @@ class Connection:
             if sent:
                 data = _Rest(data[sent:])
         try:
-            self.queue.put_nowait(data)
+            self._queue(data)
         except queue.Full:
             log.warning("send queue overflow", extra={"client": self.id, "user": self.identity.user})
             # What is queued will never be read in time: the close goes first.
             self._discard_queued()
             self.close(CLOSE_TOO_SLOW, "too slow")
+
+    def _queue(self, item) -> None:
+        self.queue.put_nowait(item)
+        if self.writer is None:
+            self.writer = threading.Thread(target=self._write, name=f"ws-writer-{self.id}", daemon=True)
+            self.writer.start()
 
     def _discard_queued(self) -> None:
         # Through get_nowait(): under gevent this is gevent's Queue, with no
@@ -210,14 +216,16 @@ class Connection:
 
     def _force(self, item) -> None:
         try:
-            self.queue.put_nowait(item)
+            self._queue(item)
         except queue.Full:
             self._discard_queued()  # the client is being closed anyway
-            self.queue.put_nowait(item)
+            self._queue(item)
 
     def stop_writer(self) -> None:
-        """End the writer (after the reader has finished)."""
-        self._force(_STOP)
+        """End the writer (after the reader has finished); nothing is sent after this."""
+        self.closing = True
+        if self.writer is not None:
+            self._force(_STOP)
 
     def _write(self) -> None:
         while True:
@@ -598,7 +606,8 @@ class Hub:
         conn.stop_writer()
         # flask-sock closes with 1000 once we return: let our close code go
         # first, waiting a while for a stalled client to make room for it.
-        conn.writer.join(timeout=CLOSE_WAIT)
+        if conn.writer is not None:
+            conn.writer.join(timeout=CLOSE_WAIT)
         log.info("ws disconnected", extra={"client": conn.id, "user": conn.identity.user})
 
 
