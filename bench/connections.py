@@ -4,7 +4,9 @@
     python bench/connections.py --url http://127.0.0.1:8000 --token T --pid WEB_WORKER_PID -n 5000
 
 Prints connections held, the web process's RSS per connection, deliveries/s
-and delivery latency p50/p99 (from the POST to the frame at the client).
+and delivery latency p50/p99 (from the POST to the frame at the client), and
+the web process's CPU time per delivery: on one machine the client competes
+with the server for the cores, so deliveries/s says as much about the client.
 """
 
 from gevent import monkey
