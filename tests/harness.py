@@ -310,6 +310,22 @@ class WsClient:
         self.sock.shutdown()
 
 
+def close_code(client, timeout: float = 15.0) -> int:
+    """Read frames until the server's close frame; returns its code (-1 if the socket just ended)."""
+    client.sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            # Raw frames: the higher-level calls answer the close, and the
+            # server may already have gone.
+            frame = client.sock.recv_frame()
+        except (websocket.WebSocketConnectionClosedException, OSError):
+            return -1
+        if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+            return int.from_bytes(frame.data[:2], "big")
+    raise AssertionError("the server did not close the connection")
+
+
 def topic_size(stack: Stack, topic: str | None = None) -> int:
     """How many records the topic holds (sum of high watermarks over its partitions)."""
     from confluent_kafka import Consumer, TopicPartition

@@ -6,7 +6,7 @@ import time
 
 from tests.faults.conftest import start_collector
 from tests.faults.load import Publisher, assert_exactly_once, history_counts, report, wait_for_delivery
-from tests.harness import wait_until
+from tests.harness import close_code, wait_until
 
 
 def test_kafka_down_answers_503_within_the_bound_and_recovers(make_stack, channel):
@@ -46,6 +46,9 @@ def test_state_redis_down_during_processing_retries_until_delivered(make_stack, 
     stack.redis.kill()
     status, _, answer = web.request("POST", "/api/v1/messages", {"channel": channel, "data": "waits"}, token=token)
     assert status == 202, answer
+    refused = web.ws(token)  # connection caps are counted in Redis: "try again later"
+    assert close_code(refused) == 1013
+    refused.close()
     worker.wait_for_log('"retrying"', 30)
     stack.redis.start()
     frame = client.expect(lambda f: f["op"] == "message", timeout=60)

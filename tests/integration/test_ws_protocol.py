@@ -10,23 +10,7 @@ import jwt
 import pytest
 import websocket
 
-from tests.harness import SECRET, Stack, wait_until
-
-
-def close_code(client, timeout: float = 15.0) -> int:
-    """Read frames until the server's close frame; returns its code (-1 if the socket just ended)."""
-    client.sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            # Raw frames: the higher-level calls answer the close, and the
-            # server may already have gone.
-            frame = client.sock.recv_frame()
-        except (websocket.WebSocketConnectionClosedException, OSError):
-            return -1
-        if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
-            return int.from_bytes(frame.data[:2], "big")
-    raise AssertionError("the server did not close the connection")
+from tests.harness import SECRET, Stack, close_code, wait_until
 
 
 def test_connect_frame_then_ping_with_ref(web, token):
