@@ -399,3 +399,27 @@ def test_a_burst_of_subscribes_waits_for_redis_connections_instead_of_failing(st
         for client, _ in results:
             client.close()
         web.proc.stop()
+
+
+def test_server_pings_and_drops_a_client_that_answers_nothing(stack, token):
+    web = stack.web("fast-pings", HERALD_PING_INTERVAL=1)
+    silent, lively = web.ws(token), web.ws(token)
+    try:
+        assert silent.recv()["op"] == lively.recv()["op"] == "connected"
+        # websocket-client answers the server's pings while it reads.
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            lively.sock.settimeout(0.2)
+            with pytest.raises(websocket.WebSocketTimeoutException):
+                lively.sock.recv()
+        lively.send({"op": "ping", "ref": "still"})
+        assert lively.recv() == {"op": "pong", "ref": "still"}
+        # The silent one was pinged, answered nothing for two intervals, and was dropped.
+        silent.sock.settimeout(5)
+        first = silent.sock.recv_frame()
+        assert first.opcode == websocket.ABNF.OPCODE_PING
+        assert close_code(silent) == 1008
+    finally:
+        silent.close()
+        lively.close()
+        web.proc.stop()
