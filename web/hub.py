@@ -1,10 +1,11 @@
 """The WebSocket hub: `/ws` connections in this process, fed by one Redis pub/sub listener.
 
-Workers PUBLISH each frame once, already encoded; the listener hands it to
-the local subscribers' bounded send queues, and a writer per connection
-drains its queue, so a slow client never holds up the others (it is closed
-with 4008 when its queue overflows). Under gevent every thread here is a
-greenlet.
+Workers PUBLISH each frame once, already encoded; the listener turns it into
+WebSocket bytes once and writes them to every local subscriber whose socket
+takes them at once. What a socket cannot take waits in that connection's
+bounded send queue for its own writer, so a slow client never holds up the
+others (it is closed with 4008 when its queue overflows). Under gevent every
+thread here is a greenlet.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ class Connection:
             self.queue.put_nowait(rest)
 
     def send(self, frame: dict) -> None:
-        """Queue a frame given as a dict."""
+        """Send (or queue) a frame given as a dict."""
         self.push(dumps(frame))
 
     def take_token(self) -> bool:
@@ -583,6 +584,7 @@ class Hub:
         while self.running:
             try:
                 store.redis.set(store.key("node", self.node), "1", ex=self.settings.presence_ttl)
+                # A connection closing meanwhile may be counted again: it lapses after the TTL.
                 store.refresh_connections([(self._member(c.id), c.identity.user, c.remote)
                                            for c in list(self.connections.values())])
                 if store.redis.set(store.key("presence", "reaper"), self.node, nx=True, ex=int(period)):
