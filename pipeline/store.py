@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import time
 
 import redis
@@ -127,6 +128,18 @@ def status_frame(envelope: dict, status: str) -> str:
     """The SPEC's `status` frame."""
     return json.dumps({"op": "status", "channel": envelope["channel"], "id": envelope["id"], "status": status},
                       separators=(",", ":"))
+
+
+_STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?\Z")
+
+
+def valid_stream_id(value) -> bool:
+    """An offset as Redis writes stream ids, 'ms-seq' or 'ms', each part below 2**64:
+    anything else would make Redis refuse the history read."""
+    if not isinstance(value, str) or not _STREAM_ID.match(value):
+        return False
+    ms, _, seq = value.partition("-")
+    return int(ms) < 1 << 64 and int(seq or 0) < 1 << 64
 
 
 def stream_id_key(sid: str) -> tuple[int, int]:

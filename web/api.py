@@ -11,6 +11,7 @@ from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict
 from pipeline.messages import ID_RE, parse_publish, valid_channel
+from pipeline.store import valid_stream_id
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import document
 from web.problems import from_validation, problem, problem_body
@@ -160,7 +161,7 @@ def readable_channel(channel: str) -> None:
 def history(channel: str):
     readable_channel(channel)
     since = request.args.get("since") or None
-    if since is not None and not _stream_id(since):
+    if since is not None and not valid_stream_id(since):
         raise ValidationError("since is an offset from a message frame", [{"field": "since", "problem": "bad offset"}],
                               status=400, title="Bad query")
     try:
@@ -214,8 +215,3 @@ def dlq_replay(letter_id: str):
 def presence(channel: str):
     readable_channel(channel)
     return {"clients": services().store.presence(channel)}
-
-
-def _stream_id(value: str) -> bool:
-    ms, _, seq = value.partition("-")
-    return ms.isdigit() and (seq == "" or seq.isdigit()) and len(value) < 42

@@ -27,7 +27,7 @@ from simple_websocket import ConnectionClosed
 from pipeline.errors import HeraldError, ValidationError
 from pipeline.green import gevent_active
 from pipeline.messages import new_id, parse_publish, valid_channel
-from pipeline.store import connect, stream_id_key
+from pipeline.store import connect, stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.problems import problem
 
@@ -480,7 +480,7 @@ class Hub:
         if not conn.identity.may_subscribe(channel):
             raise ValidationError(f"this token may not subscribe to {channel}", status=403, title="forbidden")
         since = frame.get("since")
-        if since is not None and (not isinstance(since, str) or stream_id_key(since) < (0, 0)):
+        if since is not None and not valid_stream_id(since):
             raise ValidationError("since is an offset from a message frame", title="bad_frame")
         sub = Subscription(status=frame.get("status") is True, presence=frame.get("presence") is True)
         # Register first, holding live frames, then read history: whatever

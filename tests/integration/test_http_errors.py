@@ -121,7 +121,8 @@ def test_history_and_presence_outside_subscribe_globs_are_403(stack, web):
     assert web.request("GET", "/api/v1/channels/chat:x/presence", token=limited)[0] == 200
 
 
-@pytest.mark.parametrize("query", ["?limit=0", "?limit=abc", "?since=nope"])
+@pytest.mark.parametrize("query", ["?limit=0", "?limit=abc", "?since=nope", "?since=%D9%A3-1",
+                                   "?since=99999999999999999999999-0", "?since=1-2-3"])
 def test_bad_history_query_is_400(web, token, channel, query):
     assert_problem(web.request("GET", f"/api/v1/channels/{channel}/history{query}", token=token), 400)
 

@@ -102,6 +102,17 @@ def test_bad_frames_get_errors_then_a_close(web, token):
     client.close()
 
 
+@pytest.mark.parametrize("since", ["nope", "\u0663-1", "99999999999999999999999-0", " 1-2", 17, ""])
+def test_a_bad_resume_offset_is_a_bad_frame_not_a_retry(web, token, channel, since):
+    # Redis would refuse these: answered "unavailable", clients would retry them for ever.
+    client = web.ws(token)
+    client.recv()
+    client.send({"op": "subscribe", "channel": channel, "since": since, "ref": "r"})
+    assert client.recv() == {"op": "error", "code": "bad_frame", "ref": "r",
+                             "message": "since is an offset from a message frame"}
+    client.close()
+
+
 def test_frame_over_the_limit_closes_4009(stack, web, token, channel):
     client = web.ws(token)
     client.recv()

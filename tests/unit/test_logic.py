@@ -81,3 +81,14 @@ def test_a_broadcast_frame_encoded_once_matches_wsproto(size):
     server = Connection(ConnectionType.SERVER)
     assert server.state == ConnectionState.OPEN
     assert wire_frame(text) == server.send(TextMessage(data=text))
+
+
+@pytest.mark.parametrize("value, valid", [
+    ("0-0", True), ("1700000000000-3", True), ("17", True), (str(2**64 - 1) + "-0", True),
+    (str(2**64) + "-0", False), ("1-" + str(2**64), False), ("\u0663-1", False), (" 1-2", False),
+    ("1_000-2", False), ("+1-2", False), ("1-", False), ("-1", False), ("1-2-3", False), ("", False), (17, False),
+])
+def test_stream_offsets_are_validated_as_redis_writes_them(value, valid):
+    from pipeline.store import valid_stream_id
+
+    assert valid_stream_id(value) is valid
