@@ -69,8 +69,10 @@ class HeraldClient:
         options = {"status": status, "presence": presence}
         if since:
             options["since"] = since
+        reply = self._subscribe(channel, options)
+        # Only once the server took it: a refused channel is not resubscribed on every reconnect.
         self.channels[channel] = options
-        return self._subscribe(channel, options)
+        return reply
 
     def _subscribe(self, channel: str, options: dict) -> dict:
         # `unavailable` means the server could not read the channel's history

@@ -335,6 +335,11 @@ def test_python_client_publishes_and_resumes_after_a_dropped_connection(web, tok
         assert second["id"] == answer["id"]
         with pytest.raises(HeraldError, match="bad_channel"):
             herald.subscribe("bad channel name")
+        # The refused channel is not resubscribed after the next drop.
+        herald._sock.sock.close()
+        answer = web.request("POST", "/api/v1/messages", {"channel": channel, "data": {"n": 3}}, token=token)[2]
+        third = next(f for f in herald.frames(timeout=10) if f["op"] == "message")
+        assert third["id"] == answer["id"]
 
 
 def test_resume_from_the_start_replays_all_of_an_untrimmed_history(web, token, channel):
