@@ -260,7 +260,9 @@ window.WebSocket = class {
     if (frame.op === "connect") this.deliver({ op: "connected", client: "c" + sockets.length });
     if (frame.op === "publish") this.deliver({ op: "ack", id: frame.id, status: "accepted", ref: frame.ref });
     if (frame.op !== "subscribe") return;
-    if (refuse > 0) {
+    if (frame.channel === "chat:forbidden") {
+      this.deliver({ op: "error", code: "forbidden", message: "not yours", ref: frame.ref });
+    } else if (refuse > 0) {
       refuse -= 1;
       this.deliver({ op: "error", code: "unavailable", message: "history is unavailable, retry", ref: frame.ref });
     } else {
@@ -329,5 +331,22 @@ def test_a_publish_made_while_offline_is_sent_after_the_reconnect_and_resolves(b
         assert page.evaluate("outcome").startswith("ack ")
         assert page.evaluate("sent.filter((f) => f.op === 'publish').length") == 1
         assert page.evaluate("sockets.length") >= 4
+    finally:
+        context.close()
+
+
+def test_a_refused_subscribe_is_not_asked_again_after_a_reconnect(browser):
+    context, page = scripted_page(browser)
+    try:
+        page.goto("http://herald.test/#token=t")
+        expect(page.locator("#state")).to_have_text("online")
+        sent_to = lambda name: page.evaluate(  # noqa: E731
+            f"sent.filter((f) => f.op === 'subscribe' && f.channel === '{name}').length")
+        page.evaluate("herald.subscribe('chat:forbidden', () => {})")
+        wait_until(lambda: sent_to("chat:forbidden") == 1, 20, 0.1, "the forbidden subscribe")
+        lobby = sent_to("chat:lobby")
+        page.evaluate("sockets.at(-1).drop(1006)")
+        wait_until(lambda: sent_to("chat:lobby") > lobby, 20, 0.1, "the lobby to be resubscribed")
+        assert sent_to("chat:forbidden") == 1
     finally:
         context.close()

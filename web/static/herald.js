@@ -111,8 +111,12 @@
       this.request(frame).then(() => { sub.retries = 0; }, (error) => {
         // "unavailable": the server could not read history (Redis busy) and
         // keeps the connection open, so no reconnect would subscribe again.
-        // Retry after a backoff, from the offset reached by then. Any other
-        // error stands; a lost connection resubscribes when it is back.
+        // Retry after a backoff, from the offset reached by then. A refusal
+        // (forbidden, bad channel) stands: the channel is not asked for again
+        // on every reconnect. A lost connection resubscribes when it is back.
+        if (error.op === "error" && error.code !== "unavailable" && this.channels.get(channel) === sub) {
+          this.channels.delete(channel);
+        }
         if (error.code !== "unavailable") return;
         const delay = Math.min(this.maxDelay, 250 * 2 ** sub.retries++) * (0.5 + Math.random() / 2);
         setTimeout(() => {
