@@ -74,10 +74,11 @@ class Processor:
             fresh = [e for e in envelopes if "waiting_since" not in e]
             marked = iter(self.store.mark_processing(fresh))
             statuses = ["processing" if "waiting_since" in e else next(marked) for e in envelopes]
-            todo = []
+            todo, finished = [], []
             for envelope, status in zip(envelopes, statuses):
                 if status in TERMINAL:
                     counts["duplicate"] += 1
+                    finished.append(envelope["id"])
                     continue
                 try:
                     check_type(envelope, self.settings.message_types)
@@ -86,6 +87,10 @@ class Processor:
                     counts["dead"] += 1
                     continue
                 todo.append(envelope)
+            if finished:
+                # Handled before, and dispatched again (a record read twice after
+                # a bridge restart): out of the in-flight index, or it is re-sent for ever.
+                self.store.forget_dispatched(finished)
             self.archive.store(todo)
             outcomes = self.store.deliver(todo, force=final_attempt)
         except RETRYABLE as exc:

@@ -144,6 +144,17 @@ def history_counts(stack, channels: list[str]) -> collections.Counter:
     return counts
 
 
+def settled_in_flight(stack, timeout: float = 30.0) -> int:
+    """Messages still in the in-flight index once the pipeline has had `timeout` seconds to finish them."""
+    store = stack.store()
+    index = store.key("inflight", "index")
+    try:
+        wait_until(lambda: store.redis.zcard(index) == 0, timeout, 0.2, "an empty in-flight index")
+    except AssertionError:
+        pass
+    return store.redis.zcard(index)
+
+
 def report(name: str, publisher: Publisher, collector: Collector, history: collections.Counter,
            **extra) -> dict:
     """Print the figures of a fault test and return them."""
@@ -173,3 +184,4 @@ def assert_exactly_once(figures: dict) -> None:
     assert figures["duplicated"] == 0, figures
     assert figures["in_history"] == figures["accepted"], figures
     assert figures["history_duplicates"] == 0, figures
+    assert figures.get("in_flight", 0) == 0, figures  # a leftover entry would be re-sent for ever

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from tests.faults.conftest import start_collector
-from tests.faults.load import Publisher, assert_exactly_once, history_counts, report, wait_for_delivery
+from tests.faults.load import (Publisher, assert_exactly_once, history_counts, report, settled_in_flight,
+                               wait_for_delivery)
 
 
 def test_kill_9_worker_repeatedly(make_stack, channels):
@@ -27,6 +28,7 @@ def test_kill_9_worker_repeatedly(make_stack, channels):
     wait_for_delivery(collector, publisher)
     collector.stop()
     assert_exactly_once(report("kill -9 worker", publisher, collector, history_counts(stack, channels),
+                               in_flight=settled_in_flight(stack),
                                kills=kills))
 
 
@@ -49,6 +51,7 @@ def test_kill_9_bridge_repeatedly(make_stack, channels):
     wait_for_delivery(collector, publisher, timeout=120)
     collector.stop()
     assert_exactly_once(report("kill -9 bridge", publisher, collector, history_counts(stack, channels),
+                               in_flight=settled_in_flight(stack),
                                kills=kills))
 
 
@@ -75,6 +78,7 @@ def test_two_bridges_rebalancing_in_turn(make_stack, channels):
     wait_for_delivery(collector, publisher, timeout=120)
     collector.stop()
     assert_exactly_once(report("rebalancing bridges", publisher, collector, history_counts(stack, channels),
+                               in_flight=settled_in_flight(stack),
                                rebalances=4))
 
 
