@@ -35,14 +35,16 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    while True:
+    code = 0
+    while not stopping:  # a stop asked for while waiting to restart ends it here
         child = subprocess.Popen(command)
         code = child.wait()
         if stopping or code == 0:
-            return code
+            break
         print(f'{{"level": "error", "proc": "worker", "event": "worker exited with {code}; restarting"}}',
               file=sys.stderr, flush=True)
         time.sleep(RESTART_DELAY)
+    return code
 
 
 if __name__ == "__main__":
