@@ -78,15 +78,20 @@ class DeadLetters:
         envelope = entry.get("message")
         if not envelope:
             raise NotReplayable(f"dead letter {letter_id} was never a valid message and cannot be replayed")
-        partition, offset = self.publisher.publish(self.settings.topic, envelope["channel"], encode(envelope),
-                                                   [("herald-replay", b"1")])
+        index = self.store.key("dlq", "index")
+        # Taken off the index first: of two replays at once, only one publishes.
+        if not self.store.redis.zrem(index, letter_id):
+            raise NotReplayable(f"dead letter {letter_id} is being replayed")
+        try:
+            partition, offset = self.publisher.publish(self.settings.topic, envelope["channel"], encode(envelope),
+                                                       [("herald-replay", b"1")])
+        except Exception:
+            self.store.redis.zadd(index, {letter_id: entry["failed_at"]})  # still dead: it may be replayed again
+            raise
         # The message starts over: its status may move forward again.
         self.store.set_status(envelope, "accepted", force=True,
                               fields={"partition": str(partition), "offset": str(offset), "error": ""})
-        pipe = self.store.redis.pipeline()
-        pipe.zrem(self.store.key("dlq", "index"), letter_id)
-        pipe.delete(self.store.key("dlq", letter_id))
-        pipe.execute()
+        self.store.redis.delete(self.store.key("dlq", letter_id))
         log.info("replayed", extra={"message_id": letter_id, "partition": partition, "offset": offset})
         return {"id": envelope["id"], "channel": envelope["channel"], "status": "accepted",
                 "partition": partition, "offset": offset}
