@@ -206,7 +206,8 @@ def _retention(raw: str) -> tuple:
     for item in filter(None, (part.strip() for part in raw.split(","))):
         name, _, rule = item.partition("=")
         maxlen, _, age = rule.partition("/")
-        if not name or not maxlen.isdigit() or not age.isdigit() or int(maxlen) < 1:
+        if not name or not (maxlen.isascii() and maxlen.isdigit() and age.isascii() and age.isdigit()) \
+                or int(maxlen) < 1:
             raise ConfigError(f"HERALD_HISTORY_RETENTION item {item!r} is not namespace=LENGTH/SECONDS")
         rules.append((name, int(maxlen), int(age)))
     return tuple(rules)

@@ -193,7 +193,7 @@ def dlq_list():
         cursor = int(request.args.get("cursor", "0"))
     except ValueError:
         limit = cursor = -1
-    if not 1 <= limit <= 500 or cursor < 0:
+    if not 1 <= limit <= 500 or not 0 <= cursor < 1 << 53:  # Redis refuses an index past 2**63
         raise ValidationError("limit is 1..500 and cursor a cursor from a previous page", status=400,
                               title="Bad query")
     return services().dead_letters.list(limit, cursor)

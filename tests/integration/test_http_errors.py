@@ -127,6 +127,11 @@ def test_bad_history_query_is_400(web, token, channel, query):
     assert_problem(web.request("GET", f"/api/v1/channels/{channel}/history{query}", token=token), 400)
 
 
+@pytest.mark.parametrize("query", ["?limit=0", "?limit=501", "?cursor=-1", "?cursor=abc", "?cursor=100000000000000000000"])
+def test_bad_dead_letter_query_is_400(stack, web, query):
+    assert_problem(web.request("GET", f"/api/v1/dlq{query}", token=stack.token("ops", admin=True)), 400)
+
+
 def test_openapi_document_and_docs_page(web):
     status, _, document = web.request("GET", "/api/v1/openapi.json")
     assert status == 200 and document["openapi"].startswith("3.1") and "/api/v1/messages" in document["paths"]

@@ -82,5 +82,6 @@ def test_retention_per_namespace():
     assert settings.retention("chat:lobby") == (500, 3600)
     assert settings.retention("alerts:x") == (10, 0)
     assert settings.retention("other:x") == (99, 86400)
-    with pytest.raises(ConfigError, match="HERALD_HISTORY_RETENTION"):
-        Settings.from_env({**BASE, "HERALD_HISTORY_RETENTION": "chat=many"})
+    for bad in ("chat=many", "chat=\u00b2/10", "chat=5/\u0663", "chat=0/10", "=5/10"):
+        with pytest.raises(ConfigError, match="HERALD_HISTORY_RETENTION"):
+            Settings.from_env({**BASE, "HERALD_HISTORY_RETENTION": bad})
