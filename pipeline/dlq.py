@@ -22,6 +22,8 @@ class DeadLetters:
         self.publisher = publisher
         self.store = store
         self.settings = settings
+        # A dead letter is kept for a week of status lifetimes (Kafka keeps it as long as the topic does).
+        self._keep_seconds = settings.status_ttl * 7
 
     def send(self, *, reason: str, partition: int, offset: int, attempts: int,
              envelope: dict | None = None, raw: bytes | None = None, key=None) -> str:
@@ -46,9 +48,12 @@ class DeadLetters:
             "message": _original(envelope) if envelope else None,
             "raw": None if envelope else (raw or b"").decode("utf-8", "replace")[:4096],
         }
+        index = self.store.key("dlq", "index")
         pipe = self.store.redis.pipeline()
-        pipe.set(self.store.key("dlq", letter_id), json.dumps(entry), ex=self.settings.status_ttl * 7)
-        pipe.zadd(self.store.key("dlq", "index"), {letter_id: failed_at})
+        pipe.set(self.store.key("dlq", letter_id), json.dumps(entry), ex=self._keep_seconds)
+        pipe.zadd(index, {letter_id: failed_at})
+        # Entries expire; their ids leave the index with them, or it would grow for ever.
+        pipe.zremrangebyscore(index, "-inf", failed_at - self._keep_seconds * 1000)
         pipe.execute()
         log.warning("dead-lettered", extra={"message_id": letter_id, "reason": reason,
                                             "partition": partition, "offset": offset, "attempts": attempts})
