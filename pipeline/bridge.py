@@ -32,20 +32,35 @@ class ChannelOrder:
 
     Each envelope carries `prev`, the offset of the previous message of its
     channel, so workers running in parallel can deliver a channel in order.
+    A channel quiet for `forget_after` seconds starts again with no `prev`:
+    its order gate in Redis expires (HERALD_CHANNEL_IDLE_TTL), and a record
+    would otherwise wait HERALD_ORDER_WAIT for a gate that no longer exists.
     """
 
-    def __init__(self, capacity: int = 100_000):
+    def __init__(self, capacity: int = 100_000, forget_after: float | None = None, clock=time.monotonic):
         self.capacity = capacity
+        self.forget_after = forget_after
+        self.clock = clock
         self._last: dict[int, OrderedDict] = {}
 
     def stamp(self, partition: int, channel: str, offset: int) -> int | None:
         """Record `offset` for the channel and return the one before it (None when unknown)."""
         seen = self._last.setdefault(partition, OrderedDict())
-        prev = seen.pop(channel, None)
-        seen[channel] = offset
+        now = self.clock()
+        before = seen.pop(channel, None)
+        seen[channel] = (offset, now)
         if len(seen) > self.capacity:
             seen.popitem(last=False)
-        return prev
+        if before is None or (self.forget_after is not None and now - before[1] > self.forget_after):
+            return None
+        return before[0]
+
+    def seed(self, partition: int, offsets: dict[str, int]) -> None:
+        """Take over what an earlier owner of the partition dispatched and no worker finished yet."""
+        now = self.clock()
+        seen = self._last.setdefault(partition, OrderedDict())
+        for channel, offset in offsets.items():
+            seen[channel] = (offset, now)
 
     def forget(self, partitions) -> None:
         """Drop what is known of partitions this bridge no longer owns."""
@@ -70,7 +85,8 @@ class Bridge:
         self.settings = settings
         self.celery = celery_app
         self.dead_letters = dead_letters
-        self.order = ChannelOrder()
+        self.order = ChannelOrder(forget_after=settings.channel_idle_ttl / 2)
+        self.unseeded: set[int] = set()  # assigned partitions whose first record has not come yet
         self.running = True
         self.store = dead_letters.store
         self.next_sweep = time.monotonic() + settings.redispatch_after / 10
@@ -123,6 +139,8 @@ class Bridge:
                 continue
             partition, offset = record.partition(), record.offset()
             last_offsets[partition] = offset
+            if partition in self.unseeded:
+                self._seed(partition, offset)
             try:
                 envelope = decode(record.value())
             except PermanentError as exc:
@@ -144,6 +162,22 @@ class Bridge:
                 TopicPartition(self.settings.topic, partition, offset + 1)
                 for partition, offset in last_offsets.items()
             ])
+
+    def _seed(self, partition: int, first_offset: int) -> None:
+        # Records before `first_offset` were dispatched by this partition's
+        # previous owner (or before a restart); those no worker finished are
+        # in the in-flight index. The first record read again of each channel
+        # must wait for them, or it could overtake them.
+        self.unseeded.discard(partition)
+        try:
+            pending = self.store.in_flight_before(partition, first_offset)
+        except redis.RedisError as exc:
+            log.warning("order seed unavailable", extra={"partition": partition, "error": str(exc)})
+            return
+        self.order.seed(partition, pending)
+        if pending:
+            log.info("order seeded from in-flight messages", extra={"partition": partition,
+                                                                   "channels": len(pending)})
 
     def sweep(self) -> None:
         """Send again what was dispatched long ago and never finished (lost by the broker)."""
@@ -187,6 +221,7 @@ class Bridge:
         log.warning("consumer error", extra={"error": error.str()})
 
     def _on_assign(self, _consumer, partitions) -> None:
+        self.unseeded.update(p.partition for p in partitions)
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
 
     def _on_revoke(self, consumer, partitions) -> None:
@@ -196,6 +231,7 @@ class Bridge:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("commit on revoke failed", extra={"error": str(exc)})
         self.order.forget(p.partition for p in partitions)
+        self.unseeded.difference_update(p.partition for p in partitions)
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 
 

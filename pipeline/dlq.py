@@ -48,9 +48,9 @@ class DeadLetters:
             "message": _original(envelope) if envelope else None,
             "raw": None if envelope else (raw or b"").decode("utf-8", "replace")[:4096],
         }
-        index = self.store.key("dlq", "index")
+        index = self.store.keys.dead_letter_index
         pipe = self.store.redis.pipeline()
-        pipe.set(self.store.key("dlq", letter_id), json.dumps(entry), ex=self._keep_seconds)
+        pipe.set(self.store.keys.dead_letter(letter_id), json.dumps(entry), ex=self._keep_seconds)
         pipe.zadd(index, {letter_id: failed_at})
         # Entries expire; their ids leave the index with them, or it would grow for ever.
         pipe.zremrangebyscore(index, "-inf", failed_at - self._keep_seconds * 1000)
@@ -62,17 +62,17 @@ class DeadLetters:
 
     def list(self, limit: int = 50, cursor: int = 0) -> dict:
         """Dead letters, newest first: `{items, next, total}`; `next` is the cursor of the next page."""
-        index = self.store.key("dlq", "index")
+        index = self.store.keys.dead_letter_index
         ids = self.store.redis.zrevrange(index, cursor, cursor + limit - 1)
         total = self.store.redis.zcard(index)
-        raw = self.store.redis.mget([self.store.key("dlq", i) for i in ids]) if ids else []
+        raw = self.store.redis.mget([self.store.keys.dead_letter(i) for i in ids]) if ids else []
         items = [json.loads(r) for r in raw if r]
         more = cursor + len(ids) < total
         return {"items": items, "next": cursor + len(ids) if more else None, "total": total}
 
     def get(self, letter_id: str) -> dict | None:
         """One dead letter, or None."""
-        raw = self.store.redis.get(self.store.key("dlq", letter_id))
+        raw = self.store.redis.get(self.store.keys.dead_letter(letter_id))
         return json.loads(raw) if raw else None
 
     def replay(self, letter_id: str) -> dict:
@@ -83,7 +83,7 @@ class DeadLetters:
         envelope = entry.get("message")
         if not envelope:
             raise NotReplayable(f"dead letter {letter_id} was never a valid message and cannot be replayed")
-        index = self.store.key("dlq", "index")
+        index = self.store.keys.dead_letter_index
         # Taken off the index first: of two replays at once, only one publishes.
         if not self.store.redis.zrem(index, letter_id):
             raise NotReplayable(f"dead letter {letter_id} is being replayed")
@@ -96,7 +96,7 @@ class DeadLetters:
         # The message starts over: its status may move forward again.
         self.store.set_status(envelope, "accepted", force=True,
                               fields={"partition": str(partition), "offset": str(offset), "error": ""})
-        self.store.redis.delete(self.store.key("dlq", letter_id))
+        self.store.redis.delete(self.store.keys.dead_letter(letter_id))
         log.info("replayed", extra={"message_id": letter_id, "partition": partition, "offset": offset})
         return {"id": envelope["id"], "channel": envelope["channel"], "status": "accepted",
                 "partition": partition, "offset": offset}

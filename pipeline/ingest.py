@@ -12,14 +12,22 @@ import time
 
 import redis
 
-from pipeline.errors import HeraldError, KafkaUnavailable, TransientError
-from pipeline.messages import encode
+from pipeline.errors import HeraldError, KafkaUnavailable, TransientError, ValidationError
+from pipeline.messages import encode, new_id
 
 log = logging.getLogger("herald.ingest")
 
 
 class IdempotencyConflict(TransientError):
     """The same id is being published by another request right now."""
+
+
+class IdTaken(ValidationError):
+    """The id was published by another sender: message ids are global (README: "Message ids")."""
+
+    def __init__(self, msg_id: str):
+        super().__init__(f"message id {msg_id} is taken by another sender; choose another id",
+                         [{"field": "id", "problem": "taken by another sender"}], status=409, title="Id taken")
 
 
 class Ingest:
@@ -40,54 +48,62 @@ class Ingest:
         """Publish several envelopes at once; each result is an answer dict or, with
         `raise_errors=False`, the HeraldError that kept that message out."""
         results: list = [None] * len(envelopes)
-        pending = {}
+        pending, claims = {}, {}
         for index, envelope in enumerate(envelopes):
             try:
                 if idempotent[index]:
-                    prior = self._claim(envelope["id"])
+                    claim = json.dumps({"sender": envelope["sender"], "claim": new_id()})
+                    prior = self._claim(envelope, claim)
                     if prior is not None:
                         results[index] = prior
                         continue
+                    claims[index] = claim
                 pending[index] = self.publisher.send(self.settings.topic, envelope["channel"], encode(envelope),
                                                      _headers(origin, request_id))
             except HeraldError as exc:
-                self._forget(envelope, idempotent[index])
+                self._forget(envelope, claims.get(index))
                 results[index] = exc
         for index, future in pending.items():
             envelope = envelopes[index]
             try:
                 partition, offset = self.publisher.wait(future)
             except HeraldError as exc:
-                self._forget(envelope, idempotent[index])
+                self._forget(envelope, claims.get(index))
                 results[index] = exc
                 continue
-            results[index] = self._accepted(envelope, partition, offset, idempotent[index], request_id)
+            results[index] = self._accepted(envelope, partition, offset, index in claims, request_id)
         if raise_errors:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
         return results
 
-    def _claim(self, msg_id: str) -> dict | None:
+    def _claim(self, envelope: dict, claim: str) -> dict | None:
+        """None once this request owns the id; else the first answer (same sender)."""
+        msg_id, sender = envelope["id"], envelope["sender"]
         deadline = time.monotonic() + self.settings.produce_timeout + 2
         try:
             while True:
-                prior = self.store.claim_idempotency(msg_id, self.settings.node_id)
+                prior = self.store.claim_idempotency(msg_id, claim)
                 if prior is None:
                     return None
-                if prior != "pending":
-                    return json.loads(prior)
+                held = json.loads(prior)
+                if held.get("sender") != sender:
+                    raise IdTaken(msg_id)
+                if "answer" in held:
+                    return held["answer"]
                 if time.monotonic() > deadline:
                     raise IdempotencyConflict(f"message {msg_id} is still being published by another request")
                 time.sleep(0.01)
         except redis.RedisError as exc:
-            raise KafkaUnavailable(f"cannot check the idempotency key: {exc}") from None
+            log.warning("idempotency store unavailable", extra={"message_id": msg_id, "error": str(exc)})
+            raise KafkaUnavailable("cannot check the idempotency key") from None
 
-    def _forget(self, envelope: dict, idempotent: bool) -> None:
-        if not idempotent:
+    def _forget(self, envelope: dict, claim: str | None) -> None:
+        if claim is None:
             return
         try:
-            self.store.release_idempotency(envelope["id"])
+            self.store.release_idempotency(envelope["id"], claim)
         except redis.RedisError:
             log.warning("cannot release idempotency claim", extra={"message_id": envelope["id"]})
 
@@ -97,7 +113,7 @@ class Ingest:
         try:
             self.store.record_accepted(envelope, partition, offset)
             if idempotent:
-                self.store.store_answer(envelope["id"], answer)
+                self.store.store_answer(envelope["id"], json.dumps({"sender": envelope["sender"], "answer": answer}))
         except redis.RedisError as exc:
             # Kafka has the record: the answer stands, the worker fills the status in.
             log.warning("status store unavailable", extra={"message_id": envelope["id"], "error": str(exc)})

@@ -11,6 +11,7 @@ import random
 import time
 
 import redis
+from prometheus_client import Counter
 
 from pipeline.errors import PermanentError, TransientError
 
@@ -20,6 +21,8 @@ TERMINAL = {"delivered", "failed", "rejected"}
 ORDER_SPIN = 0.05  # seconds a worker waits in place for a channel's previous message
 # Errors worth retrying: the services a message passes through were unreachable.
 RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+FORCED_ORDER = Counter("herald_forced_out_of_order_total",
+                       "Records let past their channel's order gate after HERALD_ORDER_WAIT")
 
 
 class RetryLater(Exception):
@@ -59,12 +62,15 @@ class Processor:
     def run(self, envelopes: list[dict], *, final_attempt: bool) -> dict:
         """Process the batch once; raises RetryLater when a transient failure stops it.
 
-        Messages whose predecessor in the channel is not handled yet come back
-        in `counts["waiting"]`, to be run again shortly; once they have waited
-        `order_wait` seconds they are delivered anyway (the predecessor may sit
-        with a dead worker until the broker's visibility timeout).
+        Every record passes its channel's order gate, whatever becomes of it
+        (README: "Order"): duplicates and dead-lettered messages move the gate
+        on without being delivered. Records whose predecessor in the channel is
+        not handled yet come back in `counts["waiting"]`, to be run again
+        shortly; once they have waited `order_wait` seconds they pass anyway
+        (the predecessor may sit with a dead worker until the broker's
+        visibility timeout), which is logged and counted.
         """
-        counts = {"delivered": 0, "duplicate": 0, "dead": 0, "waiting": []}
+        counts = {"delivered": 0, "duplicate": 0, "skipped": 0, "dead": 0, "waiting": []}
         now = time.time()
         for envelope in envelopes:
             if now - envelope.get("waiting_since", now) >= self.settings.order_wait:
@@ -74,42 +80,40 @@ class Processor:
             fresh = [e for e in envelopes if "waiting_since" not in e]
             marked = iter(self.store.mark_processing(fresh))
             statuses = ["processing" if "waiting_since" in e else next(marked) for e in envelopes]
-            todo, finished = [], []
             for envelope, status in zip(envelopes, statuses):
                 if status in TERMINAL:
-                    counts["duplicate"] += 1
-                    finished.append(envelope["id"])
-                    continue
-                try:
-                    check_type(envelope, self.settings.message_types)
-                except PermanentError as exc:
-                    self._dead_letter(envelope, str(exc), attempts=1)
-                    counts["dead"] += 1
-                    continue
-                todo.append(envelope)
-            if finished:
-                # Handled before, and dispatched again (a record read twice after
-                # a bridge restart): out of the in-flight index, or it is re-sent for ever.
-                self.store.forget_dispatched(finished)
-            self.archive.store(todo)
-            outcomes = self.store.deliver(todo, force=final_attempt)
+                    envelope["skip"] = True  # handled before: it only passes the gate
+                elif not envelope.get("skip"):
+                    try:
+                        check_type(envelope, self.settings.message_types)
+                    except PermanentError as exc:
+                        self._dead_letter(envelope, str(exc), attempts=1)
+                        counts["dead"] += 1
+                        envelope["skip"] = True
+            skip = [bool(e.get("skip")) for e in envelopes]
+            self.archive.store([e for e, skipped in zip(envelopes, skip) if not skipped])
+            outcomes = self.store.deliver(envelopes, force=final_attempt, skip=skip)
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
-        for index, (envelope, (outcome, _sid)) in enumerate(zip(todo, outcomes)):
-            if outcome == "wait":
+        blocked = set()  # channels whose earlier record still waits: the later ones cannot pass
+        for index, (envelope, (outcome, _sid)) in enumerate(zip(envelopes, outcomes)):
+            if outcome == "wait" and envelope["channel"] not in blocked:
                 try:
                     outcome = self._deliver_in_turn(envelope, force=final_attempt)
                 except RETRYABLE as exc:
-                    raise RetryLater(todo[index:], exc) from exc
+                    raise RetryLater(envelopes[index:], exc) from exc
             if outcome == "wait":
+                blocked.add(envelope["channel"])
                 envelope.setdefault("waiting_since", now)
                 counts["waiting"].append(envelope)
                 continue
             if envelope.get("force_order"):
-                log.warning("delivered out of order: its predecessor is still not handled",
+                FORCED_ORDER.inc()
+                log.warning("passed out of order: its predecessor is still not handled",
                             extra={"message_id": envelope["id"], "channel": envelope["channel"],
-                                   "prev": envelope.get("prev")})
-            counts["duplicate" if outcome == "duplicate" else "delivered"] += 1
+                                   "offset": envelope.get("offset"), "prev": envelope.get("prev"),
+                                   "request_id": envelope.get("request_id")})
+            counts[outcome] += 1
             log.info("message %s", outcome, extra={"message_id": envelope["id"], "channel": envelope["channel"],
                                                    "offset": envelope.get("offset"),
                                                    "request_id": envelope.get("request_id")})
@@ -125,8 +129,9 @@ class Processor:
         # the broker, but a worker slot must not be held for long.
         deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
+        skip = [bool(envelope.get("skip"))]
         while True:
-            (outcome, _sid), = self.store.deliver([envelope], force=force)
+            (outcome, _sid), = self.store.deliver([envelope], force=force, skip=skip)
             if outcome != "wait" or time.monotonic() >= deadline:
                 return outcome
             time.sleep(delay)

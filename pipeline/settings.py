@@ -49,6 +49,7 @@ class Settings:
     history_max_age: int = 86400
     history_retention: tuple = ()  # ((namespace, maxlen, max_age_seconds), ...)
     status_ttl: int = 86400
+    channel_idle_ttl: int = 7 * 86400
     batch_size: int = 100
     send_queue_size: int = 512
     ping_interval: int = 25
@@ -113,6 +114,7 @@ class Settings:
             history_max_age=_int(env, "HERALD_HISTORY_MAX_AGE", cls.history_max_age, 0, 365 * 86400),
             history_retention=_retention(env.get("HERALD_HISTORY_RETENTION", "")),
             status_ttl=_int(env, "HERALD_STATUS_TTL", cls.status_ttl, 60, 30 * 86400),
+            channel_idle_ttl=_int(env, "HERALD_CHANNEL_IDLE_TTL", cls.channel_idle_ttl, 60, 365 * 86400),
             batch_size=_int(env, "HERALD_BATCH_SIZE", cls.batch_size, 1, 10000),
             send_queue_size=_int(env, "HERALD_SEND_QUEUE", cls.send_queue_size, 1, 1_000_000),
             ping_interval=_int(env, "HERALD_PING_INTERVAL", cls.ping_interval, 1, 3600),

@@ -14,6 +14,8 @@ import time
 
 import redis
 
+from pipeline.keys import Keys
+
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
 
 # KEYS: msg hash, status pub/sub channel. ARGV: status, rank, ttl, status frame,
@@ -40,28 +42,54 @@ end
 return ARGV[1]
 """
 
+# Every record of a channel passes this gate in Kafka order, whatever its
+# outcome: delivered, a duplicate of a message already handled (a retried POST
+# writes a second record under the same id), or skipped (dead-lettered,
+# rejected). A record waits until the gate reached its channel's previous
+# offset, then moves the gate to its own (README: "Order"). A forced record
+# (its wait ran out) passes without its predecessor only when that one is
+# not itself waiting in line (recently seen in the waiting set): so records
+# forced together still pass one after the other, in order.
 # KEYS: done marker, order gate, history stream, msg hash, message pub/sub
-# channel, status pub/sub channel, history epoch, in-flight index, in-flight envelopes.
-# ARGV: kafka offset, previous offset of the channel or '', ttl, history
+# channel, status pub/sub channel, history epoch, in-flight index, in-flight
+# envelopes, waiting set (offsets scored by when they last waited).
+# ARGV: kafka offset, previous offset of the channel or '', status ttl, history
 # maxlen, message frame head, status frame, origin channel or '', origin client,
-# force ('1' once the order wait ran out), message id, oldest id to keep ('' = no age limit).
-_DELIVER = """
-local done = redis.call('GET', KEYS[1])
-if done then
-  redis.call('ZREM', KEYS[8], ARGV[10])
-  redis.call('HDEL', KEYS[9], ARGV[10])
-  return {'duplicate', done}
-end
+# force ('1' once the order wait ran out), message id, oldest id to keep ('' = no
+# age limit), channel idle ttl, '1' to skip (let the gate pass without delivering),
+# now (seconds), seconds after which a waiting record counts as stuck.
+_PASS = """
 local offset = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
-if ARGV[2] ~= '' and ARGV[9] ~= '1' and last < tonumber(ARGV[2]) then return {'wait', ''} end
-local sid = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '*', 'f', ARGV[5])
-if ARGV[11] ~= '' then redis.call('XTRIM', KEYS[3], 'MINID', ARGV[11]) end
-redis.call('SET', KEYS[7], sid, 'NX')
-if offset > last then redis.call('SET', KEYS[2], offset, 'EX', ARGV[3]) end
-redis.call('SET', KEYS[1], sid, 'EX', ARGV[3])
+if ARGV[2] ~= '' and last < tonumber(ARGV[2]) then
+  local now = tonumber(ARGV[14])
+  local queued = false
+  if ARGV[9] == '1' then
+    local seen = redis.call('ZSCORE', KEYS[10], ARGV[2])
+    queued = seen and tonumber(seen) > now - tonumber(ARGV[15])
+  end
+  if ARGV[9] ~= '1' or queued then
+    redis.call('ZADD', KEYS[10], now, ARGV[1])
+    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - tonumber(ARGV[12]))
+    redis.call('EXPIRE', KEYS[10], ARGV[12])
+    return {'wait', ''}
+  end
+end
+redis.call('ZREM', KEYS[10], ARGV[1])
+if offset > last then redis.call('SET', KEYS[2], offset, 'EX', ARGV[12]) end
 redis.call('ZREM', KEYS[8], ARGV[10])
 redis.call('HDEL', KEYS[9], ARGV[10])
+local done = redis.call('GET', KEYS[1])
+if done then return {'duplicate', done} end
+if ARGV[13] == '1' then return {'skipped', ''} end
+local sid = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '*', 'f', ARGV[5])
+if ARGV[11] ~= '' then redis.call('XTRIM', KEYS[3], 'MINID', ARGV[11]) end
+-- An idle channel's keys expire (a message to each of many new channels
+-- must not hold Redis memory for ever).
+redis.call('EXPIRE', KEYS[3], ARGV[12])
+redis.call('SET', KEYS[7], sid, 'NX')
+redis.call('EXPIRE', KEYS[7], ARGV[12])
+redis.call('SET', KEYS[1], sid, 'EX', ARGV[3])
 redis.call('HSET', KEYS[4], 'status', 'delivered', 'stream_id', sid)
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 redis.call('PUBLISH', KEYS[5], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
@@ -70,12 +98,18 @@ if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8] .. '\\n' .. ARGV[6]
 return {'delivered', sid}
 """
 
-# KEYS: order gate. ARGV: offset, ttl. A dead-lettered message still counts as
-# handled, or its channel would wait for it forever.
-_ADVANCE = """
-local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) > last then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
-return 1
+# The first publish of a message id claims it. KEYS: claim. ARGV: pending
+# value, its ttl. Returns nothing when claimed, else the value there.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: claim. ARGV: the value this request claimed it with. Only the owner
+# lets go of a claim (a second item with the same id once deleted the first's).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -157,28 +191,12 @@ class Store:
     def __init__(self, client: redis.Redis, settings):
         self.redis = client
         self.settings = settings
-        self.prefix = settings.redis_prefix
+        self.keys = Keys(settings.redis_prefix)
         self._set_status = client.register_script(_SET_STATUS)
-        self._deliver = client.register_script(_DELIVER)
-        self._advance = client.register_script(_ADVANCE)
+        self._pass = client.register_script(_PASS)
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
         self._claim_connection = client.register_script(_CLAIM_CONNECTION)
-
-    # Key names: one place, so the hub, the tasks and the API agree.
-    def key(self, kind: str, name: str) -> str:
-        """`<prefix>:<kind>:<name>`."""
-        return f"{self.prefix}:{kind}:{name}"
-
-    def message_channel(self, channel: str) -> str:
-        """Pub/sub channel carrying a channel's `message` frames."""
-        return self.key("m", channel)
-
-    def status_channel(self, channel: str) -> str:
-        """Pub/sub channel carrying a channel's `status` frames."""
-        return self.key("s", channel)
-
-    def node_channel(self, node: str) -> str:
-        """Pub/sub channel of one web process, for frames meant for one of its clients."""
-        return self.key("n", node)
 
     def set_status(self, envelope: dict, status: str, *, fields=None, origin=None, force=False) -> str:
         """Move a message's status forward (never back) and push the change; returns the status now."""
@@ -190,7 +208,7 @@ class Store:
             flat += [name, value if isinstance(value, str) else json.dumps(value)]
         frame = status_frame(envelope, status) if status != "accepted" else ""
         node, client = _origin(self, origin)
-        return {"keys": [self.key("msg", envelope["id"]), self.status_channel(envelope["channel"])],
+        return {"keys": [self.keys.message(envelope["id"]), self.keys.status_channel(envelope["channel"])],
                 "args": [status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
                          "1" if force else "0", *flat]}
 
@@ -207,39 +225,47 @@ class Store:
                              client=pipe)
         return pipe.execute()
 
-    def deliver(self, envelopes: list[dict], *, force: bool = False) -> list[tuple[str, str]]:
-        """Append each to history and push it, once, in order; returns per message
-        ('delivered'|'duplicate'|'wait', stream id). One round trip for the batch."""
+    def deliver(self, envelopes: list[dict], *, force: bool = False, skip=None) -> list[tuple[str, str]]:
+        """Pass each record through its channel's order gate, in order, and deliver it once.
+
+        Returns per record ('delivered'|'duplicate'|'skipped'|'wait', stream id):
+        'wait' while the channel's previous record is not handled; records
+        flagged in `skip` (dead-lettered, rejected) only move the gate on.
+        One round trip for the batch.
+        """
+        skip = skip or [False] * len(envelopes)
+        now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        for envelope in envelopes:
+        for envelope, skipped in zip(envelopes, skip):
             channel = envelope["channel"]
             node, client = _origin(self, envelope.get("origin"))
             prev = envelope.get("prev")
             maxlen, max_age = self.settings.retention(channel)
-            oldest = f"{int((time.time() - max_age) * 1000)}-0" if max_age else ""
-            self._deliver(
-                keys=[self.key("done", envelope["id"]), self.key("last", channel), self.key("hist", channel),
-                      self.key("msg", envelope["id"]), self.message_channel(channel),
-                      self.status_channel(channel), self.key("epoch", channel),
-                      self.key("inflight", "index"), self.key("inflight", "envelopes")],
+            oldest = f"{int((now - max_age) * 1000)}-0" if max_age else ""
+            keys = self.keys
+            self._pass(
+                keys=[keys.done(envelope["id"]), keys.gate(channel), keys.history(channel),
+                      keys.message(envelope["id"]), keys.message_channel(channel),
+                      keys.status_channel(channel), keys.epoch(channel),
+                      keys.in_flight_index, keys.in_flight_envelopes, keys.waiting(channel)],
                 args=[envelope.get("offset", -1), "" if prev is None else prev, self.settings.status_ttl,
-                      maxlen, message_frame_head(envelope),
-                      status_frame(envelope, "delivered"), node, client,
-                      "1" if force or envelope.get("force_order") else "0", envelope["id"], oldest],
+                      maxlen, "" if skipped else message_frame_head(envelope),
+                      "" if skipped else status_frame(envelope, "delivered"), node, client,
+                      "1" if force or envelope.get("force_order") else "0", envelope["id"], oldest,
+                      self.settings.channel_idle_ttl, "1" if skipped else "0", now,
+                      max(1.0, self.settings.order_wait)],
                 client=pipe,
             )
         return [tuple(result) for result in pipe.execute()]
 
     def mark_failed(self, envelope: dict, error: str, status: str = "failed") -> None:
-        """Record a dead-lettered (or rejected) message and let its channel move on."""
-        self._advance(keys=[self.key("last", envelope["channel"])],
-                      args=[envelope.get("offset", -1), self.settings.status_ttl])
-        self.forget_dispatched([envelope["id"]])
+        """Record a dead-lettered (or rejected) message; it still has to pass its
+        channel's order gate (`deliver(..., skip=...)`) for the channel to move on."""
         self.set_status(envelope, status, fields={"error": error}, origin=envelope.get("origin"))
 
     def get_message(self, msg_id: str) -> dict | None:
         """The stored message with its status, or None."""
-        raw = self.redis.hgetall(self.key("msg", msg_id))
+        raw = self.redis.hgetall(self.keys.message(msg_id))
         if not raw:
             return None
         out = {"id": msg_id}
@@ -254,9 +280,9 @@ class Store:
 
     def history(self, channel: str, since: str | None, limit: int) -> dict:
         """Messages after `since` (exclusive), oldest first, and whether nothing was lost."""
-        stream = self.key("hist", channel)
+        stream = self.keys.history(channel)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(self.key("epoch", channel))
+        pipe.get(self.keys.epoch(channel))
         pipe.xrange(stream, min=f"({since}" if since else "-", count=limit + 1)
         pipe.xinfo_stream(stream) if since else pipe.exists(stream)
         try:
@@ -278,7 +304,7 @@ class Store:
 
     def last_id(self, channel: str) -> str | None:
         """The newest history entry's id, or None."""
-        newest = self.redis.xrevrange(self.key("hist", channel), count=1)
+        newest = self.redis.xrevrange(self.keys.history(channel), count=1)
         return newest[0][0] if newest else None
 
     # In-flight index: what the bridge handed to Celery and no worker finished.
@@ -288,32 +314,43 @@ class Store:
         """Remember dispatched messages until they are delivered or dead-lettered."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.key("inflight", "index"), {e["id"]: now for e in envelopes}, nx=True)
-        pipe.hset(self.key("inflight", "envelopes"), mapping={e["id"]: json.dumps(e) for e in envelopes})
+        pipe.zadd(self.keys.in_flight_index, {e["id"]: now for e in envelopes}, nx=True)
+        pipe.hset(self.keys.in_flight_envelopes, mapping={e["id"]: json.dumps(e) for e in envelopes})
         pipe.execute()
 
     def forget_dispatched(self, ids: list[str]) -> None:
         """Drop messages from the in-flight index."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.key("inflight", "index"), *ids)
-        pipe.hdel(self.key("inflight", "envelopes"), *ids)
+        pipe.zrem(self.keys.in_flight_index, *ids)
+        pipe.hdel(self.keys.in_flight_envelopes, *ids)
         pipe.execute()
 
     def stale_dispatched(self, older_than: float, limit: int = 500) -> list[dict]:
         """Messages dispatched more than `older_than` seconds ago and still not finished;
         their clock restarts, so each is returned once per period."""
-        index = self.key("inflight", "index")
+        index = self.keys.in_flight_index
         now = time.time()
         ids = self.redis.zrangebyscore(index, "-inf", now - older_than, start=0, num=limit)
         if not ids:
             return []
-        raw = self.redis.hmget(self.key("inflight", "envelopes"), ids)
+        raw = self.redis.hmget(self.keys.in_flight_envelopes, ids)
         self.redis.zadd(index, {i: now for i in ids}, xx=True)
         return [json.loads(r) for r in raw if r]
 
+    def in_flight_before(self, partition: int, offset: int) -> dict[str, int]:
+        """Per channel, the highest offset below `offset` of the partition's dispatched,
+        unfinished messages."""
+        latest: dict[str, int] = {}
+        for _id, raw in self.redis.hscan_iter(self.keys.in_flight_envelopes, count=500):
+            envelope = json.loads(raw)
+            at = envelope.get("offset", -1)
+            if envelope.get("partition") == partition and 0 <= at < offset:
+                latest[envelope["channel"]] = max(at, latest.get(envelope["channel"], -1))
+        return latest
+
     def count_run(self, task_id: str) -> int:
         """How many times a task has started (redeliveries and retries included)."""
-        key = self.key("runs", task_id)
+        key = self.keys.task_runs(task_id)
         pipe = self.redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, self.settings.status_ttl)
@@ -321,7 +358,7 @@ class Store:
 
     def presence(self, channel: str) -> list[dict]:
         """Clients subscribed to a channel now, oldest first (entries of dead nodes left out)."""
-        entries = [json.loads(v) for v in self.redis.hvals(self.key("presence", channel))]
+        entries = [json.loads(v) for v in self.redis.hvals(self.keys.presence(channel))]
         alive = self._alive_nodes({e.get("node", "") for e in entries})
         entries = sorted((e for e in entries if e.get("node", "") in alive), key=lambda e: e.get("since", 0))
         return [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries]
@@ -329,8 +366,8 @@ class Store:
     def reap_presence(self) -> list[tuple[str, dict]]:
         """Remove presence entries of web processes that stopped heart-beating; returns them."""
         reaped = []
-        for channel in self.redis.smembers(self.key("presence", "channels")):
-            key = self.key("presence", channel)
+        for channel in self.redis.smembers(self.keys.presence_channels):
+            key = self.keys.presence(channel)
             entries = {client: json.loads(v) for client, v in self.redis.hgetall(key).items()}
             alive = self._alive_nodes({e.get("node", "") for e in entries.values()})
             for client, entry in entries.items():
@@ -338,17 +375,17 @@ class Store:
                     if self.redis.hdel(key, client):
                         frame = json.dumps({"op": "leave", "channel": channel, "user": entry["user"],
                                             "client": client}, separators=(",", ":"))
-                        self.redis.publish(self.key("p", channel), frame)
+                        self.redis.publish(self.keys.presence_channel(channel), frame)
                         reaped.append((channel, entry))
             if not self.redis.exists(key):
-                self.redis.srem(self.key("presence", "channels"), channel)
+                self.redis.srem(self.keys.presence_channels, channel)
         return reaped
 
     def _alive_nodes(self, nodes: set[str]) -> set[str]:
         nodes = [n for n in nodes if n]
         if not nodes:
             return set()
-        flags = self.redis.mget([self.key("node", n) for n in nodes])
+        flags = self.redis.mget([self.keys.node(n) for n in nodes])
         return {n for n, flag in zip(nodes, flags) if flag}
 
     # Connection caps across the cluster.
@@ -356,7 +393,7 @@ class Store:
         """Count a new WebSocket; returns "user" or "address" (and counts nothing) when that cap is reached."""
         now = time.time()
         return self._claim_connection(
-            keys=[self.key("wsuser", user), self.key("wsaddr", address)],
+            keys=[self.keys.user_connections(user), self.keys.address_connections(address)],
             args=[member, now, now + self.settings.presence_ttl,
                   self.settings.ws_max_per_user, self.settings.ws_max_per_ip]) or None
 
@@ -365,8 +402,8 @@ class Store:
         lapse = time.time() + self.settings.presence_ttl
         by_key: dict[str, dict[str, float]] = collections.defaultdict(dict)
         for member, user, address in members:
-            by_key[self.key("wsuser", user)][member] = lapse
-            by_key[self.key("wsaddr", address)][member] = lapse
+            by_key[self.keys.user_connections(user)][member] = lapse
+            by_key[self.keys.address_connections(address)][member] = lapse
         pipe = self.redis.pipeline(transaction=False)
         for key, scores in by_key.items():
             # Re-added, not only updated: a Redis that restarted empty counts them again.
@@ -377,28 +414,29 @@ class Store:
     def release_connection(self, member: str, user: str, address: str) -> None:
         """Stop counting a closed WebSocket."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.key("wsuser", user), member)
-        pipe.zrem(self.key("wsaddr", address), member)
+        pipe.zrem(self.keys.user_connections(user), member)
+        pipe.zrem(self.keys.address_connections(address), member)
         pipe.execute()
 
     # Idempotent publishing: the first request claims the id, later ones get its answer.
-    def claim_idempotency(self, msg_id: str, owner: str) -> str | None:
-        """None when this request owns `msg_id`; else the stored answer or 'pending'."""
-        key = self.key("idem", msg_id)
-        if self.redis.set(key, "pending:" + owner, nx=True, ex=self.settings.status_ttl):
-            return None
-        value = self.redis.get(key)
-        if value is None:
-            return self.claim_idempotency(msg_id, owner)
-        return "pending" if value.startswith("pending:") else value
+    def claim_idempotency(self, msg_id: str, claim: str) -> str | None:
+        """None when this request now owns `msg_id` (claimed with the value `claim`);
+        else the value there: another request's pending claim, or a stored answer.
 
-    def store_answer(self, msg_id: str, answer: dict) -> None:
-        """Keep the first answer for 24 h."""
-        self.redis.set(self.key("idem", msg_id), json.dumps(answer), ex=self.settings.status_ttl)
+        A pending claim lapses after a few produce timeouts, so a web process
+        killed mid-publish does not block the id for a day; the retry may then
+        write a second record, which the workers deduplicate.
+        """
+        ttl = max(10, int(self.settings.produce_timeout * 3))
+        return self._claim(keys=[self.keys.idempotency(msg_id)], args=[claim, ttl])
 
-    def release_idempotency(self, msg_id: str) -> None:
-        """Forget a claim whose publish failed, so the client may retry."""
-        self.redis.delete(self.key("idem", msg_id))
+    def store_answer(self, msg_id: str, value: str) -> None:
+        """Keep the first answer for the status lifetime (24 h by default)."""
+        self.redis.set(self.keys.idempotency(msg_id), value, ex=self.settings.status_ttl)
+
+    def release_idempotency(self, msg_id: str, claim: str) -> None:
+        """Forget a claim whose publish failed, so the client may retry; only its owner can."""
+        self._release(keys=[self.keys.idempotency(msg_id)], args=[claim])
 
 
 def _nothing_trimmed_after(since: str, epoch: str, info: dict) -> bool:
@@ -419,7 +457,7 @@ def _origin(store: Store, origin) -> tuple[str, str]:
     if not origin or "/" not in origin:
         return "", ""
     node, client = origin.split("/", 1)
-    return store.node_channel(node), client
+    return store.keys.node_channel(node), client
 
 
 def _message_fields(envelope: dict, partition, offset) -> dict:

@@ -95,6 +95,8 @@ def _after_worker_loss(envelopes: list[dict], deaths: int, final: bool) -> dict:
     if deaths > settings.max_redeliveries:
         processor().dead_letter_first(envelopes, f"worker died {deaths} times while processing it",
                                       attempts=deaths + 1)
+        # Dead-lettered, it is handled: a fresh task lets it pass its channel's order gate.
+        process_message.apply_async(args=(envelopes,))
         return {"dead": 1}
     return _requeue_waiting(processor().run(envelopes, final_attempt=final))
 
@@ -148,7 +150,7 @@ def process_message(self, envelopes: list[dict]) -> dict:
             # Losing the message is worse than retrying past the limit.
             raise self.retry(args=(pending.remaining,), countdown=settings.retry_max_delay,
                              max_retries=None, exc=exc) from None
-        if len(pending.remaining) > 1:
-            # The others never failed themselves: they get a fresh set of retries.
-            process_message.apply_async(args=(pending.remaining[1:],))
+        # The others never failed themselves: they get a fresh set of retries;
+        # the dead-lettered one goes along only to pass its channel's order gate.
+        process_message.apply_async(args=(pending.remaining,))
         return {"dead": 1}

@@ -296,6 +296,16 @@ class WsClient:
             if predicate(frame):
                 return frame
 
+    def drain(self, seconds: float) -> list[dict]:
+        """Every frame that arrives within `seconds`."""
+        frames, deadline = [], time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                frames.append(self.recv(remaining))
+            except websocket.WebSocketTimeoutException:
+                break
+        return frames
+
     def subscribe(self, channel: str, **options) -> dict:
         """Subscribe and return the `subscribed` reply."""
         self.send({"op": "subscribe", "channel": channel, **options})

@@ -126,7 +126,9 @@ def publish_batch():
     answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
                                              raise_errors=False)
     for index, answer in zip(slots, answers):
-        if isinstance(answer, HeraldError):
+        if isinstance(answer, ValidationError):
+            results[index] = problem_body(answer.status, answer.detail, title=answer.title, errors=answer.errors)
+        elif isinstance(answer, HeraldError):
             status = 409 if isinstance(answer, IdempotencyConflict) else 503
             results[index] = problem_body(status, str(answer), title="Not accepted")
         else:

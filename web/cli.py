@@ -70,7 +70,7 @@ def tail_command(channel):
     """Print CHANNEL's messages as they are delivered (Ctrl-C to stop)."""
     services = current_app.extensions["herald"]
     pubsub = services.store.redis.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(services.store.message_channel(channel))
+    pubsub.subscribe(services.store.keys.message_channel(channel))
     try:
         for item in pubsub.listen():
             click.echo(item["data"].partition("\n")[2])

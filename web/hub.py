@@ -284,7 +284,7 @@ class Hub:
     # -- fan-out -----------------------------------------------------------
     def _listen(self) -> None:
         store = self.services.store
-        prefix = store.prefix
+        prefix = store.keys.prefix
         delay = 0.1
         reconnecting = False
         while self.running:
@@ -292,7 +292,7 @@ class Hub:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(f"{prefix}:m:*", f"{prefix}:s:*", f"{prefix}:p:*")
-                pubsub.subscribe(store.node_channel(self.node))
+                pubsub.subscribe(store.keys.node_channel(self.node))
                 if reconnecting:
                     # Frames published while we were away are in history:
                     # send them before any live frame, so order holds.
@@ -549,6 +549,8 @@ class Hub:
         try:
             answer = self.services.ingest.publish(envelope, idempotent="id" in body,
                                                   origin=f"{self.node}/{conn.id}", request_id=new_id())
+        except ValidationError:
+            raise
         except HeraldError as exc:
             raise ValidationError(str(exc), status=503, title="unavailable") from None
         conn.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
@@ -559,9 +561,9 @@ class Hub:
                        "node": self.node})
         try:
             pipe = store.redis.pipeline(transaction=False)
-            pipe.hset(store.key("presence", channel), conn.id, entry)
-            pipe.sadd(store.key("presence", "channels"), channel)
-            pipe.publish(store.key("p", channel), _presence_frame("join", channel, conn.identity.user, conn.id))
+            pipe.hset(store.keys.presence(channel), conn.id, entry)
+            pipe.sadd(store.keys.presence_channels, channel)
+            pipe.publish(store.keys.presence_channel(channel), _presence_frame("join", channel, conn.identity.user, conn.id))
             pipe.execute()
         except redis.RedisError:
             log.warning("presence not recorded", extra={"client": conn.id, "channel": channel})
@@ -570,8 +572,8 @@ class Hub:
         store = self.services.store
         try:
             pipe = store.redis.pipeline(transaction=False)
-            pipe.hdel(store.key("presence", channel), conn.id)
-            pipe.publish(store.key("p", channel), _presence_frame("leave", channel, conn.identity.user, conn.id))
+            pipe.hdel(store.keys.presence(channel), conn.id)
+            pipe.publish(store.keys.presence_channel(channel), _presence_frame("leave", channel, conn.identity.user, conn.id))
             pipe.execute()
         except redis.RedisError:
             log.warning("presence not removed", extra={"client": conn.id, "channel": channel})
@@ -583,11 +585,11 @@ class Hub:
         period = max(1.0, self.settings.presence_ttl / 3)
         while self.running:
             try:
-                store.redis.set(store.key("node", self.node), "1", ex=self.settings.presence_ttl)
+                store.redis.set(store.keys.node(self.node), "1", ex=self.settings.presence_ttl)
                 # A connection closing meanwhile may be counted again: it lapses after the TTL.
                 store.refresh_connections([(self._member(c.id), c.identity.user, c.remote)
                                            for c in list(self.connections.values())])
-                if store.redis.set(store.key("presence", "reaper"), self.node, nx=True, ex=int(period)):
+                if store.redis.set(store.keys.presence_reaper, self.node, nx=True, ex=int(period)):
                     for channel, entry in store.reap_presence():
                         log.info("presence reaped", extra={"channel": channel, "client": entry["client"]})
             except redis.RedisError as exc:

@@ -74,7 +74,7 @@ def test_undecodable_and_unknown_type_are_dead_lettered_and_the_next_is_delivere
     client.subscribe(channel, status=True)
     # The id of a dead letter long expired: the next dead letter takes it off the index (total counts 2, not 3).
     store = stack.store()
-    store.redis.zadd(store.key("dlq", "index"), {"expired-letter": 1})
+    store.redis.zadd(store.keys.dead_letter_index, {"expired-letter": 1})
     producer = Producer({"bootstrap.servers": stack.bootstrap})
     producer.produce(stack.settings.topic, key=channel, value=b"<xml>not json</xml>")
     producer.flush(10)

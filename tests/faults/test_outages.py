@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tests.faults.conftest import start_collector
-from tests.faults.load import Publisher, assert_exactly_once, history_counts, report, wait_for_delivery
+from tests.faults.load import Publisher, assert_exactly_once, history_of, report, wait_for_delivery
 from tests.harness import close_code, wait_until
 
 
@@ -83,5 +83,5 @@ def test_redis_restart_under_load_loses_nothing(make_stack, channels):
     assert status == 202
     assert probe.expect(lambda f: f["op"] == "message")["id"] == answer["id"]
     probe.close()
-    figures = report("redis restart", publisher, collector, history_counts(stack, channels))
+    figures = report("redis restart", publisher, collector, history_of(stack, channels))
     assert_exactly_once(figures)

@@ -122,8 +122,8 @@ def test_undecodable_record_is_dead_lettered_and_the_next_one_still_delivered(st
     headers = dict(letters[0].headers())
     assert b"not JSON" in headers["herald-error"]
     assert letters[0].value() == b"\xff not json {"
-    entry = json.loads(stack.store().redis.get(stack.store().key("dlq", f"raw-{headers['herald-partition'].decode()}-"
-                                                                          f"{headers['herald-offset'].decode()}")))
+    letter_id = f"raw-{headers['herald-partition'].decode()}-{headers['herald-offset'].decode()}"
+    entry = json.loads(stack.store().redis.get(stack.store().keys.dead_letter(letter_id)))
     assert "not JSON" in entry["reason"]
     client.close()
 

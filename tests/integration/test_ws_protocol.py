@@ -313,7 +313,7 @@ def test_a_killed_web_process_leaves_no_ghosts_in_presence(capped, channel):
                                      "presence_ttl": 3}))
     ghost.close()
     # Its connection stopped counting toward the cap (2) as well.
-    wait_until(lambda: capped.store().redis.zcard(capped.store().key("wsuser", "ghost")) == 0, 10, 0.2,
+    wait_until(lambda: capped.store().redis.zcard(capped.store().keys.user_connections("ghost")) == 0, 10, 0.2,
                "the dead process's connection to lapse")
     again = [survivor.ws(capped.token("ghost")) for _ in range(2)]
     assert [client.recv()["op"] for client in again] == ["connected", "connected"]
@@ -377,7 +377,7 @@ def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, to
     assert again.subscribe(channel, since="0-0")["recovered"] is False  # "from the start": trimmed too
     # History lost altogether (Redis flushed or restarted empty) also says so.
     store = stack.store()
-    store.redis.delete(store.key("hist", channel), store.key("epoch", channel))
+    store.redis.delete(store.keys.history(channel), store.keys.epoch(channel))
     web.request("POST", "/api/v1/messages", {"channel": channel, "data": "after"}, token=token)
     wait_until(lambda: web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"],
                30, what="the new message")

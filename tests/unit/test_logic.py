@@ -34,6 +34,25 @@ def test_channel_order_remembers_the_previous_offset_per_partition():
     assert order.stamp(0, "c", 13) is None
 
 
+def test_channel_order_forgets_a_channel_idle_longer_than_its_gate_lives():
+    now = [0.0]
+    order = ChannelOrder(forget_after=100, clock=lambda: now[0])
+    order.stamp(0, "a", 5)
+    now[0] = 99
+    assert order.stamp(0, "a", 6) == 5
+    now[0] = 200  # its gate may have expired in Redis: waiting for it would stall the record
+    assert order.stamp(0, "a", 7) is None
+    assert order.stamp(0, "a", 8) == 7
+
+
+def test_channel_order_seeded_with_what_an_earlier_owner_left_unfinished():
+    order = ChannelOrder()
+    order.seed(3, {"a": 41, "b": 7})
+    assert order.stamp(3, "a", 50) == 41
+    assert order.stamp(3, "b", 51) == 7
+    assert order.stamp(3, "c", 52) is None
+
+
 def test_batches_keep_partition_and_offset_order():
     records = [(0, {"o": 1}), (1, {"o": 2}), (0, {"o": 3}), (0, {"o": 4}), (0, {"o": 5})]
     batches = list(group_batches(records, 2))

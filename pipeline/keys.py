@@ -1,0 +1,120 @@
+"""Herald's Redis key schema: every key and pub/sub channel name is built here.
+
+Keys named after user input (a channel, a message id, a user, an address)
+are `<prefix>:<kind>:<name>`. Herald's own fixed keys are `<prefix>:_:<name>`:
+no kind is `_`, so no channel or message id can name one of them (a message
+id `index` once overwrote the dead-letter index; README: "Redis keys").
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Key and pub/sub channel names under one prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def _user(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    def _own(self, name: str) -> str:
+        return f"{self.prefix}:_:{name}"
+
+    # -- per channel -------------------------------------------------------
+    def history(self, channel: str) -> str:
+        """The channel's history stream."""
+        return self._user("hist", channel)
+
+    def epoch(self, channel: str) -> str:
+        """The id of the first entry the channel's history ever had."""
+        return self._user("epoch", channel)
+
+    def gate(self, channel: str) -> str:
+        """The highest Kafka offset of the channel that has been handled (the order gate)."""
+        return self._user("last", channel)
+
+    def waiting(self, channel: str) -> str:
+        """The channel's records waiting at its order gate, scored by when they last waited."""
+        return self._user("waiting", channel)
+
+    def presence(self, channel: str) -> str:
+        """Hash of the clients present in the channel."""
+        return self._user("presence", channel)
+
+    # -- per message -------------------------------------------------------
+    def message(self, msg_id: str) -> str:
+        """Hash of a message's status and content."""
+        return self._user("msg", msg_id)
+
+    def done(self, msg_id: str) -> str:
+        """Dedupe marker: the message was delivered (holds its stream id)."""
+        return self._user("done", msg_id)
+
+    def idempotency(self, msg_id: str) -> str:
+        """The first publish of an id: its sender and answer."""
+        return self._user("idem", msg_id)
+
+    def dead_letter(self, letter_id: str) -> str:
+        """A dead letter's entry."""
+        return self._user("dlq", letter_id)
+
+    def task_runs(self, task_id: str) -> str:
+        """How many times a Celery task started."""
+        return self._user("runs", task_id)
+
+    # -- connections and nodes ---------------------------------------------
+    def user_connections(self, user: str) -> str:
+        """Open WebSockets of a user, across web processes."""
+        return self._user("wsuser", user)
+
+    def address_connections(self, address: str) -> str:
+        """Open WebSockets from an address, across web processes."""
+        return self._user("wsaddr", address)
+
+    def node(self, node: str) -> str:
+        """A web process's liveness flag."""
+        return self._user("node", node)
+
+    # -- Herald's own ------------------------------------------------------
+    @property
+    def dead_letter_index(self) -> str:
+        """Sorted set of dead-letter ids by failure time."""
+        return self._own("dlq-index")
+
+    @property
+    def in_flight_index(self) -> str:
+        """Sorted set of dispatched, unfinished message ids by dispatch time."""
+        return self._own("inflight-index")
+
+    @property
+    def in_flight_envelopes(self) -> str:
+        """Hash of the dispatched, unfinished envelopes by id."""
+        return self._own("inflight-envelopes")
+
+    @property
+    def presence_channels(self) -> str:
+        """Set of channels with presence entries."""
+        return self._own("presence-channels")
+
+    @property
+    def presence_reaper(self) -> str:
+        """Lock of the web process reaping presence this period."""
+        return self._own("presence-reaper")
+
+    # -- pub/sub channels (a namespace apart from keys) ----------------------
+    def message_channel(self, channel: str) -> str:
+        """Pub/sub channel carrying a channel's `message` frames."""
+        return self._user("m", channel)
+
+    def status_channel(self, channel: str) -> str:
+        """Pub/sub channel carrying a channel's `status` frames."""
+        return self._user("s", channel)
+
+    def presence_channel(self, channel: str) -> str:
+        """Pub/sub channel carrying a channel's `join`/`leave` frames."""
+        return self._user("p", channel)
+
+    def node_channel(self, node: str) -> str:
+        """Pub/sub channel of one web process, for frames meant for one of its clients."""
+        return self._user("n", node)
