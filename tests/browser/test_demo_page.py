@@ -421,3 +421,25 @@ def test_a_refused_subscribe_is_not_asked_again_after_a_reconnect(browser):
     finally:
         context.close()
 
+
+def test_a_token_in_a_link_replaces_the_saved_one_only_if_the_user_agrees(browser):
+    context, page = scripted_page(browser)
+    asked: list[str] = []
+
+    def visit(token: str, agree: bool | None = None):
+        tab = context.new_page()
+        tab.on("dialog", lambda dialog: (asked.append(dialog.message),
+                                         dialog.accept() if agree else dialog.dismiss()))
+        tab.goto(f"http://herald.test/#token={token}")
+        expect(tab.locator("#state")).to_have_text("online")
+        return (tab.evaluate("localStorage.getItem('herald-token')"), tab.input_value("#token"),
+                tab.evaluate("sent.find((f) => f.op === 'connect').token"))
+
+    try:
+        page.close()
+        assert visit("mine") == ("mine",) * 3 and asked == []  # nothing saved yet: no question
+        assert visit("theirs", agree=False) == ("mine",) * 3 and len(asked) == 1
+        assert visit("mine") == ("mine",) * 3 and len(asked) == 1  # the saved one: no question
+        assert visit("theirs", agree=True) == ("theirs",) * 3 and len(asked) == 2
+    finally:
+        context.close()
