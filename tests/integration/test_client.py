@@ -54,7 +54,6 @@ def test_client_resumes_across_a_web_restart_with_every_message_once_in_order(st
             sent = [_publish(publisher, token, channel, n) for n in range(5)]
             wait_until(lambda: len(reader.ids) == 5 or reader.error, 30, what="the first five messages")
             own.proc.stop()
-            assert "server going away" in own.proc.log() or own.proc.proc.returncode == 0
             sent += [_publish(publisher, token, channel, n) for n in range(5, 10)]  # while it is down
             own.restart()
             sent += [_publish(publisher, token, channel, n) for n in range(10, 15)]
