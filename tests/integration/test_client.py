@@ -74,9 +74,8 @@ def test_an_expired_token_is_refreshed_through_the_callback_and_without_one_rais
         fresh.append(stack.token("refreshed"))
         return fresh[-1]
 
-    short = dict(ttl=1)
-    with HeraldClient(_url(publisher), stack.token("short", **short), refresh_token=refresh, max_backoff=0.5) as kept, \
-            HeraldClient(_url(publisher), stack.token("short", **short), max_backoff=0.5) as dropped:
+    with HeraldClient(_url(publisher), stack.token("short", ttl=1), refresh_token=refresh, max_backoff=0.5) as kept, \
+            HeraldClient(_url(publisher), stack.token("short", ttl=1), max_backoff=0.5) as dropped:
         kept.subscribe(channel)
         dropped.subscribe(channel)
         before = _publish(publisher, token, channel, 1)
