@@ -13,7 +13,7 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-# A development secret, made once; `.env` is read by flask and honcho.
+# A development secret, made once; `flask dev` reads `.env` (the shell's variables win).
 .env:
 	@echo "HERALD_SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))')" > .env
 	@echo "made .env with a development HERALD_SECRET_KEY"

@@ -17,7 +17,7 @@ from flask import current_app
 from pipeline import embedded
 from pipeline.kafka import kafka_reachable
 from pipeline.messages import parse_publish
-from pipeline.settings import Settings
+from pipeline.settings import Settings, load_or_exit
 from web.auth import mint
 
 
@@ -131,10 +131,10 @@ def dlq_replay_command(letter_id, replay_all):
 @click.option("--no-flower", is_flag=True, help="skip the Flower process")
 def dev_command(no_flower):
     """Run web, bridge, worker and flower, with embedded Redis and Kafka when none answers."""
-    settings = _settings()
+    env = dev_environment(os.environ, Path(".env"))
+    settings = load_or_exit(env)
     run_dir = Path(".dev")
     run_dir.mkdir(exist_ok=True)
-    env = dict(os.environ)
     servers = []
     redis_url = urlsplit(settings.redis_url)
     if not _redis_answers(settings.redis_url):
@@ -159,7 +159,9 @@ def dev_command(no_flower):
     if settings.auth:
         click.echo(f"token   {mint(settings, 'dev', ttl=7 * 86400)}")
     honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or "honcho"
-    argv = [honcho, "start", "-p", str(settings.port)]
+    # honcho would read .env again and let it override the shell (issue 8:
+    # the printed token was refused): it gets `env`, already merged, and no file.
+    argv = [honcho, "start", "-e", os.devnull, "-p", str(settings.port)]
     if no_flower:
         argv += ["web", "bridge", "worker"]
     proc = subprocess.Popen(argv, env=env)
@@ -172,6 +174,15 @@ def dev_command(no_flower):
         for server in reversed(servers):
             server.stop()
     sys.exit(code)
+
+
+def dev_environment(environ, dotenv_path: Path) -> dict:
+    """The environment `flask dev` mints its token with and gives every process:
+    `.env` under the shell's variables (twelve-factor; python-dotenv's default)."""
+    from dotenv import dotenv_values
+
+    values = dotenv_values(dotenv_path) if dotenv_path.is_file() else {}
+    return {**{k: v for k, v in values.items() if v is not None}, **environ}
 
 
 def _redis_answers(url: str) -> bool:

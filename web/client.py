@@ -7,7 +7,10 @@
             print(frame)
 
 It reconnects with capped exponential backoff and resumes every channel
-from the last offset it saw, so a dropped connection loses no message.
+from the last offset it saw, so a dropped connection, or a close the README
+says to retry (1001 on a deploy, 1013, 4008, ...), loses no message. Only
+4001 (token refused) and 4003 (forbidden) end it, with `ServerClosed`;
+given `refresh_token`, a 4001 fetches a fresh token and goes on.
 """
 
 from __future__ import annotations
@@ -16,23 +19,43 @@ import itertools
 import json
 import random
 import time
+from typing import Callable
 
 import websocket
 
+from pipeline.errors import HeraldError
 
-class HeraldError(Exception):
-    """The server answered a request with an `error` frame (its `code` kept)."""
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+
+
+class RequestError(HeraldError):
+    """The server answered a request with an `error` frame (its `code` kept), or not in time."""
 
     def __init__(self, message: str, code: str | None = None):
         super().__init__(message)
         self.code = code
 
 
-class HeraldClient:
-    """A blocking client: one connection, replies matched by `ref`."""
+class ServerClosed(HeraldError):
+    """The server closed the connection with `code` (README: WebSocket close codes)."""
 
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 10.0, max_backoff: float = 10.0):
+    def __init__(self, code: int | None, reason: str = ""):
+        super().__init__(f"closed by the server: {code} {reason}".rstrip())
+        self.code, self.reason = code, reason
+
+
+class HeraldClient:
+    """A blocking client: one connection, replies matched by `ref`.
+
+    `refresh_token`, a function returning a token, is called when there is
+    none yet and when the server refuses the one in use (4001, e.g. expired).
+    """
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 10.0, max_backoff: float = 10.0,
+                 refresh_token: Callable[[], str] | None = None):
         self.url, self.token, self.timeout, self.max_backoff = url, token, timeout, max_backoff
+        self.refresh_token = refresh_token
         self.channels: dict[str, dict] = {}  # channel -> subscribe options, with the last offset seen
         self.client_id: str | None = None
         self._refs = itertools.count(1)
@@ -47,12 +70,15 @@ class HeraldClient:
         self.close()
 
     def connect(self) -> None:
-        """Open the socket, authenticate, and (re)subscribe with resume."""
+        """Open the socket, authenticate, and (re)subscribe with resume; `ServerClosed` if refused."""
+        if self.token is None and self.refresh_token is not None:
+            self.token = self.refresh_token()
+        self.close()
         self._sock = websocket.create_connection(self.url, timeout=self.timeout)
         self._sock.send(json.dumps({"op": "connect", "token": self.token or ""}))
-        connected = json.loads(self._sock.recv())
+        connected = self._receive(self.timeout)
         if connected.get("op") != "connected":
-            raise HeraldError(f"not connected: {connected}")
+            raise RequestError(f"not connected: {connected}")
         self.client_id = connected["client"]
         for channel, options in self.channels.items():
             self._subscribe(channel, options)
@@ -60,7 +86,10 @@ class HeraldClient:
     def close(self) -> None:
         """Close the connection."""
         if self._sock is not None:
-            self._sock.close()
+            self._sock.close(timeout=1)
+            # close() returns at once, leaving the socket open, when the
+            # library already counts the connection as closed.
+            self._sock.shutdown()
             self._sock = None
 
     def subscribe(self, channel: str, *, status: bool = False, presence: bool = False,
@@ -70,6 +99,10 @@ class HeraldClient:
         if since:
             options["since"] = since
         reply = self._subscribe(channel, options)
+        # A channel that has sent nothing yet resumes from where the server
+        # says it stands (its newest message; none yet: from the start), or a
+        # reconnect would skip what was published while we were away.
+        options.setdefault("since", reply.get("offset") or "0-0")
         # Only once the server took it: a refused channel is not resubscribed on every reconnect.
         self.channels[channel] = options
         return reply
@@ -80,7 +113,7 @@ class HeraldClient:
         for attempt in itertools.count():
             try:
                 return self._request({"op": "subscribe", "channel": channel, **options})
-            except HeraldError as exc:
+            except RequestError as exc:
                 if exc.code != "unavailable" or attempt >= 5:
                     raise
             time.sleep(min(self.max_backoff, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2))
@@ -100,7 +133,11 @@ class HeraldClient:
         return self._request(frame)
 
     def frames(self, timeout: float | None = None):
-        """Yield incoming frames forever (or until `timeout` passes without one), reconnecting as needed."""
+        """Yield incoming frames forever (or until `timeout` passes without one), reconnecting as needed.
+
+        Raises `ServerClosed` on a close that reconnecting cannot fix (4001
+        without `refresh_token`, or with a fresh token refused too; 4003).
+        """
         while True:
             if self._pending:
                 yield self._pending.pop(0)
@@ -109,6 +146,9 @@ class HeraldClient:
                 frame = self._receive(timeout)
             except websocket.WebSocketTimeoutException:
                 return
+            except ServerClosed as closed:
+                self._reconnect(closed)
+                continue
             except (OSError, websocket.WebSocketException):
                 self._reconnect()
                 continue
@@ -116,7 +156,12 @@ class HeraldClient:
 
     def _receive(self, timeout: float | None) -> dict:
         self._sock.settimeout(timeout)
-        frame = json.loads(self._sock.recv())
+        # recv() would answer a close frame with "" and lose its code.
+        opcode, data = self._sock.recv_data()
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+            raise ServerClosed(code, data[2:].decode("utf-8", "replace"))
+        frame = json.loads(data)
         if frame.get("op") == "message" and frame.get("channel") in self.channels:
             self.channels[frame["channel"]]["since"] = frame["offset"]
         return frame
@@ -129,16 +174,26 @@ class HeraldClient:
             reply = self._receive(self.timeout)
             if reply.get("ref") == ref:
                 if reply["op"] == "error":
-                    raise HeraldError(f"{reply['code']}: {reply['message']}", reply["code"])
+                    raise RequestError(f"{reply['code']}: {reply['message']}", reply["code"])
                 return reply
             self._pending.append(reply)
-        raise HeraldError(f"no reply to {frame['op']} within {self.timeout:g}s")
+        raise RequestError(f"no reply to {frame['op']} within {self.timeout:g}s")
 
-    def _reconnect(self) -> None:
-        self.close()
+    def _reconnect(self, closed: ServerClosed | None = None) -> None:
+        refreshed = False
         for attempt in itertools.count():
+            if closed is not None and closed.code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN):
+                # A fresh token refused at once will be refused again: stop there.
+                if closed.code != CLOSE_UNAUTHORIZED or self.refresh_token is None or refreshed:
+                    self.close()
+                    raise closed
+                self.token, refreshed = self.refresh_token(), True
+            elif attempt:
+                time.sleep(min(self.max_backoff, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
             try:
                 self.connect()
                 return
+            except ServerClosed as exc:
+                closed = exc
             except (OSError, websocket.WebSocketException):
-                time.sleep(min(self.max_backoff, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2))
+                closed = None

@@ -14,6 +14,7 @@ import select
 import shutil
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -37,7 +38,9 @@ TIMEOUT_MS = 20_000
 
 class CuttableProxy:
     """Forwards TCP connections to a port until cut: then it closes every open
-    connection and drops new ones at once, until restored."""
+    connection and drops new ones at once, until restored. Or held: a black
+    hole that forwards nothing and closes nothing (a network that died
+    silently), until released."""
 
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
@@ -48,6 +51,8 @@ class CuttableProxy:
         self.open: set[socket.socket] = set()
         self.threads: list[threading.Thread] = []
         self.is_cut = False
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.stopping = False
         self.accepted = 0
         self._start(self._accept)
@@ -68,23 +73,30 @@ class CuttableProxy:
                 if self.is_cut:
                     client.close()  # a dead network: the browser's connect fails
                     continue
-                try:
-                    upstream = socket.create_connection(self.target, timeout=5)
-                except OSError:
-                    client.close()
-                    continue
-                upstream.settimeout(None)
-                with self.lock:
-                    self.open.update((client, upstream))
-                self._start(self._relay, client, upstream)
+                self._start(self._relay, client)
 
-    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _relay(self, client: socket.socket) -> None:
+        # Held: a new connection gets no answer until released.
+        self.flowing.wait()
+        try:
+            if self.stopping or self.is_cut:
+                raise OSError("cut")
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self.lock:
+            self.open.update((client, upstream))
         # This thread alone closes the pair; cut() only shuts them down, which
         # wakes select() here, so no socket is closed under another thread.
         with client, upstream:
             try:
                 while True:
                     readable, _, _ = select.select([client, upstream], [], [])
+                    if not self.flowing.is_set():
+                        self.flowing.wait()  # held: the bytes wait in the kernel's buffers
+                        continue
                     for src in readable:
                         data = src.recv(65536)
                         if not data:
@@ -110,9 +122,18 @@ class CuttableProxy:
         """Forward new connections again."""
         self.is_cut = False
 
+    def hold(self) -> None:
+        """Stop forwarding, on open connections and new ones, without closing any."""
+        self.flowing.clear()
+
+    def release(self) -> None:
+        """Forward again what was held, and everything after."""
+        self.flowing.set()
+
     def close(self) -> None:
         """Cut everything, stop accepting and wait for every thread."""
         self.stopping = True
+        self.flowing.set()
         self.cut()
         for thread in self.threads:
             thread.join(10)
@@ -138,8 +159,9 @@ def proxy(stack):
         cuttable.close()
 
 
-def open_chat(browser, base: str, token: str, channel: str, *, web, subscribers: int):
-    """A tab in its own browser context, subscribed to `channel` and online.
+def open_chat(browser, base: str, token: str, channel: str, *, web, subscribers: int, heartbeat_ms: int = 0):
+    """A tab in its own browser context, subscribed to `channel` and online
+    (with herald.js's heartbeat every `heartbeat_ms`, when given).
 
     The page joins chat:lobby on load; the test joins its own channel instead
     and waits until `web` lists `subscribers` clients there: the server records
@@ -150,6 +172,8 @@ def open_chat(browser, base: str, token: str, channel: str, *, web, subscribers:
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     page.goto(f"{base}/#token={token}")
+    if heartbeat_ms:
+        page.evaluate(f"Herald.defaults.heartbeat = {heartbeat_ms}")  # for the client Join makes
     page.fill("#channel", channel)
     page.click("#join")
     wait_until(lambda: len(web.request("GET", f"/api/v1/channels/{channel}/presence", token=token)[2]["clients"])
@@ -237,6 +261,52 @@ def test_a_tab_that_saw_no_message_yet_catches_up_after_a_network_cut(browser, s
         expect(tab.locator("#log li .text")).to_have_text(["missed"], timeout=TIMEOUT_MS)
     finally:
         ctx.close()
+
+
+HEARTBEAT_MS = 1000
+
+
+def test_a_tab_notices_a_silently_dead_network_by_its_heartbeat_and_catches_up(browser, stack, proxy, channel):
+    token = stack.token("carol")
+    web1 = stack.webs[0]
+    ctx_a, tab_a = open_chat(browser, web1.base, token, channel, web=web1, subscribers=1)
+    ctx_b, tab_b = open_chat(browser, f"http://127.0.0.1:{proxy.port}", token, channel, web=web1, subscribers=2,
+                             heartbeat_ms=HEARTBEAT_MS)
+    try:
+        say(tab_a, "before")
+        expect(tab_b.locator("#log li .text")).to_have_text(["before"], timeout=TIMEOUT_MS)
+        # Quiet for three intervals: the server's pongs keep B on its one connection.
+        connections = proxy.accepted
+        time.sleep(3 * HEARTBEAT_MS / 1000)
+        assert tab_b.locator("#state").text_content() == "online" and proxy.accepted == connections
+
+        # The network dies without a close: only the heartbeat can tell, within two intervals (and a tick).
+        proxy.hold()
+        expect(tab_b.locator("#state")).to_have_text(re.compile(r"^offline"), timeout=3 * HEARTBEAT_MS)
+        missed = []
+        for n in range(3):
+            missed.append(f"while B was in the dark {n} ({uuid.uuid4().hex[:6]})")
+            say(tab_a, missed[-1])
+        missed.append("over HTTP")
+        status, _, body = web1.request("POST", "/api/v1/messages", {"channel": channel, "data": {"text": missed[-1]}},
+                                       token=token)
+        assert status == 202, body
+        expected = ["before", *missed]
+        expect(tab_a.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
+        assert texts(tab_b) == ["before"]
+
+        # The network comes back: B reconnects, resumes, and shows each missed message once, in order.
+        proxy.release()
+        expect(tab_b.locator("#state")).to_have_text("online", timeout=TIMEOUT_MS)
+        expect(tab_b.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
+        ids_b = tab_b.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
+        ids_a = tab_a.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
+        assert ids_b == ids_a and len(set(ids_b)) == len(expected)
+        say(tab_b, "B is back")
+        expect(tab_a.locator("#log li .text")).to_have_text([*expected, "B is back"], timeout=TIMEOUT_MS)
+    finally:
+        ctx_a.close()
+        ctx_b.close()
 
 
 # A stand-in for the server's WebSocket, so the test can script what a real
@@ -348,5 +418,28 @@ def test_a_refused_subscribe_is_not_asked_again_after_a_reconnect(browser):
         page.evaluate("sockets.at(-1).drop(1006)")
         wait_until(lambda: sent_to("chat:lobby") > lobby, 20, 0.1, "the lobby to be resubscribed")
         assert sent_to("chat:forbidden") == 1
+    finally:
+        context.close()
+
+
+def test_a_token_in_a_link_replaces_the_saved_one_only_if_the_user_agrees(browser):
+    context, page = scripted_page(browser)
+    asked: list[str] = []
+
+    def visit(token: str, agree: bool | None = None):
+        tab = context.new_page()
+        tab.on("dialog", lambda dialog: (asked.append(dialog.message),
+                                         dialog.accept() if agree else dialog.dismiss()))
+        tab.goto(f"http://herald.test/#token={token}")
+        expect(tab.locator("#state")).to_have_text("online")
+        return (tab.evaluate("localStorage.getItem('herald-token')"), tab.input_value("#token"),
+                tab.evaluate("sent.find((f) => f.op === 'connect').token"))
+
+    try:
+        page.close()
+        assert visit("mine") == ("mine",) * 3 and asked == []  # nothing saved yet: no question
+        assert visit("theirs", agree=False) == ("mine",) * 3 and len(asked) == 1
+        assert visit("mine") == ("mine",) * 3 and len(asked) == 1  # the saved one: no question
+        assert visit("theirs", agree=True) == ("theirs",) * 3 and len(asked) == 2
     finally:
         context.close()

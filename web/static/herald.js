@@ -1,6 +1,7 @@
 // Herald's browser client: connect, subscribe with automatic resume, publish.
 // Reconnects with capped exponential backoff and resumes every channel from
-// the last offset it saw, so a dropped network loses no message.
+// the last offset it saw, so a dropped network loses no message. A heartbeat
+// notices a network that died without closing the socket (see `connect`).
 (function (global) {
   "use strict";
 
@@ -10,6 +11,7 @@
       this.url = url;
       this.token = options.token || null;
       this.maxDelay = options.maxDelay || 10000;
+      this.heartbeat = options.heartbeat || Herald.defaults.heartbeat;
       this.channels = new Map(); // channel -> {handler, status, offset}
       this.pending = new Map();  // ref -> {resolve, reject}
       this.listeners = {};
@@ -28,23 +30,42 @@
       this.closed = false;
       const ws = new WebSocket(this.url);
       this.ws = ws;
+      // Browsers answer the server's protocol pings but never show them to
+      // JavaScript, and a network that dies silently closes nothing. So the
+      // client pings too ({"op":"ping"}, answered with a pong) and gives up
+      // on a socket, connecting or open, that sent nothing for two intervals.
+      let heard = Date.now();
+      let ticks = 0;
+      const timer = setInterval(() => {
+        if (Date.now() - heard >= 2 * this.heartbeat) {
+          clearInterval(timer);
+          // Its close handshake would wait on the dead network: drop it now.
+          ws.onopen = ws.onmessage = ws.onclose = null;
+          ws.close();
+          this.lost(1006, "heartbeat timeout");
+        } else if (this.ready && ++ticks % 2 === 0) {
+          ws.send(JSON.stringify({ op: "ping" }));
+        }
+      }, this.heartbeat / 2);
       ws.onopen = () => ws.send(JSON.stringify({ op: "connect", token: this.token || "" }));
-      ws.onmessage = (event) => this.receive(JSON.parse(event.data));
-      ws.onclose = (event) => {
-        this.ready = false;
-        this.emit("disconnected", { code: event.code, reason: event.reason });
-        // Requests still in the outbox go out after the reconnect: they keep
-        // their promises. Those already sent may be lost with the socket.
-        const queued = new Set(this.outbox.map((f) => f.ref));
-        this.pending.forEach((p, ref) => {
-          if (!queued.has(ref)) { p.reject(new Error("disconnected")); this.pending.delete(ref); }
-        });
-        if (this.closed || event.code === 4001 || event.code === 4003) return;
-        const delay = Math.min(this.maxDelay, 250 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
-        this.attempt += 1;
-        setTimeout(() => this.connect(), delay);
-      };
+      ws.onmessage = (event) => { heard = Date.now(); this.receive(JSON.parse(event.data)); };
+      ws.onclose = (event) => { clearInterval(timer); this.lost(event.code, event.reason); };
       return this;
+    }
+
+    lost(code, reason) {
+      this.ready = false;
+      this.emit("disconnected", { code, reason });
+      // Requests still in the outbox go out after the reconnect: they keep
+      // their promises. Those already sent may be lost with the socket.
+      const queued = new Set(this.outbox.map((f) => f.ref));
+      this.pending.forEach((p, ref) => {
+        if (!queued.has(ref)) { p.reject(new Error("disconnected")); this.pending.delete(ref); }
+      });
+      if (this.closed || code === 4001 || code === 4003) return;
+      const delay = Math.min(this.maxDelay, 250 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
+      this.attempt += 1;
+      setTimeout(() => this.connect(), delay);
     }
 
     close() { this.closed = true; if (this.ws) this.ws.close(1000); }
@@ -79,7 +100,6 @@
           if (frame.recovered === false) this.emit("gap", frame); // history lost: reload the view
           break;
         }
-        case "ping": this.send({ op: "pong" }); break;
         default: this.emit(frame.op, frame);
       }
     }
@@ -146,5 +166,7 @@
     }
   }
 
+  // Defaults for every client; `heartbeat` (ms) matches the server's HERALD_PING_INTERVAL.
+  Herald.defaults = { heartbeat: 25000 };
   global.Herald = Herald;
 })(typeof window !== "undefined" ? window : globalThis);
