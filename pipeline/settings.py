@@ -19,6 +19,7 @@ from pipeline.messages import namespace
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
+MIN_SECRET_BYTES = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,12 @@ class Settings:
             raise ConfigError(
                 "HERALD_SECRET_KEY is not set: set it to a long random string, "
                 "or set HERALD_AUTH=off for local development"
+            )
+        if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+            # A short HS256 key is brute-forced offline from one token (README: Configuration).
+            raise ConfigError(
+                f"HERALD_SECRET_KEY is {len(secret.encode())} bytes; use at least {MIN_SECRET_BYTES} random bytes "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         origins = tuple(o.strip().rstrip("/") for o in env.get("HERALD_CORS_ORIGINS", "").split(",") if o.strip())
         if "*" in origins:

@@ -51,6 +51,8 @@ def test_cors_origins_are_split():
 
 @pytest.mark.parametrize("env, words", [
     ({}, "HERALD_SECRET_KEY"),
+    ({"HERALD_SECRET_KEY": "s" * 31}, "HERALD_SECRET_KEY is 31 bytes"),
+    ({"HERALD_SECRET_KEY": "\u00e9" * 15}, "HERALD_SECRET_KEY is 30 bytes"),
     ({**BASE, "PORT": "eighty"}, "PORT"),
     ({**BASE, "PORT": "70000"}, "PORT"),
     ({**BASE, "REDIS_URL": "http://x"}, "REDIS_URL"),
