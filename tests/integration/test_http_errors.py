@@ -137,3 +137,29 @@ def test_openapi_document_and_docs_page(web):
     assert status == 200 and document["openapi"].startswith("3.1") and "/api/v1/messages" in document["paths"]
     status, headers, _ = web.request("GET", "/docs/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
+
+
+def test_odd_methods_and_paths_add_no_metric_series(web):
+    import http.client
+
+    def series():
+        text = web.request("GET", "/metrics")[2]
+        return [line for line in text.splitlines() if line.startswith("herald_http_")]
+
+    for n in range(300):  # gunicorn passes any upper-case method name
+        connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
+        connection.request(f"AAAA{n}", "/healthz" if n % 2 else f"/no-such-path-{n}")
+        assert connection.getresponse().status in (404, 405)
+        connection.close()
+    series()  # the first scrape adds the series of /metrics itself
+    before = series()
+    for n in range(300, 400):
+        connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
+        connection.request(f"BBBB{n}", f"/no-such-path-{n}")
+        connection.getresponse().read()
+        connection.close()
+    after = series()
+    assert not [line for line in after if "AAAA" in line or "BBBB" in line or "no-such-path" in line]
+    assert len(after) == len(before)  # the same series, counted again
+    for status in ("404", "405"):  # a wrong method on a known path matches no route either
+        assert any(f'method="OTHER",route="unmatched",status="{status}"' in line for line in after)
