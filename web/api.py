@@ -141,9 +141,11 @@ def openapi():
 
 @blueprint.get("/messages/<msg_id>")
 def get_message(msg_id: str):
-    authenticate()
+    identity = authenticate()
     message = services().store.get_message(msg_id) if ID_RE.fullmatch(msg_id) else None
-    if message is None:
+    # A message the token may not read is answered as unknown: a 403 would
+    # tell that the id exists (README: Tokens).
+    if message is None or not identity.may_subscribe(message["channel"] or ""):
         return problem(404, f"No message {msg_id} is known (statuses are kept 24 h)", slug="unknown-message")
     return message
 

@@ -163,3 +163,18 @@ def test_odd_methods_and_paths_add_no_metric_series(web):
     assert len(after) == len(before)  # the same series, counted again
     for status in ("404", "405"):  # a wrong method on a known path matches no route either
         assert any(f'method="OTHER",route="unmatched",status="{status}"' in line for line in after)
+
+
+def test_a_message_is_readable_only_with_its_channels_subscribe_glob(stack, web):
+    publisher = stack.token("pub", publish=["secret:*"], subscribe=[])
+    insider = stack.token("insider", publish=[], subscribe=["secret:*"])
+    outsider = stack.token("outsider", publish=[], subscribe=["open:*"])
+    status, _, answer = web.request("POST", "/api/v1/messages", {"channel": "secret:plans", "data": "x"},
+                                    token=publisher)
+    assert status == 202
+    assert web.request("GET", f"/api/v1/messages/{answer['id']}", token=insider)[2]["channel"] == "secret:plans"
+    # Not a 403: that would tell the outsider the id exists.
+    body = assert_problem(web.request("GET", f"/api/v1/messages/{answer['id']}", token=outsider), 404)
+    unknown = assert_problem(web.request("GET", "/api/v1/messages/01NOSUCHMESSAGE", token=outsider), 404)
+    assert body["detail"].replace(answer["id"], "ID") == unknown["detail"].replace("01NOSUCHMESSAGE", "ID")
+    assert_problem(web.request("GET", f"/api/v1/messages/{answer['id']}", token=publisher), 404)  # publish is not read
