@@ -56,6 +56,7 @@ class Settings:
     ws_rate: float = 50.0
     ws_max_per_user: int = 100
     ws_max_per_ip: int = 1000
+    trusted_proxies: int = 0
     presence_ttl: int = 15
     order_wait: float = 5.0
     max_redeliveries: int = 3
@@ -126,6 +127,7 @@ class Settings:
             ws_rate=_float(env, "HERALD_WS_RATE", cls.ws_rate, 0.1, 100000),
             ws_max_per_user=_int(env, "HERALD_WS_MAX_PER_USER", cls.ws_max_per_user, 1, 10_000_000),
             ws_max_per_ip=_int(env, "HERALD_WS_MAX_PER_IP", cls.ws_max_per_ip, 1, 10_000_000),
+            trusted_proxies=_int(env, "HERALD_TRUSTED_PROXIES", cls.trusted_proxies, 0, 10),
             presence_ttl=_int(env, "HERALD_PRESENCE_TTL", cls.presence_ttl, 3, 3600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
             max_redeliveries=_int(env, "HERALD_MAX_REDELIVERIES", cls.max_redeliveries, 0, 100),

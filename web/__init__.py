@@ -10,6 +10,7 @@ from flask import Flask, Response, g, request, send_from_directory
 from flask_swagger_ui import get_swaggerui_blueprint
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from pipeline.messages import new_id
 from pipeline.settings import current
@@ -40,6 +41,11 @@ def create_app(settings=None) -> Flask:
     # library closes with 1009 without buffering them).
     app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": settings.ping_interval,
                                          "max_message_size": settings.max_message_bytes * 2 + 1024}
+    if settings.trusted_proxies:
+        # Only the X-Forwarded-For entries our own proxies appended are true;
+        # any client writes the rest (README: Running on a Heroku-like host).
+        # Every address Herald uses is request.remote_addr, set here.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     services = Services(settings)
     app.extensions["herald"] = services
 

@@ -369,7 +369,7 @@ class Hub:
     # -- one connection ------------------------------------------------------
     def serve(self, ws) -> None:
         """Run one WebSocket connection from handshake to close."""
-        remote = request.headers.get("X-Forwarded-For", request.remote_addr or "").split(",")[0].strip()
+        remote = request.remote_addr or ""  # the trusted proxies' view (HERALD_TRUSTED_PROXIES, ProxyFix)
         if not self.running:
             # Shutting down: send the client to another process now.
             ws.close(reason=CLOSE_GOING_AWAY, message="server going away")

@@ -439,3 +439,45 @@ def test_server_pings_and_drops_a_client_that_answers_nothing(stack, token):
         silent.close()
         lively.close()
         web.proc.stop()
+
+
+@pytest.mark.parametrize("proxies", [0, 1])
+def test_the_address_cap_and_logs_trust_only_the_configured_proxies(stack, proxies):
+    import uuid
+
+    prefix = f"px{uuid.uuid4().hex[:8]}"  # its own connection counts
+    web = stack.web(f"proxies{proxies}", HERALD_TRUSTED_PROXIES=proxies, HERALD_WS_MAX_PER_IP=2,
+                    HERALD_REDIS_PREFIX=prefix)
+    redis = stack.store().redis
+    counted = lambda address: redis.zcard(f"{prefix}:wsaddr:{address}")
+    token = stack.token("spoofer")
+    clients = []
+
+    def connect(forwarded):
+        client = web.ws(token, header=[f"X-Forwarded-For: {forwarded}"])
+        clients.append(client)
+        return client
+
+    try:
+        if proxies == 0:
+            # Each claims another address; all of them are the socket's peer.
+            for forwarded in ("10.0.0.1", "10.0.0.2"):
+                assert connect(forwarded).recv()["op"] == "connected"
+            assert counted("127.0.0.1") == 2 and counted("10.0.0.1") == counted("10.0.0.2") == 0
+            assert close_code(connect("10.0.0.3")) == 4029  # not dodged
+            client = "127.0.0.1"
+        else:
+            # The router appends the peer it saw: the last entry; the rest is the client's word.
+            for _ in range(2):
+                assert connect("10.9.9.9, 10.0.0.1").recv()["op"] == "connected"
+            assert counted("10.0.0.1") == 2 and counted("10.9.9.9") == counted("127.0.0.1") == 0
+            assert close_code(connect("10.0.0.2, 10.0.0.1")) == 4029
+            assert connect("10.0.0.1, 10.0.0.2").recv()["op"] == "connected"  # another client
+            client = "10.0.0.7"
+        web.request("GET", "/healthz", headers={"X-Forwarded-For": "10.9.9.9, 10.0.0.7"})
+        web.proc.wait_for_log(f'"path": "/healthz".*"remote": "{client}"')
+        assert "10.9.9.9" not in web.proc.log()
+    finally:
+        for client in clients:
+            client.close()
+        web.proc.stop()
