@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import redis
 from flask import Blueprint, current_app, g, request
 
 from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict
-from pipeline.messages import ID_RE, parse_publish, valid_channel
+from pipeline.messages import ID_RE, dumps, loads, parse_publish, valid_channel
 from pipeline.store import valid_stream_id
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import document
@@ -70,8 +68,8 @@ def read_json(limit: int):
         raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
                               title="Payload too large")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
 
 
@@ -113,10 +111,10 @@ def publish_batch():
     envelopes, flags, slots = [], [], []
     for index, item in enumerate(items):
         try:
-            if len(json.dumps(item)) > settings.max_message_bytes:
+            envelope, idempotent = checked_message(item, identity, None)  # encodable from here on
+            if len(dumps(item).encode()) > settings.max_message_bytes:
                 raise ValidationError("The message is larger than HERALD_MAX_MESSAGE_BYTES", status=413,
                                       title="Payload too large")
-            envelope, idempotent = checked_message(item, identity, None)
         except ValidationError as exc:
             results[index] = problem_body(exc.status, exc.detail, title=exc.title, errors=exc.errors)
             continue

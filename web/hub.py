@@ -26,7 +26,7 @@ from simple_websocket import ConnectionClosed
 
 from pipeline.errors import HeraldError, ValidationError
 from pipeline.green import gevent_active
-from pipeline.messages import new_id, parse_publish, valid_channel
+from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
 from pipeline.store import connect, stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.problems import problem
@@ -46,11 +46,6 @@ MAX_BAD_FRAMES = 5
 SEND_BUFFER_BYTES = 64 * 1024
 CLOSE_WAIT = 10.0  # seconds a close frame may wait for room in a stalled socket
 _STOP = object()
-
-
-def dumps(frame: dict) -> str:
-    """Encode a frame as compact JSON text."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
 def wire_frame(text: str) -> bytes:
@@ -436,7 +431,8 @@ class Hub:
                 if not conn.ws.connected:
                     return
                 continue
-            if len(raw) > self.settings.max_message_bytes:
+            size = len(raw.encode()) if isinstance(raw, str) else len(raw)  # bytes, not characters
+            if size > self.settings.max_message_bytes:
                 conn.close(CLOSE_TOO_LARGE, "frame too large")
                 return
             if not conn.take_token():
@@ -660,7 +656,7 @@ def _parse(raw):
     if raw is None:
         return None
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (TypeError, ValueError, RecursionError):
         return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.harness import topic_size
@@ -178,3 +180,24 @@ def test_a_message_is_readable_only_with_its_channels_subscribe_glob(stack, web)
     unknown = assert_problem(web.request("GET", "/api/v1/messages/01NOSUCHMESSAGE", token=outsider), 404)
     assert body["detail"].replace(answer["id"], "ID") == unknown["detail"].replace("01NOSUCHMESSAGE", "ID")
     assert_problem(web.request("GET", f"/api/v1/messages/{answer['id']}", token=publisher), 404)  # publish is not read
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(web, token, channel, constant, unchanged_topic):
+    raw = ('{"channel": "%s", "data": {"x": %s}}' % (channel, constant)).encode()
+    assert_problem(web.request("POST", "/api/v1/messages", raw=raw, token=token), 400)
+    batch = ('{"messages": [{"channel": "%s", "data": %s}]}' % (channel, constant)).encode()
+    assert_problem(web.request("POST", "/api/v1/messages/batch", raw=batch, token=token), 400)
+
+
+def test_a_lone_surrogate_is_a_400_and_leaves_no_idempotency_claim(web, token, channel):
+    raw = ('{"channel": "%s", "data": "\\ud800"}' % channel).encode()  # valid JSON, not encodable
+    key = f"surrogate-{channel}"
+    body = assert_problem(web.request("POST", "/api/v1/messages", raw=raw, token=token,
+                                      headers={"Idempotency-Key": key}), 400, field="data")
+    assert "surrogate" in body["detail"]
+    # The key is free at once: no claim was left pending (it was, for 24 h, behind a 500).
+    started = time.monotonic()
+    status, _, answer = web.request("POST", "/api/v1/messages", {"channel": channel, "data": "fine"}, token=token,
+                                    headers={"Idempotency-Key": key})
+    assert status == 202 and answer["id"] == key and time.monotonic() - started < 3

@@ -481,3 +481,25 @@ def test_the_address_cap_and_logs_trust_only_the_configured_proxies(stack, proxi
         for client in clients:
             client.close()
         web.proc.stop()
+
+
+@pytest.mark.parametrize("data", ["NaN", "Infinity", '"\\ud800"'])
+def test_unencodable_data_over_the_socket_is_an_error_frame(web, token, channel, data):
+    client = web.ws(token)
+    client.recv()
+    client.sock.send('{"op": "publish", "channel": "%s", "data": %s, "id": "x-%s", "ref": "r"}'
+                     % (channel, data, channel))
+    assert client.recv()["op"] == "error"
+    client.send({"op": "publish", "channel": channel, "data": "fine", "id": f"x-{channel}", "ref": "ok"})
+    assert client.expect(lambda f: f.get("ref") == "ok", timeout=5)["op"] == "ack"  # the id was not claimed
+    client.close()
+
+
+def test_the_frame_size_limit_counts_bytes(stack, web, token, channel):
+    client = web.ws(token)
+    client.recv()
+    # Fewer characters than the limit, more bytes (two each in UTF-8).
+    data = "\u00e9" * (stack.settings.max_message_bytes // 2 + 64)
+    client.sock.send(json.dumps({"op": "publish", "channel": channel, "data": data}, ensure_ascii=False))
+    assert close_code(client) == 4009
+    client.close()
