@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import redis
 from flask import Blueprint, current_app, g, request
 
@@ -14,8 +16,12 @@ from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import document
 from web.problems import from_validation, problem, problem_body
 
+log = logging.getLogger("herald.web")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
 MAX_BATCH = 1000
+# The text of a Kafka or Redis error names internal hosts and ports: it is
+# logged, and clients get this (README: WebSocket close codes and errors).
+NOT_ACCEPTED = "Kafka or Redis is unavailable; nothing was accepted, retry later"
 
 
 def services():
@@ -45,12 +51,13 @@ def conflict(exc: IdempotencyConflict):
 
 @blueprint.errorhandler(KafkaUnavailable)
 def kafka_down(exc: KafkaUnavailable):
-    return problem(503, f"{exc}; nothing was accepted, retry later", slug="kafka-unavailable",
-                   headers={"Retry-After": "5"})
+    log.warning("request refused: service unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
+    return problem(503, NOT_ACCEPTED, slug="kafka-unavailable", headers={"Retry-After": "5"})
 
 
 @blueprint.errorhandler(redis.RedisError)
 def redis_down(exc: redis.RedisError):
+    log.warning("request refused: Redis unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
     return problem(503, "Redis is unreachable; retry later", slug="redis-unavailable", headers={"Retry-After": "5"})
 
 
@@ -123,10 +130,13 @@ def publish_batch():
         slots.append(index)
     answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
                                              raise_errors=False)
-    for index, answer in zip(slots, answers):
-        if isinstance(answer, HeraldError):
-            status = 409 if isinstance(answer, IdempotencyConflict) else 503
-            results[index] = problem_body(status, str(answer), title="Not accepted")
+    for index, envelope, answer in zip(slots, envelopes, answers):
+        if isinstance(answer, IdempotencyConflict):
+            results[index] = problem_body(409, str(answer), title="Not accepted")
+        elif isinstance(answer, HeraldError):
+            log.warning("message refused: service unavailable",
+                        extra={"error": str(answer), "request_id": g.request_id, "message_id": envelope["id"]})
+            results[index] = problem_body(503, NOT_ACCEPTED, title="Not accepted")
         else:
             results[index] = answer
     return {"results": results}, 202

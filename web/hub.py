@@ -546,7 +546,10 @@ class Hub:
             answer = self.services.ingest.publish(envelope, idempotent="id" in body,
                                                   origin=f"{self.node}/{conn.id}", request_id=new_id())
         except HeraldError as exc:
-            raise ValidationError(str(exc), status=503, title="unavailable") from None
+            # Its text names internal hosts: logged, not sent (README: WebSocket close codes and errors).
+            log.warning("ws publish refused: service unavailable", extra={"client": conn.id, "error": str(exc)})
+            raise ValidationError("the message was not accepted, retry later", status=503,
+                                  title="unavailable") from None
         conn.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
 
     def _presence_join(self, conn: Connection, channel: str) -> None:
