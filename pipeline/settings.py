@@ -57,6 +57,7 @@ class Settings:
     ws_max_per_user: int = 100
     ws_max_per_ip: int = 1000
     trusted_proxies: int = 0
+    ws_max_subscriptions: int = 100
     presence_ttl: int = 15
     order_wait: float = 5.0
     max_redeliveries: int = 3
@@ -70,6 +71,12 @@ class Settings:
         """Seconds after which an unfinished dispatched message is sent again: well past
         the broker's own hand-back of a dead worker's tasks (the visibility timeout)."""
         return 2.0 * self.visibility_timeout
+
+    @property
+    def max_batch_bytes(self) -> int:
+        """The largest batch body (README: limits): parsed JSON takes up to ~24 times
+        its size in memory, so 1 MiB, or 16 messages of the largest size."""
+        return max(1024 * 1024, 16 * self.max_message_bytes)
 
     @property
     def dlq_topic(self) -> str:
@@ -128,6 +135,7 @@ class Settings:
             ws_max_per_user=_int(env, "HERALD_WS_MAX_PER_USER", cls.ws_max_per_user, 1, 10_000_000),
             ws_max_per_ip=_int(env, "HERALD_WS_MAX_PER_IP", cls.ws_max_per_ip, 1, 10_000_000),
             trusted_proxies=_int(env, "HERALD_TRUSTED_PROXIES", cls.trusted_proxies, 0, 10),
+            ws_max_subscriptions=_int(env, "HERALD_WS_MAX_SUBSCRIPTIONS", cls.ws_max_subscriptions, 1, 100_000),
             presence_ttl=_int(env, "HERALD_PRESENCE_TTL", cls.presence_ttl, 3, 3600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
             max_redeliveries=_int(env, "HERALD_MAX_REDELIVERIES", cls.max_redeliveries, 0, 100),

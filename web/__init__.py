@@ -34,7 +34,8 @@ def create_app(settings=None) -> Flask:
     """Build the web app; services connect lazily, after any fork (see `gunicorn.conf.py`)."""
     settings = settings or current()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes * 1000 + 65536
+    # The largest body any endpoint takes (a batch); werkzeug refuses more unread.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_batch_bytes
     # Protocol pings every ping_interval; a client that has not answered the
     # previous one by the next is dropped. Frames up to twice the message
     # limit are read so that the hub can refuse them with 4009 (beyond, the

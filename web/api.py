@@ -103,17 +103,36 @@ def publish_one():
     return answer, 202
 
 
+def duplicate_ids(items: list) -> list[dict]:
+    """Field errors for each item whose `id` an earlier item of the batch has."""
+    first: dict[str, int] = {}
+    errors = []
+    for index, item in enumerate(items):
+        msg_id = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(msg_id, str):
+            continue
+        if msg_id in first:
+            errors.append({"field": f"messages[{index}].id", "problem": f"duplicate of messages[{first[msg_id]}]"})
+        else:
+            first[msg_id] = index
+    return errors
+
+
 @blueprint.post("/messages/batch")
 def publish_batch():
     identity = authenticate()
     settings = services().settings
-    body = read_json(settings.max_message_bytes * MAX_BATCH)
+    body = read_json(settings.max_batch_bytes)
     if not isinstance(body, dict) or set(body) != {"messages"} or not isinstance(body["messages"], list):
         raise ValidationError('The body is {"messages": [...]}', [{"field": "messages", "problem": "required list"}])
     items = body["messages"]
     if not 1 <= len(items) <= MAX_BATCH:
         raise ValidationError(f"A batch holds 1 to {MAX_BATCH} messages", [{"field": "messages",
                                                                               "problem": "1..1000 items"}])
+    duplicates = duplicate_ids(items)
+    if duplicates:
+        # Each would wait on the other's idempotency claim, then drop it.
+        raise ValidationError("A batch may not repeat a message id", duplicates)
     results: list = [None] * len(items)
     envelopes, flags, slots = [], [], []
     for index, item in enumerate(items):
@@ -128,6 +147,10 @@ def publish_batch():
         envelopes.append(envelope)
         flags.append(idempotent)
         slots.append(index)
+    if not envelopes:
+        raise ValidationError("No message of the batch is valid; nothing was accepted", [
+            {"field": f"messages[{index}]", "problem": result["detail"], "status": result["status"]}
+            for index, result in enumerate(results)])
     answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
                                              raise_errors=False)
     for index, envelope, answer in zip(slots, envelopes, answers):

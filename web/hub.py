@@ -475,6 +475,10 @@ class Hub:
         channel = _channel(frame)
         if not conn.identity.may_subscribe(channel):
             raise ValidationError(f"this token may not subscribe to {channel}", status=403, title="forbidden")
+        limit = self.settings.ws_max_subscriptions
+        if channel not in conn.subscriptions and len(conn.subscriptions) >= limit:
+            raise ValidationError(f"at most {limit} subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)",
+                                  title="too_many_subscriptions")
         since = frame.get("since")
         if since is not None and not valid_stream_id(since):
             raise ValidationError("since is an offset from a message frame", title="bad_frame")

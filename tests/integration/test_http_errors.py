@@ -201,3 +201,32 @@ def test_a_lone_surrogate_is_a_400_and_leaves_no_idempotency_claim(web, token, c
     status, _, answer = web.request("POST", "/api/v1/messages", {"channel": channel, "data": "fine"}, token=token,
                                     headers={"Idempotency-Key": key})
     assert status == 202 and answer["id"] == key and time.monotonic() - started < 3
+
+
+def test_a_batch_body_over_its_limit_is_refused_unparsed(web, token, unchanged_topic):
+    # 600 invalid messages of 2 KB: 1.2 MB, a thousandth of what was parsed before (64 MB).
+    items = [{"channel": "bad channel", "data": "x" * 2000}] * 600
+    body = assert_problem(web.request("POST", "/api/v1/messages/batch", {"messages": items}, token=token), 413)
+    assert "1048576" in body["detail"] or "larger" in body["detail"]
+
+
+def test_a_batch_repeating_an_id_is_422_naming_the_duplicates(stack, web, token, channel):
+    before = topic_size(stack)
+    items = [{"channel": channel, "data": n, "id": f"{channel}-{n % 2}"} for n in range(5)]
+    started = time.monotonic()
+    body = assert_problem(web.request("POST", "/api/v1/messages/batch", {"messages": items}, token=token), 422)
+    assert time.monotonic() - started < 3  # no item waited on another's claim
+    assert body["errors"] == [{"field": "messages[2].id", "problem": "duplicate of messages[0]"},
+                              {"field": "messages[3].id", "problem": "duplicate of messages[1]"},
+                              {"field": "messages[4].id", "problem": "duplicate of messages[0]"}]
+    assert topic_size(stack) == before
+    # Nothing was claimed: the ids publish afterwards.
+    again = web.request("POST", "/api/v1/messages/batch", {"messages": items[:2]}, token=token)
+    assert again[0] == 202 and [r["status"] for r in again[2]["results"]] == ["accepted", "accepted"]
+
+
+def test_a_batch_of_only_invalid_messages_is_422(web, token, channel, unchanged_topic):
+    body = assert_problem(web.request("POST", "/api/v1/messages/batch", {"messages": [
+        {"channel": "bad channel", "data": 1}, {"channel": channel}]}, token=token), 422)
+    assert [e["field"] for e in body["errors"]] == ["messages[0]", "messages[1]"]
+    assert [e["status"] for e in body["errors"]] == [422, 422]

@@ -503,3 +503,22 @@ def test_the_frame_size_limit_counts_bytes(stack, web, token, channel):
     client.sock.send(json.dumps({"op": "publish", "channel": channel, "data": data}, ensure_ascii=False))
     assert close_code(client) == 4009
     client.close()
+
+
+def test_subscriptions_per_connection_are_bounded(stack, channel):
+    web = stack.web("few-subs", HERALD_WS_MAX_SUBSCRIPTIONS=3)
+    client = web.ws(stack.token())
+    try:
+        client.recv()
+        for n in range(3):
+            client.subscribe(f"{channel}-{n}")
+        client.subscribe(f"{channel}-0", since="0-0")  # again: no new subscription
+        client.send({"op": "subscribe", "channel": f"{channel}-3", "ref": "over"})
+        assert client.expect(lambda f: f.get("ref") == "over") == {
+            "op": "error", "code": "too_many_subscriptions", "ref": "over",
+            "message": "at most 3 subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)"}
+        client.send({"op": "unsubscribe", "channel": f"{channel}-1"})
+        client.subscribe(f"{channel}-3")  # room again
+    finally:
+        client.close()
+        web.proc.stop()
