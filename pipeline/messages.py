@@ -54,6 +54,21 @@ def channel_allowed(channel: str, globs) -> bool:
     return any(fnmatch.fnmatchcase(channel, glob) for glob in globs or ())
 
 
+def loads(raw):
+    """Strict JSON: `NaN`, `Infinity` and `-Infinity` are refused with ValueError, as
+    browsers' JSON.parse refuses them (a frame holding one would be lost)."""
+    return json.loads(raw, parse_constant=_refuse_constant)
+
+
+def dumps(value) -> str:
+    """Compact strict JSON text (ValueError on NaN or an infinity)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> dict:
     """Validate one client message and return its envelope, or raise ValidationError."""
     if not isinstance(body, dict):
@@ -78,6 +93,14 @@ def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> d
         errors.append({"field": "id", "problem": "differs from the Idempotency-Key header"})
     if errors:
         raise ValidationError("The message has invalid fields", errors)
+    try:
+        # Refused here, before any idempotency claim: a lone surrogate ("\ud800")
+        # or NaN would fail only when the record is encoded (issue 8: a 500 then).
+        dumps(body["data"]).encode()
+    except (ValueError, RecursionError):
+        raise ValidationError("data cannot be encoded as UTF-8 JSON (lone surrogate, NaN or Infinity)",
+                              [{"field": "data", "problem": "not encodable as UTF-8 JSON"}], status=400,
+                              title="Unencodable data") from None
     return {
         "id": msg_id or new_id(),
         "channel": channel,
@@ -89,8 +112,8 @@ def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> d
 
 
 def encode(envelope: dict) -> bytes:
-    """The record value: compact UTF-8 JSON."""
-    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+    """The record value: compact, strict UTF-8 JSON."""
+    return dumps(envelope).encode()
 
 
 def decode(value: bytes | None) -> dict:

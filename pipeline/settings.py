@@ -19,6 +19,7 @@ from pipeline.messages import namespace
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
+MIN_SECRET_BYTES = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Settings:
     ws_rate: float = 50.0
     ws_max_per_user: int = 100
     ws_max_per_ip: int = 1000
+    trusted_proxies: int = 0
+    ws_max_subscriptions: int = 100
     presence_ttl: int = 15
     order_wait: float = 5.0
     max_redeliveries: int = 3
@@ -69,6 +72,12 @@ class Settings:
         """Seconds after which an unfinished dispatched message is sent again: well past
         the broker's own hand-back of a dead worker's tasks (the visibility timeout)."""
         return 2.0 * self.visibility_timeout
+
+    @property
+    def max_batch_bytes(self) -> int:
+        """The largest batch body (README: limits): parsed JSON takes up to ~24 times
+        its size in memory, so 1 MiB, or 16 messages of the largest size."""
+        return max(1024 * 1024, 16 * self.max_message_bytes)
 
     @property
     def dlq_topic(self) -> str:
@@ -86,6 +95,12 @@ class Settings:
             raise ConfigError(
                 "HERALD_SECRET_KEY is not set: set it to a long random string, "
                 "or set HERALD_AUTH=off for local development"
+            )
+        if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+            # A short HS256 key is brute-forced offline from one token (README: Configuration).
+            raise ConfigError(
+                f"HERALD_SECRET_KEY is {len(secret.encode())} bytes; use at least {MIN_SECRET_BYTES} random bytes "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         origins = tuple(o.strip().rstrip("/") for o in env.get("HERALD_CORS_ORIGINS", "").split(",") if o.strip())
         if "*" in origins:
@@ -121,6 +136,8 @@ class Settings:
             ws_rate=_float(env, "HERALD_WS_RATE", cls.ws_rate, 0.1, 100000),
             ws_max_per_user=_int(env, "HERALD_WS_MAX_PER_USER", cls.ws_max_per_user, 1, 10_000_000),
             ws_max_per_ip=_int(env, "HERALD_WS_MAX_PER_IP", cls.ws_max_per_ip, 1, 10_000_000),
+            trusted_proxies=_int(env, "HERALD_TRUSTED_PROXIES", cls.trusted_proxies, 0, 10),
+            ws_max_subscriptions=_int(env, "HERALD_WS_MAX_SUBSCRIPTIONS", cls.ws_max_subscriptions, 1, 100_000),
             presence_ttl=_int(env, "HERALD_PRESENCE_TTL", cls.presence_ttl, 3, 3600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
             max_redeliveries=_int(env, "HERALD_MAX_REDELIVERIES", cls.max_redeliveries, 0, 100),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 
 import redis
 from flask import Blueprint, current_app, g, request
@@ -10,14 +10,18 @@ from flask import Blueprint, current_app, g, request
 from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict
-from pipeline.messages import ID_RE, parse_publish, valid_channel
+from pipeline.messages import ID_RE, dumps, loads, parse_publish, valid_channel
 from pipeline.store import valid_stream_id
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import document
 from web.problems import from_validation, problem, problem_body
 
+log = logging.getLogger("herald.web")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
 MAX_BATCH = 1000
+# The text of a Kafka or Redis error names internal hosts and ports: it is
+# logged, and clients get this (README: WebSocket close codes and errors).
+NOT_ACCEPTED = "Kafka or Redis is unavailable; nothing was accepted, retry later"
 
 
 def services():
@@ -47,12 +51,13 @@ def conflict(exc: IdempotencyConflict):
 
 @blueprint.errorhandler(KafkaUnavailable)
 def kafka_down(exc: KafkaUnavailable):
-    return problem(503, f"{exc}; nothing was accepted, retry later", slug="kafka-unavailable",
-                   headers={"Retry-After": "5"})
+    log.warning("request refused: service unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
+    return problem(503, NOT_ACCEPTED, slug="kafka-unavailable", headers={"Retry-After": "5"})
 
 
 @blueprint.errorhandler(redis.RedisError)
 def redis_down(exc: redis.RedisError):
+    log.warning("request refused: Redis unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
     return problem(503, "Redis is unreachable; retry later", slug="redis-unavailable", headers={"Retry-After": "5"})
 
 
@@ -70,8 +75,8 @@ def read_json(limit: int):
         raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
                               title="Payload too large")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
 
 
@@ -98,39 +103,65 @@ def publish_one():
     return answer, 202
 
 
+def duplicate_ids(items: list) -> list[dict]:
+    """Field errors for each item whose `id` an earlier item of the batch has."""
+    first: dict[str, int] = {}
+    errors = []
+    for index, item in enumerate(items):
+        msg_id = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(msg_id, str):
+            continue
+        if msg_id in first:
+            errors.append({"field": f"messages[{index}].id", "problem": f"duplicate of messages[{first[msg_id]}]"})
+        else:
+            first[msg_id] = index
+    return errors
+
+
 @blueprint.post("/messages/batch")
 def publish_batch():
     identity = authenticate()
     settings = services().settings
-    body = read_json(settings.max_message_bytes * MAX_BATCH)
+    body = read_json(settings.max_batch_bytes)
     if not isinstance(body, dict) or set(body) != {"messages"} or not isinstance(body["messages"], list):
         raise ValidationError('The body is {"messages": [...]}', [{"field": "messages", "problem": "required list"}])
     items = body["messages"]
     if not 1 <= len(items) <= MAX_BATCH:
         raise ValidationError(f"A batch holds 1 to {MAX_BATCH} messages", [{"field": "messages",
                                                                               "problem": "1..1000 items"}])
+    duplicates = duplicate_ids(items)
+    if duplicates:
+        # Each would wait on the other's idempotency claim, then drop it.
+        raise ValidationError("A batch may not repeat a message id", duplicates)
     results: list = [None] * len(items)
     envelopes, flags, slots = [], [], []
     for index, item in enumerate(items):
         try:
-            if len(json.dumps(item)) > settings.max_message_bytes:
+            envelope, idempotent = checked_message(item, identity, None)  # encodable from here on
+            if len(dumps(item).encode()) > settings.max_message_bytes:
                 raise ValidationError("The message is larger than HERALD_MAX_MESSAGE_BYTES", status=413,
                                       title="Payload too large")
-            envelope, idempotent = checked_message(item, identity, None)
         except ValidationError as exc:
             results[index] = problem_body(exc.status, exc.detail, title=exc.title, errors=exc.errors)
             continue
         envelopes.append(envelope)
         flags.append(idempotent)
         slots.append(index)
+    if not envelopes:
+        raise ValidationError("No message of the batch is valid; nothing was accepted", [
+            {"field": f"messages[{index}]", "problem": result["detail"], "status": result["status"]}
+            for index, result in enumerate(results)])
     answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
                                              raise_errors=False)
-    for index, answer in zip(slots, answers):
+    for index, envelope, answer in zip(slots, envelopes, answers):
         if isinstance(answer, ValidationError):
             results[index] = problem_body(answer.status, answer.detail, title=answer.title, errors=answer.errors)
+        elif isinstance(answer, IdempotencyConflict):
+            results[index] = problem_body(409, str(answer), title="Not accepted")
         elif isinstance(answer, HeraldError):
-            status = 409 if isinstance(answer, IdempotencyConflict) else 503
-            results[index] = problem_body(status, str(answer), title="Not accepted")
+            log.warning("message refused: service unavailable",
+                        extra={"error": str(answer), "request_id": g.request_id, "message_id": envelope["id"]})
+            results[index] = problem_body(503, NOT_ACCEPTED, title="Not accepted")
         else:
             results[index] = answer
     return {"results": results}, 202
@@ -143,9 +174,11 @@ def openapi():
 
 @blueprint.get("/messages/<msg_id>")
 def get_message(msg_id: str):
-    authenticate()
+    identity = authenticate()
     message = services().store.get_message(msg_id) if ID_RE.fullmatch(msg_id) else None
-    if message is None:
+    # A message the token may not read is answered as unknown: a 403 would
+    # tell that the id exists (README: Tokens).
+    if message is None or not identity.may_subscribe(message["channel"] or ""):
         return problem(404, f"No message {msg_id} is known (statuses are kept 24 h)", slug="unknown-message")
     return message
 

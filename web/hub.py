@@ -26,7 +26,7 @@ from simple_websocket import ConnectionClosed
 
 from pipeline.errors import HeraldError, ValidationError
 from pipeline.green import gevent_active
-from pipeline.messages import new_id, parse_publish, valid_channel
+from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
 from pipeline.store import connect, stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.problems import problem
@@ -46,11 +46,6 @@ MAX_BAD_FRAMES = 5
 SEND_BUFFER_BYTES = 64 * 1024
 CLOSE_WAIT = 10.0  # seconds a close frame may wait for room in a stalled socket
 _STOP = object()
-
-
-def dumps(frame: dict) -> str:
-    """Encode a frame as compact JSON text."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
 def wire_frame(text: str) -> bytes:
@@ -369,7 +364,7 @@ class Hub:
     # -- one connection ------------------------------------------------------
     def serve(self, ws) -> None:
         """Run one WebSocket connection from handshake to close."""
-        remote = request.headers.get("X-Forwarded-For", request.remote_addr or "").split(",")[0].strip()
+        remote = request.remote_addr or ""  # the trusted proxies' view (HERALD_TRUSTED_PROXIES, ProxyFix)
         if not self.running:
             # Shutting down: send the client to another process now.
             ws.close(reason=CLOSE_GOING_AWAY, message="server going away")
@@ -436,7 +431,8 @@ class Hub:
                 if not conn.ws.connected:
                     return
                 continue
-            if len(raw) > self.settings.max_message_bytes:
+            size = len(raw.encode()) if isinstance(raw, str) else len(raw)  # bytes, not characters
+            if size > self.settings.max_message_bytes:
                 conn.close(CLOSE_TOO_LARGE, "frame too large")
                 return
             if not conn.take_token():
@@ -479,6 +475,10 @@ class Hub:
         channel = _channel(frame)
         if not conn.identity.may_subscribe(channel):
             raise ValidationError(f"this token may not subscribe to {channel}", status=403, title="forbidden")
+        limit = self.settings.ws_max_subscriptions
+        if channel not in conn.subscriptions and len(conn.subscriptions) >= limit:
+            raise ValidationError(f"at most {limit} subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)",
+                                  title="too_many_subscriptions")
         since = frame.get("since")
         if since is not None and not valid_stream_id(since):
             raise ValidationError("since is an offset from a message frame", title="bad_frame")
@@ -552,7 +552,10 @@ class Hub:
         except ValidationError:
             raise
         except HeraldError as exc:
-            raise ValidationError(str(exc), status=503, title="unavailable") from None
+            # Its text names internal hosts: logged, not sent (README: WebSocket close codes and errors).
+            log.warning("ws publish refused: service unavailable", extra={"client": conn.id, "error": str(exc)})
+            raise ValidationError("the message was not accepted, retry later", status=503,
+                                  title="unavailable") from None
         conn.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
 
     def _presence_join(self, conn: Connection, channel: str) -> None:
@@ -662,7 +665,7 @@ def _parse(raw):
     if raw is None:
         return None
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (TypeError, ValueError, RecursionError):
         return None
 

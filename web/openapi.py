@@ -33,6 +33,9 @@ def document(settings) -> dict:
             }},
             "/api/v1/messages/batch": {"post": {
                 "summary": "Publish up to 1000 messages",
+                "description": f"The body is at most {settings.max_batch_bytes} bytes (413 beyond). A batch "
+                               "that repeats an `id`, or whose every message is invalid, is a 422 and nothing "
+                               "is accepted; otherwise 202 with one result per message.",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["messages"], "additionalProperties": False,
                     "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": 1000,

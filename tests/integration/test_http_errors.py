@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.harness import topic_size
@@ -137,3 +139,94 @@ def test_openapi_document_and_docs_page(web):
     assert status == 200 and document["openapi"].startswith("3.1") and "/api/v1/messages" in document["paths"]
     status, headers, _ = web.request("GET", "/docs/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
+
+
+def test_odd_methods_and_paths_add_no_metric_series(web):
+    import http.client
+
+    def series():
+        text = web.request("GET", "/metrics")[2]
+        return [line for line in text.splitlines() if line.startswith("herald_http_")]
+
+    for n in range(300):  # gunicorn passes any upper-case method name
+        connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
+        connection.request(f"AAAA{n}", "/healthz" if n % 2 else f"/no-such-path-{n}")
+        assert connection.getresponse().status in (404, 405)
+        connection.close()
+    series()  # the first scrape adds the series of /metrics itself
+    before = series()
+    for n in range(300, 400):
+        connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
+        connection.request(f"BBBB{n}", f"/no-such-path-{n}")
+        connection.getresponse().read()
+        connection.close()
+    after = series()
+    assert not [line for line in after if "AAAA" in line or "BBBB" in line or "no-such-path" in line]
+    assert len(after) == len(before)  # the same series, counted again
+    for status in ("404", "405"):  # a wrong method on a known path matches no route either
+        assert any(f'method="OTHER",route="unmatched",status="{status}"' in line for line in after)
+
+
+def test_a_message_is_readable_only_with_its_channels_subscribe_glob(stack, web):
+    publisher = stack.token("pub", publish=["secret:*"], subscribe=[])
+    insider = stack.token("insider", publish=[], subscribe=["secret:*"])
+    outsider = stack.token("outsider", publish=[], subscribe=["open:*"])
+    status, _, answer = web.request("POST", "/api/v1/messages", {"channel": "secret:plans", "data": "x"},
+                                    token=publisher)
+    assert status == 202
+    assert web.request("GET", f"/api/v1/messages/{answer['id']}", token=insider)[2]["channel"] == "secret:plans"
+    # Not a 403: that would tell the outsider the id exists.
+    body = assert_problem(web.request("GET", f"/api/v1/messages/{answer['id']}", token=outsider), 404)
+    unknown = assert_problem(web.request("GET", "/api/v1/messages/01NOSUCHMESSAGE", token=outsider), 404)
+    assert body["detail"].replace(answer["id"], "ID") == unknown["detail"].replace("01NOSUCHMESSAGE", "ID")
+    assert_problem(web.request("GET", f"/api/v1/messages/{answer['id']}", token=publisher), 404)  # publish is not read
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(web, token, channel, constant, unchanged_topic):
+    raw = ('{"channel": "%s", "data": {"x": %s}}' % (channel, constant)).encode()
+    assert_problem(web.request("POST", "/api/v1/messages", raw=raw, token=token), 400)
+    batch = ('{"messages": [{"channel": "%s", "data": %s}]}' % (channel, constant)).encode()
+    assert_problem(web.request("POST", "/api/v1/messages/batch", raw=batch, token=token), 400)
+
+
+def test_a_lone_surrogate_is_a_400_and_leaves_no_idempotency_claim(web, token, channel):
+    raw = ('{"channel": "%s", "data": "\\ud800"}' % channel).encode()  # valid JSON, not encodable
+    key = f"surrogate-{channel}"
+    body = assert_problem(web.request("POST", "/api/v1/messages", raw=raw, token=token,
+                                      headers={"Idempotency-Key": key}), 400, field="data")
+    assert "surrogate" in body["detail"]
+    # The key is free at once: no claim was left pending (it was, for 24 h, behind a 500).
+    started = time.monotonic()
+    status, _, answer = web.request("POST", "/api/v1/messages", {"channel": channel, "data": "fine"}, token=token,
+                                    headers={"Idempotency-Key": key})
+    assert status == 202 and answer["id"] == key and time.monotonic() - started < 3
+
+
+def test_a_batch_body_over_its_limit_is_refused_unparsed(web, token, unchanged_topic):
+    # 600 invalid messages of 2 KB: 1.2 MB, a thousandth of what was parsed before (64 MB).
+    items = [{"channel": "bad channel", "data": "x" * 2000}] * 600
+    body = assert_problem(web.request("POST", "/api/v1/messages/batch", {"messages": items}, token=token), 413)
+    assert "1048576" in body["detail"] or "larger" in body["detail"]
+
+
+def test_a_batch_repeating_an_id_is_422_naming_the_duplicates(stack, web, token, channel):
+    before = topic_size(stack)
+    items = [{"channel": channel, "data": n, "id": f"{channel}-{n % 2}"} for n in range(5)]
+    started = time.monotonic()
+    body = assert_problem(web.request("POST", "/api/v1/messages/batch", {"messages": items}, token=token), 422)
+    assert time.monotonic() - started < 3  # no item waited on another's claim
+    assert body["errors"] == [{"field": "messages[2].id", "problem": "duplicate of messages[0]"},
+                              {"field": "messages[3].id", "problem": "duplicate of messages[1]"},
+                              {"field": "messages[4].id", "problem": "duplicate of messages[0]"}]
+    assert topic_size(stack) == before
+    # Nothing was claimed: the ids publish afterwards.
+    again = web.request("POST", "/api/v1/messages/batch", {"messages": items[:2]}, token=token)
+    assert again[0] == 202 and [r["status"] for r in again[2]["results"]] == ["accepted", "accepted"]
+
+
+def test_a_batch_of_only_invalid_messages_is_422(web, token, channel, unchanged_topic):
+    body = assert_problem(web.request("POST", "/api/v1/messages/batch", {"messages": [
+        {"channel": "bad channel", "data": 1}, {"channel": channel}]}, token=token), 422)
+    assert [e["field"] for e in body["errors"]] == ["messages[0]", "messages[1]"]
+    assert [e["status"] for e in body["errors"]] == [422, 422]

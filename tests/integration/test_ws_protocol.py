@@ -439,3 +439,86 @@ def test_server_pings_and_drops_a_client_that_answers_nothing(stack, token):
         silent.close()
         lively.close()
         web.proc.stop()
+
+
+@pytest.mark.parametrize("proxies", [0, 1])
+def test_the_address_cap_and_logs_trust_only_the_configured_proxies(stack, proxies):
+    import uuid
+
+    prefix = f"px{uuid.uuid4().hex[:8]}"  # its own connection counts
+    web = stack.web(f"proxies{proxies}", HERALD_TRUSTED_PROXIES=proxies, HERALD_WS_MAX_PER_IP=2,
+                    HERALD_REDIS_PREFIX=prefix)
+    redis = stack.store().redis
+    counted = lambda address: redis.zcard(f"{prefix}:wsaddr:{address}")
+    token = stack.token("spoofer")
+    clients = []
+
+    def connect(forwarded):
+        client = web.ws(token, header=[f"X-Forwarded-For: {forwarded}"])
+        clients.append(client)
+        return client
+
+    try:
+        if proxies == 0:
+            # Each claims another address; all of them are the socket's peer.
+            for forwarded in ("10.0.0.1", "10.0.0.2"):
+                assert connect(forwarded).recv()["op"] == "connected"
+            assert counted("127.0.0.1") == 2 and counted("10.0.0.1") == counted("10.0.0.2") == 0
+            assert close_code(connect("10.0.0.3")) == 4029  # not dodged
+            client = "127.0.0.1"
+        else:
+            # The router appends the peer it saw: the last entry; the rest is the client's word.
+            for _ in range(2):
+                assert connect("10.9.9.9, 10.0.0.1").recv()["op"] == "connected"
+            assert counted("10.0.0.1") == 2 and counted("10.9.9.9") == counted("127.0.0.1") == 0
+            assert close_code(connect("10.0.0.2, 10.0.0.1")) == 4029
+            assert connect("10.0.0.1, 10.0.0.2").recv()["op"] == "connected"  # another client
+            client = "10.0.0.7"
+        web.request("GET", "/healthz", headers={"X-Forwarded-For": "10.9.9.9, 10.0.0.7"})
+        web.proc.wait_for_log(f'"path": "/healthz".*"remote": "{client}"')
+        assert "10.9.9.9" not in web.proc.log()
+    finally:
+        for client in clients:
+            client.close()
+        web.proc.stop()
+
+
+@pytest.mark.parametrize("data", ["NaN", "Infinity", '"\\ud800"'])
+def test_unencodable_data_over_the_socket_is_an_error_frame(web, token, channel, data):
+    client = web.ws(token)
+    client.recv()
+    client.sock.send('{"op": "publish", "channel": "%s", "data": %s, "id": "x-%s", "ref": "r"}'
+                     % (channel, data, channel))
+    assert client.recv()["op"] == "error"
+    client.send({"op": "publish", "channel": channel, "data": "fine", "id": f"x-{channel}", "ref": "ok"})
+    assert client.expect(lambda f: f.get("ref") == "ok", timeout=5)["op"] == "ack"  # the id was not claimed
+    client.close()
+
+
+def test_the_frame_size_limit_counts_bytes(stack, web, token, channel):
+    client = web.ws(token)
+    client.recv()
+    # Fewer characters than the limit, more bytes (two each in UTF-8).
+    data = "\u00e9" * (stack.settings.max_message_bytes // 2 + 64)
+    client.sock.send(json.dumps({"op": "publish", "channel": channel, "data": data}, ensure_ascii=False))
+    assert close_code(client) == 4009
+    client.close()
+
+
+def test_subscriptions_per_connection_are_bounded(stack, channel):
+    web = stack.web("few-subs", HERALD_WS_MAX_SUBSCRIPTIONS=3)
+    client = web.ws(stack.token())
+    try:
+        client.recv()
+        for n in range(3):
+            client.subscribe(f"{channel}-{n}")
+        client.subscribe(f"{channel}-0", since="0-0")  # again: no new subscription
+        client.send({"op": "subscribe", "channel": f"{channel}-3", "ref": "over"})
+        assert client.expect(lambda f: f.get("ref") == "over") == {
+            "op": "error", "code": "too_many_subscriptions", "ref": "over",
+            "message": "at most 3 subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)"}
+        client.send({"op": "unsubscribe", "channel": f"{channel}-1"})
+        client.subscribe(f"{channel}-3")  # room again
+    finally:
+        client.close()
+        web.proc.stop()

@@ -66,3 +66,19 @@ def test_globs_and_namespaces():
     assert channel_allowed("chat:lobby", ["chat:*"]) and not channel_allowed("news:x", ["chat:*"])
     assert not channel_allowed("chat:lobby", [])
     assert namespace("chat:lobby:x") == "chat" and namespace("plain") == ""
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_strict_json_refuses_nan_and_infinity(constant):
+    from pipeline.messages import loads
+
+    with pytest.raises(ValueError, match="is not JSON"):
+        loads('{"data": %s}' % constant)
+
+
+@pytest.mark.parametrize("data", ["\ud800", {"k": ["ok", "\udfff"]}, float("nan"), float("inf")])
+def test_data_that_cannot_be_encoded_is_a_400(data):
+    with pytest.raises(ValidationError) as info:
+        parse_publish({"channel": "c", "data": data}, sender="x")
+    assert info.value.status == 400 and info.value.errors == [{"field": "data",
+                                                               "problem": "not encodable as UTF-8 JSON"}]

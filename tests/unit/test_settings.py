@@ -51,6 +51,8 @@ def test_cors_origins_are_split():
 
 @pytest.mark.parametrize("env, words", [
     ({}, "HERALD_SECRET_KEY"),
+    ({"HERALD_SECRET_KEY": "s" * 31}, "HERALD_SECRET_KEY is 31 bytes"),
+    ({"HERALD_SECRET_KEY": "\u00e9" * 15}, "HERALD_SECRET_KEY is 30 bytes"),
     ({**BASE, "PORT": "eighty"}, "PORT"),
     ({**BASE, "PORT": "70000"}, "PORT"),
     ({**BASE, "REDIS_URL": "http://x"}, "REDIS_URL"),
@@ -61,6 +63,8 @@ def test_cors_origins_are_split():
     ({**BASE, "HERALD_CORS_ORIGINS": "*"}, "HERALD_CORS_ORIGINS"),
     ({**BASE, "HERALD_MAX_MESSAGE_BYTES": "-1"}, "HERALD_MAX_MESSAGE_BYTES"),
     ({**BASE, "HERALD_TOPIC": "bad topic!"}, "HERALD_TOPIC"),
+    ({**BASE, "HERALD_TRUSTED_PROXIES": "-1"}, "HERALD_TRUSTED_PROXIES"),
+    ({**BASE, "HERALD_WS_MAX_SUBSCRIPTIONS": "0"}, "HERALD_WS_MAX_SUBSCRIPTIONS"),
     ({**BASE, "HERALD_RETRY_MAX_DELAY": "3000", "HERALD_VISIBILITY_TIMEOUT": "3600"}, "VISIBILITY_TIMEOUT"),
 ])
 def test_bad_values_name_the_variable(env, words):
