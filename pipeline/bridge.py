@@ -188,8 +188,8 @@ class Bridge:
             log.warning("sweep skipped", extra={"error": str(exc)})
             return
         for envelope in stale:
-            # Its predecessors are long done or long lost: do not wait for them.
-            envelope["force_order"] = True
+            # It still passes its channel's gate in order: a predecessor lost
+            # with it is in this index too, and is sent again as well.
             log.warning("redispatching a message no worker finished", extra={"message_id": envelope["id"]})
             self._dispatch([envelope])
 

@@ -76,6 +76,14 @@ class Keys:
         """A web process's liveness flag."""
         return self._user("node", node)
 
+    def worker(self, hostname: str) -> str:
+        """A Celery worker's liveness flag (on the broker's Redis)."""
+        return self._user("worker", hostname)
+
+    def worker_deliveries(self, hostname: str) -> str:
+        """Set of the broker delivery tags a worker took and has not finished."""
+        return self._user("deliveries", hostname)
+
     # -- Herald's own ------------------------------------------------------
     @property
     def dead_letter_index(self) -> str:
@@ -96,6 +104,11 @@ class Keys:
     def presence_channels(self) -> str:
         """Set of channels with presence entries."""
         return self._own("presence-channels")
+
+    @property
+    def workers(self) -> str:
+        """Set of the Celery workers that registered (on the broker's Redis)."""
+        return self._own("workers")
 
     @property
     def presence_reaper(self) -> str:

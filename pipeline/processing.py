@@ -96,10 +96,10 @@ class Processor:
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         blocked = set()  # channels whose earlier record still waits: the later ones cannot pass
-        for index, (envelope, (outcome, _sid)) in enumerate(zip(envelopes, outcomes)):
+        for index, (envelope, (outcome, _sid, forced)) in enumerate(zip(envelopes, outcomes)):
             if outcome == "wait" and envelope["channel"] not in blocked:
                 try:
-                    outcome = self._deliver_in_turn(envelope, force=final_attempt)
+                    outcome, forced = self._deliver_in_turn(envelope, force=final_attempt)
                 except RETRYABLE as exc:
                     raise RetryLater(envelopes[index:], exc) from exc
             if outcome == "wait":
@@ -107,7 +107,7 @@ class Processor:
                 envelope.setdefault("waiting_since", now)
                 counts["waiting"].append(envelope)
                 continue
-            if envelope.get("force_order"):
+            if forced == "1":
                 FORCED_ORDER.inc()
                 log.warning("passed out of order: its predecessor is still not handled",
                             extra={"message_id": envelope["id"], "channel": envelope["channel"],
@@ -123,7 +123,7 @@ class Processor:
         """Retries are used up: dead-letter the message that kept failing."""
         self._dead_letter(envelopes[0], error, attempts=attempts)
 
-    def _deliver_in_turn(self, envelope: dict, *, force: bool) -> str:
+    def _deliver_in_turn(self, envelope: dict, *, force: bool) -> tuple[str, str]:
         # The predecessor is usually being processed by another worker right
         # now: a few milliseconds of waiting here beat a round trip through
         # the broker, but a worker slot must not be held for long.
@@ -131,9 +131,9 @@ class Processor:
         delay = 0.002
         skip = [bool(envelope.get("skip"))]
         while True:
-            (outcome, _sid), = self.store.deliver([envelope], force=force, skip=skip)
+            (outcome, _sid, forced), = self.store.deliver([envelope], force=force, skip=skip)
             if outcome != "wait" or time.monotonic() >= deadline:
-                return outcome
+                return outcome, forced
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 

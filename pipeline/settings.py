@@ -45,7 +45,7 @@ class Settings:
     retry_max: int = 8
     retry_base_delay: float = 0.5
     retry_max_delay: float = 60.0
-    visibility_timeout: int = 3600
+    visibility_timeout: int = 300
     history_maxlen: int = 1000
     history_max_age: int = 86400
     history_retention: tuple = ()  # ((namespace, maxlen, max_age_seconds), ...)
@@ -60,12 +60,24 @@ class Settings:
     trusted_proxies: int = 0
     ws_max_subscriptions: int = 100
     presence_ttl: int = 15
-    order_wait: float = 5.0
+    worker_lapse: float = 5.0
+    order_wait: float = 5.0  # beyond the broker's hand-back of a dead worker's tasks (see from_env)
     max_redeliveries: int = 3
     message_types: tuple[str, ...] = ()
     worker_concurrency: int = 2
     log_level: str = "INFO"
     node_id: str = ""
+
+    @property
+    def redis_broker(self) -> bool:
+        """True when Celery's broker is Redis (tasks of a dead worker come back only
+        after the visibility timeout)."""
+        return urlsplit(self.celery_broker_url).scheme in {"redis", "rediss", "unix"}
+
+    @property
+    def unacked_restore_interval(self) -> int:
+        """How often a worker sweeps the Redis broker for tasks of dead workers."""
+        return max(1, self.visibility_timeout // 10)
 
     @property
     def redispatch_after(self) -> float:
@@ -139,13 +151,19 @@ class Settings:
             trusted_proxies=_int(env, "HERALD_TRUSTED_PROXIES", cls.trusted_proxies, 0, 10),
             ws_max_subscriptions=_int(env, "HERALD_WS_MAX_SUBSCRIPTIONS", cls.ws_max_subscriptions, 1, 100_000),
             presence_ttl=_int(env, "HERALD_PRESENCE_TTL", cls.presence_ttl, 3, 3600),
-            order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 60),
+            worker_lapse=_float(env, "HERALD_WORKER_LAPSE", cls.worker_lapse, 1, 600),
+            order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 7 * 86400),
             max_redeliveries=_int(env, "HERALD_MAX_REDELIVERIES", cls.max_redeliveries, 0, 100),
             message_types=tuple(t.strip() for t in env.get("HERALD_MESSAGE_TYPES", "").split(",") if t.strip()),
             worker_concurrency=_int(env, "HERALD_WORKER_CONCURRENCY", cls.worker_concurrency, 1, 256),
             log_level=_choice(env, "HERALD_LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             node_id=env.get("HERALD_NODE_ID") or f"{socket.gethostname()}-{os.getpid()}",
         )
+        if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
+            # Strict order by default (README: "Order"): a record waits for a
+            # predecessor held by a dead worker until the Redis broker hands it back.
+            settings = dataclasses.replace(settings, order_wait=settings.visibility_timeout
+                                           + settings.unacked_restore_interval + cls.order_wait)
         if settings.retry_max_delay * 2 > settings.visibility_timeout:
             # A retry parked longer than the visibility timeout is handed to a
             # second worker by the Redis broker: the task would run twice.

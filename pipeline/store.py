@@ -61,6 +61,7 @@ return ARGV[1]
 _PASS = """
 local offset = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local forced = '0'
 if ARGV[2] ~= '' and last < tonumber(ARGV[2]) then
   local now = tonumber(ARGV[14])
   local queued = false
@@ -72,16 +73,17 @@ if ARGV[2] ~= '' and last < tonumber(ARGV[2]) then
     redis.call('ZADD', KEYS[10], now, ARGV[1])
     redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - tonumber(ARGV[12]))
     redis.call('EXPIRE', KEYS[10], ARGV[12])
-    return {'wait', ''}
+    return {'wait', '', '0'}
   end
+  forced = '1'
 end
 redis.call('ZREM', KEYS[10], ARGV[1])
 if offset > last then redis.call('SET', KEYS[2], offset, 'EX', ARGV[12]) end
 redis.call('ZREM', KEYS[8], ARGV[10])
 redis.call('HDEL', KEYS[9], ARGV[10])
 local done = redis.call('GET', KEYS[1])
-if done then return {'duplicate', done} end
-if ARGV[13] == '1' then return {'skipped', ''} end
+if done then return {'duplicate', done, forced} end
+if ARGV[13] == '1' then return {'skipped', '', forced} end
 local sid = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '*', 'f', ARGV[5])
 if ARGV[11] ~= '' then redis.call('XTRIM', KEYS[3], 'MINID', ARGV[11]) end
 -- An idle channel's keys expire (a message to each of many new channels
@@ -95,7 +97,7 @@ redis.call('EXPIRE', KEYS[4], ARGV[3])
 redis.call('PUBLISH', KEYS[5], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
 redis.call('PUBLISH', KEYS[6], ARGV[6])
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8] .. '\\n' .. ARGV[6]) end
-return {'delivered', sid}
+return {'delivered', sid, forced}
 """
 
 # The first publish of a message id claims it. KEYS: claim. ARGV: pending
@@ -228,9 +230,10 @@ class Store:
     def deliver(self, envelopes: list[dict], *, force: bool = False, skip=None) -> list[tuple[str, str]]:
         """Pass each record through its channel's order gate, in order, and deliver it once.
 
-        Returns per record ('delivered'|'duplicate'|'skipped'|'wait', stream id):
-        'wait' while the channel's previous record is not handled; records
-        flagged in `skip` (dead-lettered, rejected) only move the gate on.
+        Returns per record ('delivered'|'duplicate'|'skipped'|'wait', stream id,
+        '1' when it passed without its predecessor, else '0'): 'wait' while the
+        channel's previous record is not handled; records flagged in `skip`
+        (dead-lettered, rejected) only move the gate on.
         One round trip for the batch.
         """
         skip = skip or [False] * len(envelopes)

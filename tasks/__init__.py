@@ -46,7 +46,7 @@ def make_celery(settings, *, results: bool = True) -> Celery:
         # interval x throttle seconds (100 s by default): tie it to the timeout.
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
-            "unacked_restore_interval": max(1, settings.visibility_timeout // 10),
+            "unacked_restore_interval": settings.unacked_restore_interval,
             "unacked_restore_throttle": 1,
             # A worker killed during a sweep keeps the sweep lock until it
             # expires (300 s by default): no one could restore tasks meanwhile.
@@ -114,6 +114,45 @@ def _requeue_waiting(counts: dict) -> dict:
 def _warm_up(**_kwargs):
     # Each pool process connects once at start, not on its first message.
     processor().dead_letters.publisher.warm_up()
+
+
+_handback = None
+
+
+def worker_handback(hostname: str):
+    """This worker's Handback (Redis broker only; None otherwise), made at first use."""
+    global _handback
+    if _handback is None and settings.redis_broker:
+        from tasks.handback import Handback
+
+        _handback = Handback(settings, celery_app, hostname)
+    return _handback
+
+
+@signals.worker_ready.connect
+def _start_handback(sender, **_kwargs):
+    if worker_handback(sender.hostname) is not None:
+        _handback.start()
+
+
+@signals.task_received.connect
+def _took(request, **_kwargs):
+    # Runs in the worker's main process for every task it takes off the broker.
+    keeper = worker_handback(request.hostname)
+    if keeper is not None:
+        try:
+            keeper.took(request.message.delivery_tag)
+        except Exception as exc:  # the broker dropped: kombu's visibility timeout still hands it back
+            log.warning("delivery not recorded", extra={"error": str(exc), "task_id": request.id})
+
+
+@signals.worker_shutdown.connect
+def _stop_handback(**_kwargs):
+    if _handback is not None:
+        try:
+            _handback.stop()
+        except Exception as exc:
+            log.warning("handback not unregistered", extra={"error": str(exc)})
 
 
 @signals.setup_logging.connect

@@ -193,7 +193,7 @@ class Stack:
     def stop(self) -> None:
         """Stop every process and server of the stack."""
         if self._store is not None:
-            self._store.redis.close()
+            self._store.redis.connection_pool.disconnect()  # close() leaves a given pool's sockets open
         for proc in reversed(self.procs):
             proc.stop(10)
             proc.kill()  # whatever it left behind

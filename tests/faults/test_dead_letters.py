@@ -78,8 +78,9 @@ def test_undecodable_and_unknown_type_are_dead_lettered_and_the_next_is_delivere
     producer = Producer({"bootstrap.servers": stack.bootstrap})
     producer.produce(stack.settings.topic, key=channel, value=b"<xml>not json</xml>")
     producer.flush(10)
-    status, _, unknown = web.request("POST", "/api/v1/messages", {"channel": channel, "data": 1, "type": "bogus"},
-                                     token=token)
+    # Its id is the name the dead-letter index once had: it must not overwrite it.
+    status, _, unknown = web.request("POST", "/api/v1/messages",
+                                     {"id": "index", "channel": channel, "data": 1, "type": "bogus"}, token=token)
     assert status == 202
     status, _, good = web.request("POST", "/api/v1/messages", {"channel": channel, "data": 2, "type": "chat"},
                                   token=token)

@@ -1,12 +1,17 @@
-"""kill -9 of workers and bridges, and rebalances, under load: lost 0, duplicated 0."""
+"""kill -9 of workers and bridges, rebalances, and a worker that stops answering: lost 0, duplicated 0, reordered 0."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from tests.faults.conftest import start_collector
 from tests.faults.load import (Publisher, assert_exactly_once, forced_passes, history_of, report,
                                settled_in_flight, wait_for_delivery)
+from tests.harness import ROOT, wait_until
+
+STALL = Path(__file__).with_name("stall")
 
 
 def test_kill_9_worker_repeatedly(make_stack, channels):
@@ -108,4 +113,36 @@ def test_a_task_the_broker_lost_is_dispatched_again(make_stack, channel):
     assert frame["id"] == "lost-in-broker" and frame["data"] == "found"
     bridge.wait_for_log("redispatching a message no worker finished", 5)
     assert store.redis.zcard(store.keys.in_flight_index) == 0
+    client.close()
+
+
+def test_a_dead_workers_tasks_come_back_within_seconds_not_the_visibility_timeout(make_stack, channel):
+    # A visibility timeout far longer than the test waits: only the hand-back can deliver in time.
+    stack = make_stack(env={"HERALD_VISIBILITY_TIMEOUT": 300, "HERALD_WORKER_LAPSE": 2})
+    stalling = stack.worker("stalling", concurrency=1, PYTHONPATH=f"{STALL}:{ROOT}")
+    stack.bridge()
+    web = stack.web()
+    token = stack.token()
+    client = web.ws(token)
+    client.recv()
+    client.subscribe(channel)
+    stalled = web.request("POST", "/api/v1/messages", {"channel": channel, "data": {"stall": True}},
+                          token=token)[2]["id"]
+    store = stack.store()
+    wait_until(lambda: (store.get_message(stalled) or {}).get("status") == "processing", 20,
+               what="the stalling worker to hold the message")
+    behind = [web.request("POST", "/api/v1/messages", {"channel": channel, "data": {"n": n}}, token=token)[2]["id"]
+              for n in range(10)]
+    stalling.kill()
+    started = time.monotonic()
+    healthy = stack.worker("healthy")
+    seen, deadline = [], started + 60
+    while len(seen) < 11:
+        seen.append(client.expect(lambda f: f["op"] == "message", timeout=max(0.1, deadline - time.monotonic()))["id"])
+    seconds = round(time.monotonic() - started, 1)
+    healthy.wait_for_log("handed back the tasks of a worker that stopped answering", 10)
+    print("\nFAULT-FIGURES " + json.dumps({"test": "hand-back", "delivered": len(seen), "seconds": seconds,
+                                           "visibility_timeout": 300, "forced": forced_passes(healthy)}))
+    assert seen == [stalled, *behind]
+    assert forced_passes(healthy) == 0
     client.close()

@@ -89,3 +89,13 @@ def test_retention_per_namespace():
     for bad in ("chat=many", "chat=\u00b2/10", "chat=5/\u0663", "chat=0/10", "=5/10"):
         with pytest.raises(ConfigError, match="HERALD_HISTORY_RETENTION"):
             Settings.from_env({**BASE, "HERALD_HISTORY_RETENTION": bad})
+
+
+def test_order_wait_outlasts_the_redis_brokers_hand_back_unless_set():
+    # A predecessor held by a dead worker comes back after the visibility timeout:
+    # waiting that long keeps order (README: "Order").
+    settings = Settings.from_env({**BASE, "HERALD_VISIBILITY_TIMEOUT": "200"})
+    assert settings.order_wait == 200 + 20 + 5
+    assert Settings.from_env({**BASE, "HERALD_VISIBILITY_TIMEOUT": "200", "HERALD_ORDER_WAIT": "2"}).order_wait == 2
+    # RabbitMQ hands a dead consumer's messages back at once.
+    assert Settings.from_env({**BASE, "CELERY_BROKER_URL": "amqp://guest@localhost//"}).order_wait == 5
