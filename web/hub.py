@@ -144,6 +144,7 @@ class Connection:
         self.direct = gevent_active()
         # Started at the first frame that has to wait: most connections never need one.
         self.writer: threading.Thread | None = None
+        self.written = threading.Event()  # set when the writer has ended
 
     def push(self, frame: str | bytes) -> None:
         """Send a frame now if the socket takes it, else queue it for the writer;
@@ -223,7 +224,24 @@ class Connection:
         if self.writer is not None:
             self._force(_STOP)
 
+    def wait_writer(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the writer, if there is one, to end.
+
+        Not Thread.join(): under gevent, Thread.start() switches greenlets before
+        the new one runs, so the reader can find a writer that the listener is
+        still starting, and join() raises on it (issue 8: "cannot join thread
+        before it is started" when clients closed during a broadcast).
+        """
+        if self.writer is not None:
+            self.written.wait(timeout)
+
     def _write(self) -> None:
+        try:
+            self._write_queued()
+        finally:
+            self.written.set()
+
+    def _write_queued(self) -> None:
         while True:
             item = self.queue.get()
             if item is _STOP:
@@ -613,8 +631,7 @@ class Hub:
         conn.stop_writer()
         # flask-sock closes with 1000 once we return: let our close code go
         # first, waiting a while for a stalled client to make room for it.
-        if conn.writer is not None:
-            conn.writer.join(timeout=CLOSE_WAIT)
+        conn.wait_writer(CLOSE_WAIT)
         log.info("ws disconnected", extra={"client": conn.id, "user": conn.identity.user})
 
 
