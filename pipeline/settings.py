@@ -59,6 +59,7 @@ class Settings:
     ws_max_per_ip: int = 1000
     trusted_proxies: int = 0
     ws_max_subscriptions: int = 100
+    ws_replay_page: int = 200
     presence_ttl: int = 15
     worker_lapse: float = 5.0
     order_wait: float = 5.0  # beyond the broker's hand-back of a dead worker's tasks (see from_env)
@@ -150,6 +151,7 @@ class Settings:
             ws_max_per_ip=_int(env, "HERALD_WS_MAX_PER_IP", cls.ws_max_per_ip, 1, 10_000_000),
             trusted_proxies=_int(env, "HERALD_TRUSTED_PROXIES", cls.trusted_proxies, 0, 10),
             ws_max_subscriptions=_int(env, "HERALD_WS_MAX_SUBSCRIPTIONS", cls.ws_max_subscriptions, 1, 100_000),
+            ws_replay_page=_int(env, "HERALD_WS_REPLAY_PAGE", cls.ws_replay_page, 1, 100_000),
             presence_ttl=_int(env, "HERALD_PRESENCE_TTL", cls.presence_ttl, 3, 3600),
             worker_lapse=_float(env, "HERALD_WORKER_LAPSE", cls.worker_lapse, 1, 600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 7 * 86400),

@@ -107,15 +107,26 @@ class _Rest(bytes):
 class Subscription:
     """One connection's interest in one channel, with the resume seam state."""
 
-    def __init__(self, status: bool, presence: bool = False):
+    def __init__(self, status: bool, presence: bool = False, hold: int = 200):
         self.status = status
         self.presence = presence
         self.last = (-1, -1)      # newest stream id sent, to skip duplicates at the seam
         self.backlog: list | None = []  # live frames held while history is replayed
+        self.hold = hold          # at most this many of them
+        self.overflowed = False   # more came: they were dropped, and are read from history
 
     def offer(self, conn: "Connection", key: tuple[int, int], frame) -> None:
         """Queue a message frame (`key`: its parsed offset) unless the replay already sent it."""
         if self.backlog is not None:
+            # A frame is in history before it is published (one Lua script,
+            # README: delivery guarantees), so a replay that falls behind the
+            # live flow drops what it holds and reads it from history instead.
+            if self.overflowed:
+                return
+            if len(self.backlog) >= self.hold:
+                self.backlog.clear()
+                self.overflowed = True
+                return
             self.backlog.append((key, frame))
             return
         if key > self.last:
@@ -144,6 +155,8 @@ class Connection:
         self.direct = gevent_active()
         # Started at the first frame that has to wait: most connections never need one.
         self.writer: threading.Thread | None = None
+        self.written = threading.Event()  # set when the writer has ended
+        self.drained = threading.Event()  # set when the writer has emptied the queue
 
     def push(self, frame: str | bytes) -> None:
         """Send a frame now if the socket takes it, else queue it for the writer;
@@ -223,7 +236,37 @@ class Connection:
         if self.writer is not None:
             self._force(_STOP)
 
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until everything queued is sent; False if it
+        was not, or the connection is closing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drained.clear()  # before the check: a writer emptying the queue now sets it again
+            if self.closing or self.queue.empty():
+                return not self.closing
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.drained.wait(remaining):
+                return False
+
+    def wait_writer(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the writer, if there is one, to end.
+
+        Not Thread.join(): under gevent, Thread.start() switches greenlets before
+        the new one runs, so the reader can find a writer that the listener is
+        still starting, and join() raises on it (issue 8: "cannot join thread
+        before it is started" when clients closed during a broadcast).
+        """
+        if self.writer is not None:
+            self.written.wait(timeout)
+
     def _write(self) -> None:
+        try:
+            self._write_queued()
+        finally:
+            self.written.set()
+            self.drained.set()
+
+    def _write_queued(self) -> None:
         while True:
             item = self.queue.get()
             if item is _STOP:
@@ -236,6 +279,8 @@ class Connection:
                 if not self.ws.connected:
                     raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
                 self.ws.sock.send(item)  # whole frames (wire_frame), or the rest of one
+                if self.queue.empty():
+                    self.drained.set()
             except (ConnectionClosed, OSError):
                 self.closing = True
                 self._wake_reader()
@@ -482,18 +527,19 @@ class Hub:
         since = frame.get("since")
         if since is not None and not valid_stream_id(since):
             raise ValidationError("since is an offset from a message frame", title="bad_frame")
-        sub = Subscription(status=frame.get("status") is True, presence=frame.get("presence") is True)
+        size = self._replay_page()
+        sub = Subscription(status=frame.get("status") is True, presence=frame.get("presence") is True, hold=size)
         # Register first, holding live frames, then read history: whatever
         # arrives in between is in one or the other, and `last` drops the overlap.
         previous = self._attach(conn, channel, sub)
         store = self.services.store
         try:
             if since:
-                page = store.history(channel, since, self.settings.retention(channel)[0])
-                replay, recovered = page["messages"], page["recovered"]
+                page = store.history(channel, since, size)
+                replay, recovered, more = page["messages"], page["recovered"], page["next"] is not None
                 sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
             else:
-                replay, recovered = [], True
+                replay, recovered, more = [], True, False
                 newest = store.last_id(channel)
                 sub.last = stream_id_key(newest) if newest else (-1, -1)
             offset = _format_sid(sub.last)
@@ -505,15 +551,63 @@ class Hub:
             else:
                 self._detach(conn, channel)
             raise ValidationError("history is unavailable, retry", title="unavailable") from None
-        conn.send(_with_ref({"op": "subscribed", "channel": channel, "offset": offset,
-                             "recovered": recovered, "replayed": len(replay)}, ref))
-        for message in replay:
-            conn.send(message)
-        backlog, sub.backlog = sub.backlog, None
-        for key, live in backlog or ():
-            sub.offer(conn, key, live)
+        reply = {"op": "subscribed", "channel": channel, "offset": offset, "recovered": recovered,
+                 "replayed": len(replay)}
+        if more:
+            reply["more"] = True  # `replayed` and `offset` count the first page; more pages follow
+        conn.send(_with_ref(reply, ref))
+        self._replay(conn, channel, sub, replay, more)
         if previous is None:
             self._presence_join(conn, channel)
+
+    def _replay_page(self) -> int:
+        # The replay waits for an empty send queue before each page: a page
+        # larger than the queue would overflow it (4008) by itself.
+        return min(self.settings.ws_replay_page, self.settings.send_queue_size)
+
+    def _replay(self, conn: Connection, channel: str, sub: Subscription, page: list, more: bool) -> None:
+        """Send history page by page, each once the client has taken the last
+        (README: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile."""
+        store = self.services.store
+        while True:
+            for message in page:
+                conn.send(message)
+            if not more and self._go_live(conn, sub):
+                return
+            if not conn.wait_drained(2 * self.settings.ping_interval):
+                conn.close(CLOSE_TOO_SLOW, "too slow")  # no-op when it is closing already
+                return
+            try:
+                rest = store.history(channel, _format_sid(sub.last), self._replay_page())
+            except redis.RedisError as exc:
+                log.warning("replay failed: history unavailable",
+                            extra={"client": conn.id, "channel": channel, "error": str(exc)})
+                conn.close(CLOSE_TRY_AGAIN, "try again later")  # the client resumes from its last offset
+                return
+            if not rest["recovered"]:
+                # Trimmed past what we sent while the client read: a gap. Resuming
+                # tells the client so (`recovered: false`).
+                conn.close(CLOSE_TOO_SLOW, "too slow")
+                return
+            page, more = rest["messages"], rest["next"] is not None
+            if page:
+                sub.last = stream_id_key(page[-1]["offset"])
+            log.debug("replay page", extra={"client": conn.id, "channel": channel, "messages": len(page)})
+
+    @staticmethod
+    def _go_live(conn: Connection, sub: Subscription) -> bool:
+        """After history's end: send the held live frames that are newer and go live;
+        False when they overflowed meanwhile (then history is read on)."""
+        while sub.backlog and not sub.overflowed:
+            key, live = sub.backlog.pop(0)
+            if key > sub.last:
+                sub.last = key
+                conn.push(live)  # may switch greenlets: the listener may hold more meanwhile
+        if sub.overflowed:
+            sub.overflowed = False  # hold again from here; what was dropped is read from history
+            return False
+        sub.backlog = None  # no switch since the check above: nothing falls in between
+        return True
 
     def _unsubscribe(self, conn: Connection, channel: str) -> None:
         if self._detach(conn, channel):
@@ -613,8 +707,7 @@ class Hub:
         conn.stop_writer()
         # flask-sock closes with 1000 once we return: let our close code go
         # first, waiting a while for a stalled client to make room for it.
-        if conn.writer is not None:
-            conn.writer.join(timeout=CLOSE_WAIT)
+        conn.wait_writer(CLOSE_WAIT)
         log.info("ws disconnected", extra={"client": conn.id, "user": conn.identity.user})
 
 

@@ -522,3 +522,69 @@ def test_subscriptions_per_connection_are_bounded(stack, channel):
     finally:
         client.close()
         web.proc.stop()
+
+
+def test_a_long_resume_is_replayed_in_pages_each_message_once_in_order(stack, channel):
+    # 3,000 messages of 1 KB in history, far more than a send queue (512 frames)
+    # and the kernel buffers hold; a client with a small receive buffer that
+    # reads nothing for a second, while 200 more are published live.
+    import threading
+
+    import redis
+
+    from pipeline.messages import parse_publish
+    from pipeline.settings import Settings
+    from pipeline.store import Store, connect
+
+    web = stack.web("replay-pages", HERALD_HISTORY_MAXLEN=5000, HERALD_WS_REPLAY_PAGE=100)
+    store = Store(connect(stack.redis_url), Settings.from_env({**stack.env, "HERALD_HISTORY_MAXLEN": "5000"}))
+    stream = store.keys.history(channel)
+
+    def publish(first, count, pause=0.0):
+        ids = []
+        for n in range(first, first + count, 100 if not pause else 1):
+            batch = [parse_publish({"channel": channel, "data": {"n": m, "pad": "x" * 1000}}, sender="t")
+                     for m in range(n, min(n + (100 if not pause else 1), first + count))]
+            assert [outcome for outcome, _ in store.deliver(batch)] == ["delivered"] * len(batch)
+            ids += [envelope["id"] for envelope in batch]
+            time.sleep(pause)
+        return ids
+
+    reads = []  # the web process's reads of this channel's history (XRANGE ... COUNT n)
+
+    def watch(monitor):
+        try:
+            for command in monitor.listen():
+                words = command["command"].split()
+                if words[0].upper() == "XRANGE" and words[1] == stream:
+                    reads.append(int(words[-1]))
+        except (redis.RedisError, OSError, AttributeError):
+            pass  # the test closed the monitor connection
+
+    watcher = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    monitor = watcher.monitor().__enter__()
+    threading.Thread(target=watch, args=(monitor,), daemon=True).start()
+    client = web.ws(stack.token(), sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    try:
+        sent = publish(0, 3000)
+        client.recv()
+        client.send({"op": "subscribe", "channel": channel, "since": "0-0"})
+        live = []
+        flow = threading.Thread(target=lambda: live.extend(publish(3000, 200, pause=0.002)))
+        flow.start()
+        time.sleep(1.0)  # meanwhile the replay waits for us; the live frames overflow its hold (100)
+        reply = client.expect(lambda f: f["op"] == "subscribed", timeout=30)
+        assert reply["recovered"] is True and reply["replayed"] == 100 and reply["more"] is True
+        got = [client.expect(lambda f: f["op"] == "message", timeout=30) for _ in range(3200)]
+        flow.join()
+        assert [f["id"] for f in got] == sent + live  # every message once, in offset order
+        client.sock.settimeout(0.5)
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            client.sock.recv()  # and nothing twice
+        # Paged: no read of more than one page (and the one extra entry that says "more").
+        assert reads and max(reads) <= 101 and len(reads) >= 32, reads
+    finally:
+        client.close()
+        watcher.close()
+        store.redis.close()
+        web.proc.stop()
