@@ -248,7 +248,7 @@ def main() -> None:
     except Exception as exc:  # one clear line, never a traceback (SPEC)
         raise SystemExit(f"herald bridge: cannot start: {exc}") from None
     publisher = Publisher(settings, client_id=f"herald-bridge-{settings.node_id}")
-    bridge = Bridge(settings, make_celery(settings, results=False), DeadLetters(publisher, store, settings))
+    bridge = Bridge(settings, make_celery(settings), DeadLetters(publisher, store, settings))
     signal.signal(signal.SIGTERM, bridge.stop)
     signal.signal(signal.SIGINT, bridge.stop)
     log.info("bridge started", extra={"topic": settings.topic, "group": settings.consumer_group})

@@ -18,19 +18,16 @@ log = logging.getLogger("herald.tasks")
 ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again
 
 
-def make_celery(settings, *, results: bool = True) -> Celery:
-    """A Celery app configured for at-least-once processing with late acks.
-
-    `results=False` is for senders (the bridge): Celery's Redis result backend
-    subscribes to every sent task's result, which a sender never reads.
-    """
+def make_celery(settings) -> Celery:
+    """A Celery app configured for at-least-once processing with late acks."""
     app = Celery("herald")
     app.conf.update(
         broker_url=settings.celery_broker_url,
-        result_backend=settings.redis_url if results else None,
-        result_expires=settings.status_ttl,
+        # No result backend: a task's outcome is its message's status in Redis
+        # (README: "Delivery guarantees"); a result key per task was written and
+        # never read.
+        task_ignore_result=True,
         task_serializer="json",
-        result_serializer="json",
         accept_content=["json"],
         task_default_queue=f"{settings.redis_prefix}.tasks",
         # A task is acknowledged only when it finished; a worker that dies
