@@ -32,7 +32,7 @@ def on_starting(server):
     from pipeline.store import connect
 
     try:
-        connect(_settings.redis_url).ping()
+        connect(_settings).ping()
     except Exception as exc:  # any failure: one line, no traceback (SPEC)
         print(f"herald web: cannot start: Redis at {_settings.redis_url} does not answer ({exc})", file=sys.stderr)
         sys.exit(1)

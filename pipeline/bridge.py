@@ -243,7 +243,7 @@ def main() -> None:
 
     try:
         ensure_topics(settings)
-        store = Store(connect(settings.redis_url, settings.redis_pool_size), settings)
+        store = Store(connect(settings, settings.redis_pool_size), settings)
         store.redis.ping()
     except Exception as exc:  # one clear line, never a traceback (SPEC)
         raise SystemExit(f"herald bridge: cannot start: {exc}") from None

@@ -15,6 +15,7 @@ import time
 import redis
 
 from pipeline.keys import Keys
+from pipeline.redis_tls import redis_tls
 
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
 
@@ -133,22 +134,25 @@ return false
 """
 
 
-def connect(url: str, pool_size: int = 4) -> redis.Redis:
-    """A Redis client with bounded timeouts, so an outage fails fast instead of hanging.
+def connect(settings, pool_size: int = 4, *, url: str | None = None) -> redis.Redis:
+    """A client of the main Redis (or of `url`), with bounded timeouts, so an
+    outage fails fast instead of hanging, and TLS as configured for `rediss://`.
 
     Its pool blocks for a free connection (up to 5 s) when `pool_size` are in
     use: a burst of thousands of WebSocket subscribes waits its turn instead
     of failing with "Too many connections". Long-lived services pass
     `HERALD_REDIS_POOL_SIZE`; the small default suits one-off clients.
     """
+    address, tls = redis_tls(url or settings.redis_url, settings)
     pool = redis.BlockingConnectionPool.from_url(
-        url,
+        address,
         max_connections=pool_size,
         timeout=5,
         decode_responses=True,
         socket_timeout=5,
         socket_connect_timeout=3,
         health_check_interval=15,
+        **tls,
     )
     return redis.Redis(connection_pool=pool)
 
