@@ -32,6 +32,7 @@ class Settings:
     celery_broker_url: str = "redis://localhost:6379/0"
     redis_ssl_cert_reqs: str = "required"  # for rediss:// URLs whose query does not say
     redis_tls_ca: str | None = None  # PEM text of the CA a rediss:// server's certificate chains to
+    allow_eviction: bool = False  # run on a Redis whose maxmemory-policy may evict Herald's keys
     kafka_bootstrap_servers: str = "localhost:9092"
     database_url: str = "sqlite:///herald.db"
     topic: str = "herald.messages"
@@ -128,6 +129,7 @@ class Settings:
             redis_ssl_cert_reqs=cert_reqs("REDIS_SSL_CERT_REQS",
                                           env.get("REDIS_SSL_CERT_REQS") or cls.redis_ssl_cert_reqs),
             redis_tls_ca=check_ca_pem("REDIS_TLS_CA", env["REDIS_TLS_CA"]) if env.get("REDIS_TLS_CA") else None,
+            allow_eviction=_flag(env, "HERALD_ALLOW_EVICTION", False),
             kafka_bootstrap_servers=_kafka_servers(env),
             database_url=_database_url(env),
             topic=_topic(env),

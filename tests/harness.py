@@ -260,6 +260,40 @@ class Stack:
         return self._store
 
 
+# How the Procfile starts each process (tests that watch a start-up run them alone).
+PROCESSES = {
+    "web": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+    "bridge": [sys.executable, "-m", "pipeline.bridge"],
+    "worker": [sys.executable, "-m", "tasks", "--without-gossip", "--without-mingle"],
+}
+
+
+def start_environment(**env) -> dict:
+    """What a process needs to get to its Redis check at start (Kafka is checked after it)."""
+    return {**os.environ, "HERALD_SECRET_KEY": SECRET, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+            "PYTHONUNBUFFERED": "1", **env}
+
+
+def refused_start(env: dict, name: str, timeout: float = 30) -> str:
+    """Run one process that must refuse to start, in one line and exit code 1,
+    within `timeout`; returns that line."""
+    # Its own process group: a worker that did start leaves no pool process behind.
+    proc = subprocess.Popen(PROCESSES[name], env={**env, "PORT": str(embedded.free_port())}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    lines = output.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, (proc.returncode, lines[-5:])
+    return lines[0]
+
+
 class Web:
     """A running web process and an HTTP client for it."""
 

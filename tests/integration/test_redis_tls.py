@@ -11,7 +11,9 @@ import pytest
 
 from pipeline import embedded
 from pipeline.settings import Settings
-from tests.harness import ROOT, SECRET, Stack, redis_server, tls_certificates, wait_until
+from pipeline.store import check_at_start
+from tests.harness import (PROCESSES, ROOT, SECRET, Stack, redis_server, refused_start, start_environment,
+                           tls_certificates, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,18 @@ def tls_redis(certs, tmp_path_factory):
         server.stop()
 
 
-def environment(**env) -> dict:
-    return {"HERALD_SECRET_KEY": SECRET, **env}
+@pytest.mark.parametrize("command", sorted(PROCESSES))
+def test_a_wrong_ca_is_one_line_at_start(tls_redis, certs, command):
+    env = start_environment(REDIS_URL=tls_redis, REDIS_TLS_CA=certs["other"]["ca"].read_text())
+    line = refused_start(env, command)
+    assert line.startswith(f"herald {command}: cannot start: Redis at {tls_redis} does not answer")
+    assert "CERTIFICATE_VERIFY_FAILED" in line
+
+
+def test_the_right_ca_passes_the_start_check(tls_redis, certs):
+    ca = certs["server"]["ca"].read_text()
+    settings = Settings.from_env(start_environment(REDIS_URL=tls_redis, REDIS_TLS_CA=ca))
+    assert check_at_start(settings) is None  # and noeviction, Redis' default
 
 
 def test_the_celery_broker_connection_verifies_the_certificate(tls_redis, certs, monkeypatch):
@@ -102,7 +114,7 @@ def test_the_celery_broker_connection_verifies_the_certificate(tls_redis, certs,
     from tasks import make_celery
 
     def broker(ca):
-        app = make_celery(Settings.from_env(environment(REDIS_URL=tls_redis, REDIS_TLS_CA=ca.read_text())))
+        app = make_celery(Settings.from_env(start_environment(REDIS_URL=tls_redis, REDIS_TLS_CA=ca.read_text())))
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1)
             return connection.default_channel.client.ping()
