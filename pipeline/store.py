@@ -166,7 +166,7 @@ def check_at_start(settings) -> str | None:
     certificate stops the process in one line rather than in a retry loop.
     Then reads the main Redis' `maxmemory-policy`: any policy but `noeviction`
     may evict dedupe markers and idempotency claims, and a message would then
-    be delivered twice (README: Configuration). Raises StartupError unless
+    be delivered twice (README: "Redis: TLS and eviction"). Raises StartupError unless
     `HERALD_ALLOW_EVICTION` is on; returns a warning to show, if any.
     """
     client = _ping(settings, settings.redis_url)
