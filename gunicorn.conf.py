@@ -27,15 +27,18 @@ loglevel = "warning"
 
 
 def on_starting(server):
-    """Refuse to start, in one line, when Redis or Kafka does not answer."""
+    """Refuse to start, in one line, when Redis or Kafka does not answer, or Redis may evict."""
+    from pipeline.errors import StartupError
     from pipeline.kafka import kafka_reachable
-    from pipeline.store import connect
+    from pipeline.store import check_at_start
 
     try:
-        connect(_settings.redis_url).ping()
-    except Exception as exc:  # any failure: one line, no traceback (SPEC)
-        print(f"herald web: cannot start: Redis at {_settings.redis_url} does not answer ({exc})", file=sys.stderr)
+        warning = check_at_start(_settings)
+    except StartupError as exc:  # one line, no traceback (SPEC)
+        print(f"herald web: cannot start: {exc}", file=sys.stderr)
         sys.exit(1)
+    if warning:
+        print(f"herald web: warning: {warning}", file=sys.stderr)
     if not kafka_reachable(_settings):
         print(f"herald web: cannot start: Kafka at {_settings.kafka_bootstrap_servers} does not answer",
               file=sys.stderr)

@@ -22,7 +22,7 @@ from pipeline.kafka import Publisher, client_config, ensure_topics
 from pipeline.logs import configure_logging
 from pipeline.messages import decode
 from pipeline.settings import current
-from pipeline.store import Store, connect
+from pipeline.store import Store, check_at_start, connect
 
 log = logging.getLogger("herald.bridge")
 
@@ -242,13 +242,16 @@ def main() -> None:
     from tasks import make_celery
 
     try:
+        warning = check_at_start(settings)
         ensure_topics(settings)
-        store = Store(connect(settings.redis_url, settings.redis_pool_size), settings)
+        store = Store(connect(settings, settings.redis_pool_size), settings)
         store.redis.ping()
     except Exception as exc:  # one clear line, never a traceback (SPEC)
         raise SystemExit(f"herald bridge: cannot start: {exc}") from None
+    if warning:
+        log.warning(warning)
     publisher = Publisher(settings, client_id=f"herald-bridge-{settings.node_id}")
-    bridge = Bridge(settings, make_celery(settings, results=False), DeadLetters(publisher, store, settings))
+    bridge = Bridge(settings, make_celery(settings), DeadLetters(publisher, store, settings))
     signal.signal(signal.SIGTERM, bridge.stop)
     signal.signal(signal.SIGINT, bridge.stop)
     log.info("bridge started", extra={"topic": settings.topic, "group": settings.consumer_group})

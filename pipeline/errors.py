@@ -9,6 +9,10 @@ class ConfigError(HeraldError):
     """The environment does not describe a runnable configuration."""
 
 
+class StartupError(HeraldError):
+    """A service Herald needs answers wrongly, or not at all, at start: the process stops."""
+
+
 class ValidationError(HeraldError):
     """Input that can never be accepted; `errors` lists field problems."""
 

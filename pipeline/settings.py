@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
 from pipeline.messages import namespace
+from pipeline.redis_tls import cert_reqs, check_ca_pem, redis_tls
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
@@ -29,6 +30,9 @@ class Settings:
     port: int = 8000
     redis_url: str = "redis://localhost:6379/0"
     celery_broker_url: str = "redis://localhost:6379/0"
+    redis_ssl_cert_reqs: str = "required"  # for rediss:// URLs whose query does not say
+    redis_tls_ca: str | None = None  # PEM text of the CA a rediss:// server's certificate chains to
+    allow_eviction: bool = False  # run on a Redis whose maxmemory-policy may evict Herald's keys
     kafka_bootstrap_servers: str = "localhost:9092"
     database_url: str = "sqlite:///herald.db"
     topic: str = "herald.messages"
@@ -122,6 +126,10 @@ class Settings:
             port=_int(env, "PORT", cls.port, 1, 65535),
             redis_url=redis_url,
             celery_broker_url=_url(env, "CELERY_BROKER_URL", redis_url, {"redis", "rediss", "unix", "amqp", "amqps", "sqs"}),
+            redis_ssl_cert_reqs=cert_reqs("REDIS_SSL_CERT_REQS",
+                                          env.get("REDIS_SSL_CERT_REQS") or cls.redis_ssl_cert_reqs),
+            redis_tls_ca=check_ca_pem("REDIS_TLS_CA", env["REDIS_TLS_CA"]) if env.get("REDIS_TLS_CA") else None,
+            allow_eviction=_flag(env, "HERALD_ALLOW_EVICTION", False),
             kafka_bootstrap_servers=_kafka_servers(env),
             database_url=_database_url(env),
             topic=_topic(env),
@@ -166,6 +174,7 @@ class Settings:
             # predecessor held by a dead worker until the Redis broker hands it back.
             settings = dataclasses.replace(settings, order_wait=settings.visibility_timeout
                                            + settings.unacked_restore_interval + cls.order_wait)
+        _check_redis_tls(settings)
         if settings.retry_max_delay * 2 > settings.visibility_timeout:
             # A retry parked longer than the visibility timeout is handed to a
             # second worker by the Redis broker: the task would run twice.
@@ -264,6 +273,18 @@ def _url(env, name, default, schemes):
     except ValueError:
         raise ConfigError(f"{name}={raw!r} has a bad port") from None
     return raw
+
+
+def _check_redis_tls(settings):
+    # Every Redis client builds its TLS options from these URLs at start;
+    # a value none of them could use fails here, in one line.
+    urls = [("REDIS_URL", settings.redis_url)]
+    if settings.redis_broker:
+        urls.append(("CELERY_BROKER_URL", settings.celery_broker_url))
+    for name, url in urls:
+        redis_tls(url, settings, name)
+    if settings.redis_tls_ca and not any(urlsplit(url).scheme == "rediss" for _, url in urls):
+        raise ConfigError("REDIS_TLS_CA is set but neither REDIS_URL nor CELERY_BROKER_URL is a rediss:// URL")
 
 
 def _kafka_servers(env):

@@ -11,10 +11,13 @@ import collections
 import json
 import re
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from pipeline.errors import StartupError
 from pipeline.keys import Keys
+from pipeline.redis_tls import redis_tls
 
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
 
@@ -133,24 +136,91 @@ return false
 """
 
 
-def connect(url: str, pool_size: int = 4) -> redis.Redis:
-    """A Redis client with bounded timeouts, so an outage fails fast instead of hanging.
+def connect(settings, pool_size: int = 4, *, url: str | None = None) -> redis.Redis:
+    """A client of the main Redis (or of `url`), with bounded timeouts, so an
+    outage fails fast instead of hanging, and TLS as configured for `rediss://`.
 
     Its pool blocks for a free connection (up to 5 s) when `pool_size` are in
     use: a burst of thousands of WebSocket subscribes waits its turn instead
     of failing with "Too many connections". Long-lived services pass
     `HERALD_REDIS_POOL_SIZE`; the small default suits one-off clients.
     """
+    address, tls = redis_tls(url or settings.redis_url, settings)
     pool = redis.BlockingConnectionPool.from_url(
-        url,
+        address,
         max_connections=pool_size,
         timeout=5,
         decode_responses=True,
         socket_timeout=5,
         socket_connect_timeout=3,
         health_check_interval=15,
+        **tls,
     )
     return redis.Redis(connection_pool=pool)
+
+
+def check_at_start(settings) -> str | None:
+    """Refuse to run on a Redis that does not answer or may evict Herald's keys.
+
+    Pings the main Redis and a Redis Celery broker, so a wrong address or
+    certificate stops the process in one line rather than in a retry loop.
+    Then reads the main Redis' `maxmemory-policy`: any policy but `noeviction`
+    may evict dedupe markers and idempotency claims, and a message would then
+    be delivered twice (README: "Redis: TLS and eviction"). Raises StartupError unless
+    `HERALD_ALLOW_EVICTION` is on; returns a warning to show, if any.
+    """
+    client = _ping(settings, settings.redis_url)
+    if settings.redis_broker and settings.celery_broker_url != settings.redis_url:
+        _ping(settings, settings.celery_broker_url).close()
+    try:
+        policy = eviction_policy(client)
+    finally:
+        client.close()
+    if policy is None:
+        return (f"could not read the maxmemory-policy of Redis at {redacted(settings.redis_url)}: "
+                "make sure it is noeviction")
+    if policy == "noeviction":
+        return None
+    if settings.allow_eviction:
+        return f"Redis maxmemory-policy is {policy}: running anyway (HERALD_ALLOW_EVICTION)"
+    raise StartupError(f"Redis maxmemory-policy is {policy}, which can evict dedupe markers and idempotency "
+                       "claims: set it to noeviction, or HERALD_ALLOW_EVICTION=1 to run anyway")
+
+
+def eviction_policy(client: redis.Redis) -> str | None:
+    """The server's `maxmemory-policy`, or None when it does not say.
+
+    Managed Redis often refuses CONFIG; INFO's `maxmemory_policy` field says
+    the same there.
+    """
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+        if policy:
+            return policy
+    except redis.ResponseError:
+        pass
+    try:
+        return client.info("memory").get("maxmemory_policy")
+    except redis.ResponseError:
+        return None
+
+
+def redacted(url: str) -> str:
+    """`url` without its password and query, fit for a log line."""
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else (parts.hostname or "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _ping(settings, url: str) -> redis.Redis:
+    client = connect(settings, 1, url=url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        # redis-py's messages are one line; an SSL failure names its cause.
+        raise StartupError(f"Redis at {redacted(url)} does not answer: {exc}") from None
+    return client
 
 
 def message_frame_head(envelope: dict) -> str:

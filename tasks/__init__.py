@@ -12,25 +12,30 @@ from celery import Celery, signals
 
 from pipeline.logs import configure_logging
 from pipeline.processing import RETRYABLE, Processor, RetryLater, backoff_delay
+from pipeline.redis_tls import redis_tls
 from pipeline.settings import current
 
 log = logging.getLogger("herald.tasks")
 ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again
 
 
-def make_celery(settings, *, results: bool = True) -> Celery:
-    """A Celery app configured for at-least-once processing with late acks.
-
-    `results=False` is for senders (the bridge): Celery's Redis result backend
-    subscribes to every sent task's result, which a sender never reads.
-    """
+def make_celery(settings) -> Celery:
+    """A Celery app configured for at-least-once processing with late acks."""
+    broker_url, broker_tls = settings.celery_broker_url, None
+    if settings.redis_broker:
+        # kombu takes the TLS options apart from the URL; so does Flower,
+        # which reads them from this app's config (README: Configuration).
+        broker_url, tls = redis_tls(broker_url, settings, "CELERY_BROKER_URL")
+        broker_tls = tls or None
     app = Celery("herald")
     app.conf.update(
-        broker_url=settings.celery_broker_url,
-        result_backend=settings.redis_url if results else None,
-        result_expires=settings.status_ttl,
+        broker_url=broker_url,
+        broker_use_ssl=broker_tls,
+        # No result backend: a task's outcome is its message's status in Redis
+        # (README: "Delivery guarantees"); a result key per task was written and
+        # never read.
+        task_ignore_result=True,
         task_serializer="json",
-        result_serializer="json",
         accept_content=["json"],
         task_default_queue=f"{settings.redis_prefix}.tasks",
         # A task is acknowledged only when it finished; a worker that dies
@@ -76,7 +81,7 @@ def processor() -> Processor:
         from pipeline.kafka import Publisher
         from pipeline.store import Store, connect
 
-        store = Store(connect(settings.redis_url, settings.redis_pool_size), settings)
+        store = Store(connect(settings, settings.redis_pool_size), settings)
         publisher = Publisher(settings, client_id=f"herald-worker-{settings.node_id}")
         _processor = Processor(settings, store, Archive(settings.database_url),
                                DeadLetters(publisher, store, settings))

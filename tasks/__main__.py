@@ -6,7 +6,8 @@ on its own: kombu 5.7's Redis transport can raise AttributeError in
 ("Unrecoverable error"). A platform restarts a crashed dyno too, but
 `make dev` (honcho) would stop everything instead. SIGTERM is passed
 on (SIGINT reaches the worker from the terminal itself), and then the
-worker's own exit code is ours.
+worker's own exit code is ours. Redis is checked once, before the first
+start: Celery would retry a broker it cannot reach for ever.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
 
 def main(argv: list[str]) -> int:
     """Run the worker until it is told to stop; returns its exit code."""
+    from pipeline.errors import StartupError
+    from pipeline.settings import load_or_exit
+    from pipeline.store import check_at_start
+
+    try:
+        warning = check_at_start(load_or_exit())
+    except StartupError as exc:  # one line, no traceback (SPEC)
+        print(f"herald worker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    if warning:
+        print(f"herald worker: warning: {warning}", file=sys.stderr)
     command = [sys.executable, "-m", "celery", "-A", "tasks:celery_app", "worker", *argv]
     stopping = False
     child: subprocess.Popen | None = None

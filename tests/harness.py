@@ -107,16 +107,56 @@ class Proc:
         return self.proc is not None and self.proc.poll() is None
 
 
+def tls_certificates(directory: Path) -> dict[str, Path]:
+    """A fresh CA and a certificate for 127.0.0.1 and localhost signed by it, made with
+    the openssl CLI (the venv has no `cryptography`): paths `ca`, `cert`, `key`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / f"{name}.pem" for name in ("ca", "ca-key", "cert", "key", "csr")}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", paths["ca-key"], "-out", paths["ca"], "-days", "2",
+            "-subj", f"/CN=herald test CA {directory.name}")
+    openssl("req", *ec, "-keyout", paths["key"], "-out", paths["csr"], "-subj", "/CN=localhost")
+    extensions = directory / "server.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", paths["csr"], "-CA", paths["ca"], "-CAkey", paths["ca-key"],
+            "-CAcreateserial", "-out", paths["cert"], "-days", "2", "-extfile", extensions)
+    return {name: paths[name] for name in ("ca", "cert", "key")}
+
+
+def redis_server(port: int, log_path: Path, *, tls: dict | None = None, args=()) -> embedded.Server:
+    """Herald's embedded Redis on `port` (not started); with `tls` (from tls_certificates)
+    it speaks TLS only there, without asking clients for certificates."""
+    server = embedded.redis_server(port, str(log_path))
+    if tls:
+        # A later --port wins: the plain port is closed and `port` is the TLS one.
+        server.argv += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls["cert"]),
+                        "--tls-key-file", str(tls["key"]), "--tls-ca-cert-file", str(tls["ca"]),
+                        "--tls-auth-clients", "no"]
+    server.argv += list(args)
+    return server
+
+
 class Stack:
-    """A whole Herald system for tests, with handles to restart or kill each part."""
+    """A whole Herald system for tests, with handles to restart or kill each part.
+
+    `redis_tls` (from tls_certificates) runs its own Redis, and so the Celery
+    broker, over TLS at a `rediss://` URL ending in `?redis_query`;
+    `redis_args` are more options for its own Redis.
+    """
 
     def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False,
-                 separate_broker: bool = False, persistent_redis: bool = False, **env):
+                 separate_broker: bool = False, persistent_redis: bool = False, redis_tls: dict | None = None,
+                 redis_query: str = "", redis_args=(), **env):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.kafka = self.redis = None
         self.kafka_port = self.redis_port = None
         external_kafka = None if own_kafka else os.environ.get("HERALD_TEST_KAFKA")
+        own_redis = own_redis or bool(redis_tls or redis_args)
         external_redis = None if own_redis else os.environ.get("HERALD_TEST_REDIS_URL")
         if external_kafka:
             self.bootstrap = external_kafka
@@ -128,9 +168,14 @@ class Stack:
             self.redis_url = external_redis
         else:
             self.redis_port = embedded.free_port()
-            self.redis = embedded.redis_server(self.redis_port, str(workdir / "redis.log"),
-                                               str(workdir / "redis-data") if persistent_redis else None).start()
-            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+            if redis_tls or redis_args:
+                self.redis = redis_server(self.redis_port, workdir / "redis.log", tls=redis_tls,
+                                          args=redis_args).start()
+            else:
+                self.redis = embedded.redis_server(self.redis_port, str(workdir / "redis.log"),
+                                                   str(workdir / "redis-data") if persistent_redis else None).start()
+            scheme = "rediss" if redis_tls else "redis"
+            self.redis_url = f"{scheme}://127.0.0.1:{self.redis_port}/0" + (f"?{redis_query}" if redis_query else "")
         # A Celery broker apart from the state Redis lets a test stop one without the other.
         self.broker = None
         broker_url = self.redis_url
@@ -211,8 +256,42 @@ class Stack:
         from pipeline.store import Store, connect
 
         if self._store is None:
-            self._store = Store(connect(self.redis_url), self.settings)
+            self._store = Store(connect(self.settings), self.settings)
         return self._store
+
+
+# How the Procfile starts each process (tests that watch a start-up run them alone).
+PROCESSES = {
+    "web": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+    "bridge": [sys.executable, "-m", "pipeline.bridge"],
+    "worker": [sys.executable, "-m", "tasks", "--without-gossip", "--without-mingle"],
+}
+
+
+def start_environment(**env) -> dict:
+    """What a process needs to get to its Redis check at start (Kafka is checked after it)."""
+    return {**os.environ, "HERALD_SECRET_KEY": SECRET, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+            "PYTHONUNBUFFERED": "1", **env}
+
+
+def refused_start(env: dict, name: str, timeout: float = 30) -> str:
+    """Run one process that must refuse to start, in one line and exit code 1,
+    within `timeout`; returns that line."""
+    # Its own process group: a worker that did start leaves no pool process behind.
+    proc = subprocess.Popen(PROCESSES[name], env={**env, "PORT": str(embedded.free_port())}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    lines = output.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, (proc.returncode, lines[-5:])
+    return lines[0]
 
 
 class Web:

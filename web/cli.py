@@ -137,7 +137,7 @@ def dev_command(no_flower):
     run_dir.mkdir(exist_ok=True)
     servers = []
     redis_url = urlsplit(settings.redis_url)
-    if not _redis_answers(settings.redis_url):
+    if not _redis_answers(settings):
         port = redis_url.port or 6379
         if redis_url.hostname not in ("localhost", "127.0.0.1") or embedded.port_open("127.0.0.1", port):
             port = embedded.free_port()
@@ -185,11 +185,11 @@ def dev_environment(environ, dotenv_path: Path) -> dict:
     return {**{k: v for k, v in values.items() if v is not None}, **environ}
 
 
-def _redis_answers(url: str) -> bool:
+def _redis_answers(settings) -> bool:
     from pipeline.store import connect
 
     try:
-        return bool(connect(url).ping())
+        return bool(connect(settings).ping())
     except Exception:  # unreachable in any way means: start our own
         return False
 

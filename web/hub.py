@@ -328,7 +328,7 @@ class Hub:
         delay = 0.1
         reconnecting = False
         while self.running:
-            client = connect(self.settings.redis_url)
+            client = connect(self.settings)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(f"{prefix}:m:*", f"{prefix}:s:*", f"{prefix}:p:*")

@@ -29,7 +29,7 @@ class Services:
     @functools.cached_property
     def store(self) -> Store:
         """Redis access under the configured prefix."""
-        return Store(connect(self.settings.redis_url, self.settings.redis_pool_size), self.settings)
+        return Store(connect(self.settings, self.settings.redis_pool_size), self.settings)
 
     @functools.cached_property
     def publisher(self) -> Publisher:

@@ -53,6 +53,15 @@ def test_message_reaches_subscriber_with_every_field_and_statuses_in_order(stack
     watcher.close()
 
 
+def test_tasks_leave_no_result_in_redis(stack, web, token, channel):
+    # Nothing reads task results (a message's status is its outcome): a
+    # result backend would write a key per task for nothing.
+    answer, _ = publish(web, token, channel, "no result")
+    wait_until(lambda: web.request("GET", f"/api/v1/messages/{answer['id']}", token=token)[2]["status"]
+               == "delivered", 20, what="delivered")
+    assert list(stack.store().redis.scan_iter("celery-task-meta-*", count=1000)) == []
+
+
 def test_five_hundred_messages_over_twenty_channels_arrive_once_each(stack, web, token, channel):
     channels = [f"{channel}-{i}" for i in range(20)]
     client = web.ws(token)

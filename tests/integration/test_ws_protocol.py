@@ -537,7 +537,7 @@ def test_a_long_resume_is_replayed_in_pages_each_message_once_in_order(stack, ch
     from pipeline.store import Store, connect
 
     web = stack.web("replay-pages", HERALD_HISTORY_MAXLEN=5000, HERALD_WS_REPLAY_PAGE=100)
-    store = Store(connect(stack.redis_url), Settings.from_env({**stack.env, "HERALD_HISTORY_MAXLEN": "5000"}))
+    store = Store(connect(stack.settings), Settings.from_env({**stack.env, "HERALD_HISTORY_MAXLEN": "5000"}))
     stream = store.keys.history(channel)
 
     def publish(first, count, pause=0.0):

@@ -65,6 +65,7 @@ def test_cors_origins_are_split():
     ({**BASE, "HERALD_TOPIC": "bad topic!"}, "HERALD_TOPIC"),
     ({**BASE, "HERALD_TRUSTED_PROXIES": "-1"}, "HERALD_TRUSTED_PROXIES"),
     ({**BASE, "HERALD_WS_MAX_SUBSCRIPTIONS": "0"}, "HERALD_WS_MAX_SUBSCRIPTIONS"),
+    ({**BASE, "HERALD_ALLOW_EVICTION": "perhaps"}, "HERALD_ALLOW_EVICTION"),
     ({**BASE, "HERALD_RETRY_MAX_DELAY": "3000", "HERALD_VISIBILITY_TIMEOUT": "3600"}, "VISIBILITY_TIMEOUT"),
 ])
 def test_bad_values_name_the_variable(env, words):
