@@ -20,8 +20,25 @@ log = logging.getLogger("herald.kafka")
 
 
 def client_config(settings, **extra) -> dict:
-    """Base librdkafka configuration for every Herald client."""
-    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.keepalive.enable": True}
+    """The librdkafka configuration every Herald client starts from: addresses, TLS, SASL.
+
+    Certificates and keys are PEM text (`ssl.*.pem`), as Heroku-like hosts
+    give them in the environment; nothing is written to disk.
+    """
+    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.keepalive.enable": True,
+            "security.protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol.endswith("SSL"):
+        if settings.kafka_trusted_cert:
+            conf["ssl.ca.pem"] = settings.kafka_trusted_cert
+        if settings.kafka_client_cert:
+            conf["ssl.certificate.pem"] = settings.kafka_client_cert
+            conf["ssl.key.pem"] = settings.kafka_client_cert_key
+        if not settings.kafka_check_hostname:
+            conf["ssl.endpoint.identification.algorithm"] = "none"
+    if settings.kafka_security_protocol.startswith("SASL"):
+        conf.update({"sasl.mechanism": settings.kafka_sasl_mechanism,
+                     "sasl.username": settings.kafka_sasl_username,
+                     "sasl.password": settings.kafka_sasl_password})
     conf.update(extra)
     return conf
 
