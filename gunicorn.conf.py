@@ -27,18 +27,25 @@ loglevel = "warning"
 
 
 def on_starting(server):
-    """Refuse to start, in one line, when Redis or Kafka does not answer."""
-    from pipeline.kafka import kafka_reachable
+    """Refuse to start, in one line, when Redis or Kafka does not answer, or the topics are missing."""
+    from pipeline.errors import HeraldError
+    from pipeline.kafka import open_admin
     from pipeline.store import connect
+    from pipeline.topics import require_topics
 
     try:
         connect(_settings.redis_url).ping()
     except Exception as exc:  # any failure: one line, no traceback (SPEC)
         print(f"herald web: cannot start: Redis at {_settings.redis_url} does not answer ({exc})", file=sys.stderr)
         sys.exit(1)
-    if not kafka_reachable(_settings):
-        print(f"herald web: cannot start: Kafka at {_settings.kafka_bootstrap_servers} does not answer",
-              file=sys.stderr)
+    try:
+        # A real client, to catch refused certificates and passwords too; it
+        # is gone before gunicorn forks (librdkafka threads do not survive a fork).
+        admin, metadata = open_admin(_settings)
+        del admin
+        require_topics(_settings, metadata)
+    except HeraldError as exc:
+        print(f"herald web: cannot start: {exc}", file=sys.stderr)
         sys.exit(1)
 
 

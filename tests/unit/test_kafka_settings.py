@@ -29,6 +29,7 @@ def test_heroku_kafka_ssl_url_with_certificates_gives_an_ssl_client(pki):
     assert conf["ssl.ca.pem"].startswith("-----BEGIN CERTIFICATE-----")
     assert "BEGIN CERTIFICATE" in conf["ssl.certificate.pem"] and "PRIVATE KEY" in conf["ssl.key.pem"]
     assert conf["client.id"] == "x" and "sasl.mechanism" not in conf
+    assert conf["allow.auto.create.topics"] is False  # only the release phase makes topics
 
 
 def test_plain_url_gives_a_plaintext_client_without_tls_or_sasl_keys():
