@@ -8,7 +8,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.kafka import client_config
 from pipeline.settings import Settings
-from tests.pki import make_pki
+from tests.tls import make_pki
 
 BASE = {"HERALD_AUTH": "off"}
 
