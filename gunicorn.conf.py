@@ -27,10 +27,12 @@ loglevel = "warning"
 
 
 def on_starting(server):
-    """Refuse to start, in one line, when Redis or Kafka does not answer, or Redis may evict."""
-    from pipeline.errors import StartupError
-    from pipeline.kafka import kafka_reachable
+    """Refuse to start, in one line, when Redis or Kafka does not answer, Redis may evict,
+    or the topics are missing."""
+    from pipeline.errors import HeraldError, StartupError
+    from pipeline.kafka import open_admin
     from pipeline.store import check_at_start
+    from pipeline.topics import require_topics
 
     try:
         warning = check_at_start(_settings)
@@ -39,9 +41,14 @@ def on_starting(server):
         sys.exit(1)
     if warning:
         print(f"herald web: warning: {warning}", file=sys.stderr)
-    if not kafka_reachable(_settings):
-        print(f"herald web: cannot start: Kafka at {_settings.kafka_bootstrap_servers} does not answer",
-              file=sys.stderr)
+    try:
+        # A real client, to catch refused certificates and passwords too; it
+        # is gone before gunicorn forks (librdkafka threads do not survive a fork).
+        admin, metadata = open_admin(_settings)
+        del admin
+        require_topics(_settings, metadata)
+    except HeraldError as exc:
+        print(f"herald web: cannot start: {exc}", file=sys.stderr)
         sys.exit(1)
 
 

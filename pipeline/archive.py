@@ -40,6 +40,10 @@ class Archive:
             event.listen(self.engine, "connect", _sqlite_wal)
         self._ready = False
 
+    def create_schema(self) -> None:
+        """Create the archive's table when missing (the release phase calls this)."""
+        metadata.create_all(self.engine)
+
     def _ensure_table(self) -> None:
         # Made on first use, not at start: a database that is down when the
         # worker starts is a transient error of the first task, not a crash.

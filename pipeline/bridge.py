@@ -18,11 +18,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.dlq import DeadLetters
 from pipeline.errors import PermanentError
-from pipeline.kafka import Publisher, client_config, ensure_topics
+from pipeline.kafka import Publisher, client_config, open_admin
 from pipeline.logs import configure_logging
 from pipeline.messages import decode
 from pipeline.settings import current
 from pipeline.store import Store, check_at_start, connect
+from pipeline.topics import require_topics
 
 log = logging.getLogger("herald.bridge")
 
@@ -243,7 +244,9 @@ def main() -> None:
 
     try:
         warning = check_at_start(settings)
-        ensure_topics(settings)
+        admin, metadata = open_admin(settings)
+        del admin  # its threads end here; the consumer makes its own connections
+        require_topics(settings, metadata)
         store = Store(connect(settings, settings.redis_pool_size), settings)
         store.redis.ping()
     except Exception as exc:  # one clear line, never a traceback (SPEC)

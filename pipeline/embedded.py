@@ -121,11 +121,18 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
 
-def kafka_server(port: int, log_path: str | None = None) -> Server:
-    """A Tansu broker with memory storage on 127.0.0.1:port (not started)."""
-    url = f"tcp://127.0.0.1:{port}"
-    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+def kafka_server(port: int, log_path: str | None = None, *, advertised_port: int | None = None,
+                 authentication: bool = False) -> Server:
+    """A Tansu broker with memory storage on 127.0.0.1:port (not started).
+
+    `advertised_port` is the address clients are told to use, when a proxy
+    (a TLS terminator) stands in front; `authentication` demands SASL.
+    """
+    argv = [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port or port}",
             "--storage-engine", "memory://tansu/"]
+    if authentication:
+        argv.append("--authentication")
     return Server("kafka (tansu)", argv, port, log_path)
 
 

@@ -34,3 +34,7 @@ class KafkaUnavailable(TransientError):
 
 class PermanentError(HeraldError):
     """A message no retry can fix: it goes straight to the dead-letter topic."""
+
+
+class TopicError(HeraldError):
+    """Herald's topics are missing, or exist in a shape the settings do not ask for."""

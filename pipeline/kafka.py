@@ -11,7 +11,7 @@ import socket
 import time
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
 from pipeline.errors import KafkaUnavailable, ValidationError
 from pipeline.green import ResultChannel, run_blocking, start_native_thread
@@ -20,8 +20,29 @@ log = logging.getLogger("herald.kafka")
 
 
 def client_config(settings, **extra) -> dict:
-    """Base librdkafka configuration for every Herald client."""
-    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.keepalive.enable": True}
+    """The librdkafka configuration every Herald client starts from: addresses, TLS, SASL.
+
+    Certificates and keys are PEM text (`ssl.*.pem`), as Heroku-like hosts
+    give them in the environment; nothing is written to disk.
+    """
+    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.keepalive.enable": True,
+            "security.protocol": settings.kafka_security_protocol,
+            # A producer would otherwise have the broker create a missing topic
+            # with the broker's defaults (Tansu's: 4 partitions); only the
+            # release phase makes topics (README: Release phase).
+            "allow.auto.create.topics": False}
+    if settings.kafka_security_protocol.endswith("SSL"):
+        if settings.kafka_trusted_cert:
+            conf["ssl.ca.pem"] = settings.kafka_trusted_cert
+        if settings.kafka_client_cert:
+            conf["ssl.certificate.pem"] = settings.kafka_client_cert
+            conf["ssl.key.pem"] = settings.kafka_client_cert_key
+        if not settings.kafka_check_hostname:
+            conf["ssl.endpoint.identification.algorithm"] = "none"
+    if settings.kafka_security_protocol.startswith("SASL"):
+        conf.update({"sasl.mechanism": settings.kafka_sasl_mechanism,
+                     "sasl.username": settings.kafka_sasl_username,
+                     "sasl.password": settings.kafka_sasl_password})
     conf.update(extra)
     return conf
 
@@ -38,35 +59,63 @@ def kafka_reachable(settings, timeout: float = 3.0) -> bool:
     return False
 
 
-def ensure_topics(settings, timeout: float = 10.0) -> None:
-    """Create the main and dead-letter topics when missing.
+# librdkafka logs every failed attempt to stderr; the start-up check reports
+# the cause once, in its own words, so its client logs nowhere.
+_quiet = logging.Logger("herald.kafka.check")
+_quiet.addHandler(logging.NullHandler())
 
-    A broker may come back empty (Tansu's memory store does), so every process
-    calls this at start instead of trusting that topics exist.
+
+def open_admin(settings, timeout: float = 15.0):
+    """An AdminClient that has fetched cluster metadata: returns (admin, metadata).
+
+    librdkafka retries refused certificates and passwords forever without
+    failing a call (README: Configuration, Kafka), so this bounds the wait
+    and turns the errors it saw into one sentence naming the variable to fix;
+    raises KafkaUnavailable. Drop the admin before a fork: no librdkafka
+    thread may live across one.
     """
-    admin = AdminClient(client_config(settings))
-    wanted = [
-        NewTopic(settings.topic, settings.topic_partitions, 1),
-        NewTopic(settings.dlq_topic, settings.topic_partitions, 1),
-    ]
+    seen: list[KafkaError] = []
+    admin = AdminClient(client_config(settings, error_cb=seen.append, logger=_quiet))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return admin, admin.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+        except KafkaException as exc:
+            admin.poll(0)  # serves the error callbacks queued meanwhile
+            # A refused certificate or password will not get better: say so now.
+            if time.monotonic() >= deadline or any(_refusal(e) for e in seen):
+                raise KafkaUnavailable(_explain(settings, seen, exc.args[0])) from None
 
-    def create():
-        existing = admin.list_topics(timeout=timeout).topics
-        missing = [t for t in wanted if t.topic not in existing]
-        if not missing:
-            return
-        for topic, future in admin.create_topics(missing, operation_timeout=timeout).items():
-            try:
-                future.result(timeout)
-                log.info("topic created", extra={"topic": topic})
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
 
-    try:
-        run_blocking(create)
-    except KafkaException as exc:
-        raise KafkaUnavailable(f"cannot create topics: {exc}") from None
+def _refusal(error: KafkaError) -> bool:
+    return error.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL) or "alert" in error.str()
+
+
+def _explain(settings, seen: list[KafkaError], final: KafkaError) -> str:
+    where = f"Kafka at {settings.kafka_bootstrap_servers}"
+    texts = [e.str() for e in seen]
+    if any(e.code() == KafkaError._AUTHENTICATION for e in seen):
+        detail = next(e.str() for e in seen if e.code() == KafkaError._AUTHENTICATION)
+        return (f"{where} refused KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD "
+                f"({settings.kafka_sasl_mechanism}): {_last_clause(detail)}")
+    if any("certificate verify failed" in t for t in texts):
+        if any("hostname mismatch" in t or "IP address mismatch" in t for t in texts):
+            return (f"{where}: the broker's certificate does not name its host (KAFKA_URL or "
+                    "KAFKA_BOOTSTRAP_SERVERS; KAFKA_SSL_CHECK_HOSTNAME=off to accept it)")
+        return f"{where}: the broker's certificate is not signed by KAFKA_TRUSTED_CERT (or the system's CAs)"
+    alert = next((t for t in texts if "alert" in t and "SSL" in t), None)
+    if alert:
+        return (f"{where} refused the TLS client certificate (KAFKA_CLIENT_CERT/KAFKA_CLIENT_CERT_KEY): "
+                f"{_last_clause(alert)}")
+    ssl_error = next((t for t in texts if "SSL" in t), None)
+    if ssl_error:
+        return f"{where}: TLS failed (KAFKA_SECURITY_PROTOCOL, KAFKA_TRUSTED_CERT): {_last_clause(ssl_error)}"
+    return f"{where} does not answer ({final.str()})"
+
+
+def _last_clause(text: str) -> str:
+    # "ssl://h:9093/bootstrap: SASL authentication error: ... (after 3ms in state AUTH_REQ)" -> the cause.
+    return text.split("/bootstrap: ", 1)[-1].split(" (after ", 1)[0]
 
 
 class Publisher:
@@ -95,10 +144,6 @@ class Publisher:
         # producer id) leaves an idempotent producer unusable: make a new one.
         self._fatal = False
         self._results = ResultChannel()
-        # After a failed delivery the broker may have come back empty: check
-        # the topics (at most every few seconds) before the next record.
-        self._topics_suspect = False
-        self._topics_checked = 0.0
         # A plain flag: the poll thread is native, where gevent's Event is not safe.
         self._running = True
         start_native_thread(self._poll_loop, "herald-producer-poll")
@@ -130,15 +175,10 @@ class Publisher:
             retired, self._producer = self._producer, Producer(self._config)
             run_blocking(_retire, retired)
             log.warning("producer rebuilt after a fatal error")
-        if self._topics_suspect and time.monotonic() - self._topics_checked > 2.0:
-            self._topics_checked = time.monotonic()
-            ensure_topics(self._settings, timeout=3.0)  # raises KafkaUnavailable while Kafka is down
-            self._topics_suspect = False
         future = self._results.future()
 
         def delivered(err, msg):
             if err is not None:
-                self._topics_suspect = True
                 self._fatal = self._fatal or err.fatal()
                 self._results.resolve(future, error=_delivery_error(err))
             else:
@@ -149,7 +189,6 @@ class Publisher:
         except BufferError:
             raise KafkaUnavailable("the producer queue is full: Kafka is slow or down") from None
         except KafkaException as exc:
-            self._topics_suspect = True
             raise _delivery_error(exc.args[0]) from None
         return future
 
@@ -159,7 +198,6 @@ class Publisher:
             # One extra second: librdkafka reports its own timeout at the deadline.
             return self._results.wait(future, self._timeout + 1.0)
         except TimeoutError:
-            self._topics_suspect = True
             raise KafkaUnavailable("Kafka did not acknowledge the record in time") from None
 
     def close(self, timeout: float = 10.0) -> int:

@@ -11,7 +11,9 @@ import dataclasses
 import functools
 import os
 import socket
+import ssl
 import sys
+import tempfile
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
@@ -34,6 +36,16 @@ class Settings:
     redis_tls_ca: str | None = None  # PEM text of the CA a rediss:// server's certificate chains to
     allow_eviction: bool = False  # run on a Redis whose maxmemory-policy may evict Herald's keys
     kafka_bootstrap_servers: str = "localhost:9092"
+    # How clients reach and prove themselves to Kafka (README: Configuration, Kafka).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_client_cert: str | None = None  # PEM text, as Heroku gives it
+    kafka_client_cert_key: str | None = None
+    kafka_trusted_cert: str | None = None
+    kafka_check_hostname: bool = True
+    kafka_prefix: str = ""
     database_url: str = "sqlite:///herald.db"
     topic: str = "herald.messages"
     secret_key: str | None = None
@@ -42,6 +54,7 @@ class Settings:
     max_message_bytes: int = 65536
     # Internals a deployment may tune; the SPEC leaves them to us.
     topic_partitions: int = 12
+    topic_replication: int | None = None  # None: min(3, brokers), decided by the release step
     redis_prefix: str = "herald"
     redis_pool_size: int = 50
     consumer_group: str = "herald-bridge"
@@ -130,7 +143,7 @@ class Settings:
                                           env.get("REDIS_SSL_CERT_REQS") or cls.redis_ssl_cert_reqs),
             redis_tls_ca=check_ca_pem("REDIS_TLS_CA", env["REDIS_TLS_CA"]) if env.get("REDIS_TLS_CA") else None,
             allow_eviction=_flag(env, "HERALD_ALLOW_EVICTION", False),
-            kafka_bootstrap_servers=_kafka_servers(env),
+            **_kafka_connection(env),
             database_url=_database_url(env),
             topic=_topic(env),
             secret_key=secret,
@@ -138,9 +151,12 @@ class Settings:
             cors_origins=origins,
             max_message_bytes=_int(env, "HERALD_MAX_MESSAGE_BYTES", cls.max_message_bytes, 64, 16 * 1024 * 1024),
             topic_partitions=_int(env, "HERALD_TOPIC_PARTITIONS", cls.topic_partitions, 1, 10000),
+            topic_replication=_int(env, "HERALD_TOPIC_REPLICATION", None, 1, 100),
             redis_prefix=env.get("HERALD_REDIS_PREFIX", cls.redis_prefix) or cls.redis_prefix,
             redis_pool_size=_int(env, "HERALD_REDIS_POOL_SIZE", cls.redis_pool_size, 2, 10000),
-            consumer_group=env.get("HERALD_CONSUMER_GROUP", cls.consumer_group) or cls.consumer_group,
+            # Heroku's multi-tenant Kafka accepts only names under KAFKA_PREFIX.
+            consumer_group=env.get("KAFKA_PREFIX", "")
+            + (env.get("HERALD_CONSUMER_GROUP", cls.consumer_group) or cls.consumer_group),
             produce_timeout=_float(env, "HERALD_PRODUCE_TIMEOUT", cls.produce_timeout, 0.1, 60),
             retry_max=_int(env, "HERALD_RETRY_MAX", cls.retry_max, 0, 100),
             retry_base_delay=_float(env, "HERALD_RETRY_BASE_DELAY", cls.retry_base_delay, 0.001, 3600),
@@ -287,21 +303,115 @@ def _check_redis_tls(settings):
         raise ConfigError("REDIS_TLS_CA is set but neither REDIS_URL nor CELERY_BROKER_URL is a rediss:// URL")
 
 
-def _kafka_servers(env):
-    # Heroku's Kafka add-on sets KAFKA_URL as comma-separated kafka:// URLs.
-    raw = env.get("KAFKA_BOOTSTRAP_SERVERS") or env.get("KAFKA_URL") or Settings.kafka_bootstrap_servers
-    servers = []
+_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _kafka_connection(env) -> dict:
+    """The Kafka fields of Settings: addresses, TLS material, SASL, prefix."""
+    servers, tls_url = _kafka_servers(env)
+    username = env.get("KAFKA_SASL_USERNAME") or None
+    password = env.get("KAFKA_SASL_PASSWORD") or None
+    mechanism = env.get("KAFKA_SASL_MECHANISM") or None
+    if mechanism is not None:
+        mechanism = _choice(env, "KAFKA_SASL_MECHANISM", None, _SASL_MECHANISMS)
+    sasl = bool(mechanism or username or password)
+    explicit = env.get("KAFKA_SECURITY_PROTOCOL")
+    if explicit:
+        protocol = _choice(env, "KAFKA_SECURITY_PROTOCOL", None, _SECURITY_PROTOCOLS)
+        if tls_url and not protocol.endswith("SSL"):
+            raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={protocol} contradicts the kafka+ssl:// of KAFKA_URL")
+    else:
+        protocol = ("SASL_" if sasl else "") + ("SSL" if tls_url else "PLAINTEXT")
+        protocol = "SSL" if protocol == "PLAINTEXT" and (env.get("KAFKA_CLIENT_CERT") or env.get(
+            "KAFKA_TRUSTED_CERT")) else protocol
+    if protocol.startswith("SASL"):
+        if not mechanism:
+            raise ConfigError(f"KAFKA_SASL_MECHANISM is not set: {protocol} needs one of {', '.join(_SASL_MECHANISMS)}")
+        for name, value in (("KAFKA_SASL_USERNAME", username), ("KAFKA_SASL_PASSWORD", password)):
+            if not value:
+                raise ConfigError(f"{name} is not set: KAFKA_SASL_MECHANISM={mechanism} needs a user name and password")
+    elif sasl:
+        raise ConfigError(f"KAFKA_SASL_* is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL")
+    cert, key, trusted = (_pem(env, name) for name in ("KAFKA_CLIENT_CERT", "KAFKA_CLIENT_CERT_KEY",
+                                                        "KAFKA_TRUSTED_CERT"))
+    if (cert or key or trusted) and not protocol.endswith("SSL"):
+        raise ConfigError(f"KAFKA_CLIENT_CERT/KAFKA_TRUSTED_CERT is set but KAFKA_SECURITY_PROTOCOL={protocol} "
+                          "does not use TLS")
+    if bool(cert) != bool(key):
+        raise ConfigError("KAFKA_CLIENT_CERT and KAFKA_CLIENT_CERT_KEY go together: set both or neither")
+    if trusted:
+        _check_ca(trusted)
+    if cert:
+        _check_cert_pair(cert, key)
+    prefix = env.get("KAFKA_PREFIX", "")
+    if not _topic_name_ok(prefix):
+        raise ConfigError(f"KAFKA_PREFIX={prefix!r} has characters Kafka names may not contain")
+    return {
+        "kafka_bootstrap_servers": servers, "kafka_security_protocol": protocol,
+        "kafka_sasl_mechanism": mechanism, "kafka_sasl_username": username, "kafka_sasl_password": password,
+        "kafka_client_cert": cert, "kafka_client_cert_key": key, "kafka_trusted_cert": trusted,
+        "kafka_check_hostname": _flag(env, "KAFKA_SSL_CHECK_HOSTNAME", True), "kafka_prefix": prefix,
+    }
+
+
+def _kafka_servers(env) -> tuple[str, bool]:
+    # Heroku's Kafka add-on sets KAFKA_URL as comma-separated kafka:// or
+    # kafka+ssl:// URLs; returns ("host:port,...", whether they ask for TLS).
+    name = "KAFKA_BOOTSTRAP_SERVERS" if env.get("KAFKA_BOOTSTRAP_SERVERS") else "KAFKA_URL"
+    raw = env.get(name) or Settings.kafka_bootstrap_servers
+    servers, schemes = [], set()
     for item in raw.split(","):
         item = item.strip()
         if "://" in item:
             scheme, _, item = item.partition("://")
-            if scheme not in {"kafka", "tcp", "plaintext"}:
-                raise ConfigError(f"Kafka address {scheme}://{item} has an unsupported scheme")
+            if scheme not in {"kafka", "kafka+ssl", "tcp", "plaintext"}:
+                raise ConfigError(f"{name}: {scheme}://{item} has an unsupported scheme (kafka:// or kafka+ssl://)")
+            schemes.add(scheme == "kafka+ssl")
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"Kafka address {item!r} is not host:port (KAFKA_BOOTSTRAP_SERVERS)")
+            raise ConfigError(f"{name}: Kafka address {item!r} is not host:port")
         servers.append(f"{host}:{port}")
-    return ",".join(servers)
+    if len(schemes) > 1:
+        raise ConfigError(f"{name} mixes kafka:// and kafka+ssl:// addresses")
+    return ",".join(servers), schemes == {True}
+
+
+def _pem(env, name):
+    # Heroku config vars keep the PEM's newlines; some dashboards turn them into "\n".
+    raw = (env.get(name) or "").replace("\\n", "\n").strip()
+    if not raw:
+        return None
+    if not raw.startswith("-----BEGIN ") or "-----END " not in raw:
+        raise ConfigError(f"{name} is not PEM text (-----BEGIN ...): give the certificate or key itself, "
+                          "not a file name")
+    return raw + "\n"
+
+
+def _check_ca(pem: str) -> None:
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"KAFKA_TRUSTED_CERT does not parse as a PEM certificate ({exc})") from None
+
+
+def _check_cert_pair(cert: str, key: str) -> None:
+    # OpenSSL reads a certificate chain only from files: a private directory, gone at once.
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        for path, text in ((cert_path, cert), (key_path, key)):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as out:
+                out.write(text)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_verify_locations(cadata=cert)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"KAFKA_CLIENT_CERT does not parse as a PEM certificate ({exc})") from None
+        try:
+            context.load_cert_chain(cert_path, key_path, password=lambda: b"")  # never prompt on a tty
+        except ssl.SSLError as exc:
+            raise ConfigError(f"KAFKA_CLIENT_CERT_KEY is not the key of KAFKA_CLIENT_CERT, or does not parse "
+                              f"({exc.reason or exc})") from None
 
 
 def _database_url(env):
@@ -317,7 +427,12 @@ def _database_url(env):
 
 def _topic(env):
     topic = env.get("HERALD_TOPIC") or Settings.topic
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-    if len(topic) > 200 or not set(topic) <= allowed:
+    if not _topic_name_ok(topic):
         raise ConfigError(f"HERALD_TOPIC={topic!r} is not a valid Kafka topic name")
-    return topic
+    # Heroku's multi-tenant Kafka accepts only names under KAFKA_PREFIX.
+    return env.get("KAFKA_PREFIX", "") + topic
+
+
+def _topic_name_ok(name: str) -> bool:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    return len(name) <= 200 and set(name) <= allowed

@@ -202,6 +202,13 @@ class Stack:
         self.settings = Settings.from_env(self.env)
         self.procs: list[Proc] = []
         self._store = None
+        self.release()
+
+    def release(self) -> list[str]:
+        """Run the release phase for this stack (topics, archive schema), as a deploy does first."""
+        from pipeline.release import release
+
+        return release(self.settings)
 
     # -- processes ---------------------------------------------------------
     def _proc(self, name: str, argv: list[str], **env) -> Proc:

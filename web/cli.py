@@ -1,4 +1,4 @@
-"""`flask --app app <command>`: dev, token, publish, tail."""
+"""`flask --app app <command>`: dev, release, token, publish, tail, dlq."""
 
 from __future__ import annotations
 
@@ -127,6 +127,24 @@ def dlq_replay_command(letter_id, replay_all):
         sys.exit(1)
 
 
+@click.command("release")
+def release_command():
+    """Create or check the Kafka topics and the archive schema (the Procfile's release phase)."""
+    _release_or_exit(_settings())
+
+
+def _release_or_exit(settings) -> None:
+    from pipeline.errors import HeraldError
+    from pipeline.release import release
+
+    try:
+        for line in release(settings):
+            click.echo(line)
+    except HeraldError as exc:
+        click.echo(f"herald release: {exc}", err=True)
+        sys.exit(1)
+
+
 @click.command("dev")
 @click.option("--no-flower", is_flag=True, help="skip the Flower process")
 def dev_command(no_flower):
@@ -151,6 +169,8 @@ def dev_command(no_flower):
         env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{port}"
         env.pop("KAFKA_URL", None)
         click.echo(f"embedded Kafka-compatible broker (Tansu) on 127.0.0.1:{port}")
+    # What the release phase does on a deploy: the processes only check for it.
+    _release_or_exit(load_or_exit(env))
     click.echo(f"web     http://localhost:{settings.port}/   (demo chat)")
     click.echo(f"api     http://localhost:{settings.port}/api/v1   docs: http://localhost:{settings.port}/docs")
     click.echo(f"ws      ws://localhost:{settings.port}/ws")
@@ -161,9 +181,10 @@ def dev_command(no_flower):
     honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or "honcho"
     # honcho would read .env again and let it override the shell (issue 8:
     # the printed token was refused): it gets `env`, already merged, and no file.
-    argv = [honcho, "start", "-e", os.devnull, "-p", str(settings.port)]
-    if no_flower:
-        argv += ["web", "bridge", "worker"]
+    # Every Procfile process but the one-off `release`, which ran above.
+    skip = {"release"} | ({"flower"} if no_flower else set())
+    argv = [honcho, "start", "-e", os.devnull, "-p", str(settings.port),
+            *(name for name in _procfile_names(Path("Procfile")) if name not in skip)]
     proc = subprocess.Popen(argv, env=env)
     try:
         code = proc.wait()
@@ -185,6 +206,11 @@ def dev_environment(environ, dotenv_path: Path) -> dict:
     return {**{k: v for k, v in values.items() if v is not None}, **environ}
 
 
+def _procfile_names(path: Path) -> list[str]:
+    return [line.split(":", 1)[0].strip() for line in path.read_text().splitlines()
+            if ":" in line and not line.lstrip().startswith("#")]
+
+
 def _redis_answers(settings) -> bool:
     from pipeline.store import connect
 
@@ -196,5 +222,5 @@ def _redis_answers(settings) -> bool:
 
 def init_app(app) -> None:
     """Register the commands on the app's CLI."""
-    for command in (dev_command, token_command, publish_command, tail_command, dlq_group):
+    for command in (dev_command, release_command, token_command, publish_command, tail_command, dlq_group):
         app.cli.add_command(command)

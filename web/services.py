@@ -13,7 +13,7 @@ import redis
 
 from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
-from pipeline.kafka import Publisher, ensure_topics
+from pipeline.kafka import Publisher
 from pipeline.store import Store, connect
 
 log = logging.getLogger("herald.web")
@@ -47,8 +47,10 @@ class Services:
         return DeadLetters(self.publisher, self.store, self.settings)
 
     def start(self) -> None:
-        """Connect everything now, so the first request pays for nothing."""
-        ensure_topics(self.settings)
+        """Connect everything now, so the first request pays for nothing.
+
+        The topics were checked by gunicorn's on_starting; the release phase made them.
+        """
         self.publisher.warm_up()
         self.store.redis.ping()
         if self.hub is not None:

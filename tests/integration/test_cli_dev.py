@@ -10,6 +10,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import jwt
@@ -42,6 +43,8 @@ def test_dev_prints_a_token_its_web_process_accepts(stack, tmp_path, shell_key):
     port = embedded.free_port()
     env = {**stack.env, "PORT": str(port), "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # A topic nobody made: the web starts only if `dev` ran the release step first.
+    env["HERALD_TOPIC"] = f"dev.{uuid.uuid4().hex[:8]}"
     env.pop("HERALD_SECRET_KEY")
     if shell_key:
         env["HERALD_SECRET_KEY"] = shell_key
