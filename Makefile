@@ -1,16 +1,18 @@
 # Two commands: `make dev` runs the whole system, `make test` runs the tests.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: dev test bench clean
 
-$(STAMP): requirements.txt
+# Herald itself (editable) with the extras for `make dev` and `make test`; the
+# runtime pins of requirements.txt first, as a Heroku-like builder installs them.
+$(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Herald needs Python 3.11 or newer")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e '.[dev,test]'
 	touch $(STAMP)
 
 # A development secret, made once; `flask dev` reads `.env` (the shell's variables win).

@@ -125,7 +125,9 @@ class Bridge:
                 records = self.consumer.consume(num_messages=self.settings.batch_size * 5, timeout=0.01)
                 if records:
                     self.handle(records)
-                if time.monotonic() >= self.next_sweep:
+                # RabbitMQ confirms each task and keeps it until a worker acks it:
+                # only the Redis broker can lose one (README: "Under faults").
+                if not self.settings.amqp_broker and time.monotonic() >= self.next_sweep:
                     self.sweep()
         finally:
             self.consumer.close()

@@ -23,6 +23,9 @@ from pipeline.redis_tls import cert_reqs, check_ca_pem, redis_tls
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
 MIN_SECRET_BYTES = 32
+# Seconds of silence after which RabbitMQ drops a connection, handing back
+# its unacknowledged tasks; also the workers' side (Celery's broker_heartbeat).
+AMQP_HEARTBEAT = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,11 @@ class Settings:
         return urlsplit(self.celery_broker_url).scheme in {"redis", "rediss", "unix"}
 
     @property
+    def amqp_broker(self) -> bool:
+        """True when Celery's broker is RabbitMQ (README: "RabbitMQ as the Celery broker")."""
+        return urlsplit(self.celery_broker_url).scheme in {"amqp", "amqps", "pyamqp"}
+
+    @property
     def unacked_restore_interval(self) -> int:
         """How often a worker sweeps the Redis broker for tasks of dead workers."""
         return max(1, self.visibility_timeout // 10)
@@ -138,7 +146,7 @@ class Settings:
         settings = cls(
             port=_int(env, "PORT", cls.port, 1, 65535),
             redis_url=redis_url,
-            celery_broker_url=_url(env, "CELERY_BROKER_URL", redis_url, {"redis", "rediss", "unix", "amqp", "amqps", "sqs"}),
+            celery_broker_url=_url(env, "CELERY_BROKER_URL", redis_url, {"redis", "rediss", "unix", "amqp", "amqps", "pyamqp", "sqs"}),
             redis_ssl_cert_reqs=cert_reqs("REDIS_SSL_CERT_REQS",
                                           env.get("REDIS_SSL_CERT_REQS") or cls.redis_ssl_cert_reqs),
             redis_tls_ca=check_ca_pem("REDIS_TLS_CA", env["REDIS_TLS_CA"]) if env.get("REDIS_TLS_CA") else None,
@@ -190,8 +198,12 @@ class Settings:
             # predecessor held by a dead worker until the Redis broker hands it back.
             settings = dataclasses.replace(settings, order_wait=settings.visibility_timeout
                                            + settings.unacked_restore_interval + cls.order_wait)
+        elif not env.get("HERALD_ORDER_WAIT") and settings.amqp_broker:
+            # RabbitMQ hands a killed worker's tasks back at once, but those of
+            # a machine that vanished only when its connection's heartbeat lapses.
+            settings = dataclasses.replace(settings, order_wait=AMQP_HEARTBEAT + cls.order_wait)
         _check_redis_tls(settings)
-        if settings.retry_max_delay * 2 > settings.visibility_timeout:
+        if settings.redis_broker and settings.retry_max_delay * 2 > settings.visibility_timeout:
             # A retry parked longer than the visibility timeout is handed to a
             # second worker by the Redis broker: the task would run twice.
             raise ConfigError(

@@ -13,10 +13,11 @@ from celery import Celery, signals
 from pipeline.logs import configure_logging
 from pipeline.processing import RETRYABLE, Processor, RetryLater, backoff_delay
 from pipeline.redis_tls import redis_tls
-from pipeline.settings import current
+from pipeline.settings import AMQP_HEARTBEAT, current
 
 log = logging.getLogger("herald.tasks")
 ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again
+AMQP_PREFETCH = 25  # tasks per worker process held from RabbitMQ, most of them waiting out a countdown
 
 
 def make_celery(settings) -> Celery:
@@ -47,16 +48,6 @@ def make_celery(settings) -> Celery:
         # (AttributeError in restore_unacked, seen restarting Redis); a task
         # left running is handed back after the visibility timeout instead.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        # kombu sweeps for tasks abandoned by dead workers only every
-        # interval x throttle seconds (100 s by default): tie it to the timeout.
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            "unacked_restore_interval": settings.unacked_restore_interval,
-            "unacked_restore_throttle": 1,
-            # A worker killed during a sweep keeps the sweep lock until it
-            # expires (300 s by default): no one could restore tasks meanwhile.
-            "unacked_mutex_expire": min(300, max(5, settings.visibility_timeout // 2)),
-        },
         broker_connection_retry_on_startup=True,
         # Task events cost about half of a worker's main-process CPU; Flower
         # switches them on while it runs (its --enable-events default).
@@ -64,9 +55,57 @@ def make_celery(settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_concurrency=settings.worker_concurrency,
     )
+    app.conf.update(broker_options(settings))
     return app
 
 
+def broker_options(settings) -> dict:
+    """The Celery settings that differ between the Redis and RabbitMQ brokers."""
+    if settings.redis_broker:
+        return {
+            # kombu sweeps for tasks abandoned by dead workers only every
+            # interval x throttle seconds (100 s by default): tie it to the timeout.
+            "broker_transport_options": {
+                "visibility_timeout": settings.visibility_timeout,
+                "unacked_restore_interval": settings.unacked_restore_interval,
+                "unacked_restore_throttle": 1,
+                # A worker killed during a sweep keeps the sweep lock until it
+                # expires (300 s by default): no one could restore tasks meanwhile.
+                "unacked_mutex_expire": min(300, max(5, settings.visibility_timeout // 2)),
+            },
+        }
+    if settings.amqp_broker:
+        # RabbitMQ hands a dead worker's unacknowledged tasks back the moment
+        # its connection drops: no visibility timeout, no hand-back of our own.
+        return {
+            # Replicated and durable (RabbitMQ's documentation recommends them
+            # for data safety). They have no global QoS: Celery's detection
+            # switches to a per-consumer prefetch (Celery: "Quorum Queues").
+            "task_default_queue_type": "quorum",
+            "worker_detect_quorum_queues": True,
+            # A task with a countdown (a retry, a message back from waiting at
+            # its order gate) is held by the worker until it is due, in one of
+            # these static prefetch slots: with one per process, a worker
+            # holding two waiting messages took nothing else, and a channel's
+            # backlog after a worker death crept through at ~20 rechecks/s
+            # until HERALD_ORDER_WAIT let messages pass out of order.
+            "worker_prefetch_multiplier": AMQP_PREFETCH,
+            # A publish returns only once RabbitMQ took the task: the bridge
+            # stores a record's offset after that, never for a lost publish.
+            "broker_transport_options": {"confirm_publish": True},
+            "broker_heartbeat": AMQP_HEARTBEAT,
+        }
+    return {}
+
+
+def _not_about_delayed_delivery(record: logging.LogRecord) -> bool:
+    # RabbitMQ's native delayed delivery needs a topic exchange and whole
+    # seconds (a 0.1 s ORDER_RECHECK raises there): the worker holds countdown
+    # tasks itself (AMQP_PREFETCH), which Celery warns about at every one.
+    return "native delayed delivery" not in record.getMessage()
+
+
+logging.getLogger("celery.app.base").addFilter(_not_about_delayed_delivery)
 settings = current()
 celery_app = make_celery(settings)
 _processor: Processor | None = None

@@ -3,7 +3,9 @@
 Every stack gets its own topic, consumer group, Redis prefix and SQLite file,
 so tests can share servers without seeing each other's data. An existing
 broker or Redis can be reused by naming it in HERALD_TEST_KAFKA /
-HERALD_TEST_REDIS_URL; otherwise they are started here.
+HERALD_TEST_REDIS_URL; otherwise they are started here. A stack with
+`broker="amqp"` uses RabbitMQ (HERALD_TEST_AMQP_URL, by default the local
+guest account) as the Celery broker, with a queue of its own, deleted at stop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from web.auth import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-key-that-is-long-enough-for-hs256"
+AMQP_URL = os.environ.get("HERALD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -150,7 +153,7 @@ class Stack:
 
     def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False,
                  separate_broker: bool = False, persistent_redis: bool = False, redis_tls: dict | None = None,
-                 redis_query: str = "", redis_args=(), **env):
+                 redis_query: str = "", redis_args=(), broker: str = "redis", **env):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.kafka = self.redis = None
@@ -183,6 +186,8 @@ class Stack:
             port = embedded.free_port()
             self.broker = embedded.redis_server(port, str(workdir / "broker.log")).start()
             broker_url = f"redis://127.0.0.1:{port}/0"
+        if broker == "amqp":
+            broker_url = AMQP_URL
         tag = uuid.uuid4().hex[:10]
         self.env = {
             **os.environ,
@@ -252,6 +257,15 @@ class Stack:
         for server in (self.kafka, self.redis, self.broker):
             if server is not None:
                 server.stop()
+        if self.settings.amqp_broker:
+            self._delete_queue()
+
+    def _delete_queue(self) -> None:
+        # Quorum queues are durable: each stack's would outlive it in RabbitMQ.
+        import kombu
+
+        with kombu.Connection(self.settings.celery_broker_url, connect_timeout=5) as connection:
+            connection.default_channel.queue_delete(f"{self.settings.redis_prefix}.tasks")
 
     # -- helpers ---------------------------------------------------------------
     def token(self, user: str = "tester", **claims) -> str:

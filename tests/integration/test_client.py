@@ -1,4 +1,4 @@
-"""The Python client (web/client.py) against real web processes: closes, reconnects, resume, tokens."""
+"""The Python client (herald_client, client/) against real web processes: closes, reconnects, resume, tokens."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from pipeline.errors import HeraldError
+from herald_client import HeraldClient, HeraldError, RequestError, ServerClosed
+
 from tests.harness import wait_until
 from web.auth import LEEWAY_SECONDS
-from web.client import HeraldClient, RequestError, ServerClosed
 
 
 def _url(web) -> str:

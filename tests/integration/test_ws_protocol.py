@@ -322,7 +322,7 @@ def test_a_killed_web_process_leaves_no_ghosts_in_presence(capped, channel):
 
 
 def test_python_client_publishes_and_resumes_after_a_dropped_connection(web, token, channel):
-    from web.client import HeraldClient, HeraldError
+    from herald_client import HeraldClient, HeraldError
 
     with HeraldClient(f"ws://127.0.0.1:{web.port}/ws", token) as herald:
         assert herald.subscribe(channel)["op"] == "subscribed"

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.settings import Settings
+from pipeline.settings import AMQP_HEARTBEAT, Settings
 
 BASE = {"HERALD_SECRET_KEY": "s" * 32}
 
@@ -98,5 +98,14 @@ def test_order_wait_outlasts_the_redis_brokers_hand_back_unless_set():
     settings = Settings.from_env({**BASE, "HERALD_VISIBILITY_TIMEOUT": "200"})
     assert settings.order_wait == 200 + 20 + 5
     assert Settings.from_env({**BASE, "HERALD_VISIBILITY_TIMEOUT": "200", "HERALD_ORDER_WAIT": "2"}).order_wait == 2
-    # RabbitMQ hands a dead consumer's messages back at once.
-    assert Settings.from_env({**BASE, "CELERY_BROKER_URL": "amqp://guest@localhost//"}).order_wait == 5
+    # RabbitMQ hands a killed consumer's messages back at once, a vanished machine's once its heartbeat lapses.
+    amqp = Settings.from_env({**BASE, "CELERY_BROKER_URL": "amqp://guest@localhost//"})
+    assert amqp.amqp_broker and not amqp.redis_broker
+    assert amqp.order_wait == AMQP_HEARTBEAT + 5
+
+
+def test_the_visibility_timeout_bounds_retry_delays_only_on_the_redis_broker():
+    # RabbitMQ has no visibility timeout: a long retry delay never hands a task to a second worker.
+    settings = Settings.from_env({**BASE, "CELERY_BROKER_URL": "amqps://u:p@rabbit.example/vh",
+                                  "HERALD_RETRY_MAX_DELAY": "3000"})
+    assert settings.retry_max_delay == 3000 and settings.amqp_broker

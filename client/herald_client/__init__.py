@@ -1,4 +1,7 @@
-"""A small Python client for Herald's WebSocket protocol, for scripts and tests.
+"""herald_client: a small Python client for Herald's WebSocket protocol.
+
+It installs alone (`pip install ./client`), with websocket-client only:
+scripts and apps that subscribe need none of the server's dependencies.
 
     with HeraldClient("ws://localhost:8000/ws", token) as herald:
         herald.subscribe("chat:lobby")
@@ -23,10 +26,12 @@ from typing import Callable
 
 import websocket
 
-from pipeline.errors import HeraldError
-
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
+
+
+class HeraldError(Exception):
+    """Base of every error this client raises."""
 
 
 class RequestError(HeraldError):
