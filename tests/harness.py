@@ -153,7 +153,8 @@ class Stack:
 
     def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False,
                  separate_broker: bool = False, persistent_redis: bool = False, redis_tls: dict | None = None,
-                 redis_query: str = "", redis_args=(), broker: str = "redis", **env):
+                 redis_query: str = "", redis_args=(), broker: str = "redis", kafka_url: str | None = None,
+                 **env):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.kafka = self.redis = None
@@ -161,7 +162,9 @@ class Stack:
         external_kafka = None if own_kafka else os.environ.get("HERALD_TEST_KAFKA")
         own_redis = own_redis or bool(redis_tls or redis_args)
         external_redis = None if own_redis else os.environ.get("HERALD_TEST_REDIS_URL")
-        if external_kafka:
+        if kafka_url:  # a Kafka the test started, given as Heroku gives it (KAFKA_URL)
+            self.bootstrap = ",".join(server.split("://", 1)[-1] for server in kafka_url.split(","))
+        elif external_kafka:
             self.bootstrap = external_kafka
         else:
             self.kafka_port = embedded.free_port()
@@ -203,6 +206,9 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("KAFKA_URL", None)
+        if kafka_url:
+            del self.env["KAFKA_BOOTSTRAP_SERVERS"]
+            self.env["KAFKA_URL"] = kafka_url
         self.env.update({k: str(v) for k, v in env.items()})
         self.settings = Settings.from_env(self.env)
         self.procs: list[Proc] = []
