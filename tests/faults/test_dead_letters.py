@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import shutil
 
 from confluent_kafka import Producer
 
@@ -12,8 +13,10 @@ from tests.harness import read_topic, wait_until
 
 
 def test_always_failing_task_is_dead_lettered_once_then_replayed(make_stack, channel, tmp_path):
-    missing = tmp_path / "not-yet"  # the archive's directory: the fault, fixed by creating it
+    missing = tmp_path / "not-yet"  # the archive's directory: the fault, fixed by creating it again
+    missing.mkdir()  # for the release step, which creates the archive's schema
     stack = make_stack(env={"DATABASE_URL": f"sqlite:///{missing}/archive.db", "HERALD_RETRY_MAX": 4})
+    shutil.rmtree(missing)
     worker = stack.worker()
     stack.bridge()
     web = stack.web()
