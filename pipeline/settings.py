@@ -195,9 +195,10 @@ class Settings:
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
             # Strict order by default (README: "Order"): a record waits for a
-            # predecessor held by a dead worker until the Redis broker hands it back.
-            settings = dataclasses.replace(settings, order_wait=settings.visibility_timeout
-                                           + settings.unacked_restore_interval + cls.order_wait)
+            # predecessor until the last safety net would have sent it again, the
+            # bridge's sweep of what no worker finished (a task the Redis broker
+            # lost when its worker died between taking it and recording it).
+            settings = dataclasses.replace(settings, order_wait=settings.redispatch_after * 1.1 + cls.order_wait)
         elif not env.get("HERALD_ORDER_WAIT") and settings.amqp_broker:
             # RabbitMQ hands a killed worker's tasks back at once, but those of
             # a machine that vanished only when its connection's heartbeat lapses.
