@@ -245,10 +245,10 @@ def main() -> None:
     from tasks import make_celery
 
     try:
+        warning = check_at_start(settings)  # Redis first, then Kafka, as the web does
         admin, metadata = open_admin(settings)
         del admin  # its threads end here; the consumer makes its own connections
         require_topics(settings, metadata)
-        warning = check_at_start(settings)
         store = Store(connect(settings, settings.redis_pool_size), settings)
         store.redis.ping()
     except Exception as exc:  # one clear line, never a traceback (SPEC)

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from pipeline import embedded
 from tests.harness import Stack
 
 
@@ -38,3 +39,14 @@ def token(stack):
 def channel():
     """A channel name no other test uses."""
     return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def spare_redis_url(tmp_path_factory):
+    """A Redis of its own for tests of one process's start-up, which gets that far only with Redis answering."""
+    server = embedded.redis_server(embedded.free_port(), str(tmp_path_factory.mktemp("spare-redis") / "redis.log"))
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()

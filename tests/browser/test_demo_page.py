@@ -194,6 +194,17 @@ def say(page, text: str) -> None:
     expect(page.locator("#log li .text", has_text=text)).to_have_count(1, timeout=TIMEOUT_MS)
 
 
+def caught_up_and_live(tab_a, tab_b, expected: list[str]) -> None:
+    """Tab B is back online showing what A shows, each message once, in order, and B's next one reaches A."""
+    expect(tab_b.locator("#state")).to_have_text("online", timeout=TIMEOUT_MS)
+    expect(tab_b.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
+    ids_b = tab_b.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
+    ids_a = tab_a.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
+    assert ids_b == ids_a and len(set(ids_b)) == len(expected)
+    say(tab_b, "B is back")  # and the live stream carries on both ways after the reconnect
+    expect(tab_a.locator("#log li .text")).to_have_text([*expected, "B is back"], timeout=TIMEOUT_MS)
+
+
 def test_two_tabs_chat_and_a_tab_catches_up_after_a_network_cut(browser, stack, proxy, channel):
     token = stack.token("alice")
     web1 = stack.webs[0]
@@ -228,15 +239,7 @@ def test_two_tabs_chat_and_a_tab_catches_up_after_a_network_cut(browser, stack, 
 
         # Restore: B reconnects, resumes from its last offset and shows each missed message once, in order.
         proxy.restore()
-        expect(tab_b.locator("#state")).to_have_text("online", timeout=TIMEOUT_MS)
-        expect(tab_b.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
-        ids_b = tab_b.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
-        ids_a = tab_a.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
-        assert ids_b == ids_a and len(set(ids_b)) == len(expected)
-
-        # And the live stream carries on both ways after the reconnect.
-        say(tab_b, "B is back")
-        expect(tab_a.locator("#log li .text")).to_have_text([*expected, "B is back"], timeout=TIMEOUT_MS)
+        caught_up_and_live(tab_a, tab_b, expected)
         expect(tab_b.locator("#log li .text")).to_have_text([*expected, "B is back"])
     finally:
         ctx_a.close()
@@ -297,13 +300,7 @@ def test_a_tab_notices_a_silently_dead_network_by_its_heartbeat_and_catches_up(b
 
         # The network comes back: B reconnects, resumes, and shows each missed message once, in order.
         proxy.release()
-        expect(tab_b.locator("#state")).to_have_text("online", timeout=TIMEOUT_MS)
-        expect(tab_b.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
-        ids_b = tab_b.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
-        ids_a = tab_a.locator("#log li").evaluate_all("(items) => items.map((li) => li.dataset.id)")
-        assert ids_b == ids_a and len(set(ids_b)) == len(expected)
-        say(tab_b, "B is back")
-        expect(tab_a.locator("#log li .text")).to_have_text([*expected, "B is back"], timeout=TIMEOUT_MS)
+        caught_up_and_live(tab_a, tab_b, expected)
     finally:
         ctx_a.close()
         ctx_b.close()

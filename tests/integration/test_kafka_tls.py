@@ -42,18 +42,23 @@ def sasl_port(pki, tmp_path_factory):
         server.stop()
 
 
-def _env(pki, port, **overrides) -> dict:
-    env = {"HERALD_SECRET_KEY": SECRET, "KAFKA_URL": f"kafka+ssl://127.0.0.1:{port}",
-           "KAFKA_TRUSTED_CERT": pki.text("ca.pem"), "KAFKA_CLIENT_CERT": pki.text("client.pem"),
-           "KAFKA_CLIENT_CERT_KEY": pki.text("client.key"), "HERALD_TOPIC_PARTITIONS": "2",
-           "KAFKA_PREFIX": f"tenant-{uuid.uuid4().hex[:6]}.", "HERALD_TOPIC": "herald.tls",
-           "REDIS_URL": "redis://127.0.0.1:1/0"}
-    env.update(overrides)
-    return {k: v for k, v in env.items() if v is not None}
+@pytest.fixture
+def make_env(pki, spare_redis_url):
+    """The environment of a process on the TLS Kafka at a port, with `overrides` (None removes one)."""
+    def make(port, **overrides) -> dict:
+        env = {"HERALD_SECRET_KEY": SECRET, "KAFKA_URL": f"kafka+ssl://127.0.0.1:{port}",
+               "KAFKA_TRUSTED_CERT": pki.text("ca.pem"), "KAFKA_CLIENT_CERT": pki.text("client.pem"),
+               "KAFKA_CLIENT_CERT_KEY": pki.text("client.key"), "HERALD_TOPIC_PARTITIONS": "2",
+               "KAFKA_PREFIX": f"tenant-{uuid.uuid4().hex[:6]}.", "HERALD_TOPIC": "herald.tls",
+               "REDIS_URL": spare_redis_url}
+        env.update(overrides)
+        return {k: v for k, v in env.items() if v is not None}
+
+    return make
 
 
-def test_release_publish_and_consume_through_tls_with_a_client_certificate(pki, tls_port, tmp_path):
-    settings = Settings.from_env(_env(pki, tls_port, DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}"))
+def test_release_publish_and_consume_through_tls_with_a_client_certificate(pki, make_env, tls_port, tmp_path):
+    settings = Settings.from_env(make_env(tls_port, DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}"))
     assert settings.topic.startswith("tenant-") and settings.kafka_security_protocol == "SSL"
     report = release(settings)
     assert f"topic {settings.topic}: created (2 partitions, replication 1, min.insync.replicas 1)" in report
@@ -96,8 +101,8 @@ RELEASE = [sys.executable, "-m", "flask", "--app", "app", "release"]
     (RELEASE, {"KAFKA_CLIENT_CERT": None, "KAFKA_CLIENT_CERT_KEY": None},
      "refused the TLS client certificate (KAFKA_CLIENT_CERT/KAFKA_CLIENT_CERT_KEY)"),
 ], ids=["bridge-bad-ca", "release-bad-ca", "bridge-bad-client-cert", "release-no-client-cert"])
-def test_bad_certificates_are_one_quick_line_at_start(pki, tls_port, argv, overrides, words):
-    env = _env(pki, tls_port, **{k: pki.text(v) if v else None for k, v in overrides.items()})
+def test_bad_certificates_are_one_quick_line_at_start(pki, make_env, tls_port, argv, overrides, words):
+    env = make_env(tls_port, **{k: pki.text(v) if v else None for k, v in overrides.items()})
     result, took = _start(argv, env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
@@ -106,8 +111,8 @@ def test_bad_certificates_are_one_quick_line_at_start(pki, tls_port, argv, overr
 
 
 @pytest.mark.parametrize("argv", [BRIDGE, RELEASE], ids=["bridge", "release"])
-def test_a_password_the_broker_refuses_is_one_quick_line_at_start(pki, sasl_port, argv):
-    env = _env(pki, sasl_port, KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="herald",
+def test_a_password_the_broker_refuses_is_one_quick_line_at_start(pki, make_env, sasl_port, argv):
+    env = make_env(sasl_port, KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="herald",
                KAFKA_SASL_PASSWORD="not-the-password")
     assert Settings.from_env(env).kafka_security_protocol == "SASL_SSL"
     result, took = _start(argv, env)
@@ -117,14 +122,9 @@ def test_a_password_the_broker_refuses_is_one_quick_line_at_start(pki, sasl_port
     assert took < 10, took
 
 
-def test_web_with_a_bad_ca_is_one_quick_line(pki, tls_port, tmp_path):
-    redis = embedded.redis_server(embedded.free_port(), str(tmp_path / "redis.log")).start()
-    try:
-        env = _env(pki, tls_port, KAFKA_TRUSTED_CERT=pki.text("rogue-ca.pem"),
-                   REDIS_URL=f"redis://127.0.0.1:{redis.port}/0", PORT=str(embedded.free_port()))
-        result, took = _start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], env)
-    finally:
-        redis.stop()
+def test_web_with_a_bad_ca_is_one_quick_line(pki, make_env, tls_port):
+    env = make_env(tls_port, KAFKA_TRUSTED_CERT=pki.text("rogue-ca.pem"), PORT=str(embedded.free_port()))
+    result, took = _start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("herald web: cannot start:") and "KAFKA_TRUSTED_CERT" in lines[0]

@@ -25,11 +25,11 @@ def kafka(tmp_path_factory):
 
 
 @pytest.fixture
-def env(kafka, tmp_path):
+def env(kafka, tmp_path, spare_redis_url):
     return {"PATH": f"{ROOT / '.venv' / 'bin'}:/usr/bin:/bin", "HERALD_SECRET_KEY": SECRET,
             "KAFKA_BOOTSTRAP_SERVERS": kafka, "HERALD_TOPIC": f"release.{uuid.uuid4().hex[:8]}",
             "HERALD_TOPIC_PARTITIONS": "3", "DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
-            "REDIS_URL": "redis://127.0.0.1:1/0"}
+            "REDIS_URL": spare_redis_url}
 
 
 def _run(argv, env):
@@ -88,14 +88,9 @@ def test_bridge_without_topics_names_the_release_command(kafka, env):
     assert _partitions(kafka, env["HERALD_TOPIC"]) is None  # and it made none
 
 
-def test_web_without_topics_names_the_release_command(kafka, env, tmp_path):
-    redis = embedded.redis_server(embedded.free_port(), str(tmp_path / "redis.log")).start()
-    try:
-        result, took = _run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-                            {**env, "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
-                             "PORT": str(embedded.free_port())})
-    finally:
-        redis.stop()
+def test_web_without_topics_names_the_release_command(kafka, env):
+    result, took = _run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                        {**env, "PORT": str(embedded.free_port())})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("herald web: cannot start: Kafka has no topic") and "flask --app app release" in lines[0]
