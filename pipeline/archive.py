@@ -10,6 +10,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 
 from pipeline.errors import TransientError
+from pipeline.messages import Envelope
 
 metadata = MetaData()
 
@@ -57,14 +58,14 @@ class Archive:
             metadata.create_all(self.engine)
         self._ready = True
 
-    def store(self, envelopes: list[dict]) -> None:
+    def store(self, envelopes: list[Envelope]) -> None:
         """Insert messages not archived yet; raises TransientError when the database is unreachable."""
         if not envelopes:
             return
         rows = [{
-            "id": e["id"], "channel": e["channel"], "type": e["type"],
-            "data": json.dumps(e["data"], ensure_ascii=False), "sender": e.get("sender") or "",
-            "ts": e["ts"], "partition": e.get("partition"), "offset": e.get("offset"),
+            "id": e.id, "channel": e.channel, "type": e.type,
+            "data": json.dumps(e.data, ensure_ascii=False), "sender": e.sender or "",
+            "ts": e.ts, "partition": e.partition, "offset": e.offset,
         } for e in envelopes]
         statement = self._insert(messages).on_conflict_do_nothing(index_elements=["id"])
         try:

@@ -8,6 +8,7 @@ tasks deduplicate (see `pipeline.store`). Run it with `python -m pipeline.bridge
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -20,7 +21,7 @@ from pipeline.dlq import DeadLetters
 from pipeline.errors import PermanentError
 from pipeline.kafka import Publisher, client_config, open_admin
 from pipeline.logs import configure_logging
-from pipeline.messages import decode
+from pipeline.messages import Envelope, decode
 from pipeline.settings import current
 from pipeline.store import Store, check_at_start, connect
 from pipeline.topics import require_topics
@@ -67,6 +68,10 @@ class ChannelOrder:
         """Drop what is known of partitions this bridge no longer owns."""
         for partition in partitions:
             self._last.pop(partition, None)
+
+
+def _text(header: bytes | None) -> str | None:
+    return None if header is None else header.decode()
 
 
 def group_batches(records, batch_size: int):
@@ -145,18 +150,16 @@ class Bridge:
             if partition in self.unseeded:
                 self._seed(partition, offset)
             try:
-                envelope = decode(record.value())
+                message = decode(record.value())
             except PermanentError as exc:
                 self.dead_letters.send(reason=str(exc), partition=partition, offset=offset, attempts=0,
                                        raw=record.value(), key=record.key())
                 continue
-            envelope["partition"], envelope["offset"] = partition, offset
-            envelope["prev"] = self.order.stamp(partition, envelope["channel"], offset)
-            for name, value in record.headers() or ():
-                if name == "herald-origin":
-                    envelope["origin"] = value.decode()
-                elif name == "x-request-id":
-                    envelope["request_id"] = value.decode()
+            headers = dict(record.headers() or ())
+            envelope = dataclasses.replace(
+                message.stripped(), partition=partition, offset=offset,
+                prev=self.order.stamp(partition, message.channel, offset),
+                origin=_text(headers.get("herald-origin")), request_id=_text(headers.get("x-request-id")))
             decoded.append((partition, envelope))
         for partition, batch in group_batches(decoded, self.settings.batch_size):
             self._dispatch(batch)
@@ -193,22 +196,22 @@ class Bridge:
         for envelope in stale:
             # It still passes its channel's gate in order: a predecessor lost
             # with it is in this index too, and is sent again as well.
-            log.warning("redispatching a message no worker finished", extra={"message_id": envelope["id"]})
+            log.warning("redispatching a message no worker finished", extra={"message_id": envelope.id})
             self._dispatch([envelope])
 
-    def _dispatch(self, batch: list[dict]) -> None:
+    def _dispatch(self, batch: list[Envelope]) -> None:
         try:
             self.store.track_dispatched(batch)
         except redis.RedisError as exc:
             # Only the safety net is missing: the Celery broker (maybe another
             # Redis) still gets the task, which the state outage must not stop.
-            log.warning("in-flight index unavailable", extra={"message_id": batch[0]["id"], "error": str(exc)})
+            log.warning("in-flight index unavailable", extra={"message_id": batch[0].id, "error": str(exc)})
         delay = 0.1
         while True:
             try:
-                self.celery.send_task("process_message", args=(batch,))
-                log.info("dispatched", extra={"message_id": batch[0]["id"], "count": len(batch),
-                                              "partition": batch[0]["partition"], "offset": batch[0]["offset"]})
+                self.celery.send_task("process_message", args=([e.to_wire() for e in batch],))
+                log.info("dispatched", extra={"message_id": batch[0].id, "count": len(batch),
+                                              "partition": batch[0].partition, "offset": batch[0].offset})
                 return
             except Exception as exc:  # kombu raises many types; none may lose the batch
                 if not self.running:

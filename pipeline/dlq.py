@@ -6,7 +6,7 @@ import json
 import logging
 
 from pipeline.errors import HeraldError
-from pipeline.messages import encode, now_ms
+from pipeline.messages import Envelope, encode, now_ms
 
 log = logging.getLogger("herald.dlq")
 
@@ -26,9 +26,11 @@ class DeadLetters:
         self._keep_seconds = settings.status_ttl * 7
 
     def send(self, *, reason: str, partition: int, offset: int, attempts: int,
-             envelope: dict | None = None, raw: bytes | None = None, key=None) -> str:
+             envelope: Envelope | None = None, raw: bytes | None = None, key=None) -> str:
         """Dead-letter one message (an envelope, or a record that could not be decoded); returns its id."""
-        letter_id = envelope["id"] if envelope else f"raw-{partition}-{offset}"
+        # Pipeline bookkeeping (offsets, ordering hints) is not part of the message.
+        message = envelope.stripped() if envelope else None
+        letter_id = message.id if message else f"raw-{partition}-{offset}"
         failed_at = now_ms()
         headers = [
             ("herald-error", reason.encode()[:4096]),
@@ -37,16 +39,16 @@ class DeadLetters:
             ("herald-attempts", str(attempts).encode()),
             ("herald-failed-at", str(failed_at).encode()),
         ]
-        value = encode(_original(envelope)) if envelope else (raw or b"")
-        if key is None and envelope:
-            key = envelope["channel"]
+        value = encode(message) if message else (raw or b"")
+        if key is None and message:
+            key = message.channel
         self.publisher.publish(self.settings.dlq_topic, key, value, headers)
         entry = {
             "id": letter_id, "reason": reason, "partition": partition, "offset": offset,
             "attempts": attempts, "failed_at": failed_at,
-            "channel": envelope["channel"] if envelope else None,
-            "message": _original(envelope) if envelope else None,
-            "raw": None if envelope else (raw or b"").decode("utf-8", "replace")[:4096],
+            "channel": message.channel if message else None,
+            "message": message.to_wire() if message else None,
+            "raw": None if message else (raw or b"").decode("utf-8", "replace")[:4096],
         }
         index = self.store.keys.dead_letter_index
         pipe = self.store.redis.pipeline()
@@ -80,15 +82,15 @@ class DeadLetters:
         entry = self.get(letter_id)
         if entry is None:
             raise NotReplayable(f"no dead letter {letter_id}")
-        envelope = entry.get("message")
-        if not envelope:
+        if not entry.get("message"):
             raise NotReplayable(f"dead letter {letter_id} was never a valid message and cannot be replayed")
+        envelope = Envelope.from_wire(entry["message"])
         index = self.store.keys.dead_letter_index
         # Taken off the index first: of two replays at once, only one publishes.
         if not self.store.redis.zrem(index, letter_id):
             raise NotReplayable(f"dead letter {letter_id} is being replayed")
         try:
-            partition, offset = self.publisher.publish(self.settings.topic, envelope["channel"], encode(envelope),
+            partition, offset = self.publisher.publish(self.settings.topic, envelope.channel, encode(envelope),
                                                        [("herald-replay", b"1")])
         except Exception:
             self.store.redis.zadd(index, {letter_id: entry["failed_at"]})  # still dead: it may be replayed again
@@ -98,10 +100,5 @@ class DeadLetters:
                               fields={"partition": str(partition), "offset": str(offset), "error": ""})
         self.store.redis.delete(self.store.keys.dead_letter(letter_id))
         log.info("replayed", extra={"message_id": letter_id, "partition": partition, "offset": offset})
-        return {"id": envelope["id"], "channel": envelope["channel"], "status": "accepted",
+        return {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
                 "partition": partition, "offset": offset}
-
-
-def _original(envelope: dict) -> dict:
-    # Pipeline bookkeeping (offsets, ordering hints) is not part of the message.
-    return {k: envelope[k] for k in ("id", "channel", "type", "data", "sender", "ts") if k in envelope}

@@ -13,7 +13,7 @@ import time
 import redis
 
 from pipeline.errors import HeraldError, KafkaUnavailable, TransientError, ValidationError
-from pipeline.messages import encode, new_id
+from pipeline.messages import Envelope, encode, new_id
 
 log = logging.getLogger("herald.ingest")
 
@@ -38,12 +38,12 @@ class Ingest:
         self.store = store
         self.publisher = publisher
 
-    def publish(self, envelope: dict, *, idempotent: bool, origin: str | None = None,
+    def publish(self, envelope: Envelope, *, idempotent: bool, origin: str | None = None,
                 request_id: str | None = None) -> dict:
         """Publish one envelope; returns `{id, channel, status, partition, offset}`."""
         return self.publish_many([envelope], idempotent=[idempotent], origin=origin, request_id=request_id)[0]
 
-    def publish_many(self, envelopes: list[dict], *, idempotent: list[bool], origin: str | None = None,
+    def publish_many(self, envelopes: list[Envelope], *, idempotent: list[bool], origin: str | None = None,
                      request_id: str | None = None, raise_errors: bool = True) -> list:
         """Publish several envelopes at once; each result is an answer dict or, with
         `raise_errors=False`, the HeraldError that kept that message out."""
@@ -52,13 +52,13 @@ class Ingest:
         for index, envelope in enumerate(envelopes):
             try:
                 if idempotent[index]:
-                    claim = json.dumps({"sender": envelope["sender"], "claim": new_id()})
+                    claim = json.dumps({"sender": envelope.sender, "claim": new_id()})
                     prior = self._claim(envelope, claim)
                     if prior is not None:
                         results[index] = prior
                         continue
                     claims[index] = claim
-                pending[index] = self.publisher.send(self.settings.topic, envelope["channel"], encode(envelope),
+                pending[index] = self.publisher.send(self.settings.topic, envelope.channel, encode(envelope),
                                                      _headers(origin, request_id))
             except HeraldError as exc:
                 self._forget(envelope, claims.get(index))
@@ -78,9 +78,9 @@ class Ingest:
                     raise result
         return results
 
-    def _claim(self, envelope: dict, claim: str) -> dict | None:
+    def _claim(self, envelope: Envelope, claim: str) -> dict | None:
         """None once this request owns the id; else the first answer (same sender)."""
-        msg_id, sender = envelope["id"], envelope["sender"]
+        msg_id, sender = envelope.id, envelope.sender
         deadline = time.monotonic() + self.settings.produce_timeout + 2
         try:
             while True:
@@ -99,26 +99,26 @@ class Ingest:
             log.warning("idempotency store unavailable", extra={"message_id": msg_id, "error": str(exc)})
             raise KafkaUnavailable("cannot check the idempotency key") from None
 
-    def _forget(self, envelope: dict, claim: str | None) -> None:
+    def _forget(self, envelope: Envelope, claim: str | None) -> None:
         if claim is None:
             return
         try:
-            self.store.release_idempotency(envelope["id"], claim)
+            self.store.release_idempotency(envelope.id, claim)
         except redis.RedisError:
-            log.warning("cannot release idempotency claim", extra={"message_id": envelope["id"]})
+            log.warning("cannot release idempotency claim", extra={"message_id": envelope.id})
 
-    def _accepted(self, envelope, partition, offset, idempotent, request_id) -> dict:
-        answer = {"id": envelope["id"], "channel": envelope["channel"], "status": "accepted",
+    def _accepted(self, envelope: Envelope, partition, offset, idempotent, request_id) -> dict:
+        answer = {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
                   "partition": partition, "offset": offset}
         try:
             self.store.record_accepted(envelope, partition, offset)
             if idempotent:
-                self.store.store_answer(envelope["id"], json.dumps({"sender": envelope["sender"], "answer": answer}))
+                self.store.store_answer(envelope.id, json.dumps({"sender": envelope.sender, "answer": answer}))
         except redis.RedisError as exc:
             # Kafka has the record: the answer stands, the worker fills the status in.
-            log.warning("status store unavailable", extra={"message_id": envelope["id"], "error": str(exc)})
-        log.info("accepted", extra={"message_id": envelope["id"], "request_id": request_id,
-                                    "channel": envelope["channel"], "partition": partition, "offset": offset})
+            log.warning("status store unavailable", extra={"message_id": envelope.id, "error": str(exc)})
+        log.info("accepted", extra={"message_id": envelope.id, "request_id": request_id,
+                                    "channel": envelope.channel, "partition": partition, "offset": offset})
         return answer
 
 

@@ -1,16 +1,22 @@
 """The message envelope: validation of what clients send, and the record format.
 
-A record on the Kafka topic is the envelope as compact JSON, keyed by channel
-so that one channel stays in one partition and keeps its order.
+A record on the Kafka topic is the message as compact JSON, keyed by channel
+so that one channel stays in one partition and keeps its order. Past the
+bridge the message travels as an `Envelope`, with what the pipeline knows
+about it; `Envelope.to_wire` and `Envelope.from_wire` are its only encoder and
+decoder (Kafka records, Celery task arguments, the in-flight index, dead letters).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
 import re
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import PermanentError, ValidationError
 
@@ -18,7 +24,7 @@ CHANNEL_RE = re.compile(r"[A-Za-z0-9_:.@-]{1,200}")
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 PUBLISH_FIELDS = frozenset({"channel", "data", "type", "id"})
-ENVELOPE_FIELDS = ("id", "channel", "type", "data", "sender", "ts")
+MESSAGE_FIELDS = ("id", "channel", "type", "data", "sender", "ts")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -69,7 +75,7 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> dict:
+def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> Envelope:
     """Validate one client message and return its envelope, or raise ValidationError."""
     if not isinstance(body, dict):
         raise ValidationError("A message is a JSON object", [{"field": "", "problem": "must be an object"}])
@@ -101,36 +107,85 @@ def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> d
         raise ValidationError("data cannot be encoded as UTF-8 JSON (lone surrogate, NaN or Infinity)",
                               [{"field": "data", "problem": "not encodable as UTF-8 JSON"}], status=400,
                               title="Unencodable data") from None
-    return {
-        "id": msg_id or new_id(),
-        "channel": channel,
-        "type": mtype,
-        "data": body["data"],
-        "sender": sender,
-        "ts": now_ms(),
-    }
+    return Envelope(id=msg_id or new_id(), channel=channel, type=mtype, data=body["data"], sender=sender,
+                    ts=now_ms())
 
 
-def encode(envelope: dict) -> bytes:
-    """The record value: compact, strict UTF-8 JSON."""
-    return dumps(envelope).encode()
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message (the SPEC's fields) and what the pipeline knows about it.
+
+    Frozen: a stage that learns something makes a new one (`dataclasses.replace`).
+    """
+
+    id: str
+    channel: str
+    type: str
+    data: Any
+    sender: str
+    ts: int
+    # Where Kafka put it and the offset of its channel's previous record (README: "Order").
+    partition: int | None = None
+    offset: int | None = None
+    prev: int | None = None
+    origin: str | None = None  # "node/client" of the WebSocket that published it
+    request_id: str | None = None
+    # Processing state: when it first waited at its channel's order gate; to pass
+    # the gate without delivery (handled before, or dead-lettered); to pass it
+    # without its predecessor (it waited HERALD_ORDER_WAIT).
+    waiting_since: float | None = None
+    skip: bool = False
+    force_order: bool = False
+
+    def to_wire(self) -> dict:
+        """A JSON-ready dict: the message, and whichever pipeline fields are set."""
+        wire = {name: getattr(self, name) for name in MESSAGE_FIELDS}
+        for name in _PIPELINE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value is not False:
+                wire[name] = value
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire) -> Envelope:
+        """The envelope `to_wire` gave (unknown keys ignored), or PermanentError saying what is wrong."""
+        if not isinstance(wire, dict):
+            raise PermanentError("record is not a JSON object")
+        missing = [f for f in MESSAGE_FIELDS if f not in wire]
+        if missing:
+            raise PermanentError(f"record lacks {', '.join(missing)}")
+        if not valid_channel(wire["channel"]):
+            raise PermanentError("record has an invalid channel")
+        if not isinstance(wire["id"], str) or not ID_RE.fullmatch(wire["id"]):
+            raise PermanentError("record has an invalid id")
+        return cls(**{name: wire[name] for name in _FIELDS if name in wire})
+
+    def __getitem__(self, name: str):
+        """Read a field by name, as callers written against the former dict do (web/hub.py)."""
+        if name not in _FIELDS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def stripped(self) -> Envelope:
+        """The message alone, as Kafka records and dead letters hold it."""
+        return Envelope(*(getattr(self, name) for name in MESSAGE_FIELDS))
 
 
-def decode(value: bytes | None) -> dict:
-    """Parse a record value back into an envelope, or raise PermanentError saying why."""
+_FIELDS = tuple(f.name for f in dataclasses.fields(Envelope))
+_PIPELINE_FIELDS = tuple(name for name in _FIELDS if name not in MESSAGE_FIELDS)
+
+
+def encode(envelope: Envelope) -> bytes:
+    """`envelope.to_wire()` as compact, strict UTF-8 JSON (a record value, an in-flight entry)."""
+    return dumps(envelope.to_wire()).encode()
+
+
+def decode(value: bytes | str | None) -> Envelope:
+    """Parse what `encode` wrote back into an envelope, or raise PermanentError saying why."""
     if value is None:
         raise PermanentError("record has no value")
     try:
-        envelope = json.loads(value)
+        wire = loads(value)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PermanentError(f"record is not JSON: {exc}") from None
-    if not isinstance(envelope, dict):
-        raise PermanentError("record is not a JSON object")
-    missing = [f for f in ENVELOPE_FIELDS if f not in envelope]
-    if missing:
-        raise PermanentError(f"record lacks {', '.join(missing)}")
-    if not valid_channel(envelope["channel"]):
-        raise PermanentError("record has an invalid channel")
-    if not isinstance(envelope["id"], str) or not ID_RE.fullmatch(envelope["id"]):
-        raise PermanentError("record has an invalid id")
-    return envelope
+    return Envelope.from_wire(wire)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass, field, replace
 
 import redis
 from prometheus_client import Counter
 
 from pipeline.errors import PermanentError, TransientError
+from pipeline.messages import Envelope
 
 log = logging.getLogger("herald.processing")
 
@@ -28,10 +30,26 @@ FORCED_ORDER = Counter("herald_forced_out_of_order_total",
 class RetryLater(Exception):
     """A transient failure at `remaining[0]`; the rest must wait behind it to keep order."""
 
-    def __init__(self, remaining: list[dict], cause: BaseException):
+    def __init__(self, remaining: list[Envelope], cause: BaseException):
         super().__init__(str(cause))
         self.remaining = remaining
         self.cause = cause
+
+
+@dataclass
+class Outcome:
+    """What became of a batch: counts per outcome, and the envelopes still waiting at their gate."""
+
+    delivered: int = 0
+    duplicate: int = 0
+    skipped: int = 0
+    dead: int = 0
+    waiting: list[Envelope] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """The counts alone, for a log line or a task's result."""
+        return {"delivered": self.delivered, "duplicate": self.duplicate, "skipped": self.skipped,
+                "dead": self.dead}
 
 
 def backoff_delay(retries: int, base: float, cap: float, rand=random.random) -> float:
@@ -39,10 +57,10 @@ def backoff_delay(retries: int, base: float, cap: float, rand=random.random) -> 
     return rand() * min(cap, base * (2 ** retries))
 
 
-def check_type(envelope: dict, allowed: tuple[str, ...]) -> None:
+def check_type(envelope: Envelope, allowed: tuple[str, ...]) -> None:
     """Reject message types no handler knows (when the deployment lists its types)."""
-    if allowed and envelope["type"] not in allowed:
-        raise PermanentError(f"unknown message type {envelope['type']!r}")
+    if allowed and envelope.type not in allowed:
+        raise PermanentError(f"unknown message type {envelope.type!r}")
 
 
 class Processor:
@@ -59,85 +77,89 @@ class Processor:
         self.archive = archive
         self.dead_letters = dead_letters
 
-    def run(self, envelopes: list[dict], *, final_attempt: bool) -> dict:
+    def run(self, envelopes: list[Envelope], *, final_attempt: bool) -> Outcome:
         """Process the batch once; raises RetryLater when a transient failure stops it.
 
         Every record passes its channel's order gate, whatever becomes of it
         (README: "Order"): duplicates and dead-lettered messages move the gate
         on without being delivered. Records whose predecessor in the channel is
-        not handled yet come back in `counts["waiting"]`, to be run again
+        not handled yet come back in `Outcome.waiting`, to be run again
         shortly; once they have waited `order_wait` seconds they pass anyway
         (the predecessor may sit with a dead worker until the broker's
         visibility timeout), which is logged and counted.
         """
-        counts = {"delivered": 0, "duplicate": 0, "skipped": 0, "dead": 0, "waiting": []}
+        outcome = Outcome()
         now = time.time()
-        for envelope in envelopes:
-            if now - envelope.get("waiting_since", now) >= self.settings.order_wait:
-                envelope["force_order"] = True
+        envelopes = [replace(e, force_order=True) if now - _since(e, now) >= self.settings.order_wait else e
+                     for e in envelopes]
         try:
             # A message back from waiting was marked already; it is not a new attempt.
-            fresh = [e for e in envelopes if "waiting_since" not in e]
-            marked = iter(self.store.mark_processing(fresh))
-            statuses = ["processing" if "waiting_since" in e else next(marked) for e in envelopes]
-            for envelope, status in zip(envelopes, statuses):
+            marked = iter(self.store.mark_processing([e for e in envelopes if e.waiting_since is None]))
+            statuses = ["processing" if e.waiting_since is not None else next(marked) for e in envelopes]
+            for index, (envelope, status) in enumerate(zip(envelopes, statuses)):
                 if status in TERMINAL:
-                    envelope["skip"] = True  # handled before: it only passes the gate
-                elif not envelope.get("skip"):
+                    envelopes[index] = replace(envelope, skip=True)  # handled before: it only passes the gate
+                elif not envelope.skip:
                     try:
                         check_type(envelope, self.settings.message_types)
                     except PermanentError as exc:
                         self._dead_letter(envelope, str(exc), attempts=1)
-                        counts["dead"] += 1
-                        envelope["skip"] = True
-            skip = [bool(e.get("skip")) for e in envelopes]
-            self.archive.store([e for e, skipped in zip(envelopes, skip) if not skipped])
-            outcomes = self.store.deliver(envelopes, force=final_attempt, skip=skip)
+                        outcome.dead += 1
+                        envelopes[index] = replace(envelope, skip=True)
+            self.archive.store([e for e in envelopes if not e.skip])
+            results = self.store.deliver(envelopes, force=final_attempt)
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         blocked = set()  # channels whose earlier record still waits: the later ones cannot pass
-        for index, (envelope, (outcome, _sid, forced)) in enumerate(zip(envelopes, outcomes)):
-            if outcome == "wait" and envelope["channel"] not in blocked:
+        for index, (envelope, (result, _sid, forced)) in enumerate(zip(envelopes, results)):
+            if result == "wait" and envelope.channel not in blocked:
                 try:
-                    outcome, forced = self._deliver_in_turn(envelope, force=final_attempt)
+                    result, forced = self._deliver_in_turn(envelope, force=final_attempt)
                 except RETRYABLE as exc:
                     raise RetryLater(envelopes[index:], exc) from exc
-            if outcome == "wait":
-                blocked.add(envelope["channel"])
-                envelope.setdefault("waiting_since", now)
-                counts["waiting"].append(envelope)
+            if result == "wait":
+                blocked.add(envelope.channel)
+                outcome.waiting.append(envelope if envelope.waiting_since is not None
+                                       else replace(envelope, waiting_since=now))
                 continue
             if forced == "1":
                 FORCED_ORDER.inc()
                 log.warning("passed out of order: its predecessor is still not handled",
-                            extra={"message_id": envelope["id"], "channel": envelope["channel"],
-                                   "offset": envelope.get("offset"), "prev": envelope.get("prev"),
-                                   "request_id": envelope.get("request_id")})
-            counts[outcome] += 1
-            log.info("message %s", outcome, extra={"message_id": envelope["id"], "channel": envelope["channel"],
-                                                   "offset": envelope.get("offset"),
-                                                   "request_id": envelope.get("request_id")})
-        return counts
+                            extra={"message_id": envelope.id, "channel": envelope.channel,
+                                   "offset": envelope.offset, "prev": envelope.prev,
+                                   "request_id": envelope.request_id})
+            setattr(outcome, result, getattr(outcome, result) + 1)
+            log.info("message %s", result, extra={"message_id": envelope.id, "channel": envelope.channel,
+                                                  "offset": envelope.offset, "request_id": envelope.request_id})
+        return outcome
 
-    def dead_letter_first(self, envelopes: list[dict], error: str, attempts: int) -> None:
+    def dead_letter_first(self, envelopes: list[Envelope], error: str, attempts: int) -> None:
         """Retries are used up: dead-letter the message that kept failing."""
         self._dead_letter(envelopes[0], error, attempts=attempts)
 
-    def _deliver_in_turn(self, envelope: dict, *, force: bool) -> tuple[str, str]:
+    def _deliver_in_turn(self, envelope: Envelope, *, force: bool) -> tuple[str, str]:
         # The predecessor is usually being processed by another worker right
         # now: a few milliseconds of waiting here beat a round trip through
         # the broker, but a worker slot must not be held for long.
         deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
-        skip = [bool(envelope.get("skip"))]
         while True:
-            (outcome, _sid, forced), = self.store.deliver([envelope], force=force, skip=skip)
+            (outcome, _sid, forced), = self.store.deliver([envelope], force=force)
             if outcome != "wait" or time.monotonic() >= deadline:
                 return outcome, forced
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
-    def _dead_letter(self, envelope: dict, error: str, *, attempts: int) -> None:
-        self.dead_letters.send(reason=error, partition=envelope.get("partition", -1),
-                               offset=envelope.get("offset", -1), attempts=attempts, envelope=envelope)
+    def _dead_letter(self, envelope: Envelope, error: str, *, attempts: int) -> None:
+        self.dead_letters.send(reason=error, partition=_or_unknown(envelope.partition),
+                               offset=_or_unknown(envelope.offset), attempts=attempts, envelope=envelope)
         self.store.mark_failed(envelope, error)
+
+
+def _since(envelope: Envelope, now: float) -> float:
+    return now if envelope.waiting_since is None else envelope.waiting_since
+
+
+def _or_unknown(position: int | None) -> int:
+    # A dead letter's partition and offset are -1 when the message never came from Kafka.
+    return -1 if position is None else position

@@ -17,6 +17,7 @@ import redis
 
 from pipeline.errors import StartupError
 from pipeline.keys import Keys
+from pipeline.messages import Envelope, decode, encode
 from pipeline.redis_tls import redis_tls
 
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
@@ -223,16 +224,16 @@ def _ping(settings, url: str) -> redis.Redis:
     return client
 
 
-def message_frame_head(envelope: dict) -> str:
+def message_frame_head(envelope: Envelope) -> str:
     """The SPEC's `message` frame without its closing offset, which XADD assigns."""
-    frame = {"op": "message"}
-    frame.update({k: envelope[k] for k in ("channel", "id", "type", "data", "sender", "ts")})
+    frame = {"op": "message", "channel": envelope.channel, "id": envelope.id, "type": envelope.type,
+             "data": envelope.data, "sender": envelope.sender, "ts": envelope.ts}
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"offset":"'
 
 
-def status_frame(envelope: dict, status: str) -> str:
+def status_frame(envelope: Envelope, status: str) -> str:
     """The SPEC's `status` frame."""
-    return json.dumps({"op": "status", "channel": envelope["channel"], "id": envelope["id"], "status": status},
+    return json.dumps({"op": "status", "channel": envelope.channel, "id": envelope.id, "status": status},
                       separators=(",", ":"))
 
 
@@ -270,7 +271,7 @@ class Store:
         self._release = client.register_script(_RELEASE)
         self._claim_connection = client.register_script(_CLAIM_CONNECTION)
 
-    def set_status(self, envelope: dict, status: str, *, fields=None, origin=None, force=False) -> str:
+    def set_status(self, envelope: Envelope, status: str, *, fields=None, origin=None, force=False) -> str:
         """Move a message's status forward (never back) and push the change; returns the status now."""
         return self._set_status(**self._status_call(envelope, status, fields, origin, force))
 
@@ -280,61 +281,59 @@ class Store:
             flat += [name, value if isinstance(value, str) else json.dumps(value)]
         frame = status_frame(envelope, status) if status != "accepted" else ""
         node, client = _origin(self, origin)
-        return {"keys": [self.keys.message(envelope["id"]), self.keys.status_channel(envelope["channel"])],
+        return {"keys": [self.keys.message(envelope.id), self.keys.status_channel(envelope.channel)],
                 "args": [status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
                          "1" if force else "0", *flat]}
 
-    def record_accepted(self, envelope: dict, partition: int, offset: int) -> None:
+    def record_accepted(self, envelope: Envelope, partition: int, offset: int) -> None:
         """Note a record Kafka acknowledged, unless a worker already moved it further."""
         self.set_status(envelope, "accepted", fields=_message_fields(envelope, partition, offset))
 
-    def mark_processing(self, envelopes: list[dict]) -> list[str]:
+    def mark_processing(self, envelopes: list[Envelope]) -> list[str]:
         """Workers took these messages; returns each one's status now (a finished one stays finished)."""
         pipe = self.redis.pipeline(transaction=False)
         for envelope in envelopes:
-            fields = _message_fields(envelope, envelope.get("partition", ""), envelope.get("offset", ""))
-            self._set_status(**self._status_call(envelope, "processing", fields, envelope.get("origin")),
+            fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
+            self._set_status(**self._status_call(envelope, "processing", fields, envelope.origin),
                              client=pipe)
         return pipe.execute()
 
-    def deliver(self, envelopes: list[dict], *, force: bool = False, skip=None) -> list[tuple[str, str]]:
+    def deliver(self, envelopes: list[Envelope], *, force: bool = False) -> list[tuple[str, str, str]]:
         """Pass each record through its channel's order gate, in order, and deliver it once.
 
         Returns per record ('delivered'|'duplicate'|'skipped'|'wait', stream id,
         '1' when it passed without its predecessor, else '0'): 'wait' while the
-        channel's previous record is not handled; records flagged in `skip`
+        channel's previous record is not handled; records flagged `skip`
         (dead-lettered, rejected) only move the gate on.
         One round trip for the batch.
         """
-        skip = skip or [False] * len(envelopes)
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        for envelope, skipped in zip(envelopes, skip):
-            channel = envelope["channel"]
-            node, client = _origin(self, envelope.get("origin"))
-            prev = envelope.get("prev")
+        for envelope in envelopes:
+            channel, skipped = envelope.channel, envelope.skip
+            node, client = _origin(self, envelope.origin)
             maxlen, max_age = self.settings.retention(channel)
             oldest = f"{int((now - max_age) * 1000)}-0" if max_age else ""
             keys = self.keys
             self._pass(
-                keys=[keys.done(envelope["id"]), keys.gate(channel), keys.history(channel),
-                      keys.message(envelope["id"]), keys.message_channel(channel),
+                keys=[keys.done(envelope.id), keys.gate(channel), keys.history(channel),
+                      keys.message(envelope.id), keys.message_channel(channel),
                       keys.status_channel(channel), keys.epoch(channel),
                       keys.in_flight_index, keys.in_flight_envelopes, keys.waiting(channel)],
-                args=[envelope.get("offset", -1), "" if prev is None else prev, self.settings.status_ttl,
+                args=[_or(envelope.offset, -1), _or(envelope.prev, ""), self.settings.status_ttl,
                       maxlen, "" if skipped else message_frame_head(envelope),
                       "" if skipped else status_frame(envelope, "delivered"), node, client,
-                      "1" if force or envelope.get("force_order") else "0", envelope["id"], oldest,
+                      "1" if force or envelope.force_order else "0", envelope.id, oldest,
                       self.settings.channel_idle_ttl, "1" if skipped else "0", now,
                       max(1.0, self.settings.order_wait)],
                 client=pipe,
             )
         return [tuple(result) for result in pipe.execute()]
 
-    def mark_failed(self, envelope: dict, error: str, status: str = "failed") -> None:
+    def mark_failed(self, envelope: Envelope, error: str, status: str = "failed") -> None:
         """Record a dead-lettered (or rejected) message; it still has to pass its
         channel's order gate (`deliver(..., skip=...)`) for the channel to move on."""
-        self.set_status(envelope, status, fields={"error": error}, origin=envelope.get("origin"))
+        self.set_status(envelope, status, fields={"error": error}, origin=envelope.origin)
 
     def get_message(self, msg_id: str) -> dict | None:
         """The stored message with its status, or None."""
@@ -383,12 +382,12 @@ class Store:
     # In-flight index: what the bridge handed to Celery and no worker finished.
     # The broker can still lose a task (a worker killed between taking it and
     # recording it as unacked); the bridge sends such stale ones again.
-    def track_dispatched(self, envelopes: list[dict]) -> None:
+    def track_dispatched(self, envelopes: list[Envelope]) -> None:
         """Remember dispatched messages until they are delivered or dead-lettered."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.in_flight_index, {e["id"]: now for e in envelopes}, nx=True)
-        pipe.hset(self.keys.in_flight_envelopes, mapping={e["id"]: json.dumps(e) for e in envelopes})
+        pipe.zadd(self.keys.in_flight_index, {e.id: now for e in envelopes}, nx=True)
+        pipe.hset(self.keys.in_flight_envelopes, mapping={e.id: encode(e) for e in envelopes})
         pipe.execute()
 
     def forget_dispatched(self, ids: list[str]) -> None:
@@ -398,7 +397,7 @@ class Store:
         pipe.hdel(self.keys.in_flight_envelopes, *ids)
         pipe.execute()
 
-    def stale_dispatched(self, older_than: float, limit: int = 500) -> list[dict]:
+    def stale_dispatched(self, older_than: float, limit: int = 500) -> list[Envelope]:
         """Messages dispatched more than `older_than` seconds ago and still not finished;
         their clock restarts, so each is returned once per period."""
         index = self.keys.in_flight_index
@@ -408,17 +407,17 @@ class Store:
             return []
         raw = self.redis.hmget(self.keys.in_flight_envelopes, ids)
         self.redis.zadd(index, {i: now for i in ids}, xx=True)
-        return [json.loads(r) for r in raw if r]
+        return [decode(r) for r in raw if r]
 
     def in_flight_before(self, partition: int, offset: int) -> dict[str, int]:
         """Per channel, the highest offset below `offset` of the partition's dispatched,
         unfinished messages."""
         latest: dict[str, int] = {}
         for _id, raw in self.redis.hscan_iter(self.keys.in_flight_envelopes, count=500):
-            envelope = json.loads(raw)
-            at = envelope.get("offset", -1)
-            if envelope.get("partition") == partition and 0 <= at < offset:
-                latest[envelope["channel"]] = max(at, latest.get(envelope["channel"], -1))
+            envelope = decode(raw)
+            at = _or(envelope.offset, -1)
+            if envelope.partition == partition and 0 <= at < offset:
+                latest[envelope.channel] = max(at, latest.get(envelope.channel, -1))
         return latest
 
     def count_run(self, task_id: str) -> int:
@@ -533,9 +532,14 @@ def _origin(store: Store, origin) -> tuple[str, str]:
     return store.keys.node_channel(node), client
 
 
-def _message_fields(envelope: dict, partition, offset) -> dict:
+def _or(value, default):
+    # Lua arguments cannot be nil: an unknown position goes as `default`.
+    return default if value is None else value
+
+
+def _message_fields(envelope: Envelope, partition, offset) -> dict:
     return {
-        "channel": envelope["channel"], "type": envelope["type"], "sender": envelope.get("sender") or "",
-        "ts": str(envelope["ts"]), "data": json.dumps(envelope["data"], ensure_ascii=False),
+        "channel": envelope.channel, "type": envelope.type, "sender": envelope.sender or "",
+        "ts": str(envelope.ts), "data": json.dumps(envelope.data, ensure_ascii=False),
         "partition": str(partition), "offset": str(offset),
     }

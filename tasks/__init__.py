@@ -11,7 +11,8 @@ import logging
 from celery import Celery, signals
 
 from pipeline.logs import configure_logging
-from pipeline.processing import RETRYABLE, Processor, RetryLater, backoff_delay
+from pipeline.messages import Envelope
+from pipeline.processing import RETRYABLE, Outcome, Processor, RetryLater, backoff_delay
 from pipeline.redis_tls import redis_tls
 from pipeline.settings import AMQP_HEARTBEAT, current
 
@@ -127,31 +128,40 @@ def processor() -> Processor:
     return _processor
 
 
-def _after_worker_loss(envelopes: list[dict], deaths: int, final: bool) -> dict:
+def _send(envelopes: list[Envelope], **options) -> None:
+    """Queue a batch as a new `process_message` task (Celery's `apply_async` options)."""
+    process_message.apply_async(args=(_wire(envelopes),), **options)
+
+
+def _wire(envelopes: list[Envelope]) -> list[dict]:
+    # Celery task arguments are JSON.
+    return [envelope.to_wire() for envelope in envelopes]
+
+
+def _after_worker_loss(envelopes: list[Envelope], deaths: int, final: bool) -> dict:
     """Isolate the message that may be killing workers; dead-letter it past the cap."""
     if len(envelopes) > 1:
         # One task per message from here on, so only a poisonous one is held back.
         log.warning("batch redelivered after a worker died; splitting it",
-                    extra={"message_id": envelopes[0]["id"], "count": len(envelopes), "deaths": deaths})
+                    extra={"message_id": envelopes[0].id, "count": len(envelopes), "deaths": deaths})
         for envelope in envelopes:
-            process_message.apply_async(args=([envelope],))
+            _send([envelope])
         return {"split": len(envelopes)}
     if deaths > settings.max_redeliveries:
         processor().dead_letter_first(envelopes, f"worker died {deaths} times while processing it",
                                       attempts=deaths + 1)
         # Dead-lettered, it is handled: a fresh task lets it pass its channel's order gate.
-        process_message.apply_async(args=(envelopes,))
+        _send(envelopes)
         return {"dead": 1}
     return _requeue_waiting(processor().run(envelopes, final_attempt=final))
 
 
-def _requeue_waiting(counts: dict) -> dict:
-    """Send messages waiting for their channel's previous one back, shortly, as a new task."""
-    waiting = counts.pop("waiting")
-    if waiting:
-        process_message.apply_async(args=(waiting,), countdown=ORDER_RECHECK)
-    counts["requeued"] = len(waiting)
-    return counts
+def _requeue_waiting(outcome: Outcome) -> dict:
+    """Send messages waiting for their channel's previous one back, shortly, as a new task;
+    returns the batch's counts (the task's result)."""
+    if outcome.waiting:
+        _send(outcome.waiting, countdown=ORDER_RECHECK)
+    return {**outcome.counts(), "requeued": len(outcome.waiting)}
 
 
 @signals.worker_process_init.connect
@@ -205,8 +215,10 @@ def _setup_logging(**_kwargs):
 
 
 @celery_app.task(name="process_message", bind=True, max_retries=settings.retry_max)
-def process_message(self, envelopes: list[dict]) -> dict:
-    """Process a batch of one partition's messages, in order; retried from the first failure."""
+def process_message(self, wire: list[dict]) -> dict:
+    """Process a batch of one partition's messages (`Envelope.to_wire()` each), in order;
+    retried from the first failure."""
+    envelopes = [Envelope.from_wire(w) for w in wire]
     final = self.request.retries >= self.max_retries
     try:
         # A task started more often than retried was handed back by a worker
@@ -223,17 +235,17 @@ def process_message(self, envelopes: list[dict]) -> dict:
         if not final:
             delay = backoff_delay(self.request.retries, settings.retry_base_delay, settings.retry_max_delay)
             ceiling = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** self.request.retries)
-            log.warning("retrying", extra={"message_id": pending.remaining[0]["id"], "error": error,
+            log.warning("retrying", extra={"message_id": pending.remaining[0].id, "error": error,
                                            "retries": self.request.retries, "countdown": round(delay, 3),
                                            "ceiling": round(ceiling, 3)})
-            raise self.retry(args=(pending.remaining,), countdown=delay, exc=pending.cause) from None
+            raise self.retry(args=(_wire(pending.remaining),), countdown=delay, exc=pending.cause) from None
         try:
             processor().dead_letter_first(pending.remaining, error, attempts=self.request.retries + 1)
         except RETRYABLE as exc:
             # Losing the message is worse than retrying past the limit.
-            raise self.retry(args=(pending.remaining,), countdown=settings.retry_max_delay,
+            raise self.retry(args=(_wire(pending.remaining),), countdown=settings.retry_max_delay,
                              max_retries=None, exc=exc) from None
         # The others never failed themselves: they get a fresh set of retries;
         # the dead-lettered one goes along only to pass its channel's order gate.
-        process_message.apply_async(args=(pending.remaining,))
+        _send(pending.remaining)
         return {"dead": 1}

@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, g, request
 from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict
-from pipeline.messages import ID_RE, dumps, loads, parse_publish, valid_channel
+from pipeline.messages import ID_RE, Envelope, dumps, loads, parse_publish, valid_channel
 from pipeline.store import valid_stream_id
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import document
@@ -80,11 +80,11 @@ def read_json(limit: int):
         raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
 
 
-def checked_message(body, identity: Identity, idempotency_key: str | None) -> tuple[dict, bool]:
+def checked_message(body, identity: Identity, idempotency_key: str | None) -> tuple[Envelope, bool]:
     """Validate one message and the caller's right to publish it; returns (envelope, idempotent)."""
     envelope = parse_publish(body, sender=identity.user, idempotency_key=idempotency_key)
-    if not identity.may_publish(envelope["channel"]):
-        raise ValidationError(f"This token may not publish to {envelope['channel']}", status=403,
+    if not identity.may_publish(envelope.channel):
+        raise ValidationError(f"This token may not publish to {envelope.channel}", status=403,
                               title="Forbidden")
     return envelope, "id" in body or idempotency_key is not None
 
@@ -98,7 +98,7 @@ def publish_one():
         raise ValidationError("Idempotency-Key must match [A-Za-z0-9_.:-]{1,128}", status=400,
                               title="Bad Idempotency-Key")
     envelope, idempotent = checked_message(read_json(settings.max_message_bytes), identity, key)
-    g.message_id = envelope["id"]
+    g.message_id = envelope.id
     answer = services().ingest.publish(envelope, idempotent=idempotent, request_id=g.request_id)
     return answer, 202
 
@@ -160,7 +160,7 @@ def publish_batch():
             results[index] = problem_body(409, str(answer), title="Not accepted")
         elif isinstance(answer, HeraldError):
             log.warning("message refused: service unavailable",
-                        extra={"error": str(answer), "request_id": g.request_id, "message_id": envelope["id"]})
+                        extra={"error": str(answer), "request_id": g.request_id, "message_id": envelope.id})
             results[index] = problem_body(503, NOT_ACCEPTED, title="Not accepted")
         else:
             results[index] = answer

@@ -14,7 +14,7 @@ import time
 
 from confluent_kafka import Producer
 
-from pipeline.messages import encode, now_ms
+from pipeline.messages import Envelope, encode, now_ms
 from tests.faults.conftest import start_collector
 from tests.faults.load import (Publisher, assert_exactly_once, forced_passes, history_of, inversions, report,
                                settled_in_flight, wait_for_delivery)
@@ -65,8 +65,7 @@ def test_an_id_written_twice_to_kafka_holds_up_nothing_behind_it(make_stack, cha
     producer = Producer({"bootstrap.servers": stack.bootstrap, "enable.idempotence": True})
 
     def write(msg_id: str) -> None:
-        envelope = {"id": msg_id, "channel": channel, "type": "message", "data": msg_id, "sender": "tester",
-                    "ts": now_ms()}
+        envelope = Envelope(id=msg_id, channel=channel, type="message", data=msg_id, sender="tester", ts=now_ms())
         producer.produce(stack.settings.topic, key=channel, value=encode(envelope))
 
     # A duplicate of a message delivered long before, then one of a message

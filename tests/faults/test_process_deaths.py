@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.messages import Envelope
 from tests.faults.conftest import start_collector
 from tests.faults.load import (Publisher, assert_exactly_once, forced_passes, history_of, report,
                                settled_in_flight, wait_for_delivery)
@@ -109,11 +110,11 @@ def test_a_task_the_broker_lost_is_dispatched_again(make_stack, channel):
     client.recv()
     client.subscribe(channel)
     # As if the bridge had dispatched it and a dying worker took it off the queue unrecorded.
-    envelope = {"id": "lost-in-broker", "channel": channel, "type": "message", "data": "found",
-                "sender": "tester", "ts": int(time.time() * 1000), "partition": 0, "offset": -1, "prev": None}
+    envelope = Envelope(id="lost-in-broker", channel=channel, type="message", data="found", sender="tester",
+                        ts=int(time.time() * 1000), partition=0, offset=-1)
     store = stack.store()
     store.track_dispatched([envelope])
-    store.redis.zadd(store.keys.in_flight_index, {envelope["id"]: time.time() - 60})
+    store.redis.zadd(store.keys.in_flight_index, {envelope.id: time.time() - 60})
     frame = client.expect(lambda f: f["op"] == "message", timeout=30)
     assert frame["id"] == "lost-in-broker" and frame["data"] == "found"
     bridge.wait_for_log("redispatching a message no worker finished", 5)

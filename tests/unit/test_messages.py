@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from pipeline.errors import PermanentError, ValidationError
-from pipeline.messages import channel_allowed, decode, encode, namespace, new_id, parse_publish
+from pipeline.messages import Envelope, channel_allowed, decode, encode, namespace, new_id, parse_publish
 
 
 def test_ids_are_unique_and_sortable_by_time():
@@ -16,16 +19,16 @@ def test_ids_are_unique_and_sortable_by_time():
 
 def test_parse_fills_defaults():
     envelope = parse_publish({"channel": "chat:lobby", "data": {"a": 1}}, sender="ann")
-    assert envelope["type"] == "message" and envelope["sender"] == "ann" and envelope["data"] == {"a": 1}
-    assert len(envelope["id"]) == 26 and envelope["ts"] > 0
+    assert envelope.type == "message" and envelope.sender == "ann" and envelope.data == {"a": 1}
+    assert len(envelope.id) == 26 and envelope.ts > 0
 
 
 def test_null_data_is_data():
-    assert parse_publish({"channel": "c", "data": None}, sender="x")["data"] is None
+    assert parse_publish({"channel": "c", "data": None}, sender="x").data is None
 
 
 def test_idempotency_key_becomes_the_id():
-    assert parse_publish({"channel": "c", "data": 1}, sender="x", idempotency_key="k-1")["id"] == "k-1"
+    assert parse_publish({"channel": "c", "data": 1}, sender="x", idempotency_key="k-1").id == "k-1"
 
 
 @pytest.mark.parametrize("body, field", [
@@ -50,6 +53,22 @@ def test_conflicting_id_and_header():
 def test_record_round_trip():
     envelope = parse_publish({"channel": "c:1", "data": ["ü", 1]}, sender="x")
     assert decode(encode(envelope)) == envelope
+    assert set(envelope.to_wire()) == {"id", "channel", "type", "data", "sender", "ts"}
+
+
+def test_pipeline_state_travels_with_the_message_and_stays_out_of_records():
+    message = parse_publish({"channel": "c:1", "data": {"a": 1}}, sender="x")
+    envelope = dataclasses.replace(message, partition=3, offset=41, prev=None, origin="n1/c7", request_id="r",
+                                   waiting_since=12.5, skip=True, force_order=True)
+    assert Envelope.from_wire(json.loads(json.dumps(envelope.to_wire()))) == envelope  # as Celery carries it
+    assert decode(encode(envelope)) == envelope
+    assert "prev" not in envelope.to_wire()  # unset fields are left out
+    assert envelope.stripped() == message
+
+
+def test_records_are_strict_json():
+    with pytest.raises(PermanentError, match="not JSON"):
+        decode(b'{"id":"a","channel":"c","type":"m","data":NaN,"sender":"s","ts":1}')
 
 
 @pytest.mark.parametrize("value, reason", [

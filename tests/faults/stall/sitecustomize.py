@@ -14,7 +14,7 @@ def _install() -> None:
     check_type = processing.check_type
 
     def check_or_stall(envelope, allowed):
-        if envelope.get("data") == {"stall": True}:
+        if envelope.data == {"stall": True}:
             time.sleep(3600)
         return check_type(envelope, allowed)
 
