@@ -178,7 +178,10 @@ class Router:
 
     def _receive(self, item: dict) -> None:
         RECEIVED.inc()
-        self._deliver(item)
+        try:
+            self._deliver(item)
+        except Exception:  # one bad message must not cost every channel its listener (issue 10)
+            log.exception("hub skipped a bad pub/sub message", extra={"channel": item["channel"]})
 
     def _confirmed(self, item: dict) -> None:
         # A channel left and joined again before Redis answered has several

@@ -110,3 +110,20 @@ def test_after_a_lost_pubsub_connection_channels_are_subscribed_again_and_caught
     assert client.expect(lambda f: f["op"] == "message")["id"] == envelope["id"]
     assert [f for f in client.drain(0.5) if f["op"] == "message"] == []
     client.close()
+
+
+def test_a_bad_pubsub_message_is_skipped_and_the_listener_goes_on(stack, web, token, channel):
+    client = web.ws(token)
+    client_id = client.recv()["client"]
+    client.subscribe(channel)
+    redis = stack.store().redis
+    listening = web.proc.log().count("hub listening")
+    prefix = stack.store().keys.node_channel("")
+    for node in redis.pubsub_channels(f"{prefix}*"):
+        redis.publish(node, f"{client_id}\n{{not json")  # a frame for one of its clients that is no JSON
+    envelope = parse_publish({"channel": channel, "data": "after"}, sender="t")
+    stack.store().deliver([envelope])
+    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope["id"]
+    web.proc.wait_for_log("hub skipped a bad pub/sub message")
+    assert web.proc.log().count("hub listening") == listening  # not reconnected
+    client.close()
