@@ -24,7 +24,7 @@ from flask import request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
-from pipeline.errors import HeraldError, ValidationError
+from pipeline.errors import HeraldError, TransientError, ValidationError
 from pipeline.green import gevent_active
 from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
 from pipeline.keys import Keys
@@ -48,6 +48,14 @@ MAX_BAD_FRAMES = 5
 SEND_BUFFER_BYTES = 64 * 1024
 CLOSE_WAIT = 10.0  # seconds a close frame may wait for room in a stalled socket
 _STOP = object()
+
+
+class Unavailable(TransientError):
+    """Redis or Kafka failed an op: answered `unavailable` (worth retrying), never counted as a bad frame."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
 
 
 def wire_frame(text: str) -> bytes:
@@ -454,6 +462,9 @@ class Hub:
             try:
                 self._handle(conn, frame)
                 bad = 0
+            except Unavailable as exc:
+                # An outage says nothing about the client's frames (README: close codes).
+                conn.send(_with_ref({"op": "error", "code": "unavailable", "message": exc.detail}, ref))
             except ValidationError as exc:
                 bad += 1
                 reply = {"op": "error", "code": exc.title.lower().replace(" ", "_"), "message": exc.detail}
@@ -530,7 +541,7 @@ class Hub:
                 self._attach(conn, channel, previous)
             else:
                 self._detach(conn, channel)
-            raise ValidationError("history is unavailable, retry", title="unavailable") from None
+            raise Unavailable("history is unavailable, retry") from None
         if previous is not None:
             self.router.leave(self._pubsub_channels(channel, previous))
         reply = {"op": "subscribed", "channel": channel, "offset": offset, "recovered": recovered,
@@ -641,8 +652,7 @@ class Hub:
         except HeraldError as exc:
             # Its text names internal hosts: logged, not sent (README: WebSocket close codes and errors).
             log.warning("ws publish refused: service unavailable", extra={"client": conn.id, "error": str(exc)})
-            raise ValidationError("the message was not accepted, retry later", status=503,
-                                  title="unavailable") from None
+            raise Unavailable("the message was not accepted, retry later") from None
         conn.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
 
     def _presence_join(self, conn: Connection, channel: str) -> None:
