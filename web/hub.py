@@ -24,12 +24,14 @@ from flask import request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
-from pipeline.errors import HeraldError, ValidationError
+from pipeline.errors import HeraldError, TransientError, ValidationError
 from pipeline.green import gevent_active
 from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
-from pipeline.store import connect, stream_id_key, valid_stream_id
+from pipeline.keys import Keys
+from pipeline.store import stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.problems import problem
+from web.router import Router
 
 log = logging.getLogger("herald.hub")
 
@@ -46,6 +48,14 @@ MAX_BAD_FRAMES = 5
 SEND_BUFFER_BYTES = 64 * 1024
 CLOSE_WAIT = 10.0  # seconds a close frame may wait for room in a stalled socket
 _STOP = object()
+
+
+class Unavailable(TransientError):
+    """Redis or Kafka failed an op: answered `unavailable` (worth retrying), never counted as a bad frame."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
 
 
 def wire_frame(text: str) -> bytes:
@@ -305,62 +315,25 @@ class Hub:
         # so a join among 10,000 subscribers is not a walk over all of them.
         self.watchers: dict[str, dict[str, dict[str, Subscription]]] = {"s": {}, "p": {}}
         self.running = False
+        self.keys = Keys(self.settings.redis_prefix)
+        self.router = Router(self.settings, self.keys.node_channel(self.node), self._dispatch, self._catch_up)
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
         """Start the listener (once per process)."""
         if self.running:
             return
-        self.running = True
-        threading.Thread(target=self._listen, name="hub-listener", daemon=True).start()
+        self.running = self.router.running = True
+        threading.Thread(target=self.router.run, name="hub-listener", daemon=True).start()
         threading.Thread(target=self._heartbeat, name="hub-heartbeat", daemon=True).start()
 
     def shutdown(self) -> None:
         """Close every connection with 1001 so clients reconnect to another process."""
-        self.running = False
+        self.running = self.router.running = False
         for conn in list(self.connections.values()):
             conn.close(CLOSE_GOING_AWAY, "server going away")
 
     # -- fan-out -----------------------------------------------------------
-    def _listen(self) -> None:
-        store = self.services.store
-        prefix = store.keys.prefix
-        delay = 0.1
-        reconnecting = False
-        while self.running:
-            client = connect(self.settings)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.psubscribe(f"{prefix}:m:*", f"{prefix}:s:*", f"{prefix}:p:*")
-                pubsub.subscribe(store.keys.node_channel(self.node))
-                if reconnecting:
-                    # Frames published while we were away are in history:
-                    # send them before any live frame, so order holds.
-                    self._catch_up()
-                reconnecting = True
-                log.info("hub listening", extra={"node": self.node})
-                delay = 0.1
-                while self.running:
-                    item = pubsub.get_message(timeout=1.0)
-                    if item is not None:
-                        self._dispatch(prefix, item)
-                        # Let the writers drain between frames: a burst (a
-                        # worker delivers a whole batch at once) must not
-                        # overflow the queues of clients that do read.
-                        time.sleep(0)
-            except redis.RedisError as exc:
-                log.warning("hub listener lost Redis, reconnecting", extra={"error": str(exc), "delay": delay})
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            except Exception:  # a bad frame must not kill fan-out for everyone
-                log.exception("hub dispatch failed")
-            finally:
-                try:
-                    pubsub.close()
-                    client.close()
-                except redis.RedisError:
-                    pass
-
     def _catch_up(self) -> None:
         store = self.services.store
         for channel, subs in list(self.channels.items()):
@@ -376,11 +349,12 @@ class Hub:
                         sub.offer(conn, key, frame)
         log.info("hub caught up after reconnect", extra={"channels": len(self.channels)})
 
-    def _dispatch(self, prefix: str, item: dict) -> None:
+    def _dispatch(self, item: dict) -> None:
+        prefix = self.keys.prefix
         channel_name, data = item["channel"], item["data"]
         kind = channel_name[len(prefix) + 1:len(prefix) + 2]
         name = channel_name[len(prefix) + 3:]
-        if item["type"] == "message":  # our node channel: "client\nframe"
+        if kind == "n":  # our node channel: "client\nframe"
             client, _, frame = data.partition("\n")
             conn = self.connections.get(client)
             if conn is not None:
@@ -488,6 +462,9 @@ class Hub:
             try:
                 self._handle(conn, frame)
                 bad = 0
+            except Unavailable as exc:
+                # An outage says nothing about the client's frames (README: close codes).
+                conn.send(_with_ref({"op": "error", "code": "unavailable", "message": exc.detail}, ref))
             except ValidationError as exc:
                 bad += 1
                 reply = {"op": "error", "code": exc.title.lower().replace(" ", "_"), "message": exc.detail}
@@ -529,19 +506,33 @@ class Hub:
             raise ValidationError("since is an offset from a message frame", title="bad_frame")
         size = self._replay_page()
         sub = Subscription(status=frame.get("status") is True, presence=frame.get("presence") is True, hold=size)
-        # Register first, holding live frames, then read history: whatever
-        # arrives in between is in one or the other, and `last` drops the overlap.
+        names = self._pubsub_channels(channel, sub)
+        # The resume seam. Registered first, the subscription holds live
+        # frames; then Redis confirms the SUBSCRIBE of the channel's pub/sub
+        # channel (join() returns once the listener read the confirmation, or
+        # at once when this process was subscribed already); only then is
+        # history read. A message is added to history and published in one
+        # Lua script (README: delivery guarantees), so one published before
+        # the SUBSCRIBE took effect is in the history read, one published
+        # after reaches the listener, and `last` drops what is in both. Read
+        # before the confirmation, history would miss a message published
+        # in between, and the live flow would not have it either.
         previous = self._attach(conn, channel, sub)
         store = self.services.store
         try:
-            if since:
-                page = store.history(channel, since, size)
-                replay, recovered, more = page["messages"], page["recovered"], page["next"] is not None
-                sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
-            else:
-                replay, recovered, more = [], True, False
-                newest = store.last_id(channel)
-                sub.last = stream_id_key(newest) if newest else (-1, -1)
+            self.router.join(names)
+            try:
+                if since:
+                    page = store.history(channel, since, size)
+                    replay, recovered, more = page["messages"], page["recovered"], page["next"] is not None
+                    sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
+                else:
+                    replay, recovered, more = [], True, False
+                    newest = store.last_id(channel)
+                    sub.last = stream_id_key(newest) if newest else (-1, -1)
+            except redis.RedisError:
+                self.router.leave(names)
+                raise
             offset = _format_sid(sub.last)
         except redis.RedisError as exc:
             log.warning("subscribe failed: history unavailable",
@@ -550,7 +541,9 @@ class Hub:
                 self._attach(conn, channel, previous)
             else:
                 self._detach(conn, channel)
-            raise ValidationError("history is unavailable, retry", title="unavailable") from None
+            raise Unavailable("history is unavailable, retry") from None
+        if previous is not None:
+            self.router.leave(self._pubsub_channels(channel, previous))
         reply = {"op": "subscribed", "channel": channel, "offset": offset, "recovered": recovered,
                  "replayed": len(replay)}
         if more:
@@ -610,8 +603,19 @@ class Hub:
         return True
 
     def _unsubscribe(self, conn: Connection, channel: str) -> None:
-        if self._detach(conn, channel):
+        sub = self._detach(conn, channel)
+        if sub is not None:
+            self.router.leave(self._pubsub_channels(channel, sub))
             self._presence_leave(conn, channel)
+
+    def _pubsub_channels(self, channel: str, sub: Subscription) -> list[str]:
+        """The pub/sub channels `sub` needs: the messages, and status and presence if it asked."""
+        names = [self.keys.message_channel(channel)]
+        if sub.status:
+            names.append(self.keys.status_channel(channel))
+        if sub.presence:
+            names.append(self.keys.presence_channel(channel))
+        return names
 
     def _attach(self, conn: Connection, channel: str, sub: Subscription) -> Subscription | None:
         """Index `sub` (in place of the connection's earlier one, which is returned)."""
@@ -626,13 +630,13 @@ class Hub:
                     _discard(self.watchers[kind], channel, conn.id)
         return previous
 
-    def _detach(self, conn: Connection, channel: str) -> bool:
-        """Remove the connection's subscription from every index; False if it had none."""
+    def _detach(self, conn: Connection, channel: str) -> Subscription | None:
+        """Remove the connection's subscription from every index; returns it (None if it had none)."""
         with conn.lock:
-            existed = conn.subscriptions.pop(channel, None) is not None
+            sub = conn.subscriptions.pop(channel, None)
             for index in (self.channels, *self.watchers.values()):
                 _discard(index, channel, conn.id)
-        return existed
+        return sub
 
     def _publish(self, conn: Connection, frame: dict, ref) -> None:
         body = {k: v for k, v in frame.items() if k not in ("op", "ref")}
@@ -648,8 +652,7 @@ class Hub:
         except HeraldError as exc:
             # Its text names internal hosts: logged, not sent (README: WebSocket close codes and errors).
             log.warning("ws publish refused: service unavailable", extra={"client": conn.id, "error": str(exc)})
-            raise ValidationError("the message was not accepted, retry later", status=503,
-                                  title="unavailable") from None
+            raise Unavailable("the message was not accepted, retry later") from None
         conn.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
 
     def _presence_join(self, conn: Connection, channel: str) -> None:

@@ -41,6 +41,12 @@ def test_no_answer_or_frame_names_the_redis_address(tmp_path):
         assert [f["code"] for f in frames] == ["unavailable", "unavailable"]
         for frame in frames:
             assert address not in json.dumps(frame), frame
+        # An outage is not the client's fault: five and more `unavailable` in a row close nothing.
+        for n in range(2, 8):
+            client.send({"op": "subscribe", "channel": channel, "ref": n})
+            assert client.expect(lambda f: f.get("ref") == n)["code"] == "unavailable"
+        client.send({"op": "ping", "ref": "alive"})
+        assert client.expect(lambda f: f.get("ref") == "alive")["op"] == "pong"
         try:
             refused = web.ws(token)
         except websocket.WebSocketException:

@@ -1,0 +1,129 @@
+"""A web process subscribes in Redis only to the channels its clients use (issue 10)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from pipeline.messages import parse_publish
+from tests.harness import wait_until
+
+
+def received(web) -> float:
+    """Pub/sub messages the web process's hub listener has received so far."""
+    text = web.request("GET", "/metrics")[2]
+    return float(re.search(r"^herald_hub_pubsub_messages_total (\S+)$", text, re.M).group(1))
+
+
+def numsub(stack, name: str) -> int:
+    """Connections subscribed to a pub/sub channel."""
+    return dict(stack.store().redis.pubsub_numsub(name))[name]
+
+
+def test_a_channel_is_subscribed_while_a_local_client_is_on_it(stack, channel):
+    one, two = stack.webs
+    keys = stack.store().keys
+    messages, status = keys.message_channel(channel), keys.status_channel(channel)
+    token = stack.token()
+    first, second = one.ws(token), one.ws(token)
+    first.recv(), second.recv()
+    assert numsub(stack, messages) == 0
+    first.subscribe(channel)
+    assert numsub(stack, messages) == 1 and numsub(stack, status) == 0  # status only when asked
+    second.subscribe(channel, status=True)
+    assert numsub(stack, messages) == 1 and numsub(stack, status) == 1  # one per process, not per client
+    # The other process has no client on it: it receives none of its messages.
+    before = received(two), received(one)
+    for n in range(20):
+        assert one.request("POST", "/api/v1/messages", {"channel": channel, "data": n}, token=token)[0] == 202
+    for client in (first, second):
+        assert [client.expect(lambda f: f["op"] == "message")["data"] for _ in range(20)] == list(range(20))
+    second.expect(lambda f: f["op"] == "status" and f["status"] == "delivered")
+    assert received(two) == before[0]
+    assert received(one) >= before[1] + 20
+    second.send({"op": "unsubscribe", "channel": channel})
+    second.expect(lambda f: f["op"] == "unsubscribed")
+    assert numsub(stack, messages) == 1 and numsub(stack, status) == 0
+    first.close()  # the last local subscriber leaves
+    wait_until(lambda: numsub(stack, messages) == 0, 10, what="the channel to be unsubscribed")
+    second.close()
+
+
+def test_subscribing_again_and_again_during_a_burst_loses_and_repeats_nothing(stack, web, token, channel):
+    # Each resubscribe makes this process the channel's first subscriber again
+    # (SUBSCRIBE, confirmation, history read) while messages are published
+    # straight into Redis as fast as one connection can.
+    store = stack.store()
+
+    def deliver(n):
+        time.sleep(0.002)
+        envelope = parse_publish({"channel": channel, "data": n}, sender="t")
+        assert store.deliver([envelope])[0][0] == "delivered"
+        return envelope["id"]
+
+    sent = [deliver(0)]
+    client = web.ws(token)
+    client.recv()
+    client.subscribe(channel, since="0-0")
+    burst = threading.Thread(target=lambda: sent.extend(deliver(n) for n in range(1, 600)))
+    got, last = [], None
+    burst.start()
+    rounds = 0
+    while burst.is_alive() or len(got) < 600:
+        for frame in client.drain(0.05):
+            if frame["op"] == "message":
+                got.append(frame["id"])
+                last = frame["offset"]
+        client.send({"op": "unsubscribe", "channel": channel})
+        while (frame := client.recv())["op"] != "unsubscribed":
+            if frame["op"] == "message":
+                got.append(frame["id"])
+                last = frame["offset"]
+        client.send({"op": "subscribe", "channel": channel, "since": last or "0-0"})
+        rounds += 1
+        assert rounds < 500, f"{len(got)} of 600 after {rounds} rounds"
+    burst.join()
+    client.drain(0.5)
+    client.close()
+    assert rounds >= 5
+    got = [f["id"] for f in client.frames if f["op"] == "message"]
+    assert got == sent  # every message once, in order
+
+
+def test_after_a_lost_pubsub_connection_channels_are_subscribed_again_and_caught_up(stack, web, token, channel):
+    store = stack.store()
+    name = store.keys.message_channel(channel)
+    client = web.ws(token)
+    client.recv()
+    client.subscribe(channel)
+    store.redis.client_kill_filter(_type="pubsub")  # every listener's connection drops
+    sent = []
+    for n in range(5):  # published while the listener reconnects, and after
+        envelope = parse_publish({"channel": channel, "data": n}, sender="t")
+        store.deliver([envelope])
+        sent.append(envelope["id"])
+    assert [client.expect(lambda f: f["op"] == "message", timeout=15)["id"] for _ in range(5)] == sent
+    wait_until(lambda: numsub(stack, name) == 1, 10, what="the channel to be subscribed again")
+    envelope = parse_publish({"channel": channel, "data": "live"}, sender="t")
+    store.deliver([envelope])
+    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope["id"]
+    assert [f for f in client.drain(0.5) if f["op"] == "message"] == []
+    client.close()
+
+
+def test_a_bad_pubsub_message_is_skipped_and_the_listener_goes_on(stack, web, token, channel):
+    client = web.ws(token)
+    client_id = client.recv()["client"]
+    client.subscribe(channel)
+    redis = stack.store().redis
+    listening = web.proc.log().count("hub listening")
+    prefix = stack.store().keys.node_channel("")
+    for node in redis.pubsub_channels(f"{prefix}*"):
+        redis.publish(node, f"{client_id}\n{{not json")  # a frame for one of its clients that is no JSON
+    envelope = parse_publish({"channel": channel, "data": "after"}, sender="t")
+    stack.store().deliver([envelope])
+    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope["id"]
+    web.proc.wait_for_log("hub skipped a bad pub/sub message")
+    assert web.proc.log().count("hub listening") == listening  # not reconnected
+    client.close()
