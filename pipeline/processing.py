@@ -116,7 +116,8 @@ class Processor:
                 try:
                     result, forced = self._deliver_in_turn(envelope, force=final_attempt)
                 except RETRYABLE as exc:
-                    raise RetryLater(envelopes[index:], exc) from exc
+                    # Those that waited earlier in the batch go along: the retry is their only way back.
+                    raise RetryLater([envelope, *outcome.waiting, *envelopes[index + 1:]], exc) from exc
             if result == "wait":
                 blocked.add(envelope.channel)
                 outcome.waiting.append(envelope if envelope.waiting_since is not None

@@ -111,3 +111,37 @@ def test_stream_offsets_are_validated_as_redis_writes_them(value, valid):
     from pipeline.store import valid_stream_id
 
     assert valid_stream_id(value) is valid
+
+
+def test_a_transient_failure_mid_batch_retries_the_records_that_waited_before_it():
+    import redis
+
+    from pipeline.messages import Envelope
+    from pipeline.processing import Processor, RetryLater
+
+    first = Envelope("a1", "a", "message", 1, "s", 0, partition=0, offset=5, prev=4)
+    second = Envelope("b1", "b", "message", 2, "s", 0, partition=0, offset=6, prev=3)
+    after = Envelope("b2", "b", "message", 3, "s", 0, partition=0, offset=7, prev=6)
+
+    class Store:
+        def mark_processing(self, envelopes):
+            return ["processing"] * len(envelopes)
+
+        def deliver(self, envelopes, force=False):
+            if len(envelopes) > 1:
+                return [("wait", "", "0")] * len(envelopes)
+            if envelopes[0].channel == "a":
+                return [("wait", "", "0")]  # its predecessor is still with another worker
+            raise redis.ConnectionError("Redis went away")
+
+    class Archive:
+        def store(self, envelopes):
+            pass
+
+    processor = Processor(SETTINGS, Store(), Archive(), dead_letters=None)
+    try:
+        processor.run([first, second, after], final_attempt=False)
+    except RetryLater as pending:
+        assert [e.id for e in pending.remaining] == ["b1", "a1", "b2"]
+    else:
+        raise AssertionError("no RetryLater")
