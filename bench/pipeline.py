@@ -228,10 +228,12 @@ def kafka_hop(bootstrap: str, rate: float, seconds: float) -> dict:
     latencies, done = [], threading.Event()
 
     def consume():
+        # poll() returns as soon as a record is there; consume(n, timeout) would hold each
+        # record until n arrived or the timeout passed, adding that wait to every latency.
         while not done.is_set():
-            for record in consumer.consume(500, 0.05):
-                if not record.error():
-                    latencies.append(time.time() - float(record.value()))
+            record = consumer.poll(0.05)
+            if record is not None and not record.error():
+                latencies.append(time.time() - float(record.value()))
 
     while not assigned.is_set():
         consumer.poll(0.1)
