@@ -160,12 +160,6 @@ class Envelope:
             raise PermanentError("record has an invalid id")
         return cls(**{name: wire[name] for name in _FIELDS if name in wire})
 
-    def __getitem__(self, name: str):
-        """Read a field by name, as callers written against the former dict do (web/hub.py)."""
-        if name not in _FIELDS:
-            raise KeyError(name)
-        return getattr(self, name)
-
     def stripped(self) -> Envelope:
         """The message alone, as Kafka records and dead letters hold it."""
         return Envelope(*(getattr(self, name) for name in MESSAGE_FIELDS))

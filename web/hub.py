@@ -641,8 +641,8 @@ class Hub:
     def _publish(self, conn: Connection, frame: dict, ref) -> None:
         body = {k: v for k, v in frame.items() if k not in ("op", "ref")}
         envelope = parse_publish(body, sender=conn.identity.user)
-        if not conn.identity.may_publish(envelope["channel"]):
-            raise ValidationError(f"this token may not publish to {envelope['channel']}", status=403,
+        if not conn.identity.may_publish(envelope.channel):
+            raise ValidationError(f"this token may not publish to {envelope.channel}", status=403,
                                   title="forbidden")
         try:
             answer = self.services.ingest.publish(envelope, idempotent="id" in body,

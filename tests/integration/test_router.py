@@ -60,7 +60,7 @@ def test_subscribing_again_and_again_during_a_burst_loses_and_repeats_nothing(st
         time.sleep(0.002)
         envelope = parse_publish({"channel": channel, "data": n}, sender="t")
         assert store.deliver([envelope])[0][0] == "delivered"
-        return envelope["id"]
+        return envelope.id
 
     sent = [deliver(0)]
     client = web.ws(token)
@@ -102,12 +102,12 @@ def test_after_a_lost_pubsub_connection_channels_are_subscribed_again_and_caught
     for n in range(5):  # published while the listener reconnects, and after
         envelope = parse_publish({"channel": channel, "data": n}, sender="t")
         store.deliver([envelope])
-        sent.append(envelope["id"])
+        sent.append(envelope.id)
     assert [client.expect(lambda f: f["op"] == "message", timeout=15)["id"] for _ in range(5)] == sent
     wait_until(lambda: numsub(stack, name) == 1, 10, what="the channel to be subscribed again")
     envelope = parse_publish({"channel": channel, "data": "live"}, sender="t")
     store.deliver([envelope])
-    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope["id"]
+    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope.id
     assert [f for f in client.drain(0.5) if f["op"] == "message"] == []
     client.close()
 
@@ -123,7 +123,7 @@ def test_a_bad_pubsub_message_is_skipped_and_the_listener_goes_on(stack, web, to
         redis.publish(node, f"{client_id}\n{{not json")  # a frame for one of its clients that is no JSON
     envelope = parse_publish({"channel": channel, "data": "after"}, sender="t")
     stack.store().deliver([envelope])
-    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope["id"]
+    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope.id
     web.proc.wait_for_log("hub skipped a bad pub/sub message")
     assert web.proc.log().count("hub listening") == listening  # not reconnected
     client.close()

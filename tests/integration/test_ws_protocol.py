@@ -546,7 +546,7 @@ def test_a_long_resume_is_replayed_in_pages_each_message_once_in_order(stack, ch
             batch = [parse_publish({"channel": channel, "data": {"n": m, "pad": "x" * 1000}}, sender="t")
                      for m in range(n, min(n + (100 if not pause else 1), first + count))]
             assert [outcome for outcome, *_ in store.deliver(batch)] == ["delivered"] * len(batch)
-            ids += [envelope["id"] for envelope in batch]
+            ids += [envelope.id for envelope in batch]
             time.sleep(pause)
         return ids
 
