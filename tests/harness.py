@@ -111,23 +111,12 @@ class Proc:
 
 
 def tls_certificates(directory: Path) -> dict[str, Path]:
-    """A fresh CA and a certificate for 127.0.0.1 and localhost signed by it, made with
-    the openssl CLI (the venv has no `cryptography`): paths `ca`, `cert`, `key`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {name: directory / f"{name}.pem" for name in ("ca", "ca-key", "cert", "key", "csr")}
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    """A fresh CA and a certificate for 127.0.0.1 and localhost signed by it (tests/tls.py):
+    paths `ca`, `cert`, `key`."""
+    from tests.tls import make_pki
 
-    def openssl(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    openssl("req", "-x509", *ec, "-keyout", paths["ca-key"], "-out", paths["ca"], "-days", "2",
-            "-subj", f"/CN=herald test CA {directory.name}")
-    openssl("req", *ec, "-keyout", paths["key"], "-out", paths["csr"], "-subj", "/CN=localhost")
-    extensions = directory / "server.ext"
-    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", paths["csr"], "-CA", paths["ca"], "-CAkey", paths["ca-key"],
-            "-CAcreateserial", "-out", paths["cert"], "-days", "2", "-extfile", extensions)
-    return {name: paths[name] for name in ("ca", "cert", "key")}
+    pki = make_pki(directory)
+    return {"ca": pki.dir / "ca.pem", "cert": pki.dir / "server.pem", "key": pki.dir / "server.key"}
 
 
 def redis_server(port: int, log_path: Path, *, tls: dict | None = None, args=()) -> embedded.Server:
