@@ -87,7 +87,7 @@ class Ingest:
                 prior = self.store.claim_idempotency(msg_id, claim)
                 if prior is None:
                     return None
-                held = json.loads(prior)
+                held = _held(prior, sender)
                 if held.get("sender") != sender:
                     raise IdTaken(msg_id)
                 if "answer" in held:
@@ -120,6 +120,19 @@ class Ingest:
         log.info("accepted", extra={"message_id": envelope.id, "request_id": request_id,
                                     "channel": envelope.channel, "partition": partition, "offset": offset})
         return answer
+
+
+def _held(value: str, sender: str) -> dict:
+    """A claim as `{"sender", "claim" | "answer"}`. Claims written before ids were
+    scoped to their sender ("pending:<node>", or the bare answer) count as the
+    caller's own until they expire: an upgrade must not answer a retry with a 500."""
+    try:
+        held = json.loads(value)
+    except ValueError:
+        return {"sender": sender, "claim": value}
+    if isinstance(held, dict) and "sender" in held:
+        return held
+    return {"sender": sender, "answer": held}
 
 
 def _headers(origin, request_id):

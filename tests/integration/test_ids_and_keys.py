@@ -62,3 +62,19 @@ def test_an_idle_channel_keys_expire(stack, web, token, channel):
     idle = stack.settings.channel_idle_ttl
     for key in (keys.history(channel), keys.epoch(channel), keys.gate(channel)):
         assert 0 < store.redis.ttl(key) <= idle, key
+
+
+def test_claims_written_before_ids_were_scoped_to_senders_still_answer(stack, web, token, channel):
+    # Values of the earlier format, left in Redis by a deploy: a pending claim and a stored answer.
+    store = stack.store()
+    pending, answered = f"old-pending-{uuid.uuid4().hex[:6]}", f"old-answer-{uuid.uuid4().hex[:6]}"
+    store.redis.set(store.keys.idempotency(pending), "pending:old-node", ex=1)
+    answer = {"id": answered, "channel": channel, "status": "accepted", "partition": 0, "offset": 7}
+    store.redis.set(store.keys.idempotency(answered), json.dumps(answer), ex=60)
+    # The pending one lapses, and the retry then publishes it.
+    status, _, body = web.request("POST", "/api/v1/messages", {"id": pending, "channel": channel, "data": 1},
+                                  token=token)
+    assert status == 202 and body["id"] == pending, body
+    status, _, body = web.request("POST", "/api/v1/messages", {"id": answered, "channel": channel, "data": 1},
+                                  token=token)
+    assert status == 202 and body == answer, body
