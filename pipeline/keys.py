@@ -1,4 +1,5 @@
-"""Herald's Redis key schema: every key and pub/sub channel name is built here.
+"""Herald's Redis key schema: every key and pub/sub channel name is built here, and
+the one pub/sub payload format that is not a bare frame.
 
 Keys named after user input (a channel, a message id, a user, an address)
 are `<prefix>:<kind>:<name>`. Herald's own fixed keys are `<prefix>:_:<name>`:
@@ -7,6 +8,18 @@ id `index` once overwrote the dead-letter index; README: "Redis keys").
 """
 
 from __future__ import annotations
+
+# A routed pub/sub payload is "<head>\n<frame>": on a channel's message
+# channel the head is the message's stream id (the hub drops what a resumed
+# client already has), on a node channel the client the frame is for. The
+# Lua scripts in pipeline/store.py write it (`.. '\\n' ..`); this reads it.
+ROUTE_SEPARATOR = "\n"
+
+
+def split_routed(payload: str) -> tuple[str, str]:
+    """A routed payload's (head, frame)."""
+    head, _, frame = payload.partition(ROUTE_SEPARATOR)
+    return head, frame
 
 
 class Keys:

@@ -428,38 +428,6 @@ class Store:
         pipe.expire(key, self.settings.status_ttl)
         return pipe.execute()[0]
 
-    def presence(self, channel: str) -> list[dict]:
-        """Clients subscribed to a channel now, oldest first (entries of dead nodes left out)."""
-        entries = [json.loads(v) for v in self.redis.hvals(self.keys.presence(channel))]
-        alive = self._alive_nodes({e.get("node", "") for e in entries})
-        entries = sorted((e for e in entries if e.get("node", "") in alive), key=lambda e: e.get("since", 0))
-        return [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries]
-
-    def reap_presence(self) -> list[tuple[str, dict]]:
-        """Remove presence entries of web processes that stopped heart-beating; returns them."""
-        reaped = []
-        for channel in self.redis.smembers(self.keys.presence_channels):
-            key = self.keys.presence(channel)
-            entries = {client: json.loads(v) for client, v in self.redis.hgetall(key).items()}
-            alive = self._alive_nodes({e.get("node", "") for e in entries.values()})
-            for client, entry in entries.items():
-                if entry.get("node", "") not in alive:
-                    if self.redis.hdel(key, client):
-                        frame = json.dumps({"op": "leave", "channel": channel, "user": entry["user"],
-                                            "client": client}, separators=(",", ":"))
-                        self.redis.publish(self.keys.presence_channel(channel), frame)
-                        reaped.append((channel, entry))
-            if not self.redis.exists(key):
-                self.redis.srem(self.keys.presence_channels, channel)
-        return reaped
-
-    def _alive_nodes(self, nodes: set[str]) -> set[str]:
-        nodes = [n for n in nodes if n]
-        if not nodes:
-            return set()
-        flags = self.redis.mget([self.keys.node(n) for n in nodes])
-        return {n for n, flag in zip(nodes, flags) if flag}
-
     # Connection caps across the cluster.
     def claim_connection(self, member: str, user: str, address: str) -> str | None:
         """Count a new WebSocket; returns "user" or "address" (and counts nothing) when that cap is reached."""

@@ -16,6 +16,7 @@ from flask import current_app
 
 from pipeline import embedded
 from pipeline.kafka import kafka_reachable
+from pipeline.keys import split_routed
 from pipeline.messages import parse_publish
 from pipeline.settings import Settings, load_or_exit
 from web.auth import mint
@@ -73,7 +74,7 @@ def tail_command(channel):
     pubsub.subscribe(services.store.keys.message_channel(channel))
     try:
         for item in pubsub.listen():
-            click.echo(item["data"].partition("\n")[2])
+            click.echo(split_routed(item["data"])[1])
     except KeyboardInterrupt:
         pass
 

@@ -94,7 +94,7 @@ def test_a_broadcast_frame_encoded_once_matches_wsproto(size):
     from wsproto.connection import Connection, ConnectionState
     from wsproto.events import TextMessage
 
-    from web.hub import wire_frame
+    from web.hub.transport import wire_frame
 
     text = ("é" + "x" * size)[:size] if size else ""
     server = Connection(ConnectionType.SERVER)
