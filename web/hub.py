@@ -315,7 +315,7 @@ class Hub:
         # so a join among 10,000 subscribers is not a walk over all of them.
         self.watchers: dict[str, dict[str, dict[str, Subscription]]] = {"s": {}, "p": {}}
         self.running = False
-        self.keys = Keys(self.settings.redis_prefix)
+        self.keys = Keys(self.settings.redis_prefix, self.settings.redis_cluster)
         self.router = Router(self.settings, self.keys.node_channel(self.node), self._dispatch, self._catch_up)
 
     # -- lifecycle -------------------------------------------------------
@@ -350,10 +350,8 @@ class Hub:
         log.info("hub caught up after reconnect", extra={"channels": len(self.channels)})
 
     def _dispatch(self, item: dict) -> None:
-        prefix = self.keys.prefix
-        channel_name, data = item["channel"], item["data"]
-        kind = channel_name[len(prefix) + 1:len(prefix) + 2]
-        name = channel_name[len(prefix) + 3:]
+        data = item["data"]
+        kind, name = self.keys.parse_pubsub(item["channel"])
         if kind == "n":  # our node channel: "client\nframe"
             client, _, frame = data.partition("\n")
             conn = self.connections.get(client)
@@ -663,7 +661,8 @@ class Hub:
             pipe = store.redis.pipeline(transaction=False)
             pipe.hset(store.keys.presence(channel), conn.id, entry)
             pipe.sadd(store.keys.presence_channels, channel)
-            pipe.publish(store.keys.presence_channel(channel), _presence_frame("join", channel, conn.identity.user, conn.id))
+            store.publish(store.keys.presence_channel(channel),
+                          _presence_frame("join", channel, conn.identity.user, conn.id), pipe)
             pipe.execute()
         except redis.RedisError:
             log.warning("presence not recorded", extra={"client": conn.id, "channel": channel})
@@ -673,7 +672,8 @@ class Hub:
         try:
             pipe = store.redis.pipeline(transaction=False)
             pipe.hdel(store.keys.presence(channel), conn.id)
-            pipe.publish(store.keys.presence_channel(channel), _presence_frame("leave", channel, conn.identity.user, conn.id))
+            store.publish(store.keys.presence_channel(channel),
+                          _presence_frame("leave", channel, conn.identity.user, conn.id), pipe)
             pipe.execute()
         except redis.RedisError:
             log.warning("presence not removed", extra={"client": conn.id, "channel": channel})
