@@ -46,7 +46,7 @@ class Hub:
         self.clients: dict = {}
         self.running = False
         self.presence = Presence(services.store, self.settings, self.node)
-        self.router = Router(self.settings, Keys(self.settings.redis_prefix), self.node, self.clients,
+        self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node, self.clients,
                              services.store.history)
         self.protocol = Protocol(self)
 

@@ -38,7 +38,8 @@ class Presence:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(self.keys.presence(channel), client.id, entry)
             pipe.sadd(self.keys.presence_channels, channel)
-            pipe.publish(self.keys.presence_channel(channel), frame("join", channel, client.identity.user, client.id))
+            self.store.publish(self.keys.presence_channel(channel),
+                               frame("join", channel, client.identity.user, client.id), pipe)
             pipe.execute()
         except redis.RedisError:
             log.warning("presence not recorded", extra={"client": client.id, "channel": channel})
@@ -48,7 +49,8 @@ class Presence:
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hdel(self.keys.presence(channel), client.id)
-            pipe.publish(self.keys.presence_channel(channel), frame("leave", channel, client.identity.user, client.id))
+            self.store.publish(self.keys.presence_channel(channel),
+                               frame("leave", channel, client.identity.user, client.id), pipe)
             pipe.execute()
         except redis.RedisError:
             log.warning("presence not removed", extra={"client": client.id, "channel": channel})
@@ -69,7 +71,7 @@ class Presence:
             alive = self._alive({e.get("node", "") for e in entries.values()})
             for client, entry in entries.items():
                 if entry.get("node", "") not in alive and self.redis.hdel(key, client):
-                    self.redis.publish(self.keys.presence_channel(channel),
+                    self.store.publish(self.keys.presence_channel(channel),
                                        frame("leave", channel, entry["user"], client))
                     reaped.append((channel, entry))
             if not self.redis.exists(key):
@@ -80,7 +82,7 @@ class Presence:
         nodes = [n for n in nodes if n]
         if not nodes:
             return set()
-        flags = self.redis.mget([self.keys.node(n) for n in nodes])
+        flags = self.store.mget([self.keys.node(n) for n in nodes])
         return {n for n, flag in zip(nodes, flags) if flag}
 
     def beat(self, members: list[tuple[str, str, str]]) -> None:

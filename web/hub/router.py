@@ -3,7 +3,9 @@
 A web process SUBSCRIBEs to a pub/sub channel when its first local
 subscriber arrives and UNSUBSCRIBEs after the last one leaves, so it receives
 only the messages of its own subscribers: with a PSUBSCRIBE to every channel,
-each process parsed every message of the cluster (issue 10).
+each process parsed every message of the cluster (issue 10). On a Redis
+Cluster the link is sharded (pipeline/pubsub.py): SSUBSCRIBE on the node of
+each channel's slot.
 
 Fan-out reads every pub/sub message Redis has already sent (up to
 `BATCH`) and writes consecutive frames of one channel to each live
@@ -22,7 +24,8 @@ from prometheus_client import Counter
 
 from pipeline.keys import split_routed
 from pipeline.messages import dumps, loads
-from pipeline.store import connect, stream_id_key
+from pipeline.pubsub import open_link
+from pipeline.store import stream_id_key
 from web.hub.transport import wire_frame
 
 log = logging.getLogger("herald.hub")
@@ -114,7 +117,7 @@ class Router:
         self._users: dict[str, int] = {}               # pub/sub channel -> local subscriptions using it
         self._ready: dict[str, threading.Event] = {}   # set once Redis confirmed the channel
         self._unconfirmed: dict[str, int] = {}         # commands sent on this connection, not yet answered
-        self._pubsub: redis.client.PubSub | None = None  # None while (re)connecting
+        self._link = None                              # None while (re)connecting
         self._down = False                             # the last connection failed: do not wait for it
         self._lock = threading.Lock()
         self.running = False
@@ -144,7 +147,7 @@ class Router:
                     self._ready[name] = threading.Event()
                     new.append(name)
             if new:
-                self._send("SUBSCRIBE", new)
+                self._send(True, new)
             events = [self._ready[name] for name in names]
         deadline = time.monotonic() + CONFIRM_TIMEOUT
         for event in events:
@@ -168,22 +171,20 @@ class Router:
                     self._kinds.pop(name, None)
                     gone.append(name)
             if gone:
-                self._send("UNSUBSCRIBE", gone)
+                self._send(False, gone)
 
-    def _send(self, command: str, names: list[str]) -> None:
+    def _send(self, subscribe: bool, names: list[str]) -> None:
         # Called with the lock held.
-        pubsub = self._pubsub
-        if pubsub is None:
+        link = self._link
+        if link is None:
             return  # the listener subscribes every channel in use once it is connected
         for name in names:
             self._unconfirmed[name] = self._unconfirmed.get(name, 0) + 1
         try:
-            # Straight on the connection: PubSub.subscribe() would reconnect a
-            # broken one by itself, resubscribing without the catch-up.
-            pubsub.connection.send_command(command, *names, check_health=False)
+            link.send(subscribe, names)
         except (redis.RedisError, OSError) as exc:
-            log.warning("hub pub/sub command failed", extra={"command": command, "error": str(exc)})
-            self._pubsub = None  # the listener sees it and starts over
+            log.warning("hub pub/sub command failed", extra={"subscribe": subscribe, "error": str(exc)})
+            self._link = None  # the listener sees it and starts over
 
     # -- the listener --------------------------------------------------------
     def run(self) -> None:
@@ -191,44 +192,41 @@ class Router:
         delay = 0.1
         reconnecting = False
         while self.running:
-            client = connect(self.settings, 1)
-            pubsub = client.pubsub()
+            link = None
             try:
-                self._connect(pubsub, reconnecting)
+                link = open_link(self.settings)
+                self._connect(link, reconnecting)
                 self._down = False
                 delay = 0.1
                 reconnecting = True
-                self._listen(pubsub)
+                self._listen(link)
             except (redis.RedisError, OSError) as exc:
                 self._down = True
                 log.warning("hub listener lost Redis, reconnecting", extra={"error": str(exc), "delay": delay})
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
-                self._pubsub = None
-                try:
-                    pubsub.close()
-                    client.close()
-                except (redis.RedisError, OSError):
-                    pass
+                self._link = None
+                if link is not None:
+                    link.close()
 
-    def _connect(self, pubsub, reconnecting: bool) -> None:
-        pubsub.subscribe(self.node_channel)
+    def _connect(self, link, reconnecting: bool) -> None:
+        link.send(True, [self.node_channel])
         with self._lock:
             self._unconfirmed = {self.node_channel: 1}
-            self._pubsub = pubsub
+            self._link = link
             waiting = {self.node_channel, *self._users}
             if self._users:
-                self._send("SUBSCRIBE", list(self._users))
+                self._send(True, list(self._users))
         # Messages read before every channel is confirmed wait behind the
         # catch-up: history first, then these, so order holds.
         held = []
         deadline = time.monotonic() + CONFIRM_TIMEOUT
         while waiting:
-            self._check(pubsub)
+            self._check(link)
             if time.monotonic() > deadline:
                 raise redis.TimeoutError("pub/sub subscriptions not confirmed")
-            item = pubsub.get_message(timeout=1.0)
+            item = link.get_message(timeout=1.0)
             if item is None:
                 continue
             if item["type"] == "message":
@@ -243,15 +241,15 @@ class Router:
         if held:
             self._receive(held)
 
-    def _listen(self, pubsub) -> None:
+    def _listen(self, link) -> None:
         while self.running:
-            self._check(pubsub)
-            item = pubsub.get_message(timeout=1.0)
+            self._check(link)
+            item = link.get_message(timeout=1.0)
             if item is None:
                 continue
             batch = [item]
             while len(batch) < BATCH:
-                item = pubsub.get_message(timeout=0.0)
+                item = link.get_message(timeout=0.0)
                 if item is None:
                     break
                 batch.append(item)
@@ -261,8 +259,8 @@ class Router:
             # queues of clients that do read.
             time.sleep(0)
 
-    def _check(self, pubsub) -> None:
-        if self._pubsub is not pubsub:
+    def _check(self, link) -> None:
+        if self._link is not link:
             raise redis.ConnectionError("a pub/sub command could not be sent")
 
     def _receive(self, batch: list[dict]) -> None:
