@@ -61,6 +61,7 @@ class Settings:
     topic_replication: int | None = None  # None: min(3, brokers), decided by the release step
     redis_prefix: str = "herald"
     redis_pool_size: int = 50
+    redis_pool_wait: float = 30.0
     consumer_group: str = "herald-bridge"
     produce_timeout: float = 5.0
     retry_max: int = 8
@@ -164,6 +165,7 @@ class Settings:
             topic_replication=_int(env, "HERALD_TOPIC_REPLICATION", None, 1, 100),
             redis_prefix=env.get("HERALD_REDIS_PREFIX", cls.redis_prefix) or cls.redis_prefix,
             redis_pool_size=_int(env, "HERALD_REDIS_POOL_SIZE", cls.redis_pool_size, 2, 10000),
+            redis_pool_wait=_float(env, "HERALD_REDIS_POOL_WAIT", cls.redis_pool_wait, 0.1, 600),
             # Heroku's multi-tenant Kafka accepts only names under KAFKA_PREFIX.
             consumer_group=env.get("KAFKA_PREFIX", "")
             + (env.get("HERALD_CONSUMER_GROUP", cls.consumer_group) or cls.consumer_group),

@@ -148,15 +148,18 @@ def connect(settings, pool_size: int = 4, *, url: str | None = None) -> redis.Re
     """A client of the main Redis (or of `url`), with bounded timeouts, so an
     outage fails fast instead of hanging, and TLS as configured for `rediss://`.
 
-    Its pool blocks for a free connection (up to 5 s) when `pool_size` are in
-    use: a burst of thousands of WebSocket subscribes waits its turn instead
-    of failing with "Too many connections". Long-lived services pass
-    `HERALD_REDIS_POOL_SIZE`; the small default suits one-off clients.
+    Its pool blocks for a free connection (up to `HERALD_REDIS_POOL_WAIT`,
+    30 s) when `pool_size` are in use: a burst of thousands of WebSocket
+    connects and subscribes waits its turn instead of failing (issue 10: a
+    busy pool is a wait, not an outage; an outage still fails within the
+    connect and socket timeouts of the connection a caller gets). Long-lived
+    services pass `HERALD_REDIS_POOL_SIZE`; the small default suits one-off clients.
     With `REDIS_CLUSTER` on, the main Redis is a `RedisCluster` client (one
     such pool per node); `url` (the Celery broker) never is.
     """
     address, tls = redis_tls(url or settings.redis_url, settings)
-    options = dict(max_connections=pool_size, timeout=5, decode_responses=True, socket_timeout=5,
+    options = dict(max_connections=pool_size, timeout=settings.redis_pool_wait, decode_responses=True,
+                   socket_timeout=5,
                    socket_connect_timeout=3, **tls)
     if settings.redis_cluster and url in (None, settings.redis_url):
         return redis.RedisCluster.from_url(address, connection_pool_class=redis.BlockingConnectionPool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jwt
@@ -45,9 +46,22 @@ def verify(token: str | None, settings) -> Identity:
         return OPEN
     if not token:
         raise AuthError("a bearer token is required")
+    identity = _decode(token, settings.secret_key)
+    # Checked on every use: a token verified earlier may have expired since.
+    if identity.expires + LEEWAY_SECONDS < time.time():
+        raise AuthError("the token has expired")
+    return identity
+
+
+# A token's signature is checked once per process, not on every request and
+# connection: PyJWT spent 15% of a web process's CPU in a burst of WebSocket
+# connects (issue 10), most clients reusing their token. Refused tokens are
+# not cached (lru_cache keeps no exceptions).
+@functools.lru_cache(maxsize=4096)
+def _decode(token: str, secret: str) -> Identity:
     try:
         # Pinning the algorithm list is what stops alg=none and key-confusion tokens.
-        claims = jwt.decode(token, settings.secret_key, algorithms=["HS256"], leeway=LEEWAY_SECONDS,
+        claims = jwt.decode(token, secret, algorithms=["HS256"], leeway=LEEWAY_SECONDS,
                             options={"require": ["exp", "sub"]})
     except jwt.ExpiredSignatureError:
         raise AuthError("the token has expired") from None

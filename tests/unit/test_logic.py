@@ -11,7 +11,7 @@ from pipeline.bridge import ChannelOrder, group_batches
 from pipeline.processing import backoff_delay
 from pipeline.settings import Settings
 from pipeline.store import stream_id_key
-from web.auth import AuthError, mint, verify
+from web.auth import LEEWAY_SECONDS, AuthError, mint, verify
 
 SETTINGS = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32})
 
@@ -81,6 +81,23 @@ def test_token_round_trip_and_globs():
 def test_bad_tokens_are_refused(make):
     with pytest.raises(AuthError):
         verify(make(), SETTINGS)
+
+
+def test_a_token_verified_once_is_still_refused_once_it_expires(monkeypatch):
+    token = mint(SETTINGS, "ann", ttl=60)
+    assert verify(token, SETTINGS).user == "ann"  # now its signature check is cached
+    later = time.time() + 60 + LEEWAY_SECONDS + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    with pytest.raises(AuthError, match="expired"):
+        verify(token, SETTINGS)
+
+
+def test_a_token_signed_with_another_secret_is_refused_after_the_right_one_was_cached():
+    token = mint(SETTINGS, "ann")
+    verify(token, SETTINGS)
+    other = Settings.from_env({"HERALD_SECRET_KEY": "x" * 32})
+    with pytest.raises(AuthError):
+        verify(token, other)
 
 
 def test_auth_off_allows_everything():

@@ -9,7 +9,6 @@ close it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 
@@ -62,7 +61,7 @@ class Client:
         self.tokens = rate * 2
         self.refilled = time.monotonic()
         self.bad = 0
-        self.inbox: collections.deque = collections.deque()
+        self.inbox: list = []
         self.worker = None  # the greenlet handling the inbox, while it has frames
         self.expiry = None  # the loop timer closing the connection when the token expires
 
@@ -162,7 +161,7 @@ class Protocol:
     def _work(self, client: Client) -> None:
         try:
             while client.inbox and not client.ws.closing:
-                self._frame(client, client.inbox.popleft())
+                self._frame(client, client.inbox.pop(0))
         finally:
             client.worker = None
 

@@ -13,14 +13,15 @@ gunicorn worker class, gunicorn.conf.py).
 
 from __future__ import annotations
 
-import collections
-import os
+import _socket
 import socket
 import struct
 
 import gevent
 from gevent.event import Event
 from gevent.socket import wait_read
+from wsproto import ConnectionType
+from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import ParseFailed
 from wsproto.utilities import LocalProtocolError
@@ -87,16 +88,20 @@ class WebSocket:
                  "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong")
 
     def __init__(self, ws, queue_limit: int, max_message_bytes: int):
-        # Our own descriptor: gunicorn closes its own once the handler returns.
-        self._raw = socket.socket(fileno=os.dup(ws.sock.fileno()))
+        # The plain socket under gevent's wrapper (no watchers of its own):
+        # detached, so gunicorn's close once the handler returns is a no-op.
+        self._raw = _socket.socket(fileno=ws.sock.detach())
         self._raw.setblocking(False)
         try:
             self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         except OSError:
             pass
         ws.connected = False  # flask-sock's close() after the handler is then a no-op
-        self._proto = ws.ws
-        self._queue: collections.deque = collections.deque()
+        # A fresh frame parser rather than the handshake's WSConnection, which
+        # keeps h11's request state for ever; no extension is ever negotiated
+        # (init_app strips permessage-deflate), so nothing else carries over.
+        self._proto = Connection(ConnectionType.SERVER)
+        self._queue: list[bytes] = []  # a list, not a deque: a tenth of the memory, and rarely used
         self._partial = False  # the queue starts with the rest of a frame written in part
         self._limit = queue_limit
         self._max_bytes = max_message_bytes
