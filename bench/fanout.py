@@ -327,9 +327,14 @@ def phase(side, clients: Clients, count: int, interval: float, timeout: float, l
 def measure(side, size: int, bursts: int, latency: int, processes: int) -> dict:
     """Connect `size` clients to `side`, then the bursts and the latency phase."""
     before = rss_kib(side.pid)
+    cpu = cpu_seconds(side.pid)
     clients = Clients(side.name, side.url, size, processes)
     try:
         result = clients.connected()
+        # The server's own cost of a connect and subscribe: on a shared machine
+        # the wall time says as much about the client processes.
+        result["connect_cpu_ms_per_connection"] = round((cpu_seconds(side.pid) - cpu) * 1000
+                                                        / max(1, result["connected"]), 3)
         time.sleep(2)  # let the connections settle before reading memory
         after = rss_kib(side.pid)
         result.update(rss_mib_before=round(before / 1024, 1), rss_mib_after=round(after / 1024, 1),
@@ -346,6 +351,7 @@ def measure(side, size: int, bursts: int, latency: int, processes: int) -> dict:
 
 RATIOS = {  # herald / peer, for each figure both sides have
     "connect_seconds": ("connect_seconds",), "rss_kib_per_connection": ("rss_kib_per_connection",),
+    "connect_cpu_ms_per_connection": ("connect_cpu_ms_per_connection",),
     "burst_deliveries_per_s": ("burst", "deliveries_per_s"),
     "burst_cpu_us_per_delivery": ("burst", "server_cpu_us_per_delivery"),
     "per_second_cpu_us_per_delivery": ("per_second", "server_cpu_us_per_delivery"),

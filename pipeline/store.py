@@ -484,8 +484,14 @@ class Store:
 
     def last_id(self, channel: str) -> str | None:
         """The newest history entry's id, or None."""
-        newest = self.redis.xrevrange(self.keys.history(channel), count=1)
-        return newest[0][0] if newest else None
+        return self.last_ids([channel])[0]
+
+    def last_ids(self, channels: list[str]) -> list[str | None]:
+        """`last_id` of many channels in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for channel in channels:
+            pipe.xrevrange(self.keys.history(channel), count=1)
+        return [newest[0][0] if newest else None for newest in pipe.execute()]
 
     # In-flight index: what the bridge handed to Celery and no worker finished.
     # The broker can still lose a task (a worker killed between taking it and
@@ -539,15 +545,36 @@ class Store:
     # Connection caps across the cluster.
     def claim_connection(self, member: str, user: str, address: str) -> str | None:
         """Count a new WebSocket; returns "user" or "address" (and counts nothing) when that cap is reached."""
+        return self.claim_connections([(member, user, address)])[0]
+
+    def claim_connections(self, claims: list[tuple[str, str, str]]) -> list[str | None]:
+        """`claim_connection` for many (member, user, address) at once, in one round trip
+        (a burst of WebSocket connects, web/hub/batch.py); claims count in list order."""
         now = time.time()
         lapse = now + self.settings.presence_ttl
-        user_key, address_key = self.keys.user_connections(user), self.keys.address_connections(address)
-        if self._claim_connection(keys=[user_key], args=[member, now, lapse, self.settings.ws_max_per_user]):
-            return "user"
-        if self._claim_connection(keys=[address_key], args=[member, now, lapse, self.settings.ws_max_per_ip]):
-            self.redis.zrem(user_key, member)
-            return "address"
-        return None
+        calls = []
+        for member, user, address in claims:
+            calls.append((self._claim_connection, [self.keys.user_connections(user)],
+                          [member, now, lapse, self.settings.ws_max_per_user]))
+            calls.append((self._claim_connection, [self.keys.address_connections(address)],
+                          [member, now, lapse, self.settings.ws_max_per_ip]))
+        replies = self._run_scripts(calls)
+        results, undo = [], []
+        for (member, user, address), over_user, over_address in zip(claims, replies[::2], replies[1::2]):
+            # Each cap is one script (the two sets may sit on different cluster
+            # nodes): a claim refused by one is taken back from the other.
+            if over_user:
+                results.append("user")
+                if not over_address:
+                    undo.append((self.keys.address_connections(address), member))
+            elif over_address:
+                results.append("address")
+                undo.append((self.keys.user_connections(user), member))
+            else:
+                results.append(None)
+        for key, member in undo:
+            self.redis.zrem(key, member)
+        return results
 
     def refresh_connections(self, members: list[tuple[str, str, str]]) -> None:
         """Keep this process's open connections (member, user, address) counted for another TTL."""

@@ -30,19 +30,22 @@ class Presence:
         self.settings = settings
         self.node = node
 
-    def join(self, client, channel: str) -> None:
-        """Record the client in the channel and tell the channel (best effort: logged if Redis fails)."""
-        entry = dumps({"client": client.id, "user": client.identity.user, "since": int(time.time() * 1000),
-                       "node": self.node})
+    def join_all(self, joins: list[tuple]) -> list[None]:
+        """Record each (client, channel) and tell the channel, in one round trip (web/hub/batch.py);
+        best effort: logged if Redis fails."""
+        since = int(time.time() * 1000)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(self.keys.presence(channel), client.id, entry)
-            pipe.sadd(self.keys.presence_channels, channel)
-            self.store.publish(self.keys.presence_channel(channel),
-                               frame("join", channel, client.identity.user, client.id), pipe)
+            for client, channel in joins:
+                entry = dumps({"client": client.id, "user": client.identity.user, "since": since, "node": self.node})
+                pipe.hset(self.keys.presence(channel), client.id, entry)
+                pipe.sadd(self.keys.presence_channels, channel)
+                self.store.publish(self.keys.presence_channel(channel),
+                                   frame("join", channel, client.identity.user, client.id), pipe)
             pipe.execute()
         except redis.RedisError:
-            log.warning("presence not recorded", extra={"client": client.id, "channel": channel})
+            log.warning("presence not recorded", extra={"clients": len(joins)})
+        return [None] * len(joins)
 
     def leave(self, client, channel: str) -> None:
         """Remove the client from the channel and tell the channel (best effort)."""

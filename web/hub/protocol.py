@@ -20,6 +20,7 @@ from pipeline.errors import HeraldError, TransientError, ValidationError
 from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
 from pipeline.store import stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
+from web.hub.batch import Batcher
 from web.hub.router import Subscription
 from web.hub.transport import WebSocket, wire_frame
 
@@ -90,6 +91,11 @@ class Protocol:
         self.router = hub.router
         self.index = hub.router.index
         self.presence = hub.presence
+        store = self.services.store
+        # A burst of connects and subscribes shares round trips (web/hub/batch.py).
+        self._claim = Batcher(store.claim_connections)
+        self._last_id = Batcher(lambda calls: store.last_ids([channel for (channel,) in calls]))
+        self._join = Batcher(self.presence.join_all)
 
     # -- accepting ------------------------------------------------------------
     def accept(self, server) -> None:
@@ -109,7 +115,7 @@ class Protocol:
             return
         client_id = new_id()
         try:
-            over = self.services.store.claim_connection(self.hub.member(client_id), identity.user, remote)
+            over = self._claim(self.hub.member(client_id), identity.user, remote)
         except redis.RedisError as exc:
             ws.close(CLOSE_TRY_AGAIN, "try again later")
             log.warning("ws refused: Redis unavailable", extra={"user": identity.user, "error": str(exc)})
@@ -237,7 +243,7 @@ class Protocol:
                     sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
                 else:
                     replay, recovered, more = [], True, False
-                    newest = store.last_id(channel)
+                    newest = self._last_id(channel)
                     sub.last = stream_id_key(newest) if newest else (-1, -1)
             except redis.RedisError:
                 self.router.leave(names)
@@ -260,7 +266,7 @@ class Protocol:
         client.send(_with_ref(reply, ref))
         self._replay(client, channel, sub, replay, more)
         if previous is None:
-            self.presence.join(client, channel)
+            self._join(client, channel)
 
     def _replay_page(self) -> int:
         # The replay waits for an empty send queue before each page: a page
