@@ -90,6 +90,10 @@ class Keys:
         """How many times a Celery task started."""
         return self._user("runs", task_id)
 
+    def rate(self, rule: str, by: str, value: str) -> str:
+        """Sorted set of the message ids a `rate` condition counted in its window."""
+        return self._user("rate", f"{rule}:{by}:{value}")
+
     # -- connections and nodes ---------------------------------------------
     def user_connections(self, user: str) -> str:
         """Open WebSockets of a user, across web processes."""
@@ -136,6 +140,16 @@ class Keys:
     def workers(self) -> str:
         """Set of the Celery workers that registered (on the broker's Redis)."""
         return self._own("workers")
+
+    @property
+    def rules(self) -> str:
+        """Hash of the rule set in force: its `version` and its `doc` (normalised JSON)."""
+        return self._own("rules")
+
+    @property
+    def rules_notice(self) -> str:
+        """Pub/sub channel announcing a new rule set version to the workers."""
+        return self._own("rules-notice")
 
     @property
     def presence_reaper(self) -> str:

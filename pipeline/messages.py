@@ -136,6 +136,9 @@ class Envelope:
     waiting_since: float | None = None
     skip: bool = False
     force_order: bool = False
+    # What the rules decided for it (pipeline/rules.py: Decision.record), once:
+    # a message back from waiting, or retried, keeps its decision.
+    rules: dict | None = None
 
     def to_wire(self) -> dict:
         """A JSON-ready dict: the message, and whichever pipeline fields are set."""

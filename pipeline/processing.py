@@ -71,11 +71,12 @@ class Processor:
     run again.
     """
 
-    def __init__(self, settings, store, archive, dead_letters):
+    def __init__(self, settings, store, archive, dead_letters, rules=None):
         self.settings = settings
         self.store = store
         self.archive = archive
         self.dead_letters = dead_letters
+        self.rules = rules  # pipeline.rules_store.RulesStore, or None to run no rules
 
     def run(self, envelopes: list[Envelope], *, final_attempt: bool) -> Outcome:
         """Process the batch once; raises RetryLater when a transient failure stops it.
@@ -93,6 +94,9 @@ class Processor:
         envelopes = [replace(e, force_order=True) if now - _since(e, now) >= self.settings.order_wait else e
                      for e in envelopes]
         try:
+            if self.rules is not None:
+                # Before anything stores the message: a redacted field is never kept.
+                envelopes = self.rules.apply(envelopes)
             # A message back from waiting was marked already; it is not a new attempt.
             marked = iter(self.store.mark_processing([e for e in envelopes if e.waiting_since is None]))
             statuses = ["processing" if e.waiting_since is not None else next(marked) for e in envelopes]

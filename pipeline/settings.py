@@ -14,10 +14,11 @@ import socket
 import ssl
 import sys
 import tempfile
+import zoneinfo
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
-from pipeline.messages import namespace
+from pipeline.messages import namespace, valid_channel
 from pipeline.redis_tls import cert_reqs, check_ca_pem, redis_tls
 
 _ON = {"1", "on", "true", "yes"}
@@ -90,6 +91,11 @@ class Settings:
     worker_concurrency: int = 2
     log_level: str = "INFO"
     node_id: str = ""
+    # Rules (README: "Rules"): a set loaded at start when none is stored, the
+    # time zone of `time_range` conditions that name none, where alerts go.
+    rules_file: str | None = None
+    rules_timezone: str = "UTC"
+    rules_alert_channel: str = "alerts:rules"
 
     @property
     def redis_broker(self) -> bool:
@@ -196,6 +202,9 @@ class Settings:
             worker_concurrency=_int(env, "HERALD_WORKER_CONCURRENCY", cls.worker_concurrency, 1, 256),
             log_level=_choice(env, "HERALD_LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             node_id=env.get("HERALD_NODE_ID") or f"{socket.gethostname()}-{os.getpid()}",
+            rules_file=_rules_file(env),
+            rules_timezone=_timezone(env, "HERALD_RULES_TIMEZONE", cls.rules_timezone),
+            rules_alert_channel=_alert_channel(env),
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
             # Strict order by default (README: "Order"): a record waits for a
@@ -468,3 +477,26 @@ def _topic(env):
 def _topic_name_ok(name: str) -> bool:
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
     return len(name) <= 200 and set(name) <= allowed
+
+
+def _rules_file(env):
+    path = env.get("HERALD_RULES_FILE") or None
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"HERALD_RULES_FILE={path!r} is not a readable file")
+    return path
+
+
+def _timezone(env, name, default):
+    value = env.get(name) or default
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not an IANA time zone (Europe/Paris, UTC)") from None
+    return value
+
+
+def _alert_channel(env):
+    value = env.get("HERALD_RULES_ALERT_CHANNEL") or Settings.rules_alert_channel
+    if not valid_channel(value):
+        raise ConfigError(f"HERALD_RULES_ALERT_CHANNEL={value!r} is not a channel name ([A-Za-z0-9_:.@-]{{1,200}})")
+    return value

@@ -11,13 +11,14 @@ import collections
 import json
 import re
 import time
+from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from pipeline.errors import StartupError
 from pipeline.keys import Keys
-from pipeline.messages import Envelope, decode, encode
+from pipeline.messages import MESSAGE_FIELDS, Envelope, decode, encode
 from pipeline.redis_tls import redis_tls
 
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
@@ -112,6 +113,43 @@ redis.call(ARGV[16], KEYS[6], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
 redis.call(ARGV[16], KEYS[7], ARGV[6])
 if ARGV[7] ~= '' then redis.call(ARGV[16], ARGV[7], ARGV[8] .. '\\n' .. ARGV[6]) end
 return {'delivered', sid, forced}
+"""
+
+# What a rule adds to a delivery (an alert frame, a copy routed to another
+# channel): a message appended to a channel's history and published, exactly
+# once, guarded by its own marker set in the same script (a task run again
+# after a worker died between the delivery and this finds the marker). Every
+# key is the target channel's, so it runs in that channel's slot on a cluster.
+# KEYS: marker, history stream, history epoch, message pub/sub channel.
+# ARGV: marker ttl, history maxlen, message frame head, channel idle ttl,
+# publish command, oldest id to keep ('' = no age limit).
+# Returns 1 when it delivered, 0 when the marker was there.
+_EMIT = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local sid = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'f', ARGV[3])
+if ARGV[6] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', ARGV[6]) end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[3], sid, 'NX')
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call(ARGV[5], KEYS[4], sid .. '\\n' .. ARGV[3] .. sid .. '"}')
+return 1
+"""
+
+# A `rate` condition's window: the ids of the messages it counted, scored by
+# when. A message counted before (its task ran again) is not counted twice.
+# KEYS: the window. ARGV: now, window seconds, message id, '1' to count ('0'
+# only reads: a dry run). Returns how many the window holds up to this message.
+_RATE = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local score = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if not score then
+  if ARGV[4] ~= '1' then return redis.call('ZCARD', KEYS[1]) + 1 end
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
+  score = now
+end
+return redis.call('ZCOUNT', KEYS[1], '-inf', score)
 """
 
 # The first publish of a message id claims it. KEYS: claim. ARGV: pending
@@ -241,6 +279,8 @@ def message_frame_head(envelope: Envelope) -> str:
     """The SPEC's `message` frame without its closing offset, which XADD assigns."""
     frame = {"op": "message", "channel": envelope.channel, "id": envelope.id, "type": envelope.type,
              "data": envelope.data, "sender": envelope.sender, "ts": envelope.ts}
+    if envelope.rules and envelope.rules.get("tags"):
+        frame["tags"] = envelope.rules["tags"]  # a rule's `tag` action
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"offset":"'
 
 
@@ -284,6 +324,8 @@ class Store:
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._claim_connection = client.register_script(_CLAIM_CONNECTION)
+        self._emit = client.register_script(_EMIT)
+        self._rate = client.register_script(_RATE)
 
     def publish(self, name: str, message: str, client=None) -> None:
         """Publish on a pub/sub channel built by Keys: sharded (SPUBLISH) on a
@@ -413,7 +455,47 @@ class Store:
         results = [tuple(result) for result in self._run_scripts(calls)]
         if self.cluster:
             self._after_pass(envelopes, results)
+        self._rule_effects(envelopes, results)
         return results
+
+    def _rule_effects(self, envelopes: list[Envelope], results: list[tuple[str, str, str]]) -> None:
+        # A rule's alert and route, once the record passed its gate, whatever
+        # its outcome: a duplicate or skipped record may be the second run of a
+        # task whose worker died before this step; each effect's marker keeps
+        # it to once (_EMIT).
+        calls = []
+        for envelope, (result, _sid, _forced) in zip(envelopes, results):
+            decision = envelope.rules
+            if result == "wait" or not decision or not ("alert" in decision or "route" in decision):
+                continue
+            for rule in decision.get("alert", ()):
+                alert = Envelope(id=f"{envelope.id}:alert:{rule}", channel=self.settings.rules_alert_channel,
+                                 type="rule.alert", sender="herald", ts=int(time.time() * 1000),
+                                 data={"rule": rule, "blocked": decision.get("block") == rule,
+                                       "matched": decision.get("matched", []),
+                                       "message": {name: getattr(envelope, name) for name in MESSAGE_FIELDS}})
+                calls.append(self._emit_call(alert, alert.id))
+            for _rule, target in decision.get("route", ()):
+                if decision.get("block"):
+                    break
+                calls.append(self._emit_call(replace(envelope, channel=target), f"{envelope.id}:route"))
+        if calls:
+            self._run_scripts(calls)
+
+    def _emit_call(self, envelope: Envelope, marker: str) -> tuple:
+        channel = envelope.channel
+        maxlen, max_age = self.settings.retention(channel)
+        oldest = f"{int((time.time() - max_age) * 1000)}-0" if max_age else ""
+        keys = [self.keys.done(f"{marker}:{channel}", channel), self.keys.history(channel),
+                self.keys.epoch(channel), self.keys.message_channel(channel)]
+        return (self._emit, keys, [self.settings.status_ttl, maxlen, message_frame_head(envelope),
+                                   self.settings.channel_idle_ttl, "SPUBLISH" if self.cluster else "PUBLISH",
+                                   oldest])
+
+    def count_in_window(self, key: str, per: float, member: str, *, record: bool = True) -> int:
+        """How many messages a `rate` window of `per` seconds at `key` holds up to `member`,
+        counting `member` in (once) unless `record` is false."""
+        return int(self._rate(keys=[key], args=[time.time(), per, member, "1" if record else "0"]))
 
     def _after_pass(self, envelopes: list[Envelope], results: list[tuple[str, str, str]]) -> None:
         # On a cluster, what the delivery script cannot reach from the
@@ -451,6 +533,8 @@ class Store:
         out = {"id": msg_id}
         for name in ("channel", "type", "sender", "status", "error"):
             out[name] = raw.get(name)
+        if raw.get("rule"):
+            out["rule"] = raw["rule"]  # the rule that blocked it (README: "Rules")
         for name in ("ts", "attempts", "partition", "offset"):
             out[name] = int(raw[name]) if raw.get(name, "").lstrip("-").isdigit() else None
         out["attempts"] = out["attempts"] or 0

@@ -119,12 +119,13 @@ def processor() -> Processor:
         from pipeline.archive import Archive
         from pipeline.dlq import DeadLetters
         from pipeline.kafka import Publisher
+        from pipeline.rules_store import RulesStore
         from pipeline.store import Store, connect
 
         store = Store(connect(settings, settings.redis_pool_size), settings)
         publisher = Publisher(settings, client_id=f"herald-worker-{settings.node_id}")
         _processor = Processor(settings, store, Archive(settings.database_url),
-                               DeadLetters(publisher, store, settings))
+                               DeadLetters(publisher, store, settings), RulesStore(store, settings))
     return _processor
 
 

@@ -216,7 +216,7 @@ def authenticate_admin() -> Identity:
     """The caller's Identity, which must carry `admin: true`."""
     identity = authenticate()
     if not identity.admin:
-        raise ValidationError("The dead-letter queue is for admin tokens only", status=403, title="Forbidden")
+        raise ValidationError("This endpoint is for admin tokens only", status=403, title="Forbidden")
     return identity
 
 
@@ -244,6 +244,81 @@ def dlq_replay(letter_id: str):
     except NotReplayable as exc:
         status = 404 if services().dead_letters.get(letter_id) is None else 409
         return problem(status, str(exc), slug="not-replayable")
+
+
+RULE_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "application/json")
+
+
+def rules_store():
+    """The stored rule set (pipeline/rules_store.py)."""
+    from pipeline.rules_store import RulesStore
+
+    return RulesStore(services().store, services().settings)
+
+
+def read_rules(text: str | bytes, media_type: str) -> dict:
+    """A rule set text in normal form, or a 422 listing each fault with its path."""
+    from pipeline import rules
+
+    try:
+        return rules.load(text, media_type)
+    except rules.RulesError as exc:
+        raise ValidationError("The rule set is invalid; nothing was changed",
+                              [{"field": e["path"], "problem": e["problem"],
+                                "error": f"{e['path']}: {e['problem']}" if e["path"] else e["problem"]}
+                               for e in exc.errors], status=422, title="Invalid rule set") from None
+
+
+def rules_body(limit: int = 1024 * 1024) -> tuple[bytes, str]:
+    """The raw body of a rule set request and its media type (YAML or JSON)."""
+    if request.mimetype not in RULE_TYPES:
+        raise ValidationError("Send the rule set as application/yaml or application/json", status=415,
+                              title="Unsupported media type")
+    raw = request.get_data(cache=False)
+    if len(raw) > limit:
+        raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
+                              title="Payload too large")
+    return raw, request.mimetype
+
+
+@blueprint.put("/rules")
+def rules_put():
+    authenticate_admin()
+    doc = read_rules(*rules_body())
+    version = rules_store().put(doc)
+    log.info("rules replaced", extra={"version": version, "rules": len(doc["rules"]),
+                                      "request_id": g.get("request_id")})
+    return {"version": version, **doc}
+
+
+@blueprint.get("/rules")
+def rules_get():
+    authenticate_admin()
+    version, doc = rules_store().get()
+    return {"version": version, **doc}
+
+
+@blueprint.post("/rules/test")
+def rules_test():
+    """Evaluate a message against a rule set (the body's `rules`, else the stored set), without side effects."""
+    from pipeline import rules
+    from pipeline.rules_store import dry_run
+
+    identity = authenticate_admin()
+    body = read_json(services().settings.max_batch_bytes)
+    if not isinstance(body, dict) or "message" not in body or set(body) - {"message", "rules"}:
+        raise ValidationError('The body is {"message": {...}, "rules": optional rule set}',
+                              [{"field": "message", "problem": "required"}])
+    if "rules" in body:
+        version, doc = 0, read_rules(dumps(body["rules"]), "application/json")
+    else:
+        version, doc = rules_store().get()
+    message = body["message"]
+    envelope = parse_publish({k: v for k, v in message.items() if k != "sender"} if isinstance(message, dict)
+                             else message, sender=str(message.get("sender", identity.user))
+                             if isinstance(message, dict) else identity.user)
+    rule_set = rules.compile_set(doc, version, services().settings.rules_timezone)
+    return dry_run(rule_set, envelope, services().store)
 
 
 @blueprint.get("/channels/<channel>/presence")

@@ -1,4 +1,4 @@
-"""`flask --app app <command>`: dev, release, token, publish, tail, dlq."""
+"""`flask --app app <command>`: dev, release, token, publish, tail, dlq, rules."""
 
 from __future__ import annotations
 
@@ -133,6 +133,68 @@ def dlq_replay_command(letter_id, replay_all):
         sys.exit(1)
 
 
+@click.group("rules")
+def rules_group():
+    """Load, show and test rule sets (README: "Rules")."""
+
+
+def _read_rules_file(path: str) -> dict:
+    from pipeline import rules
+
+    with open(path, "rb") as fh:
+        text = fh.read()
+    try:
+        return rules.load(text, "application/json" if path.endswith(".json") else "application/yaml")
+    except rules.RulesError as exc:
+        for error in exc.errors:
+            click.echo(f"{error['path'] or path}: {error['problem']}", err=True)
+        raise click.ClickException(f"{path}: the rule set is invalid; nothing was changed") from None
+
+
+@rules_group.command("load")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def rules_load_command(path):
+    """Replace the rule set with the one in PATH (YAML, or JSON for *.json)."""
+    from pipeline.rules_store import RulesStore
+
+    doc = _read_rules_file(path)
+    services = current_app.extensions["herald"]
+    click.echo(json.dumps({"version": RulesStore(services.store, services.settings).put(doc),
+                           "rules": len(doc["rules"])}))
+
+
+@rules_group.command("show")
+def rules_show_command():
+    """Print the rule set in force and its version, as JSON."""
+    from pipeline.rules_store import RulesStore
+
+    services = current_app.extensions["herald"]
+    version, doc = RulesStore(services.store, services.settings).get()
+    click.echo(json.dumps({"version": version, **doc}, indent=2))
+
+
+@rules_group.command("test")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("message")
+def rules_test_command(path, message):
+    """What the rule set in PATH decides for MESSAGE (JSON: channel, data, type, sender), with no side effects."""
+    from pipeline import rules
+    from pipeline.errors import ValidationError
+    from pipeline.rules_store import dry_run
+
+    doc = _read_rules_file(path)
+    try:
+        body = json.loads(message)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+        envelope = parse_publish({k: v for k, v in body.items() if k != "sender"},
+                                 sender=str(body.get("sender", "cli")))
+    except (ValueError, ValidationError) as exc:
+        raise click.ClickException(f"MESSAGE is not a message: {exc}") from None
+    settings = _settings()
+    click.echo(json.dumps(dry_run(rules.compile_set(doc, 0, settings.rules_timezone), envelope)))
+
+
 @click.command("release")
 def release_command():
     """Create or check the Kafka topics and the archive schema (the Procfile's release phase)."""
@@ -228,5 +290,6 @@ def _redis_answers(settings) -> bool:
 
 def init_app(app) -> None:
     """Register the commands on the app's CLI."""
-    for command in (dev_command, release_command, token_command, publish_command, tail_command, dlq_group):
+    for command in (dev_command, release_command, token_command, publish_command, tail_command, dlq_group,
+                    rules_group):
         app.cli.add_command(command)

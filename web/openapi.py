@@ -76,6 +76,34 @@ def document(settings) -> dict:
                                                          "since": {"type": "integer"}}}}}}}}},
                     "401": PROBLEM, "403": PROBLEM},
             }},
+            "/api/v1/rules": {
+                "get": {"summary": "The rule set in force and its version (admin token)",
+                        "responses": {"200": {"description": "The set", "content": _json("RuleSet")},
+                                      "401": PROBLEM, "403": PROBLEM}},
+                "put": {"summary": "Replace the whole rule set (admin token)",
+                        "description": "YAML or JSON: `rules: [...]` or one `rule: {...}`. Every worker applies "
+                                       "the new version within a second; a set with any fault is refused whole "
+                                       "(422, each fault with its path) and nothing changes.",
+                        "requestBody": {"required": True, "content": {
+                            "application/yaml": {"schema": {"type": "string"}},
+                            "application/json": {"schema": {"type": "object"}}}},
+                        "responses": {"200": {"description": "The new set and its version",
+                                              "content": _json("RuleSet")},
+                                      **{code: PROBLEM for code in ("401", "403", "413", "415", "422", "503")}}},
+            },
+            "/api/v1/rules/test": {"post": {
+                "summary": "What a rule set decides for a message, without side effects (admin token)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["message"], "properties": {
+                        "message": {"$ref": "#/components/schemas/Publish"},
+                        "rules": {"type": "object", "description": "a rule set; the stored one when absent"}}}}}},
+                "responses": {"200": {"description": "The decision", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {
+                        "version": {"type": "integer"}, "matched": {"type": "array"},
+                        "blocked": {"type": ["string", "null"]}, "alerts": {"type": "array"},
+                        "routes": {"type": "array"}, "tags": {"type": "array"}, "data": {}}}}}},
+                              **{code: PROBLEM for code in ("400", "401", "403", "415", "422")}},
+            }},
             "/healthz": {"get": {"summary": "Liveness", "security": [],
                                  "responses": {"200": {"description": "The process lives"}}}},
             "/readyz": {"get": {"summary": "Readiness (Kafka and Redis answer)", "security": [],
@@ -108,6 +136,12 @@ def document(settings) -> dict:
                     "status": {"enum": ["accepted", "processing", "delivered", "failed", "rejected"]},
                     "attempts": {"type": "integer"}, "error": {"type": ["string", "null"]},
                     "offset": {"type": ["integer", "string", "null"]}}},
+                "RuleSet": {"type": "object", "required": ["version", "rules"], "properties": {
+                    "version": {"type": "integer"}, "rules": {"type": "array", "items": {
+                        "type": "object", "required": ["id", "condition", "action"], "properties": {
+                            "id": {"type": "string"}, "description": {"type": "string"},
+                            "enabled": {"type": "boolean"}, "priority": {"type": "integer"},
+                            "condition": {"type": "object"}, "action": {}}}}}},
                 "Problem": {"type": "object", "required": ["type", "title", "status", "detail"], "properties": {
                     "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
                     "detail": {"type": "string"}, "errors": {"type": "array", "items": {"type": "object"}}}},

@@ -56,6 +56,11 @@ class Services:
         """
         self.publisher.warm_up()
         self.store.redis.ping()
+        if self.settings.rules_file:
+            from pipeline.rules_store import RulesStore
+
+            # A bad file stops the process (RulesError): better than running without the policy.
+            RulesStore(self.store, self.settings).load_file()
         if self.hub is not None:
             self.hub.start()
 

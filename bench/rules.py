@@ -1,0 +1,124 @@
+"""What rules cost: evaluation per message, and a worker's processing throughput with them.
+
+    python bench/rules.py --messages 20000
+
+Evaluation: `RuleSet.evaluate` per message with 1, 10 and 100 rules (each
+rule a channel glob, a type and a field test, a tenth of them with a time
+range; messages over 50 channels, about 5% matching one rule). Throughput:
+`Processor.run` on batches of 100 messages against a real Redis (its own,
+started here), with no rule set and with the 100 rules stored, measured in
+the same run; the archive and dead letters are left out (they do not
+change with rules). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# In place of bench/ itself: bench/pipeline.py would hide the `pipeline` package.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pipeline import embedded, rules  # noqa: E402
+from pipeline.messages import Envelope, new_id  # noqa: E402
+from pipeline.processing import Processor  # noqa: E402
+from pipeline.rules_store import RulesStore  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.store import Store, connect  # noqa: E402
+
+CHANNELS = 50
+
+
+def rule_set_text(count: int) -> str:
+    """`count` rules of the usual shape."""
+    lines = ["rules:"]
+    for n in range(count):
+        window = ", time_range: ['22:00', '06:00']" if n % 10 == 9 else ""
+        lines.append(f"  - {{id: r{n}, priority: {n % 7}, condition: {{channel: 'ns{n % 10}:*', type: payment, "
+                     f"field: data.amount, gt: {1000 + n * 10}{window}}}, action: alert}}")
+    return "\n".join(lines)
+
+
+def messages(count: int, offset0: int = 0) -> list[Envelope]:
+    """Messages over CHANNELS channels, offsets in order per channel (prev set), mostly not matching."""
+    out, last = [], {}
+    for n in range(count):
+        channel = f"ns{n % 10}:c{n % CHANNELS}"
+        offset = offset0 + n
+        out.append(Envelope(id=new_id(), channel=channel, type="payment" if n % 2 else "message",
+                            data={"amount": 2500 if n % 20 == 1 else 10, "note": "x"}, sender="bench", ts=0,
+                            partition=0, offset=offset, prev=last.get(channel)))
+        last[channel] = offset
+    return out
+
+
+def evaluation_cost(count: int, sample: list[Envelope]) -> dict:
+    """Microseconds per message to evaluate a set of `count` rules."""
+    rule_set = rules.compile_set(rules.load(rule_set_text(count)), 1)
+    context = rules.Context(time.time())
+    for envelope in sample[:1000]:  # the per-channel index is built once per channel
+        rule_set.evaluate(envelope, context)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        matched = sum(1 for envelope in sample if rule_set.evaluate(envelope, rules.Context(time.time())))
+        best = min(best, time.perf_counter() - start)
+    return {"rules": count, "us_per_message": round(best / len(sample) * 1e6, 2),
+            "matched_share": round(matched / len(sample), 3)}
+
+
+class _NoArchive:
+    def store(self, envelopes):
+        pass
+
+
+def throughput(settings, with_rules: bool, count: int) -> float:
+    """Messages a second through Processor.run, batches of 100."""
+    store = Store(connect(settings, 8), settings)
+    store.redis.flushdb()
+    rules_store = RulesStore(store, settings)
+    if with_rules:
+        rules_store.put(rules.load(rule_set_text(100)))
+    processor = Processor(settings, store, _NoArchive(), None, rules_store if with_rules else None)
+    batch = messages(count)
+    start = time.perf_counter()
+    for first in range(0, count, 100):
+        outcome = processor.run(batch[first:first + 100], final_attempt=False)
+        assert not outcome.waiting, "messages waited: the benchmark's offsets are wrong"
+    elapsed = time.perf_counter() - start
+    store.redis.close()
+    return count / elapsed
+
+
+def main() -> None:
+    """Run both measurements and print one JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3, help="throughput runs of each kind, best kept")
+    args = parser.parse_args()
+    sample = messages(10000)
+    evaluation = [evaluation_cost(n, sample) for n in (1, 10, 100)]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = embedded.redis_server(embedded.free_port(), str(Path(tmp) / "redis.log")).start()
+        try:
+            settings = Settings.from_env({"HERALD_AUTH": "off", "REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
+                                          "HERALD_REDIS_PREFIX": "bench"})
+            without, with_ = [], []
+            for _ in range(args.rounds):  # interleaved, so a noisy neighbour hits both alike
+                without.append(throughput(settings, False, args.messages))
+                with_.append(throughput(settings, True, args.messages))
+        finally:
+            server.stop()
+    print(json.dumps({
+        "evaluation": evaluation,
+        "throughput": {"messages": args.messages, "no_rules_per_s": round(max(without)),
+                       "rules_100_per_s": round(max(with_)), "ratio": round(max(with_) / max(without), 3)},
+    }))
+
+
+if __name__ == "__main__":
+    main()

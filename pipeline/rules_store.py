@@ -1,0 +1,179 @@
+"""The rule set in force: kept in Redis, replaced whole, picked up by every worker.
+
+The set is one hash (`version`, `doc`), so a reader gets a whole version or
+the one before it, never half of one. A replacement publishes a notice the
+workers listen for; each also reads the version at most every
+`VERSION_CHECK` seconds, at a batch's start, in case a notice was lost, and
+compiles a new version once (README: "Rules").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import replace
+
+import redis
+from prometheus_client import Counter, Gauge
+
+from pipeline import rules as engine
+from pipeline.messages import Envelope
+
+log = logging.getLogger("herald.rules")
+VERSION_CHECK = 0.5  # seconds between version reads in a worker; a notice makes the next batch read at once
+MATCHES = Counter("herald_rule_matches_total", "Messages a rule matched, per rule and action", ["rule", "action"])
+VERSION = Gauge("herald_rules_version", "Version of the rule set this process applies", multiprocess_mode="max")
+
+# KEYS: the rules hash. ARGV: normalised doc, notice channel, '1' to write only
+# when no set is stored (HERALD_RULES_FILE at start-up). Returns the new
+# version, or 0 when a set was there and ARGV[3] was '1'.
+_PUT = """
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'doc', ARGV[1])
+redis.call('PUBLISH', ARGV[2], version)
+return version
+"""
+
+
+class RulesStore:
+    """Reads and replaces the stored rule set, and applies it to a worker's batches."""
+
+    def __init__(self, store, settings):
+        self.store = store
+        self.settings = settings
+        self._put = store.redis.register_script(_PUT)
+        self._set: engine.RuleSet | None = None
+        self._version = 0
+        self._checked = 0.0
+        self._notified = threading.Event()
+        self._listener = None
+        self._file_loaded = False
+
+    # -- the stored set --------------------------------------------------------------
+    def put(self, doc: dict, *, only_if_none: bool = False) -> int:
+        """Replace the set with `doc` (validated, normal form) atomically; returns its version
+        (0 when `only_if_none` and a set is stored)."""
+        return int(self._put(keys=[self.store.keys.rules],
+                             args=[json.dumps(doc, separators=(",", ":")), self.store.keys.rules_notice,
+                                   "1" if only_if_none else "0"]))
+
+    def get(self) -> tuple[int, dict]:
+        """(version, doc) of the stored set; (0, no rules) when none is."""
+        version, doc = self.store.redis.hmget(self.store.keys.rules, ["version", "doc"])
+        if not version:
+            return 0, {"rules": []}
+        return int(version), json.loads(doc)
+
+    def load_file(self) -> int:
+        """Store HERALD_RULES_FILE's set when none is stored; returns the version stored (0: none).
+        A bad file raises RulesError: the process must not run a policy it cannot read."""
+        path = self.settings.rules_file
+        if not path:
+            return 0
+        with open(path, "rb") as fh:
+            text = fh.read()
+        doc = engine.load(text, "application/json" if path.endswith(".json") else "application/yaml")
+        return self.put(doc, only_if_none=True)
+
+    # -- the worker's side -------------------------------------------------------------
+    def current(self) -> engine.RuleSet | None:
+        """The compiled set in force (None when there are no rules), read again when a
+        notice came or VERSION_CHECK passed; compiled once per version."""
+        now = time.monotonic()
+        if self._notified.is_set() or now - self._checked >= VERSION_CHECK:
+            self._notified.clear()
+            self._checked = now
+            self._listen()
+            if not self._file_loaded:
+                self._load_file_once()
+            version = self.store.redis.hget(self.store.keys.rules, "version")
+            if int(version or 0) != self._version:
+                self._version, doc = self.get()  # one HMGET: a whole version, never half of one
+                self._set = engine.compile_set(doc, self._version, self.settings.rules_timezone) \
+                    if doc["rules"] else None
+                VERSION.set(self._version)
+                log.info("rules applied", extra={"version": self._version, "rules": len(self._set or ())})
+        return self._set
+
+    def _load_file_once(self) -> None:
+        try:
+            self.load_file()
+        except engine.RulesError as exc:
+            log.error("HERALD_RULES_FILE refused", extra={"error": str(exc)})
+        self._file_loaded = True
+
+    def apply(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Evaluate the rules once for each message not decided yet: redact its data,
+        attach the decision (`Envelope.rules`), and reject a blocked one, which then
+        only passes its channel's order gate (`skip`)."""
+        rule_set = self.current()
+        if rule_set is None:
+            return envelopes
+        context = engine.Context(time.time(), self._count)
+        out = []
+        for envelope in envelopes:
+            if envelope.rules is not None or envelope.skip:
+                out.append(envelope)
+                continue
+            decision = rule_set.evaluate(envelope, context)
+            if decision is None:
+                out.append(replace(envelope, rules={"v": rule_set.version}))
+                continue
+            for rule, action in decision.matched:
+                MATCHES.labels(rule, action).inc()
+            data = engine.redacted(envelope.data, decision.redact) if decision.redact else envelope.data
+            envelope = replace(envelope, data=data, rules=decision.record(), skip=decision.block is not None)
+            if decision.block:
+                self._reject(envelope, decision.block)
+            out.append(envelope)
+        return out
+
+    def _reject(self, envelope: Envelope, rule: str) -> None:
+        from pipeline.store import _message_fields
+
+        fields = _message_fields(envelope, "" if envelope.partition is None else envelope.partition,
+                                 "" if envelope.offset is None else envelope.offset)
+        fields.update(error=f"blocked by rule {rule}", rule=rule)
+        self.store.set_status(envelope, "rejected", fields=fields, origin=envelope.origin)
+        log.info("message blocked", extra={"message_id": envelope.id, "channel": envelope.channel, "rule": rule})
+
+    def _count(self, parts: tuple[str, str, str], per: float, member: str) -> int:
+        return self.store.count_in_window(self.store.keys.rate(*parts), per, member)
+
+    def _listen(self) -> None:
+        # A thread per process listening for notices; on a cluster, and while it
+        # is down, the VERSION_CHECK reads alone pick a new version up.
+        if self._listener is not None or self.store.cluster:
+            return
+        try:
+            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(**{self.store.keys.rules_notice: lambda _message: self._notified.set()})
+            self._listener = pubsub.run_in_thread(sleep_time=1.0, daemon=True,
+                                                  exception_handler=self._listener_failed)
+        except redis.RedisError as exc:
+            log.warning("rules notices not received", extra={"error": str(exc)})
+
+    def _listener_failed(self, exc, pubsub, thread) -> None:
+        log.warning("rules notices not received", extra={"error": str(exc)})
+        thread.stop()
+        pubsub.close()
+        self._listener = None
+
+
+def dry_run(rule_set: engine.RuleSet, envelope: Envelope, store=None) -> dict:
+    """What `rule_set` decides for `envelope`, without side effects: rate windows are
+    only read (from `store` when given, else they never match)."""
+    def read_only(parts, per, member):
+        return store.count_in_window(store.keys.rate(*parts), per, member, record=False)
+
+    context = engine.Context(time.time(), read_only if store is not None else None)
+    decision = rule_set.evaluate(envelope, context)
+    if decision is None:
+        return {"version": rule_set.version, "matched": [], "blocked": None, "data": envelope.data}
+    record = decision.record()
+    return {"version": rule_set.version, "matched": record.get("matched", []), "blocked": decision.block,
+            "alerts": decision.alerts, "routes": record.get("route", []), "tags": decision.tags,
+            "data": engine.redacted(envelope.data, decision.redact) if decision.redact else envelope.data}
