@@ -113,35 +113,63 @@ def test_stream_offsets_are_validated_as_redis_writes_them(value, valid):
     assert valid_stream_id(value) is valid
 
 
-def test_a_transient_failure_mid_batch_retries_the_records_that_waited_before_it():
-    import redis
-
-    from pipeline.messages import Envelope
-    from pipeline.processing import Processor, RetryLater
-
-    first = Envelope("a1", "a", "message", 1, "s", 0, partition=0, offset=5, prev=4)
-    second = Envelope("b1", "b", "message", 2, "s", 0, partition=0, offset=6, prev=3)
-    after = Envelope("b2", "b", "message", 3, "s", 0, partition=0, offset=7, prev=6)
+def _processor(deliver):
+    from pipeline.processing import Processor
 
     class Store:
         def mark_processing(self, envelopes):
             return ["processing"] * len(envelopes)
 
-        def deliver(self, envelopes, force=False):
-            if len(envelopes) > 1:
-                return [("wait", "", "0")] * len(envelopes)
-            if envelopes[0].channel == "a":
-                return [("wait", "", "0")]  # its predecessor is still with another worker
-            raise redis.ConnectionError("Redis went away")
-
     class Archive:
         def store(self, envelopes):
             pass
 
-    processor = Processor(SETTINGS, Store(), Archive(), dead_letters=None)
+    store = Store()
+    store.deliver = deliver
+    return Processor(SETTINGS, store, Archive(), dead_letters=None)
+
+
+def test_a_transient_failure_while_records_wait_retries_every_waiting_record_in_batch_order():
+    import redis
+
+    from pipeline.messages import Envelope
+    from pipeline.processing import RetryLater
+
+    first = Envelope("a1", "a", "message", 1, "s", 0, partition=0, offset=5, prev=4)
+    second = Envelope("b1", "b", "message", 2, "s", 0, partition=0, offset=6, prev=3)
+    after = Envelope("b2", "b", "message", 3, "s", 0, partition=0, offset=7, prev=6)
+    calls = []
+
+    def deliver(envelopes, force=False):
+        calls.append([e.id for e in envelopes])
+        if len(calls) == 1:
+            return [("wait", "", "0")] * len(envelopes)  # predecessors still with another worker
+        raise redis.ConnectionError("Redis went away")
+
     try:
-        processor.run([first, second, after], final_attempt=False)
+        _processor(deliver).run([first, second, after], final_attempt=False)
     except RetryLater as pending:
-        assert [e.id for e in pending.remaining] == ["b1", "a1", "b2"]
+        assert [e.id for e in pending.remaining] == ["a1", "b1", "b2"]
     else:
         raise AssertionError("no RetryLater")
+
+
+def test_records_waiting_for_their_predecessors_are_tried_again_together():
+    # Two workers on consecutive batches of one partition: the later batch's
+    # records wait for the earlier one's. One round trip per try for all of
+    # them, not a wait of its own for each channel.
+    from pipeline.messages import Envelope
+
+    batch = [Envelope(f"m{n}", f"c{n % 20}", "message", n, "s", 0, partition=0, offset=100 + n, prev=n)
+             for n in range(100)]
+    calls = []
+
+    def deliver(envelopes, force=False):
+        calls.append(len(envelopes))
+        if len(calls) < 3:
+            return [("wait", "", "0")] * len(envelopes)
+        return [("delivered", "1-0", "0")] * len(envelopes)
+
+    outcome = _processor(deliver).run(batch, final_attempt=False)
+    assert outcome.delivered == 100 and not outcome.waiting
+    assert calls == [100, 100, 100]
