@@ -75,13 +75,17 @@ def _text(header: bytes | None) -> str | None:
 
 
 def group_batches(records, batch_size: int):
-    """Split decoded (partition, envelope) pairs into per-partition batches in offset order."""
+    """Split decoded (partition, envelope) pairs into per-partition batches in offset order,
+    taking the partitions in turn: two workers given consecutive tasks then get different
+    partitions, whose records never wait for each other at an order gate."""
     by_partition: dict[int, list] = {}
     for partition, envelope in records:
         by_partition.setdefault(partition, []).append(envelope)
-    for partition, envelopes in by_partition.items():
-        for start in range(0, len(envelopes), batch_size):
-            yield partition, envelopes[start:start + batch_size]
+    rounds = max((len(envelopes) for envelopes in by_partition.values()), default=0)
+    for start in range(0, rounds, batch_size):
+        for partition, envelopes in by_partition.items():
+            if start < len(envelopes):
+                yield partition, envelopes[start:start + batch_size]
 
 
 class Bridge:
@@ -108,6 +112,12 @@ class Bridge:
                 # revoked partitions to the new member (seen with two bridges).
                 "partition.assignment.strategy": "range",
                 "fetch.wait.max.ms": 5,
+                # Small per-partition fetches (a record larger still comes whole):
+                # with the 1 MiB default a backlog's poll held 500 records of one
+                # partition, whose five batches the workers then ran one after
+                # the other, each waiting at its channels' gates for the one
+                # before; at 16 KiB a poll mixes several partitions.
+                "max.partition.fetch.bytes": 16384,
                 "session.timeout.ms": 10000,
                 # Also the rebalance timeout: how long a rebalance waits for a
                 # member that left mid-rebalance without being heard (300 s by default).
@@ -141,14 +151,15 @@ class Bridge:
     def handle(self, records) -> None:
         """Dispatch one polled set of records and store their offsets."""
         decoded, last_offsets = [], {}
+        if self.unseeded:
+            self._seed({record.partition(): record.offset() for record in reversed(records)
+                        if not record.error() and record.partition() in self.unseeded})
         for record in records:
             if record.error():
                 self._record_error(record.error())
                 continue
             partition, offset = record.partition(), record.offset()
             last_offsets[partition] = offset
-            if partition in self.unseeded:
-                self._seed(partition, offset)
             try:
                 message = decode(record.value())
             except PermanentError as exc:
@@ -169,21 +180,24 @@ class Bridge:
                 for partition, offset in last_offsets.items()
             ])
 
-    def _seed(self, partition: int, first_offset: int) -> None:
-        # Records before `first_offset` were dispatched by this partition's
-        # previous owner (or before a restart); those no worker finished are
-        # in the in-flight index. The first record read again of each channel
-        # must wait for them, or it could overtake them.
-        self.unseeded.discard(partition)
-        try:
-            pending = self.store.in_flight_before(partition, first_offset)
-        except redis.RedisError as exc:
-            log.warning("order seed unavailable", extra={"partition": partition, "error": str(exc)})
+    def _seed(self, first_offsets: dict[int, int]) -> None:
+        # Records before a partition's first offset read here were dispatched
+        # by its previous owner (or before a restart); those no worker
+        # finished are in the in-flight index. The first record read again of
+        # each channel must wait for them, or it could overtake them. One scan
+        # of the index for every partition first seen in this poll.
+        if not first_offsets:
             return
-        self.order.seed(partition, pending)
-        if pending:
+        self.unseeded.difference_update(first_offsets)
+        try:
+            pending = self.store.in_flight_before(first_offsets)
+        except redis.RedisError as exc:
+            log.warning("order seed unavailable", extra={"partitions": sorted(first_offsets), "error": str(exc)})
+            return
+        for partition, offsets in pending.items():
+            self.order.seed(partition, offsets)
             log.info("order seeded from in-flight messages", extra={"partition": partition,
-                                                                   "channels": len(pending)})
+                                                                   "channels": len(offsets)})
 
     def sweep(self) -> None:
         """Send again what was dispatched long ago and never finished (lost by the broker)."""

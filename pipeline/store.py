@@ -409,15 +409,17 @@ class Store:
         self.redis.zadd(index, {i: now for i in ids}, xx=True)
         return [decode(r) for r in raw if r]
 
-    def in_flight_before(self, partition: int, offset: int) -> dict[str, int]:
-        """Per channel, the highest offset below `offset` of the partition's dispatched,
-        unfinished messages."""
-        latest: dict[str, int] = {}
+    def in_flight_before(self, first_offsets: dict[int, int]) -> dict[int, dict[str, int]]:
+        """For each partition of `first_offsets` ({partition: offset}), the highest offset
+        below that offset of each channel's dispatched, unfinished messages
+        ({partition: {channel: offset}}, partitions with none left out); one scan of the index."""
+        latest: dict[int, dict[str, int]] = {}
         for _id, raw in self.redis.hscan_iter(self.keys.in_flight_envelopes, count=500):
             envelope = decode(raw)
             at = _or(envelope.offset, -1)
-            if envelope.partition == partition and 0 <= at < offset:
-                latest[envelope.channel] = max(at, latest.get(envelope.channel, -1))
+            if 0 <= at < first_offsets.get(envelope.partition, -1):
+                channels = latest.setdefault(envelope.partition, {})
+                channels[envelope.channel] = max(at, channels.get(envelope.channel, -1))
         return latest
 
     def count_run(self, task_id: str) -> int:

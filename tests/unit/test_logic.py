@@ -53,10 +53,12 @@ def test_channel_order_seeded_with_what_an_earlier_owner_left_unfinished():
     assert order.stamp(3, "c", 52) is None
 
 
-def test_batches_keep_partition_and_offset_order():
-    records = [(0, {"o": 1}), (1, {"o": 2}), (0, {"o": 3}), (0, {"o": 4}), (0, {"o": 5})]
+def test_batches_keep_partition_and_offset_order_and_take_partitions_in_turn():
+    records = [(0, {"o": 1}), (1, {"o": 2}), (0, {"o": 3}), (0, {"o": 4}), (0, {"o": 5}), (1, {"o": 6}),
+               (1, {"o": 7}), (0, {"o": 8})]
     batches = list(group_batches(records, 2))
-    assert batches == [(0, [{"o": 1}, {"o": 3}]), (0, [{"o": 4}, {"o": 5}]), (1, [{"o": 2}])]
+    assert batches == [(0, [{"o": 1}, {"o": 3}]), (1, [{"o": 2}, {"o": 6}]), (0, [{"o": 4}, {"o": 5}]),
+                       (1, [{"o": 7}]), (0, [{"o": 8}])]
 
 
 def test_stream_ids_order_numerically():
@@ -173,3 +175,60 @@ def test_records_waiting_for_their_predecessors_are_tried_again_together():
     outcome = _processor(deliver).run(batch, final_attempt=False)
     assert outcome.delivered == 100 and not outcome.waiting
     assert calls == [100, 100, 100]
+
+
+def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_of_the_in_flight_index():
+    # The scan reads the whole index: once per newly assigned partition, it
+    # was a third of the bridge's CPU while a backlog drained.
+    from pipeline.bridge import Bridge
+    from pipeline.messages import Envelope, encode
+
+    scans, sent = [], []
+
+    class Store:
+        def in_flight_before(self, first_offsets):
+            scans.append(dict(first_offsets))
+            return {1: {"c1": 8}}
+
+        def track_dispatched(self, batch):
+            pass
+
+    class Celery:
+        def send_task(self, name, args):
+            sent.append(args[0])
+
+    class DeadLetters:
+        store = Store()
+
+    class Record:
+        def __init__(self, partition, offset, channel):
+            self._at = (partition, offset)
+            self._value = encode(Envelope(f"m{partition}-{offset}", channel, "message", 1, "s", 0))
+
+        def error(self):
+            return None
+
+        def partition(self):
+            return self._at[0]
+
+        def offset(self):
+            return self._at[1]
+
+        def value(self):
+            return self._value
+
+        def headers(self):
+            return None
+
+    class Consumer:
+        def store_offsets(self, offsets):
+            pass
+
+    bridge = Bridge(SETTINGS, Celery(), DeadLetters())
+    bridge.consumer = Consumer()
+    bridge.unseeded.update({0, 1, 2})
+    bridge.handle([Record(0, 5, "c0"), Record(1, 9, "c1"), Record(0, 6, "c0"), Record(1, 10, "c1")])
+    bridge.handle([Record(2, 3, "c2")])
+    assert scans == [{0: 5, 1: 9}, {2: 3}]
+    prev = {w["id"]: w.get("prev") for batch in sent for w in batch}
+    assert prev == {"m0-5": None, "m0-6": 5, "m1-9": 8, "m1-10": 9, "m2-3": None}
