@@ -232,3 +232,17 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_of_the_in_fl
     assert scans == [{0: 5, 1: 9}, {2: 3}]
     prev = {w["id"]: w.get("prev") for batch in sent for w in batch}
     assert prev == {"m0-5": None, "m0-6": 5, "m1-9": 8, "m1-10": 9, "m2-3": None}
+
+
+def test_a_batch_is_one_log_line_naming_its_messages(caplog):
+    import logging
+
+    from pipeline.messages import Envelope
+
+    batch = [Envelope(f"m{n}", "c", "message", n, "s", 0, partition=2, offset=10 + n, prev=9 + n) for n in range(50)]
+    results = [("delivered", "1-0", "0")] * 49 + [("duplicate", "1-0", "0")]
+    with caplog.at_level(logging.INFO, logger="herald.processing"):
+        _processor(lambda envelopes, force=False: results).run(batch, final_attempt=False)
+    (record,) = [r for r in caplog.records if r.name == "herald.processing"]
+    assert record.delivered_ids == [f"m{n}" for n in range(49)] and record.duplicate_ids == ["m49"]
+    assert record.partition == 2 and record.offsets == [10, 59]
