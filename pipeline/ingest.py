@@ -63,6 +63,7 @@ class Ingest:
             except HeraldError as exc:
                 self._forget(envelope, claims.get(index))
                 results[index] = exc
+        accepted = []
         for index, future in pending.items():
             envelope = envelopes[index]
             try:
@@ -71,7 +72,11 @@ class Ingest:
                 self._forget(envelope, claims.get(index))
                 results[index] = exc
                 continue
-            results[index] = self._accepted(envelope, partition, offset, index in claims, request_id)
+            results[index] = {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
+                              "partition": partition, "offset": offset}
+            accepted.append((index, partition, offset))
+        if accepted:
+            self._record(envelopes, accepted, results, claims, request_id)
         if raise_errors:
             for result in results:
                 if isinstance(result, BaseException):
@@ -107,19 +112,27 @@ class Ingest:
         except redis.RedisError:
             log.warning("cannot release idempotency claim", extra={"message_id": envelope.id})
 
-    def _accepted(self, envelope: Envelope, partition, offset, idempotent, request_id) -> dict:
-        answer = {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
-                  "partition": partition, "offset": offset}
+    def _record(self, envelopes, accepted, results, claims, request_id) -> None:
+        # One Redis round trip for a whole batch: one per message made a batch
+        # of 100 wait for 100 in a row.
+        answers = {envelopes[index].id: json.dumps({"sender": envelopes[index].sender, "answer": results[index]})
+                   for index, _partition, _offset in accepted if index in claims}
         try:
-            self.store.record_accepted(envelope, partition, offset)
-            if idempotent:
-                self.store.store_answer(envelope.id, json.dumps({"sender": envelope.sender, "answer": answer}))
+            self.store.record_accepted([(envelopes[index], partition, offset) for index, partition, offset in accepted],
+                                       answers)
         except redis.RedisError as exc:
-            # Kafka has the record: the answer stands, the worker fills the status in.
-            log.warning("status store unavailable", extra={"message_id": envelope.id, "error": str(exc)})
-        log.info("accepted", extra={"message_id": envelope.id, "request_id": request_id,
-                                    "channel": envelope.channel, "partition": partition, "offset": offset})
-        return answer
+            # Kafka has the records: the answers stand, the worker fills the status in.
+            log.warning("status store unavailable", extra={"message_id": envelopes[accepted[0][0]].id,
+                                                           "count": len(accepted), "error": str(exc)})
+        if len(accepted) == 1:
+            (index, partition, offset), = accepted
+            log.info("accepted", extra={"message_id": envelopes[index].id, "request_id": request_id,
+                                        "channel": envelopes[index].channel, "partition": partition,
+                                        "offset": offset})
+        else:
+            # One line per call: a line per message was most of a batch's logging.
+            log.info("accepted", extra={"message_ids": [envelopes[index].id for index, _p, _o in accepted],
+                                        "request_id": request_id})
 
 
 def _held(value: str, sender: str) -> dict:

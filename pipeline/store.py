@@ -285,18 +285,27 @@ class Store:
                 "args": [status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
                          "1" if force else "0", *flat]}
 
-    def record_accepted(self, envelope: Envelope, partition: int, offset: int) -> None:
-        """Note a record Kafka acknowledged, unless a worker already moved it further."""
-        self.set_status(envelope, "accepted", fields=_message_fields(envelope, partition, offset))
+    def record_accepted(self, accepted: list[tuple[Envelope, int, int]], answers: dict[str, str]) -> None:
+        """Note records Kafka acknowledged, (envelope, partition, offset) each, unless a worker
+        already moved them further, and keep the first answer of each claimed id (`answers`,
+        id to value) for the status lifetime (24 h by default). One round trip for them all."""
+        def queue(pipe):
+            for envelope, partition, offset in accepted:
+                _evalsha(pipe, self._set_status,
+                         **self._status_call(envelope, "accepted", _message_fields(envelope, partition, offset)))
+            for msg_id, value in answers.items():
+                pipe.set(self.keys.idempotency(msg_id), value, ex=self.settings.status_ttl)
+
+        self._pipelined(queue)
 
     def mark_processing(self, envelopes: list[Envelope]) -> list[str]:
         """Workers took these messages; returns each one's status now (a finished one stays finished)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for envelope in envelopes:
-            fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
-            self._set_status(**self._status_call(envelope, "processing", fields, envelope.origin),
-                             client=pipe)
-        return pipe.execute()
+        def queue(pipe):
+            for envelope in envelopes:
+                fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
+                _evalsha(pipe, self._set_status, **self._status_call(envelope, "processing", fields, envelope.origin))
+
+        return self._pipelined(queue)
 
     def deliver(self, envelopes: list[Envelope], *, force: bool = False) -> list[tuple[str, str, str]]:
         """Pass each record through its channel's order gate, in order, and deliver it once.
@@ -308,27 +317,49 @@ class Store:
         One round trip for the batch.
         """
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for envelope in envelopes:
-            channel, skipped = envelope.channel, envelope.skip
-            node, client = _origin(self, envelope.origin)
-            maxlen, max_age = self.settings.retention(channel)
-            oldest = f"{int((now - max_age) * 1000)}-0" if max_age else ""
-            keys = self.keys
-            self._pass(
-                keys=[keys.done(envelope.id), keys.gate(channel), keys.history(channel),
-                      keys.message(envelope.id), keys.message_channel(channel),
-                      keys.status_channel(channel), keys.epoch(channel),
-                      keys.in_flight_index, keys.in_flight_envelopes, keys.waiting(channel)],
-                args=[_or(envelope.offset, -1), _or(envelope.prev, ""), self.settings.status_ttl,
-                      maxlen, "" if skipped else message_frame_head(envelope),
-                      "" if skipped else status_frame(envelope, "delivered"), node, client,
-                      "1" if force or envelope.force_order else "0", envelope.id, oldest,
-                      self.settings.channel_idle_ttl, "1" if skipped else "0", now,
-                      max(1.0, self.settings.order_wait)],
-                client=pipe,
-            )
-        return [tuple(result) for result in pipe.execute()]
+
+        def queue(pipe):
+            for envelope in envelopes:
+                channel, skipped = envelope.channel, envelope.skip
+                node, client = _origin(self, envelope.origin)
+                maxlen, max_age = self.settings.retention(channel)
+                oldest = f"{int((now - max_age) * 1000)}-0" if max_age else ""
+                keys = self.keys
+                _evalsha(
+                    pipe, self._pass,
+                    keys=[keys.done(envelope.id), keys.gate(channel), keys.history(channel),
+                          keys.message(envelope.id), keys.message_channel(channel),
+                          keys.status_channel(channel), keys.epoch(channel),
+                          keys.in_flight_index, keys.in_flight_envelopes, keys.waiting(channel)],
+                    args=[_or(envelope.offset, -1), _or(envelope.prev, ""), self.settings.status_ttl,
+                          maxlen, "" if skipped else message_frame_head(envelope),
+                          "" if skipped else status_frame(envelope, "delivered"), node, client,
+                          "1" if force or envelope.force_order else "0", envelope.id, oldest,
+                          self.settings.channel_idle_ttl, "1" if skipped else "0", now,
+                          max(1.0, self.settings.order_wait)],
+                )
+
+        return [tuple(result) for result in self._pipelined(queue)]
+
+    def _pipelined(self, queue) -> list:
+        """Run the commands `queue(pipe)` adds in one round trip and return their replies.
+
+        Scripts go by their hash alone (`_evalsha`): redis-py's own pipelines
+        first ask SCRIPT EXISTS, a second round trip every time. A Redis that
+        lost them (a restart) answers NOSCRIPT; they are loaded and the whole
+        pipeline runs again, which its idempotent scripts allow.
+        """
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                for script in (self._set_status, self._pass):
+                    self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def mark_failed(self, envelope: Envelope, error: str, status: str = "failed") -> None:
         """Record a dead-lettered (or rejected) message; it still has to pass its
@@ -504,10 +535,6 @@ class Store:
         ttl = max(10, int(self.settings.produce_timeout * 3))
         return self._claim(keys=[self.keys.idempotency(msg_id)], args=[claim, ttl])
 
-    def store_answer(self, msg_id: str, value: str) -> None:
-        """Keep the first answer for the status lifetime (24 h by default)."""
-        self.redis.set(self.keys.idempotency(msg_id), value, ex=self.settings.status_ttl)
-
     def release_idempotency(self, msg_id: str, claim: str) -> None:
         """Forget a claim whose publish failed, so the client may retry; only its owner can."""
         self._release(keys=[self.keys.idempotency(msg_id)], args=[claim])
@@ -532,6 +559,10 @@ def _origin(store: Store, origin) -> tuple[str, str]:
         return "", ""
     node, client = origin.split("/", 1)
     return store.keys.node_channel(node), client
+
+
+def _evalsha(pipe, script, keys, args) -> None:
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def _or(value, default):

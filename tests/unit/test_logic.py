@@ -246,3 +246,38 @@ def test_a_batch_is_one_log_line_naming_its_messages(caplog):
     (record,) = [r for r in caplog.records if r.name == "herald.processing"]
     assert record.delivered_ids == [f"m{n}" for n in range(49)] and record.duplicate_ids == ["m49"]
     assert record.partition == 2 and record.offsets == [10, 59]
+
+
+def test_a_batch_is_recorded_in_redis_in_one_round_trip_with_the_answers_of_its_claimed_ids(caplog):
+    import json
+    import logging
+
+    from pipeline.ingest import Ingest
+    from pipeline.messages import Envelope
+
+    calls = []
+
+    class Store:
+        def claim_idempotency(self, msg_id, claim):
+            return None
+
+        def record_accepted(self, accepted, answers):
+            calls.append((accepted, answers))
+
+    class Publisher:
+        def send(self, topic, key, value, headers):
+            return int(json.loads(value)["data"])
+
+        def wait(self, future):
+            return 3, 100 + future
+
+    envelopes = [Envelope(f"m{n}", "c", "message", n, "s", 0) for n in range(100)]
+    with caplog.at_level(logging.INFO, logger="herald.ingest"):
+        answers = Ingest(SETTINGS, Store(), Publisher()).publish_many(
+            envelopes, idempotent=[n == 7 for n in range(100)], request_id="r1")
+    assert answers[7] == {"id": "m7", "channel": "c", "status": "accepted", "partition": 3, "offset": 107}
+    ((accepted, stored),) = calls
+    assert [(e.id, p, o) for e, p, o in accepted] == [(f"m{n}", 3, 100 + n) for n in range(100)]
+    assert {k: json.loads(v) for k, v in stored.items()} == {"m7": {"sender": "s", "answer": answers[7]}}
+    (record,) = [r for r in caplog.records if r.name == "herald.ingest"]
+    assert record.message_ids == [f"m{n}" for n in range(100)] and record.request_id == "r1"
