@@ -281,3 +281,27 @@ def test_a_batch_is_recorded_in_redis_in_one_round_trip_with_the_answers_of_its_
     assert {k: json.loads(v) for k, v in stored.items()} == {"m7": {"sender": "s", "answer": answers[7]}}
     (record,) = [r for r in caplog.records if r.name == "herald.ingest"]
     assert record.message_ids == [f"m{n}" for n in range(100)] and record.request_id == "r1"
+
+
+def test_a_verified_token_is_not_checked_again_until_it_expires(monkeypatch):
+    import web.auth as auth
+
+    token = mint(SETTINGS, "svc", ttl=60)
+    decoded = []
+    real = auth.jwt.decode
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    assert verify(token, SETTINGS).user == "svc"
+    assert verify(token, SETTINGS).user == "svc"
+    assert len(decoded) == 1
+    other = Settings.from_env({"HERALD_SECRET_KEY": "o" * 32})
+    with pytest.raises(AuthError):  # the same token under another secret is checked, and refused
+        verify(token, other)
+    later = time.time() + 60 + auth.LEEWAY_SECONDS + 1
+
+    def expired(*_args, **_kwargs):
+        raise auth.jwt.ExpiredSignatureError("expired")
+
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    monkeypatch.setattr(auth.jwt, "decode", expired)  # what PyJWT's own clock says by then
+    with pytest.raises(AuthError, match="expired"):
+        verify(token, SETTINGS)
