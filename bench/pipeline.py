@@ -135,7 +135,9 @@ def ingest(args) -> dict:
         web = stack.web(WEB_CONCURRENCY=2)
         token = stack.token()
         cpu = CpuMeter({"web": web.proc.proc.pid, **services(stack)})
+        cpu.start()
         out = {"healthz": wrk(web.base + "/healthz", args.seconds, args.connections)}
+        out["healthz"].update(cpu.per_message(out["healthz"]["requests"]))
         single = json.dumps({"channel": "bench:single", "data": {"n": 1}})
         cpu.start()
         out["single_post"] = wrk(web.base + "/api/v1/messages", args.seconds, args.connections, "POST", single, token)
