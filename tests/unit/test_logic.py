@@ -305,3 +305,55 @@ def test_a_verified_token_is_not_checked_again_until_it_expires(monkeypatch):
     monkeypatch.setattr(auth.jwt, "decode", expired)  # what PyJWT's own clock says by then
     with pytest.raises(AuthError, match="expired"):
         verify(token, SETTINGS)
+
+
+def _submit_while_a_write_is_under_way(write_error=None):
+    import threading
+
+    from pipeline.ingest import GroupCommit
+
+    writes, release, outcomes = [], threading.Event(), {}
+
+    def write(items):
+        writes.append(list(items))
+        if len(writes) == 1:
+            release.wait(5)
+        elif write_error is not None:
+            raise write_error
+
+    commit = GroupCommit(write)
+
+    def submit(name):
+        try:
+            commit.submit([name])
+            outcomes[name] = "written"
+        except Exception as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=submit, args=(name,)) for name in "abcd"]
+    threads[0].start()
+    while not writes:
+        time.sleep(0.001)
+    for thread in threads[1:]:
+        thread.start()
+    while len(commit._waiting) < 3:
+        time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    return writes, outcomes
+
+
+def test_status_writes_that_come_during_a_write_go_together_in_the_next():
+    writes, outcomes = _submit_while_a_write_is_under_way()
+    assert writes[0] == ["a"] and sorted(writes[1]) == ["b", "c", "d"] and len(writes) == 2
+    assert outcomes == {name: "written" for name in "abcd"}
+
+
+def test_a_failed_group_write_fails_every_caller_in_it():
+    import redis
+
+    failure = redis.ConnectionError("Redis went away")
+    writes, outcomes = _submit_while_a_write_is_under_way(failure)
+    assert outcomes["a"] == "written"
+    assert all(outcomes[name] is failure for name in "bcd")
