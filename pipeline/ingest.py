@@ -103,14 +103,16 @@ class Ingest:
         self._statuses = GroupCommit(self._write_statuses)
 
     def publish(self, envelope: Envelope, *, idempotent: bool, origin: str | None = None,
-                request_id: str | None = None) -> dict:
+                request_id: str | None = None, log_accepted: bool = True) -> dict:
         """Publish one envelope; returns `{id, channel, status, partition, offset}`."""
-        return self.publish_many([envelope], idempotent=[idempotent], origin=origin, request_id=request_id)[0]
+        return self.publish_many([envelope], idempotent=[idempotent], origin=origin, request_id=request_id,
+                                 log_accepted=log_accepted)[0]
 
     def publish_many(self, envelopes: list[Envelope], *, idempotent: list[bool], origin: str | None = None,
-                     request_id: str | None = None, raise_errors: bool = True) -> list:
+                     request_id: str | None = None, raise_errors: bool = True, log_accepted: bool = True) -> list:
         """Publish several envelopes at once; each result is an answer dict or, with
-        `raise_errors=False`, the HeraldError that kept that message out."""
+        `raise_errors=False`, the HeraldError that kept that message out. `log_accepted=False`
+        leaves the "accepted" line to the caller (the HTTP API puts it in its access line)."""
         results: list = [None] * len(envelopes)
         pending, claims = {}, {}
         for index, envelope in enumerate(envelopes):
@@ -140,7 +142,9 @@ class Ingest:
                               "partition": partition, "offset": offset}
             accepted.append((index, partition, offset))
         if accepted:
-            self._record(envelopes, accepted, results, claims, request_id)
+            self._record(envelopes, accepted, results, claims)
+            if log_accepted:
+                _log_accepted([results[index] for index, _partition, _offset in accepted], request_id)
         if raise_errors:
             for result in results:
                 if isinstance(result, BaseException):
@@ -180,7 +184,7 @@ class Ingest:
         self.store.record_accepted([(envelope, partition, offset) for envelope, partition, offset, _ in items],
                                    {envelope.id: answer for envelope, _p, _o, answer in items if answer is not None})
 
-    def _record(self, envelopes, accepted, results, claims, request_id) -> None:
+    def _record(self, envelopes, accepted, results, claims) -> None:
         # One Redis round trip for a whole batch (and whatever other requests
         # write meanwhile): one per message made a batch of 100 wait for 100 in a row.
         answers = {envelopes[index].id: json.dumps({"sender": envelopes[index].sender, "answer": results[index]})
@@ -192,15 +196,20 @@ class Ingest:
             # Kafka has the records: the answers stand, the worker fills the status in.
             log.warning("status store unavailable", extra={"message_id": envelopes[accepted[0][0]].id,
                                                            "count": len(accepted), "error": str(exc)})
-        if len(accepted) == 1:
-            (index, partition, offset), = accepted
-            log.info("accepted", extra={"message_id": envelopes[index].id, "request_id": request_id,
-                                        "channel": envelopes[index].channel, "partition": partition,
-                                        "offset": offset})
-        else:
-            # One line per call: a line per message was most of a batch's logging.
-            log.info("accepted", extra={"message_ids": [envelopes[index].id for index, _p, _o in accepted],
-                                        "request_id": request_id})
+
+
+def accepted_fields(answers: list[dict]) -> dict:
+    """What a log line says of accepted messages: id, channel and place of one, or the ids of several."""
+    if len(answers) == 1:
+        answer = answers[0]
+        return {"message_id": answer["id"], "channel": answer["channel"], "partition": answer["partition"],
+                "offset": answer["offset"]}
+    # One line per call: a line per message was most of a batch's logging.
+    return {"message_ids": [answer["id"] for answer in answers]}
+
+
+def _log_accepted(answers: list[dict], request_id: str | None) -> None:
+    log.info("accepted", extra={**accepted_fields(answers), "request_id": request_id})
 
 
 def _held(value: str, sender: str) -> dict:
