@@ -180,8 +180,8 @@ class Bridge:
                 prev=self.order.stamp(partition, message.channel, offset),
                 origin=_text(headers.get("herald-origin")), request_id=_text(headers.get("x-request-id")))
             decoded.append((partition, envelope))
-        for partition, batch in group_batches(decoded, self.settings.batch_size):
-            self._dispatch(batch)
+        if decoded:
+            self._dispatch([batch for _partition, batch in group_batches(decoded, self.settings.batch_size)])
         if last_offsets:
             self.consumer.store_offsets(offsets=[
                 TopicPartition(self.settings.topic, partition, offset + 1)
@@ -219,15 +219,22 @@ class Bridge:
             # It still passes its channel's gate in order: a predecessor lost
             # with it is in this index too, and is sent again as well.
             log.warning("redispatching a message no worker finished", extra={"message_id": envelope.id})
-            self._dispatch([envelope])
+        if stale:
+            self._dispatch([[envelope] for envelope in stale])
 
-    def _dispatch(self, batch: list[Envelope]) -> None:
+    def _dispatch(self, batches: list[list[Envelope]]) -> None:
+        """Send each batch as a task, in order, once all of them are in the in-flight index
+        (one Redis round trip for a poll's batches, not one each)."""
         try:
-            self.store.track_dispatched(batch)
+            self.store.track_dispatched([envelope for batch in batches for envelope in batch])
         except redis.RedisError as exc:
             # Only the safety net is missing: the Celery broker (maybe another
-            # Redis) still gets the task, which the state outage must not stop.
-            log.warning("in-flight index unavailable", extra={"message_id": batch[0].id, "error": str(exc)})
+            # Redis) still gets the tasks, which the state outage must not stop.
+            log.warning("in-flight index unavailable", extra={"message_id": batches[0][0].id, "error": str(exc)})
+        for batch in batches:
+            self._send(batch)
+
+    def _send(self, batch: list[Envelope]) -> None:
         delay = 0.1
         while True:
             try:

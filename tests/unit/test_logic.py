@@ -177,21 +177,21 @@ def test_records_waiting_for_their_predecessors_are_tried_again_together():
     assert calls == [100, 100, 100]
 
 
-def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_of_the_in_flight_index():
+def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_with_one_write():
     # The scan reads the whole index: once per newly assigned partition, it
     # was a third of the bridge's CPU while a backlog drained.
     from pipeline.bridge import Bridge
     from pipeline.messages import Envelope, encode
 
-    scans, sent = [], []
+    scans, sent, tracked = [], [], []
 
     class Store:
         def in_flight_before(self, first_offsets):
             scans.append(dict(first_offsets))
             return {1: {"c1": 8}}
 
-        def track_dispatched(self, batch):
-            pass
+        def track_dispatched(self, envelopes):
+            tracked.append(sorted(e.id for e in envelopes))
 
     class Celery:
         def send_task(self, name, args):
@@ -230,6 +230,8 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_of_the_in_fl
     bridge.handle([Record(0, 5, "c0"), Record(1, 9, "c1"), Record(0, 6, "c0"), Record(1, 10, "c1")])
     bridge.handle([Record(2, 3, "c2")])
     assert scans == [{0: 5, 1: 9}, {2: 3}]
+    # A poll's batches go into the in-flight index in one round trip, before any is sent.
+    assert tracked == [["m0-5", "m0-6", "m1-10", "m1-9"], ["m2-3"]] and len(sent) == 3
     prev = {w["id"]: w.get("prev") for batch in sent for w in batch}
     assert prev == {"m0-5": None, "m0-6": 5, "m1-9": 8, "m1-10": 9, "m2-3": None}
 
