@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test bench clean
+.PHONY: dev test bench bench-fanout clean
 
 # Herald itself (editable) with the extras for `make dev` and `make test`; the
 # runtime pins of requirements.txt first, as a Heroku-like builder installs them.
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/pipeline.py $(BENCH_ARGS)
+
+# The hub beside Flask-SocketIO (bench/fanout.py); its peer and client are the `bench` extra.
+bench-fanout: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/fanout.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache

@@ -68,3 +68,11 @@ def post_worker_init(worker):
         services.stop()
 
     gevent.spawn(watch)
+
+
+def worker_exit(server, worker):
+    """Finish the shutdown before the worker exits: WebSockets are served by the event
+    loop, not by request greenlets, so gunicorn does not wait for them itself."""
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("herald")
+    if services is not None:  # None when the app failed to load
+        services.stop()

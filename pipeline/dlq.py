@@ -67,7 +67,7 @@ class DeadLetters:
         index = self.store.keys.dead_letter_index
         ids = self.store.redis.zrevrange(index, cursor, cursor + limit - 1)
         total = self.store.redis.zcard(index)
-        raw = self.store.redis.mget([self.store.keys.dead_letter(i) for i in ids]) if ids else []
+        raw = self.store.mget([self.store.keys.dead_letter(i) for i in ids]) if ids else []
         items = [json.loads(r) for r in raw if r]
         more = cursor + len(ids) < total
         return {"items": items, "next": cursor + len(ids) if more else None, "total": total}

@@ -1,22 +1,46 @@
-"""Herald's Redis key schema: every key and pub/sub channel name is built here.
+"""Herald's Redis key schema: every key and pub/sub channel name is built here, and
+the one pub/sub payload format that is not a bare frame.
 
 Keys named after user input (a channel, a message id, a user, an address)
 are `<prefix>:<kind>:<name>`. Herald's own fixed keys are `<prefix>:_:<name>`:
 no kind is `_`, so no channel or message id can name one of them (a message
 id `index` once overwrote the dead-letter index; README: "Redis keys").
+
+On a Redis Cluster the channel part of a channel's keys and pub/sub channels
+is a hash tag, `<prefix>:<kind>:{<channel>}`, so every key one delivery
+script touches lives in one slot; the dedupe marker, which that script reads,
+is `<prefix>:done:{<channel>}:<id>` there. Channel names cannot hold braces,
+so the tag is the whole channel. On a single Redis the names stay as they
+were: a running deployment keeps its gates and history across an upgrade.
 """
 
 from __future__ import annotations
+
+# A routed pub/sub payload is "<head>\n<frame>": on a channel's message
+# channel the head is the message's stream id (the hub drops what a resumed
+# client already has), on a node channel the client the frame is for. The
+# Lua scripts in pipeline/store.py write it (`.. '\\n' ..`); this reads it.
+ROUTE_SEPARATOR = "\n"
+
+
+def split_routed(payload: str) -> tuple[str, str]:
+    """A routed payload's (head, frame)."""
+    head, _, frame = payload.partition(ROUTE_SEPARATOR)
+    return head, frame
 
 
 class Keys:
     """Key and pub/sub channel names under one prefix."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, cluster: bool = False):
         self.prefix = prefix
+        self.cluster = cluster
 
     def _user(self, kind: str, name: str) -> str:
         return f"{self.prefix}:{kind}:{name}"
+
+    def _channel(self, kind: str, channel: str) -> str:
+        return self._user(kind, f"{{{channel}}}" if self.cluster else channel)
 
     def _own(self, name: str) -> str:
         return f"{self.prefix}:_:{name}"
@@ -24,31 +48,34 @@ class Keys:
     # -- per channel -------------------------------------------------------
     def history(self, channel: str) -> str:
         """The channel's history stream."""
-        return self._user("hist", channel)
+        return self._channel("hist", channel)
 
     def epoch(self, channel: str) -> str:
         """The id of the first entry the channel's history ever had."""
-        return self._user("epoch", channel)
+        return self._channel("epoch", channel)
 
     def gate(self, channel: str) -> str:
         """The highest Kafka offset of the channel that has been handled (the order gate)."""
-        return self._user("last", channel)
+        return self._channel("last", channel)
 
     def waiting(self, channel: str) -> str:
         """The channel's records waiting at its order gate, scored by when they last waited."""
-        return self._user("waiting", channel)
+        return self._channel("waiting", channel)
 
     def presence(self, channel: str) -> str:
         """Hash of the clients present in the channel."""
-        return self._user("presence", channel)
+        return self._channel("presence", channel)
 
     # -- per message -------------------------------------------------------
     def message(self, msg_id: str) -> str:
         """Hash of a message's status and content."""
         return self._user("msg", msg_id)
 
-    def done(self, msg_id: str) -> str:
-        """Dedupe marker: the message was delivered (holds its stream id)."""
+    def done(self, msg_id: str, channel: str | None = None) -> str:
+        """Dedupe marker: the message was delivered (holds its stream id); on a
+        cluster it is kept in the slot of the channel it was delivered to."""
+        if self.cluster:
+            return self._user("done", f"{{{channel}}}:{msg_id}")
         return self._user("done", msg_id)
 
     def idempotency(self, msg_id: str) -> str:
@@ -118,15 +145,22 @@ class Keys:
     # -- pub/sub channels (a namespace apart from keys) ----------------------
     def message_channel(self, channel: str) -> str:
         """Pub/sub channel carrying a channel's `message` frames."""
-        return self._user("m", channel)
+        return self._channel("m", channel)
 
     def status_channel(self, channel: str) -> str:
         """Pub/sub channel carrying a channel's `status` frames."""
-        return self._user("s", channel)
+        return self._channel("s", channel)
 
     def presence_channel(self, channel: str) -> str:
         """Pub/sub channel carrying a channel's `join`/`leave` frames."""
-        return self._user("p", channel)
+        return self._channel("p", channel)
+
+    def parse_pubsub(self, name: str) -> tuple[str, str]:
+        """(kind, channel or node) of a pub/sub channel name built here."""
+        kind, _, rest = name[len(self.prefix) + 1:].partition(":")
+        if self.cluster and rest.startswith("{") and rest.endswith("}"):
+            rest = rest[1:-1]
+        return kind, rest
 
     def node_channel(self, node: str) -> str:
         """Pub/sub channel of one web process, for frames meant for one of its clients."""

@@ -38,6 +38,7 @@ class Settings:
     redis_ssl_cert_reqs: str = "required"  # for rediss:// URLs whose query does not say
     redis_tls_ca: str | None = None  # PEM text of the CA a rediss:// server's certificate chains to
     allow_eviction: bool = False  # run on a Redis whose maxmemory-policy may evict Herald's keys
+    redis_cluster: bool = False  # REDIS_URL names a node of a Redis Cluster (README: "Running on a Redis Cluster")
     kafka_bootstrap_servers: str = "localhost:9092"
     # How clients reach and prove themselves to Kafka (README: Configuration, Kafka).
     kafka_security_protocol: str = "PLAINTEXT"
@@ -60,6 +61,7 @@ class Settings:
     topic_replication: int | None = None  # None: min(3, brokers), decided by the release step
     redis_prefix: str = "herald"
     redis_pool_size: int = 50
+    redis_pool_wait: float = 30.0
     consumer_group: str = "herald-bridge"
     # The bridge's Kafka session: a dead bridge's partitions move after this
     # long. 6 s is the smallest Apache Kafka accepts by default
@@ -156,6 +158,7 @@ class Settings:
                                           env.get("REDIS_SSL_CERT_REQS") or cls.redis_ssl_cert_reqs),
             redis_tls_ca=check_ca_pem("REDIS_TLS_CA", env["REDIS_TLS_CA"]) if env.get("REDIS_TLS_CA") else None,
             allow_eviction=_flag(env, "HERALD_ALLOW_EVICTION", False),
+            redis_cluster=_flag(env, "REDIS_CLUSTER", False),
             **_kafka_connection(env),
             database_url=_database_url(env),
             topic=_topic(env),
@@ -167,6 +170,7 @@ class Settings:
             topic_replication=_int(env, "HERALD_TOPIC_REPLICATION", None, 1, 100),
             redis_prefix=env.get("HERALD_REDIS_PREFIX", cls.redis_prefix) or cls.redis_prefix,
             redis_pool_size=_int(env, "HERALD_REDIS_POOL_SIZE", cls.redis_pool_size, 2, 10000),
+            redis_pool_wait=_float(env, "HERALD_REDIS_POOL_WAIT", cls.redis_pool_wait, 0.1, 600),
             # Heroku's multi-tenant Kafka accepts only names under KAFKA_PREFIX.
             consumer_group=env.get("KAFKA_PREFIX", "")
             + (env.get("HERALD_CONSUMER_GROUP", cls.consumer_group) or cls.consumer_group),
@@ -210,6 +214,8 @@ class Settings:
             # a machine that vanished only when its connection's heartbeat lapses.
             settings = dataclasses.replace(settings, order_wait=AMQP_HEARTBEAT + cls.order_wait)
         _check_redis_tls(settings)
+        if settings.redis_cluster:
+            _check_cluster(env, settings)
         if settings.redis_broker and settings.retry_max_delay * 2 > settings.visibility_timeout:
             # A retry parked longer than the visibility timeout is handed to a
             # second worker by the Redis broker: the task would run twice.
@@ -308,6 +314,19 @@ def _url(env, name, default, schemes):
     except ValueError:
         raise ConfigError(f"{name}={raw!r} has a bad port") from None
     return raw
+
+
+def _check_cluster(env, settings):
+    # Celery's Redis transport cannot run on a cluster (its queue and unacked
+    # keys are used together in one MULTI), and a broker on the state cluster
+    # would share its nodes' memory with the history.
+    if not env.get("CELERY_BROKER_URL") or settings.celery_broker_url == settings.redis_url:
+        raise ConfigError("REDIS_CLUSTER is on: set CELERY_BROKER_URL to a Redis (not the cluster) or a RabbitMQ")
+    if any(brace in settings.redis_prefix for brace in "{}"):
+        # The channel's hash tag must be the first {...} of every key.
+        raise ConfigError(f"HERALD_REDIS_PREFIX={settings.redis_prefix!r} may not contain {{ or }} on a Redis Cluster")
+    if urlsplit(settings.redis_url).scheme == "unix":
+        raise ConfigError("REDIS_CLUSTER is on: REDIS_URL must be a redis:// or rediss:// URL of one of its nodes")
 
 
 def _check_redis_tls(settings):

@@ -22,9 +22,11 @@ from pipeline.redis_tls import redis_tls
 
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
 
-# KEYS: msg hash, status pub/sub channel. ARGV: status, rank, ttl, status frame,
-# origin pub/sub channel or '', origin client, force ('1' lets a replay restart
-# a finished message), then field/value pairs to store.
+# KEYS: msg hash, then the status pub/sub channel (on a single Redis; on a
+# cluster it lives in another slot, and the caller publishes the frame).
+# ARGV: status, rank, ttl, status frame, origin pub/sub channel or '', origin
+# client, force ('1' lets a replay restart a finished message), then
+# field/value pairs to store. Returns {status now, '1' when it changed}.
 _SET_STATUS = """
 local current = redis.call('HGET', KEYS[1], 'status')
 local rank = {accepted=1, processing=2, delivered=3, failed=3, rejected=3}
@@ -33,17 +35,17 @@ if current and ARGV[7] ~= '1' and (rank[current] or 0) >= new then
   if ARGV[1] == 'processing' and current == 'processing' then
     redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   end
-  return current
+  return {current, '0'}
 end
 if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 if ARGV[1] == 'processing' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[4] ~= '' then
+if ARGV[4] ~= '' and KEYS[2] then
   redis.call('PUBLISH', KEYS[2], ARGV[4])
   if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\\n' .. ARGV[4]) end
 end
-return ARGV[1]
+return {ARGV[1], '1'}
 """
 
 # Every record of a channel passes this gate in Kafka order, whatever its
@@ -54,53 +56,61 @@ return ARGV[1]
 # (its wait ran out) passes without its predecessor only when that one is
 # not itself waiting in line (recently seen in the waiting set): so records
 # forced together still pass one after the other, in order.
-# KEYS: done marker, order gate, history stream, msg hash, message pub/sub
-# channel, status pub/sub channel, history epoch, in-flight index, in-flight
-# envelopes, waiting set (offsets scored by when they last waited).
+# KEYS: order gate, history stream, history epoch, waiting set (offsets scored
+# by when they last waited), done marker, message pub/sub channel, status
+# pub/sub channel: the channel's slot on a cluster. On a single Redis also the
+# msg hash, in-flight index and in-flight envelopes, which on a cluster live
+# in other slots: the caller updates them once the record passed.
 # ARGV: kafka offset, previous offset of the channel or '', status ttl, history
 # maxlen, message frame head, status frame, origin channel or '', origin client,
 # force ('1' once the order wait ran out), message id, oldest id to keep ('' = no
 # age limit), channel idle ttl, '1' to skip (let the gate pass without delivering),
-# now (seconds), seconds after which a waiting record counts as stuck.
+# now (seconds), seconds after which a waiting record counts as stuck, the
+# publish command (PUBLISH, or SPUBLISH on a cluster).
 _PASS = """
 local offset = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local whole = #KEYS > 7
 local forced = '0'
 if ARGV[2] ~= '' and last < tonumber(ARGV[2]) then
   local now = tonumber(ARGV[14])
   local queued = false
   if ARGV[9] == '1' then
-    local seen = redis.call('ZSCORE', KEYS[10], ARGV[2])
+    local seen = redis.call('ZSCORE', KEYS[4], ARGV[2])
     queued = seen and tonumber(seen) > now - tonumber(ARGV[15])
   end
   if ARGV[9] ~= '1' or queued then
-    redis.call('ZADD', KEYS[10], now, ARGV[1])
-    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - tonumber(ARGV[12]))
-    redis.call('EXPIRE', KEYS[10], ARGV[12])
+    redis.call('ZADD', KEYS[4], now, ARGV[1])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[12]))
+    redis.call('EXPIRE', KEYS[4], ARGV[12])
     return {'wait', '', '0'}
   end
   forced = '1'
 end
-redis.call('ZREM', KEYS[10], ARGV[1])
-if offset > last then redis.call('SET', KEYS[2], offset, 'EX', ARGV[12]) end
-redis.call('ZREM', KEYS[8], ARGV[10])
-redis.call('HDEL', KEYS[9], ARGV[10])
-local done = redis.call('GET', KEYS[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if offset > last then redis.call('SET', KEYS[1], offset, 'EX', ARGV[12]) end
+if whole then
+  redis.call('ZREM', KEYS[9], ARGV[10])
+  redis.call('HDEL', KEYS[10], ARGV[10])
+end
+local done = redis.call('GET', KEYS[5])
 if done then return {'duplicate', done, forced} end
 if ARGV[13] == '1' then return {'skipped', '', forced} end
-local sid = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '*', 'f', ARGV[5])
-if ARGV[11] ~= '' then redis.call('XTRIM', KEYS[3], 'MINID', ARGV[11]) end
+local sid = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', 'f', ARGV[5])
+if ARGV[11] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', ARGV[11]) end
 -- An idle channel's keys expire (a message to each of many new channels
 -- must not hold Redis memory for ever).
+redis.call('EXPIRE', KEYS[2], ARGV[12])
+redis.call('SET', KEYS[3], sid, 'NX')
 redis.call('EXPIRE', KEYS[3], ARGV[12])
-redis.call('SET', KEYS[7], sid, 'NX')
-redis.call('EXPIRE', KEYS[7], ARGV[12])
-redis.call('SET', KEYS[1], sid, 'EX', ARGV[3])
-redis.call('HSET', KEYS[4], 'status', 'delivered', 'stream_id', sid)
-redis.call('EXPIRE', KEYS[4], ARGV[3])
-redis.call('PUBLISH', KEYS[5], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
-redis.call('PUBLISH', KEYS[6], ARGV[6])
-if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8] .. '\\n' .. ARGV[6]) end
+redis.call('SET', KEYS[5], sid, 'EX', ARGV[3])
+if whole then
+  redis.call('HSET', KEYS[8], 'status', 'delivered', 'stream_id', sid)
+  redis.call('EXPIRE', KEYS[8], ARGV[3])
+end
+redis.call(ARGV[16], KEYS[6], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
+redis.call(ARGV[16], KEYS[7], ARGV[6])
+if ARGV[7] ~= '' then redis.call(ARGV[16], ARGV[7], ARGV[8] .. '\\n' .. ARGV[6]) end
 return {'delivered', sid, forced}
 """
 
@@ -122,41 +132,39 @@ return 0
 # Open WebSockets per user and per address, counted across every web process:
 # sorted sets of "node/client" scored by when the entry lapses, so the
 # connections of a process that died stop counting after the presence TTL.
-# KEYS: user set, address set; ARGV: member, now, lapse, user cap, address cap.
+# One set per call (a user's and an address's sets may sit on different
+# cluster nodes). KEYS: the set; ARGV: member, now, lapse, cap. Returns 1
+# (and counts nothing) when the cap is reached.
 _CLAIM_CONNECTION = """
-local now = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'user' end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 'address' end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 1 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000))
-redis.call('PEXPIREAT', KEYS[2], math.floor(tonumber(ARGV[3]) * 1000))
-return false
+return 0
 """
 
 
-def connect(settings, pool_size: int = 4, *, url: str | None = None) -> redis.Redis:
+def connect(settings, pool_size: int = 4, *, url: str | None = None) -> redis.Redis | redis.RedisCluster:
     """A client of the main Redis (or of `url`), with bounded timeouts, so an
     outage fails fast instead of hanging, and TLS as configured for `rediss://`.
 
-    Its pool blocks for a free connection (up to 5 s) when `pool_size` are in
-    use: a burst of thousands of WebSocket subscribes waits its turn instead
-    of failing with "Too many connections". Long-lived services pass
-    `HERALD_REDIS_POOL_SIZE`; the small default suits one-off clients.
+    Its pool blocks for a free connection (up to `HERALD_REDIS_POOL_WAIT`,
+    30 s) when `pool_size` are in use: a burst of thousands of WebSocket
+    connects and subscribes waits its turn instead of failing (issue 10: a
+    busy pool is a wait, not an outage; an outage still fails within the
+    connect and socket timeouts of the connection a caller gets). Long-lived
+    services pass `HERALD_REDIS_POOL_SIZE`; the small default suits one-off clients.
+    With `REDIS_CLUSTER` on, the main Redis is a `RedisCluster` client (one
+    such pool per node); `url` (the Celery broker) never is.
     """
     address, tls = redis_tls(url or settings.redis_url, settings)
-    pool = redis.BlockingConnectionPool.from_url(
-        address,
-        max_connections=pool_size,
-        timeout=5,
-        decode_responses=True,
-        socket_timeout=5,
-        socket_connect_timeout=3,
-        health_check_interval=15,
-        **tls,
-    )
+    options = dict(max_connections=pool_size, timeout=settings.redis_pool_wait, decode_responses=True,
+                   socket_timeout=5,
+                   socket_connect_timeout=3, **tls)
+    if settings.redis_cluster and url in (None, settings.redis_url):
+        return redis.RedisCluster.from_url(address, connection_pool_class=redis.BlockingConnectionPool,
+                                           **options)
+    pool = redis.BlockingConnectionPool.from_url(address, health_check_interval=15, **options)
     return redis.Redis(connection_pool=pool)
 
 
@@ -188,12 +196,17 @@ def check_at_start(settings) -> str | None:
                        "claims: set it to noeviction, or HERALD_ALLOW_EVICTION=1 to run anyway")
 
 
-def eviction_policy(client: redis.Redis) -> str | None:
-    """The server's `maxmemory-policy`, or None when it does not say.
+def eviction_policy(client: redis.Redis | redis.RedisCluster) -> str | None:
+    """The server's `maxmemory-policy`, or None when it does not say; on a
+    cluster, the first primary's that is not `noeviction`, if any.
 
     Managed Redis often refuses CONFIG; INFO's `maxmemory_policy` field says
     the same there.
     """
+    if isinstance(client, redis.RedisCluster):
+        policies = [eviction_policy(client.get_redis_connection(node)) for node in client.get_primaries()]
+        evicting = [p for p in policies if p not in (None, "noeviction")]
+        return evicting[0] if evicting else (None if None in policies else "noeviction")
     try:
         policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
         if policy:
@@ -261,51 +274,159 @@ def stream_id_key(sid: str) -> tuple[int, int]:
 class Store:
     """Typed access to Herald's keys under one prefix."""
 
-    def __init__(self, client: redis.Redis, settings):
+    def __init__(self, client: redis.Redis | redis.RedisCluster, settings):
         self.redis = client
         self.settings = settings
-        self.keys = Keys(settings.redis_prefix)
+        self.cluster = isinstance(client, redis.RedisCluster)
+        self.keys = Keys(settings.redis_prefix, self.cluster)
         self._set_status = client.register_script(_SET_STATUS)
         self._pass = client.register_script(_PASS)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._claim_connection = client.register_script(_CLAIM_CONNECTION)
 
+    def publish(self, name: str, message: str, client=None) -> None:
+        """Publish on a pub/sub channel built by Keys: sharded (SPUBLISH) on a
+        cluster, so only the node of the channel's slot carries it."""
+        client = self.redis if client is None else client
+        (client.spublish if self.cluster else client.publish)(name, message)
+
+    def mget(self, keys: list[str]) -> list:
+        """GET of many keys in one call (spread over their nodes on a cluster)."""
+        return self.redis.mget_nonatomic(keys) if self.cluster else self.redis.mget(keys)
+
+    def _run_scripts(self, calls: list[tuple]) -> list:
+        """Run (script, keys, args) calls in one pipeline and return their replies, in order.
+
+        A cluster pipeline refuses scripts: there the calls go in one plain
+        pipeline per node, to the node of each call's slot (a channel's calls
+        keep their order: they share a node). A slot that moved meanwhile is a
+        ConnectionError, after the slot map is read again: the caller retries.
+        """
+        def queue(indexes):
+            def add(pipe):
+                for index in indexes:
+                    script, keys, args = calls[index]
+                    _evalsha(pipe, script, keys, args)
+            return add
+
+        if not self.cluster:
+            return self._pipelined(self.redis, queue(range(len(calls))))
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for index, (_script, keys, _args) in enumerate(calls):
+            by_node[self.redis.get_node_from_key(keys[0]).name].append(index)
+        replies: list = [None] * len(calls)
+        for name, indexes in by_node.items():
+            node = self.redis.get_redis_connection(self.redis.get_node(node_name=name))
+            try:
+                results = self._pipelined(node, queue(indexes))
+            except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
+                    redis.exceptions.ClusterDownError) as exc:
+                self.redis.nodes_manager.initialize()
+                raise redis.ConnectionError(f"Redis Cluster slots moved: {exc}") from exc
+            for index, result in zip(indexes, results):
+                replies[index] = result
+        return replies
+
+    def _pipelined(self, client, queue) -> list:
+        """Run the commands `queue(pipe)` adds to a pipeline of `client` in one round
+        trip and return their replies.
+
+        Scripts go by their hash alone (`_evalsha`): redis-py's own pipelines
+        first ask SCRIPT EXISTS, a second round trip every time. A Redis that
+        lost them (a restart) answers NOSCRIPT; they are loaded and the whole
+        pipeline runs again, which its idempotent scripts allow.
+        """
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                for script in (self._set_status, self._pass):
+                    client.script_load(script.script)
+        raise AssertionError("unreachable")
+
     def set_status(self, envelope: Envelope, status: str, *, fields=None, origin=None, force=False) -> str:
         """Move a message's status forward (never back) and push the change; returns the status now."""
-        return self._set_status(**self._status_call(envelope, status, fields, origin, force))
+        now, changed = self._set_status(**self._status_call(envelope, status, fields, origin, force))
+        if changed == "1" and self.cluster:
+            self._publish_status(envelope, status, origin, self.redis)
+        return now
 
     def _status_call(self, envelope, status, fields=None, origin=None, force=False) -> dict:
         flat = []
         for name, value in (fields or {}).items():
             flat += [name, value if isinstance(value, str) else json.dumps(value)]
         frame = status_frame(envelope, status) if status != "accepted" else ""
-        node, client = _origin(self, origin)
-        return {"keys": [self.keys.message(envelope.id), self.keys.status_channel(envelope.channel)],
-                "args": [status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
-                         "1" if force else "0", *flat]}
+        keys = [self.keys.message(envelope.id)]
+        node, client = "", ""
+        if not self.cluster:  # on a cluster the frames are published apart (_publish_status)
+            keys.append(self.keys.status_channel(envelope.channel))
+            node, client = _origin(self, origin)
+        return {"keys": keys, "args": [status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
+                                       "1" if force else "0", *flat]}
+
+    def _publish_status(self, envelope: Envelope, status: str, origin, client, *, channel: bool = True) -> None:
+        # On a cluster a message's status and its channel's pub/sub channel sit
+        # in different slots: the frames follow the status change, not in one
+        # script with it (a process that dies in between loses them; the
+        # status itself is kept).
+        if status == "accepted":
+            return
+        frame = status_frame(envelope, status)
+        if channel:
+            self.publish(self.keys.status_channel(envelope.channel), frame, client)
+        node, target = _origin(self, origin)
+        if node:
+            self.publish(node, f"{target}\n{frame}", client)
 
     def record_accepted(self, accepted: list[tuple[Envelope, int, int]], answers: dict[str, str]) -> None:
         """Note records Kafka acknowledged, (envelope, partition, offset) each, unless a worker
         already moved them further, and keep the first answer of each claimed id (`answers`,
-        id to value) for the status lifetime (24 h by default). One round trip for them all."""
-        def queue(pipe):
-            for envelope, partition, offset in accepted:
-                _evalsha(pipe, self._set_status,
-                         **self._status_call(envelope, "accepted", _message_fields(envelope, partition, offset)))
+        id to value) for the status lifetime (24 h by default). One round trip for them all
+        on a single Redis. The `accepted` status has no frame to publish."""
+        calls = []
+        for envelope, partition, offset in accepted:
+            call = self._status_call(envelope, "accepted", _message_fields(envelope, partition, offset))
+            calls.append((self._set_status, call["keys"], call["args"]))
+
+        def answer(pipe):
             for msg_id, value in answers.items():
                 pipe.set(self.keys.idempotency(msg_id), value, ex=self.settings.status_ttl)
 
-        self._pipelined(queue)
+        if self.cluster:
+            self._run_scripts(calls)
+            if answers:
+                pipe = self.redis.pipeline(transaction=False)
+                answer(pipe)
+                pipe.execute()
+            return
+
+        def queue(pipe):
+            for script, keys, args in calls:
+                _evalsha(pipe, script, keys, args)
+            answer(pipe)
+
+        self._pipelined(self.redis, queue)
 
     def mark_processing(self, envelopes: list[Envelope]) -> list[str]:
         """Workers took these messages; returns each one's status now (a finished one stays finished)."""
-        def queue(pipe):
-            for envelope in envelopes:
-                fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
-                _evalsha(pipe, self._set_status, **self._status_call(envelope, "processing", fields, envelope.origin))
-
-        return self._pipelined(queue)
+        calls = []
+        for envelope in envelopes:
+            fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
+            call = self._status_call(envelope, "processing", fields, envelope.origin)
+            calls.append((self._set_status, call["keys"], call["args"]))
+        replies = self._run_scripts(calls)
+        if self.cluster and any(changed == "1" for _status, changed in replies):
+            pipe = self.redis.pipeline(transaction=False)
+            for envelope, (_status, changed) in zip(envelopes, replies):
+                if changed == "1":
+                    self._publish_status(envelope, "processing", envelope.origin, pipe)
+            pipe.execute()
+        return [status for status, _changed in replies]
 
     def deliver(self, envelopes: list[Envelope], *, force: bool = False) -> list[tuple[str, str, str]]:
         """Pass each record through its channel's order gate, in order, and deliver it once.
@@ -314,52 +435,55 @@ class Store:
         '1' when it passed without its predecessor, else '0'): 'wait' while the
         channel's previous record is not handled; records flagged `skip`
         (dead-lettered, rejected) only move the gate on.
-        One round trip for the batch.
+        One round trip for the batch (two on a cluster, see _after_pass).
         """
         now = time.time()
+        keys = self.keys
+        calls = []
+        for envelope in envelopes:
+            channel, skipped = envelope.channel, envelope.skip
+            node, client = _origin(self, envelope.origin) if not self.cluster else ("", "")
+            maxlen, max_age = self.settings.retention(channel)
+            oldest = f"{int((now - max_age) * 1000)}-0" if max_age else ""
+            script_keys = [keys.gate(channel), keys.history(channel), keys.epoch(channel), keys.waiting(channel),
+                           keys.done(envelope.id, channel), keys.message_channel(channel),
+                           keys.status_channel(channel)]
+            if not self.cluster:
+                script_keys += [keys.message(envelope.id), keys.in_flight_index, keys.in_flight_envelopes]
+            args = [_or(envelope.offset, -1), _or(envelope.prev, ""), self.settings.status_ttl,
+                    maxlen, "" if skipped else message_frame_head(envelope),
+                    "" if skipped else status_frame(envelope, "delivered"), node, client,
+                    "1" if force or envelope.force_order else "0", envelope.id, oldest,
+                    self.settings.channel_idle_ttl, "1" if skipped else "0", now,
+                    max(1.0, self.settings.order_wait), "SPUBLISH" if self.cluster else "PUBLISH"]
+            calls.append((self._pass, script_keys, args))
+        results = [tuple(result) for result in self._run_scripts(calls)]
+        if self.cluster:
+            self._after_pass(envelopes, results)
+        return results
 
-        def queue(pipe):
-            for envelope in envelopes:
-                channel, skipped = envelope.channel, envelope.skip
-                node, client = _origin(self, envelope.origin)
-                maxlen, max_age = self.settings.retention(channel)
-                oldest = f"{int((now - max_age) * 1000)}-0" if max_age else ""
-                keys = self.keys
-                _evalsha(
-                    pipe, self._pass,
-                    keys=[keys.done(envelope.id), keys.gate(channel), keys.history(channel),
-                          keys.message(envelope.id), keys.message_channel(channel),
-                          keys.status_channel(channel), keys.epoch(channel),
-                          keys.in_flight_index, keys.in_flight_envelopes, keys.waiting(channel)],
-                    args=[_or(envelope.offset, -1), _or(envelope.prev, ""), self.settings.status_ttl,
-                          maxlen, "" if skipped else message_frame_head(envelope),
-                          "" if skipped else status_frame(envelope, "delivered"), node, client,
-                          "1" if force or envelope.force_order else "0", envelope.id, oldest,
-                          self.settings.channel_idle_ttl, "1" if skipped else "0", now,
-                          max(1.0, self.settings.order_wait)],
-                )
+    def _after_pass(self, envelopes: list[Envelope], results: list[tuple[str, str, str]]) -> None:
+        # On a cluster, what the delivery script cannot reach from the
+        # channel's slot: the message's status, the in-flight index, and the
+        # publisher's own status frame. A duplicate writes the status too, so
+        # a worker that died right after delivering leaves no message stuck
+        # in `processing` once its task runs again.
+        passed = [e.id for e, (result, _sid, _forced) in zip(envelopes, results) if result != "wait"]
+        if not passed:
+            return
 
-        return [tuple(result) for result in self._pipelined(queue)]
-
-    def _pipelined(self, queue) -> list:
-        """Run the commands `queue(pipe)` adds in one round trip and return their replies.
-
-        Scripts go by their hash alone (`_evalsha`): redis-py's own pipelines
-        first ask SCRIPT EXISTS, a second round trip every time. A Redis that
-        lost them (a restart) answers NOSCRIPT; they are loaded and the whole
-        pipeline runs again, which its idempotent scripts allow.
-        """
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            queue(pipe)
-            try:
-                return pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                for script in (self._set_status, self._pass):
-                    self.redis.script_load(script.script)
-        raise AssertionError("unreachable")
+        calls = []
+        pipe = self.redis.pipeline(transaction=False)
+        for envelope, (result, sid, _forced) in zip(envelopes, results):
+            if result in ("delivered", "duplicate"):
+                call = self._status_call(envelope, "delivered", {"stream_id": sid})
+                calls.append((self._set_status, call["keys"], call["args"]))
+            if result == "delivered":
+                self._publish_status(envelope, "delivered", envelope.origin, pipe, channel=False)
+        pipe.zrem(self.keys.in_flight_index, *passed)
+        pipe.hdel(self.keys.in_flight_envelopes, *passed)
+        self._run_scripts(calls)
+        pipe.execute()
 
     def mark_failed(self, envelope: Envelope, error: str, status: str = "failed") -> None:
         """Record a dead-lettered (or rejected) message; it still has to pass its
@@ -407,8 +531,14 @@ class Store:
 
     def last_id(self, channel: str) -> str | None:
         """The newest history entry's id, or None."""
-        newest = self.redis.xrevrange(self.keys.history(channel), count=1)
-        return newest[0][0] if newest else None
+        return self.last_ids([channel])[0]
+
+    def last_ids(self, channels: list[str]) -> list[str | None]:
+        """`last_id` of many channels in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for channel in channels:
+            pipe.xrevrange(self.keys.history(channel), count=1)
+        return [newest[0][0] if newest else None for newest in pipe.execute()]
 
     # In-flight index: what the bridge handed to Celery and no worker finished.
     # The broker can still lose a task (a worker killed between taking it and
@@ -461,46 +591,39 @@ class Store:
         pipe.expire(key, self.settings.status_ttl)
         return pipe.execute()[0]
 
-    def presence(self, channel: str) -> list[dict]:
-        """Clients subscribed to a channel now, oldest first (entries of dead nodes left out)."""
-        entries = [json.loads(v) for v in self.redis.hvals(self.keys.presence(channel))]
-        alive = self._alive_nodes({e.get("node", "") for e in entries})
-        entries = sorted((e for e in entries if e.get("node", "") in alive), key=lambda e: e.get("since", 0))
-        return [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries]
-
-    def reap_presence(self) -> list[tuple[str, dict]]:
-        """Remove presence entries of web processes that stopped heart-beating; returns them."""
-        reaped = []
-        for channel in self.redis.smembers(self.keys.presence_channels):
-            key = self.keys.presence(channel)
-            entries = {client: json.loads(v) for client, v in self.redis.hgetall(key).items()}
-            alive = self._alive_nodes({e.get("node", "") for e in entries.values()})
-            for client, entry in entries.items():
-                if entry.get("node", "") not in alive:
-                    if self.redis.hdel(key, client):
-                        frame = json.dumps({"op": "leave", "channel": channel, "user": entry["user"],
-                                            "client": client}, separators=(",", ":"))
-                        self.redis.publish(self.keys.presence_channel(channel), frame)
-                        reaped.append((channel, entry))
-            if not self.redis.exists(key):
-                self.redis.srem(self.keys.presence_channels, channel)
-        return reaped
-
-    def _alive_nodes(self, nodes: set[str]) -> set[str]:
-        nodes = [n for n in nodes if n]
-        if not nodes:
-            return set()
-        flags = self.redis.mget([self.keys.node(n) for n in nodes])
-        return {n for n, flag in zip(nodes, flags) if flag}
-
     # Connection caps across the cluster.
     def claim_connection(self, member: str, user: str, address: str) -> str | None:
         """Count a new WebSocket; returns "user" or "address" (and counts nothing) when that cap is reached."""
+        return self.claim_connections([(member, user, address)])[0]
+
+    def claim_connections(self, claims: list[tuple[str, str, str]]) -> list[str | None]:
+        """`claim_connection` for many (member, user, address) at once, in one round trip
+        (a burst of WebSocket connects, web/hub/batch.py); claims count in list order."""
         now = time.time()
-        return self._claim_connection(
-            keys=[self.keys.user_connections(user), self.keys.address_connections(address)],
-            args=[member, now, now + self.settings.presence_ttl,
-                  self.settings.ws_max_per_user, self.settings.ws_max_per_ip]) or None
+        lapse = now + self.settings.presence_ttl
+        calls = []
+        for member, user, address in claims:
+            calls.append((self._claim_connection, [self.keys.user_connections(user)],
+                          [member, now, lapse, self.settings.ws_max_per_user]))
+            calls.append((self._claim_connection, [self.keys.address_connections(address)],
+                          [member, now, lapse, self.settings.ws_max_per_ip]))
+        replies = self._run_scripts(calls)
+        results, undo = [], []
+        for (member, user, address), over_user, over_address in zip(claims, replies[::2], replies[1::2]):
+            # Each cap is one script (the two sets may sit on different cluster
+            # nodes): a claim refused by one is taken back from the other.
+            if over_user:
+                results.append("user")
+                if not over_address:
+                    undo.append((self.keys.address_connections(address), member))
+            elif over_address:
+                results.append("address")
+                undo.append((self.keys.user_connections(user), member))
+            else:
+                results.append(None)
+        for key, member in undo:
+            self.redis.zrem(key, member)
+        return results
 
     def refresh_connections(self, members: list[tuple[str, str, str]]) -> None:
         """Keep this process's open connections (member, user, address) counted for another TTL."""

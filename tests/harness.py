@@ -132,25 +132,62 @@ def redis_server(port: int, log_path: Path, *, tls: dict | None = None, args=())
     return server
 
 
+def redis_cluster(workdir: Path, nodes: int = 3) -> tuple[list[embedded.Server], str]:
+    """A Redis Cluster of `nodes` primaries (no replicas) on free ports, made with
+    `redis-cli --cluster create` and waited for until every node says
+    cluster_state:ok: its servers, and the URL of its first node."""
+    servers = []
+    try:
+        for _ in range(nodes):
+            port = embedded.free_port()
+            home = workdir / f"cluster-{port}"
+            home.mkdir(parents=True)
+            server = embedded.redis_server(port, str(home / "redis.log"))
+            # A later --dir wins: each node keeps its nodes.conf apart. The bus
+            # port is chosen too (port + 10000 may be past 65535).
+            server.argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(home / "nodes.conf"),
+                            "--cluster-port", str(embedded.free_port()), "--dir", str(home),
+                            "--cluster-node-timeout", "5000"]
+            servers.append(server.start())
+        addresses = [f"127.0.0.1:{server.port}" for server in servers]
+        subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+
+        def ok(server):
+            info = subprocess.run(["redis-cli", "-p", str(server.port), "cluster", "info"], capture_output=True,
+                                  text=True, timeout=10).stdout
+            return "cluster_state:ok" in info
+
+        wait_until(lambda: all(ok(server) for server in servers), 30, 0.2, "cluster_state:ok")
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers, f"redis://127.0.0.1:{servers[0].port}/0"
+
+
 class Stack:
     """A whole Herald system for tests, with handles to restart or kill each part.
 
     `redis_tls` (from tls_certificates) runs its own Redis, and so the Celery
     broker, over TLS at a `rediss://` URL ending in `?redis_query`;
-    `redis_args` are more options for its own Redis.
+    `redis_args` are more options for its own Redis. `cluster` runs Herald
+    on a three-node Redis Cluster of its own (REDIS_CLUSTER), the Celery
+    broker on a plain Redis apart.
     """
 
     def __init__(self, workdir: Path, *, own_kafka: bool = False, own_redis: bool = False,
                  separate_broker: bool = False, persistent_redis: bool = False, redis_tls: dict | None = None,
                  redis_query: str = "", redis_args=(), broker: str = "redis", kafka_url: str | None = None,
-                 **env):
+                 cluster: bool = False, **env):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.kafka = self.redis = None
         self.kafka_port = self.redis_port = None
         external_kafka = None if own_kafka else os.environ.get("HERALD_TEST_KAFKA")
         own_redis = own_redis or bool(redis_tls or redis_args)
-        external_redis = None if own_redis else os.environ.get("HERALD_TEST_REDIS_URL")
+        external_redis = None if own_redis or cluster else os.environ.get("HERALD_TEST_REDIS_URL")
+        self.cluster: list[embedded.Server] = []
         if kafka_url:  # a Kafka the test started, given as Heroku gives it (KAFKA_URL)
             self.bootstrap = ",".join(server.split("://", 1)[-1] for server in kafka_url.split(","))
         elif external_kafka:
@@ -159,7 +196,11 @@ class Stack:
             self.kafka_port = embedded.free_port()
             self.kafka = embedded.kafka_server(self.kafka_port, str(workdir / "kafka.log")).start()
             self.bootstrap = f"127.0.0.1:{self.kafka_port}"
-        if external_redis:
+        if cluster:
+            self.cluster, self.redis_url = redis_cluster(workdir)
+            separate_broker = separate_broker or broker == "redis"
+            env = {"REDIS_CLUSTER": "1", **env}
+        elif external_redis:
             self.redis_url = external_redis
         else:
             self.redis_port = embedded.free_port()
@@ -245,11 +286,13 @@ class Stack:
     def stop(self) -> None:
         """Stop every process and server of the stack."""
         if self._store is not None:
-            self._store.redis.connection_pool.disconnect()  # close() leaves a given pool's sockets open
+            client = self._store.redis
+            # close() leaves a given pool's sockets open
+            client.disconnect_connection_pools() if self.cluster else client.connection_pool.disconnect()
         for proc in reversed(self.procs):
             proc.stop(10)
             proc.kill()  # whatever it left behind
-        for server in (self.kafka, self.redis, self.broker):
+        for server in (self.kafka, self.redis, self.broker, *self.cluster):
             if server is not None:
                 server.stop()
         if self.settings.amqp_broker:

@@ -36,12 +36,6 @@ def create_app(settings=None) -> Flask:
     app = Flask(__name__)
     # The largest body any endpoint takes (a batch); werkzeug refuses more unread.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_batch_bytes
-    # Protocol pings every ping_interval; a client that has not answered the
-    # previous one by the next is dropped. Frames up to twice the message
-    # limit are read so that the hub can refuse them with 4009 (beyond, the
-    # library closes with 1009 without buffering them).
-    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": settings.ping_interval,
-                                         "max_message_size": settings.max_message_bytes * 2 + 1024}
     if settings.trusted_proxies:
         # Only the X-Forwarded-For entries our own proxies appended are true;
         # any client writes the rest (README: Running on a Heroku-like host).

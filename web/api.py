@@ -255,4 +255,4 @@ def dlq_replay(letter_id: str):
 @blueprint.get("/channels/<channel>/presence")
 def presence(channel: str):
     readable_channel(channel)
-    return {"clients": services().store.presence(channel)}
+    return {"clients": services().hub.presence.members(channel)}

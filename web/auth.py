@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jwt
@@ -10,7 +11,6 @@ import jwt
 from pipeline.messages import channel_allowed
 
 LEEWAY_SECONDS = 10
-VERIFIED_CACHE_SIZE = 1024  # tokens whose signature was checked, per process
 
 
 class AuthError(Exception):
@@ -40,36 +40,28 @@ class Identity:
 OPEN = Identity(user="anonymous", publish=("*",), subscribe=("*",), admin=True)
 
 
-# (secret, token) -> Identity. A backend sends every request with the same
-# token: checking its HS256 signature again each time was a sixth of a
-# publish's CPU (py-spy). Only a token that verified is kept, and its expiry
-# is still checked at every use.
-_verified: dict[tuple[str, str], Identity] = {}
-
-
 def verify(token: str | None, settings) -> Identity:
     """Check a token's signature, algorithm and expiry; return its Identity or raise AuthError."""
     if not settings.auth:
         return OPEN
     if not token:
         raise AuthError("a bearer token is required")
-    key = (settings.secret_key, token)
-    known = _verified.get(key)
-    if known is not None:
-        if time.time() < known.expires + LEEWAY_SECONDS:
-            return known
-        _verified.pop(key, None)
-    identity = _decode(token, settings)
-    if len(_verified) >= VERIFIED_CACHE_SIZE:
-        _verified.clear()
-    _verified[key] = identity
+    identity = _decode(token, settings.secret_key)
+    # Checked on every use: a token verified earlier may have expired since.
+    if identity.expires + LEEWAY_SECONDS < time.time():
+        raise AuthError("the token has expired")
     return identity
 
 
-def _decode(token: str, settings) -> Identity:
+# A token's signature is checked once per process, not on every request and
+# connection: PyJWT spent 15% of a web process's CPU in a burst of WebSocket
+# connects (issue 10), most clients reusing their token. Refused tokens are
+# not cached (lru_cache keeps no exceptions).
+@functools.lru_cache(maxsize=4096)
+def _decode(token: str, secret: str) -> Identity:
     try:
         # Pinning the algorithm list is what stops alg=none and key-confusion tokens.
-        claims = jwt.decode(token, settings.secret_key, algorithms=["HS256"], leeway=LEEWAY_SECONDS,
+        claims = jwt.decode(token, secret, algorithms=["HS256"], leeway=LEEWAY_SECONDS,
                             options={"require": ["exp", "sub"]})
     except jwt.ExpiredSignatureError:
         raise AuthError("the token has expired") from None

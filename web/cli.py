@@ -16,7 +16,9 @@ from flask import current_app
 
 from pipeline import embedded
 from pipeline.kafka import kafka_reachable
+from pipeline.keys import split_routed
 from pipeline.messages import parse_publish
+from pipeline.pubsub import open_link
 from pipeline.settings import Settings, load_or_exit
 from web.auth import mint
 
@@ -69,13 +71,17 @@ def publish_command(channel, data, mtype, msg_id):
 def tail_command(channel):
     """Print CHANNEL's messages as they are delivered (Ctrl-C to stop)."""
     services = current_app.extensions["herald"]
-    pubsub = services.store.redis.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(services.store.keys.message_channel(channel))
+    link = open_link(services.settings)
+    link.send(True, [services.store.keys.message_channel(channel)])
     try:
-        for item in pubsub.listen():
-            click.echo(item["data"].partition("\n")[2])
+        while True:
+            item = link.get_message(timeout=1.0)
+            if item is not None and item["type"] == "message":
+                click.echo(split_routed(item["data"])[1])
     except KeyboardInterrupt:
         pass
+    finally:
+        link.close()
 
 
 @click.group("dlq")

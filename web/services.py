@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import redis
 
@@ -25,6 +26,8 @@ class Services:
     def __init__(self, settings):
         self.settings = settings
         self.hub = None  # set by web.hub.init_app
+        self._stopping = threading.Lock()
+        self._stopped = False
 
     @functools.cached_property
     def store(self) -> Store:
@@ -57,13 +60,21 @@ class Services:
             self.hub.start()
 
     def stop(self) -> None:
-        """Close WebSockets with 1001, then deliver what the producer still holds."""
-        if self.hub is not None:
-            self.hub.shutdown()
-        if "publisher" in self.__dict__:
-            left = self.publisher.close(10)
-            if left:
-                log.error("records not delivered at shutdown", extra={"count": left})
+        """Close WebSockets with 1001, then deliver what the producer still holds.
+
+        Called when gunicorn flips the worker's `alive` and again at the
+        worker's exit: a second call waits for the first to finish.
+        """
+        with self._stopping:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self.hub is not None:
+                self.hub.shutdown()
+            if "publisher" in self.__dict__:
+                left = self.publisher.close(10)
+                if left:
+                    log.error("records not delivered at shutdown", extra={"count": left})
 
     def down(self) -> list[str]:
         """Names of the services that do not answer now (for /readyz)."""

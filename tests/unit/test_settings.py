@@ -109,3 +109,21 @@ def test_the_visibility_timeout_bounds_retry_delays_only_on_the_redis_broker():
     settings = Settings.from_env({**BASE, "CELERY_BROKER_URL": "amqps://u:p@rabbit.example/vh",
                                   "HERALD_RETRY_MAX_DELAY": "3000"})
     assert settings.retry_max_delay == 3000 and settings.amqp_broker
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({}, "set CELERY_BROKER_URL"),
+    ({"CELERY_BROKER_URL": "redis://cluster:7000/0"}, "set CELERY_BROKER_URL"),
+    ({"CELERY_BROKER_URL": "redis://broker:6379/0", "HERALD_REDIS_PREFIX": "h{x}"}, "may not contain"),
+    ({"CELERY_BROKER_URL": "redis://broker:6379/0", "REDIS_URL": "unix:///tmp/r.sock"}, "redis:// or rediss://"),
+])
+def test_a_redis_cluster_needs_a_broker_of_its_own_and_a_prefix_without_braces(env, problem):
+    with pytest.raises(ConfigError, match=problem):
+        Settings.from_env({**BASE, "REDIS_URL": "redis://cluster:7000/0", "REDIS_CLUSTER": "1", **env})
+
+
+def test_a_redis_cluster_with_a_broker_apart_is_accepted():
+    settings = Settings.from_env({**BASE, "REDIS_URL": "redis://cluster:7000/0", "REDIS_CLUSTER": "on",
+                                  "CELERY_BROKER_URL": "amqp://guest:guest@mq//"})
+    assert settings.redis_cluster and settings.amqp_broker
+    assert not Settings.from_env(BASE).redis_cluster

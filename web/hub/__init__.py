@@ -1,0 +1,124 @@
+"""The WebSocket hub: `/ws` connections in this process, fed by one Redis pub/sub listener.
+
+Workers PUBLISH each frame once, already encoded; the router turns it into
+WebSocket bytes once and writes them to every local subscriber whose socket
+takes them at once. What a socket cannot take waits in that connection's
+bounded send queue, so a slow client never holds up the others (it is closed
+with 4008 when its queue overflows). The parts:
+
+- `transport`: each socket, read and written by gevent's loop (no greenlet per idle connection);
+- `router`: the local channel index, and the pub/sub listener feeding it;
+- `protocol`: the handshake's checks, the ops and their errors;
+- `presence`: who is in a channel, this node's heartbeat, and reaping dead nodes' entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from urllib.parse import urlsplit
+
+import gevent
+import redis
+from flask import request
+from flask_sock import Sock
+
+from pipeline.keys import Keys
+from web.hub.presence import Presence
+from web.hub.protocol import CLOSE_GOING_AWAY, Protocol
+from web.hub.router import Router
+from web.hub.transport import NoThread
+from web.problems import problem
+
+log = logging.getLogger("herald.hub")
+
+SHUTDOWN_WAIT = 5.0  # seconds a stopping process waits for its clients' close frames to go out
+
+
+class Hub:
+    """This process's clients, router, protocol and presence."""
+
+    def __init__(self, services):
+        self.services = services
+        self.settings = services.settings
+        self.node = self.settings.node_id
+        self.clients: dict = {}
+        self.running = False
+        self.presence = Presence(services.store, self.settings, self.node)
+        self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node, self.clients,
+                             services.store.history)
+        self.protocol = Protocol(self)
+
+    def start(self) -> None:
+        """Start the listener, the pinger and the heartbeat (once per process)."""
+        if self.running:
+            return
+        self.running = self.router.running = True
+        threading.Thread(target=self.router.run, name="hub-listener", daemon=True).start()
+        threading.Thread(target=self._ping, name="hub-pinger", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="hub-heartbeat", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Close every connection with 1001 so clients reconnect to another process, and wait
+        (a few seconds at most) until they are closed."""
+        self.running = self.router.running = False
+        for client in list(self.clients.values()):
+            client.ws.close(CLOSE_GOING_AWAY, "server going away")
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        while self.clients and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+
+    def member(self, client_id: str) -> str:
+        """The client's name in the cluster-wide connection counts."""
+        return f"{self.node}/{client_id}"
+
+    def _ping(self) -> None:
+        # One pass over every client per interval: a client that left the last
+        # ping unanswered is closed (1008), as a dead network never says so.
+        while self.running:
+            time.sleep(self.settings.ping_interval)
+            for client in list(self.clients.values()):
+                client.ws.ping()
+
+    def _heartbeat(self) -> None:
+        while self.running:
+            try:
+                self.presence.beat([(self.member(c.id), c.identity.user, c.remote)
+                                    for c in list(self.clients.values())])
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc)})
+            time.sleep(self.presence.period)
+
+
+def init_app(app, services) -> Hub:
+    """Mount `/ws` on the app and attach this process's Hub to the services."""
+    hub = Hub(services)
+    services.hub = hub
+    # The hub reads the sockets itself, from gevent's loop (web.hub.transport).
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {})["thread_class"] = NoThread
+    sock = Sock(app)
+
+    @app.before_request
+    def guard_upgrade():
+        if request.path != "/ws":
+            return None
+        origin = request.headers.get("Origin")
+        if origin and not origin_allowed(origin, request.host, services.settings.cors_origins):
+            return problem(403, f"Origin {origin} is not allowed (HERALD_CORS_ORIGINS)", slug="origin-not-allowed")
+        # permessage-deflate holds compression state of a few hundred KB per
+        # connection; at thousands of connections that is most of the memory.
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        return None
+
+    @sock.route("/ws")
+    def websocket(ws):
+        hub.protocol.accept(ws)
+
+    return hub
+
+
+def origin_allowed(origin: str, host: str, allowed) -> bool:
+    """Same-origin, or listed in HERALD_CORS_ORIGINS."""
+    origin = origin.rstrip("/")
+    return origin in allowed or urlsplit(origin).netloc == host

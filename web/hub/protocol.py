@@ -1,0 +1,383 @@
+"""The hub's protocol: the handshake's checks, then each client's ops and errors.
+
+A client's frames are handled one at a time, in order, by a greenlet that
+exists only while it has frames to handle (README: "WebSocket protocol").
+An op that fails because Redis or Kafka does not answer is answered
+`unavailable` and never counts against the client; five bad frames in a row
+close it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import gevent
+import redis
+from flask import request
+
+from pipeline.errors import HeraldError, TransientError, ValidationError
+from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
+from pipeline.store import stream_id_key, valid_stream_id
+from web.auth import LEEWAY_SECONDS, AuthError, verify
+from web.hub.batch import Batcher
+from web.hub.router import Subscription
+from web.hub.transport import WebSocket, wire_frame
+
+log = logging.getLogger("herald.hub")
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_TOO_SLOW = 4008
+CLOSE_TOO_LARGE = 4009
+CLOSE_RATE_LIMITED = 4029
+CONNECT_TIMEOUT = 10.0
+MAX_BAD_FRAMES = 5
+
+
+class Unavailable(TransientError):
+    """Redis or Kafka failed an op: answered `unavailable` (worth retrying), never counted as a bad frame."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class Client:
+    """One authenticated connection: its socket, identity, subscriptions and frame allowance."""
+
+    __slots__ = ("id", "ws", "identity", "remote", "subscriptions", "tokens", "refilled", "bad", "inbox",
+                 "worker", "expiry")
+
+    def __init__(self, client_id: str, ws: WebSocket, identity, remote: str, rate: float):
+        self.id = client_id
+        self.ws = ws
+        self.identity = identity
+        self.remote = remote
+        self.subscriptions: dict[str, Subscription] = {}
+        # Token bucket: `rate` frames a second, bursts of twice that.
+        self.tokens = rate * 2
+        self.refilled = time.monotonic()
+        self.bad = 0
+        self.inbox: list = []
+        self.worker = None  # the greenlet handling the inbox, while it has frames
+        self.expiry = None  # the loop timer closing the connection when the token expires
+
+    def send(self, frame: dict) -> None:
+        """Send (or queue) a frame given as a dict."""
+        self.ws.push(wire_frame(dumps(frame)))
+
+    def take_token(self, rate: float) -> bool:
+        """Spend one frame of the client's allowance; False when it is flooding."""
+        now = time.monotonic()
+        self.tokens = min(rate * 2, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class Protocol:
+    """Accepts connections and runs the ops of `/ws` for one hub."""
+
+    def __init__(self, hub):
+        self.hub = hub
+        self.settings = hub.settings
+        self.services = hub.services
+        self.router = hub.router
+        self.index = hub.router.index
+        self.presence = hub.presence
+        store = self.services.store
+        # A burst of connects and subscribes shares round trips (web/hub/batch.py).
+        self._claim = Batcher(store.claim_connections)
+        self._last_id = Batcher(lambda calls: store.last_ids([channel for (channel,) in calls]))
+        self._join = Batcher(self.presence.join_all)
+
+    # -- accepting ------------------------------------------------------------
+    def accept(self, server) -> None:
+        """Check a new WebSocket (flask-sock's, after its handshake), then hand it to the loop.
+
+        Runs in the request's greenlet, which ends here: from now on the
+        client costs no greenlet while it is idle.
+        """
+        remote = request.remote_addr or ""  # the trusted proxies' view (HERALD_TRUSTED_PROXIES, ProxyFix)
+        ws = WebSocket(server, self.settings.send_queue_size, self.settings.max_message_bytes)
+        if not self.hub.running:
+            # Shutting down: send the client to another process now.
+            ws.close(CLOSE_GOING_AWAY, "server going away")
+            return
+        identity = self._authenticate(ws, request.args.get("token"))
+        if identity is None:
+            return
+        client_id = new_id()
+        try:
+            over = self._claim(self.hub.member(client_id), identity.user, remote)
+        except redis.RedisError as exc:
+            ws.close(CLOSE_TRY_AGAIN, "try again later")
+            log.warning("ws refused: Redis unavailable", extra={"user": identity.user, "error": str(exc)})
+            return
+        if over:
+            ws.close(CLOSE_RATE_LIMITED, "too many connections")
+            log.info("ws refused: connection cap", extra={"user": identity.user, "remote": remote, "cap": over})
+            return
+        client = Client(client_id, ws, identity, remote, self.settings.ws_rate)
+        ws.on_too_large = lambda: ws.close(CLOSE_TOO_LARGE, "frame too large")
+        ws.on_overflow = lambda: log.warning("send queue overflow", extra={"client": client.id,
+                                                                            "user": identity.user})
+        self.hub.clients[client.id] = client
+        log.info("ws connected", extra={"client": client.id, "user": identity.user, "remote": remote})
+        client.send({"op": "connected", "client": client.id, "user": identity.user,
+                     "ping_interval": self.settings.ping_interval})
+        if identity.expires is not None:
+            # No polling: one loop timer per connection whose token expires.
+            client.expiry = gevent.get_hub().loop.timer(max(0.0, identity.expires + LEEWAY_SECONDS - time.time())
+                                                         + 0.05)
+            client.expiry.start(ws.close, CLOSE_UNAUTHORIZED, "token expired")
+        ws.start(lambda raw: self._received(client, raw), lambda: gevent.spawn(self._drop, client))
+
+    def _authenticate(self, ws: WebSocket, token):
+        ref = None
+        if token is None and self.settings.auth:
+            frame = _parse(ws.read_message(CONNECT_TIMEOUT))
+            if not isinstance(frame, dict) or frame.get("op") != "connect":
+                ws.close(CLOSE_UNAUTHORIZED, "first frame must be connect")
+                return None
+            token, ref = frame.get("token"), frame.get("ref")
+        try:
+            return verify(token, self.settings)
+        except AuthError as exc:
+            ws.close(CLOSE_UNAUTHORIZED, str(exc)[:120])
+            log.info("ws unauthorized", extra={"error": str(exc), "ref": ref})
+            return None
+
+    # -- frames ---------------------------------------------------------------
+    def _received(self, client: Client, raw) -> None:
+        # Called by the loop: nothing here may block.
+        if not client.take_token(self.settings.ws_rate):
+            client.ws.close(CLOSE_RATE_LIMITED, "too many frames")
+            return
+        client.inbox.append(raw)
+        if client.worker is None:
+            client.worker = gevent.spawn(self._work, client)
+
+    def _work(self, client: Client) -> None:
+        try:
+            while client.inbox and not client.ws.closing:
+                self._frame(client, client.inbox.pop(0))
+        finally:
+            client.worker = None
+
+    def _frame(self, client: Client, raw) -> None:
+        frame = _parse(raw)
+        ref = frame.get("ref") if isinstance(frame, dict) else None
+        try:
+            self._handle(client, frame)
+            client.bad = 0
+        except Unavailable as exc:
+            # An outage says nothing about the client's frames (README: close codes).
+            client.send(_with_ref({"op": "error", "code": "unavailable", "message": exc.detail}, ref))
+        except ValidationError as exc:
+            client.bad += 1
+            code = exc.title.lower().replace(" ", "_")
+            client.send(_with_ref({"op": "error", "code": code, "message": exc.detail}, ref))
+            if client.bad >= MAX_BAD_FRAMES:
+                client.ws.close(CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_POLICY, "too many bad frames")
+
+    def _handle(self, client: Client, frame) -> None:
+        if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
+            raise ValidationError("a frame is a JSON object with an op", title="bad_frame")
+        op, ref = frame["op"], frame.get("ref")
+        if op == "ping":
+            client.send(_with_ref({"op": "pong"}, ref))
+        elif op == "subscribe":
+            self._subscribe(client, frame, ref)
+        elif op == "unsubscribe":
+            channel = _channel(frame)
+            self._unsubscribe(client, channel)
+            client.send(_with_ref({"op": "unsubscribed", "channel": channel}, ref))
+        elif op == "publish":
+            self._publish(client, frame, ref)
+        elif op == "connect":
+            raise ValidationError("already connected", title="bad_frame")
+        else:
+            raise ValidationError(f"unknown op {op!r}", title="bad_frame")
+
+    # -- subscribe and resume -------------------------------------------------
+    def _subscribe(self, client: Client, frame: dict, ref) -> None:
+        channel = _channel(frame)
+        if not client.identity.may_subscribe(channel):
+            raise ValidationError(f"this token may not subscribe to {channel}", status=403, title="forbidden")
+        limit = self.settings.ws_max_subscriptions
+        if channel not in client.subscriptions and len(client.subscriptions) >= limit:
+            raise ValidationError(f"at most {limit} subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)",
+                                  title="too_many_subscriptions")
+        since = frame.get("since")
+        if since is not None and not valid_stream_id(since):
+            raise ValidationError("since is an offset from a message frame", title="bad_frame")
+        size = self._replay_page()
+        sub = Subscription(client.ws, status=frame.get("status") is True, presence=frame.get("presence") is True,
+                           hold=size)
+        names = self.router.names(channel, sub)
+        # The resume seam. Registered first, the subscription holds live
+        # frames; then Redis confirms the SUBSCRIBE of the channel's pub/sub
+        # channel (join() returns once the listener read the confirmation, or
+        # at once when this process was subscribed already); only then is
+        # history read. A message is added to history and published in one
+        # Lua script (README: delivery guarantees), so one published before
+        # the SUBSCRIBE took effect is in the history read, one published
+        # after reaches the listener, and `last` drops what is in both. Read
+        # before the confirmation, history would miss a message published
+        # in between, and the live flow would not have it either.
+        previous = self.index.attach(client, channel, sub)
+        store = self.services.store
+        try:
+            self.router.join(names)
+            try:
+                if since:
+                    page = store.history(channel, since, size)
+                    replay, recovered, more = page["messages"], page["recovered"], page["next"] is not None
+                    sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
+                else:
+                    replay, recovered, more = [], True, False
+                    newest = self._last_id(channel)
+                    sub.last = stream_id_key(newest) if newest else (-1, -1)
+            except redis.RedisError:
+                self.router.leave(names)
+                raise
+            offset = _format_sid(sub.last)
+        except redis.RedisError as exc:
+            log.warning("subscribe failed: history unavailable",
+                        extra={"client": client.id, "channel": channel, "error": str(exc)})
+            if previous is not None:
+                self.index.attach(client, channel, previous)
+            else:
+                self.index.detach(client, channel)
+            raise Unavailable("history is unavailable, retry") from None
+        if previous is not None:
+            self.router.leave(self.router.names(channel, previous))
+        reply = {"op": "subscribed", "channel": channel, "offset": offset, "recovered": recovered,
+                 "replayed": len(replay)}
+        if more:
+            reply["more"] = True  # `replayed` and `offset` count the first page; more pages follow
+        client.send(_with_ref(reply, ref))
+        self._replay(client, channel, sub, replay, more)
+        if previous is None:
+            self._join(client, channel)
+
+    def _replay_page(self) -> int:
+        # The replay waits for an empty send queue before each page: a page
+        # larger than the queue would overflow it (4008) by itself.
+        return min(self.settings.ws_replay_page, self.settings.send_queue_size)
+
+    def _replay(self, client: Client, channel: str, sub: Subscription, page: list, more: bool) -> None:
+        """Send history page by page, each once the client has taken the last
+        (README: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile."""
+        store = self.services.store
+        while True:
+            for message in page:
+                client.send(message)
+            if not more and _go_live(sub):
+                return
+            if not client.ws.wait_drained(2 * self.settings.ping_interval):
+                client.ws.close(CLOSE_TOO_SLOW, "too slow")  # no-op when it is closing already
+                return
+            try:
+                rest = store.history(channel, _format_sid(sub.last), self._replay_page())
+            except redis.RedisError as exc:
+                log.warning("replay failed: history unavailable",
+                            extra={"client": client.id, "channel": channel, "error": str(exc)})
+                client.ws.close(CLOSE_TRY_AGAIN, "try again later")  # the client resumes from its last offset
+                return
+            if not rest["recovered"]:
+                # Trimmed past what we sent while the client read: a gap. Resuming
+                # tells the client so (`recovered: false`).
+                client.ws.close(CLOSE_TOO_SLOW, "too slow")
+                return
+            page, more = rest["messages"], rest["next"] is not None
+            if page:
+                sub.last = stream_id_key(page[-1]["offset"])
+            log.debug("replay page", extra={"client": client.id, "channel": channel, "messages": len(page)})
+
+    def _unsubscribe(self, client: Client, channel: str) -> None:
+        sub = self.index.detach(client, channel)
+        if sub is not None:
+            self.router.leave(self.router.names(channel, sub))
+            self.presence.leave(client, channel)
+
+    # -- publish --------------------------------------------------------------
+    def _publish(self, client: Client, frame: dict, ref) -> None:
+        body = {k: v for k, v in frame.items() if k not in ("op", "ref")}
+        envelope = parse_publish(body, sender=client.identity.user)
+        if not client.identity.may_publish(envelope.channel):
+            raise ValidationError(f"this token may not publish to {envelope.channel}", status=403,
+                                  title="forbidden")
+        try:
+            answer = self.services.ingest.publish(envelope, idempotent="id" in body,
+                                                  origin=f"{self.hub.node}/{client.id}", request_id=new_id())
+        except ValidationError:
+            raise
+        except HeraldError as exc:
+            # Its text names internal hosts: logged, not sent (README: WebSocket close codes and errors).
+            log.warning("ws publish refused: service unavailable", extra={"client": client.id, "error": str(exc)})
+            raise Unavailable("the message was not accepted, retry later") from None
+        client.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
+
+    # -- closing --------------------------------------------------------------
+    def _drop(self, client: Client) -> None:
+        """Forget a closed client: its subscriptions, presence and connection count."""
+        if client.expiry is not None:
+            client.expiry.stop()
+            client.expiry.close()
+        for channel in list(client.subscriptions):
+            self._unsubscribe(client, channel)
+        self.hub.clients.pop(client.id, None)
+        try:
+            self.services.store.release_connection(self.hub.member(client.id), client.identity.user, client.remote)
+        except redis.RedisError:
+            log.warning("connection not uncounted", extra={"client": client.id})  # it lapses after the TTL
+        log.info("ws disconnected", extra={"client": client.id, "user": client.identity.user})
+
+
+def _go_live(sub: Subscription) -> bool:
+    """After history's end: send the held live frames that are newer and go live;
+    False when they overflowed meanwhile (then history is read on)."""
+    while sub.backlog and not sub.overflowed:
+        key, live = sub.backlog.pop(0)
+        if key > sub.last:
+            sub.last = key
+            sub.ws.push(live)
+    if sub.overflowed:
+        sub.overflowed = False  # hold again from here; what was dropped is read from history
+        return False
+    sub.backlog = None  # no switch since the check above: nothing falls in between
+    return True
+
+
+def _parse(raw):
+    if raw is None:
+        return None
+    try:
+        return loads(raw)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _channel(frame: dict) -> str:
+    channel = frame.get("channel")
+    if not valid_channel(channel):
+        raise ValidationError("channel must match [A-Za-z0-9_:.@-]{1,200}", title="bad_channel")
+    return channel
+
+
+def _with_ref(frame: dict, ref) -> dict:
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
+
+
+def _format_sid(key: tuple[int, int]) -> str | None:
+    return None if key < (0, 0) else f"{key[0]}-{key[1]}"

@@ -1,0 +1,330 @@
+"""The hub's transport: each WebSocket's socket, read and written by gevent's event loop.
+
+flask-sock and simple-websocket make the handshake; then the connection is
+handed to a `WebSocket` and its handler greenlet ends. From there gevent's
+loop calls `_readable` when bytes arrive and `_writable` when a full socket
+takes more, so an idle connection holds no greenlet: a socket, a wsproto
+parser and this object (issue 10: memory per connection). A frame for many
+clients is encoded once (`wire_frame`) and written with the raw socket's
+non-blocking send; what a socket cannot take waits in its bounded queue and
+goes out with the rest of the queue in one send. Runs under gevent only (the
+gunicorn worker class, gunicorn.conf.py).
+"""
+
+from __future__ import annotations
+
+import _socket
+import socket
+import struct
+
+import gevent
+from gevent.event import Event
+from gevent.socket import wait_read
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import ParseFailed
+from wsproto.utilities import LocalProtocolError
+
+# A fixed kernel send buffer (no autotuning up to 4 MB): bounded memory per
+# connection, and a stalled client shows in its queue soon.
+SEND_BUFFER_BYTES = 64 * 1024
+RECEIVE_BYTES = 16 * 1024
+CLOSE_WAIT = 10.0  # seconds a closing socket waits for its close frame to go out and the client's answer
+PING_FRAME = b"\x89\x00"
+_READ, _WRITE = 1, 2
+
+
+def wire_frame(text: str) -> bytes:
+    """A whole unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it.
+
+    A broadcast is encoded once for all its subscribers instead of once per
+    connection by wsproto; without extensions the bytes are the same.
+    """
+    payload = text.encode()
+    return _head(0x81, len(payload)) + payload
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """A close frame with `code` and `reason` (cut to the 123 bytes a control frame allows)."""
+    payload = struct.pack("!H", code) + reason.encode()[:123]
+    return _head(0x88, len(payload)) + payload
+
+
+def _head(first: int, size: int) -> bytes:
+    if size < 126:
+        return struct.pack("!BB", first, size)
+    if size < 1 << 16:
+        return struct.pack("!BBH", first, 126, size)
+    return struct.pack("!BBQ", first, 127, size)
+
+
+class NoThread:
+    """simple-websocket's reader-thread class, made inert: `WebSocket` reads instead.
+
+    flask-sock passes it through `SOCK_SERVER_OPTIONS["thread_class"]`.
+    """
+
+    name = "(no thread)"
+
+    def __init__(self, target=None):
+        pass
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+
+class WebSocket:
+    """One client's socket after the handshake: its parser, send queue and loop watchers.
+
+    `push` writes bytes now if the socket takes them, else queues them (at
+    most `queue_limit` frames; past that the client is too slow and
+    `on_overflow` is called). Messages go to `on_message` one by one, in
+    order; `on_closed` is called once, when the socket is gone.
+    """
+
+    __slots__ = ("_raw", "_proto", "_queue", "_partial", "_limit", "_max_bytes", "_reader", "_writer",
+                 "_timer", "_drained", "_message", "_size", "_early", "_on_message", "_on_closed",
+                 "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong")
+
+    def __init__(self, ws, queue_limit: int, max_message_bytes: int):
+        # The plain socket under gevent's wrapper (no watchers of its own):
+        # detached, so gunicorn's close once the handler returns is a no-op.
+        self._raw = _socket.socket(fileno=ws.sock.detach())
+        self._raw.setblocking(False)
+        try:
+            self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        except OSError:
+            pass
+        ws.connected = False  # flask-sock's close() after the handler is then a no-op
+        # A fresh frame parser rather than the handshake's WSConnection, which
+        # keeps h11's request state for ever; no extension is ever negotiated
+        # (init_app strips permessage-deflate), so nothing else carries over.
+        self._proto = Connection(ConnectionType.SERVER)
+        self._queue: list[bytes] = []  # a list, not a deque: a tenth of the memory, and rarely used
+        self._partial = False  # the queue starts with the rest of a frame written in part
+        self._limit = queue_limit
+        self._max_bytes = max_message_bytes
+        self._reader = self._writer = self._timer = None
+        self._drained: Event | None = None
+        self._message: list = []
+        self._size = 0
+        self._early: list | None = []  # messages read before start()
+        self._on_message = self._on_closed = None
+        self.on_overflow = self.on_too_large = None
+        self.closing = self.closed = False
+        self.awaiting_pong = False
+
+    # -- reading -------------------------------------------------------------
+    def read_message(self, timeout: float):
+        """Block this greenlet until a whole message arrives (before `start`); None if the
+        socket closed or nothing came within `timeout` seconds."""
+        while not self._early and not self.closing:
+            try:
+                wait_read(self._raw.fileno(), timeout=timeout)
+            except socket.timeout:
+                return None
+            self._readable()
+        return self._early.pop(0) if self._early else None
+
+    def start(self, on_message, on_closed) -> None:
+        """Hand the socket to the event loop; messages read so far go to `on_message` first."""
+        self._on_message, self._on_closed = on_message, on_closed
+        early, self._early = self._early or [], None
+        for message in early:
+            on_message(message)
+        if self.closed:
+            on_closed()
+        elif self._reader is None:
+            self._watch_reads()
+
+    def _watch_reads(self) -> None:
+        self._reader = gevent.get_hub().loop.io(self._raw.fileno(), _READ)
+        self._reader.start(self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self._raw.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._finish()
+            return
+        try:
+            self._proto.receive_data(data)
+            for event in self._proto.events():
+                if self.closed:
+                    return
+                self._event(event)
+        except ParseFailed as exc:
+            self.close(exc.code, "protocol error")
+        except LocalProtocolError:
+            self._finish()
+
+    def _event(self, event) -> None:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            if self.closing:
+                return
+            part = event.data
+            self._size += len(part.encode()) if isinstance(part, str) else len(part)  # bytes, not characters
+            if self._size > self._max_bytes:
+                self._message, self._size = [], 0
+                if self.on_too_large is not None:
+                    self.on_too_large()
+                else:
+                    self.close(1009, "message too big")
+                return
+            self._message.append(part)
+            if event.message_finished:
+                whole = part if len(self._message) == 1 else (
+                    "".join(self._message) if isinstance(part, str) else b"".join(self._message))
+                self._message, self._size = [], 0
+                if self._early is not None:
+                    self._early.append(whole)
+                else:
+                    self._on_message(whole)
+        elif isinstance(event, Ping):
+            self.push(self._proto.send(event.response()))
+        elif isinstance(event, Pong):
+            self.awaiting_pong = False
+        elif isinstance(event, CloseConnection):
+            if self.closing:
+                self._finish()  # the answer to our close
+            else:
+                # The client closes: answer, and end the connection once the answer is out.
+                self._send_last(self._proto.send(event.response()))
+                if not self._queue:
+                    self._finish()
+
+    # -- writing -------------------------------------------------------------
+    def push(self, data: bytes) -> None:
+        """Send `data` (whole frames) now, or queue it behind what waits."""
+        if self.closing:
+            return
+        if self._queue:
+            if len(self._queue) >= self._limit:
+                self._overflowed()
+                return
+            self._queue.append(data)
+            return
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._finish()
+            return
+        if sent < len(data):
+            self._queue.append(data[sent:] if sent else data)
+            self._partial = sent > 0
+            self._watch_writes()
+
+    def ping(self) -> bool:
+        """Ping the client; False (and a close with 1008) if it left the last ping unanswered."""
+        if self.closing:
+            return True
+        if self.awaiting_pong:
+            self.close(1008, "Ping/Pong timeout")
+            return False
+        self.awaiting_pong = True
+        self.push(PING_FRAME)
+        return True
+
+    def _watch_writes(self) -> None:
+        if self._writer is None:
+            self._writer = gevent.get_hub().loop.io(self._raw.fileno(), _WRITE)
+        if not self._writer.active:
+            self._writer.start(self._writable)
+
+    def _writable(self) -> None:
+        queue = self._queue
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._finish()
+            return
+        queue.clear()
+        if sent < len(data):
+            queue.append(data[sent:])
+            self._partial = self._partial or sent > 0
+            return
+        self._partial = False
+        self._writer.stop()
+        if self._drained is not None:
+            self._drained.set()
+
+    def _overflowed(self) -> None:
+        # What is queued will never be read in time: the close goes first.
+        self._discard_queued()
+        if self.on_overflow is not None:
+            self.on_overflow()
+        self.close(4008, "too slow")
+
+    def _discard_queued(self) -> None:
+        # A frame's end dropped would garble all that follows: a partly written head stays.
+        head = self._queue[0] if self._partial and self._queue else None
+        self._queue.clear()
+        if head is not None:
+            self._queue.append(head)
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Block this greenlet until everything queued is sent; False on timeout or when closing."""
+        with gevent.Timeout(timeout, False):
+            while self._queue and not self.closing:
+                if self._drained is None:
+                    self._drained = Event()
+                self._drained.clear()
+                self._drained.wait()
+        return not self._queue and not self.closing
+
+    # -- closing -------------------------------------------------------------
+    def close(self, code: int, reason: str) -> None:
+        """Close after what is queued so far (the close frame travels behind it)."""
+        if self.closing:
+            return
+        try:
+            frame = self._proto.send(CloseConnection(code=code, reason=reason))
+        except LocalProtocolError:
+            frame = close_frame(code, reason)
+        if len(self._queue) >= self._limit:
+            self._discard_queued()
+        self._send_last(frame)
+
+    def _send_last(self, frame: bytes) -> None:
+        # The last frame: then wait for the client's answer (or EOF), bounded by CLOSE_WAIT.
+        if self._queue:
+            self._queue.append(frame)
+        else:
+            self.push(frame)
+        self.closing = True
+        if self._drained is not None:
+            self._drained.set()  # a waiting replay gives up
+        if self._reader is None and not self.closed:
+            self._watch_reads()
+        if self._timer is None and not self.closed:
+            self._timer = gevent.get_hub().loop.timer(CLOSE_WAIT)
+            self._timer.start(self._finish)
+
+    def _finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = self.closing = True
+        for watcher in (self._reader, self._writer, self._timer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self._reader = self._writer = self._timer = None
+        self._queue.clear()
+        try:
+            self._raw.close()
+        except OSError:
+            pass
+        if self._drained is not None:
+            self._drained.set()
+        if self._on_closed is not None:
+            self._on_closed()
