@@ -284,6 +284,8 @@ class Store:
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._claim_connection = client.register_script(_CLAIM_CONNECTION)
+        # What a Redis that lost its scripts (a restart) is given again (_pipelined).
+        self._scripts = (self._set_status, self._pass, self._claim, self._release, self._claim_connection)
 
     def publish(self, name: str, message: str, client=None) -> None:
         """Publish on a pub/sub channel built by Keys: sharded (SPUBLISH) on a
@@ -345,7 +347,7 @@ class Store:
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
-                for script in (self._set_status, self._pass):
+                for script in self._scripts:
                     client.script_load(script.script)
         raise AssertionError("unreachable")
 

@@ -33,3 +33,9 @@ def test_a_batch_is_one_round_trip_without_script_exists_and_survives_a_script_f
     store.record_accepted([(batch[0], 0, 0)], {})
     assert _script_exists_calls(store) == before
     assert store.get_message(batch[0].id)["status"] == "delivered"
+
+
+def test_every_script_is_loaded_again_after_a_flush(spare_redis_url):
+    store = _store(spare_redis_url)
+    store.redis.script_flush()
+    assert store.claim_connections([("node/a", "u1", "10.0.0.1")]) == [None]
