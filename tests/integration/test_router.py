@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -127,3 +128,29 @@ def test_a_bad_pubsub_message_is_skipped_and_the_listener_goes_on(stack, web, to
     web.proc.wait_for_log("hub skipped a bad pub/sub message")
     assert web.proc.log().count("hub listening") == listening  # not reconnected
     client.close()
+
+
+def test_a_client_gone_while_its_subscribe_is_under_way_leaves_nothing_behind(stack, channel):
+    # Each client subscribes and closes at once: its close arrives while the
+    # subscribe waits on Redis. The subscribe must not finish for a client
+    # already dropped (a presence entry nobody removes, a pub/sub channel
+    # subscribed for nobody).
+    web = stack.webs[0]
+    token = stack.token()
+    names = [f"{channel}-{n}" for n in range(30)]
+    for n, name in enumerate(names):
+        client = web.ws(token)
+        client.recv()
+        client.sock.send(json.dumps({"op": "subscribe", "channel": name, "since": "0-0"}))
+        time.sleep(0.001 * (n % 5))  # gone at several points of the subscribe
+        client.sock.sock.close()  # the TCP connection, without a close handshake
+    keys = stack.store().keys
+
+    def clean():
+        present = [name for name in names if stack.store().redis.hlen(keys.presence(name))]
+        subscribed = [name for name in names if numsub(stack, keys.message_channel(name))]
+        return not present and not subscribed
+
+    wait_until(clean, 10, what="no presence entry and no pub/sub subscription left")
+    time.sleep(1)  # and none comes back
+    assert clean()

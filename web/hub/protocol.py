@@ -36,6 +36,7 @@ CLOSE_TOO_LARGE = 4009
 CLOSE_RATE_LIMITED = 4029
 CONNECT_TIMEOUT = 10.0
 MAX_BAD_FRAMES = 5
+DROP_WAIT = 60.0  # seconds a closed client's cleanup waits for its op under way (bounded by Redis timeouts)
 
 
 class Unavailable(TransientError):
@@ -329,6 +330,11 @@ class Protocol:
     # -- closing --------------------------------------------------------------
     def _drop(self, client: Client) -> None:
         """Forget a closed client: its subscriptions, presence and connection count."""
+        worker = client.worker
+        if worker is not None:
+            # An op under way (a subscribe waiting on Redis) finishes first:
+            # what it still adds is then removed here, not left for ever.
+            worker.join(DROP_WAIT)
         if client.expiry is not None:
             client.expiry.stop()
             client.expiry.close()

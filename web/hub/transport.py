@@ -8,12 +8,14 @@ parser and this object (issue 10: memory per connection). A frame for many
 clients is encoded once (`wire_frame`) and written with the raw socket's
 non-blocking send; what a socket cannot take waits in its bounded queue and
 goes out with the rest of the queue in one send. Runs under gevent only (the
-gunicorn worker class, gunicorn.conf.py).
+gunicorn worker class, gunicorn.conf.py), on plain TCP: TLS ends in front of
+gunicorn (the platform's router, or a proxy).
 """
 
 from __future__ import annotations
 
 import _socket
+import logging
 import socket
 import struct
 
@@ -25,6 +27,8 @@ from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import ParseFailed
 from wsproto.utilities import LocalProtocolError
+
+log = logging.getLogger("herald.hub")
 
 # A fixed kernel send buffer (no autotuning up to 4 MB): bounded memory per
 # connection, and a stalled client shows in its queue soon.
@@ -161,6 +165,9 @@ class WebSocket:
         except ParseFailed as exc:
             self.close(exc.code, "protocol error")
         except LocalProtocolError:
+            self._finish()
+        except Exception:  # a bug here must cost this connection only, never the loop
+            log.exception("ws read failed")
             self._finish()
 
     def _event(self, event) -> None:
