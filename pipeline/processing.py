@@ -64,7 +64,7 @@ def check_type(envelope: Envelope, allowed: tuple[str, ...]) -> None:
 
 
 class Processor:
-    """Takes a batch of envelopes (each partition's in offset order) through to delivery.
+    """Takes a batch of envelopes of one partition, in offset order, through to delivery.
 
     Each step is one Redis round trip or one SQL transaction for the whole
     batch; every step is idempotent, so a batch that fails half-way is simply
@@ -128,7 +128,8 @@ class Processor:
         if handled:
             # One line per batch: a line per message was an eighth of a worker's
             # CPU (py-spy). The web's "accepted" line ties each id to its request.
-            log.info("batch processed", extra={"partitions": sorted({_or_unknown(e.partition) for e in envelopes}),
+            log.info("batch processed", extra={"partition": envelopes[0].partition,
+                                               "offsets": [envelopes[0].offset, envelopes[-1].offset],
                                                **{f"{result}_ids": ids for result, ids in handled.items()}})
         if failure is not None:
             # The records still waiting, in batch order: the retry is their only way back.
