@@ -91,6 +91,12 @@ class CpuMeter:
                 for name in after}
 
 
+def services(stack: Stack) -> dict[str, int]:
+    """The stack's own Redis and Tansu processes, when it started them (their CPU counts too)."""
+    return {name: server.proc.pid for name, server in (("redis", stack.redis), ("kafka", stack.kafka))
+            if server is not None}
+
+
 def wrk(url: str, seconds: float, connections: int, method: str = "GET", body: str = "", token: str = "") -> dict:
     """Drive `url` with wrk from its own process; returns requests/s, latency p50/p99 and failures."""
     script = f"""
@@ -128,8 +134,10 @@ def ingest(args) -> dict:
     try:
         web = stack.web(WEB_CONCURRENCY=2)
         token = stack.token()
-        cpu = CpuMeter({"web": web.proc.proc.pid})
+        cpu = CpuMeter({"web": web.proc.proc.pid, **services(stack)})
+        cpu.start()
         out = {"healthz": wrk(web.base + "/healthz", args.seconds, args.connections)}
+        out["healthz"].update(cpu.per_message(out["healthz"]["requests"]))
         single = json.dumps({"channel": "bench:single", "data": {"n": 1}})
         cpu.start()
         out["single_post"] = wrk(web.base + "/api/v1/messages", args.seconds, args.connections, "POST", single, token)
@@ -184,7 +192,7 @@ def processing(args) -> dict:
             seen += 1
             if first is None:
                 first = last
-                cpu = CpuMeter({"bridge": bridge.proc.pid, "worker": worker.proc.pid})
+                cpu = CpuMeter({"bridge": bridge.proc.pid, "worker": worker.proc.pid, **services(stack)})
                 cpu.start()
         out = {"messages": args.backlog, "channels": args.channels, "delivered": seen,
                "first_delivery_s": round(first - started, 2) if first else None,
@@ -206,7 +214,8 @@ def end_to_end(args, rate: float) -> dict:
         web = stack.web(WEB_CONCURRENCY=2)
         token = stack.token()
         run_e2e(web.base, token, 50, 2, 4, 4)  # warm-up: producers, the group, worker pools
-        cpu = CpuMeter({"web": web.proc.proc.pid, "bridge": bridge.proc.pid, "worker": worker.proc.pid})
+        cpu = CpuMeter({"web": web.proc.proc.pid, "bridge": bridge.proc.pid, "worker": worker.proc.pid,
+                        **services(stack)})
         cpu.start()
         out = run_e2e(web.base, token, rate, args.e2e_seconds, 20, max(16, int(rate // 60)))
         out.update(cpu.per_message(out["accepted"]))

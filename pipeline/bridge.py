@@ -75,13 +75,49 @@ def _text(header: bytes | None) -> str | None:
 
 
 def group_batches(records, batch_size: int):
-    """Split decoded (partition, envelope) pairs into per-partition batches in offset order."""
+    """Split decoded (partition, envelope) pairs into per-partition batches in offset order,
+    taking the partitions in turn: two workers given consecutive tasks then get different
+    partitions, whose records never wait for each other at an order gate."""
     by_partition: dict[int, list] = {}
     for partition, envelope in records:
         by_partition.setdefault(partition, []).append(envelope)
-    for partition, envelopes in by_partition.items():
-        for start in range(0, len(envelopes), batch_size):
-            yield partition, envelopes[start:start + batch_size]
+    rounds = max((len(envelopes) for envelopes in by_partition.values()), default=0)
+    for start in range(0, rounds, batch_size):
+        for partition, envelopes in by_partition.items():
+            if start < len(envelopes):
+                yield partition, envelopes[start:start + batch_size]
+
+
+def consumer_config(settings) -> dict:
+    """The bridge's librdkafka consumer configuration."""
+    session_ms = int(settings.kafka_session_timeout * 1000)
+    return client_config(
+        settings,
+        **{
+            "group.id": settings.consumer_group,
+            "enable.auto.offset.store": False,
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": 1000,
+            "auto.offset.reset": "earliest",
+            # Eager rebalancing: with Tansu, cooperative-sticky never hands
+            # revoked partitions to the new member (seen with two bridges).
+            "partition.assignment.strategy": "range",
+            "fetch.wait.max.ms": 5,
+            # Small per-partition fetches (a record larger still comes whole):
+            # with the 1 MiB default a backlog's poll held 500 records of one
+            # partition, whose five batches the workers then ran one after
+            # the other, each waiting at its channels' gates for the one
+            # before; at 16 KiB a poll mixes several partitions.
+            "max.partition.fetch.bytes": 16384,
+            # Tansu answers a new group's first join after half the session
+            # timeout (measured: 10 s -> 5.0 s, 6 s -> 3.0 s, 2 s -> 1.0 s).
+            "session.timeout.ms": session_ms,
+            # Also the rebalance timeout: how long a rebalance waits for a
+            # member that left mid-rebalance without being heard (300 s by default).
+            "max.poll.interval.ms": 30000,
+            "heartbeat.interval.ms": min(1000, session_ms // 3),
+        },
+    )
 
 
 class Bridge:
@@ -96,25 +132,7 @@ class Bridge:
         self.running = True
         self.store = dead_letters.store
         self.next_sweep = time.monotonic() + settings.redispatch_after / 10
-        self.consumer = Consumer(client_config(
-            settings,
-            **{
-                "group.id": settings.consumer_group,
-                "enable.auto.offset.store": False,
-                "enable.auto.commit": True,
-                "auto.commit.interval.ms": 1000,
-                "auto.offset.reset": "earliest",
-                # Eager rebalancing: with Tansu, cooperative-sticky never hands
-                # revoked partitions to the new member (seen with two bridges).
-                "partition.assignment.strategy": "range",
-                "fetch.wait.max.ms": 5,
-                "session.timeout.ms": 10000,
-                # Also the rebalance timeout: how long a rebalance waits for a
-                # member that left mid-rebalance without being heard (300 s by default).
-                "max.poll.interval.ms": 30000,
-                "heartbeat.interval.ms": 1000,
-            },
-        ))
+        self.consumer = Consumer(consumer_config(settings))
 
     def stop(self, *_args) -> None:
         """Finish the current batch, commit, leave the group (SIGTERM handler)."""
@@ -141,14 +159,15 @@ class Bridge:
     def handle(self, records) -> None:
         """Dispatch one polled set of records and store their offsets."""
         decoded, last_offsets = [], {}
+        if self.unseeded:
+            self._seed({record.partition(): record.offset() for record in reversed(records)
+                        if not record.error() and record.partition() in self.unseeded})
         for record in records:
             if record.error():
                 self._record_error(record.error())
                 continue
             partition, offset = record.partition(), record.offset()
             last_offsets[partition] = offset
-            if partition in self.unseeded:
-                self._seed(partition, offset)
             try:
                 message = decode(record.value())
             except PermanentError as exc:
@@ -161,29 +180,32 @@ class Bridge:
                 prev=self.order.stamp(partition, message.channel, offset),
                 origin=_text(headers.get("herald-origin")), request_id=_text(headers.get("x-request-id")))
             decoded.append((partition, envelope))
-        for partition, batch in group_batches(decoded, self.settings.batch_size):
-            self._dispatch(batch)
+        if decoded:
+            self._dispatch([batch for _partition, batch in group_batches(decoded, self.settings.batch_size)])
         if last_offsets:
             self.consumer.store_offsets(offsets=[
                 TopicPartition(self.settings.topic, partition, offset + 1)
                 for partition, offset in last_offsets.items()
             ])
 
-    def _seed(self, partition: int, first_offset: int) -> None:
-        # Records before `first_offset` were dispatched by this partition's
-        # previous owner (or before a restart); those no worker finished are
-        # in the in-flight index. The first record read again of each channel
-        # must wait for them, or it could overtake them.
-        self.unseeded.discard(partition)
-        try:
-            pending = self.store.in_flight_before(partition, first_offset)
-        except redis.RedisError as exc:
-            log.warning("order seed unavailable", extra={"partition": partition, "error": str(exc)})
+    def _seed(self, first_offsets: dict[int, int]) -> None:
+        # Records before a partition's first offset read here were dispatched
+        # by its previous owner (or before a restart); those no worker
+        # finished are in the in-flight index. The first record read again of
+        # each channel must wait for them, or it could overtake them. One scan
+        # of the index for every partition first seen in this poll.
+        if not first_offsets:
             return
-        self.order.seed(partition, pending)
-        if pending:
+        self.unseeded.difference_update(first_offsets)
+        try:
+            pending = self.store.in_flight_before(first_offsets)
+        except redis.RedisError as exc:
+            log.warning("order seed unavailable", extra={"partitions": sorted(first_offsets), "error": str(exc)})
+            return
+        for partition, offsets in pending.items():
+            self.order.seed(partition, offsets)
             log.info("order seeded from in-flight messages", extra={"partition": partition,
-                                                                   "channels": len(pending)})
+                                                                   "channels": len(offsets)})
 
     def sweep(self) -> None:
         """Send again what was dispatched long ago and never finished (lost by the broker)."""
@@ -197,15 +219,22 @@ class Bridge:
             # It still passes its channel's gate in order: a predecessor lost
             # with it is in this index too, and is sent again as well.
             log.warning("redispatching a message no worker finished", extra={"message_id": envelope.id})
-            self._dispatch([envelope])
+        if stale:
+            self._dispatch([[envelope] for envelope in stale])
 
-    def _dispatch(self, batch: list[Envelope]) -> None:
+    def _dispatch(self, batches: list[list[Envelope]]) -> None:
+        """Send each batch as a task, in order, once all of them are in the in-flight index
+        (one Redis round trip for a poll's batches, not one each)."""
         try:
-            self.store.track_dispatched(batch)
+            self.store.track_dispatched([envelope for batch in batches for envelope in batch])
         except redis.RedisError as exc:
             # Only the safety net is missing: the Celery broker (maybe another
-            # Redis) still gets the task, which the state outage must not stop.
-            log.warning("in-flight index unavailable", extra={"message_id": batch[0].id, "error": str(exc)})
+            # Redis) still gets the tasks, which the state outage must not stop.
+            log.warning("in-flight index unavailable", extra={"message_id": batches[0][0].id, "error": str(exc)})
+        for batch in batches:
+            self._send(batch)
+
+    def _send(self, batch: list[Envelope]) -> None:
         delay = 0.1
         while True:
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import redis
@@ -30,6 +31,65 @@ class IdTaken(ValidationError):
                          [{"field": "id", "problem": "taken by another sender"}], status=409, title="Id taken")
 
 
+class GroupCommit:
+    """Writes what concurrent callers submit in as few `write(items)` calls as it can.
+
+    The first caller writes at once; those that come while a write is under
+    way wait, and the next of them writes for all of them together. Each
+    caller returns once its own items are written, or raises what that write
+    raised. Threads or gevent greenlets alike (threading is patched there).
+    """
+
+    def __init__(self, write):
+        self._write = write
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[list, _Turn]] = []
+        self._busy = False
+
+    def submit(self, items: list) -> None:
+        """Write `items`, with whatever else is waiting; returns once they are written."""
+        turn = _Turn()
+        with self._lock:
+            self._waiting.append((items, turn))
+            lead, self._busy = not self._busy, True
+        if not lead:
+            turn.done.wait()
+            if not turn.lead:
+                if turn.error is not None:
+                    raise turn.error
+                return
+        with self._lock:
+            group, self._waiting = self._waiting, []
+        error = None
+        try:
+            self._write([item for items, _turn in group for item in items])
+        except BaseException as exc:  # a gevent Timeout too: the others must not wait for ever
+            error = exc
+        with self._lock:
+            successor = self._waiting[0][1] if self._waiting else None
+            self._busy = successor is not None
+        shared = error if error is None or isinstance(error, Exception) else \
+            redis.ConnectionError("the write was interrupted")
+        for _items, other in group:
+            if other is not turn:
+                other.error = shared
+                other.done.set()
+        if successor is not None:
+            successor.lead = True
+            successor.done.set()
+        if error is not None:
+            raise error
+
+
+class _Turn:
+    __slots__ = ("done", "lead", "error")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.lead = False
+        self.error: BaseException | None = None
+
+
 class Ingest:
     """Publishes validated envelopes to the main topic."""
 
@@ -37,16 +97,22 @@ class Ingest:
         self.settings = settings
         self.store = store
         self.publisher = publisher
+        # Concurrent requests record their accepted messages in one Redis
+        # round trip: a round trip each, with its pool checkout, was a third
+        # of a single POST's handling (py-spy).
+        self._statuses = GroupCommit(self._write_statuses)
 
     def publish(self, envelope: Envelope, *, idempotent: bool, origin: str | None = None,
-                request_id: str | None = None) -> dict:
+                request_id: str | None = None, log_accepted: bool = True) -> dict:
         """Publish one envelope; returns `{id, channel, status, partition, offset}`."""
-        return self.publish_many([envelope], idempotent=[idempotent], origin=origin, request_id=request_id)[0]
+        return self.publish_many([envelope], idempotent=[idempotent], origin=origin, request_id=request_id,
+                                 log_accepted=log_accepted)[0]
 
     def publish_many(self, envelopes: list[Envelope], *, idempotent: list[bool], origin: str | None = None,
-                     request_id: str | None = None, raise_errors: bool = True) -> list:
+                     request_id: str | None = None, raise_errors: bool = True, log_accepted: bool = True) -> list:
         """Publish several envelopes at once; each result is an answer dict or, with
-        `raise_errors=False`, the HeraldError that kept that message out."""
+        `raise_errors=False`, the HeraldError that kept that message out. `log_accepted=False`
+        leaves the "accepted" line to the caller (the HTTP API puts it in its access line)."""
         results: list = [None] * len(envelopes)
         pending, claims = {}, {}
         for index, envelope in enumerate(envelopes):
@@ -63,6 +129,7 @@ class Ingest:
             except HeraldError as exc:
                 self._forget(envelope, claims.get(index))
                 results[index] = exc
+        accepted = []
         for index, future in pending.items():
             envelope = envelopes[index]
             try:
@@ -71,7 +138,13 @@ class Ingest:
                 self._forget(envelope, claims.get(index))
                 results[index] = exc
                 continue
-            results[index] = self._accepted(envelope, partition, offset, index in claims, request_id)
+            results[index] = {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
+                              "partition": partition, "offset": offset}
+            accepted.append((index, partition, offset))
+        if accepted:
+            self._record(envelopes, accepted, results, claims)
+            if log_accepted:
+                _log_accepted([results[index] for index, _partition, _offset in accepted], request_id)
         if raise_errors:
             for result in results:
                 if isinstance(result, BaseException):
@@ -107,19 +180,36 @@ class Ingest:
         except redis.RedisError:
             log.warning("cannot release idempotency claim", extra={"message_id": envelope.id})
 
-    def _accepted(self, envelope: Envelope, partition, offset, idempotent, request_id) -> dict:
-        answer = {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
-                  "partition": partition, "offset": offset}
+    def _write_statuses(self, items: list) -> None:
+        self.store.record_accepted([(envelope, partition, offset) for envelope, partition, offset, _ in items],
+                                   {envelope.id: answer for envelope, _p, _o, answer in items if answer is not None})
+
+    def _record(self, envelopes, accepted, results, claims) -> None:
+        # One Redis round trip for a whole batch (and whatever other requests
+        # write meanwhile): one per message made a batch of 100 wait for 100 in a row.
+        answers = {envelopes[index].id: json.dumps({"sender": envelopes[index].sender, "answer": results[index]})
+                   for index, _partition, _offset in accepted if index in claims}
         try:
-            self.store.record_accepted(envelope, partition, offset)
-            if idempotent:
-                self.store.store_answer(envelope.id, json.dumps({"sender": envelope.sender, "answer": answer}))
+            self._statuses.submit([(envelopes[index], partition, offset, answers.get(envelopes[index].id))
+                                   for index, partition, offset in accepted])
         except redis.RedisError as exc:
-            # Kafka has the record: the answer stands, the worker fills the status in.
-            log.warning("status store unavailable", extra={"message_id": envelope.id, "error": str(exc)})
-        log.info("accepted", extra={"message_id": envelope.id, "request_id": request_id,
-                                    "channel": envelope.channel, "partition": partition, "offset": offset})
-        return answer
+            # Kafka has the records: the answers stand, the worker fills the status in.
+            log.warning("status store unavailable", extra={"message_id": envelopes[accepted[0][0]].id,
+                                                           "count": len(accepted), "error": str(exc)})
+
+
+def accepted_fields(answers: list[dict]) -> dict:
+    """What a log line says of accepted messages: id, channel and place of one, or the ids of several."""
+    if len(answers) == 1:
+        answer = answers[0]
+        return {"message_id": answer["id"], "channel": answer["channel"], "partition": answer["partition"],
+                "offset": answer["offset"]}
+    # One line per call: a line per message was most of a batch's logging.
+    return {"message_ids": [answer["id"] for answer in answers]}
+
+
+def _log_accepted(answers: list[dict], request_id: str | None) -> None:
+    log.info("accepted", extra={**accepted_fields(answers), "request_id": request_id})
 
 
 def _held(value: str, sender: str) -> dict:

@@ -64,6 +64,11 @@ class Settings:
     redis_pool_size: int = 50
     redis_pool_wait: float = 30.0
     consumer_group: str = "herald-bridge"
+    # The bridge's Kafka session: a dead bridge's partitions move after this
+    # long. 6 s is the smallest Apache Kafka accepts by default
+    # (group.min.session.timeout.ms); Tansu also holds a new group's first
+    # join for half of it, so `flask dev` asks for 2 s from its own Tansu.
+    kafka_session_timeout: float = 6.0
     produce_timeout: float = 5.0
     retry_max: int = 8
     retry_base_delay: float = 0.5
@@ -175,6 +180,7 @@ class Settings:
             # Heroku's multi-tenant Kafka accepts only names under KAFKA_PREFIX.
             consumer_group=env.get("KAFKA_PREFIX", "")
             + (env.get("HERALD_CONSUMER_GROUP", cls.consumer_group) or cls.consumer_group),
+            kafka_session_timeout=_float(env, "HERALD_KAFKA_SESSION_TIMEOUT", cls.kafka_session_timeout, 1, 300),
             produce_timeout=_float(env, "HERALD_PRODUCE_TIMEOUT", cls.produce_timeout, 0.1, 60),
             retry_max=_int(env, "HERALD_RETRY_MAX", cls.retry_max, 0, 100),
             retry_base_delay=_float(env, "HERALD_RETRY_BASE_DELAY", cls.retry_base_delay, 0.001, 3600),

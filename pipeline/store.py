@@ -326,6 +326,9 @@ class Store:
         self._claim_connection = client.register_script(_CLAIM_CONNECTION)
         self._emit = client.register_script(_EMIT)
         self._rate = client.register_script(_RATE)
+        # What a Redis that lost its scripts (a restart) is given again (_pipelined).
+        self._scripts = (self._set_status, self._pass, self._claim, self._release, self._claim_connection,
+                         self._emit, self._rate)
 
     def publish(self, name: str, message: str, client=None) -> None:
         """Publish on a pub/sub channel built by Keys: sharded (SPUBLISH) on a
@@ -345,22 +348,23 @@ class Store:
         keep their order: they share a node). A slot that moved meanwhile is a
         ConnectionError, after the slot map is read again: the caller retries.
         """
+        def queue(indexes):
+            def add(pipe):
+                for index in indexes:
+                    script, keys, args = calls[index]
+                    _evalsha(pipe, script, keys, args)
+            return add
+
         if not self.cluster:
-            pipe = self.redis.pipeline(transaction=False)
-            for script, keys, args in calls:
-                script(keys=keys, args=args, client=pipe)
-            return pipe.execute()
+            return self._pipelined(self.redis, queue(range(len(calls))))
         by_node: dict[str, list[int]] = collections.defaultdict(list)
         for index, (_script, keys, _args) in enumerate(calls):
             by_node[self.redis.get_node_from_key(keys[0]).name].append(index)
         replies: list = [None] * len(calls)
         for name, indexes in by_node.items():
-            pipe = self.redis.get_redis_connection(self.redis.get_node(node_name=name)).pipeline(transaction=False)
-            for index in indexes:
-                script, keys, args = calls[index]
-                script(keys=keys, args=args, client=pipe)
+            node = self.redis.get_redis_connection(self.redis.get_node(node_name=name))
             try:
-                results = pipe.execute()
+                results = self._pipelined(node, queue(indexes))
             except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
                     redis.exceptions.ClusterDownError) as exc:
                 self.redis.nodes_manager.initialize()
@@ -368,6 +372,27 @@ class Store:
             for index, result in zip(indexes, results):
                 replies[index] = result
         return replies
+
+    def _pipelined(self, client, queue) -> list:
+        """Run the commands `queue(pipe)` adds to a pipeline of `client` in one round
+        trip and return their replies.
+
+        Scripts go by their hash alone (`_evalsha`): redis-py's own pipelines
+        first ask SCRIPT EXISTS, a second round trip every time. A Redis that
+        lost them (a restart) answers NOSCRIPT; they are loaded and the whole
+        pipeline runs again, which its idempotent scripts allow.
+        """
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                for script in self._scripts:
+                    client.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def set_status(self, envelope: Envelope, status: str, *, fields=None, origin=None, force=False) -> str:
         """Move a message's status forward (never back) and push the change; returns the status now."""
@@ -403,9 +428,34 @@ class Store:
         if node:
             self.publish(node, f"{target}\n{frame}", client)
 
-    def record_accepted(self, envelope: Envelope, partition: int, offset: int) -> None:
-        """Note a record Kafka acknowledged, unless a worker already moved it further."""
-        self.set_status(envelope, "accepted", fields=_message_fields(envelope, partition, offset))
+    def record_accepted(self, accepted: list[tuple[Envelope, int, int]], answers: dict[str, str]) -> None:
+        """Note records Kafka acknowledged, (envelope, partition, offset) each, unless a worker
+        already moved them further, and keep the first answer of each claimed id (`answers`,
+        id to value) for the status lifetime (24 h by default). One round trip for them all
+        on a single Redis. The `accepted` status has no frame to publish."""
+        calls = []
+        for envelope, partition, offset in accepted:
+            call = self._status_call(envelope, "accepted", _message_fields(envelope, partition, offset))
+            calls.append((self._set_status, call["keys"], call["args"]))
+
+        def answer(pipe):
+            for msg_id, value in answers.items():
+                pipe.set(self.keys.idempotency(msg_id), value, ex=self.settings.status_ttl)
+
+        if self.cluster:
+            self._run_scripts(calls)
+            if answers:
+                pipe = self.redis.pipeline(transaction=False)
+                answer(pipe)
+                pipe.execute()
+            return
+
+        def queue(pipe):
+            for script, keys, args in calls:
+                _evalsha(pipe, script, keys, args)
+            answer(pipe)
+
+        self._pipelined(self.redis, queue)
 
     def mark_processing(self, envelopes: list[Envelope]) -> list[str]:
         """Workers took these messages; returns each one's status now (a finished one stays finished)."""
@@ -607,15 +657,17 @@ class Store:
         self.redis.zadd(index, {i: now for i in ids}, xx=True)
         return [decode(r) for r in raw if r]
 
-    def in_flight_before(self, partition: int, offset: int) -> dict[str, int]:
-        """Per channel, the highest offset below `offset` of the partition's dispatched,
-        unfinished messages."""
-        latest: dict[str, int] = {}
+    def in_flight_before(self, first_offsets: dict[int, int]) -> dict[int, dict[str, int]]:
+        """For each partition of `first_offsets` ({partition: offset}), the highest offset
+        below that offset of each channel's dispatched, unfinished messages
+        ({partition: {channel: offset}}, partitions with none left out); one scan of the index."""
+        latest: dict[int, dict[str, int]] = {}
         for _id, raw in self.redis.hscan_iter(self.keys.in_flight_envelopes, count=500):
             envelope = decode(raw)
             at = _or(envelope.offset, -1)
-            if envelope.partition == partition and 0 <= at < offset:
-                latest[envelope.channel] = max(at, latest.get(envelope.channel, -1))
+            if 0 <= at < first_offsets.get(envelope.partition, -1):
+                channels = latest.setdefault(envelope.partition, {})
+                channels[envelope.channel] = max(at, channels.get(envelope.channel, -1))
         return latest
 
     def count_run(self, task_id: str) -> int:
@@ -693,10 +745,6 @@ class Store:
         ttl = max(10, int(self.settings.produce_timeout * 3))
         return self._claim(keys=[self.keys.idempotency(msg_id)], args=[claim, ttl])
 
-    def store_answer(self, msg_id: str, value: str) -> None:
-        """Keep the first answer for the status lifetime (24 h by default)."""
-        self.redis.set(self.keys.idempotency(msg_id), value, ex=self.settings.status_ttl)
-
     def release_idempotency(self, msg_id: str, claim: str) -> None:
         """Forget a claim whose publish failed, so the client may retry; only its owner can."""
         self._release(keys=[self.keys.idempotency(msg_id)], args=[claim])
@@ -721,6 +769,10 @@ def _origin(store: Store, origin) -> tuple[str, str]:
         return "", ""
     node, client = origin.split("/", 1)
     return store.keys.node_channel(node), client
+
+
+def _evalsha(pipe, script, keys, args) -> None:
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def _or(value, default):

@@ -94,7 +94,7 @@ def _install_request_ids(app: Flask) -> None:
         access_log.info("request", extra={
             "request_id": request_id, "method": request.method, "path": request.path,
             "status": response.status_code, "ms": round(elapsed * 1000, 2),
-            "remote": request.remote_addr, "message_id": g.get("message_id"),
+            "remote": request.remote_addr, "message_id": g.get("message_id"), **g.get("log_fields", {}),
         })
         return response
 

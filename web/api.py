@@ -9,7 +9,7 @@ from flask import Blueprint, current_app, g, request
 
 from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
-from pipeline.ingest import IdempotencyConflict
+from pipeline.ingest import IdempotencyConflict, accepted_fields
 from pipeline.messages import ID_RE, Envelope, dumps, loads, parse_publish, valid_channel
 from pipeline.store import valid_stream_id
 from web.auth import AuthError, Identity, bearer, verify
@@ -99,7 +99,10 @@ def publish_one():
                               title="Bad Idempotency-Key")
     envelope, idempotent = checked_message(read_json(settings.max_message_bytes), identity, key)
     g.message_id = envelope.id
-    answer = services().ingest.publish(envelope, idempotent=idempotent, request_id=g.request_id)
+    # The access line says what was accepted: one line per request, not two.
+    answer = services().ingest.publish(envelope, idempotent=idempotent, request_id=g.request_id,
+                                       log_accepted=False)
+    g.log_fields = accepted_fields([answer])
     return answer, 202
 
 
@@ -152,7 +155,10 @@ def publish_batch():
             {"field": f"messages[{index}]", "problem": result["detail"], "status": result["status"]}
             for index, result in enumerate(results)])
     answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
-                                             raise_errors=False)
+                                             raise_errors=False, log_accepted=False)
+    accepted = [answer for answer in answers if isinstance(answer, dict) and answer.get("status") == "accepted"]
+    if accepted:
+        g.log_fields = accepted_fields(accepted)
     for index, envelope, answer in zip(slots, envelopes, answers):
         if isinstance(answer, ValidationError):
             results[index] = problem_body(answer.status, answer.detail, title=answer.title, errors=answer.errors)

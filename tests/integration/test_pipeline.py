@@ -62,6 +62,15 @@ def test_tasks_leave_no_result_in_redis(stack, web, token, channel):
     assert list(stack.store().redis.scan_iter("celery-task-meta-*", count=1000)) == []
 
 
+def test_a_post_is_one_log_line_saying_where_kafka_put_the_message(stack, web, token, channel):
+    answer, _ = publish(web, token, channel, "logged once")
+    line = f'"message_id": "{answer["id"]}", "channel": "{channel}", "partition": {answer["partition"]}, ' \
+           f'"offset": {answer["offset"]}'
+    wait_until(lambda: line in web.proc.log(), 5, what="the access line")
+    mentions = [entry for entry in web.proc.log().splitlines() if answer["id"] in entry]
+    assert len(mentions) == 1 and '"event": "request"' in mentions[0], mentions
+
+
 def test_five_hundred_messages_over_twenty_channels_arrive_once_each(stack, web, token, channel):
     channels = [f"{channel}-{i}" for i in range(20)]
     client = web.ws(token)

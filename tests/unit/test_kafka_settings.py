@@ -99,6 +99,7 @@ def test_replication_is_left_to_the_release_step_unless_set():
       "KAFKA_URL": "kafka+ssl://h:1"}, "KAFKA_TRUSTED_CERT does not parse"),
     ({"KAFKA_PREFIX": "bad prefix/"}, "KAFKA_PREFIX"),
     ({"HERALD_TOPIC_REPLICATION": "0"}, "HERALD_TOPIC_REPLICATION"),
+    ({"HERALD_KAFKA_SESSION_TIMEOUT": "0.5"}, "HERALD_KAFKA_SESSION_TIMEOUT"),
 ])
 def test_bad_kafka_values_are_one_line_naming_the_variable(env, words):
     with pytest.raises(ConfigError, match=words) as caught:
@@ -123,3 +124,25 @@ def test_bad_client_certificates_name_the_variable(pki, cert, key, words):
 def test_certificates_without_tls_are_refused(pki):
     with pytest.raises(ConfigError, match="KAFKA_SECURITY_PROTOCOL=PLAINTEXT does not use TLS"):
         Settings.from_env({**BASE, "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT", "KAFKA_TRUSTED_CERT": pki.text("ca.pem")})
+
+
+def test_bridge_session_is_the_least_a_kafka_accepts_by_default_and_can_be_shorter():
+    # Tansu answers a new group's first join after half the session timeout:
+    # the bridge's 10 s made every start wait 5 s for its first record.
+    from pipeline.bridge import consumer_config
+
+    conf = consumer_config(Settings.from_env(BASE))
+    assert conf["session.timeout.ms"] == 6000 and conf["heartbeat.interval.ms"] == 1000
+    conf = consumer_config(Settings.from_env({**BASE, "HERALD_KAFKA_SESSION_TIMEOUT": "2"}))
+    assert conf["session.timeout.ms"] == 2000 and conf["heartbeat.interval.ms"] == 666
+
+
+def test_dev_on_its_own_tansu_asks_for_a_short_session_unless_told_otherwise():
+    from web.cli import use_embedded_kafka
+
+    env = {"KAFKA_URL": "kafka://elsewhere:9092"}
+    use_embedded_kafka(env, 9092)
+    assert env == {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092", "HERALD_KAFKA_SESSION_TIMEOUT": "2"}
+    env = {"HERALD_KAFKA_SESSION_TIMEOUT": "10"}
+    use_embedded_kafka(env, 9092)
+    assert env["HERALD_KAFKA_SESSION_TIMEOUT"] == "10"
