@@ -111,10 +111,11 @@ class Processor:
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         blocked = set()  # channels whose earlier record still waits: the later ones cannot pass
-        for index, (envelope, (result, _sid, forced)) in enumerate(zip(envelopes, results)):
+        placed = []  # (id, stream id) of what is in history, for the archive
+        for index, (envelope, (result, sid, forced)) in enumerate(zip(envelopes, results)):
             if result == "wait" and envelope.channel not in blocked:
                 try:
-                    result, forced = self._deliver_in_turn(envelope, force=final_attempt)
+                    result, sid, forced = self._deliver_in_turn(envelope, force=final_attempt)
                 except RETRYABLE as exc:
                     # Those that waited earlier in the batch go along: the retry is their only way back.
                     raise RetryLater([envelope, *outcome.waiting, *envelopes[index + 1:]], exc) from exc
@@ -129,25 +130,32 @@ class Processor:
                             extra={"message_id": envelope.id, "channel": envelope.channel,
                                    "offset": envelope.offset, "prev": envelope.prev,
                                    "request_id": envelope.request_id})
+            if sid and result in ("delivered", "duplicate"):
+                placed.append((envelope.id, sid))
             setattr(outcome, result, getattr(outcome, result) + 1)
             log.info("message %s", result, extra={"message_id": envelope.id, "channel": envelope.channel,
                                                   "offset": envelope.offset, "request_id": envelope.request_id})
+        try:
+            self.archive.record_offsets(placed)
+        except RETRYABLE as exc:
+            # Run again, each record is a duplicate carrying its stream id.
+            raise RetryLater(envelopes, exc) from exc
         return outcome
 
     def dead_letter_first(self, envelopes: list[Envelope], error: str, attempts: int) -> None:
         """Retries are used up: dead-letter the message that kept failing."""
         self._dead_letter(envelopes[0], error, attempts=attempts)
 
-    def _deliver_in_turn(self, envelope: Envelope, *, force: bool) -> tuple[str, str]:
+    def _deliver_in_turn(self, envelope: Envelope, *, force: bool) -> tuple[str, str, str]:
         # The predecessor is usually being processed by another worker right
         # now: a few milliseconds of waiting here beat a round trip through
         # the broker, but a worker slot must not be held for long.
         deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
         while True:
-            (outcome, _sid, forced), = self.store.deliver([envelope], force=force)
+            (outcome, sid, forced), = self.store.deliver([envelope], force=force)
             if outcome != "wait" or time.monotonic() >= deadline:
-                return outcome, forced
+                return outcome, sid, forced
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
