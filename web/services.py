@@ -28,11 +28,34 @@ class Services:
         self.hub = None  # set by web.hub.init_app
         self._stopping = threading.Lock()
         self._stopped = False
+        self._pruner_stop = threading.Event()
 
     @functools.cached_property
     def store(self) -> Store:
         """Redis access under the configured prefix."""
         return Store(connect(self.settings, self.settings.redis_pool_size), self.settings)
+
+    @functools.cached_property
+    def archive(self):
+        """Reads of the SQL archive (DATABASE_URL)."""
+        from pipeline.archive import Archive, ArchiveReader
+
+        return ArchiveReader(Archive(self.settings.database_url))
+
+    @functools.cached_property
+    def cache(self):
+        """Archived messages through the cache (HERALD_CACHE_URL, else the main Redis)."""
+        from pipeline.cache import MessageCache, bloom_filter, cache_client
+
+        client = cache_client(self.settings, self.settings.redis_pool_size) if self.settings.cache_url \
+            else self.store.redis
+        return MessageCache(self.settings, client, bloom_filter(self.settings, client), self.archive)
+
+    def history(self, channel: str, since: str | None, limit: int) -> dict:
+        """A channel's history after `since`, from Redis and then the archive (pipeline.cache.history)."""
+        from pipeline.cache import history
+
+        return history(self.store, self.archive, channel, since, limit)
 
     @functools.cached_property
     def publisher(self) -> Publisher:
@@ -58,6 +81,11 @@ class Services:
         self.store.redis.ping()
         if self.hub is not None:
             self.hub.start()
+        if self.settings.archive_max_age:
+            from pipeline.cache import prune_periodically
+
+            threading.Thread(target=prune_periodically, name="archive-pruner", daemon=True,
+                             args=(self.settings, self.store, self.archive, self._pruner_stop, log)).start()
 
     def stop(self) -> None:
         """Close WebSockets with 1001, then deliver what the producer still holds.
@@ -69,6 +97,7 @@ class Services:
             if self._stopped:
                 return
             self._stopped = True
+            self._pruner_stop.set()
             if self.hub is not None:
                 self.hub.shutdown()
             if "publisher" in self.__dict__:
