@@ -12,6 +12,9 @@ import threading
 
 import redis
 
+# Imported here, not at first use: its metrics are on /metrics from the start.
+from pipeline import cache as read_path
+from pipeline.archive import Archive, ArchiveReader
 from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
 from pipeline.kafka import Publisher
@@ -38,24 +41,19 @@ class Services:
     @functools.cached_property
     def archive(self):
         """Reads of the SQL archive (DATABASE_URL)."""
-        from pipeline.archive import Archive, ArchiveReader
-
         return ArchiveReader(Archive(self.settings.database_url))
 
     @functools.cached_property
     def cache(self):
         """Archived messages through the cache (HERALD_CACHE_URL, else the main Redis)."""
-        from pipeline.cache import MessageCache, bloom_filter, cache_client
-
-        client = cache_client(self.settings, self.settings.redis_pool_size) if self.settings.cache_url \
+        client = read_path.cache_client(self.settings, self.settings.redis_pool_size) if self.settings.cache_url \
             else self.store.redis
-        return MessageCache(self.settings, client, bloom_filter(self.settings, client), self.archive)
+        bloom = read_path.bloom_filter(self.settings, client)
+        return read_path.MessageCache(self.settings, client, bloom, self.archive)
 
     def history(self, channel: str, since: str | None, limit: int) -> dict:
         """A channel's history after `since`, from Redis and then the archive (pipeline.cache.history)."""
-        from pipeline.cache import history
-
-        return history(self.store, self.archive, channel, since, limit)
+        return read_path.history(self.store, self.archive, channel, since, limit)
 
     @functools.cached_property
     def publisher(self) -> Publisher:
@@ -82,9 +80,7 @@ class Services:
         if self.hub is not None:
             self.hub.start()
         if self.settings.archive_max_age:
-            from pipeline.cache import prune_periodically
-
-            threading.Thread(target=prune_periodically, name="archive-pruner", daemon=True,
+            threading.Thread(target=read_path.prune_periodically, name="archive-pruner", daemon=True,
                              args=(self.settings, self.store, self.archive, self._pruner_stop, log)).start()
 
     def stop(self) -> None:
