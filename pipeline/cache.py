@@ -27,7 +27,7 @@ from prometheus_client import Counter
 from pipeline.archive import ArchiveUnavailable
 from pipeline.bloom import Bloom
 from pipeline.keys import Keys
-from pipeline.store import connect, stream_id_key
+from pipeline.store import connect, message_from, stream_id_key
 
 ARCHIVE_QUERIES = Counter("herald_archive_queries_total", "Reads of the SQL archive (messages by id and history)")
 CACHE_REQUESTS = Counter("herald_cache_requests_total",
@@ -40,6 +40,7 @@ for _result in ("hit", "miss", "negative", "bloom_reject"):
 ABSENT = "-"  # a negative entry: the archive does not have the id
 DOWN = "!"  # the archive did not answer a moment ago: waiters answer 503 at once
 DOWN_TTL_MS = 1000
+_UNREAD = object()  # `get` was not handed the cache entry: it reads it
 # Beyond HERALD_CACHE_FILL_WAIT, how long requests of this process wait for the
 # one read they share: that read's Redis and database calls fail within
 # their own connect and socket timeouts.
@@ -91,15 +92,31 @@ class MessageCache:
         jitter = self.settings.cache_ttl_jitter
         return max(1, int(self.settings.cache_ttl * 1000 * random.uniform(1 - jitter, 1 + jitter)))
 
-    def get(self, msg_id: str) -> dict | None:
-        """The archived message, or None when the archive does not have it.
+    def read(self, store, msg_id: str) -> dict | None:
+        """A message by id: its status in the main Redis while it lasts
+        (HERALD_STATUS_TTL), else the archive through the cache (`get`).
+
+        When the cache is on the main Redis, the status and the cache entry
+        are read in one round trip. Raises redis errors of the main Redis.
+        """
+        if self.redis is not store.redis or store.cluster:
+            return store.get_message(msg_id) or self.get(msg_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(store.keys.message(msg_id))
+        pipe.get(self.keys.cached(msg_id))
+        status, cached = pipe.execute()
+        return message_from(msg_id, status) or self.get(msg_id, cached)
+
+    def get(self, msg_id: str, cached: str | None | object = _UNREAD) -> dict | None:
+        """The archived message, or None when the archive does not have it;
+        `cached` is its cache entry when the caller read it already.
 
         Raises ArchiveUnavailable when the archive had to be read and did not
         answer. A cache Redis that does not answer is skipped: the read goes
         to the archive, still one at a time per id in this process.
         """
         try:
-            raw = self.redis.get(self.keys.cached(msg_id))
+            raw = self.redis.get(self.keys.cached(msg_id)) if cached is _UNREAD else cached
         except redis.RedisError:
             CACHE_REQUESTS.labels("miss").inc()
             return self._fill(msg_id)

@@ -187,7 +187,7 @@ def get_message(msg_id: str):
         raise ValidationError("A message id matches [A-Za-z0-9_.:-]{1,128}",
                               [{"field": "id", "problem": "bad message id"}], status=400, title="Bad message id")
     # Its status in Redis while it lasts (HERALD_STATUS_TTL), then the archive.
-    message = services().store.get_message(msg_id) or services().cache.get(msg_id)
+    message = services().cache.read(services().store, msg_id)
     # A message the token may not read is answered as unknown: a 403 would
     # tell that the id exists (README: Tokens).
     if message is None or not identity.may_subscribe(message["channel"] or ""):
