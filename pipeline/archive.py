@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text, create_engine, event, func, select
+import redis
+
+from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Table, Text, and_, bindparam,
+                        create_engine, delete, event, func, or_, select, tuple_, update)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from pipeline.errors import TransientError
 from pipeline.messages import Envelope
@@ -25,13 +28,20 @@ messages = Table(
     Column("ts", BigInteger, nullable=False),
     Column("partition", Integer),
     Column("offset", BigInteger),
+    # The message's history offset (its Redis stream id, ms-seq), recorded once
+    # delivered: history read from the archive carries the same cursor.
+    Column("stream_ms", BigInteger),
+    Column("stream_seq", BigInteger),
+    Index("ix_herald_messages_channel_stream", "channel", "stream_ms", "stream_seq"),
+    Index("ix_herald_messages_ts", "ts"),
 )
 
 
 class Archive:
     """Idempotent inserts: archiving one message twice keeps one row."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str, bloom=None):
+        self.bloom = bloom  # pipeline.bloom.Bloom: archived ids are added to it
         sqlite = database_url.startswith("sqlite")
         # SQLite serialises writers; a busy timeout makes concurrent workers wait, not fail.
         self.engine = create_engine(database_url, connect_args={"timeout": 15} if sqlite else {},
@@ -42,8 +52,10 @@ class Archive:
         self._ready = False
 
     def create_schema(self) -> None:
-        """Create the archive's table when missing (the release phase calls this)."""
-        metadata.create_all(self.engine)
+        """Apply the schema migrations (the release phase calls this)."""
+        from pipeline.migrations import upgrade
+
+        upgrade(self.engine)
 
     def _ensure_table(self) -> None:
         # Made on first use, not at start: a database that is down when the
@@ -74,6 +86,35 @@ class Archive:
                 conn.execute(statement, rows)
         except OperationalError as exc:
             raise TransientError(f"archive unavailable: {exc.orig}") from None
+        self._add_to_bloom([e.id for e in envelopes])
+
+    def _add_to_bloom(self, ids: list[str]) -> None:
+        # After the insert: an id in the filter is always in the archive. A
+        # failure retries the batch (both steps are idempotent); an id left
+        # out would be a 404 until the filter is rebuilt.
+        if self.bloom is None:
+            return
+        try:
+            self.bloom.add(ids)
+        except redis.RedisError as exc:
+            raise TransientError(f"Bloom filter unavailable: {exc}") from None
+
+    def record_offsets(self, placed: list[tuple[str, str]]) -> None:
+        """Record the history offsets (stream ids) of delivered messages, (id, stream id) pairs,
+        in one statement; raises TransientError when the database is unreachable."""
+        if not placed:
+            return
+        rows = []
+        for msg_id, sid in placed:
+            ms, seq = stream_id_parts(sid)
+            rows.append({"m_id": msg_id, "m_ms": ms, "m_seq": seq})
+        statement = update(messages).where(messages.c.id == bindparam("m_id")).values(
+            stream_ms=bindparam("m_ms"), stream_seq=bindparam("m_seq"))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(statement, rows)
+        except OperationalError as exc:
+            raise TransientError(f"archive unavailable: {exc.orig}") from None
 
     def count(self, channel: str | None = None) -> int:
         """How many messages are archived (in one channel)."""
@@ -87,6 +128,97 @@ class Archive:
     def dispose(self) -> None:
         """Close pooled connections (before a fork, or at exit)."""
         self.engine.dispose()
+
+
+class ArchiveUnavailable(TransientError):
+    """The archive's database did not answer a read."""
+
+
+def stream_id_parts(sid: str) -> tuple[int, int]:
+    """(ms, seq) of a stream id."""
+    ms, _, seq = sid.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _reading(method):
+    # Every read failure is one error the web turns into a 503 with Retry-After.
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise ArchiveUnavailable(f"archive unavailable: {getattr(exc, 'orig', None) or exc}") from None
+    wrapped.__doc__ = method.__doc__
+    wrapped.__name__ = method.__name__
+    return wrapped
+
+
+class ArchiveReader:
+    """The read side of the archive: messages by id, a channel's history by offset,
+    the ids for the Bloom filter, pruning by age."""
+
+    def __init__(self, archive: Archive):
+        self.engine = archive.engine
+
+    @_reading
+    def get(self, msg_id: str) -> dict | None:
+        """The archived message, in the shape of `GET /api/v1/messages/{id}`, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(messages).where(messages.c.id == msg_id)).mappings().first()
+        if row is None:
+            return None
+        sid = _sid(row)
+        return {"id": row["id"], "channel": row["channel"], "type": row["type"], "sender": row["sender"] or None,
+                # Only messages that passed their order gate carry a stream id; one archived
+                # and then dead-lettered keeps none.
+                "status": "delivered" if sid else "archived", "error": None, "ts": row["ts"], "attempts": 0,
+                "partition": row["partition"], "offset": row["offset"], "data": json.loads(row["data"]),
+                "stream_id": sid}
+
+    @_reading
+    def after(self, channel: str, since: str, limit: int) -> list[dict]:
+        """Up to `limit` message frames of the channel after offset `since`, oldest first."""
+        position = tuple_(messages.c.stream_ms, messages.c.stream_seq)
+        query = (select(messages).where(messages.c.channel == channel, messages.c.stream_ms.is_not(None),
+                                        position > tuple_(*stream_id_parts(since)))
+                 .order_by(messages.c.stream_ms, messages.c.stream_seq).limit(limit))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{"op": "message", "channel": row["channel"], "id": row["id"], "type": row["type"],
+                 "data": json.loads(row["data"]), "sender": row["sender"] or None, "ts": row["ts"],
+                 "offset": _sid(row)} for row in rows]
+
+    @_reading
+    def holds(self, channel: str, until: str) -> bool:
+        """Whether the archive still has a message of the channel at or before offset `until`:
+        then pruning has taken nothing after it."""
+        ms, seq = stream_id_parts(until)
+        query = select(messages.c.id).where(
+            messages.c.channel == channel, messages.c.stream_ms.is_not(None),
+            or_(messages.c.stream_ms < ms, and_(messages.c.stream_ms == ms, messages.c.stream_seq <= seq))).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    def ids(self, chunk: int = 10000):
+        """Every archived id, read in chunks by id."""
+        last = ""
+        while True:
+            with self.engine.connect() as conn:
+                batch = conn.execute(select(messages.c.id).where(messages.c.id > last)
+                                     .order_by(messages.c.id).limit(chunk)).scalars().all()
+            yield from batch
+            if len(batch) < chunk:
+                return
+            last = batch[-1]
+
+    @_reading
+    def prune(self, max_age: float, now_ms: int) -> int:
+        """Delete messages older than `max_age` seconds; returns how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(delete(messages).where(messages.c.ts < now_ms - int(max_age * 1000))).rowcount
+
+
+def _sid(row) -> str | None:
+    return f"{row['stream_ms']}-{row['stream_seq']}" if row["stream_ms"] is not None else None
 
 
 def _sqlite_wal(dbapi_connection, _record):

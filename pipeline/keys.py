@@ -78,6 +78,14 @@ class Keys:
             return self._user("done", f"{{{channel}}}:{msg_id}")
         return self._user("done", msg_id)
 
+    def cached(self, msg_id: str) -> str:
+        """An archived message's cache entry (on HERALD_CACHE_URL, which may evict it)."""
+        return self._user("cache", msg_id)
+
+    def fill_lock(self, msg_id: str) -> str:
+        """The single-flight lock of the one read that fills a message's cache entry."""
+        return self._user("fill", msg_id)
+
     def idempotency(self, msg_id: str) -> str:
         """The first publish of an id: its sender and answer."""
         return self._user("idem", msg_id)
@@ -140,6 +148,23 @@ class Keys:
     def workers(self) -> str:
         """Set of the Celery workers that registered (on the broker's Redis)."""
         return self._own("workers")
+
+    # The Bloom filter's two keys share a hash tag: the script that adds ids
+    # writes both, and a rebuild renames one onto the other.
+    @property
+    def bloom(self) -> str:
+        """The Bloom filter of archived message ids (a bitmap; bit 0 set once it was built)."""
+        return self._own("{bloom}")
+
+    @property
+    def bloom_next(self) -> str:
+        """The Bloom filter being rebuilt, renamed onto `bloom` when complete."""
+        return self._own("{bloom}:next")
+
+    @property
+    def archive_pruner(self) -> str:
+        """Lock of the web process pruning the archive this period."""
+        return self._own("archive-pruner")
 
     @property
     def rules(self) -> str:

@@ -116,7 +116,8 @@ class Processor:
             raise RetryLater(envelopes, exc) from exc
         results, failure = self._deliver_waiting(envelopes, results, force=final_attempt)
         handled: dict[str, list[str]] = {}
-        for envelope, (result, _sid, forced) in zip(envelopes, results):
+        placed = []  # (id, stream id) of what is in history, for the archive
+        for envelope, (result, sid, forced) in zip(envelopes, results):
             if result == "wait":
                 outcome.waiting.append(envelope if envelope.waiting_since is not None
                                        else replace(envelope, waiting_since=now))
@@ -127,6 +128,8 @@ class Processor:
                             extra={"message_id": envelope.id, "channel": envelope.channel,
                                    "offset": envelope.offset, "prev": envelope.prev,
                                    "request_id": envelope.request_id})
+            if sid and result in ("delivered", "duplicate"):
+                placed.append((envelope.id, sid))
             setattr(outcome, result, getattr(outcome, result) + 1)
             handled.setdefault(result, []).append(envelope.id)
         if handled:
@@ -135,6 +138,11 @@ class Processor:
             log.info("batch processed", extra={"partition": envelopes[0].partition,
                                                "offsets": [envelopes[0].offset, envelopes[-1].offset],
                                                **{f"{result}_ids": ids for result, ids in handled.items()}})
+        try:
+            self.archive.record_offsets(placed)
+        except RETRYABLE as exc:
+            # Run again, each record is a duplicate carrying its stream id.
+            raise RetryLater(envelopes, exc) from exc
         if failure is not None:
             # The records still waiting, in batch order: the retry is their only way back.
             raise RetryLater(outcome.waiting, failure) from failure

@@ -101,6 +101,16 @@ class Settings:
     rules_file: str | None = None
     rules_timezone: str = "UTC"
     rules_alert_channel: str = "alerts:rules"
+    # The archive read path (README: "The archive and its cache").
+    cache_url: str | None = None  # the Redis of cache entries, fill locks and the Bloom filter; None: REDIS_URL
+    cache_ttl: int = 3600
+    cache_ttl_jitter: float = 0.1  # each entry lives cache_ttl * (1 +- this), so a burst does not expire at once
+    cache_negative_ttl: int = 60
+    cache_fill_wait: float = 2.0  # how long a read waits for another's archive read (its lock's lifetime too)
+    bloom_capacity: int = 10_000_000
+    bloom_error_rate: float = 0.001
+    archive_max_age: int = 0  # seconds an archived message is kept; 0: for ever
+    archive_prune_interval: int = 3600
 
     @property
     def redis_broker(self) -> bool:
@@ -211,6 +221,16 @@ class Settings:
             rules_file=_rules_file(env),
             rules_timezone=_timezone(env, "HERALD_RULES_TIMEZONE", cls.rules_timezone),
             rules_alert_channel=_alert_channel(env),
+            cache_url=_url(env, "HERALD_CACHE_URL", redis_url, {"redis", "rediss", "unix"})
+            if env.get("HERALD_CACHE_URL") else None,
+            cache_ttl=_int(env, "HERALD_CACHE_TTL", cls.cache_ttl, 1, 30 * 86400),
+            cache_ttl_jitter=_float(env, "HERALD_CACHE_TTL_JITTER", cls.cache_ttl_jitter, 0, 0.9),
+            cache_negative_ttl=_int(env, "HERALD_CACHE_NEGATIVE_TTL", cls.cache_negative_ttl, 1, 86400),
+            cache_fill_wait=_float(env, "HERALD_CACHE_FILL_WAIT", cls.cache_fill_wait, 0.05, 60),
+            bloom_capacity=_int(env, "HERALD_BLOOM_CAPACITY", cls.bloom_capacity, 1000, 1_000_000_000),
+            bloom_error_rate=_float(env, "HERALD_BLOOM_ERROR_RATE", cls.bloom_error_rate, 1e-9, 0.5),
+            archive_max_age=_int(env, "HERALD_ARCHIVE_MAX_AGE", cls.archive_max_age, 0, 100 * 365 * 86400),
+            archive_prune_interval=_int(env, "HERALD_ARCHIVE_PRUNE_INTERVAL", cls.archive_prune_interval, 1, 86400),
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
             # Strict order by default (README: "Order"): a record waits for a

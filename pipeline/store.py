@@ -577,20 +577,7 @@ class Store:
 
     def get_message(self, msg_id: str) -> dict | None:
         """The stored message with its status, or None."""
-        raw = self.redis.hgetall(self.keys.message(msg_id))
-        if not raw:
-            return None
-        out = {"id": msg_id}
-        for name in ("channel", "type", "sender", "status", "error"):
-            out[name] = raw.get(name)
-        if raw.get("rule"):
-            out["rule"] = raw["rule"]  # the rule that blocked it (README: "Rules")
-        for name in ("ts", "attempts", "partition", "offset"):
-            out[name] = int(raw[name]) if raw.get(name, "").lstrip("-").isdigit() else None
-        out["attempts"] = out["attempts"] or 0
-        out["data"] = json.loads(raw["data"]) if "data" in raw else None
-        out["stream_id"] = raw.get("stream_id")
-        return out
+        return message_from(msg_id, self.redis.hgetall(self.keys.message(msg_id)))
 
     def history(self, channel: str, since: str | None, limit: int) -> dict:
         """Messages after `since` (exclusive), oldest first, and whether nothing was lost."""
@@ -786,3 +773,20 @@ def _message_fields(envelope: Envelope, partition, offset) -> dict:
         "ts": str(envelope.ts), "data": json.dumps(envelope.data, ensure_ascii=False),
         "partition": str(partition), "offset": str(offset),
     }
+
+
+def message_from(msg_id: str, raw: dict) -> dict | None:
+    """A message's status hash as `GET /api/v1/messages/{id}` answers it, or None when empty."""
+    if not raw:
+        return None
+    out = {"id": msg_id}
+    for name in ("channel", "type", "sender", "status", "error"):
+        out[name] = raw.get(name)
+    if raw.get("rule"):
+        out["rule"] = raw["rule"]  # the rule that blocked it (README: "Rules")
+    for name in ("ts", "attempts", "partition", "offset"):
+        out[name] = int(raw[name]) if raw.get(name, "").lstrip("-").isdigit() else None
+    out["attempts"] = out["attempts"] or 0
+    out["data"] = json.loads(raw["data"]) if "data" in raw else None
+    out["stream_id"] = raw.get("stream_id")
+    return out

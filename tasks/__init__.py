@@ -124,7 +124,10 @@ def processor() -> Processor:
 
         store = Store(connect(settings, settings.redis_pool_size), settings)
         publisher = Publisher(settings, client_id=f"herald-worker-{settings.node_id}")
-        _processor = Processor(settings, store, Archive(settings.database_url),
+        from pipeline.cache import bloom_filter, cache_client
+
+        bloom = bloom_filter(settings, cache_client(settings) if settings.cache_url else store.redis)
+        _processor = Processor(settings, store, Archive(settings.database_url, bloom),
                                DeadLetters(publisher, store, settings), RulesStore(store, settings))
     return _processor
 

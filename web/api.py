@@ -7,6 +7,7 @@ import logging
 import redis
 from flask import Blueprint, current_app, g, request
 
+from pipeline.archive import ArchiveUnavailable
 from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict, accepted_fields
@@ -178,14 +179,25 @@ def openapi():
     return document(services().settings)
 
 
+@blueprint.errorhandler(ArchiveUnavailable)
+def archive_down(exc: ArchiveUnavailable):
+    log.warning("request refused: archive unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
+    return problem(503, "The message archive is unreachable; retry later", slug="archive-unavailable",
+                   headers={"Retry-After": "5"})
+
+
 @blueprint.get("/messages/<msg_id>")
 def get_message(msg_id: str):
     identity = authenticate()
-    message = services().store.get_message(msg_id) if ID_RE.fullmatch(msg_id) else None
+    if not ID_RE.fullmatch(msg_id):
+        raise ValidationError("A message id matches [A-Za-z0-9_.:-]{1,128}",
+                              [{"field": "id", "problem": "bad message id"}], status=400, title="Bad message id")
+    # Its status in Redis while it lasts (HERALD_STATUS_TTL), then the archive.
+    message = services().cache.read(services().store, msg_id)
     # A message the token may not read is answered as unknown: a 403 would
     # tell that the id exists (README: Tokens).
     if message is None or not identity.may_subscribe(message["channel"] or ""):
-        return problem(404, f"No message {msg_id} is known (statuses are kept 24 h)", slug="unknown-message")
+        return problem(404, f"No message {msg_id} is known", slug="unknown-message")
     return message
 
 
@@ -212,7 +224,7 @@ def history(channel: str):
     if not 1 <= limit <= 1000:
         raise ValidationError("limit is 1..1000", [{"field": "limit", "problem": "1..1000"}], status=400,
                               title="Bad query")
-    page = services().store.history(channel, since, limit)
+    page = services().history(channel, since, limit)
     for message in page["messages"]:
         message.pop("op", None)
     return page

@@ -1,4 +1,4 @@
-"""`flask --app app <command>`: dev, release, token, publish, tail, dlq, rules."""
+"""`flask --app app <command>`: dev, release, token, publish, tail, dlq, rules, archive."""
 
 from __future__ import annotations
 
@@ -213,6 +213,47 @@ def _release_or_exit(settings) -> None:
         sys.exit(1)
 
 
+@click.group("archive")
+def archive_group():
+    """The SQL archive: its Bloom filter and retention."""
+
+
+@archive_group.command("rebuild-bloom")
+def rebuild_bloom_command():
+    """Rebuild the Bloom filter of archived ids from the archive (after a restore, or a lost cache Redis)."""
+    import redis
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipeline.archive import Archive, ArchiveReader
+    from pipeline.cache import bloom_filter
+
+    settings = _settings()
+    try:
+        count = bloom_filter(settings).rebuild(ArchiveReader(Archive(settings.database_url)).ids())
+    except (redis.RedisError, SQLAlchemyError) as exc:
+        raise click.ClickException(f"the Bloom filter was not rebuilt: {exc}") from None
+    click.echo(f"bloom filter: built from {count} archived ids")
+
+
+@archive_group.command("prune")
+def prune_command():
+    """Delete archived messages older than HERALD_ARCHIVE_MAX_AGE now (web processes also do it periodically)."""
+    import time
+
+    from pipeline.archive import Archive, ArchiveReader
+    from pipeline.errors import HeraldError
+
+    settings = _settings()
+    if not settings.archive_max_age:
+        raise click.ClickException("HERALD_ARCHIVE_MAX_AGE is 0: the archive keeps every message")
+    try:
+        removed = ArchiveReader(Archive(settings.database_url)).prune(settings.archive_max_age,
+                                                                      int(time.time() * 1000))
+    except HeraldError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"archive: {removed} messages older than {settings.archive_max_age} s deleted")
+
+
 @click.command("dev")
 @click.option("--no-flower", is_flag=True, help="skip the Flower process")
 def dev_command(no_flower):
@@ -299,5 +340,5 @@ def _redis_answers(settings) -> bool:
 def init_app(app) -> None:
     """Register the commands on the app's CLI."""
     for command in (dev_command, release_command, token_command, publish_command, tail_command, dlq_group,
-                    rules_group):
+                    rules_group, archive_group):
         app.cli.add_command(command)

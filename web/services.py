@@ -12,6 +12,9 @@ import threading
 
 import redis
 
+# Imported here, not at first use: its metrics are on /metrics from the start.
+from pipeline import cache as read_path
+from pipeline.archive import Archive, ArchiveReader
 from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
 from pipeline.kafka import Publisher
@@ -28,11 +31,29 @@ class Services:
         self.hub = None  # set by web.hub.init_app
         self._stopping = threading.Lock()
         self._stopped = False
+        self._pruner_stop = threading.Event()
 
     @functools.cached_property
     def store(self) -> Store:
         """Redis access under the configured prefix."""
         return Store(connect(self.settings, self.settings.redis_pool_size), self.settings)
+
+    @functools.cached_property
+    def archive(self):
+        """Reads of the SQL archive (DATABASE_URL)."""
+        return ArchiveReader(Archive(self.settings.database_url))
+
+    @functools.cached_property
+    def cache(self):
+        """Archived messages through the cache (HERALD_CACHE_URL, else the main Redis)."""
+        client = read_path.cache_client(self.settings, self.settings.redis_pool_size) if self.settings.cache_url \
+            else self.store.redis
+        bloom = read_path.bloom_filter(self.settings, client)
+        return read_path.MessageCache(self.settings, client, bloom, self.archive)
+
+    def history(self, channel: str, since: str | None, limit: int) -> dict:
+        """A channel's history after `since`, from Redis and then the archive (pipeline.cache.history)."""
+        return read_path.history(self.store, self.archive, channel, since, limit)
 
     @functools.cached_property
     def publisher(self) -> Publisher:
@@ -63,6 +84,9 @@ class Services:
             RulesStore(self.store, self.settings).load_file()
         if self.hub is not None:
             self.hub.start()
+        if self.settings.archive_max_age:
+            threading.Thread(target=read_path.prune_periodically, name="archive-pruner", daemon=True,
+                             args=(self.settings, self.store, self.archive, self._pruner_stop, log)).start()
 
     def stop(self) -> None:
         """Close WebSockets with 1001, then deliver what the producer still holds.
@@ -74,6 +98,7 @@ class Services:
             if self._stopped:
                 return
             self._stopped = True
+            self._pruner_stop.set()
             if self.hub is not None:
                 self.hub.shutdown()
             if "publisher" in self.__dict__:

@@ -355,8 +355,12 @@ def test_resume_from_the_start_replays_all_of_an_untrimmed_history(web, token, c
     client.close()
 
 
-def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, token):
+def test_resume_from_trimmed_history_reads_the_archive_and_lost_history_says_recovered_false(stack, web, token):
     import uuid
+
+    from sqlalchemy import delete
+
+    from pipeline.archive import Archive, ArchiveReader, messages
 
     channel = f"short:{uuid.uuid4().hex[:8]}"  # the "short" namespace keeps 5 messages
     client = web.ws(token)
@@ -367,13 +371,19 @@ def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, to
     client.close()
     for n in range(10):
         web.request("POST", "/api/v1/messages", {"channel": channel, "data": n}, token=token)
-    wait_until(lambda: web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"]
-               and web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"][-1]["data"]
-               == 9, 30, what="the last message")
+    archive = Archive(stack.settings.database_url)
+    reader = ArchiveReader(archive)
+    wait_until(lambda: len(reader.after(channel, "0-0", 100)) == 11, 30, what="11 messages archived")
     again = web.ws(token)
     again.recv()
+    # Trimmed from the stream, still in the archive: resumed whole.
     reply = again.subscribe(channel, since=first["offset"])
-    assert reply["recovered"] is False and reply["replayed"] == 5
+    assert reply["recovered"] is True and reply["replayed"] == 10
+    assert again.subscribe(channel, since="0-0")["recovered"] is True
+    # Pruned from the archive as well: lost, and said so.
+    with archive.engine.begin() as conn:
+        conn.execute(delete(messages).where(messages.c.channel == channel))
+    assert again.subscribe(channel, since=first["offset"])["recovered"] is False
     assert again.subscribe(channel, since="0-0")["recovered"] is False  # "from the start": trimmed too
     # History lost altogether (Redis flushed or restarted empty) also says so.
     store = stack.store()
@@ -381,11 +391,14 @@ def test_resume_from_trimmed_or_lost_history_says_recovered_false(stack, web, to
     web.request("POST", "/api/v1/messages", {"channel": channel, "data": "after"}, token=token)
     wait_until(lambda: web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"],
                30, what="the new message")
+    with archive.engine.begin() as conn:
+        conn.execute(delete(messages).where(messages.c.channel == channel))
     third = web.ws(token)
     third.recv()
     assert third.subscribe(channel, since=reply["offset"])["recovered"] is False
     again.close()
     third.close()
+    archive.dispose()
 
 
 def test_a_burst_of_subscribes_waits_for_redis_connections_instead_of_failing(stack, channel):

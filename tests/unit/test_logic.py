@@ -143,6 +143,9 @@ def _processor(deliver):
         def store(self, envelopes):
             pass
 
+        def record_offsets(self, placed):
+            pass
+
     store = Store()
     store.deliver = deliver
     return Processor(SETTINGS, store, Archive(), dead_letters=None)

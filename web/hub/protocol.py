@@ -16,6 +16,7 @@ import gevent
 import redis
 from flask import request
 
+from pipeline.archive import ArchiveUnavailable
 from pipeline.errors import HeraldError, TransientError, ValidationError
 from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
 from pipeline.store import stream_id_key, valid_stream_id
@@ -25,6 +26,8 @@ from web.hub.router import Subscription
 from web.hub.transport import WebSocket, wire_frame
 
 log = logging.getLogger("herald.hub")
+# History reads go to Redis, and to the archive for offsets older than the stream retains.
+HISTORY_ERRORS = (redis.RedisError, ArchiveUnavailable)
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -234,23 +237,22 @@ class Protocol:
         # before the confirmation, history would miss a message published
         # in between, and the live flow would not have it either.
         previous = self.index.attach(client, channel, sub)
-        store = self.services.store
         try:
             self.router.join(names)
             try:
                 if since:
-                    page = store.history(channel, since, size)
+                    page = self.services.history(channel, since, size)
                     replay, recovered, more = page["messages"], page["recovered"], page["next"] is not None
                     sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
                 else:
                     replay, recovered, more = [], True, False
                     newest = self._last_id(channel)
                     sub.last = stream_id_key(newest) if newest else (-1, -1)
-            except redis.RedisError:
+            except HISTORY_ERRORS:
                 self.router.leave(names)
                 raise
             offset = _format_sid(sub.last)
-        except redis.RedisError as exc:
+        except HISTORY_ERRORS as exc:
             log.warning("subscribe failed: history unavailable",
                         extra={"client": client.id, "channel": channel, "error": str(exc)})
             if previous is not None:
@@ -277,7 +279,6 @@ class Protocol:
     def _replay(self, client: Client, channel: str, sub: Subscription, page: list, more: bool) -> None:
         """Send history page by page, each once the client has taken the last
         (README: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile."""
-        store = self.services.store
         while True:
             for message in page:
                 client.send(message)
@@ -287,8 +288,8 @@ class Protocol:
                 client.ws.close(CLOSE_TOO_SLOW, "too slow")  # no-op when it is closing already
                 return
             try:
-                rest = store.history(channel, _format_sid(sub.last), self._replay_page())
-            except redis.RedisError as exc:
+                rest = self.services.history(channel, _format_sid(sub.last), self._replay_page())
+            except HISTORY_ERRORS as exc:
                 log.warning("replay failed: history unavailable",
                             extra={"client": client.id, "channel": channel, "error": str(exc)})
                 client.ws.close(CLOSE_TRY_AGAIN, "try again later")  # the client resumes from its last offset

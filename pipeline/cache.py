@@ -1,0 +1,282 @@
+"""Reads of the SQL archive behind a Redis cache (README: "The archive and its cache").
+
+A message whose Redis status expired is read here: its cache entry, then the
+Bloom filter of archived ids ("no" is an answer without a database query:
+cache penetration), then one read of the archive per id at a time (a
+single-flight lock, in the process and across processes through `SET NX PX`:
+cache stampede), which fills the cache for those waiting. Entries live
+HERALD_CACHE_TTL plus or minus HERALD_CACHE_TTL_JITTER, so entries filled
+together do not expire together (cache avalanche); ids the archive does not
+have are cached as absent for HERALD_CACHE_NEGATIVE_TTL.
+
+History older than what a channel's Redis stream retains continues from the
+archive, with the same cursor (the stream id).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+
+import redis
+from prometheus_client import Counter
+
+from pipeline.archive import ArchiveUnavailable
+from pipeline.bloom import Bloom
+from pipeline.keys import Keys
+from pipeline.store import connect, message_from, stream_id_key
+
+ARCHIVE_QUERIES = Counter("herald_archive_queries_total", "Reads of the SQL archive (messages by id and history)")
+CACHE_REQUESTS = Counter("herald_cache_requests_total",
+                         "Message reads past the Redis status, by how the cache answered", ["result"])
+SINGLEFLIGHT_WAITS = Counter("herald_singleflight_waits_total",
+                             "Message reads that waited for another's archive read instead of querying")
+for _result in ("hit", "miss", "negative", "bloom_reject"):
+    CACHE_REQUESTS.labels(_result)
+
+ABSENT = "-"  # a negative entry: the archive does not have the id
+DOWN = "!"  # the archive did not answer a moment ago: waiters answer 503 at once
+DOWN_TTL_MS = 1000
+_UNREAD = object()  # `get` was not handed the cache entry: it reads it
+# Beyond HERALD_CACHE_FILL_WAIT, how long requests of this process wait for the
+# one read they share: that read's Redis and database calls fail within
+# their own connect and socket timeouts.
+FOLLOWER_GRACE = 30.0
+
+# KEYS: lock. ARGV: the owner's token. Only the owner lets go.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def cache_client(settings, pool_size: int = 4):
+    """A client of the cache's Redis (HERALD_CACHE_URL, else the main Redis)."""
+    return connect(settings, pool_size, url=settings.cache_url)
+
+
+def bloom_filter(settings, client=None) -> Bloom:
+    """The Bloom filter of archived ids, on the cache's Redis."""
+    client = client if client is not None else cache_client(settings)
+    keys = Keys(settings.redis_prefix, isinstance(client, redis.RedisCluster))
+    return Bloom(client, keys, settings.bloom_capacity, settings.bloom_error_rate)
+
+
+class _Flight:
+    """One archive read in this process, and those waiting for it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+class MessageCache:
+    """Archived messages by id, through the cache; one web process's instance."""
+
+    def __init__(self, settings, client, bloom: Bloom, reader):
+        self.settings = settings
+        self.redis = client
+        self.bloom = bloom
+        self.reader = reader
+        self.keys = Keys(settings.redis_prefix, isinstance(client, redis.RedisCluster))
+        self._unlock = client.register_script(_UNLOCK)
+        self._flights: dict[str, _Flight] = {}
+        self._guard = threading.Lock()
+
+    def ttl_ms(self) -> int:
+        """A positive entry's lifetime: HERALD_CACHE_TTL, jittered."""
+        jitter = self.settings.cache_ttl_jitter
+        return max(1, int(self.settings.cache_ttl * 1000 * random.uniform(1 - jitter, 1 + jitter)))
+
+    def read(self, store, msg_id: str) -> dict | None:
+        """A message by id: its status in the main Redis while it lasts
+        (HERALD_STATUS_TTL), else the archive through the cache (`get`).
+
+        When the cache is on the main Redis, the status and the cache entry
+        are read in one round trip. Raises redis errors of the main Redis.
+        """
+        if self.redis is not store.redis or store.cluster:
+            return store.get_message(msg_id) or self.get(msg_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(store.keys.message(msg_id))
+        pipe.get(self.keys.cached(msg_id))
+        status, cached = pipe.execute()
+        return message_from(msg_id, status) or self.get(msg_id, cached)
+
+    def get(self, msg_id: str, cached: str | None | object = _UNREAD) -> dict | None:
+        """The archived message, or None when the archive does not have it;
+        `cached` is its cache entry when the caller read it already.
+
+        Raises ArchiveUnavailable when the archive had to be read and did not
+        answer. A cache Redis that does not answer is skipped: the read goes
+        to the archive, still one at a time per id in this process.
+        """
+        try:
+            raw = self.redis.get(self.keys.cached(msg_id)) if cached is _UNREAD else cached
+        except redis.RedisError:
+            CACHE_REQUESTS.labels("miss").inc()
+            return self._fill(msg_id)
+        if raw is not None and raw != DOWN:
+            CACHE_REQUESTS.labels("negative" if raw == ABSENT else "hit").inc()
+            return _decode(raw)
+        if raw == DOWN:
+            raise ArchiveUnavailable("the archive did not answer a moment ago")
+        try:
+            maybe = self.bloom.might_contain(msg_id)
+        except redis.RedisError:
+            maybe = True
+        if not maybe:
+            CACHE_REQUESTS.labels("bloom_reject").inc()
+            return None
+        CACHE_REQUESTS.labels("miss").inc()
+        return self._fill(msg_id)
+
+    def _fill(self, msg_id: str) -> dict | None:
+        # In-process single flight first: requests of this process share one
+        # read even when the cache's Redis (and so the lock) is down.
+        with self._guard:
+            flight = self._flights.get(msg_id)
+            leading = flight is None
+            if leading:
+                flight = self._flights[msg_id] = _Flight()
+        if not leading:
+            SINGLEFLIGHT_WAITS.inc()
+            if not flight.done.wait(self.settings.cache_fill_wait + FOLLOWER_GRACE):
+                raise ArchiveUnavailable("the archive read of this message is taking too long")
+            if flight.error is not None:
+                raise flight.error
+            return flight.result
+        try:
+            flight.result = self._fill_across(msg_id)
+            return flight.result
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            flight.done.set()
+            with self._guard:
+                self._flights.pop(msg_id, None)
+
+    def _fill_across(self, msg_id: str) -> dict | None:
+        # One reader per id across processes: the lock's holder reads the
+        # archive and fills the cache; the others poll the cache entry. A
+        # holder that died lets its lock lapse after HERALD_CACHE_FILL_WAIT.
+        lock, key = self.keys.fill_lock(msg_id), self.keys.cached(msg_id)
+        token = uuid.uuid4().hex
+        wait_ms = int(self.settings.cache_fill_wait * 1000)
+        deadline = time.monotonic() + self.settings.cache_fill_wait
+        delay, waited = 0.002, False
+        while True:
+            try:
+                locked = self.redis.set(lock, token, nx=True, px=wait_ms)
+            except redis.RedisError:
+                return self._read(msg_id, key, fill=False)  # the in-process flight is the only guard left
+            if locked:
+                try:
+                    raw = self.redis.get(key)  # filled between our miss and our lock
+                    if raw is not None:
+                        return _decode(raw)
+                    return self._read(msg_id, key)
+                finally:
+                    self._release(lock, token)
+            if not waited:
+                SINGLEFLIGHT_WAITS.inc()
+                waited = True
+            if time.monotonic() >= deadline:
+                raise ArchiveUnavailable("the archive read of this message is taking too long")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            try:
+                raw = self.redis.get(key)
+            except redis.RedisError:
+                continue
+            if raw is not None:
+                return _decode(raw)
+
+    def _read(self, msg_id: str, key: str, fill: bool = True) -> dict | None:
+        ARCHIVE_QUERIES.inc()
+        try:
+            message = self.reader.get(msg_id)
+        except ArchiveUnavailable:
+            if not fill:
+                raise
+            try:
+                self.redis.set(key, DOWN, nx=True, px=DOWN_TTL_MS)
+            except redis.RedisError:
+                pass
+            raise
+        if not fill:
+            return message
+        try:
+            if message is None:
+                self.redis.set(key, ABSENT, ex=self.settings.cache_negative_ttl)
+            else:
+                self.redis.set(key, json.dumps(message, separators=(",", ":"), ensure_ascii=False),
+                               px=self.ttl_ms())
+        except redis.RedisError:
+            pass  # answered all the same; the next read tries again
+        return message
+
+    def _release(self, lock: str, token: str) -> None:
+        try:
+            self._unlock(keys=[lock], args=[token])
+        except redis.RedisError:
+            pass  # it lapses
+
+
+def _decode(raw: str) -> dict | None:
+    if raw == ABSENT:
+        return None
+    if raw == DOWN:
+        raise ArchiveUnavailable("the archive did not answer a moment ago")
+    return json.loads(raw)
+
+
+def history(store, reader, channel: str, since: str | None, limit: int) -> dict:
+    """`Store.history`, continued from the archive when `since` is older than the
+    channel's stream retains: archived messages up to the stream's first
+    retained entry, then the stream's, one cursor throughout.
+
+    `recovered` is false only when neither has what followed `since`: the
+    archive no longer holds a message at or before it (pruned, or older
+    than the archive). Raises ArchiveUnavailable when the archive is needed
+    and does not answer.
+    """
+    page = store.history(channel, since, limit)
+    if page["recovered"] or not since:
+        return page
+    retained = page["messages"]
+    ARCHIVE_QUERIES.inc()
+    older = reader.after(channel, since, limit + 1)
+    if retained:
+        seam = stream_id_key(retained[0]["offset"])
+        older = [message for message in older if stream_id_key(message["offset"]) < seam]
+    if since == "0-0":
+        # From the start: the archive must hold the channel's first message.
+        epoch = store.redis.get(store.keys.epoch(channel))
+        recovered = bool(epoch) and reader.holds(channel, epoch)
+    else:
+        recovered = reader.holds(channel, since)
+    messages = older + retained
+    more = len(messages) > limit or page["next"] is not None
+    messages = messages[:limit]
+    return {"messages": messages, "next": messages[-1]["offset"] if more and messages else None,
+            "recovered": recovered}
+
+
+def prune_periodically(settings, store, reader, stop: threading.Event, log) -> None:
+    """Every HERALD_ARCHIVE_PRUNE_INTERVAL, one web process (a lock in Redis) deletes
+    messages older than HERALD_ARCHIVE_MAX_AGE; runs until `stop` is set."""
+    interval = settings.archive_prune_interval
+    while not stop.wait(random.uniform(0.5, 1.0) * interval):
+        try:
+            if not store.redis.set(store.keys.archive_pruner, settings.node_id, nx=True, ex=interval):
+                continue
+            removed = reader.prune(settings.archive_max_age, int(time.time() * 1000))
+            log.info("archive pruned", extra={"count": removed})
+        except (redis.RedisError, ArchiveUnavailable) as exc:
+            log.warning("archive not pruned", extra={"error": str(exc)})
