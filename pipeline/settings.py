@@ -55,6 +55,10 @@ class Settings:
     topic: str = "herald.messages"
     secret_key: str | None = None
     auth: bool = True
+    # Development only (`flask dev` sets HERALD_DEV=1): the web process hands a
+    # token to anyone at GET /dev/token, and Flower may run without a password.
+    dev: bool = False
+    dev_token_ttl: int = 86400
     cors_origins: tuple[str, ...] = ()
     max_message_bytes: int = 65536
     # Internals a deployment may tune; the SPEC leaves them to us.
@@ -180,6 +184,7 @@ class Settings:
             topic=_topic(env),
             secret_key=secret,
             auth=auth,
+            dev=_flag(env, "HERALD_DEV", False),
             cors_origins=origins,
             max_message_bytes=_int(env, "HERALD_MAX_MESSAGE_BYTES", cls.max_message_bytes, 64, 16 * 1024 * 1024),
             topic_partitions=_int(env, "HERALD_TOPIC_PARTITIONS", cls.topic_partitions, 1, 10000),

@@ -23,6 +23,14 @@ def stack(tmp_path_factory):
         system.stop()
 
 
+@pytest.fixture(scope="session")
+def dev_web(stack):
+    """A third web process on the shared stack, in development mode (HERALD_DEV=1, as `flask dev` runs it)."""
+    web = stack.web("web-dev", HERALD_DEV="1")
+    yield web
+    web.proc.stop(10)
+
+
 @pytest.fixture
 def web(stack):
     """The first web process of the shared stack."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 
 from flask import Flask, Response, g, request, send_from_directory
@@ -57,6 +58,9 @@ def create_app(settings=None) -> Flask:
     def index():
         return send_from_directory(app.static_folder, "index.html")
 
+    if settings.dev:
+        _install_dev_token(app, settings)
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
@@ -74,6 +78,28 @@ def create_app(settings=None) -> Flask:
         return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_DEV_USER = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def _install_dev_token(app: Flask, settings) -> None:
+    """GET /dev/token: a token for anyone who asks, so the demo page comes up joined
+    (HERALD_DEV, which `flask dev` sets; without it the route does not exist)."""
+    from web.auth import mint
+
+    log.warning("HERALD_DEV is on: GET /dev/token gives a token to anyone who asks; never set it in production")
+
+    @app.get("/dev/token")
+    def dev_token():
+        user = request.args.get("user") or f"guest-{secrets.token_hex(2)}"
+        if not _DEV_USER.fullmatch(user):
+            return problem(400, "user must be 1 to 32 letters, digits, _ or -", slug="bad-user")
+        if settings.auth:
+            body = {"token": mint(settings, user, ttl=settings.dev_token_ttl), "user": user}
+        else:
+            body = {"token": "", "user": "anonymous"}  # HERALD_AUTH=off: every connection is let in
+        return body, 200, {"Cache-Control": "no-store"}
 
 
 def _install_request_ids(app: Flask) -> None:

@@ -259,6 +259,8 @@ def prune_command():
 def dev_command(no_flower):
     """Run web, bridge, worker and flower, with embedded Redis and Kafka when none answers."""
     env = dev_environment(os.environ, Path(".env"))
+    # The demo page's token (GET /dev/token) and an open Flower on localhost.
+    env.setdefault("HERALD_DEV", "1")
     settings = load_or_exit(env)
     run_dir = Path(".dev")
     run_dir.mkdir(exist_ok=True)
@@ -279,11 +281,14 @@ def dev_command(no_flower):
         click.echo(f"embedded Kafka-compatible broker (Tansu) on 127.0.0.1:{port}")
     # What the release phase does on a deploy: the processes only check for it.
     _release_or_exit(load_or_exit(env))
-    click.echo(f"web     http://localhost:{settings.port}/   (demo chat)")
+    page = "demo chat, joined to chat:lobby" if settings.dev else "demo chat: paste the token below"
+    click.echo(f"web     http://localhost:{settings.port}/   ({page})")
     click.echo(f"api     http://localhost:{settings.port}/api/v1   docs: http://localhost:{settings.port}/docs")
     click.echo(f"ws      ws://localhost:{settings.port}/ws")
     if not no_flower:
-        click.echo(f"flower  http://localhost:{env.get('FLOWER_PORT', '5555')}/")
+        guard = ("password: FLOWER_BASIC_AUTH" if env.get("FLOWER_BASIC_AUTH")
+                 else "no password, localhost only" if settings.dev else "needs FLOWER_BASIC_AUTH")
+        click.echo(f"flower  http://localhost:{env.get('FLOWER_PORT', '5555')}/   ({guard})")
     if settings.auth:
         click.echo(f"token   {mint(settings, 'dev', ttl=7 * 86400)}")
     honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or "honcho"

@@ -188,10 +188,11 @@ def texts(page) -> list[str]:
 
 
 def say(page, text: str) -> None:
-    """Send `text` from the tab's form and wait until the tab shows it."""
+    """Send `text` from the tab's form and wait until the channel delivered it back to the tab
+    (a line shows at once, marked pending until then)."""
     page.fill("#text", text)
     page.press("#text", "Enter")
-    expect(page.locator("#log li .text", has_text=text)).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(page.locator("#log li:not(.pending) .text", has_text=text)).to_have_count(1, timeout=TIMEOUT_MS)
 
 
 def caught_up_and_live(tab_a, tab_b, expected: list[str]) -> None:
@@ -218,7 +219,7 @@ def test_two_tabs_chat_and_a_tab_catches_up_after_a_network_cut(browser, stack, 
 
         # Cut B's network: its page notices and goes offline.
         proxy.cut()
-        expect(tab_b.locator("#state")).to_have_text(re.compile(r"^offline"), timeout=TIMEOUT_MS)
+        expect(tab_b.locator("#state")).to_have_text(re.compile(r"^reconnecting"), timeout=TIMEOUT_MS)
         attempts = proxy.accepted
         # Meanwhile, messages from tab A and from the HTTP API.
         missed = []
@@ -234,7 +235,7 @@ def test_two_tabs_chat_and_a_tab_catches_up_after_a_network_cut(browser, stack, 
         expect(tab_a.locator("#log li .text")).to_have_text(expected, timeout=TIMEOUT_MS)
         # B keeps trying to reconnect while cut (its attempts reach the proxy and are dropped).
         wait_until(lambda: proxy.accepted > attempts, 20, 0.1, "tab B to try reconnecting")
-        assert tab_b.locator("#state").text_content().startswith("offline")
+        assert tab_b.locator("#state").text_content().startswith("reconnecting")
         assert texts(tab_b) == ["hello from A"]
 
         # Restore: B reconnects, resumes from its last offset and shows each missed message once, in order.
@@ -254,7 +255,7 @@ def test_a_tab_that_saw_no_message_yet_catches_up_after_a_network_cut(browser, s
         # Nothing has arrived in the tab when the network goes: it resumes
         # from the offset its subscribe was answered with.
         proxy.cut()
-        expect(tab.locator("#state")).to_have_text(re.compile(r"^offline"), timeout=TIMEOUT_MS)
+        expect(tab.locator("#state")).to_have_text(re.compile(r"^reconnecting"), timeout=TIMEOUT_MS)
         status, _, body = web1.request("POST", "/api/v1/messages", {"channel": channel, "data": {"text": "missed"}},
                                        token=token)
         assert status == 202, body
@@ -285,7 +286,7 @@ def test_a_tab_notices_a_silently_dead_network_by_its_heartbeat_and_catches_up(b
 
         # The network dies without a close: only the heartbeat can tell, within two intervals (and a tick).
         proxy.hold()
-        expect(tab_b.locator("#state")).to_have_text(re.compile(r"^offline"), timeout=3 * HEARTBEAT_MS)
+        expect(tab_b.locator("#state")).to_have_text(re.compile(r"^reconnecting"), timeout=3 * HEARTBEAT_MS)
         missed = []
         for n in range(3):
             missed.append(f"while B was in the dark {n} ({uuid.uuid4().hex[:6]})")
@@ -304,6 +305,101 @@ def test_a_tab_notices_a_silently_dead_network_by_its_heartbeat_and_catches_up(b
     finally:
         ctx_a.close()
         ctx_b.close()
+
+
+@pytest.fixture
+def dev_proxy(dev_web):
+    """A cuttable way to the development web process."""
+    cuttable = CuttableProxy(dev_web.port)
+    try:
+        yield cuttable
+    finally:
+        cuttable.close()
+
+
+def first_look(browser, base: str):
+    """A fresh tab (nothing saved) opening the page, as after `make dev`: online in chat:lobby; returns it and its user."""
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(f"{base}/")
+    expect(page.locator("#state")).to_have_text("online")
+    expect(page.locator("#me")).to_have_text(re.compile(r"^you are guest-"))
+    assert page.input_value("#channel") == "chat:lobby" and page.input_value("#token")
+    return context, page, page.locator("#me").text_content().removeprefix("you are ")
+
+
+def line_of(page, text: str):
+    """The log line of the message `text`."""
+    return page.locator("#log li", has_text=text)
+
+
+def test_first_look_in_development_two_tabs_chat_in_the_lobby_with_statuses_and_presence(
+        browser, dev_web, dev_proxy):
+    ctx_a, tab_a, alice = first_look(browser, dev_web.base)
+    ctx_b, tab_b, bob = first_look(browser, f"http://127.0.0.1:{dev_proxy.port}")
+    try:
+        # Two tabs, two dev users: the page gave each a token of its own and saved neither.
+        assert alice != bob
+        assert tab_a.evaluate("localStorage.getItem('herald-token')") is None
+        lobby = dev_web.request("GET", "/api/v1/channels/chat:lobby/presence",
+                                token=tab_a.input_value("#token"))[2]["clients"]
+        assert {alice, bob} <= {c["user"] for c in lobby}
+        for tab in (tab_a, tab_b):  # each lists both, from GET presence and join frames
+            for user in (alice, bob):
+                expect(tab.locator(f"#presence li[data-user='{user}']")).to_have_count(1)
+
+        # A message shows at once in its tab, then its status as it moves on, up to delivered.
+        hello = f"hello from A {uuid.uuid4().hex[:6]}"
+        say(tab_a, hello)
+        expect(line_of(tab_a, hello).locator(".status")).to_have_text("delivered")
+        trail = line_of(tab_a, hello).get_attribute("data-trail").split()
+        assert trail[0] == "sending" and trail[-1] == "delivered", trail
+        assert {"accepted", "delivered"} <= set(trail) and trail == sorted(trail, key=RANKS.index), trail
+        # The other tab shows it, with its sender and status.
+        expect(line_of(tab_b, hello).locator(".who")).to_have_text(alice)
+        expect(line_of(tab_b, hello).locator(".status")).to_have_text("delivered")
+        reply = f"hi A, B here {uuid.uuid4().hex[:6]}"
+        say(tab_b, reply)
+        expect(line_of(tab_a, reply).locator(".who")).to_have_text(bob)
+
+        # B's network goes: B says it is reconnecting, and A sees B leave.
+        dev_proxy.cut()
+        expect(tab_b.locator("#state")).to_have_text(re.compile(r"^reconnecting"))
+        expect(tab_a.locator(f"#presence li[data-user='{bob}']")).to_have_count(0)
+        # What B says meanwhile waits, shown as sending, and goes out when the network is back.
+        later = f"said while away {uuid.uuid4().hex[:6]}"
+        tab_b.fill("#text", later)
+        tab_b.press("#text", "Enter")
+        expect(line_of(tab_b, later).locator(".status")).to_have_text("sending")
+        dev_proxy.restore()
+        expect(tab_b.locator("#state")).to_have_text("online")
+        expect(line_of(tab_b, later).locator(".status")).to_have_text("delivered")
+        expect(line_of(tab_a, later).locator(".who")).to_have_text(bob)
+        expect(tab_a.locator(f"#presence li[data-user='{bob}']")).to_have_count(1)
+        expect(tab_b.locator(f"#presence li[data-user='{alice}']")).to_have_count(1)
+        # One order in both tabs, each message once.
+        ids = "(items) => items.map((li) => li.dataset.id)"
+        assert tab_a.locator("#log li").evaluate_all(ids)[-3:] == tab_b.locator("#log li").evaluate_all(ids)[-3:]
+        assert tab_b.locator("#log li", has_text=later).count() == 1
+    finally:
+        ctx_a.close()
+        ctx_b.close()
+
+
+def test_without_development_mode_the_page_waits_for_a_token(browser, web):
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto(f"{web.base}/")
+        expect(page.locator("#state")).to_have_text("offline (4001)")
+        assert page.input_value("#token") == "" and page.locator("#me").text_content() == ""
+    finally:
+        context.close()
+
+
+RANKS = ["sending", "accepted", "processing", "delivered"]
 
 
 # A stand-in for the server's WebSocket, so the test can script what a real
@@ -390,7 +486,7 @@ def test_a_publish_made_while_offline_is_sent_after_the_reconnect_and_resolves(b
         expect(page.locator("#state")).to_have_text("online")
         # The connection drops, and the next two attempts fail too.
         page.evaluate("failing = 2; sockets.at(-1).drop(1006)")
-        expect(page.locator("#state")).to_have_text(re.compile(r"^offline"))
+        expect(page.locator("#state")).to_have_text(re.compile(r"^reconnecting"))
         page.evaluate("""window.outcome = null;
             herald.publish("chat:lobby", {text: "queued"}).then((a) => { outcome = "ack " + a.id; },
                                                                    () => { outcome = "rejected"; });""")

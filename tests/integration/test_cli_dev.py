@@ -62,6 +62,8 @@ def test_dev_prints_a_token_its_web_process_accepts(stack, tmp_path, shell_key):
         url = f"http://127.0.0.1:{port}/api/v1/channels/chat:lobby/history"
         status = wait_until(lambda: _web_answer(url, token, dev, output), 60, 0.2, "the web process to answer")
         assert status == 200, "".join(output[-40:])
+        # In development the demo page gets its own token (GET /dev/token; a deployment has no such route).
+        assert _status(f"http://127.0.0.1:{port}/dev/token", token) == 200
     finally:
         dev.send_signal(signal.SIGINT)  # Ctrl-C: flask dev passes it to honcho, which stops the processes
         try:

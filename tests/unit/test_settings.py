@@ -127,3 +127,10 @@ def test_a_redis_cluster_with_a_broker_apart_is_accepted():
                                   "CELERY_BROKER_URL": "amqp://guest:guest@mq//"})
     assert settings.redis_cluster and settings.amqp_broker
     assert not Settings.from_env(BASE).redis_cluster
+
+
+def test_development_mode_is_off_unless_asked_for():
+    assert Settings.from_env(BASE).dev is False
+    assert Settings.from_env({**BASE, "HERALD_DEV": "1"}).dev is True
+    with pytest.raises(ConfigError, match="HERALD_DEV"):
+        Settings.from_env({**BASE, "HERALD_DEV": "maybe"})

@@ -65,6 +65,7 @@
       if (this.closed || code === 4001 || code === 4003) return;
       const delay = Math.min(this.maxDelay, 250 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
       this.attempt += 1;
+      this.emit("reconnecting", { code, reason, delay, attempt: this.attempt });
       setTimeout(() => this.connect(), delay);
     }
 
@@ -81,6 +82,7 @@
           this.ready = true;
           this.attempt = 0;
           this.client = frame.client;
+          this.user = frame.user;
           this.emit("connected", frame);
           this.channels.forEach((sub, channel) => this.sendSubscribe(channel, sub));
           this.outbox.splice(0).forEach((f) => this.ws.send(JSON.stringify(f)));
@@ -155,7 +157,7 @@
       const frame = { op: "publish", channel, data };
       if (options.type) frame.type = options.type;
       // An id makes a retried publish idempotent (the server answers the first ack).
-      frame.id = options.id || (global.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random());
+      frame.id = options.id || Herald.newId();
       return this.request(frame);
     }
 
@@ -168,5 +170,8 @@
 
   // Defaults for every client; `heartbeat` (ms) matches the server's HERALD_PING_INTERVAL.
   Herald.defaults = { heartbeat: 25000 };
+  // A message id (randomUUID exists only on https:// and localhost pages).
+  Herald.newId = () => (global.crypto && crypto.randomUUID ? crypto.randomUUID()
+    : String(Date.now()) + Math.random().toString(16).slice(2));
   global.Herald = Herald;
 })(typeof window !== "undefined" ? window : globalThis);
