@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -11,7 +15,7 @@ from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import embedded
-from tests.harness import Stack, topic_size, wait_until
+from tests.harness import ROOT, Stack, topic_size, wait_until
 
 TOKEN = "metrics-scrape-token"
 MESSAGES = 20
@@ -221,3 +225,37 @@ def test_consumer_lag_counts_records_not_consumed_yet(system):
         bridge.start()
         bridge.wait_for_log("partitions assigned", 60)
     wait_until(lambda: lag() == 0, 30, 0.5, "the lag to be consumed")
+
+
+SILENT_SCRAPE = """
+import json, sys
+from gevent import monkey
+monkey.patch_all()  # as gunicorn's gevent workers run it
+from pipeline.settings import Settings
+from web.metrics import ClusterCollector
+from web.services import Services
+
+address = sys.argv[1]
+settings = Settings.from_env({"HERALD_AUTH": "off", "REDIS_URL": f"redis://{address}/0",
+                              "KAFKA_BOOTSTRAP_SERVERS": address})
+families = list(ClusterCollector(Services(settings)).collect())
+print(json.dumps({"names": [f.name for f in families],
+                  "up": {s.labels["source"]: s.value for f in families for s in f.samples
+                         if s.name == "herald_cluster_source_up"}}))
+"""
+
+
+def test_a_scrape_with_every_source_silent_still_answers_and_says_which_failed():
+    # A listener that accepts and never answers stands for Kafka, Redis and the
+    # broker: each source is given up at the budget and reported down.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        result = subprocess.run([sys.executable, "-c", SILENT_SCRAPE, f"127.0.0.1:{silent.getsockname()[1]}"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        silent.close()
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer == {"names": ["herald_cluster_source_up"], "up": {"kafka": 0, "redis": 0, "celery": 0}}
