@@ -311,11 +311,11 @@ def main() -> None:
         require_topics(settings, metadata)
         store = Store(connect(settings, settings.redis_pool_size), settings)
         store.redis.ping()
+        serve(settings)  # a port in use stops the bridge here, in one line
     except Exception as exc:  # one clear line, never a traceback (SPEC)
         raise SystemExit(f"herald bridge: cannot start: {exc}") from None
     if warning:
         log.warning(warning)
-    serve(settings)
     publisher = Publisher(settings, client_id=f"herald-bridge-{settings.node_id}")
     bridge = Bridge(settings, make_celery(settings), DeadLetters(publisher, store, settings))
     signal.signal(signal.SIGTERM, bridge.stop)

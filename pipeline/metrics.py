@@ -19,6 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from pipeline.errors import StartupError
 from pipeline.settings import MULTIPROC_ENV
 
 # Produce and delivery times span a local broker's milliseconds to a retry's minute.
@@ -97,7 +98,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 def serve(settings, registry_factory=scrape_registry) -> WSGIServer | None:
     """Serve `/metrics` on HERALD_METRICS_PORT from a daemon thread (None when unset),
-    behind HERALD_METRICS_TOKEN when set."""
+    behind HERALD_METRICS_TOKEN when set; StartupError when the port cannot be had."""
     if not settings.metrics_port:
         return None
 
@@ -108,6 +109,10 @@ def serve(settings, registry_factory=scrape_registry) -> WSGIServer | None:
             return [b"a bearer token is required (HERALD_METRICS_TOKEN)\n"]
         return make_wsgi_app(registry_factory())(environ, start_response)
 
-    server = make_server("0.0.0.0", settings.metrics_port, app, _Server, handler_class=_QuietHandler)
+    try:
+        server = make_server("0.0.0.0", settings.metrics_port, app, _Server, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on HERALD_METRICS_PORT={settings.metrics_port}: "
+                           f"{exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server

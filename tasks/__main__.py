@@ -52,7 +52,11 @@ def _run(argv: list[str]) -> int:
         return 1
     if warning:
         print(f"herald worker: warning: {warning}", file=sys.stderr)
-    serve(settings)
+    try:
+        serve(settings)
+    except StartupError as exc:
+        print(f"herald worker: cannot start: {exc}", file=sys.stderr)
+        return 1
     command = [sys.executable, "-m", "celery", "-A", "tasks:celery_app", "worker", *argv]
     stopping = False
     child: subprocess.Popen | None = None

@@ -15,7 +15,7 @@ from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import embedded
-from tests.harness import ROOT, Stack, topic_size, wait_until
+from tests.harness import ROOT, Stack, refused_start, start_environment, topic_size, wait_until
 
 TOKEN = "metrics-scrape-token"
 MESSAGES = 20
@@ -259,3 +259,15 @@ def test_a_scrape_with_every_source_silent_still_answers_and_says_which_failed()
     assert result.returncode == 0, result.stderr[-2000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer == {"names": ["herald_cluster_source_up"], "up": {"kafka": 0, "redis": 0, "celery": 0}}
+
+
+def test_a_worker_whose_metrics_port_is_taken_refuses_to_start_in_one_line(spare_redis_url):
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen(1)
+    try:
+        line = refused_start(start_environment(REDIS_URL=spare_redis_url,
+                                               HERALD_METRICS_PORT=str(taken.getsockname()[1])), "worker")
+    finally:
+        taken.close()
+    assert "HERALD_METRICS_PORT" in line and "in use" in line, line
