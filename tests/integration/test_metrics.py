@@ -25,7 +25,8 @@ MESSAGES = 20
 def system(tmp_path_factory):
     """A stack whose every /metrics needs TOKEN: a worker and a bridge serving theirs on ports,
     and a web process of two gunicorn workers."""
-    stack = Stack(tmp_path_factory.mktemp("metrics"), HERALD_METRICS_TOKEN=TOKEN)
+    # Workers dead-letter any type but "message": a way to make a dead letter on purpose.
+    stack = Stack(tmp_path_factory.mktemp("metrics"), HERALD_METRICS_TOKEN=TOKEN, HERALD_MESSAGE_TYPES="message")
     try:
         stack.worker_port, stack.bridge_port = embedded.free_port(), embedded.free_port()
         stack.worker(HERALD_METRICS_PORT=stack.worker_port)
@@ -171,6 +172,22 @@ def test_bridge_and_worker_serve_their_counts_and_they_move(system):
     assert 0 < latency < 30 * MESSAGES
     for name in ("herald_forced_out_of_order_total", "herald_worker_retries_total", "herald_dead_letters_total"):
         assert (name, ()) in after_worker, name
+
+
+def test_a_message_the_worker_dead_letters_is_counted_by_it_and_in_the_dlq_size(system):
+    web, token = system.web_proc, system.token()
+    worker_url = urls(system)["worker"]
+    before = {"worker": scrape(worker_url), "web": scrape(urls(system)["web"])}
+    status, _headers, body = web.request("POST", "/api/v1/messages", {"channel": f"metrics:{uuid.uuid4().hex[:8]}",
+                                                                      "type": "unknown", "data": 1}, token=token)
+    assert status == 202, body
+    wait_until(lambda: web.request("GET", f"/api/v1/messages/{body['id']}", token=token)[2].get("status")
+               == "failed", 30, what="the message to be dead-lettered")
+    after = scrape(worker_url)
+    assert value(after, "herald_dead_letters_total") - value(before["worker"], "herald_dead_letters_total") == 1
+    assert value(after, "herald_worker_messages_total", outcome="dead") \
+        - value(before["worker"], "herald_worker_messages_total", outcome="dead") == 1
+    assert value(scrape(urls(system)["web"]), "herald_dlq_size") == value(before["web"], "herald_dlq_size") + 1
 
 
 def test_cluster_gauges_on_web(system):
