@@ -288,3 +288,15 @@ def test_a_worker_whose_metrics_port_is_taken_refuses_to_start_in_one_line(spare
     finally:
         taken.close()
     assert "HERALD_METRICS_PORT" in line and "in use" in line, line
+
+
+def test_celery_queue_depth_with_rabbitmq_is_read_by_a_passive_declare(tmp_path):
+    stack = Stack(tmp_path / "amqp", broker="amqp")
+    try:
+        stack.worker()  # declares the queue
+        web = stack.web()
+        samples = scrape(f"{web.base}/metrics")
+        assert value(samples, "herald_cluster_source_up", source="celery") == 1
+        assert ("herald_celery_queue_depth", ()) in samples
+    finally:
+        stack.stop()
