@@ -5,12 +5,16 @@ worker is its own hub node, and the Kafka producer is made after the fork.
 """
 
 import os
+import shutil
 import sys
 
 import gevent
 
-from pipeline.settings import load_or_exit
+from pipeline.settings import load_or_exit, multiprocess_metrics_dir
 
+# Every worker writes its metrics there and /metrics merges them; set before
+# anything imports prometheus_client (the workers inherit it).
+_own_metrics_dir = multiprocess_metrics_dir()
 _settings = load_or_exit()
 
 bind = f"0.0.0.0:{_settings.port}"
@@ -76,3 +80,16 @@ def worker_exit(server, worker):
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("herald")
     if services is not None:  # None when the app failed to load
         services.stop()
+
+
+def child_exit(server, worker):
+    """A worker's live gauges (its WebSocket connections) leave the merged /metrics with it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory made at start (one given in the environment is kept)."""
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)

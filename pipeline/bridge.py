@@ -15,18 +15,20 @@ import time
 from collections import OrderedDict
 
 import redis
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.dlq import DeadLetters
 from pipeline.errors import PermanentError
 from pipeline.kafka import Publisher, client_config, open_admin
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope, decode
+from pipeline.metrics import BRIDGE_LAG, DISPATCH_BATCHES, RECORDS_CONSUMED, serve
 from pipeline.settings import current
 from pipeline.store import Store, check_at_start, connect
 from pipeline.topics import require_topics
 
 log = logging.getLogger("herald.bridge")
+LAG_INTERVAL = 1.0  # seconds between updates of the consumer lag gauge
 
 
 class ChannelOrder:
@@ -132,6 +134,7 @@ class Bridge:
         self.running = True
         self.store = dead_letters.store
         self.next_sweep = time.monotonic() + settings.redispatch_after / 10
+        self.next_lag = 0.0
         self.consumer = Consumer(consumer_config(settings))
 
     def stop(self, *_args) -> None:
@@ -152,12 +155,15 @@ class Bridge:
                 # only the Redis broker can lose one (README: "Under faults").
                 if not self.settings.amqp_broker and time.monotonic() >= self.next_sweep:
                     self.sweep()
+                if time.monotonic() >= self.next_lag:
+                    self.measure_lag()
         finally:
             self.consumer.close()
             log.info("bridge stopped")
 
     def handle(self, records) -> None:
         """Dispatch one polled set of records and store their offsets."""
+        RECORDS_CONSUMED.inc(len(records))
         decoded, last_offsets = [], {}
         if self.unseeded:
             self._seed({record.partition(): record.offset() for record in reversed(records)
@@ -175,10 +181,12 @@ class Bridge:
                                        raw=record.value(), key=record.key())
                 continue
             headers = dict(record.headers() or ())
+            kind, stamp = record.timestamp()
             envelope = dataclasses.replace(
                 message.stripped(), partition=partition, offset=offset,
                 prev=self.order.stamp(partition, message.channel, offset),
-                origin=_text(headers.get("herald-origin")), request_id=_text(headers.get("x-request-id")))
+                origin=_text(headers.get("herald-origin")), request_id=_text(headers.get("x-request-id")),
+                kafka_ts=None if kind == TIMESTAMP_NOT_AVAILABLE else stamp)
             decoded.append((partition, envelope))
         if decoded:
             self._dispatch([batch for _partition, batch in group_batches(decoded, self.settings.batch_size)])
@@ -233,6 +241,21 @@ class Bridge:
             log.warning("in-flight index unavailable", extra={"message_id": batches[0][0].id, "error": str(exc)})
         for batch in batches:
             self._send(batch)
+        DISPATCH_BATCHES.inc(len(batches))
+
+    def measure_lag(self) -> None:
+        """Set the lag gauge of each partition this bridge owns: records between its
+        position and the high watermark its last fetch saw (no broker round trip)."""
+        self.next_lag = time.monotonic() + LAG_INTERVAL
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                if tp.offset < 0:  # nothing fetched yet: no position to measure from
+                    continue
+                high = self.consumer.get_watermark_offsets(tp, cached=True)[1]
+                if high >= 0:
+                    BRIDGE_LAG.labels(str(tp.partition)).set(max(0, high - tp.offset))
+        except KafkaException as exc:
+            log.warning("consumer lag unavailable", extra={"error": str(exc)})
 
     def _send(self, batch: list[Envelope]) -> None:
         delay = 0.1
@@ -266,6 +289,11 @@ class Bridge:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("commit on revoke failed", extra={"error": str(exc)})
         self.order.forget(p.partition for p in partitions)
+        for p in partitions:  # another bridge reports them now
+            try:
+                BRIDGE_LAG.remove(str(p.partition))
+            except KeyError:
+                pass
         self.unseeded.difference_update(p.partition for p in partitions)
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 
@@ -283,6 +311,7 @@ def main() -> None:
         require_topics(settings, metadata)
         store = Store(connect(settings, settings.redis_pool_size), settings)
         store.redis.ping()
+        serve(settings)  # a port in use stops the bridge here, in one line
     except Exception as exc:  # one clear line, never a traceback (SPEC)
         raise SystemExit(f"herald bridge: cannot start: {exc}") from None
     if warning:

@@ -7,6 +7,7 @@ import logging
 
 from pipeline.errors import HeraldError
 from pipeline.messages import Envelope, encode, now_ms
+from pipeline.metrics import DEAD_LETTERS
 
 log = logging.getLogger("herald.dlq")
 
@@ -57,6 +58,7 @@ class DeadLetters:
         # Entries expire; their ids leave the index with them, or it would grow for ever.
         pipe.zremrangebyscore(index, "-inf", failed_at - self._keep_seconds * 1000)
         pipe.execute()
+        DEAD_LETTERS.inc()
         log.warning("dead-lettered", extra={"message_id": letter_id, "reason": reason,
                                             "partition": partition, "offset": offset, "attempts": attempts})
         return letter_id

@@ -15,6 +15,7 @@ import redis
 
 from pipeline.errors import HeraldError, KafkaUnavailable, TransientError, ValidationError
 from pipeline.messages import Envelope, encode, new_id
+from pipeline.metrics import PUBLISHES
 
 log = logging.getLogger("herald.ingest")
 
@@ -115,6 +116,7 @@ class Ingest:
         leaves the "accepted" line to the caller (the HTTP API puts it in its access line)."""
         results: list = [None] * len(envelopes)
         pending, claims = {}, {}
+        duplicates = 0  # idempotent retries answered with their first answer
         for index, envelope in enumerate(envelopes):
             try:
                 if idempotent[index]:
@@ -122,6 +124,7 @@ class Ingest:
                     prior = self._claim(envelope, claim)
                     if prior is not None:
                         results[index] = prior
+                        duplicates += 1
                         continue
                     claims[index] = claim
                 pending[index] = self.publisher.send(self.settings.topic, envelope.channel, encode(envelope),
@@ -141,6 +144,7 @@ class Ingest:
             results[index] = {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
                               "partition": partition, "offset": offset}
             accepted.append((index, partition, offset))
+        _count(len(accepted), duplicates, sum(isinstance(result, HeraldError) for result in results))
         if accepted:
             self._record(envelopes, accepted, results, claims)
             if log_accepted:
@@ -206,6 +210,13 @@ def accepted_fields(answers: list[dict]) -> dict:
                 "offset": answer["offset"]}
     # One line per call: a line per message was most of a batch's logging.
     return {"message_ids": [answer["id"] for answer in answers]}
+
+
+def _count(accepted: int, duplicate: int, refused: int) -> None:
+    """Count a call's publishes by result: an increment per result, not per message."""
+    for result, count in (("accepted", accepted), ("duplicate", duplicate), ("refused", refused)):
+        if count:
+            PUBLISHES.labels(result).inc(count)
 
 
 def _log_accepted(answers: list[dict], request_id: str | None) -> None:

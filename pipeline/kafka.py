@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.errors import KafkaUnavailable, ValidationError
 from pipeline.green import ResultChannel, run_blocking, start_native_thread
+from pipeline.metrics import PRODUCE_LATENCY
 
 log = logging.getLogger("herald.kafka")
 
@@ -182,7 +183,7 @@ class Publisher:
                 self._fatal = self._fatal or err.fatal()
                 self._results.resolve(future, error=_delivery_error(err))
             else:
-                self._results.resolve(future, (msg.partition(), msg.offset()))
+                self._results.resolve(future, (msg.partition(), msg.offset(), msg.latency()))
 
         try:
             self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
@@ -196,9 +197,14 @@ class Publisher:
         """Block this greenlet or thread until the record is acknowledged."""
         try:
             # One extra second: librdkafka reports its own timeout at the deadline.
-            return self._results.wait(future, self._timeout + 1.0)
+            partition, offset, latency = self._results.wait(future, self._timeout + 1.0)
         except TimeoutError:
             raise KafkaUnavailable("Kafka did not acknowledge the record in time") from None
+        # Observed here, in the caller: the delivery callback runs in a native
+        # thread, where the web's (gevent) metric locks must not be taken.
+        if latency is not None:
+            PRODUCE_LATENCY.observe(latency)
+        return partition, offset
 
     def close(self, timeout: float = 10.0) -> int:
         """Deliver what is queued (up to `timeout`), stop polling; returns records left."""

@@ -140,6 +140,11 @@ class Keys:
         return self._own("inflight-envelopes")
 
     @property
+    def nodes(self) -> str:
+        """Sorted set of web processes (hub nodes) by their last heartbeat's time."""
+        return self._own("nodes")
+
+    @property
     def presence_channels(self) -> str:
         """Set of channels with presence entries."""
         return self._own("presence-channels")

@@ -130,6 +130,7 @@ class Envelope:
     prev: int | None = None
     origin: str | None = None  # "node/client" of the WebSocket that published it
     request_id: str | None = None
+    kafka_ts: int | None = None  # the record's Kafka timestamp (ms), for the delivery latency
     # Processing state: when it first waited at its channel's order gate; to pass
     # the gate without delivery (handled before, or dead-lettered); to pass it
     # without its predecessor (it waited HERALD_ORDER_WAIT).

@@ -16,6 +16,7 @@ from prometheus_client import Counter
 
 from pipeline.errors import PermanentError, TransientError
 from pipeline.messages import Envelope
+from pipeline.metrics import DELIVERED, DELIVERY_LATENCY
 
 log = logging.getLogger("herald.processing")
 
@@ -130,8 +131,13 @@ class Processor:
                                    "request_id": envelope.request_id})
             if sid and result in ("delivered", "duplicate"):
                 placed.append((envelope.id, sid))
+            if result == "delivered" and envelope.kafka_ts is not None:
+                DELIVERY_LATENCY.observe(max(0.0, time.time() - envelope.kafka_ts / 1000))
             setattr(outcome, result, getattr(outcome, result) + 1)
             handled.setdefault(result, []).append(envelope.id)
+        for result, count in outcome.counts().items():
+            if count:
+                DELIVERED.labels(result).inc(count)
         if handled:
             # One line per batch: a line per message was an eighth of a worker's
             # CPU (py-spy). The web's "accepted" line ties each id to its request.

@@ -27,6 +27,8 @@ MIN_SECRET_BYTES = 32
 # Seconds of silence after which RabbitMQ drops a connection, handing back
 # its unacknowledged tasks; also the workers' side (Celery's broker_heartbeat).
 AMQP_HEARTBEAT = 60
+# prometheus-client's multiprocess mode: read when prometheus_client is first imported.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,10 @@ class Settings:
     bloom_error_rate: float = 0.001
     archive_max_age: int = 0  # seconds an archived message is kept; 0: for ever
     archive_prune_interval: int = 3600
+    # Metrics (README: "Metrics"): the port the bridge and the worker serve
+    # /metrics on (None: not served), and the bearer token every /metrics asks for.
+    metrics_port: int | None = None
+    metrics_token: str | None = None
 
     @property
     def redis_broker(self) -> bool:
@@ -236,6 +242,8 @@ class Settings:
             bloom_error_rate=_float(env, "HERALD_BLOOM_ERROR_RATE", cls.bloom_error_rate, 1e-9, 0.5),
             archive_max_age=_int(env, "HERALD_ARCHIVE_MAX_AGE", cls.archive_max_age, 0, 100 * 365 * 86400),
             archive_prune_interval=_int(env, "HERALD_ARCHIVE_PRUNE_INTERVAL", cls.archive_prune_interval, 1, 86400),
+            metrics_port=_int(env, "HERALD_METRICS_PORT", None, 1, 65535),
+            metrics_token=env.get("HERALD_METRICS_TOKEN") or None,
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
             # Strict order by default (README: "Order"): a record waits for a
@@ -273,6 +281,17 @@ class Settings:
 def current() -> Settings:
     """This process's settings, read from `os.environ` on first use."""
     return load_or_exit()
+
+
+def multiprocess_metrics_dir() -> str | None:
+    """Point PROMETHEUS_MULTIPROC_DIR at a fresh private directory unless it is set; returns
+    the directory made (the caller removes it at exit), or None. Call it before anything
+    imports prometheus_client: the variable is read then."""
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    path = tempfile.mkdtemp(prefix="herald-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    return path
 
 
 def load_or_exit(environ=None) -> Settings:

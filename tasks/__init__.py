@@ -12,6 +12,7 @@ from celery import Celery, signals
 
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope
+from pipeline.metrics import RETRIES
 from pipeline.processing import RETRYABLE, Outcome, Processor, RetryLater, backoff_delay
 from pipeline.redis_tls import redis_tls
 from pipeline.settings import AMQP_HEARTBEAT, current
@@ -242,6 +243,7 @@ def process_message(self, wire: list[dict]) -> dict:
             log.warning("retrying", extra={"message_id": pending.remaining[0].id, "error": error,
                                            "retries": self.request.retries, "countdown": round(delay, 3),
                                            "ceiling": round(ceiling, 3)})
+            RETRIES.inc()
             raise self.retry(args=(_wire(pending.remaining),), countdown=delay, exc=pending.cause) from None
         try:
             processor().dead_letter_first(pending.remaining, error, attempts=self.request.retries + 1)

@@ -8,10 +8,16 @@ on its own: kombu 5.7's Redis transport can raise AttributeError in
 on (SIGINT reaches the worker from the terminal itself), and then the
 worker's own exit code is ours. Redis is checked once, before the first
 start: Celery would retry a broker it cannot reach for ever.
+
+Metrics: the worker's pool processes write them to a PROMETHEUS_MULTIPROC_DIR
+made here (a fresh one, unless it is set), and this process serves them all,
+merged, on HERALD_METRICS_PORT: it outlives a crashed worker, and so do the
+counts.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,17 +28,35 @@ RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
 
 def main(argv: list[str]) -> int:
     """Run the worker until it is told to stop; returns its exit code."""
+    from pipeline.settings import multiprocess_metrics_dir
+
+    own_metrics_dir = multiprocess_metrics_dir()
+    try:
+        return _run(argv)
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+def _run(argv: list[str]) -> int:
     from pipeline.errors import StartupError
+    from pipeline.metrics import serve
     from pipeline.settings import load_or_exit
     from pipeline.store import check_at_start
 
+    settings = load_or_exit()
     try:
-        warning = check_at_start(load_or_exit())
+        warning = check_at_start(settings)
     except StartupError as exc:  # one line, no traceback (SPEC)
         print(f"herald worker: cannot start: {exc}", file=sys.stderr)
         return 1
     if warning:
         print(f"herald worker: warning: {warning}", file=sys.stderr)
+    try:
+        serve(settings)
+    except StartupError as exc:
+        print(f"herald worker: cannot start: {exc}", file=sys.stderr)
+        return 1
     command = [sys.executable, "-m", "celery", "-A", "tasks:celery_app", "worker", *argv]
     stopping = False
     child: subprocess.Popen | None = None

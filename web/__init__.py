@@ -9,11 +9,12 @@ import time
 
 from flask import Flask, Response, g, request, send_from_directory
 from flask_swagger_ui import get_swaggerui_blueprint
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from pipeline.messages import new_id
+from pipeline.metrics import HTTP_LATENCY, HTTP_REQUESTS, scrape_registry, token_allowed
 from pipeline.settings import current
 from web.problems import problem
 from web.services import Services
@@ -22,8 +23,6 @@ log = logging.getLogger("herald.web")
 access_log = logging.getLogger("herald.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-HTTP_REQUESTS = Counter("herald_http_requests_total", "HTTP requests", ["method", "route", "status"])
-HTTP_LATENCY = Histogram("herald_http_request_seconds", "HTTP request latency", ["method", "route"])
 # Metric labels come from fixed sets, never from what a client sends: gunicorn
 # passes any upper-case method name, and each new label value is a new series
 # kept for the life of the process (issue 8: 300 odd methods, 6,000 lines).
@@ -73,9 +72,17 @@ def create_app(settings=None) -> Flask:
                            headers={"Retry-After": "5"})
         return {"status": "ready"}
 
+    from web.metrics import ClusterCollector
+
+    cluster = ClusterCollector(services)
+
     @app.get("/metrics")
     def metrics():
-        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        if not token_allowed(request.headers.get("Authorization"), settings.metrics_token):
+            return problem(401, "A bearer token is required (HERALD_METRICS_TOKEN)", slug="unauthorized",
+                           headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+        # Every gunicorn worker's metrics, and the cluster's gauges read now.
+        return Response(generate_latest(scrape_registry(cluster)), mimetype=CONTENT_TYPE_LATEST)
 
     return app
 

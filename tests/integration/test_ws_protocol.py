@@ -9,6 +9,7 @@ import time
 import jwt
 import pytest
 import websocket
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import SECRET, Stack, close_code, wait_until
 
@@ -256,6 +257,10 @@ def test_slow_consumer_is_closed_4008_and_the_others_keep_receiving(tmp_path, ch
         assert len(received) == OTHERS
         elapsed = max(received) - started
         assert close_code(slow, timeout=30) == 4008
+        metrics = web.request("GET", "/metrics")[2]
+        closes = [sample.value for family in text_string_to_metric_families(metrics) for sample in family.samples
+                  if sample.name == "herald_ws_slow_consumer_closes_total"]
+        assert closes == [1.0]
         print("\nFIGURES " + json.dumps({"test": "slow consumer", "others": OTHERS, "messages_each": 200,
                                          "seconds_for_all_others": round(elapsed, 2)}))
         for client in [slow, *others]:

@@ -237,6 +237,9 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_
         def value(self):
             return self._value
 
+        def timestamp(self):
+            return 1, 1_700_000_000_000  # TIMESTAMP_CREATE_TIME, as a producer sets it
+
         def headers(self):
             return None
 

@@ -25,6 +25,13 @@ def test_defaults_follow_the_spec():
     assert settings.max_message_bytes == 65536
 
 
+def test_metrics_are_served_on_a_port_and_behind_a_token_only_when_asked():
+    settings = Settings.from_env(BASE)
+    assert settings.metrics_port is None and settings.metrics_token is None
+    settings = Settings.from_env({**BASE, "HERALD_METRICS_PORT": "9102", "HERALD_METRICS_TOKEN": "t0ken"})
+    assert settings.metrics_port == 9102 and settings.metrics_token == "t0ken"
+
+
 def test_broker_defaults_to_redis_url():
     settings = Settings.from_env({**BASE, "REDIS_URL": "redis://cache:6380/2"})
     assert settings.celery_broker_url == "redis://cache:6380/2"
@@ -55,6 +62,8 @@ def test_cors_origins_are_split():
     ({"HERALD_SECRET_KEY": "\u00e9" * 15}, "HERALD_SECRET_KEY is 30 bytes"),
     ({**BASE, "PORT": "eighty"}, "PORT"),
     ({**BASE, "PORT": "70000"}, "PORT"),
+    ({**BASE, "HERALD_METRICS_PORT": "0"}, "HERALD_METRICS_PORT"),
+    ({**BASE, "HERALD_METRICS_PORT": "metrics"}, "HERALD_METRICS_PORT"),
     ({**BASE, "REDIS_URL": "http://x"}, "REDIS_URL"),
     ({**BASE, "REDIS_URL": "redis://"}, "names no host"),
     ({**BASE, "KAFKA_BOOTSTRAP_SERVERS": "nohostport"}, "host:port"),

@@ -93,6 +93,10 @@ class Presence:
         TTL, and, if this node holds the reaper lock this period, the reaping."""
         ttl = self.settings.presence_ttl
         self.redis.set(self.keys.node(self.node), "1", ex=ttl)
+        # The live nodes counted on /metrics (herald_web_nodes); the dead fall out here.
+        now = time.time()
+        self.redis.zadd(self.keys.nodes, {self.node: now})
+        self.redis.zremrangebyscore(self.keys.nodes, "-inf", now - ttl)
         # A connection closing meanwhile may be counted again: it lapses after the TTL.
         self.store.refresh_connections(members)
         if self.redis.set(self.keys.presence_reaper, self.node, nx=True, ex=int(self.period)):

@@ -19,6 +19,7 @@ from flask import request
 from pipeline.archive import ArchiveUnavailable
 from pipeline.errors import HeraldError, TransientError, ValidationError
 from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
+from pipeline.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.store import stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.hub.batch import Batcher
@@ -130,9 +131,9 @@ class Protocol:
             return
         client = Client(client_id, ws, identity, remote, self.settings.ws_rate)
         ws.on_too_large = lambda: ws.close(CLOSE_TOO_LARGE, "frame too large")
-        ws.on_overflow = lambda: log.warning("send queue overflow", extra={"client": client.id,
-                                                                            "user": identity.user})
+        ws.on_overflow = lambda: _overflowed(client)
         self.hub.clients[client.id] = client
+        WS_CONNECTIONS.inc()
         log.info("ws connected", extra={"client": client.id, "user": identity.user, "remote": remote})
         client.send({"op": "connected", "client": client.id, "user": identity.user,
                      "ping_interval": self.settings.ping_interval})
@@ -341,12 +342,18 @@ class Protocol:
             client.expiry.close()
         for channel in list(client.subscriptions):
             self._unsubscribe(client, channel)
-        self.hub.clients.pop(client.id, None)
+        if self.hub.clients.pop(client.id, None) is not None:
+            WS_CONNECTIONS.dec()
         try:
             self.services.store.release_connection(self.hub.member(client.id), client.identity.user, client.remote)
         except redis.RedisError:
             log.warning("connection not uncounted", extra={"client": client.id})  # it lapses after the TTL
         log.info("ws disconnected", extra={"client": client.id, "user": client.identity.user})
+
+
+def _overflowed(client: Client) -> None:
+    SLOW_CLOSES.inc()
+    log.warning("send queue overflow", extra={"client": client.id, "user": client.identity.user})
 
 
 def _go_live(sub: Subscription) -> bool:

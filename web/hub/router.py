@@ -24,6 +24,7 @@ from prometheus_client import Counter
 
 from pipeline.keys import split_routed
 from pipeline.messages import dumps, loads
+from pipeline.metrics import FRAMES_SENT
 from pipeline.pubsub import open_link
 from pipeline.store import stream_id_key
 from web.hub.transport import wire_frame
@@ -299,9 +300,12 @@ class Router:
             watchers = self.index.watchers[kind].get(channel)
             if watchers:
                 data = b"".join(wire_frame(payload) for payload in payloads)
+                pushed = 0
                 for sub in list(watchers.values()):
                     if sub.backlog is None:
                         sub.ws.push(data)
+                        pushed += 1
+                FRAMES_SENT.inc(pushed * len(payloads))
 
     @staticmethod
     def send_messages(subs: dict[str, Subscription], keys: list, frames: list[bytes]) -> None:
@@ -313,13 +317,16 @@ class Router:
         """
         first, last = keys[0], keys[-1]
         data = frames[0] if len(frames) == 1 else b"".join(frames)
-        for sub in list(subs.values()):
+        targets = list(subs.values())
+        for sub in targets:
             if sub.backlog is None and sub.last < first:
                 sub.last = last
                 sub.ws.push(data)
             else:
                 for key, frame in zip(keys, frames):
                     sub.offer(key, frame)
+        # One increment per fan-out, not per frame (a replaying subscriber may skip some it had).
+        FRAMES_SENT.inc(len(targets) * len(frames))
 
     def _to_client(self, payload: str) -> None:
         # A frame for one client (its own message's status): skipped when the
@@ -330,6 +337,7 @@ class Router:
             sub = client.subscriptions.get(loads(frame).get("channel"))
             if sub is None or not sub.status:
                 client.ws.push(wire_frame(frame))
+                FRAMES_SENT.inc()
 
     def _catch_up(self) -> None:
         for channel, subs in list(self.index.channels.items()):

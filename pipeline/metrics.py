@@ -1,0 +1,118 @@
+"""Prometheus metrics of every Herald process, and how each process serves them.
+
+Metrics are module-level objects: every process exposes them all, and those
+of another process's work stay at zero. Processes that fork children (the
+web's gunicorn workers, the Celery worker's pool) run prometheus-client's
+multiprocess mode: `PROMETHEUS_MULTIPROC_DIR` is set before anything imports
+prometheus_client, and a scrape merges every child's files
+(`scrape_registry`). The bridge, one process, serves its own registry.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from pipeline.errors import StartupError
+from pipeline.settings import MULTIPROC_ENV
+
+# Produce and delivery times span a local broker's milliseconds to a retry's minute.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+# -- web --------------------------------------------------------------------
+PUBLISHES = Counter("herald_publishes_total", "Messages offered for publishing, by result "
+                    "(accepted, duplicate: an idempotent retry answered from the first, refused)", ["result"])
+PRODUCE_LATENCY = Histogram("herald_produce_seconds", "Time from producing a record until Kafka acknowledged it",
+                            buckets=LATENCY_BUCKETS)
+WS_CONNECTIONS = Gauge("herald_ws_connections", "Open WebSocket connections", multiprocess_mode="livesum")
+FRAMES_SENT = Counter("herald_ws_frames_sent_total", "Message frames handed to WebSocket clients")
+SLOW_CLOSES = Counter("herald_ws_slow_consumer_closes_total",
+                      "WebSockets closed with 4008 because their send queue overflowed")
+HTTP_REQUESTS = Counter("herald_http_requests_total", "HTTP requests", ["method", "route", "status"])
+HTTP_LATENCY = Histogram("herald_http_request_duration_seconds", "HTTP request duration, by route template",
+                         ["method", "route"])
+
+# -- bridge -----------------------------------------------------------------
+RECORDS_CONSUMED = Counter("herald_bridge_records_consumed_total", "Kafka records the bridge consumed")
+DISPATCH_BATCHES = Counter("herald_bridge_dispatch_batches_total", "Batches the bridge sent to Celery as tasks")
+BRIDGE_LAG = Gauge("herald_bridge_consumer_lag", "Records behind the partition's high watermark, "
+                   "as this bridge's consumer sees it", ["partition"], multiprocess_mode="max")
+
+# -- worker -----------------------------------------------------------------
+DELIVERED = Counter("herald_worker_messages_total", "Messages a worker handled, by outcome "
+                    "(delivered, duplicate, skipped, dead)", ["outcome"])
+RETRIES = Counter("herald_worker_retries_total", "Tasks retried after a transient failure")
+DEAD_LETTERS = Counter("herald_dead_letters_total", "Messages dead-lettered (by the worker, or by the bridge "
+                       "for a record it could not decode)")
+DELIVERY_LATENCY = Histogram("herald_delivery_latency_seconds",
+                             "Time from the Kafka record's timestamp until the message was delivered",
+                             buckets=LATENCY_BUCKETS)
+
+
+def multiprocess() -> bool:
+    """True when this process writes its metrics to PROMETHEUS_MULTIPROC_DIR."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def scrape_registry(*collectors) -> CollectorRegistry:
+    """The registry a scrape reads: every process's files in multiprocess mode (plus
+    `collectors`), else this process's default registry (with `collectors` added once)."""
+    if multiprocess():
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        for collector in collectors:
+            registry.register(collector)
+        return registry
+    for collector in collectors:
+        if collector not in _registered:
+            REGISTRY.register(collector)
+            _registered.add(collector)
+    return REGISTRY
+
+
+_registered: set = set()
+
+
+def token_allowed(header: str | None, token: str | None) -> bool:
+    """True when no token is required, or `header` is `Bearer <token>` (constant-time)."""
+    if not token:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *_args):  # a scrape every few seconds is not worth a log line
+        pass
+
+
+def serve(settings, registry_factory=scrape_registry) -> WSGIServer | None:
+    """Serve `/metrics` on HERALD_METRICS_PORT from a daemon thread (None when unset),
+    behind HERALD_METRICS_TOKEN when set; StartupError when the port cannot be had."""
+    if not settings.metrics_port:
+        return None
+
+    def app(environ, start_response):
+        if not token_allowed(environ.get("HTTP_AUTHORIZATION"), settings.metrics_token):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", 'Bearer realm="metrics"')])
+            return [b"a bearer token is required (HERALD_METRICS_TOKEN)\n"]
+        return make_wsgi_app(registry_factory())(environ, start_response)
+
+    try:
+        server = make_server("0.0.0.0", settings.metrics_port, app, _Server, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on HERALD_METRICS_PORT={settings.metrics_port}: "
+                           f"{exc.strerror or exc}") from None
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    return server
