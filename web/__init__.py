@@ -8,6 +8,7 @@ import secrets
 import time
 
 from flask import Flask, Response, g, request, send_from_directory
+from flask_cors import CORS
 from flask_swagger_ui import get_swaggerui_blueprint
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
@@ -41,6 +42,12 @@ def create_app(settings=None) -> Flask:
         # any client writes the rest (README: Running on a Heroku-like host).
         # Every address Herald uses is request.remote_addr, set here.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+    # Browser pages on HERALD_CORS_ORIGINS may call the HTTP API (none by
+    # default). Tokens travel in the Authorization header, never in cookies,
+    # so no credentials are allowed, and a wildcard origin is refused by the settings.
+    CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
+         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+         expose_headers=["X-Request-ID", "Retry-After", "Location"], max_age=600)
     services = Services(settings)
     app.extensions["herald"] = services
 
