@@ -7,20 +7,14 @@ import uuid
 import pytest
 
 from pipeline import embedded
-from tests.harness import Stack
+from tests.harness import running_stack
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """Tansu, Redis, a Celery worker, the bridge and two web processes."""
-    system = Stack(tmp_path_factory.mktemp("stack"), HERALD_HISTORY_RETENTION="short=5/3600")
-    try:
-        system.worker()
-        system.bridge()
-        system.webs = [system.web("web1"), system.web("web2")]
+    with running_stack(tmp_path_factory.mktemp("stack"), HERALD_HISTORY_RETENTION="short=5/3600") as system:
         yield system
-    finally:
-        system.stop()
 
 
 @pytest.fixture(scope="session")

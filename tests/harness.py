@@ -10,6 +10,7 @@ guest account) as the Celery broker, with a queue of its own, deleted at stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -164,6 +165,19 @@ def redis_cluster(workdir: Path, nodes: int = 3) -> tuple[list[embedded.Server],
             server.stop()
         raise
     return servers, f"redis://127.0.0.1:{servers[0].port}/0"
+
+
+@contextlib.contextmanager
+def running_stack(workdir: Path, **options):
+    """A whole Stack: a worker, the bridge and two web processes (`stack.webs`); stopped after."""
+    system = Stack(workdir, **options)
+    try:
+        system.worker()
+        system.bridge()
+        system.webs = [system.web("web1"), system.web("web2")]
+        yield system
+    finally:
+        system.stop()
 
 
 class Stack:

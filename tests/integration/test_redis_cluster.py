@@ -16,7 +16,7 @@ import uuid
 import pytest
 import websocket
 
-from tests.harness import Stack, wait_until
+from tests.harness import running_stack, wait_until
 
 pytestmark = pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("redis-cli")),
                                 reason="needs redis-server and redis-cli (Debian: apt-get install redis-server)")
@@ -25,14 +25,8 @@ pytestmark = pytest.mark.skipif(not (shutil.which("redis-server") and shutil.whi
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A stack on its own Redis Cluster: a worker, the bridge, two web processes."""
-    system = Stack(tmp_path_factory.mktemp("cluster"), cluster=True)
-    try:
-        system.worker()
-        system.bridge()
-        system.webs = [system.web("web1"), system.web("web2")]
+    with running_stack(tmp_path_factory.mktemp("cluster"), cluster=True) as system:
         yield system
-    finally:
-        system.stop()
 
 
 def node_of(stack, name: str) -> str:
