@@ -16,14 +16,16 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticError
 
 from pipeline.errors import PermanentError, ValidationError
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_:.@-]{1,200}")
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-PUBLISH_FIELDS = frozenset({"channel", "data", "type", "id"})
 MESSAGE_FIELDS = ("id", "channel", "type", "data", "sender", "ts")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -75,40 +77,74 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> Envelope:
-    """Validate one client message and return its envelope, or raise ValidationError."""
-    if not isinstance(body, dict):
-        raise ValidationError("A message is a JSON object", [{"field": "", "problem": "must be an object"}])
+# The message a client publishes (an HTTP body, a batch item, a WebSocket
+# `publish` op). This model is the validation itself and, through web/openapi.py,
+# the schema the API documents: the two cannot drift.
+ChannelName = Annotated[str, Field(pattern=f"^{CHANNEL_RE.pattern}$",
+                                   description="a channel name; the part before the first ':' is its namespace")]
+MessageId = Annotated[str, Field(pattern=f"^{ID_RE.pattern}$")]
+MessageType = Annotated[str, Field(pattern=f"^{TYPE_RE.pattern}$")]
+
+
+def no_null_default(schema: dict) -> None:
+    """For a field whose None default means "absent": the document shows no `default: null`."""
+    schema.pop("default", None)
+
+
+class Publish(BaseModel):
+    """A message as a client publishes it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    channel: ChannelName
+    data: Any = Field(description="any JSON value")
+    type: MessageType = "message"
+    # Absent means "mint a ULID"; `null` is not a value the API takes (the
+    # default is not validated, so None stands only for "absent").
+    id: MessageId = Field(
+        None, json_schema_extra=no_null_default,
+        description="the client's id for the message: the same id within HERALD_STATUS_TTL is answered "
+                    "with the first answer and published once")
+
+
+# pydantic's error types, said the way the API says them (README: Errors).
+_PROBLEMS = {"missing": "required", "extra_forbidden": "unknown field", "model_type": "must be an object",
+             "dict_type": "must be an object"}
+
+
+def field_errors(exc: PydanticError, prefix: tuple = ()) -> list[dict]:
+    """A pydantic ValidationError as the API's `errors`: `{field, problem}` with the field's
+    path (`messages[2].channel`)."""
     errors = []
-    for field in sorted(set(body) - PUBLISH_FIELDS):
-        errors.append({"field": field, "problem": "unknown field"})
-    channel = body.get("channel")
-    if channel is None:
-        errors.append({"field": "channel", "problem": "required"})
-    elif not valid_channel(channel):
-        errors.append({"field": "channel", "problem": "must match [A-Za-z0-9_:.@-]{1,200}"})
-    if "data" not in body:
-        errors.append({"field": "data", "problem": "required"})
-    mtype = body.get("type", "message")
-    if not isinstance(mtype, str) or not TYPE_RE.fullmatch(mtype):
-        errors.append({"field": "type", "problem": "must match [A-Za-z0-9_.:-]{1,64}"})
-    msg_id = body.get("id", idempotency_key)
-    if msg_id is not None and (not isinstance(msg_id, str) or not ID_RE.fullmatch(msg_id)):
-        errors.append({"field": "id", "problem": "must match [A-Za-z0-9_.:-]{1,128}"})
-    if idempotency_key is not None and "id" in body and body["id"] != idempotency_key:
-        errors.append({"field": "id", "problem": "differs from the Idempotency-Key header"})
-    if errors:
-        raise ValidationError("The message has invalid fields", errors)
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        path = ""
+        for part in (*prefix, *error["loc"]):
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        errors.append({"field": path, "problem": _PROBLEMS.get(error["type"], error["msg"])})
+    return errors
+
+
+def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> Envelope:
+    """Validate one client message (a dict, or a `Publish` already validated) and return its
+    envelope, or raise ValidationError."""
+    if not isinstance(body, Publish):
+        try:
+            body = Publish.model_validate(body)
+        except PydanticError as exc:
+            raise ValidationError("The message has invalid fields", field_errors(exc)) from None
+    if idempotency_key is not None and body.id is not None and body.id != idempotency_key:
+        raise ValidationError("The message has invalid fields",
+                              [{"field": "id", "problem": "differs from the Idempotency-Key header"}])
     try:
-        # Refused here, before any idempotency claim: a lone surrogate ("\ud800")
+        # Refused here, before any idempotency claim: a lone surrogate ("\\ud800")
         # or NaN would fail only when the record is encoded (issue 8: a 500 then).
-        dumps(body["data"]).encode()
+        dumps(body.data).encode()
     except (ValueError, RecursionError):
         raise ValidationError("data cannot be encoded as UTF-8 JSON (lone surrogate, NaN or Infinity)",
                               [{"field": "data", "problem": "not encodable as UTF-8 JSON"}], status=400,
                               title="Unencodable data") from None
-    return Envelope(id=msg_id or new_id(), channel=channel, type=mtype, data=body["data"], sender=sender,
-                    ts=now_ms())
+    return Envelope(id=body.id or idempotency_key or new_id(), channel=body.channel, type=body.type,
+                    data=body.data, sender=sender, ts=now_ms())
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,7 @@ def validate(doc: Any) -> dict:
         items, base = [doc["rule"]], "rule"
     elif isinstance(doc, dict) and set(doc) == {"rules"} and isinstance(doc["rules"], list):
         items, base = doc["rules"], "rules"
-    elif doc is None or doc == {}:
+    elif doc == {}:
         items, base = [], "rules"
     else:
         raise RulesError([{"path": "", "problem": "must be a mapping with `rules: [...]` or one `rule: {...}`"}])

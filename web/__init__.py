@@ -7,16 +7,16 @@ import re
 import secrets
 import time
 
-from flask import Flask, Response, g, request, send_from_directory
+from flask import Flask, g, request, send_from_directory
 from flask_cors import CORS
 from flask_swagger_ui import get_swaggerui_blueprint
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from pipeline.messages import new_id
-from pipeline.metrics import HTTP_LATENCY, HTTP_REQUESTS, scrape_registry, token_allowed
+from pipeline.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from pipeline.settings import current
+from web.openapi import MessageIdConverter
 from web.problems import problem
 from web.services import Services
 
@@ -48,10 +48,11 @@ def create_app(settings=None) -> Flask:
     CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
          allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
          expose_headers=["X-Request-ID", "Retry-After", "Location"], max_age=600)
+    app.url_map.converters["message_id"] = MessageIdConverter
     services = Services(settings)
     app.extensions["herald"] = services
 
-    from web import api, cli, hub
+    from web import api, cli, hub, ops
 
     app.register_blueprint(api.blueprint)
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/api/v1/openapi.json", config={"app_name": "Herald"}))
@@ -67,29 +68,11 @@ def create_app(settings=None) -> Flask:
     if settings.dev:
         _install_dev_token(app, settings)
 
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    def readyz():
-        down = services.down()
-        if down:
-            return problem(503, f"not ready: {', '.join(down)} unreachable", slug="not-ready",
-                           headers={"Retry-After": "5"})
-        return {"status": "ready"}
-
     from web.metrics import ClusterCollector
 
-    cluster = ClusterCollector(services)
-
-    @app.get("/metrics")
-    def metrics():
-        if not token_allowed(request.headers.get("Authorization"), settings.metrics_token):
-            return problem(401, "A bearer token is required (HERALD_METRICS_TOKEN)", slug="unauthorized",
-                           headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
-        # Every gunicorn worker's metrics, and the cluster's gauges read now.
-        return Response(generate_latest(scrape_registry(cluster)), mimetype=CONTENT_TYPE_LATEST)
+    # Read at scrape time by /metrics (web/ops.py): the cluster's gauges.
+    app.extensions["herald-cluster"] = ClusterCollector(services)
+    app.register_blueprint(ops.blueprint)
 
     return app
 
@@ -153,7 +136,9 @@ def _install_errors(app: Flask) -> None:
         if exc.code == 413:
             return problem(413, "The request body is larger than HERALD_MAX_MESSAGE_BYTES allows",
                            slug="too-large")
-        return problem(exc.code or 500, exc.description or exc.name)
+        # werkzeug's own headers stay: `Allow` on a 405 (RFC 9110) and the like.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+        return problem(exc.code or 500, exc.description or exc.name, headers=headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

@@ -1,4 +1,4 @@
-"""The HTTP API under /api/v1 (SPEC: HTTP API)."""
+"""The HTTP API under /api/v1 (SPEC: HTTP API); each operation declares its contract (web/openapi.py)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from pipeline.archive import ArchiveUnavailable
 from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict, accepted_fields
-from pipeline.messages import ID_RE, Envelope, dumps, loads, parse_publish, valid_channel
-from pipeline.store import valid_stream_id
+from pipeline.messages import Envelope, Publish, dumps, parse_publish
 from web.auth import AuthError, Identity, bearer, verify
-from web.openapi import document
+from web.openapi import STANDARD, Answer, Contract
 from web.problems import from_validation, problem, problem_body
+from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
+                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, Presence,
+                         PublishHeaders, RuleSet, RulesDecision, RulesTest)
 
 log = logging.getLogger("herald.web")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
-MAX_BATCH = 1000
 # The text of a Kafka or Redis error names internal hosts and ports: it is
 # logged, and clients get this (README: WebSocket close codes and errors).
 NOT_ACCEPTED = "Kafka or Redis is unavailable; nothing was accepted, retry later"
@@ -30,9 +31,16 @@ def services():
     return current_app.extensions["herald"]
 
 
-def authenticate() -> Identity:
-    """The caller's Identity; raises AuthError for a missing or bad token."""
-    return verify(bearer(request.headers.get("Authorization")), services().settings)
+def authenticate(level: str = "token") -> Identity:
+    """The caller's Identity; raises AuthError for a missing or bad token, and a 403
+    when `level` is "admin" and the token does not carry `admin: true`."""
+    identity = verify(bearer(request.headers.get("Authorization")), services().settings)
+    if level == "admin" and not identity.admin:
+        raise ValidationError("This endpoint is for admin tokens only", status=403, title="Forbidden")
+    return identity
+
+
+contract = Contract(authenticate)
 
 
 @blueprint.errorhandler(AuthError)
@@ -62,43 +70,30 @@ def redis_down(exc: redis.RedisError):
     return problem(503, "Redis is unreachable; retry later", slug="redis-unavailable", headers={"Retry-After": "5"})
 
 
-def read_json(limit: int):
-    """The request's JSON body, after checking its type and size."""
-    mimetype = request.mimetype
-    if mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise ValidationError("Send the message as application/json", status=415,
-                              title="Unsupported media type")
-    if request.content_length is not None and request.content_length > limit:
-        raise ValidationError(f"The body is {request.content_length} bytes; the limit is {limit}",
-                              status=413, title="Payload too large")
-    raw = request.get_data(cache=False)
-    if len(raw) > limit:
-        raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
-                              title="Payload too large")
-    try:
-        return loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
-
-
-def checked_message(body, identity: Identity, idempotency_key: str | None) -> tuple[Envelope, bool]:
-    """Validate one message and the caller's right to publish it; returns (envelope, idempotent)."""
+def checked_message(body: Publish, identity: Identity, idempotency_key: str | None) -> tuple[Envelope, bool]:
+    """The envelope of a validated message, once the caller may publish it; returns (envelope, idempotent)."""
     envelope = parse_publish(body, sender=identity.user, idempotency_key=idempotency_key)
     if not identity.may_publish(envelope.channel):
         raise ValidationError(f"This token may not publish to {envelope.channel}", status=403,
                               title="Forbidden")
-    return envelope, "id" in body or idempotency_key is not None
+    return envelope, body.id is not None or idempotency_key is not None
 
 
-@blueprint.post("/messages")
-def publish_one():
-    identity = authenticate()
-    settings = services().settings
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not ID_RE.fullmatch(key):
-        raise ValidationError("Idempotency-Key must match [A-Za-z0-9_.:-]{1,128}", status=400,
-                              title="Bad Idempotency-Key")
-    envelope, idempotent = checked_message(read_json(settings.max_message_bytes), identity, key)
+def _accept_answers(status: int = 202) -> dict[int, Answer]:
+    return {status: Answer("Accepted: Kafka acknowledged the record", Accepted),
+            403: Answer("The token may not publish to this channel"),
+            409: Answer("A request with this id or Idempotency-Key is still under way", headers=("Retry-After",)),
+            503: Answer(STANDARD[503], headers=("Retry-After",))}
+
+
+@contract.operation(blueprint, "POST", "/messages", summary="Publish a message", body=Publish,
+                    body_limit=lambda settings: settings.max_message_bytes, headers=PublishHeaders,
+                    description="Answers 202 only after Kafka acknowledged the record. The same `id` (or "
+                                "`Idempotency-Key`) within HERALD_STATUS_TTL returns the first answer.",
+                    answers=_accept_answers(), tags=("messages",))
+def publish_one(identity: Identity, headers: PublishHeaders, body: Publish):
+    key = headers.idempotency_key
+    envelope, idempotent = checked_message(body, identity, key)
     g.message_id = envelope.id
     # The access line says what was accepted: one line per request, not two.
     answer = services().ingest.publish(envelope, idempotent=idempotent, request_id=g.request_id,
@@ -107,32 +102,32 @@ def publish_one():
     return answer, 202
 
 
-def duplicate_ids(items: list) -> list[dict]:
+def duplicate_ids(items: list[Publish]) -> list[dict]:
     """Field errors for each item whose `id` an earlier item of the batch has."""
     first: dict[str, int] = {}
     errors = []
     for index, item in enumerate(items):
-        msg_id = item.get("id") if isinstance(item, dict) else None
-        if not isinstance(msg_id, str):
+        if item.id is None:
             continue
-        if msg_id in first:
-            errors.append({"field": f"messages[{index}].id", "problem": f"duplicate of messages[{first[msg_id]}]"})
+        if item.id in first:
+            errors.append({"field": f"messages[{index}].id", "problem": f"duplicate of messages[{first[item.id]}]"})
         else:
-            first[msg_id] = index
+            first[item.id] = index
     return errors
 
 
-@blueprint.post("/messages/batch")
-def publish_batch():
-    identity = authenticate()
+@contract.operation(blueprint, "POST", "/messages/batch", summary="Publish up to 1000 messages", body=Batch,
+                    body_limit=lambda settings: settings.max_batch_bytes,
+                    description="A batch with any invalid message, or that repeats an `id`, is a 422 and nothing "
+                                "is accepted. Otherwise 202 with one result per message, in order: `accepted`, "
+                                "or a problem for a message this token may not publish (403), one larger than "
+                                "HERALD_MAX_MESSAGE_BYTES (413), one whose id is under way (409) or one Kafka "
+                                "did not take (503).",
+                    answers={202: Answer("One result per message, in order", BatchResults),
+                             503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("messages",))
+def publish_batch(identity: Identity, body: Batch):
     settings = services().settings
-    body = read_json(settings.max_batch_bytes)
-    if not isinstance(body, dict) or set(body) != {"messages"} or not isinstance(body["messages"], list):
-        raise ValidationError('The body is {"messages": [...]}', [{"field": "messages", "problem": "required list"}])
-    items = body["messages"]
-    if not 1 <= len(items) <= MAX_BATCH:
-        raise ValidationError(f"A batch holds 1 to {MAX_BATCH} messages", [{"field": "messages",
-                                                                              "problem": "1..1000 items"}])
+    items = body.messages
     duplicates = duplicate_ids(items)
     if duplicates:
         # Each would wait on the other's idempotency claim, then drop it.
@@ -142,7 +137,7 @@ def publish_batch():
     for index, item in enumerate(items):
         try:
             envelope, idempotent = checked_message(item, identity, None)  # encodable from here on
-            if len(dumps(item).encode()) > settings.max_message_bytes:
+            if len(dumps(item.model_dump(exclude_none=True)).encode()) > settings.max_message_bytes:
                 raise ValidationError("The message is larger than HERALD_MAX_MESSAGE_BYTES", status=413,
                                       title="Payload too large")
         except ValidationError as exc:
@@ -151,12 +146,11 @@ def publish_batch():
         envelopes.append(envelope)
         flags.append(idempotent)
         slots.append(index)
-    if not envelopes:
-        raise ValidationError("No message of the batch is valid; nothing was accepted", [
-            {"field": f"messages[{index}]", "problem": result["detail"], "status": result["status"]}
-            for index, result in enumerate(results)])
-    answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
-                                             raise_errors=False, log_accepted=False)
+    if envelopes:
+        answers = services().ingest.publish_many(envelopes, idempotent=flags, request_id=g.request_id,
+                                                 raise_errors=False, log_accepted=False)
+    else:
+        answers = []
     accepted = [answer for answer in answers if isinstance(answer, dict) and answer.get("status") == "accepted"]
     if accepted:
         g.log_fields = accepted_fields(accepted)
@@ -176,7 +170,25 @@ def publish_batch():
 
 @blueprint.get("/openapi.json")
 def openapi():
-    return document(services().settings)
+    """The OpenAPI document, generated from the operations' declarations."""
+    return document()
+
+
+@blueprint.get("/asyncapi.json")
+def asyncapi():
+    """The AsyncAPI document of the WebSocket protocol at /ws (web/hub/frames.py)."""
+    from web.hub import frames
+
+    return frames.document()
+
+
+def document() -> dict:
+    """The OpenAPI 3.1 document of the HTTP API (the WebSocket protocol: /api/v1/asyncapi.json)."""
+    return contract.document(
+        title="Herald", version="1.0.0",
+        description="Real-time messaging: publish over HTTP, durable in Kafka, processed by Celery, pushed to "
+                    "WebSocket subscribers of /ws (its frames: /api/v1/asyncapi.json). Errors are RFC 9457 "
+                    "problems (`application/problem+json`).")
 
 
 @blueprint.errorhandler(ArchiveUnavailable)
@@ -186,77 +198,54 @@ def archive_down(exc: ArchiveUnavailable):
                    headers={"Retry-After": "5"})
 
 
-@blueprint.get("/messages/<msg_id>")
-def get_message(msg_id: str):
-    identity = authenticate()
-    if not ID_RE.fullmatch(msg_id):
-        raise ValidationError("A message id matches [A-Za-z0-9_.:-]{1,128}",
-                              [{"field": "id", "problem": "bad message id"}], status=400, title="Bad message id")
-    # Its status in Redis while it lasts (HERALD_STATUS_TTL), then the archive.
+@contract.operation(blueprint, "GET", "/messages/<message_id:msg_id>", summary="A message and its status", path=MessagePath,
+                    description="Its status from Redis while it lasts (HERALD_STATUS_TTL), then from the archive. "
+                                "A message on a channel the token may not read is answered 404, as unknown.",
+                    answers={200: Answer("The message", Message), 404: Answer("No such message"),
+                             503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("messages",))
+def get_message(identity: Identity, path: MessagePath):
+    msg_id = path.msg_id
     message = services().cache.read(services().store, msg_id)
-    # A message the token may not read is answered as unknown: a 403 would
-    # tell that the id exists (README: Tokens).
+    # A 403 would tell that the id exists (README: Tokens).
     if message is None or not identity.may_subscribe(message["channel"] or ""):
         return problem(404, f"No message {msg_id} is known", slug="unknown-message")
     return message
 
 
-def readable_channel(channel: str) -> None:
-    """Check the channel's name and the caller's right to read it."""
-    identity = authenticate()
-    if not valid_channel(channel):
-        raise ValidationError("Bad channel name", [{"field": "channel", "problem": "must match [A-Za-z0-9_:.@-]{1,200}"}])
+def readable_channel(identity: Identity, channel: str) -> None:
+    """Check the caller's right to read a (valid) channel."""
     if not identity.may_subscribe(channel):
         raise ValidationError(f"This token may not read {channel}", status=403, title="Forbidden")
 
 
-@blueprint.get("/channels/<channel>/history")
-def history(channel: str):
-    readable_channel(channel)
-    since = request.args.get("since") or None
-    if since is not None and not valid_stream_id(since):
-        raise ValidationError("since is an offset from a message frame", [{"field": "since", "problem": "bad offset"}],
-                              status=400, title="Bad query")
-    try:
-        limit = int(request.args.get("limit", "100"))
-    except ValueError:
-        limit = -1
-    if not 1 <= limit <= 1000:
-        raise ValidationError("limit is 1..1000", [{"field": "limit", "problem": "1..1000"}], status=400,
-                              title="Bad query")
-    page = services().history(channel, since, limit)
+@contract.operation(blueprint, "GET", "/channels/<channel>/history", summary="A channel's retained messages, "
+                    "oldest first", path=ChannelPath, query=HistoryQuery,
+                    answers={200: Answer("A page", HistoryPage), 403: Answer("The token may not read this channel"),
+                             503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("channels",))
+def history(identity: Identity, path: ChannelPath, query: HistoryQuery):
+    readable_channel(identity, path.channel)
+    page = services().history(path.channel, query.since, query.limit)
     for message in page["messages"]:
         message.pop("op", None)
     return page
 
 
-def authenticate_admin() -> Identity:
-    """The caller's Identity, which must carry `admin: true`."""
-    identity = authenticate()
-    if not identity.admin:
-        raise ValidationError("This endpoint is for admin tokens only", status=403, title="Forbidden")
-    return identity
+@contract.operation(blueprint, "GET", "/dlq", summary="Dead letters, newest first (admin token)", auth="admin",
+                    query=DeadLetterQuery, answers={200: Answer("A page", DeadLetterPage),
+                                                    503: Answer(STANDARD[503], headers=("Retry-After",))},
+                    tags=("dead letters",))
+def dlq_list(identity: Identity, query: DeadLetterQuery):
+    return services().dead_letters.list(query.limit, query.cursor)
 
 
-@blueprint.get("/dlq")
-def dlq_list():
-    authenticate_admin()
-    try:
-        limit = int(request.args.get("limit", "50"))
-        cursor = int(request.args.get("cursor", "0"))
-    except ValueError:
-        limit = cursor = -1
-    if not 1 <= limit <= 500 or not 0 <= cursor < 1 << 53:  # Redis refuses an index past 2**63
-        raise ValidationError("limit is 1..500 and cursor a cursor from a previous page", status=400,
-                              title="Bad query")
-    return services().dead_letters.list(limit, cursor)
-
-
-@blueprint.post("/dlq/<letter_id>/replay")
-def dlq_replay(letter_id: str):
-    authenticate_admin()
-    if not ID_RE.fullmatch(letter_id):
-        return problem(404, f"No dead letter {letter_id}", slug="unknown-dead-letter")
+@contract.operation(blueprint, "POST", "/dlq/<letter_id>/replay", summary="Send a dead letter back through the "
+                    "pipeline (admin token)", auth="admin", path=DeadLetterPath,
+                    answers={202: Answer("Accepted again: Kafka acknowledged the record", Accepted),
+                             404: Answer("No such dead letter"),
+                             409: Answer("The dead letter was never a valid message, or is being replayed"),
+                             503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("dead letters",))
+def dlq_replay(identity: Identity, path: DeadLetterPath):
+    letter_id = path.letter_id
     try:
         return services().dead_letters.replay(letter_id), 202
     except NotReplayable as exc:
@@ -299,9 +288,22 @@ def rules_body(limit: int = 1024 * 1024) -> tuple[bytes, str]:
     return raw, request.mimetype
 
 
-@blueprint.put("/rules")
-def rules_put():
-    authenticate_admin()
+# A rule set as a document (YAML or JSON); pipeline/rules.py checks what is in each rule.
+RULE_SET_INPUT = {"type": "object", "description": "`rules: [...]` or one `rule: {...}` (README: Rules); "
+                                                   "`{}` is the empty set",
+                  "maxProperties": 1, "additionalProperties": False,
+                  "properties": {"rules": {"type": "array", "items": {"type": "object"}},
+                                 "rule": {"type": "object"}}}
+
+
+@contract.operation(blueprint, "PUT", "/rules", summary="Replace the whole rule set (admin token)", auth="admin",
+                    description="YAML or JSON: `rules: [...]` or one `rule: {...}`. Every worker applies the new "
+                                "version within a second; a set with any fault is refused whole (422, each fault "
+                                "with its path) and nothing changes.",
+                    request_media={"application/yaml": RULE_SET_INPUT, "application/json": RULE_SET_INPUT},
+                    answers={200: Answer("The new set and its version", RuleSet),
+                             503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("rules",))
+def rules_put(identity: Identity):
     doc = read_rules(*rules_body())
     version = rules_store().put(doc)
     log.info("rules replaced", extra={"version": version, "rules": len(doc["rules"]),
@@ -309,37 +311,38 @@ def rules_put():
     return {"version": version, **doc}
 
 
-@blueprint.get("/rules")
-def rules_get():
-    authenticate_admin()
+@contract.operation(blueprint, "GET", "/rules", summary="The rule set in force and its version (admin token)",
+                    auth="admin", answers={200: Answer("The set", RuleSet),
+                                           503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("rules",))
+def rules_get(identity: Identity):
     version, doc = rules_store().get()
     return {"version": version, **doc}
 
 
-@blueprint.post("/rules/test")
-def rules_test():
+@contract.operation(blueprint, "POST", "/rules/test", summary="What a rule set decides for a message, without side "
+                    "effects (admin token)", auth="admin", body=RulesTest,
+                    body_limit=lambda settings: settings.max_batch_bytes,
+                    answers={200: Answer("The decision", RulesDecision),
+                             503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("rules",))
+def rules_test(identity: Identity, body: RulesTest):
     """Evaluate a message against a rule set (the body's `rules`, else the stored set), without side effects."""
     from pipeline import rules
     from pipeline.rules_store import dry_run
 
-    identity = authenticate_admin()
-    body = read_json(services().settings.max_batch_bytes)
-    if not isinstance(body, dict) or "message" not in body or set(body) - {"message", "rules"}:
-        raise ValidationError('The body is {"message": {...}, "rules": optional rule set}',
-                              [{"field": "message", "problem": "required"}])
-    if "rules" in body:
-        version, doc = 0, read_rules(dumps(body["rules"]), "application/json")
+    if body.rules is not None:
+        version, doc = 0, read_rules(dumps(body.rules), "application/json")
     else:
         version, doc = rules_store().get()
-    message = body["message"]
-    envelope = parse_publish({k: v for k, v in message.items() if k != "sender"} if isinstance(message, dict)
-                             else message, sender=str(message.get("sender", identity.user))
-                             if isinstance(message, dict) else identity.user)
+    envelope = parse_publish(body.message, sender=body.message.sender or identity.user)
     rule_set = rules.compile_set(doc, version, services().settings.rules_timezone)
     return dry_run(rule_set, envelope, services().store)
 
 
-@blueprint.get("/channels/<channel>/presence")
-def presence(channel: str):
-    readable_channel(channel)
-    return {"clients": services().hub.presence.members(channel)}
+@contract.operation(blueprint, "GET", "/channels/<channel>/presence", summary="Who is subscribed to a channel now",
+                    path=ChannelPath, answers={200: Answer("Clients, oldest first", Presence),
+                                               403: Answer("The token may not read this channel"),
+                                               503: Answer(STANDARD[503], headers=("Retry-After",))},
+                    tags=("channels",))
+def presence(identity: Identity, path: ChannelPath):
+    readable_channel(identity, path.channel)
+    return {"clients": services().hub.presence.members(path.channel)}

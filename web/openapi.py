@@ -1,150 +1,273 @@
-"""The OpenAPI 3.1 document of the HTTP API, served at /api/v1/openapi.json and read at /docs."""
+"""The HTTP API's contract: each operation declares its request and response models,
+which validate what clients send and also generate the OpenAPI 3.1 document served
+at /api/v1/openapi.json, so the document and the code cannot drift.
+
+A thin layer on pydantic, not a framework: Herald's errors are RFC 9457 problems
+with field paths and its own statuses (400 for a bad path, query or header, 415,
+413, 422 for a bad body), the publish path must stay cheap (pydantic-core
+validates in Rust), and the same `Publish` model validates WebSocket publishes.
+"""
 
 from __future__ import annotations
 
-PROBLEM = {"$ref": "#/components/responses/Problem"}
+import dataclasses
+import functools
+import re
+from typing import Any, Callable
+
+from flask import Blueprint, current_app, request
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticError
+from pydantic.json_schema import models_json_schema
+from werkzeug.routing import BaseConverter
+
+from pipeline.errors import ValidationError
+from pipeline.messages import field_errors, loads
+
+REF = "#/components/schemas/{model}"
+PROBLEM_MEDIA = "application/problem+json"
+# What each automatic status means, for the document.
+STANDARD = {
+    400: "A path, query or header parameter is invalid, or the body is not JSON",
+    401: "No valid bearer token",
+    403: "The token may not do this",
+    413: "The body is too large",
+    415: "The body is not of a media type this operation takes",
+    422: "The body is invalid; `errors` lists each fault with its path",
+    429: "Too many requests; retry after `Retry-After` seconds",
+    503: "Kafka, Redis or the archive is unavailable; nothing was done; retry after `Retry-After` seconds",
+}
+HEADER_DOCS = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}},
+    "WWW-Authenticate": {"description": "the scheme to authenticate with", "schema": {"type": "string"}},
+    "Allow": {"description": "the methods the resource takes", "schema": {"type": "string"}},
+}
 
 
-def _json(schema_ref: str) -> dict:
-    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One documented response: its description, body model (JSON) or raw schema, media type, headers."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    schema: dict | None = None
+    media: str = "application/json"
+    headers: tuple[str, ...] = ()
 
 
-def document(settings) -> dict:
-    """Build the document (limits come from the settings)."""
-    errors = {str(code): PROBLEM for code in (400, 401, 403, 413, 415, 422, 429, 503)}
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Herald",
-            "version": "1.0.0",
-            "description": "Real-time messaging: publish over HTTP, durable in Kafka, processed by Celery, "
-                           "pushed to WebSocket subscribers of /ws.",
-        },
-        "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
-        "paths": {
-            "/api/v1/messages": {"post": {
-                "summary": "Publish a message",
-                "description": "Answers 202 only after Kafka acknowledged the record. The same `id` (or "
-                               "`Idempotency-Key`) within 24 h returns the first answer.",
-                "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}],
-                "requestBody": {"required": True, "content": _json("Publish")},
-                "responses": {"202": {"description": "Accepted", "content": _json("Accepted")}, **errors},
-            }},
-            "/api/v1/messages/batch": {"post": {
-                "summary": "Publish up to 1000 messages",
-                "description": f"The body is at most {settings.max_batch_bytes} bytes (413 beyond). A batch "
-                               "that repeats an `id`, or whose every message is invalid, is a 422 and nothing "
-                               "is accepted; otherwise 202 with one result per message.",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["messages"], "additionalProperties": False,
-                    "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": 1000,
-                                                "items": {"$ref": "#/components/schemas/Publish"}}}}}}},
-                "responses": {"202": {"description": "One result per message, in order", "content": {
-                    "application/json": {"schema": {"type": "object", "properties": {"results": {
-                        "type": "array", "items": {"oneOf": [{"$ref": "#/components/schemas/Accepted"},
-                                                             {"$ref": "#/components/schemas/Problem"}]}}}}}}},
-                              **errors},
-            }},
-            "/api/v1/messages/{id}": {"get": {
-                "summary": "A message and its status",
-                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "The message", "content": _json("Message")}, "404": PROBLEM,
-                              "401": PROBLEM},
-            }},
-            "/api/v1/channels/{channel}/history": {"get": {
-                "summary": "A channel's retained messages, oldest first",
-                "parameters": [
-                    {"name": "channel", "in": "path", "required": True, "schema": {"$ref": "#/components/schemas/Channel"}},
-                    {"name": "since", "in": "query", "schema": {"type": "string"},
-                     "description": "offset of the last message seen (exclusive)"},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                ],
-                "responses": {"200": {"description": "A page", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {
-                        "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
-                        "next": {"type": ["string", "null"]}, "recovered": {"type": "boolean"}}}}}},
-                    "400": PROBLEM, "401": PROBLEM, "403": PROBLEM, "422": PROBLEM},
-            }},
-            "/api/v1/channels/{channel}/presence": {"get": {
-                "summary": "Who is subscribed to a channel now",
-                "parameters": [{"name": "channel", "in": "path", "required": True,
-                                "schema": {"$ref": "#/components/schemas/Channel"}}],
-                "responses": {"200": {"description": "Clients", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"clients": {"type": "array", "items": {
-                        "type": "object", "properties": {"client": {"type": "string"}, "user": {"type": "string"},
-                                                         "since": {"type": "integer"}}}}}}}}},
-                    "401": PROBLEM, "403": PROBLEM},
-            }},
-            "/api/v1/rules": {
-                "get": {"summary": "The rule set in force and its version (admin token)",
-                        "responses": {"200": {"description": "The set", "content": _json("RuleSet")},
-                                      "401": PROBLEM, "403": PROBLEM}},
-                "put": {"summary": "Replace the whole rule set (admin token)",
-                        "description": "YAML or JSON: `rules: [...]` or one `rule: {...}`. Every worker applies "
-                                       "the new version within a second; a set with any fault is refused whole "
-                                       "(422, each fault with its path) and nothing changes.",
-                        "requestBody": {"required": True, "content": {
-                            "application/yaml": {"schema": {"type": "string"}},
-                            "application/json": {"schema": {"type": "object"}}}},
-                        "responses": {"200": {"description": "The new set and its version",
-                                              "content": _json("RuleSet")},
-                                      **{code: PROBLEM for code in ("401", "403", "413", "415", "422", "503")}}},
+@dataclasses.dataclass
+class Operation:
+    """An HTTP operation as declared in code: what it takes, what it answers."""
+
+    method: str
+    path: str
+    endpoint: str
+    summary: str
+    description: str | None
+    auth: str  # "none", "token" or "admin"
+    body: type[BaseModel] | None
+    body_limit: Callable[[Any], int] | None
+    request_media: dict[str, dict] | None  # documented body when the view reads it itself
+    path_model: type[BaseModel] | None
+    query: type[BaseModel] | None
+    headers: type[BaseModel] | None
+    answers: dict[int, Answer]
+    tags: tuple[str, ...]
+
+
+class MessageIdConverter(BaseConverter):
+    """A message id in a path, except `batch`: /api/v1/messages/batch is the batch
+    endpoint alone (POST), not also the message whose id is "batch"."""
+
+    regex = r"(?!batch(?:/|$))[^/]+"
+
+
+def openapi_path(rule: str) -> str:
+    """A Flask rule (`/messages/<msg_id>`) as an OpenAPI path (`/messages/{msg_id}`)."""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def _validate(model: type[BaseModel], values: dict, where: str):
+    try:
+        return model.model_validate(values)
+    except PydanticError as exc:
+        raise ValidationError(f"The request's {where} is invalid", field_errors(exc), status=400,
+                              title="Bad request") from None
+
+
+def read_json(limit: int):
+    """The request's JSON body, after checking its media type and size (415, 413, 400)."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ValidationError("Send the body as application/json", status=415, title="Unsupported media type")
+    if request.content_length is not None and request.content_length > limit:
+        raise ValidationError(f"The body is {request.content_length} bytes; the limit is {limit}",
+                              status=413, title="Payload too large")
+    raw = request.get_data(cache=False)
+    if len(raw) > limit:
+        raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
+                              title="Payload too large")
+    try:
+        return loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
+
+
+class Contract:
+    """The registry of operations, and the decorator that declares one."""
+
+    def __init__(self, authenticate: Callable[[str], Any]):
+        # authenticate(level) -> identity, raising for a missing or bad token ("token" or "admin").
+        self._authenticate = authenticate
+        self.operations: list[Operation] = []
+
+    def operation(self, blueprint: Blueprint | Any, method: str, rule: str, *, summary: str,
+                  description: str | None = None, auth: str = "token", body: type[BaseModel] | None = None,
+                  body_limit: Callable[[Any], int] | None = None, request_media: dict[str, dict] | None = None,
+                  path: type[BaseModel] | None = None, query: type[BaseModel] | None = None,
+                  headers: type[BaseModel] | None = None, answers: dict[int, Answer],
+                  tags: tuple[str, ...] = ()):
+        """Declare and register a view. The view gets, as keywords, what was declared:
+        `identity` (auth), `path`, `query`, `headers` and `body` (validated models)."""
+        prefix = getattr(blueprint, "url_prefix", None) or ""
+
+        def register(view):
+            operation = Operation(method.upper(), openapi_path(prefix + rule), view.__name__, summary, description,
+                                  auth, body, body_limit, request_media, path, query, headers, answers, tags)
+            self.operations.append(operation)
+
+            @functools.wraps(view)
+            def handler(**path_values):
+                kwargs = {}
+                if auth != "none":
+                    kwargs["identity"] = self._authenticate(auth)
+                if path is not None:
+                    kwargs["path"] = _validate(path, path_values, "path")
+                if query is not None:
+                    # A parameter given twice reaches the model as a list, which it refuses.
+                    values = {k: v[0] if len(v) == 1 else v for k, v in request.args.lists()}
+                    kwargs["query"] = _validate(query, values, "query")
+                if headers is not None:
+                    kwargs["headers"] = _validate(headers, _header_values(headers), "headers")
+                if body is not None:
+                    document = read_json(body_limit(current_app.extensions["herald"].settings))
+                    try:
+                        kwargs["body"] = body.model_validate(document)
+                    except PydanticError as exc:
+                        raise ValidationError("The body has invalid fields", field_errors(exc)) from None
+                return view(**kwargs)
+
+            blueprint.add_url_rule(rule, view_func=handler, methods=[method.upper()])
+            return handler
+
+        return register
+
+    def document(self, *, title: str, version: str, description: str, extra_paths: dict | None = None) -> dict:
+        """The OpenAPI 3.1 document of every registered operation."""
+        models = {}
+        for op in self.operations:
+            if op.body is not None:
+                models[(op.body, "validation")] = None
+            for answer in op.answers.values():
+                if answer.model is not None:
+                    models[(answer.model, "serialization")] = None
+        from web.schemas import Problem
+
+        models[(Problem, "serialization")] = None
+        names, defs = models_json_schema(list(models), ref_template=REF)
+        schemas = defs.get("$defs", {})
+        paths: dict[str, dict] = {}
+        for op in self.operations:
+            paths.setdefault(op.path, {})[op.method.lower()] = self._operation_doc(op, names)
+        for path, item in (extra_paths or {}).items():
+            paths.setdefault(path, {}).update(item)
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": title, "version": version, "description": description},
+            "servers": [{"url": "/"}],
+            "security": [{"bearer": []}],
+            "paths": paths,
+            "components": {
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (HS256)"}},
+                "schemas": schemas,
             },
-            "/api/v1/rules/test": {"post": {
-                "summary": "What a rule set decides for a message, without side effects (admin token)",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["message"], "properties": {
-                        "message": {"$ref": "#/components/schemas/Publish"},
-                        "rules": {"type": "object", "description": "a rule set; the stored one when absent"}}}}}},
-                "responses": {"200": {"description": "The decision", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {
-                        "version": {"type": "integer"}, "matched": {"type": "array"},
-                        "blocked": {"type": ["string", "null"]}, "alerts": {"type": "array"},
-                        "routes": {"type": "array"}, "tags": {"type": "array"}, "data": {}}}}}},
-                              **{code: PROBLEM for code in ("400", "401", "403", "415", "422")}},
-            }},
-            "/healthz": {"get": {"summary": "Liveness", "security": [],
-                                 "responses": {"200": {"description": "The process lives"}}}},
-            "/readyz": {"get": {"summary": "Readiness (Kafka and Redis answer)", "security": [],
-                                "responses": {"200": {"description": "Ready"}, "503": PROBLEM}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
-                                 "responses": {"200": {"description": "Prometheus text format"}}}},
-        },
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (HS256)"}},
-            "responses": {"Problem": {"description": "RFC 9457 problem details", "content": {
-                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}},
-            "schemas": {
-                "Channel": {"type": "string", "pattern": "^[A-Za-z0-9_:.@-]{1,200}$"},
-                "Publish": {
-                    "type": "object", "required": ["channel", "data"], "additionalProperties": False,
-                    "properties": {
-                        "channel": {"$ref": "#/components/schemas/Channel"},
-                        "data": {"description": f"any JSON value; the body is at most "
-                                                f"{settings.max_message_bytes} bytes"},
-                        "type": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$", "default": "message"},
-                        "id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
-                    },
-                },
-                "Accepted": {"type": "object", "properties": {
-                    "id": {"type": "string"}, "channel": {"type": "string"}, "status": {"const": "accepted"},
-                    "partition": {"type": "integer"}, "offset": {"type": "integer"}}},
-                "Message": {"type": "object", "properties": {
-                    "id": {"type": "string"}, "channel": {"type": "string"}, "type": {"type": "string"},
-                    "data": {}, "sender": {"type": "string"}, "ts": {"type": "integer"},
-                    "status": {"enum": ["accepted", "processing", "delivered", "failed", "rejected"]},
-                    "attempts": {"type": "integer"}, "error": {"type": ["string", "null"]},
-                    "offset": {"type": ["integer", "string", "null"]}}},
-                "RuleSet": {"type": "object", "required": ["version", "rules"], "properties": {
-                    "version": {"type": "integer"}, "rules": {"type": "array", "items": {
-                        "type": "object", "required": ["id", "condition", "action"], "properties": {
-                            "id": {"type": "string"}, "description": {"type": "string"},
-                            "enabled": {"type": "boolean"}, "priority": {"type": "integer"},
-                            "condition": {"type": "object"}, "action": {}}}}}},
-                "Problem": {"type": "object", "required": ["type", "title", "status", "detail"], "properties": {
-                    "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-                    "detail": {"type": "string"}, "errors": {"type": "array", "items": {"type": "object"}}}},
-            },
-        },
-    }
+        }
+
+    def _operation_doc(self, op: Operation, names: dict) -> dict:
+        doc: dict[str, Any] = {"summary": op.summary, "operationId": op.endpoint}
+        if op.description:
+            doc["description"] = op.description
+        if op.tags:
+            doc["tags"] = list(op.tags)
+        if op.auth == "none":
+            doc["security"] = []
+        parameters = []
+        for model, where in ((op.path_model, "path"), (op.query, "query"), (op.headers, "header")):
+            if model is not None:
+                parameters += _parameters(model, where)
+        if parameters:
+            doc["parameters"] = parameters
+        if op.body is not None:
+            doc["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": names[(op.body, "validation")]}}}
+        elif op.request_media:
+            doc["requestBody"] = {"required": True, "content": {
+                media: {"schema": schema} for media, schema in op.request_media.items()}}
+        statuses: dict[int, Answer] = {}
+        if op.auth != "none":
+            statuses[401] = Answer(STANDARD[401], headers=("WWW-Authenticate",))
+        if op.auth == "admin":
+            statuses[403] = Answer(STANDARD[403])
+        if op.path_model or op.query or op.headers or op.body:
+            statuses[400] = Answer(STANDARD[400])
+        if op.body is not None or op.request_media:
+            statuses.update({413: Answer(STANDARD[413]), 415: Answer(STANDARD[415]), 422: Answer(STANDARD[422])})
+        # gunicorn refuses a request line over limit_request_line (4094 bytes) itself, in HTML.
+        statuses[414] = Answer("The request line is longer than 4094 bytes (gunicorn's answer)",
+                               schema={"type": "string"}, media="text/html")
+        statuses.update(op.answers)
+        responses = {}
+        for status in sorted(statuses):
+            answer = statuses[status]
+            entry: dict[str, Any] = {"description": answer.description}
+            if status >= 400 and answer.model is None and answer.schema is None:
+                entry["content"] = {PROBLEM_MEDIA: {"schema": {"$ref": REF.format(model="Problem")}}}
+            elif answer.model is not None:
+                entry["content"] = {answer.media: {"schema": names[(answer.model, "serialization")]}}
+            elif answer.schema is not None:
+                entry["content"] = {answer.media: {"schema": answer.schema}}
+            if answer.headers:
+                entry["headers"] = {name: HEADER_DOCS[name] for name in answer.headers}
+            responses[str(status)] = entry
+        doc["responses"] = responses
+        return doc
+
+
+def _header_values(model: type[BaseModel]) -> dict:
+    values = {}
+    for name, field in model.model_fields.items():
+        header = field.alias or name
+        if header in request.headers:
+            values[header] = request.headers[header]
+    return values
+
+
+def _parameters(model: type[BaseModel], where: str) -> list[dict]:
+    schema = model.model_json_schema(ref_template=REF)
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        prop.pop("title", None)
+        # An optional parameter is absent, never null: document only its value.
+        branches = [b for b in prop.pop("anyOf", ()) if b != {"type": "null"}]
+        if len(branches) == 1:
+            prop.update(branches[0])
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        description = prop.pop("description", None)
+        parameter = {"name": name, "in": where, "required": where == "path" or name in required, "schema": prop}
+        if description:
+            parameter["description"] = description
+        parameters.append(parameter)
+    return parameters

@@ -1,0 +1,231 @@
+"""The HTTP API's request and response models (web/openapi.py turns them into the document).
+
+Request models validate; response models describe what the views return, and
+schemathesis checks every answer against them in `make test`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.messages import ChannelName, MessageId, Publish, no_null_default
+
+# A Redis stream id, as history offsets are: 'ms-seq' or 'ms'. Nineteen digits
+# keep each part below 2**64, which Redis requires (pipeline.store.valid_stream_id).
+StreamId = Annotated[str, Field(pattern=r"^[0-9]{1,19}(-[0-9]{1,19})?$")]
+STATUSES = Literal["accepted", "processing", "delivered", "failed", "rejected", "archived"]
+MAX_BATCH = 1000
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PublishHeaders(BaseModel):
+    """Headers of a publish."""
+
+    model_config = ConfigDict(frozen=True)
+
+    idempotency_key: MessageId | None = Field(
+        None, alias="Idempotency-Key",
+        description="the message's id when the body has none; the same key within HERALD_STATUS_TTL is "
+                    "answered with the first answer (a body `id` that differs is a 422)")
+
+
+class Batch(_Request):
+    """Up to 1,000 messages in one request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    messages: Annotated[list[Publish], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class MessagePath(_Request):
+    """A message's id in the path."""
+
+    msg_id: MessageId
+
+
+class ChannelPath(_Request):
+    """A channel's name in the path."""
+
+    channel: ChannelName
+
+
+class DeadLetterPath(_Request):
+    """A dead letter's id in the path."""
+
+    letter_id: MessageId
+
+
+class HistoryQuery(BaseModel):
+    """Paging through a channel's history."""
+
+    model_config = ConfigDict(frozen=True)
+
+    since: StreamId | None = Field(None, description="the offset of the last message seen (exclusive)")
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class DeadLetterQuery(BaseModel):
+    """Paging through dead letters, newest first."""
+
+    model_config = ConfigDict(frozen=True)
+
+    limit: Annotated[int, Field(ge=1, le=500)] = 50
+    cursor: Annotated[int, Field(ge=0, lt=1 << 53, description="`next` of the previous page")] = 0
+
+
+class TestMessage(Publish):
+    """A message as published, and who sent it."""
+
+    sender: str = Field(None, json_schema_extra=no_null_default,
+                               description="the sender `sender` conditions see; the caller when absent")
+
+
+class RulesTest(_Request):
+    """A message to evaluate, and optionally a rule set (else the stored one)."""
+
+    message: TestMessage
+    rules: dict[str, Any] = Field(None, json_schema_extra=no_null_default,
+                                  description="a rule set, as PUT /api/v1/rules takes it")
+
+
+# -- answers --------------------------------------------------------------
+class Accepted(BaseModel):
+    """A message Kafka acknowledged."""
+
+    id: str
+    channel: str
+    status: Literal["accepted"]
+    partition: int
+    offset: int
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class BatchResults(BaseModel):
+    """One result per message of a batch, in order."""
+
+    results: list[Accepted | Problem]
+
+
+class Message(BaseModel):
+    """A message and what became of it."""
+
+    id: str
+    channel: str | None
+    type: str | None
+    data: Any
+    sender: str | None
+    ts: int | None
+    status: STATUSES
+    attempts: int
+    error: str | None
+    partition: int | None = None
+    offset: int | None = None
+    stream_id: str | None = None
+
+
+class HistoryMessage(BaseModel):
+    """A message of a channel's history; `offset` is its place in the history."""
+
+    id: str
+    channel: str
+    type: str
+    data: Any
+    sender: str | None
+    ts: int
+    offset: str
+
+
+class HistoryPage(BaseModel):
+    """A page of history, oldest first."""
+
+    messages: list[HistoryMessage]
+    next: str | None = Field(description="`since` for the next page; null on the last")
+    recovered: bool = Field(description="false when messages after `since` were trimmed away")
+
+
+class Client(BaseModel):
+    """A WebSocket client subscribed to a channel."""
+
+    client: str
+    user: str
+    since: int
+
+
+class Presence(BaseModel):
+    """Who is subscribed to a channel now."""
+
+    clients: list[Client]
+
+
+class DeadLetter(BaseModel):
+    """A message the pipeline gave up on, and why."""
+
+    id: str
+    reason: str
+    partition: int | None
+    offset: int | None
+    attempts: int | None
+    failed_at: int
+    channel: str | None
+    message: dict[str, Any] | None
+    raw: str | None
+
+
+class DeadLetterPage(BaseModel):
+    """Dead letters, newest first."""
+
+    items: list[DeadLetter]
+    next: int | None
+    total: int
+
+
+class RuleSet(BaseModel):
+    """The rule set in force and its version."""
+
+    version: int
+    rules: list[dict[str, Any]]
+
+
+class RulesDecision(BaseModel):
+    """What a rule set decides for a message."""
+
+    version: int
+    matched: list[str]
+    blocked: str | None
+    alerts: list[Any] = []
+    routes: list[Any] = []
+    tags: list[Any] = []
+    data: Any
+
+
+class Health(BaseModel):
+    """The process lives."""
+
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    """Kafka and Redis answer."""
+
+    status: Literal["ready"]
+
+
+class DevToken(BaseModel):
+    """A development token."""
+
+    token: str
+    user: str
