@@ -30,9 +30,23 @@ def services():
     return current_app.extensions["herald"]
 
 
+def identify() -> Identity | AuthError:
+    """The caller's Identity, or the AuthError its token earned; verified once per
+    request (the rate limiter keys by it before the view runs)."""
+    if "identity" not in g:
+        try:
+            g.identity = verify(bearer(request.headers.get("Authorization")), services().settings)
+        except AuthError as exc:
+            g.identity = exc
+    return g.identity
+
+
 def authenticate() -> Identity:
     """The caller's Identity; raises AuthError for a missing or bad token."""
-    return verify(bearer(request.headers.get("Authorization")), services().settings)
+    identity = identify()
+    if isinstance(identity, AuthError):
+        raise identity
+    return identity
 
 
 @blueprint.errorhandler(AuthError)
