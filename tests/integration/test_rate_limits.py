@@ -185,3 +185,13 @@ def test_the_counter_runs_on_a_redis_cluster(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_every_grouped_endpoint_exists():
+    # A renamed view would silently fall into "default"; every other endpoint is default or unlimited.
+    from web import create_app
+    from web.ratelimit import GROUPS, UNLIMITED
+
+    app = create_app(Settings.from_env({"HERALD_AUTH": "off"}))
+    assert set(GROUPS) <= set(app.view_functions)
+    assert UNLIMITED <= set(app.view_functions)
