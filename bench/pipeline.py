@@ -5,7 +5,8 @@
 
 Stages, each on a stack of its own (own Tansu, Redis, fresh topic):
 ingest (web alone, 2 gevent workers, driven by wrk from another process:
-`GET /healthz`, single POSTs, batch POSTs); processing (a backlog preloaded
+`GET /healthz`, single POSTs, batch POSTs, and single POSTs with the rate
+limits at their defaults beside a web process with them off); processing (a backlog preloaded
 through the batch API, then the bridge and a worker started: first to last
 delivery); end to end (single POSTs at a fixed rate, POST to WebSocket frame);
 the bare Kafka hop (a producer to a consumer group on the same Tansu, same
@@ -143,6 +144,7 @@ def ingest(args) -> dict:
         out["single_post"] = wrk(web.base + "/api/v1/messages", args.seconds, args.connections, "POST", single, token)
         out["single_post"].update(cpu.per_message(out["single_post"]["requests"]))
         out["single_post"]["of_healthz"] = round(out["single_post"]["per_s"] / out["healthz"]["per_s"], 3)
+        out["rate_limits"] = limits_cost(stack, web, args, single, token)
         batch = json.dumps({"messages": [{"channel": f"bench:b{i % 100}", "data": {"n": i}}
                                          for i in range(args.batch)]})
         cpu.start()
@@ -155,6 +157,33 @@ def ingest(args) -> dict:
         return out
     finally:
         stack.stop()
+
+
+def limits_cost(stack: Stack, limited, args, body: str, token: str) -> dict:
+    """Single POSTs with the default rate limits (two counters in Redis a request) and on
+    a web process with them off, alternated twice: the best rate of each, the web and
+    Redis CPU per request of that run, and the ratios."""
+    unlimited = stack.web("web-unlimited", WEB_CONCURRENCY=2, HERALD_RATE_LIMITS="off")
+    try:
+        best: dict[str, dict] = {}
+        for _ in range(2):
+            for side, web in (("defaults", limited), ("off", unlimited)):
+                cpu = CpuMeter({"web": web.proc.proc.pid, **services(stack)})
+                cpu.start()
+                result = wrk(web.base + "/api/v1/messages", args.seconds, args.connections, "POST", body, token)
+                if result["failed"]:
+                    raise RuntimeError(f"{result['failed']} POSTs failed with rate limits {side}")
+                result.update(cpu.per_message(result["requests"]))
+                if result["per_s"] > best.get(side, {}).get("per_s", 0):
+                    best[side] = result
+        out = {f"{side}_{key}": best[side][key] for side in best
+               for key in ("per_s", "web_cpu_us_per_msg", "redis_cpu_us_per_msg")}
+        out["defaults_of_off_per_s"] = round(best["defaults"]["per_s"] / best["off"]["per_s"], 3)
+        out["defaults_of_off_web_cpu"] = round(best["defaults"]["web_cpu_us_per_msg"]
+                                               / best["off"]["web_cpu_us_per_msg"], 3)
+        return out
+    finally:
+        unlimited.proc.stop()
 
 
 def deliveries(stack: Stack):

@@ -29,6 +29,19 @@ MIN_SECRET_BYTES = 32
 AMQP_HEARTBEAT = 60
 # prometheus-client's multiprocess mode: read when prometheus_client is first imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# HTTP rate limits (README: "Rate limits"): per route group, (per token, per
+# client address); None is off. High enough that no benchmark of one
+# deployment meets them (bench/pipeline.py drives ~2,500 single POSTs a
+# second from one token and one address on 2 cores): they stop a runaway or
+# hostile client, not a busy one. HERALD_RATE_LIMITS overrides any of them.
+RATE_LIMITS = (
+    ("publish", "10000/second", "20000/second"),
+    ("batch", "1000/second", "2000/second"),
+    ("read", "2000/second", "10000/second"),
+    ("admin", "100/second", "200/second"),
+    ("default", "200/second", "1000/second"),
+)
+RATE_LIMIT_GROUPS = tuple(group for group, _, _ in RATE_LIMITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +134,16 @@ class Settings:
     # /metrics on (None: not served), and the bearer token every /metrics asks for.
     metrics_port: int | None = None
     metrics_token: str | None = None
+    # HTTP rate limits: ((group, per-token limit, per-address limit), ...), a
+    # limit being a `limits` string ("100/second", "10/second,600/minute") or None (off).
+    rate_limits: tuple = RATE_LIMITS
+
+    def rate_limit(self, group: str) -> tuple[str | None, str | None]:
+        """(per-token, per-address) limit of a route group (RATE_LIMIT_GROUPS); None is off."""
+        for name, token, address in self.rate_limits:
+            if name == group:
+                return token, address
+        raise KeyError(group)
 
     @property
     def redis_broker(self) -> bool:
@@ -244,6 +267,7 @@ class Settings:
             archive_prune_interval=_int(env, "HERALD_ARCHIVE_PRUNE_INTERVAL", cls.archive_prune_interval, 1, 86400),
             metrics_port=_int(env, "HERALD_METRICS_PORT", None, 1, 65535),
             metrics_token=env.get("HERALD_METRICS_TOKEN") or None,
+            rate_limits=_rate_limits(env.get("HERALD_RATE_LIMITS", "")),
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
             # Strict order by default (README: "Order"): a record waits for a
@@ -353,6 +377,46 @@ def _retention(raw: str) -> tuple:
             raise ConfigError(f"HERALD_HISTORY_RETENTION item {item!r} is not namespace=LENGTH/SECONDS")
         rules.append((name, int(maxlen), int(age)))
     return tuple(rules)
+
+
+def _rate_limits(raw: str) -> tuple:
+    # "publish=100/second;batch.address=50/second;admin=off", or "off" for every
+    # limit. GROUP= sets both the per-token and the per-address limit, GROUP.token=
+    # or GROUP.address= one of them; later items win; unnamed groups keep RATE_LIMITS.
+    # Items are split on ";" because a value may list several limits with ",".
+    from limits import parse_many
+
+    if raw.strip().lower() == "off":
+        return tuple((group, None, None) for group in RATE_LIMIT_GROUPS)
+    table = {group: {"token": token, "address": address} for group, token, address in RATE_LIMITS}
+    for item in filter(None, (part.strip() for part in raw.split(";"))):
+        name, sep, value = item.partition("=")
+        group, dot, who = name.strip().lower().partition(".")
+        value = " ".join(value.split())
+        if not sep or not value:
+            raise ConfigError(f"HERALD_RATE_LIMITS item {item!r} is not GROUP=LIMIT (publish=100/second)")
+        if group not in table:
+            raise ConfigError(f"HERALD_RATE_LIMITS item {item!r}: {group!r} is not a route group "
+                              f"({', '.join(RATE_LIMIT_GROUPS)})")
+        if dot and who not in ("token", "address"):
+            raise ConfigError(f"HERALD_RATE_LIMITS item {item!r}: after {group}. comes token or address")
+        if value.lower() == "off":
+            value = None
+        else:
+            try:
+                parsed = parse_many(value)
+            except ValueError:
+                parsed = []
+            if not parsed:
+                raise ConfigError(f"HERALD_RATE_LIMITS item {item!r}: {value!r} is not a rate limit "
+                                  "(100/second, 20 per minute, 10/second,600/hour) or off")
+            if any(limit.amount < 1 for limit in parsed):
+                # 0/second would refuse every request of the group: say off, or a limit.
+                raise ConfigError(f"HERALD_RATE_LIMITS item {item!r}: a limit of 0 refuses everything; "
+                                  "give at least 1")
+        for key in (who,) if dot else ("token", "address"):
+            table[group][key] = value
+    return tuple((group, limits["token"], limits["address"]) for group, limits in table.items())
 
 
 def _url(env, name, default, schemes):

@@ -47,18 +47,21 @@ def create_app(settings=None) -> Flask:
     # so no credentials are allowed, and a wildcard origin is refused by the settings.
     CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
          allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
-         expose_headers=["X-Request-ID", "Retry-After", "Location"], max_age=600)
+         expose_headers=["X-Request-ID", "Retry-After", "Location", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                         "X-RateLimit-Reset"], max_age=600)
     app.url_map.converters["message_id"] = MessageIdConverter
     services = Services(settings)
     app.extensions["herald"] = services
 
-    from web import api, cli, hub, ops
+    from web import api, cli, hub, ops, ratelimit
 
     app.register_blueprint(api.blueprint)
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/api/v1/openapi.json", config={"app_name": "Herald"}))
     hub.init_app(app, services)
     cli.init_app(app)
     _install_request_ids(app)
+    # After the request ids: a 429's access line carries its id and time.
+    ratelimit.init_app(app, services)
     _install_errors(app)
 
     @app.get("/")

@@ -31,10 +31,23 @@ def services():
     return current_app.extensions["herald"]
 
 
+def identify() -> Identity | AuthError:
+    """The caller's Identity, or the AuthError its token earned; verified once per
+    request (the rate limiter keys by it before the view runs)."""
+    if "identity" not in g:
+        try:
+            g.identity = verify(bearer(request.headers.get("Authorization")), services().settings)
+        except AuthError as exc:
+            g.identity = exc
+    return g.identity
+
+
 def authenticate(level: str = "token") -> Identity:
     """The caller's Identity; raises AuthError for a missing or bad token, and a 403
     when `level` is "admin" and the token does not carry `admin: true`."""
-    identity = verify(bearer(request.headers.get("Authorization")), services().settings)
+    identity = identify()
+    if isinstance(identity, AuthError):
+        raise identity
     if level == "admin" and not identity.admin:
         raise ValidationError("This endpoint is for admin tokens only", status=403, title="Forbidden")
     return identity

@@ -41,6 +41,9 @@ HEADER_DOCS = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}},
     "WWW-Authenticate": {"description": "the scheme to authenticate with", "schema": {"type": "string"}},
     "Allow": {"description": "the methods the resource takes", "schema": {"type": "string"}},
+    "X-RateLimit-Limit": {"description": "requests the refusing limit allows per window", "schema": {"type": "integer"}},
+    "X-RateLimit-Remaining": {"description": "requests left in the window (0)", "schema": {"type": "integer"}},
+    "X-RateLimit-Reset": {"description": "when the window ends (Unix seconds)", "schema": {"type": "integer"}},
 }
 
 
@@ -73,6 +76,7 @@ class Operation:
     headers: type[BaseModel] | None
     answers: dict[int, Answer]
     tags: tuple[str, ...]
+    limited: bool  # counted by HERALD_RATE_LIMITS (web/ratelimit.py)
 
 
 class MessageIdConverter(BaseConverter):
@@ -126,14 +130,15 @@ class Contract:
                   body_limit: Callable[[Any], int] | None = None, request_media: dict[str, dict] | None = None,
                   path: type[BaseModel] | None = None, query: type[BaseModel] | None = None,
                   headers: type[BaseModel] | None = None, answers: dict[int, Answer],
-                  tags: tuple[str, ...] = ()):
+                  tags: tuple[str, ...] = (), limited: bool = True):
         """Declare and register a view. The view gets, as keywords, what was declared:
         `identity` (auth), `path`, `query`, `headers` and `body` (validated models)."""
         prefix = getattr(blueprint, "url_prefix", None) or ""
 
         def register(view):
             operation = Operation(method.upper(), openapi_path(prefix + rule), view.__name__, summary, description,
-                                  auth, body, body_limit, request_media, path, query, headers, answers, tags)
+                                  auth, body, body_limit, request_media, path, query, headers, answers, tags,
+                                  limited)
             self.operations.append(operation)
 
             @functools.wraps(view)
@@ -220,6 +225,9 @@ class Contract:
             statuses[403] = Answer(STANDARD[403])
         if op.path_model or op.query or op.headers or op.body:
             statuses[400] = Answer(STANDARD[400])
+        if op.limited:
+            statuses[429] = Answer(STANDARD[429], headers=("Retry-After", "X-RateLimit-Limit",
+                                                           "X-RateLimit-Remaining", "X-RateLimit-Reset"))
         if op.body is not None or op.request_media:
             statuses.update({413: Answer(STANDARD[413]), 415: Answer(STANDARD[415]), 422: Answer(STANDARD[422])})
         # gunicorn refuses a request line over limit_request_line (4094 bytes) itself, in HTML.

@@ -15,7 +15,7 @@ blueprint = Blueprint("ops", __name__)
 
 
 @contract.operation(blueprint, "GET", "/healthz", summary="Liveness", auth="none",
-                    answers={200: Answer("The process lives", Health)}, tags=("operations",))
+                    answers={200: Answer("The process lives", Health)}, tags=("operations",), limited=False)
 def healthz():
     return {"status": "ok"}
 
@@ -23,7 +23,7 @@ def healthz():
 @contract.operation(blueprint, "GET", "/readyz", summary="Readiness: Kafka and Redis answer", auth="none",
                     answers={200: Answer("Ready", Ready),
                              503: Answer("Not ready; `detail` names what is unreachable", headers=("Retry-After",))},
-                    tags=("operations",))
+                    tags=("operations",), limited=False)
 def readyz():
     down = current_app.extensions["herald"].down()
     if down:
@@ -38,7 +38,7 @@ def readyz():
                     answers={200: Answer("Prometheus text format", schema={"type": "string"}, media="text/plain"),
                              401: Answer("HERALD_METRICS_TOKEN is set and was not given",
                                          headers=("WWW-Authenticate",))},
-                    tags=("operations",))
+                    tags=("operations",), limited=False)
 def metrics():
     settings = current_app.extensions["herald"].settings
     if not token_allowed(request.headers.get("Authorization"), settings.metrics_token):

@@ -143,3 +143,36 @@ def test_development_mode_is_off_unless_asked_for():
     assert Settings.from_env({**BASE, "HERALD_DEV": "1"}).dev is True
     with pytest.raises(ConfigError, match="HERALD_DEV"):
         Settings.from_env({**BASE, "HERALD_DEV": "maybe"})
+
+
+def test_rate_limits_default_high_and_are_set_per_group_token_and_address():
+    settings = Settings.from_env(BASE)
+    assert settings.rate_limit("publish") == ("10000/second", "20000/second")
+    settings = Settings.from_env({**BASE, "HERALD_RATE_LIMITS":
+                                  "publish=100/second; batch.address = 20 per minute;read=off;"
+                                  "admin=10/second,600/hour;admin.token=5/second"})
+    assert settings.rate_limit("publish") == ("100/second", "100/second")
+    assert settings.rate_limit("batch") == ("1000/second", "20 per minute")
+    assert settings.rate_limit("read") == (None, None)
+    assert settings.rate_limit("admin") == ("5/second", "10/second,600/hour")
+    assert settings.rate_limit("default") == ("200/second", "1000/second")
+
+
+def test_rate_limits_off_turns_every_limit_off():
+    settings = Settings.from_env({**BASE, "HERALD_RATE_LIMITS": "OFF"})
+    assert all(token is None and address is None for _, token, address in settings.rate_limits)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("publish", "is not GROUP=LIMIT"),
+    ("publish=", "is not GROUP=LIMIT"),
+    ("pubish=1/second", "'pubish' is not a route group"),
+    ("publish.user=1/second", "token or address"),
+    ("publish=10/sec", "'10/sec' is not a rate limit"),
+    ("publish=1.5/second", "is not a rate limit"),
+    ("publish=10/second;600/hour", "'600/hour' is not GROUP=LIMIT"),
+    ("publish=0/second", "a limit of 0 refuses everything"),
+])
+def test_bad_rate_limits_are_refused_with_the_item_at_fault(value, words):
+    with pytest.raises(ConfigError, match=f"HERALD_RATE_LIMITS item .*{words}"):
+        Settings.from_env({**BASE, "HERALD_RATE_LIMITS": value})
