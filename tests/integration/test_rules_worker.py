@@ -3,6 +3,7 @@ what it counts, marks and emits, and that a batch run again changes nothing."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -63,3 +64,39 @@ rules:
     processor.run(envelopes, final_attempt=False)
     assert matches(f"big-{tag}", "alert") == 2 and matches(f"big-{tag}", "tag") == 2
     assert matches(f"any-{tag}", "tag") == 4
+
+
+def test_alerts_and_routes_of_a_batch_are_delivered_once_even_when_it_runs_again(worker):
+    processor, rules_store, store = worker
+    tag = uuid.uuid4().hex[:6]
+    alerts, copy = store.settings.rules_alert_channel, f"audit:{tag}"
+    rules_store.put(rules.load(f"""
+rules:
+  - {{id: big, condition: {{amount_threshold: 100}}, action: [alert, {{route: '{copy}'}}]}}
+  - {{id: huge, priority: -1, condition: {{amount_threshold: 1000}}, action: block_and_alert}}
+  - {{id: odd, condition: {{field: data.note, exists: true}}, action: alert}}
+"""))
+    channel = f"pay:{tag}"
+    envelopes = batch(channel, [5, 500, 5000, 7, 600])
+    envelopes[3] = Envelope(envelopes[3].id, channel, "payment", {"amount": 7, "note": 'é "quoted" \\ \u2028'}, "s",
+                            0, partition=0, offset=3, prev=2)
+    outcome = processor.run(envelopes, final_attempt=False)
+    assert outcome.delivered == 4 and outcome.skipped == 1  # 5000 was blocked
+    expected = [(envelopes[1].id, "big", False), (envelopes[2].id, "big", False), (envelopes[2].id, "huge", True),
+                (envelopes[3].id, "odd", False), (envelopes[4].id, "big", False)]
+    got = history(store, alerts)
+    assert [(a["data"]["message"]["id"], a["data"]["rule"], a["data"]["blocked"]) for a in got] == expected
+    for frame, (msg_id, rule, _blocked) in zip(got, expected):
+        assert frame["id"] == f"{msg_id}:alert:{rule}" and frame["type"] == "rule.alert"
+        assert frame["channel"] == alerts and frame["sender"] == "herald" and isinstance(frame["ts"], int)
+        assert frame["data"]["message"] == {k: v for k, v in json.loads(json.dumps(
+            next(e for e in envelopes if e.id == msg_id).to_wire())).items()
+            if k in ("id", "channel", "type", "data", "sender", "ts")}
+    assert got[2]["data"]["matched"] == [["big", "alert"], ["big", "route"], ["huge", "block_and_alert"]]
+    assert got[3]["data"]["message"]["data"]["note"] == 'é "quoted" \\ \u2028'
+    # The blocked message is not routed; the others are, once each, in order.
+    assert [m["id"] for m in history(store, copy)] == [envelopes[1].id, envelopes[4].id]
+
+    again = processor.run(envelopes, final_attempt=False)  # the task's records again (a worker died)
+    assert again.delivered == 0
+    assert len(history(store, alerts)) == len(expected) and len(history(store, copy)) == 2
