@@ -123,7 +123,9 @@ class RulesStore:
                 continue
             decision = rule_set.evaluate(envelope, context)
             if decision is None:
-                out.append(replace(envelope, rules={"v": rule_set.version}))
+                # Marked decided: a task run again, or a record back from waiting, keeps
+                # this decision and is not evaluated again (perhaps under another version).
+                out.append(envelope.with_rules({"v": rule_set.version}))
                 continue
             for pair in decision.matched:
                 matches[pair] = matches.get(pair, 0) + 1

@@ -30,7 +30,7 @@ def worker(spare_redis_url):
     """(Processor with a RulesStore, RulesStore, Store) on a prefix of its own."""
     settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": spare_redis_url,
                                   "HERALD_REDIS_PREFIX": f"r{uuid.uuid4().hex[:8]}"})
-    store = Store(connect(settings, 2), settings)
+    store = Store(connect(settings, 8), settings)  # two RulesStores: a listener each
     rules_store = RulesStore(store, settings)
     yield Processor(settings, store, _NoArchive(), None, rules_store), rules_store, store
     store.redis.close()
@@ -100,3 +100,21 @@ rules:
     again = processor.run(envelopes, final_attempt=False)  # the task's records again (a worker died)
     assert again.delivered == 0
     assert len(history(store, alerts)) == len(expected) and len(history(store, copy)) == 2
+
+
+def test_a_message_is_decided_once_matched_or_not_and_a_retry_keeps_its_decision(worker):
+    processor, rules_store, store = worker
+    tag = uuid.uuid4().hex[:6]
+    first = rules_store.put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
+                                       "action: {tag: big}}"))
+    envelopes = batch(f"pay:{tag}", [5, 500])
+    decided = rules_store.apply(envelopes)
+    assert [e.rules for e in decided] == [{"v": first}, {"v": first, "matched": [[f"big-{tag}", "tag"]],
+                                                          "tags": ["big"]}]
+    assert [e.rules for e in envelopes] == [None, None]  # the task's own records are left as they were
+    # A new version that would match both: the decided records (a retry, a record
+    # back from waiting) keep the decision they had; new records get the new one.
+    rules_store.put(rules.load(f"rule: {{id: all-{tag}, condition: {{}}, action: alert}}"))
+    fresh = RulesStore(store, store.settings)  # a worker that reads the new version at once
+    assert fresh.apply(decided) == decided
+    assert [e.rules["v"] for e in fresh.apply(envelopes)] == [first + 1] * 2
