@@ -113,6 +113,27 @@ def test_channel_glob_type_and_sender():
     assert decide(text, message(sender="bob")) is None
 
 
+def test_rules_are_found_by_channel_and_type_and_a_nested_type_is_still_a_test():
+    text = """
+rules:
+  - {id: a, condition: {channel: 'pay:*', type: payment}, action: {tag: a}}
+  - {id: b, condition: {type: [refund, payment]}, action: {tag: b}}
+  - {id: c, condition: {any: [{type: chat}, {sender: bob}]}, action: {tag: c}}
+"""
+    rule_set = rules.compile_set(rules.load(text), 1)
+    context = rules.Context(time.time())
+    for _ in range(2):  # the second time from the remembered candidates
+        def tags(**kw):
+            decision = rule_set.evaluate(message(**kw), context)
+            return decision.tags if decision else []
+        assert tags() == ["a", "b"]
+        assert tags(channel="chat:eu") == ["b"]
+        assert tags(mtype="refund") == ["b"]
+        assert tags(mtype="chat") == ["c"]
+        assert tags(mtype="message") == []
+        assert tags(mtype="message", sender="bob") == ["c"]
+
+
 def test_all_any_not():
     text = """
 rule:
