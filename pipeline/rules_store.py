@@ -107,13 +107,22 @@ class RulesStore:
             log.error("HERALD_RULES_FILE refused", extra={"error": str(exc)})
         self._file_loaded = True
 
-    def apply(self, envelopes: list[Envelope]) -> list[Envelope]:
+    def apply(self, envelopes: list[Envelope]) -> tuple[list[Envelope], dict | None]:
         """Evaluate the rules once for each message not decided yet: redact its data,
         attach the decision (`Envelope.rules`), and reject a blocked one, which then
-        only passes its channel's order gate (`skip`)."""
+        only passes its channel's order gate (`skip`).
+
+        Returns the envelopes and the record that marks those no rule matched
+        (None when there are no rules). These come back as they were: the
+        caller marks them with `Envelope.with_rules(record)` only when they
+        leave it to be run again (a retry, a record back from waiting), which
+        is rare, so that they keep this decision and are not evaluated again,
+        perhaps under another version. Most messages match nothing, and a
+        copy of each cost more than the rest of the rules step.
+        """
         rule_set = self.current()
         if rule_set is None:
-            return envelopes
+            return envelopes, None
         context = engine.Context(time.time(), self._count)
         out = []
         matches: dict[tuple[str, str], int] = {}
@@ -123,9 +132,7 @@ class RulesStore:
                 continue
             decision = rule_set.evaluate(envelope, context)
             if decision is None:
-                # Marked decided: a task run again, or a record back from waiting, keeps
-                # this decision and is not evaluated again (perhaps under another version).
-                out.append(envelope.with_rules({"v": rule_set.version}))
+                out.append(envelope)
                 continue
             for pair in decision.matched:
                 matches[pair] = matches.get(pair, 0) + 1
@@ -135,7 +142,7 @@ class RulesStore:
                 self._reject(envelope, decision.block)
             out.append(envelope)
         self._count_matches(matches)
-        return out
+        return out, {"v": rule_set.version}
 
     def _count_matches(self, matches: dict[tuple[str, str], int]) -> None:
         # One increment per (rule, action) and batch, on a child looked up once:

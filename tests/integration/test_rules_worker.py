@@ -7,11 +7,12 @@ import json
 import uuid
 
 import pytest
+import redis
 from prometheus_client import REGISTRY
 
 from pipeline import rules
 from pipeline.messages import Envelope
-from pipeline.processing import Processor
+from pipeline.processing import Processor, RetryLater
 from pipeline.rules_store import RulesStore
 from pipeline.settings import Settings
 from pipeline.store import Store, connect
@@ -102,19 +103,38 @@ rules:
     assert len(history(store, alerts)) == len(expected) and len(history(store, copy)) == 2
 
 
-def test_a_message_is_decided_once_matched_or_not_and_a_retry_keeps_its_decision(worker):
+def test_a_message_is_decided_once_matched_or_not_and_every_record_run_again_keeps_its_decision(worker,
+                                                                                             monkeypatch):
     processor, rules_store, store = worker
     tag = uuid.uuid4().hex[:6]
     first = rules_store.put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
                                        "action: {tag: big}}"))
-    envelopes = batch(f"pay:{tag}", [5, 500])
-    decided = rules_store.apply(envelopes)
-    assert [e.rules for e in decided] == [{"v": first}, {"v": first, "matched": [[f"big-{tag}", "tag"]],
-                                                          "tags": ["big"]}]
+    channel = f"pay:{tag}"
+    envelopes = batch(channel, [5, 500])
+    decided = {"v": first}, {"v": first, "matched": [[f"big-{tag}", "tag"]], "tags": ["big"]}
+    # A retry: Redis fails at delivery; what the task sends again carries the decisions.
+    def failing_deliver(*_args, **_kwargs):
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(store, "deliver", failing_deliver)
+    with pytest.raises(RetryLater) as retry:
+        processor.run(envelopes, final_attempt=False)
+    monkeypatch.undo()
+    assert [e.rules for e in retry.value.remaining] == list(decided)
     assert [e.rules for e in envelopes] == [None, None]  # the task's own records are left as they were
-    # A new version that would match both: the decided records (a retry, a record
-    # back from waiting) keep the decision they had; new records get the new one.
-    rules_store.put(rules.load(f"rule: {{id: all-{tag}, condition: {{}}, action: alert}}"))
-    fresh = RulesStore(store, store.settings)  # a worker that reads the new version at once
-    assert fresh.apply(decided) == decided
-    assert [e.rules["v"] for e in fresh.apply(envelopes)] == [first + 1] * 2
+    # Waiting for a predecessor that has not come: the record back from waiting carries its decision.
+    late = batch(channel, [7, 900], offset0=10)
+    waited = processor.run(late, final_attempt=False).waiting
+    assert [e.rules for e in waited] == [{"v": first}, {"v": first, "matched": [[f"big-{tag}", "tag"]],
+                                                        "tags": ["big"]}]
+    # A new version that would match them all: the decided records keep the decision
+    # they had (a tag of the old set, no alert); the new version applies to new records.
+    rules_store.put(rules.load(f"rule: {{id: all-{tag}, condition: {{}}, action: [alert, {{tag: new}}]}}"))
+    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStore(store, store.settings))
+    assert fresh.run(retry.value.remaining, final_attempt=False).delivered == 2
+    assert [m.get("tags") for m in history(store, channel)] == [None, ["big"]]
+    assert history(store, store.settings.rules_alert_channel) == []
+    newer = batch(channel, [1], offset0=2)
+    assert fresh.run(newer, final_attempt=False).delivered == 1
+    assert history(store, channel)[-1]["tags"] == ["new"]
+    assert len(history(store, store.settings.rules_alert_channel)) == 1
