@@ -292,9 +292,9 @@ def message_frame_head(envelope: Envelope) -> str:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"offset":"'
 
 
-def _dumps(value) -> str:
-    # JSON as message frames carry it: compact, UTF-8 left as it is.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+# JSON as message frames carry it: compact, UTF-8 left as it is. One encoder
+# made once: json.dumps with any option makes a new one at every call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def status_frame(envelope: Envelope, status: str) -> str:
@@ -534,22 +534,21 @@ class Store:
             heads.append(head)
 
         alerts = self.settings.rules_alert_channel
+        alert_head = f'{{"op":"message","channel":{_dumps(alerts)},"id":'
         for envelope, (result, _sid, _forced) in zip(envelopes, results):
             decision = envelope.rules
             if result == "wait" or not decision or not ("alert" in decision or "route" in decision):
                 continue
             if "alert" in decision:
                 # What every alert of this message repeats is encoded once.
-                shared = _dumps(decision.get("matched", []))
                 message = _dumps({name: getattr(envelope, name) for name in MESSAGE_FIELDS})
-                now_ms = int(time.time() * 1000)
+                tail = (f'"matched":{_dumps(decision.get("matched", []))},"message":{message}}},'
+                        f'"sender":"herald","ts":{int(time.time() * 1000)},"offset":"')
                 for rule in decision["alert"]:
                     alert_id = f"{envelope.id}:alert:{rule}"
                     emit(alerts, alert_id, (
-                        f'{{"op":"message","channel":{_dumps(alerts)},"id":{_dumps(alert_id)},'
-                        f'"type":"rule.alert","data":{{"rule":{_dumps(rule)},'
-                        f'"blocked":{"true" if decision.get("block") == rule else "false"},'
-                        f'"matched":{shared},"message":{message}}},"sender":"herald","ts":{now_ms},"offset":"'))
+                        f'{alert_head}{_dumps(alert_id)},"type":"rule.alert","data":{{"rule":{_dumps(rule)},'
+                        f'"blocked":{"true" if decision.get("block") == rule else "false"},{tail}'))
             if not decision.get("block"):
                 for _rule, target in decision.get("route", ()):
                     emit(target, f"{envelope.id}:route", message_frame_head(replace(envelope, channel=target)))
