@@ -117,23 +117,30 @@ return {'delivered', sid, forced}
 
 # What rules add to a batch's deliveries (alert frames, copies routed to
 # other channels), for one target channel: messages appended to its history
-# and published, each exactly once, guarded by its own marker set in the same
-# script (a task run again after a worker died between the delivery and this
-# finds the markers). Every key is the target channel's, so it runs in that
-# channel's slot on a cluster; one call per channel and batch, not per message.
+# and published, exactly once, guarded by a marker per source message and
+# target set in the same script (a task run again after a worker died between
+# the delivery and this finds the markers, and adds nothing, not even an alert
+# a second evaluation under a newer version would have made). Every key is
+# the target channel's, so it runs in that channel's slot on a cluster; one
+# call per channel and batch, not per message.
 # KEYS: history stream, history epoch, message pub/sub channel, then one
-# marker per message. ARGV: marker ttl, history maxlen, channel idle ttl,
-# publish command, oldest id to keep ('' = no age limit), then one message
-# frame head per marker. Returns how many it delivered (markers not there yet).
+# marker per source message. ARGV: marker ttl, history maxlen, channel idle
+# ttl, publish command, oldest id to keep ('' = no age limit), then per marker
+# the number of frames it guards and their message frame heads. Returns how
+# many it delivered.
 _EMIT = """
-local added, first = 0, nil
+local added, first, at = 0, nil, 6
 for i = 4, #KEYS do
+  local count = tonumber(ARGV[at])
   if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    local sid = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'f', ARGV[i + 2])
-    redis.call(ARGV[4], KEYS[3], sid .. '\\n' .. ARGV[i + 2] .. sid .. '"}')
-    first = first or sid
-    added = added + 1
+    for j = at + 1, at + count do
+      local sid = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'f', ARGV[j])
+      redis.call(ARGV[4], KEYS[3], sid .. '\\n' .. ARGV[j] .. sid .. '"}')
+      first = first or sid
+      added = added + 1
+    end
   end
+  at = at + count + 1
 end
 if added == 0 then return 0 end
 if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[5]) end
@@ -526,12 +533,12 @@ class Store:
         # its outcome: a duplicate or skipped record may be the second run of a
         # task whose worker died before this step; each effect's marker keeps
         # it to once (_EMIT).
-        by_channel: dict[str, tuple[list[str], list[str]]] = {}  # target: (markers, frame heads)
+        by_channel: dict[str, tuple[list[str], list]] = {}  # target: (markers, [count, heads...] each)
 
-        def emit(channel: str, marker: str, head: str) -> None:
-            markers, heads = by_channel.setdefault(channel, ([], []))
+        def emit(channel: str, marker: str, heads: list[str]) -> None:
+            markers, args = by_channel.setdefault(channel, ([], []))
             markers.append(self.keys.done(f"{marker}:{channel}", channel))
-            heads.append(head)
+            args += [len(heads), *heads]
 
         alerts = self.settings.rules_alert_channel
         alert_head = f'{{"op":"message","channel":{_dumps(alerts)},"id":'
@@ -544,24 +551,24 @@ class Store:
                 message = _dumps({name: getattr(envelope, name) for name in MESSAGE_FIELDS})
                 tail = (f'"matched":{_dumps(decision.get("matched", []))},"message":{message}}},'
                         f'"sender":"herald","ts":{int(time.time() * 1000)},"offset":"')
-                for rule in decision["alert"]:
-                    alert_id = f"{envelope.id}:alert:{rule}"
-                    emit(alerts, alert_id, (
-                        f'{alert_head}{_dumps(alert_id)},"type":"rule.alert","data":{{"rule":{_dumps(rule)},'
-                        f'"blocked":{"true" if decision.get("block") == rule else "false"},{tail}'))
+                emit(alerts, f"{envelope.id}:alerts", [
+                    f'{alert_head}{_dumps(f"{envelope.id}:alert:{rule}")},"type":"rule.alert",'
+                    f'"data":{{"rule":{_dumps(rule)},'
+                    f'"blocked":{"true" if decision.get("block") == rule else "false"},{tail}'
+                    for rule in decision["alert"]])
             if not decision.get("block"):
                 for _rule, target in decision.get("route", ()):
-                    emit(target, f"{envelope.id}:route", message_frame_head(replace(envelope, channel=target)))
+                    emit(target, f"{envelope.id}:route", [message_frame_head(replace(envelope, channel=target))])
         if by_channel:
-            self._run_scripts([self._emit_call(channel, markers, heads)
-                               for channel, (markers, heads) in by_channel.items()])
+            self._run_scripts([self._emit_call(channel, markers, args)
+                               for channel, (markers, args) in by_channel.items()])
 
-    def _emit_call(self, channel: str, markers: list[str], heads: list[str]) -> tuple:
+    def _emit_call(self, channel: str, markers: list[str], frames: list) -> tuple:
         maxlen, max_age = self.settings.retention(channel)
         oldest = f"{int((time.time() - max_age) * 1000)}-0" if max_age else ""
         keys = [self.keys.history(channel), self.keys.epoch(channel), self.keys.message_channel(channel), *markers]
         return (self._emit, keys, [self.settings.status_ttl, maxlen, self.settings.channel_idle_ttl,
-                                   "SPUBLISH" if self.cluster else "PUBLISH", oldest, *heads])
+                                   "SPUBLISH" if self.cluster else "PUBLISH", oldest, *frames])
 
     def count_in_window(self, key: str, per: float, member: str, *, record: bool = True) -> int:
         """How many messages a `rate` window of `per` seconds at `key` holds up to `member`,

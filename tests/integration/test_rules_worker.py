@@ -101,6 +101,12 @@ rules:
     again = processor.run(envelopes, final_attempt=False)  # the task's records again (a worker died)
     assert again.delivered == 0
     assert len(history(store, alerts)) == len(expected) and len(history(store, copy)) == 2
+    # Run again by a worker on a newer version that alerts on everything: a message
+    # that raised its alerts raises none from the second evaluation.
+    rules_store.put(rules.load("rule: {id: every, condition: {}, action: alert}"))
+    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStore(store, store.settings))
+    fresh.run(envelopes[1:], final_attempt=False)
+    assert len(history(store, alerts)) == len(expected)
 
 
 def test_a_message_is_decided_once_matched_or_not_and_every_record_run_again_keeps_its_decision(worker,
