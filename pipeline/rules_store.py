@@ -126,6 +126,7 @@ class RulesStore:
         context = engine.Context(time.time(), self._count)
         out = []
         matches: dict[tuple[str, str], int] = {}
+        blocked: list[tuple[Envelope, str]] = []
         for envelope in envelopes:
             if envelope.rules is not None or envelope.skip:
                 out.append(envelope)
@@ -139,8 +140,13 @@ class RulesStore:
             data = engine.redacted(envelope.data, decision.redact) if decision.redact else envelope.data
             envelope = replace(envelope, data=data, rules=decision.record(), skip=decision.block is not None)
             if decision.block:
-                self._reject(envelope, decision.block)
+                blocked.append((envelope, decision.block))
             out.append(envelope)
+        if blocked:
+            self.store.mark_rejected(blocked)  # one round trip for the batch
+            for envelope, rule in blocked:
+                log.info("message blocked", extra={"message_id": envelope.id, "channel": envelope.channel,
+                                                   "rule": rule})
         self._count_matches(matches)
         return out, {"v": rule_set.version}
 
@@ -152,15 +158,6 @@ class RulesStore:
             if child is None:
                 child = self._match_counters[pair] = MATCHES.labels(*pair)
             child.inc(count)
-
-    def _reject(self, envelope: Envelope, rule: str) -> None:
-        from pipeline.store import _message_fields
-
-        fields = _message_fields(envelope, "" if envelope.partition is None else envelope.partition,
-                                 "" if envelope.offset is None else envelope.offset)
-        fields.update(error=f"blocked by rule {rule}", rule=rule)
-        self.store.set_status(envelope, "rejected", fields=fields, origin=envelope.origin)
-        log.info("message blocked", extra={"message_id": envelope.id, "channel": envelope.channel, "rule": rule})
 
     def _count(self, parts: tuple[str, str, str], per: float, member: str) -> int:
         return self.store.count_in_window(self.store.keys.rate(*parts), per, member)

@@ -493,6 +493,23 @@ class Store:
             pipe.execute()
         return [status for status, _changed in replies]
 
+    def mark_rejected(self, rejected: list[tuple[Envelope, str]]) -> None:
+        """Record messages a rule blocked, (envelope, rule) each, as `rejected` naming the rule,
+        in one round trip; each still has to pass its channel's order gate (`skip`)."""
+        calls = []
+        for envelope, rule in rejected:
+            fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
+            fields.update(error=f"blocked by rule {rule}", rule=rule)
+            call = self._status_call(envelope, "rejected", fields, envelope.origin)
+            calls.append((self._set_status, call["keys"], call["args"]))
+        replies = self._run_scripts(calls)
+        if self.cluster and any(changed == "1" for _status, changed in replies):
+            pipe = self.redis.pipeline(transaction=False)
+            for (envelope, _rule), (_status, changed) in zip(rejected, replies):
+                if changed == "1":
+                    self._publish_status(envelope, "rejected", envelope.origin, pipe)
+            pipe.execute()
+
     def deliver(self, envelopes: list[Envelope], *, force: bool = False) -> list[tuple[str, str, str]]:
         """Pass each record through its channel's order gate, in order, and deliver it once.
 

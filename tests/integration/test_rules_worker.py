@@ -144,3 +144,24 @@ def test_a_message_is_decided_once_matched_or_not_and_every_record_run_again_kee
     assert fresh.run(newer, final_attempt=False).delivered == 1
     assert history(store, channel)[-1]["tags"] == ["new"]
     assert len(history(store, store.settings.rules_alert_channel)) == 1
+
+
+def test_the_blocked_messages_of_a_batch_are_rejected_naming_their_rule_and_the_rest_delivered_in_order(worker):
+    processor, rules_store, store = worker
+    tag = uuid.uuid4().hex[:6]
+    rules_store.put(rules.load(f"""
+rules:
+  - {{id: big-{tag}, condition: {{amount_threshold: 100}}, action: block}}
+  - {{id: odd-{tag}, condition: {{field: data.amount, in: [3, 5]}}, action: block_and_alert}}
+"""))
+    channel = f"pay:{tag}"
+    envelopes = batch(channel, [1, 500, 3, 2, 700, 5, 4])
+    outcome = processor.run(envelopes, final_attempt=False)
+    assert (outcome.delivered, outcome.skipped) == (3, 4)
+    statuses = [store.get_message(e.id) for e in envelopes]
+    assert [s["status"] for s in statuses] == ["delivered", "rejected", "rejected", "delivered", "rejected",
+                                               "rejected", "delivered"]
+    for status, rule in zip([statuses[i] for i in (1, 2, 4, 5)], ["big", "odd", "big", "odd"]):
+        assert status["rule"] == f"{rule}-{tag}" and status["error"] == f"blocked by rule {rule}-{tag}"
+        assert status["channel"] == channel
+    assert [m["id"] for m in history(store, channel)] == [envelopes[i].id for i in (0, 3, 6)]
