@@ -425,6 +425,7 @@ def _getter(path: str) -> Callable[[Any], Any]:
         def one(envelope):
             data = envelope.data
             return data.get(key, MISSING) if isinstance(data, dict) else MISSING
+        one.data_key = key  # lets a numeric test look the key up itself (_field_test)
         return one
 
     def deep(envelope):
@@ -454,6 +455,15 @@ def _field_test(get, op: str, expected) -> Test:
     if op in NUMERIC:
         compare = {"gt": float.__gt__, "gte": float.__ge__, "lt": float.__lt__, "lte": float.__le__}[op]
         bound = float(expected)
+        key = getattr(get, "data_key", None)
+        if key is not None:
+            # The usual shape (data.amount > N): the lookup inline, one call a test, not three.
+            def numeric_data(e, c):
+                data = e.data
+                value = data.get(key) if isinstance(data, dict) else None
+                return isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and compare(float(value), bound)
+            return numeric_data
 
         def numeric(e, c):
             value = get(e)

@@ -105,6 +105,17 @@ def test_each_field_operator(test, data, expected):
     assert bool(decide(text, message(data))) is expected
 
 
+@pytest.mark.parametrize("data", [[5], 5, "5", None, {"x": None}, {"x": [5]}, {"y": 5}])
+def test_a_numeric_test_holds_only_for_a_number_at_its_field(data):
+    for test in ("gt: 0", "gte: 0", "lt: 10", "lte: 10"):
+        text = f"rule: {{id: r, condition: {{field: data.x, {test}}}, action: alert}}"
+        envelope = Envelope(id="m", channel="c", type="t", data=data, sender="s", ts=0)
+        assert decide(text, envelope) is None
+        assert decide(text, Envelope(id="m", channel="c", type="t", data={"x": 5}, sender="s", ts=0))
+        assert decide(text.replace("data.x", "data.x.y"), Envelope(id="m", channel="c", type="t",
+                                                                   data={"x": {"y": 5.5}}, sender="s", ts=0))
+
+
 def test_channel_glob_type_and_sender():
     text = "rule: {id: r, condition: {channel: 'pay:*', type: [payment, refund], sender: alice}, action: alert}"
     assert decide(text, message())
