@@ -16,6 +16,7 @@ from pipeline.processing import Processor, RetryLater
 from pipeline.rules_store import RulesStore
 from pipeline.settings import Settings
 from pipeline.store import Store, connect
+from tests.harness import redis_cluster
 
 
 class _NoArchive:
@@ -26,14 +27,35 @@ class _NoArchive:
         pass
 
 
-@pytest.fixture
-def worker(spare_redis_url):
-    """(Processor with a RulesStore, RulesStore, Store) on a prefix of its own."""
-    settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": spare_redis_url,
-                                  "HERALD_REDIS_PREFIX": f"r{uuid.uuid4().hex[:8]}"})
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory):
+    """A three-node Redis Cluster of this module's own."""
+    servers, url = redis_cluster(tmp_path_factory.mktemp("rules-cluster"))
+    try:
+        yield url
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def worker(request, spare_redis_url):
+    """(Processor with a RulesStore, RulesStore, Store) on a prefix of its own, on one Redis and
+    on a Redis Cluster (where a batch's scripts go to the nodes of their keys' slots)."""
+    env = {"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": spare_redis_url,
+           "HERALD_REDIS_PREFIX": f"r{uuid.uuid4().hex[:8]}"}
+    if request.param == "cluster":
+        # No worker runs here: the broker is named only because a cluster needs one apart.
+        env.update(REDIS_URL=request.getfixturevalue("cluster_url"), REDIS_CLUSTER="1",
+                   CELERY_BROKER_URL=spare_redis_url)
+    settings = Settings.from_env(env)
     store = Store(connect(settings, 8), settings)  # two RulesStores: a listener each
     rules_store = RulesStore(store, settings)
     yield Processor(settings, store, _NoArchive(), None, rules_store), rules_store, store
+    if store.cluster:  # a node's client leaves its pool open when closed
+        for node in store.redis.get_nodes():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
     store.redis.close()
 
 
