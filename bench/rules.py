@@ -4,7 +4,9 @@
 
 Evaluation: `RuleSet.evaluate` per message with 1, 10 and 100 rules (each
 rule a channel glob, a type and a field test, a tenth of them with a time
-range; messages over 50 channels, about 5% matching one rule). Throughput:
+range, each action an alert; messages over 50 channels, half of them of the
+rules' type, 5% matching: each of those matches the 10 rules of its channel's
+namespace at 100 rules, so 0.5 alerts a message). Throughput:
 `Processor.run` on batches of 100 messages against a real Redis (its own,
 started here), with no rule set and with the 100 rules stored, measured in
 the same run; the archive and dead letters are left out (they do not

@@ -90,6 +90,16 @@ class Processor:
         (the predecessor may sit with a dead worker until the broker's
         visibility timeout), which is logged and counted.
         """
+        unmatched: list[dict] = []  # the rules' record for what they matched nothing in, once they ran
+        try:
+            outcome = self._run(envelopes, final_attempt, unmatched)
+        except RetryLater as pending:
+            pending.remaining = _decided(pending.remaining, unmatched)
+            raise
+        outcome.waiting = _decided(outcome.waiting, unmatched)
+        return outcome
+
+    def _run(self, envelopes: list[Envelope], final_attempt: bool, unmatched: list[dict]) -> Outcome:
         outcome = Outcome()
         now = time.time()
         envelopes = [replace(e, force_order=True) if now - _since(e, now) >= self.settings.order_wait else e
@@ -97,7 +107,9 @@ class Processor:
         try:
             if self.rules is not None:
                 # Before anything stores the message: a redacted field is never kept.
-                envelopes = self.rules.apply(envelopes)
+                envelopes, record = self.rules.apply(envelopes)
+                if record is not None:
+                    unmatched.append(record)
             # A message back from waiting was marked already; it is not a new attempt.
             marked = iter(self.store.mark_processing([e for e in envelopes if e.waiting_since is None]))
             statuses = ["processing" if e.waiting_since is not None else next(marked) for e in envelopes]
@@ -188,6 +200,14 @@ class Processor:
         self.dead_letters.send(reason=error, partition=_or_unknown(envelope.partition),
                                offset=_or_unknown(envelope.offset), attempts=attempts, envelope=envelope)
         self.store.mark_failed(envelope, error)
+
+
+def _decided(envelopes: list[Envelope], unmatched: list[dict]) -> list[Envelope]:
+    # Every record that leaves a run to be run again carries its rules' decision:
+    # those the rules ran on and matched nothing in get their mark now (RulesStore.apply).
+    if not unmatched:
+        return envelopes
+    return [e if e.rules is not None or e.skip else e.with_rules(unmatched[0]) for e in envelopes]
 
 
 def _since(envelope: Envelope, now: float) -> float:

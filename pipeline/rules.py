@@ -32,7 +32,7 @@ MAX_PATTERN = 256  # characters of a `matches` regex
 MATCH_LIMIT = 1000  # characters of a value a regex looks at: its first ones
 MAX_LOOSE_REPEATS = 2  # repeats of more than LOOSE characters in one regex: n**2 steps at worst
 LOOSE = 16
-MAX_CACHED_CHANNELS = 10_000
+MAX_CACHED_KINDS = 10_000  # (channel, type) pairs whose candidate rules a RuleSet remembers
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "exists", "matches")
 NUMERIC = {"gt", "gte", "lt", "lte"}
 CONDITION_KEYS = {"channel", "type", "sender", "field", "time_range", "timezone", "amount_threshold", "rate",
@@ -425,6 +425,7 @@ def _getter(path: str) -> Callable[[Any], Any]:
         def one(envelope):
             data = envelope.data
             return data.get(key, MISSING) if isinstance(data, dict) else MISSING
+        one.data_key = key  # lets a numeric test look the key up itself (_field_test)
         return one
 
     def deep(envelope):
@@ -454,6 +455,15 @@ def _field_test(get, op: str, expected) -> Test:
     if op in NUMERIC:
         compare = {"gt": float.__gt__, "gte": float.__ge__, "lt": float.__lt__, "lte": float.__le__}[op]
         bound = float(expected)
+        key = getattr(get, "data_key", None)
+        if key is not None:
+            # The usual shape (data.amount > N): the lookup inline, one call a test, not three.
+            def numeric_data(e, c):
+                data = e.data
+                value = data.get(key) if isinstance(data, dict) else None
+                return isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and compare(float(value), bound)
+            return numeric_data
 
         def numeric(e, c):
             value = get(e)
@@ -492,10 +502,13 @@ def _globs(patterns: list[str]) -> Callable[[str], bool]:
     return lambda name: regex.match(name) is not None
 
 
-def _compile_condition(cond: dict, rule_id: str, default_zone: str, *, top: bool) -> tuple[list, list[Test]]:
-    """(channel globs, tests): a top-level condition's channel globs index the rule by
-    channel (RuleSet._candidates); every other part is a test, cheap ones first, rate last."""
+def _compile_condition(cond: dict, rule_id: str, default_zone: str, *,
+                       top: bool) -> tuple[list, frozenset | None, list[Test]]:
+    """(channel globs, types or None for any, tests): a top-level condition's channel
+    globs and types index the rule by channel and type (RuleSet._candidates); every
+    other part is a test, cheap ones first, rate last."""
     globs: list[str] = []
+    types: frozenset | None = None
     tests: list[Test] = []
     if "channel" in cond:
         if top:
@@ -503,7 +516,9 @@ def _compile_condition(cond: dict, rule_id: str, default_zone: str, *, top: bool
         else:
             match = _globs(_names(cond["channel"]))
             tests.append(lambda e, c: match(e.channel))
-    for key in ("type", "sender"):
+    if "type" in cond and top:
+        types = frozenset(_names(cond["type"]))
+    for key in ("type", "sender") if not top else ("sender",):
         if key in cond:
             options = frozenset(_names(cond[key]))
             tests.append((lambda e, c, o=options: e.type in o) if key == "type"
@@ -541,11 +556,11 @@ def _compile_condition(cond: dict, rule_id: str, default_zone: str, *, top: bool
                 return False
             return c.count((rule_id, by, e.sender if by == "sender" else e.channel), per, e.id) > limit
         tests.append(over_rate)
-    return globs, tests
+    return globs, types, tests
 
 
 def _whole(cond: dict, rule_id: str, default_zone: str) -> Test:
-    _globs_unused, tests = _compile_condition(cond, rule_id, default_zone, top=False)
+    _globs_unused, _types_unused, tests = _compile_condition(cond, rule_id, default_zone, top=False)
     if len(tests) == 1:
         return tests[0]
     return lambda e, c: all(t(e, c) for t in tests)
@@ -558,6 +573,7 @@ class Rule:
     id: str
     priority: int
     globs: Callable[[str], bool] | None  # None: any channel
+    types: frozenset | None  # None: any type
     tests: tuple
     actions: tuple
 
@@ -606,31 +622,34 @@ class RuleSet:
         for index, rule in enumerate(doc["rules"]):
             if not rule["enabled"]:
                 continue
-            globs, tests = _compile_condition(rule["condition"], rule["id"], default_zone, top=True)
+            globs, types, tests = _compile_condition(rule["condition"], rule["id"], default_zone, top=True)
             actions = _check_actions(rule["action"], "action", _never)
             compiled.append((-rule["priority"], index, Rule(rule["id"], rule["priority"],
-                                                            _globs(globs) if globs else None,
+                                                            _globs(globs) if globs else None, types,
                                                             tuple(tests), tuple(actions))))
         self.rules = tuple(rule for _p, _i, rule in sorted(compiled, key=lambda r: r[:2]))
-        self._by_channel: dict[str, tuple[Rule, ...]] = {}
+        self._by_kind: dict[tuple[str, str], tuple[Rule, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.rules)
 
-    def _candidates(self, channel: str) -> tuple[Rule, ...]:
-        # The rules whose channel globs admit `channel`, worked out once per channel.
-        found = self._by_channel.get(channel)
+    def _candidates(self, channel: str, mtype: str) -> tuple[Rule, ...]:
+        # The rules whose channel globs and types admit a message, in priority order,
+        # worked out once per (channel, type): most messages meet no rule at all.
+        kind = (channel, mtype)
+        found = self._by_kind.get(kind)
         if found is None:
-            if len(self._by_channel) >= MAX_CACHED_CHANNELS:
-                self._by_channel.clear()
-            found = self._by_channel[channel] = tuple(r for r in self.rules if r.globs is None or r.globs(channel))
+            if len(self._by_kind) >= MAX_CACHED_KINDS:
+                self._by_kind.clear()
+            found = self._by_kind[kind] = tuple(r for r in self.rules if (r.globs is None or r.globs(channel))
+                                                and (r.types is None or mtype in r.types))
         return found
 
     def evaluate(self, envelope, context: Context) -> Decision | None:
         """The decision for one message (None when no rule matched), rules in priority
         order; a `block` stops the rules after it."""
         decision = None
-        for rule in self._candidates(envelope.channel):
+        for rule in self._candidates(envelope.channel, envelope.type):
             for test in rule.tests:
                 if not test(envelope, context):
                     break

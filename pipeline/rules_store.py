@@ -51,6 +51,7 @@ class RulesStore:
         self._notified = threading.Event()
         self._listener = None
         self._file_loaded = False
+        self._match_counters: dict[tuple[str, str], object] = {}  # (rule, action): MATCHES child
 
     # -- the stored set --------------------------------------------------------------
     def put(self, doc: dict, *, only_if_none: bool = False) -> int:
@@ -94,6 +95,7 @@ class RulesStore:
                 self._version, doc = self.get()  # one HMGET: a whole version, never half of one
                 self._set = engine.compile_set(doc, self._version, self.settings.rules_timezone) \
                     if doc["rules"] else None
+                self._match_counters.clear()  # this version's rules only
                 VERSION.set(self._version)
                 log.info("rules applied", extra={"version": self._version, "rules": len(self._set or ())})
         return self._set
@@ -105,40 +107,57 @@ class RulesStore:
             log.error("HERALD_RULES_FILE refused", extra={"error": str(exc)})
         self._file_loaded = True
 
-    def apply(self, envelopes: list[Envelope]) -> list[Envelope]:
+    def apply(self, envelopes: list[Envelope]) -> tuple[list[Envelope], dict | None]:
         """Evaluate the rules once for each message not decided yet: redact its data,
         attach the decision (`Envelope.rules`), and reject a blocked one, which then
-        only passes its channel's order gate (`skip`)."""
+        only passes its channel's order gate (`skip`).
+
+        Returns the envelopes and the record that marks those no rule matched
+        (None when there are no rules). These come back as they were: the
+        caller marks them with `Envelope.with_rules(record)` only when they
+        leave it to be run again (a retry, a record back from waiting), which
+        is rare, so that they keep this decision and are not evaluated again,
+        perhaps under another version. Most messages match nothing, and a
+        copy of each cost more than the rest of the rules step.
+        """
         rule_set = self.current()
         if rule_set is None:
-            return envelopes
+            return envelopes, None
         context = engine.Context(time.time(), self._count)
         out = []
+        matches: dict[tuple[str, str], int] = {}
+        blocked: list[tuple[Envelope, str]] = []
         for envelope in envelopes:
             if envelope.rules is not None or envelope.skip:
                 out.append(envelope)
                 continue
             decision = rule_set.evaluate(envelope, context)
             if decision is None:
-                out.append(replace(envelope, rules={"v": rule_set.version}))
+                out.append(envelope)
                 continue
-            for rule, action in decision.matched:
-                MATCHES.labels(rule, action).inc()
+            for pair in decision.matched:
+                matches[pair] = matches.get(pair, 0) + 1
             data = engine.redacted(envelope.data, decision.redact) if decision.redact else envelope.data
             envelope = replace(envelope, data=data, rules=decision.record(), skip=decision.block is not None)
             if decision.block:
-                self._reject(envelope, decision.block)
+                blocked.append((envelope, decision.block))
             out.append(envelope)
-        return out
+        if blocked:
+            self.store.mark_rejected(blocked)  # one round trip for the batch
+            for envelope, rule in blocked:
+                log.info("message blocked", extra={"message_id": envelope.id, "channel": envelope.channel,
+                                                   "rule": rule})
+        self._count_matches(matches)
+        return out, {"v": rule_set.version}
 
-    def _reject(self, envelope: Envelope, rule: str) -> None:
-        from pipeline.store import _message_fields
-
-        fields = _message_fields(envelope, "" if envelope.partition is None else envelope.partition,
-                                 "" if envelope.offset is None else envelope.offset)
-        fields.update(error=f"blocked by rule {rule}", rule=rule)
-        self.store.set_status(envelope, "rejected", fields=fields, origin=envelope.origin)
-        log.info("message blocked", extra={"message_id": envelope.id, "channel": envelope.channel, "rule": rule})
+    def _count_matches(self, matches: dict[tuple[str, str], int]) -> None:
+        # One increment per (rule, action) and batch, on a child looked up once:
+        # MATCHES.labels() per match was a lock and a dict lookup each time.
+        for pair, count in matches.items():
+            child = self._match_counters.get(pair)
+            if child is None:
+                child = self._match_counters[pair] = MATCHES.labels(*pair)
+            child.inc(count)
 
     def _count(self, parts: tuple[str, str, str], per: float, member: str) -> int:
         return self.store.count_in_window(self.store.keys.rate(*parts), per, member)

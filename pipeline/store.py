@@ -115,24 +115,39 @@ if ARGV[7] ~= '' then redis.call(ARGV[16], ARGV[7], ARGV[8] .. '\\n' .. ARGV[6])
 return {'delivered', sid, forced}
 """
 
-# What a rule adds to a delivery (an alert frame, a copy routed to another
-# channel): a message appended to a channel's history and published, exactly
-# once, guarded by its own marker set in the same script (a task run again
-# after a worker died between the delivery and this finds the marker). Every
-# key is the target channel's, so it runs in that channel's slot on a cluster.
-# KEYS: marker, history stream, history epoch, message pub/sub channel.
-# ARGV: marker ttl, history maxlen, message frame head, channel idle ttl,
-# publish command, oldest id to keep ('' = no age limit).
-# Returns 1 when it delivered, 0 when the marker was there.
+# What rules add to a batch's deliveries (alert frames, copies routed to
+# other channels), for one target channel: messages appended to its history
+# and published, exactly once, guarded by a marker per source message and
+# target set in the same script (a task run again after a worker died between
+# the delivery and this finds the markers, and adds nothing, not even an alert
+# a second evaluation under a newer version would have made). Every key is
+# the target channel's, so it runs in that channel's slot on a cluster; one
+# call per channel and batch, not per message.
+# KEYS: history stream, history epoch, message pub/sub channel, then one
+# marker per source message. ARGV: marker ttl, history maxlen, channel idle
+# ttl, publish command, oldest id to keep ('' = no age limit), then per marker
+# the number of frames it guards and their message frame heads. Returns how
+# many it delivered.
 _EMIT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local sid = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'f', ARGV[3])
-if ARGV[6] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', ARGV[6]) end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[3], sid, 'NX')
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call(ARGV[5], KEYS[4], sid .. '\\n' .. ARGV[3] .. sid .. '"}')
-return 1
+local added, first, at = 0, nil, 6
+for i = 4, #KEYS do
+  local count = tonumber(ARGV[at])
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+    for j = at + 1, at + count do
+      local sid = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'f', ARGV[j])
+      redis.call(ARGV[4], KEYS[3], sid .. '\\n' .. ARGV[j] .. sid .. '"}')
+      first = first or sid
+      added = added + 1
+    end
+  end
+  at = at + count + 1
+end
+if added == 0 then return 0 end
+if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], first, 'NX')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return added
 """
 
 # A `rate` condition's window: the ids of the messages it counted, scored by
@@ -282,6 +297,11 @@ def message_frame_head(envelope: Envelope) -> str:
     if envelope.rules and envelope.rules.get("tags"):
         frame["tags"] = envelope.rules["tags"]  # a rule's `tag` action
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"offset":"'
+
+
+# JSON as message frames carry it: compact, UTF-8 left as it is. One encoder
+# made once: json.dumps with any option makes a new one at every call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def status_frame(envelope: Envelope, status: str) -> str:
@@ -473,6 +493,23 @@ class Store:
             pipe.execute()
         return [status for status, _changed in replies]
 
+    def mark_rejected(self, rejected: list[tuple[Envelope, str]]) -> None:
+        """Record messages a rule blocked, (envelope, rule) each, as `rejected` naming the rule,
+        in one round trip; each still has to pass its channel's order gate (`skip`)."""
+        calls = []
+        for envelope, rule in rejected:
+            fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
+            fields.update(error=f"blocked by rule {rule}", rule=rule)
+            call = self._status_call(envelope, "rejected", fields, envelope.origin)
+            calls.append((self._set_status, call["keys"], call["args"]))
+        replies = self._run_scripts(calls)
+        if self.cluster and any(changed == "1" for _status, changed in replies):
+            pipe = self.redis.pipeline(transaction=False)
+            for (envelope, _rule), (_status, changed) in zip(rejected, replies):
+                if changed == "1":
+                    self._publish_status(envelope, "rejected", envelope.origin, pipe)
+            pipe.execute()
+
     def deliver(self, envelopes: list[Envelope], *, force: bool = False) -> list[tuple[str, str, str]]:
         """Pass each record through its channel's order gate, in order, and deliver it once.
 
@@ -513,34 +550,42 @@ class Store:
         # its outcome: a duplicate or skipped record may be the second run of a
         # task whose worker died before this step; each effect's marker keeps
         # it to once (_EMIT).
-        calls = []
+        by_channel: dict[str, tuple[list[str], list]] = {}  # target: (markers, [count, heads...] each)
+
+        def emit(channel: str, marker: str, heads: list[str]) -> None:
+            markers, args = by_channel.setdefault(channel, ([], []))
+            markers.append(self.keys.done(f"{marker}:{channel}", channel))
+            args += [len(heads), *heads]
+
+        alerts = self.settings.rules_alert_channel
+        alert_head = f'{{"op":"message","channel":{_dumps(alerts)},"id":'
         for envelope, (result, _sid, _forced) in zip(envelopes, results):
             decision = envelope.rules
             if result == "wait" or not decision or not ("alert" in decision or "route" in decision):
                 continue
-            for rule in decision.get("alert", ()):
-                alert = Envelope(id=f"{envelope.id}:alert:{rule}", channel=self.settings.rules_alert_channel,
-                                 type="rule.alert", sender="herald", ts=int(time.time() * 1000),
-                                 data={"rule": rule, "blocked": decision.get("block") == rule,
-                                       "matched": decision.get("matched", []),
-                                       "message": {name: getattr(envelope, name) for name in MESSAGE_FIELDS}})
-                calls.append(self._emit_call(alert, alert.id))
-            for _rule, target in decision.get("route", ()):
-                if decision.get("block"):
-                    break
-                calls.append(self._emit_call(replace(envelope, channel=target), f"{envelope.id}:route"))
-        if calls:
-            self._run_scripts(calls)
+            if "alert" in decision:
+                # What every alert of this message repeats is encoded once.
+                message = _dumps({name: getattr(envelope, name) for name in MESSAGE_FIELDS})
+                tail = (f'"matched":{_dumps(decision.get("matched", []))},"message":{message}}},'
+                        f'"sender":"herald","ts":{int(time.time() * 1000)},"offset":"')
+                emit(alerts, f"{envelope.id}:alerts", [
+                    f'{alert_head}{_dumps(f"{envelope.id}:alert:{rule}")},"type":"rule.alert",'
+                    f'"data":{{"rule":{_dumps(rule)},'
+                    f'"blocked":{"true" if decision.get("block") == rule else "false"},{tail}'
+                    for rule in decision["alert"]])
+            if not decision.get("block"):
+                for _rule, target in decision.get("route", ()):
+                    emit(target, f"{envelope.id}:route", [message_frame_head(replace(envelope, channel=target))])
+        if by_channel:
+            self._run_scripts([self._emit_call(channel, markers, args)
+                               for channel, (markers, args) in by_channel.items()])
 
-    def _emit_call(self, envelope: Envelope, marker: str) -> tuple:
-        channel = envelope.channel
+    def _emit_call(self, channel: str, markers: list[str], frames: list) -> tuple:
         maxlen, max_age = self.settings.retention(channel)
         oldest = f"{int((time.time() - max_age) * 1000)}-0" if max_age else ""
-        keys = [self.keys.done(f"{marker}:{channel}", channel), self.keys.history(channel),
-                self.keys.epoch(channel), self.keys.message_channel(channel)]
-        return (self._emit, keys, [self.settings.status_ttl, maxlen, message_frame_head(envelope),
-                                   self.settings.channel_idle_ttl, "SPUBLISH" if self.cluster else "PUBLISH",
-                                   oldest])
+        keys = [self.keys.history(channel), self.keys.epoch(channel), self.keys.message_channel(channel), *markers]
+        return (self._emit, keys, [self.settings.status_ttl, maxlen, self.settings.channel_idle_ttl,
+                                   "SPUBLISH" if self.cluster else "PUBLISH", oldest, *frames])
 
     def count_in_window(self, key: str, per: float, member: str, *, record: bool = True) -> int:
         """How many messages a `rate` window of `per` seconds at `key` holds up to `member`,

@@ -189,7 +189,11 @@ def rules_test_command(path, message):
             raise ValueError("not an object")
         envelope = parse_publish({k: v for k, v in body.items() if k != "sender"},
                                  sender=str(body.get("sender", "cli")))
-    except (ValueError, ValidationError) as exc:
+    except ValidationError as exc:
+        for error in exc.errors:
+            click.echo(f"{error['field'] or 'MESSAGE'}: {error['problem']}", err=True)
+        raise click.ClickException(f"MESSAGE is not a message: {exc}") from None
+    except ValueError as exc:
         raise click.ClickException(f"MESSAGE is not a message: {exc}") from None
     settings = _settings()
     click.echo(json.dumps(dry_run(rules.compile_set(doc, 0, settings.rules_timezone), envelope)))

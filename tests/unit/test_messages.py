@@ -101,3 +101,12 @@ def test_data_that_cannot_be_encoded_is_a_400(data):
         parse_publish({"channel": "c", "data": data}, sender="x")
     assert info.value.status == 400 and info.value.errors == [{"field": "data",
                                                                "problem": "not encodable as UTF-8 JSON"}]
+
+
+def test_with_rules_is_replace_of_rules_alone():
+    # Every field set to something other than its default: a field added after
+    # `rules`, or out of order, would land in the wrong place.
+    envelope = Envelope(**{f.name: f"v-{f.name}" for f in dataclasses.fields(Envelope)})
+    got = envelope.with_rules({"v": 3})
+    assert got == dataclasses.replace(envelope, rules={"v": 3})
+    assert envelope.rules == "v-rules"

@@ -105,12 +105,44 @@ def test_each_field_operator(test, data, expected):
     assert bool(decide(text, message(data))) is expected
 
 
+@pytest.mark.parametrize("data", [[5], 5, "5", None, {"x": None}, {"x": [5]}, {"y": 5}])
+def test_a_numeric_test_holds_only_for_a_number_at_its_field(data):
+    for test in ("gt: 0", "gte: 0", "lt: 10", "lte: 10"):
+        text = f"rule: {{id: r, condition: {{field: data.x, {test}}}, action: alert}}"
+        envelope = Envelope(id="m", channel="c", type="t", data=data, sender="s", ts=0)
+        assert decide(text, envelope) is None
+        assert decide(text, Envelope(id="m", channel="c", type="t", data={"x": 5}, sender="s", ts=0))
+        assert decide(text.replace("data.x", "data.x.y"), Envelope(id="m", channel="c", type="t",
+                                                                   data={"x": {"y": 5.5}}, sender="s", ts=0))
+
+
 def test_channel_glob_type_and_sender():
     text = "rule: {id: r, condition: {channel: 'pay:*', type: [payment, refund], sender: alice}, action: alert}"
     assert decide(text, message())
     assert decide(text, message(channel="chat:eu")) is None
     assert decide(text, message(mtype="message")) is None
     assert decide(text, message(sender="bob")) is None
+
+
+def test_rules_are_found_by_channel_and_type_and_a_nested_type_is_still_a_test():
+    text = """
+rules:
+  - {id: a, condition: {channel: 'pay:*', type: payment}, action: {tag: a}}
+  - {id: b, condition: {type: [refund, payment]}, action: {tag: b}}
+  - {id: c, condition: {any: [{type: chat}, {sender: bob}]}, action: {tag: c}}
+"""
+    rule_set = rules.compile_set(rules.load(text), 1)
+    context = rules.Context(time.time())
+    for _ in range(2):  # the second time from the remembered candidates
+        def tags(**kw):
+            decision = rule_set.evaluate(message(**kw), context)
+            return decision.tags if decision else []
+        assert tags() == ["a", "b"]
+        assert tags(channel="chat:eu") == ["b"]
+        assert tags(mtype="refund") == ["b"]
+        assert tags(mtype="chat") == ["c"]
+        assert tags(mtype="message") == []
+        assert tags(mtype="message", sender="bob") == ["c"]
 
 
 def test_all_any_not():
