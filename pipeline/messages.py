@@ -117,11 +117,15 @@ def field_errors(exc: PydanticError, prefix: tuple = ()) -> list[dict]:
     """A pydantic ValidationError as the API's `errors`: `{field, problem}` with the field's
     path (`messages[2].channel`)."""
     errors = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+    for error in exc.errors(include_url=False, include_input=False):
         path = ""
         for part in (*prefix, *error["loc"]):
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        errors.append({"field": path, "problem": _PROBLEMS.get(error["type"], error["msg"])})
+        if error["type"] == "string_pattern_mismatch":
+            problem = f"must match {error['ctx']['pattern'].strip('^$')}"
+        else:
+            problem = _PROBLEMS.get(error["type"], error["msg"])
+        errors.append({"field": path, "problem": problem})
     return errors
 
 

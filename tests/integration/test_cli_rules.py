@@ -105,7 +105,7 @@ def test_a_bad_file_is_refused_whole_naming_each_fault_by_its_path(flask_rules, 
     ('{"channel": "pay:x"', ["Error: MESSAGE is not a message: Expecting ',' delimiter: line 1 column 20 (char 19)"]),
     ("[1]", ["Error: MESSAGE is not a message: not an object"]),
     ('{"channel": "no spaces", "data": 1, "extra": 2}', [
-        "extra: unknown field", "channel: must match [A-Za-z0-9_:.@-]{1,200}",
+        "channel: must match [A-Za-z0-9_:.@-]{1,200}", "extra: unknown field",
         "Error: MESSAGE is not a message: The message has invalid fields"]),
     ('{"channel": "pay:x"}', ["data: required", "Error: MESSAGE is not a message: The message has invalid fields"]),
 ])
