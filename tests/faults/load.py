@@ -23,10 +23,12 @@ from tests.harness import wait_until
 
 
 class Publisher(threading.Thread):
-    """Posts `count` messages over `channels`, round-robin over web processes, at about `rate`/s."""
+    """Posts `count` messages over `channels`, round-robin over web processes, at about `rate`/s;
+    with `until`, goes on past `count` until that event is set (faults injected meanwhile
+    then all happen under load, however slow the machine)."""
 
     def __init__(self, webs, token: str, channels: list[str], count: int, rate: float = 100.0,
-                 give_up_after: float = 60.0, key_header: bool = False):
+                 give_up_after: float = 60.0, key_header: bool = False, until: threading.Event | None = None):
         super().__init__(daemon=True)
         self.webs, self.token, self.channels = webs, token, channels
         self.count, self.interval, self.give_up_after = count, 1.0 / rate, give_up_after
@@ -35,10 +37,12 @@ class Publisher(threading.Thread):
         self.accepted: dict[str, dict] = {}  # in publish order: each POST waits for the one before
         self.refused = collections.Counter()
         self.published = 0
+        self.until = until
 
     def run(self) -> None:
         next_at = time.monotonic()
-        for n in range(self.count):
+        n = -1
+        while (n := n + 1) < self.count or (self.until is not None and not self.until.is_set()):
             msg_id = f"{self.tag}-{n:05d}"
             body = {"channel": self.channels[n % len(self.channels)], "data": {"n": n}}
             headers = {"Idempotency-Key": msg_id} if self.key_header else {}
