@@ -65,3 +65,21 @@ def test_each_frame_the_hub_sends_matches_its_model(stack, web, channel):
 def test_a_frame_unlike_its_model_is_refused(frame):
     with pytest.raises(pydantic.ValidationError):
         frames.server_frame(frame)
+
+
+@pytest.mark.parametrize("frame, code, says", [
+    ({"op": "subscribe", "channel": "c", "colour": "red"}, "bad_frame", "colour: unknown field"),
+    ({"op": "subscribe", "channel": "c", "status": "yes"}, "bad_frame", "status:"),
+    ({"op": "unsubscribe"}, "bad_channel", "channel must match"),
+    ({"op": "ping", "extra": 1}, "bad_frame", "extra: unknown field"),
+    ({"op": "publish", "channel": "c", "data": 1, "id": 7}, "invalid_message", "invalid fields"),
+])
+def test_an_op_unlike_its_model_is_refused_naming_the_fault(web, token, frame, code, says):
+    client = web.ws(token)
+    client.recv()
+    client.send({**frame, "ref": "r"})
+    error = client.expect(lambda f: f["op"] == "error")
+    assert error["code"] == code and says in error["message"] and error["ref"] == "r", error
+    client.send({"op": "ping", "ref": "after"})
+    assert client.expect(lambda f: f["op"] == "pong")["ref"] == "after"  # the connection goes on
+    client.close()

@@ -20,7 +20,8 @@ Ref = Field(None, json_schema_extra=no_null_default, description="echoed in the 
 
 
 class _Frame(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"status": "yes"` is refused, not read as true.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- what a client sends --------------------------------------------------

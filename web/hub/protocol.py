@@ -15,13 +15,15 @@ import time
 import gevent
 import redis
 from flask import request
+from pydantic import ValidationError as PydanticError
 
 from pipeline.archive import ArchiveUnavailable
 from pipeline.errors import HeraldError, TransientError, ValidationError
-from pipeline.messages import dumps, loads, new_id, parse_publish, valid_channel
+from pipeline.messages import dumps, field_errors, loads, new_id, parse_publish
 from pipeline.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.store import stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
+from web.hub import frames
 from web.hub.batch import Batcher
 from web.hub.router import Subscription
 from web.hub.transport import WebSocket, wire_frame
@@ -40,6 +42,11 @@ CLOSE_TOO_LARGE = 4009
 CLOSE_RATE_LIMITED = 4029
 CONNECT_TIMEOUT = 10.0
 MAX_BAD_FRAMES = 5
+CHANNEL_PROBLEM = "channel must match [A-Za-z0-9_:.@-]{1,200}"
+SINCE_PROBLEM = "since is an offset from a message frame"
+# The ops a connected client sends, by name (`connect` comes first, or not at all).
+CLIENT_OPS = {"ping": frames.Ping, "subscribe": frames.Subscribe, "unsubscribe": frames.Unsubscribe,
+              "publish": frames.PublishOp}
 DROP_WAIT = 60.0  # seconds a closed client's cleanup waits for its op under way (bounded by Redis timeouts)
 
 
@@ -196,36 +203,40 @@ class Protocol:
         if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
             raise ValidationError("a frame is a JSON object with an op", title="bad_frame")
         op, ref = frame["op"], frame.get("ref")
+        if op == "connect":
+            raise ValidationError("already connected", title="bad_frame")
+        model = CLIENT_OPS.get(op)
+        if model is None:
+            raise ValidationError(f"unknown op {op!r}", title="bad_frame")
+        # The models of web/hub/frames.py, which the AsyncAPI document shows, validate.
+        try:
+            parsed = model.model_validate(frame)
+        except PydanticError as exc:
+            raise _refusal(op, field_errors(exc)) from None
         if op == "ping":
             client.send(_with_ref({"op": "pong"}, ref))
         elif op == "subscribe":
-            self._subscribe(client, frame, ref)
+            self._subscribe(client, parsed, ref)
         elif op == "unsubscribe":
-            channel = _channel(frame)
-            self._unsubscribe(client, channel)
-            client.send(_with_ref({"op": "unsubscribed", "channel": channel}, ref))
-        elif op == "publish":
-            self._publish(client, frame, ref)
-        elif op == "connect":
-            raise ValidationError("already connected", title="bad_frame")
+            self._unsubscribe(client, parsed.channel)
+            client.send(_with_ref({"op": "unsubscribed", "channel": parsed.channel}, ref))
         else:
-            raise ValidationError(f"unknown op {op!r}", title="bad_frame")
+            self._publish(client, parsed, ref)
 
     # -- subscribe and resume -------------------------------------------------
-    def _subscribe(self, client: Client, frame: dict, ref) -> None:
-        channel = _channel(frame)
+    def _subscribe(self, client: Client, frame: frames.Subscribe, ref) -> None:
+        channel = frame.channel
         if not client.identity.may_subscribe(channel):
             raise ValidationError(f"this token may not subscribe to {channel}", status=403, title="forbidden")
         limit = self.settings.ws_max_subscriptions
         if channel not in client.subscriptions and len(client.subscriptions) >= limit:
             raise ValidationError(f"at most {limit} subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)",
                                   title="too_many_subscriptions")
-        since = frame.get("since")
-        if since is not None and not valid_stream_id(since):
-            raise ValidationError("since is an offset from a message frame", title="bad_frame")
+        since = frame.since
+        if since is not None and not valid_stream_id(since):  # each part below 2**64, as Redis requires
+            raise ValidationError(SINCE_PROBLEM, title="bad_frame")
         size = self._replay_page()
-        sub = Subscription(client.ws, status=frame.get("status") is True, presence=frame.get("presence") is True,
-                           hold=size)
+        sub = Subscription(client.ws, status=frame.status, presence=frame.presence, hold=size)
         names = self.router.names(channel, sub)
         # The resume seam. Registered first, the subscription holds live
         # frames; then Redis confirms the SUBSCRIBE of the channel's pub/sub
@@ -312,14 +323,13 @@ class Protocol:
             self.presence.leave(client, channel)
 
     # -- publish --------------------------------------------------------------
-    def _publish(self, client: Client, frame: dict, ref) -> None:
-        body = {k: v for k, v in frame.items() if k not in ("op", "ref")}
-        envelope = parse_publish(body, sender=client.identity.user)
+    def _publish(self, client: Client, frame: frames.PublishOp, ref) -> None:
+        envelope = parse_publish(frame, sender=client.identity.user)
         if not client.identity.may_publish(envelope.channel):
             raise ValidationError(f"this token may not publish to {envelope.channel}", status=403,
                                   title="forbidden")
         try:
-            answer = self.services.ingest.publish(envelope, idempotent="id" in body,
+            answer = self.services.ingest.publish(envelope, idempotent=frame.id is not None,
                                                   origin=f"{self.hub.node}/{client.id}", request_id=new_id())
         except ValidationError:
             raise
@@ -380,11 +390,17 @@ def _parse(raw):
         return None
 
 
-def _channel(frame: dict) -> str:
-    channel = frame.get("channel")
-    if not valid_channel(channel):
-        raise ValidationError("channel must match [A-Za-z0-9_:.@-]{1,200}", title="bad_channel")
-    return channel
+def _refusal(op: str, errors: list[dict]) -> ValidationError:
+    """The error an op whose frame breaks its model gets: `bad_channel`, the message's
+    `invalid_message` (as HTTP's 422), or `bad_frame` naming each fault."""
+    fields = {error["field"] for error in errors}
+    if "channel" in fields:
+        return ValidationError(CHANNEL_PROBLEM, title="bad_channel")
+    if op == "publish":
+        return ValidationError("The message has invalid fields", errors)
+    if fields == {"since"}:
+        return ValidationError(SINCE_PROBLEM, title="bad_frame")
+    return ValidationError("; ".join(f"{e['field']}: {e['problem']}" for e in errors), title="bad_frame")
 
 
 def _with_ref(frame: dict, ref) -> dict:
