@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gevent
-import pytest
 
 from web.hub.batch import Batcher
 
