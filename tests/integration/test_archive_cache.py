@@ -216,7 +216,9 @@ def test_a_database_that_is_down_is_unavailable_for_archive_reads_while_cached_r
 
 def test_a_cache_redis_that_is_down_degrades_to_one_archive_read_per_process(rig):
     envelope, = _archive(rig)
-    rig.reader.delay = 0.05
+    # Long enough that all 30 readers, released together, arrive while the one read
+    # is under way, however loaded the machine (0.05 s saw a second read then).
+    rig.reader.delay = 0.5
     dead = redis.Redis(host="127.0.0.1", port=embedded.free_port(), decode_responses=True,
                        socket_connect_timeout=0.5)
     cache = MessageCache(rig.settings, dead, Bloom(dead, Keys(rig.settings.redis_prefix), 1000, 0.01), rig.reader)
