@@ -7,8 +7,8 @@ HERALD_TRUSTED_PROXIES), against the group's two limits of
 HERALD_RATE_LIMITS; both apply. Health checks, metrics, the WebSocket, the
 demo page and CORS preflights are never limited.
 
-Counters are fixed windows that start at a key's first hit: one Lua call
-(INCRBY, EXPIRE) per limit per request, on the process's Redis client (TLS,
+Counters are fixed windows that start at a key's first hit: a request's
+counters are counted in one Lua call (INCRBY, EXPIRE each), on the process's Redis client (TLS,
 pool and Redis Cluster included), under `<prefix>:ratelimit:`. While Redis
 does not answer, each process counts in its own memory (one warning when
 that starts, one line when Redis is back): a limit then holds per process,
@@ -23,8 +23,9 @@ import math
 import time
 
 import redis
-from flask import Flask, g, request
+from flask import Flask, g, has_request_context, request
 from flask_limiter import Limit, Limiter, RateLimitExceeded
+from limits import parse_many
 from limits.storage import RedisStorage, Storage
 
 from pipeline.settings import RATE_LIMIT_GROUPS
@@ -50,6 +51,20 @@ GROUPS = {
 # (HERALD_WS_RATE and the connection caps), the demo page is static.
 UNLIMITED = frozenset({"ops.healthz", "ops.readyz", "ops.metrics", "websocket", "index", "static"})
 STORAGE_SCHEME = "herald+redis"
+# limits' fixed-window counter (incr_expire.lua: INCRBY, and EXPIRE on a new window)
+# for several keys at once: a request's token and address counters in one round trip.
+INCR_MANY = """
+local counts = {}
+for i, key in ipairs(KEYS) do
+  local amount = tonumber(ARGV[2 * i])
+  local current = redis.call("incrby", key, amount)
+  if current == amount then
+    redis.call("expire", key, ARGV[2 * i - 1])
+  end
+  counts[i] = current
+end
+return counts
+"""
 
 
 class SharedRedisStorage(RedisStorage):
@@ -78,6 +93,24 @@ class SharedRedisStorage(RedisStorage):
     def lua_incr_expire(self):
         """The counter's script (registered lazily: registering computes its sha only)."""
         return self.storage.register_script(self.SCRIPT_INCR_EXPIRE)
+
+    @functools.cached_property
+    def lua_incr_many(self):
+        """INCR_MANY: several counters in one call."""
+        return self.storage.register_script(INCR_MANY)
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        """The counter after this hit: the one `incr_many` already counted for this request
+        (init_app's `count_together`), else one call of its own."""
+        counted = g.get("rate_counts") if has_request_context() else None
+        if counted and (key, expiry, amount) in counted:
+            return counted.pop((key, expiry, amount))
+        return super().incr(key, expiry, amount)
+
+    def incr_many(self, hits: list[tuple[str, int, int]]) -> list[int]:
+        """Count several (key, expiry, amount) hits in one round trip, each as `incr` would."""
+        keys = [self.prefixed_key(key) for key, _, _ in hits]
+        return [int(n) for n in self.lua_incr_many(keys, [v for _, expiry, amount in hits for v in (expiry, amount)])]
 
     @functools.cached_property
     def lua_clear_keys(self):
@@ -123,6 +156,32 @@ def init_app(app: Flask, services) -> Limiter | None:
         # A bad or missing token is answered 401 by the view, counted by its address
         # alone; with HERALD_AUTH=off every caller is the one "anonymous".
         return not settings.auth or isinstance(identify(), AuthError)
+
+    # The limits of each group, parsed once (flask-limiter parses them per request).
+    items = {name: tuple(parse_many(limit) if limit else () for limit in limits) for name, limits in table.items()}
+
+    @app.before_request
+    def count_together():
+        # flask-limiter counts each limit in a call of its own, one after the other.
+        # Here every counter of the request goes in one call first, and the storage
+        # answers flask-limiter's calls from it (SharedRedisStorage.incr): one round
+        # trip, not two. It cannot span slots of a Redis Cluster, nor the in-memory
+        # counting of an outage: flask-limiter's own calls do those. Both counters
+        # count every request: one its user's limit refuses still spends its address's budget.
+        name = group_of(request.endpoint)
+        if name is None or request.method == "OPTIONS" or settings.redis_cluster:
+            return
+        if limiter.limiter.storage is not limiter.storage:
+            return
+        token_items, address_items = items[name]
+        hits = [] if no_user() else [(item.key_for(token_key(), name), item.get_expiry(), 1) for item in token_items]
+        hits += [(item.key_for(address_key(), name), item.get_expiry(), 1) for item in address_items]
+        if len(hits) < 2:
+            return
+        try:
+            g.rate_counts = dict(zip(hits, limiter.storage.incr_many(hits)))
+        except redis.RedisError:
+            pass  # flask-limiter's own calls meet the outage, and fall back
 
     limiter = Limiter(
         address_key,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -85,14 +86,46 @@ def test_each_user_has_a_budget_and_their_address_one_for_all(stack, limited, ch
     # read: 3 a minute per user, 5 per address.
     assert [get(web1, path, shared, alice_token)[0] for _ in range(3)] == [200] * 3
     assert_too_many(get(web2, path, shared, alice_token), 3, "this token's user")
-    # Refused by her user's limit, alice did not spend the address's budget: bob has 2 of its 5 left.
-    assert [get(web2, path, shared, bob_token)[0] for _ in range(2)] == [200] * 2
+    # Every request spends its address's budget, the one her user's limit refused too:
+    # bob has 1 of its 5 left.
+    assert get(web2, path, shared, bob_token)[0] == 200
     assert_too_many(get(web1, path, shared, bob_token), 5, "this client address")
     # Another address has its own budget; a user's follows them to it, whichever token they hold.
     assert get(web1, path, other, stack.token(user()))[0] == 200
     assert_too_many(get(web1, path, other, stack.token(alice, ttl=600)), 3, "this token's user")
     # A bad token is answered 401 and counted by its address alone.
     assert get(web2, path, address(), "not-a-token")[0] == 401
+
+
+def test_a_request_counts_both_its_limits_in_one_round_trip(stack, limited, channel):
+    client, name = address(), user()
+    token = stack.token(name)
+    watcher = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    counted, listening, stop = [], threading.Event(), threading.Event()
+
+    def watch():
+        with watcher.monitor() as monitor:
+            listening.set()
+            for command in monitor.listen():  # the stack's own traffic wakes it up
+                text = command["command"]  # a script's own commands show too: only calls count
+                if text.startswith(("EVAL", "SCRIPT")) and (f"addr:{client}" in text or f"user:{name}" in text):
+                    counted.append(command["command"])
+                if stop.is_set():
+                    return
+
+    for web in limited:  # each process's script is loaded by now
+        get(web, f"/api/v1/channels/{channel}/presence", address(), stack.token(user()))
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert listening.wait(10)
+    for web in limited:
+        assert get(web, f"/api/v1/channels/{channel}/presence", client, token)[0] == 200
+    wait_until(lambda: len(counted) >= 2, 10, what="the counters' calls")
+    stop.set()
+    thread.join(10)
+    # One call per request, each counting the user and the address together.
+    assert len(counted) == 2, counted
+    assert all(f"addr:{client}" in command and f"user:{name}" in command for command in counted), counted
 
 
 def test_health_metrics_the_demo_page_and_websockets_are_never_limited(stack, limited):
