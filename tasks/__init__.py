@@ -221,7 +221,7 @@ def _setup_logging(**_kwargs):
 
 @celery_app.task(name="process_message", bind=True, max_retries=settings.retry_max)
 def process_message(self, wire: list[dict]) -> dict:
-    """Process a batch of one partition's messages (`Envelope.to_wire()` each), in order;
+    """Process a batch of messages (`Envelope.to_wire()` each; each partition's in offset order);
     retried from the first failure."""
     envelopes = [Envelope.from_wire(w) for w in wire]
     final = self.request.retries >= self.max_retries

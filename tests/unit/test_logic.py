@@ -254,7 +254,8 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_
     bridge.handle([Record(2, 3, "c2")])
     assert scans == [{0: 5, 1: 9}, {2: 3}]
     # A poll's batches go into the in-flight index in one round trip, before any is sent.
-    assert tracked == [["m0-5", "m0-6", "m1-10", "m1-9"], ["m2-3"]] and len(sent) == 3
+    # One task per poll (pack_tasks), its partitions each in offset order.
+    assert tracked == [["m0-5", "m0-6", "m1-10", "m1-9"], ["m2-3"]] and len(sent) == 2
     prev = {w["id"]: w.get("prev") for batch in sent for w in batch}
     assert prev == {"m0-5": None, "m0-6": 5, "m1-9": 8, "m1-10": 9, "m2-3": None}
 
@@ -270,7 +271,7 @@ def test_a_batch_is_one_log_line_naming_its_messages(caplog):
         _processor(lambda envelopes, force=False: results).run(batch, final_attempt=False)
     (record,) = [r for r in caplog.records if r.name == "herald.processing"]
     assert record.delivered_ids == [f"m{n}" for n in range(49)] and record.duplicate_ids == ["m49"]
-    assert record.partition == 2 and record.offsets == [10, 59]
+    assert record.partitions == {2: [10, 59]}
 
 
 def test_a_batch_is_recorded_in_redis_in_one_round_trip_with_the_answers_of_its_claimed_ids(caplog):

@@ -1,0 +1,26 @@
+"""How the bridge hands records over to the workers (issue 11: end-to-end latency):
+pure logic, with a fake consumer and store."""
+
+from __future__ import annotations
+
+from pipeline.bridge import pack_tasks
+
+
+def test_a_poll_of_several_partitions_is_one_task_in_each_partitions_order():
+    records = [(0, "a0"), (1, "b0"), (2, "c0"), (0, "a1")]
+    assert list(pack_tasks(records, 100)) == [["a0", "a1", "b0", "c0"]]
+
+
+def test_tasks_hold_at_most_a_batch_and_never_reorder_a_partition():
+    records = [(p, f"{p}:{n}") for n in range(5) for p in (0, 1, 2)]  # 15 records, 5 per partition
+    tasks = list(pack_tasks(records, 4))
+    assert all(0 < len(task) <= 4 for task in tasks)
+    flat = [record for task in tasks for record in task]
+    assert sorted(flat) == sorted(r for _, r in records)
+    for partition in (0, 1, 2):
+        mine = [r for r in flat if r.startswith(f"{partition}:")]
+        assert mine == [f"{partition}:{n}" for n in range(5)]
+
+
+def test_pack_tasks_of_nothing_is_no_task():
+    assert list(pack_tasks([], 100)) == []
