@@ -70,6 +70,7 @@ def run(base: str, token: str, rate: float, duration: float, channels: int, send
                     latencies.append(now - started)
 
     counts = {"accepted": 0, "rejected": 0, "errors": 0}
+    ids: dict[str, str] = {}  # key -> message id, of each accepted message
     interval = senders / rate
     deadline = time.perf_counter() + duration
 
@@ -87,9 +88,11 @@ def run(base: str, token: str, rate: float, duration: float, channels: int, send
                 conn.request("POST", "/api/v1/messages", body, {"Content-Type": "application/json",
                                                                 "Authorization": f"Bearer {token}"})
                 resp = conn.getresponse()
-                resp.read()
+                raw = resp.read()
                 with lock:
                     counts["accepted" if resp.status == 202 else "rejected"] += 1
+                    if resp.status == 202:
+                        ids[key] = json.loads(raw)["id"]
             except (OSError, http.client.HTTPException):
                 with lock:
                     counts["errors"] += 1
@@ -114,6 +117,8 @@ def run(base: str, token: str, rate: float, duration: float, channels: int, send
     stop_reading.set()
     read_thread.join(3)
     sock.close()
+    # A message accepted and never seen must be explained: what Herald says of it.
+    missing = [_status(parts, token, ids[key]) for key in list(ids) if key not in received][:20]
     return {
         "target_rate": rate, "seconds": round(elapsed, 1), **counts,
         "accepted_per_s": round(counts["accepted"] / elapsed, 1),
@@ -121,7 +126,22 @@ def run(base: str, token: str, rate: float, duration: float, channels: int, send
         "latency_ms_p50": round(percentile(latencies, 50) * 1000, 1),
         "latency_ms_p95": round(percentile(latencies, 95) * 1000, 1),
         "latency_ms_p99": round(percentile(latencies, 99) * 1000, 1),
+        **({"missing": missing} if missing else {}),
     }
+
+
+def _status(parts, token: str, msg_id: str) -> dict:
+    """GET /api/v1/messages/{id}: its status, attempts and error."""
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=10)
+    try:
+        conn.request("GET", f"/api/v1/messages/{msg_id}", headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        body = json.loads(resp.read() or b"{}")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return {"id": msg_id, "error": str(exc)}
+    finally:
+        conn.close()
+    return {"id": msg_id, "http": resp.status, **{k: body.get(k) for k in ("channel", "status", "attempts", "error")}}
 
 
 def main() -> None:
