@@ -15,6 +15,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from pipeline.errors import TransientError
 from pipeline.messages import Envelope
 
+BIGINT_MAX = (1 << 63) - 1
+
 metadata = MetaData()
 
 messages = Table(
@@ -140,6 +142,14 @@ def stream_id_parts(sid: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _bounded(sid: str) -> tuple[int, int]:
+    # A client's offset may hold parts up to 2**64 - 1 (Redis takes them); the
+    # columns are signed 64-bit, and SQLite refuses a larger value outright (a 500
+    # schemathesis found). No stored id comes near 2**63, so the largest column
+    # value orders the same way against every row.
+    return tuple(min(part, BIGINT_MAX) for part in stream_id_parts(sid))
+
+
 def _reading(method):
     # Every read failure is one error the web turns into a 503 with Retry-After.
     def wrapped(self, *args, **kwargs):
@@ -179,7 +189,7 @@ class ArchiveReader:
         """Up to `limit` message frames of the channel after offset `since`, oldest first."""
         position = tuple_(messages.c.stream_ms, messages.c.stream_seq)
         query = (select(messages).where(messages.c.channel == channel, messages.c.stream_ms.is_not(None),
-                                        position > tuple_(*stream_id_parts(since)))
+                                        position > tuple_(*_bounded(since)))
                  .order_by(messages.c.stream_ms, messages.c.stream_seq).limit(limit))
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
@@ -191,7 +201,7 @@ class ArchiveReader:
     def holds(self, channel: str, until: str) -> bool:
         """Whether the archive still has a message of the channel at or before offset `until`:
         then pruning has taken nothing after it."""
-        ms, seq = stream_id_parts(until)
+        ms, seq = _bounded(until)
         query = select(messages.c.id).where(
             messages.c.channel == channel, messages.c.stream_ms.is_not(None),
             or_(messages.c.stream_ms < ms, and_(messages.c.stream_ms == ms, messages.c.stream_seq <= seq))).limit(1)

@@ -124,6 +124,7 @@ class Contract:
         # authenticate(level) -> identity, raising for a missing or bad token ("token" or "admin").
         self._authenticate = authenticate
         self.operations: list[Operation] = []
+        self._document: tuple | None = None
 
     def operation(self, blueprint: Blueprint | Any, method: str, rule: str, *, summary: str,
                   description: str | None = None, auth: str = "token", body: type[BaseModel] | None = None,
@@ -167,8 +168,15 @@ class Contract:
 
         return register
 
-    def document(self, *, title: str, version: str, description: str, extra_paths: dict | None = None) -> dict:
-        """The OpenAPI 3.1 document of every registered operation."""
+    def document(self, *, title: str, version: str, description: str) -> dict:
+        """The OpenAPI 3.1 document of every registered operation (built once per set of
+        operations: they are all declared at import)."""
+        key = (title, version, description, len(self.operations))
+        if self._document is None or self._document[0] != key:
+            self._document = (key, self._build(title, version, description))
+        return self._document[1]
+
+    def _build(self, title: str, version: str, description: str) -> dict:
         models = {}
         for op in self.operations:
             if op.body is not None:
@@ -184,8 +192,6 @@ class Contract:
         paths: dict[str, dict] = {}
         for op in self.operations:
             paths.setdefault(op.path, {})[op.method.lower()] = self._operation_doc(op, names)
-        for path, item in (extra_paths or {}).items():
-            paths.setdefault(path, {}).update(item)
         return {
             "openapi": "3.1.0",
             "info": {"title": title, "version": version, "description": description},
