@@ -129,9 +129,10 @@ def field_errors(exc: PydanticError, prefix: tuple = ()) -> list[dict]:
     return errors
 
 
-def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> Envelope:
+def parse_publish(body, *, sender: str, idempotency_key: str | None = None,
+                  max_bytes: int | None = None) -> Envelope:
     """Validate one client message (a dict, or a `Publish` already validated) and return its
-    envelope, or raise ValidationError."""
+    envelope, or raise ValidationError; with `max_bytes`, a message whose JSON is larger is a 413."""
     if not isinstance(body, Publish):
         try:
             body = Publish.model_validate(body)
@@ -141,15 +142,26 @@ def parse_publish(body, *, sender: str, idempotency_key: str | None = None) -> E
         raise ValidationError("The message has invalid fields",
                               [{"field": "id", "problem": "differs from the Idempotency-Key header"}])
     try:
-        # Refused here, before any idempotency claim: a lone surrogate ("\\ud800")
+        # Refused here, before any idempotency claim: a lone surrogate ("\ud800")
         # or NaN would fail only when the record is encoded (issue 8: a 500 then).
-        dumps(body.data).encode()
+        size = len(dumps(body.data).encode())
     except (ValueError, RecursionError):
         raise ValidationError("data cannot be encoded as UTF-8 JSON (lone surrogate, NaN or Infinity)",
                               [{"field": "data", "problem": "not encodable as UTF-8 JSON"}], status=400,
                               title="Unencodable data") from None
+    # The other fields are ASCII by their patterns: their JSON is their length and the punctuation.
+    if max_bytes is not None:
+        size += _FRAME + len(body.channel) + len(body.type) + (_ID_FRAME + len(body.id) if body.id else 0)
+        if size > max_bytes:
+            raise ValidationError("The message is larger than HERALD_MAX_MESSAGE_BYTES", status=413,
+                                  title="Payload too large")
     return Envelope(id=body.id or idempotency_key or new_id(), channel=body.channel, type=body.type,
                     data=body.data, sender=sender, ts=now_ms())
+
+
+# The bytes of the message's JSON around the fields' values.
+_FRAME = len('{"channel":"","data":,"type":""}')
+_ID_FRAME = len(',"id":""')
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,8 @@ def channel():
 
 @pytest.fixture(scope="session")
 def spare_redis_url(tmp_path_factory):
-    """A Redis of its own for tests of one process's start-up, which gets that far only with Redis answering."""
+    """A Redis apart from the shared stack's: for tests of one process's start-up, which gets that
+    far only with Redis answering, and tests whose keys have a prefix of their own."""
     server = embedded.redis_server(embedded.free_port(), str(tmp_path_factory.mktemp("spare-redis") / "redis.log"))
     server.start()
     try:

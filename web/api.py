@@ -13,7 +13,7 @@ from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ingest import IdempotencyConflict, accepted_fields
 from pipeline.messages import Envelope, Publish, dumps, parse_publish
 from web.auth import AuthError, Identity, bearer, verify
-from web.openapi import STANDARD, Answer, Contract
+from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import from_validation, problem, problem_body
 from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
                          DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, Presence,
@@ -83,9 +83,10 @@ def redis_down(exc: redis.RedisError):
     return problem(503, "Redis is unreachable; retry later", slug="redis-unavailable", headers={"Retry-After": "5"})
 
 
-def checked_message(body: Publish, identity: Identity, idempotency_key: str | None) -> tuple[Envelope, bool]:
+def checked_message(body: Publish, identity: Identity, idempotency_key: str | None,
+                    max_bytes: int | None = None) -> tuple[Envelope, bool]:
     """The envelope of a validated message, once the caller may publish it; returns (envelope, idempotent)."""
-    envelope = parse_publish(body, sender=identity.user, idempotency_key=idempotency_key)
+    envelope = parse_publish(body, sender=identity.user, idempotency_key=idempotency_key, max_bytes=max_bytes)
     if not identity.may_publish(envelope.channel):
         raise ValidationError(f"This token may not publish to {envelope.channel}", status=403,
                               title="Forbidden")
@@ -149,10 +150,8 @@ def publish_batch(identity: Identity, body: Batch):
     envelopes, flags, slots = [], [], []
     for index, item in enumerate(items):
         try:
-            envelope, idempotent = checked_message(item, identity, None)  # encodable from here on
-            if len(dumps(item.model_dump(exclude_none=True)).encode()) > settings.max_message_bytes:
-                raise ValidationError("The message is larger than HERALD_MAX_MESSAGE_BYTES", status=413,
-                                      title="Payload too large")
+            # Encodable and within HERALD_MAX_MESSAGE_BYTES from here on.
+            envelope, idempotent = checked_message(item, identity, None, settings.max_message_bytes)
         except ValidationError as exc:
             results[index] = problem_body(exc.status, exc.detail, title=exc.title, errors=exc.errors)
             continue
@@ -289,16 +288,12 @@ def read_rules(text: str | bytes, media_type: str) -> dict:
                                for e in exc.errors], status=422, title="Invalid rule set") from None
 
 
-def rules_body(limit: int = 1024 * 1024) -> tuple[bytes, str]:
+def rules_body() -> tuple[bytes, str]:
     """The raw body of a rule set request and its media type (YAML or JSON)."""
     if request.mimetype not in RULE_TYPES:
         raise ValidationError("Send the rule set as application/yaml or application/json", status=415,
                               title="Unsupported media type")
-    raw = request.get_data(cache=False)
-    if len(raw) > limit:
-        raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
-                              title="Payload too large")
-    return raw, request.mimetype
+    return read_body(services().settings.max_batch_bytes), request.mimetype
 
 
 # A rule set as a document (YAML or JSON); pipeline/rules.py checks what is in each rule.

@@ -99,11 +99,8 @@ def _validate(model: type[BaseModel], values: dict, where: str):
                               title="Bad request") from None
 
 
-def read_json(limit: int):
-    """The request's JSON body, after checking its media type and size (415, 413, 400)."""
-    mimetype = request.mimetype
-    if mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise ValidationError("Send the body as application/json", status=415, title="Unsupported media type")
+def read_body(limit: int) -> bytes:
+    """The request's raw body, refused (413) past `limit` bytes, from its Content-Length before reading."""
     if request.content_length is not None and request.content_length > limit:
         raise ValidationError(f"The body is {request.content_length} bytes; the limit is {limit}",
                               status=413, title="Payload too large")
@@ -111,6 +108,15 @@ def read_json(limit: int):
     if len(raw) > limit:
         raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
                               title="Payload too large")
+    return raw
+
+
+def read_json(limit: int):
+    """The request's JSON body, after checking its media type and size (415, 413, 400)."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ValidationError("Send the body as application/json", status=415, title="Unsupported media type")
+    raw = read_body(limit)
     try:
         return loads(raw)
     except (ValueError, RecursionError) as exc:

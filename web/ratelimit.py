@@ -186,8 +186,8 @@ def init_app(app: Flask, services) -> Limiter | None:
     limiter = Limiter(
         address_key,
         default_limits=[
-            # Token first: for windows of one length, a request its user's limit
-            # refused does not use up its address's budget.
+            # The user's limit, then the address's (count_together has usually
+            # counted both in one call already).
             Limit(lambda: table[group()][0] or "", key_function=token_key, scope=lambda _: group(),
                   shared=True, exempt_when=no_user, error_message="token"),
             Limit(lambda: table[group()][1] or "", key_function=address_key, scope=lambda _: group(),

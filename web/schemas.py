@@ -222,10 +222,3 @@ class Ready(BaseModel):
     """Kafka and Redis answer."""
 
     status: Literal["ready"]
-
-
-class DevToken(BaseModel):
-    """A development token."""
-
-    token: str
-    user: str

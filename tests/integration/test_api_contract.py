@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Stack
+from web.openapi import openapi_path
 
 CONFIG = Path(__file__).resolve().parent.parent / "schemathesis.toml"
 
@@ -46,7 +47,7 @@ def test_every_route_is_declared_and_documented(api):
     routes = set()
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/api/v1/") and rule.endpoint not in ("api.openapi", "api.asyncapi"):
-            path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+            path = openapi_path(rule.rule)
             routes |= {(path, method.lower()) for method in rule.methods - {"HEAD", "OPTIONS"}}
     assert routes and routes <= declared, routes - declared
 

@@ -61,14 +61,10 @@ def database_url(request, tmp_path):
         admin.dispose()
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    server = embedded.redis_server(embedded.free_port(), str(tmp_path_factory.mktemp("cache-redis") / "redis.log"))
-    server.start()
-    try:
-        yield f"redis://127.0.0.1:{server.port}/0"
-    finally:
-        server.stop()
+@pytest.fixture
+def redis_url(spare_redis_url):
+    """A Redis apart from the shared stack's; each test's keys have a prefix of their own."""
+    return spare_redis_url
 
 
 def _settings(redis_url, database_url, **extra) -> Settings:

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from pipeline.errors import PermanentError, ValidationError
-from pipeline.messages import Envelope, channel_allowed, decode, encode, namespace, new_id, parse_publish
+from pipeline.messages import (Envelope, Publish, channel_allowed, decode, dumps, encode, namespace, new_id,
+                               parse_publish)
 
 
 def test_ids_are_unique_and_sortable_by_time():
@@ -110,3 +111,13 @@ def test_with_rules_is_replace_of_rules_alone():
     got = envelope.with_rules({"v": 3})
     assert got == dataclasses.replace(envelope, rules={"v": 3})
     assert envelope.rules == "v-rules"
+
+
+@pytest.mark.parametrize("body", [{"channel": "chat:x", "data": {"t": "é" * 10}, "id": "abc"},
+                                  {"channel": "c", "data": [1, 2], "type": "note"}])
+def test_max_bytes_is_the_size_of_the_messages_json_to_the_byte(body):
+    size = len(dumps(Publish.model_validate(body).model_dump(exclude_none=True)).encode())
+    assert parse_publish(body, sender="u", max_bytes=size).channel == body["channel"]
+    with pytest.raises(ValidationError) as refused:
+        parse_publish(body, sender="u", max_bytes=size - 1)
+    assert refused.value.status == 413
