@@ -155,7 +155,7 @@ class Bridge:
         self.unseeded: set[int] = set()  # assigned partitions whose first record has not come yet
         self.running = True
         self.store = dead_letters.store
-        self.next_sweep = time.monotonic() + settings.redispatch_after / 10
+        self.next_sweep = time.monotonic() + settings.sweep_interval
         self.next_lag = 0.0
         self.consumer = Consumer(consumer_config(settings))
 
@@ -239,7 +239,7 @@ class Bridge:
 
     def sweep(self) -> None:
         """Send again what was dispatched long ago and never finished (lost by the broker)."""
-        self.next_sweep = time.monotonic() + self.settings.redispatch_after / 10
+        self.next_sweep = time.monotonic() + self.settings.sweep_interval
         try:
             stale = self.store.stale_dispatched(self.settings.redispatch_after)
         except redis.RedisError as exc:

@@ -22,6 +22,8 @@ log = logging.getLogger("herald.processing")
 
 TERMINAL = {"delivered", "failed", "rejected"}
 ORDER_SPIN = 0.05  # seconds a worker waits in place for a channel's previous message
+ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again, at first
+ORDER_RECHECK_MAX = 1.0  # ... and at most, once it has waited ten times as long
 # Errors worth retrying: the services a message passes through were unreachable.
 RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 FORCED_ORDER = Counter("herald_forced_out_of_order_total",
@@ -174,15 +176,21 @@ class Processor:
         until they pass or ORDER_SPIN is over; returns (results, the transient error that
         stopped the wait or None).
 
-        Their predecessor is usually being processed by another worker right
-        now (the batch before in the same partition): a few milliseconds of
-        waiting here beat a round trip through the broker, but a worker slot
-        must not be held for long. The records go again in batch order, so a
-        channel's later record is tried only after its earlier one.
+        A record waiting for the first time usually waits for the batch
+        before it in the same partition, which another worker runs right now:
+        a few milliseconds of waiting here beat a round trip through the
+        broker, but a worker slot must not be held for long. A record back from
+        waiting is not held at all: its predecessor was not in flight last time
+        either, and a channel's long line of such records, each holding a slot
+        for the spin, kept the workers from the one they all wait for (a task
+        the broker lost, sent again by the bridge) until their order wait ran
+        out. The records go again in batch order, so a channel's later record
+        is tried only after its earlier one.
         """
         deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
-        waiting = [index for index, (result, _sid, _forced) in enumerate(results) if result == "wait"]
+        waiting = [index for index, (result, _sid, _forced) in enumerate(results)
+                   if result == "wait" and envelopes[index].waiting_since is None]
         while waiting and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
@@ -199,6 +207,18 @@ class Processor:
         self.dead_letters.send(reason=error, partition=_or_unknown(envelope.partition),
                                offset=_or_unknown(envelope.offset), attempts=attempts, envelope=envelope)
         self.store.mark_failed(envelope, error)
+
+
+def recheck_delay(waited: float) -> float:
+    """Seconds before messages that have waited `waited` seconds at their gate are tried again.
+
+    A short wait ends within milliseconds (the predecessor is in another
+    worker's hands); a long one waits for a task the broker hands back or the
+    bridge sends again, and a channel's whole line checking ten times a second
+    would crowd that task out: the delay grows with the wait, adding at most a
+    tenth of it (and a second) to when the line moves on.
+    """
+    return min(ORDER_RECHECK_MAX, max(ORDER_RECHECK, waited / 10))
 
 
 def _decided(envelopes: list[Envelope], unmatched: list[dict]) -> list[Envelope]:

@@ -168,6 +168,11 @@ class Settings:
         return 2.0 * self.visibility_timeout
 
     @property
+    def sweep_interval(self) -> float:
+        """How often the bridge looks for dispatched messages older than `redispatch_after`."""
+        return self.redispatch_after / 10
+
+    @property
     def max_batch_bytes(self) -> int:
         """The largest batch body (README: limits): parsed JSON takes up to ~24 times
         its size in memory, so 1 MiB, or 16 messages of the largest size."""
@@ -271,10 +276,13 @@ class Settings:
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
             # Strict order by default (README: "Order"): a record waits for a
-            # predecessor until the last safety net would have sent it again, the
-            # bridge's sweep of what no worker finished (a task the Redis broker
-            # lost when its worker died between taking it and recording it).
-            settings = dataclasses.replace(settings, order_wait=settings.redispatch_after * 1.1 + cls.order_wait)
+            # predecessor until the last safety net would have sent it again and
+            # a worker run it: the bridge's sweep of what no worker finished (a
+            # task the Redis broker lost when its worker died between taking it
+            # and recording it), which may find it a sweep late, then a second
+            # sweep's time for the re-sent task to reach a worker.
+            settings = dataclasses.replace(settings, order_wait=settings.redispatch_after
+                                           + 2 * settings.sweep_interval + cls.order_wait)
         elif not env.get("HERALD_ORDER_WAIT") and settings.amqp_broker:
             # RabbitMQ hands a killed worker's tasks back at once, but those of
             # a machine that vanished only when its connection's heartbeat lapses.

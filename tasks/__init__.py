@@ -7,18 +7,18 @@ retry; the work itself is `pipeline.processing.Processor`.
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Celery, signals
 
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope
 from pipeline.metrics import RETRIES
-from pipeline.processing import RETRYABLE, Outcome, Processor, RetryLater, backoff_delay
+from pipeline.processing import ORDER_RECHECK, RETRYABLE, Outcome, Processor, RetryLater, backoff_delay, recheck_delay
 from pipeline.redis_tls import redis_tls
 from pipeline.settings import AMQP_HEARTBEAT, current
 
 log = logging.getLogger("herald.tasks")
-ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again
 AMQP_PREFETCH = 25  # tasks per worker process held from RabbitMQ, most of them waiting out a countdown
 
 
@@ -102,7 +102,7 @@ def broker_options(settings) -> dict:
 
 def _not_about_delayed_delivery(record: logging.LogRecord) -> bool:
     # RabbitMQ's native delayed delivery needs a topic exchange and whole
-    # seconds (a 0.1 s ORDER_RECHECK raises there): the worker holds countdown
+    # seconds (a 0.1 s recheck_delay raises there): the worker holds countdown
     # tasks itself (AMQP_PREFETCH), which Celery warns about at every one.
     return "native delayed delivery" not in record.getMessage()
 
@@ -165,8 +165,13 @@ def _requeue_waiting(outcome: Outcome) -> dict:
     """Send messages waiting for their channel's previous one back, shortly, as a new task;
     returns the batch's counts (the task's result)."""
     if outcome.waiting:
-        _send(outcome.waiting, countdown=ORDER_RECHECK)
+        waited = time.time() - min(e.waiting_since for e in outcome.waiting)
+        # On RabbitMQ a waiting task holds one of the worker's fixed prefetch
+        # slots until it is due (AMQP_PREFETCH): a longer delay there would
+        # slow the queue, the predecessor's task included, not spare it.
+        _send(outcome.waiting, countdown=ORDER_RECHECK if settings.amqp_broker else recheck_delay(waited))
     return {**outcome.counts(), "requeued": len(outcome.waiting)}
+
 
 
 @signals.worker_process_init.connect

@@ -155,3 +155,45 @@ def test_a_dead_workers_tasks_come_back_within_seconds_not_the_visibility_timeou
     assert seen == [stalled, *behind]
     assert forced_passes(healthy) == 0
     client.close()
+
+
+def test_a_lost_task_behind_a_long_waiting_line_passes_before_the_order_wait(make_stack, channel):
+    # A worker killed as it took a task off the Redis queue loses it: only the
+    # bridge's sweep sends it again. Meanwhile every message behind it in its
+    # channel waits at the gate, each in its own task, checked again and again;
+    # those checks must leave the workers free enough to run the lost one
+    # before HERALD_ORDER_WAIT lets the line pass without it (CI once saw one
+    # of a channel's messages forced past it after three kills).
+    behind_count = 300
+    stack = make_stack(env={"HERALD_ORDER_WAIT": 10})
+    bridge = stack.bridge()
+    web = stack.web()
+    token = stack.token()
+    store = stack.store()
+    queue = f"{stack.settings.redis_prefix}.tasks"
+
+    def post(n: int) -> str:
+        return web.request("POST", "/api/v1/messages", {"channel": channel, "data": {"n": n}}, token=token)[2]["id"]
+
+    lost = post(-1)
+    wait_until(lambda: store.redis.llen(queue) == 1, 20, what="the first message's task in the broker's queue")
+    store.redis.delete(queue)  # taken off the queue by a worker that died at once
+    behind = []
+    for n in range(behind_count):
+        behind.append(post(n))
+        store.redis.zadd(store.keys.in_flight_index, {lost: time.time()}, xx=True)  # not swept yet
+    wait_until(lambda: store.redis.llen(queue) >= behind_count // 2, 20, what="the tasks of the messages behind it")
+    worker = stack.worker()
+    wait_until(lambda: store.redis.zcard(store.keys.waiting(channel)) == behind_count, 30, 0.05,
+               what="every message behind it to wait at the gate")
+    # Now the sweep finds it (within its period, 2 s here) and sends it again.
+    store.redis.zadd(store.keys.in_flight_index, {lost: time.time() - 3600}, xx=True)
+    wait_until(lambda: store.redis.xlen(store.keys.history(channel)) == behind_count + 1, 90, 0.2,
+               what="the channel's messages in history")
+    bridge.wait_for_log("redispatching a message no worker finished", 5)
+    history = history_of(stack, [channel])[channel]
+    figures = {"test": "lost task behind a waiting line", "waiting": behind_count,
+               "in_order": history == [lost, *behind], "forced": forced_passes(worker)}
+    print("\nFAULT-FIGURES " + json.dumps(figures))
+    assert figures["forced"] == 0, figures
+    assert history == [lost, *behind], figures

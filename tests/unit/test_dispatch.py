@@ -4,6 +4,7 @@ pure logic, with a fake consumer and store."""
 from __future__ import annotations
 
 from pipeline.bridge import pack_tasks
+from pipeline.processing import recheck_delay
 
 
 def test_a_poll_of_several_partitions_is_one_task_in_each_partitions_order():
@@ -24,3 +25,12 @@ def test_tasks_hold_at_most_a_batch_and_never_reorder_a_partition():
 
 def test_pack_tasks_of_nothing_is_no_task():
     assert list(pack_tasks([], 100)) == []
+
+
+def test_a_message_waiting_at_its_gate_is_tried_again_less_often_the_longer_it_waited():
+    # README "Order": 0.1 s at first, a tenth of the wait so far, at most 1 s.
+    assert recheck_delay(0.0) == 0.1
+    assert recheck_delay(0.5) == 0.1
+    assert recheck_delay(4.0) == 0.4
+    assert recheck_delay(10.0) == 1.0
+    assert recheck_delay(600.0) == 1.0
