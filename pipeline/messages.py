@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import operator
 import os
 import re
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
 
@@ -71,7 +73,37 @@ def loads(raw):
 
 def dumps(value) -> str:
     """Compact strict JSON text (ValueError on NaN or an infinity)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return dumps_bytes(value).decode()
+
+
+def dumps_bytes(value) -> bytes:
+    """`dumps` as UTF-8 bytes: what a Kafka record and a Redis field hold.
+
+    orjson encodes a message in a fifth of the standard library's time (JSON
+    was a sixth of a batch POST's web CPU, py-spy), with the same compact
+    output. Where the two differ, the standard library's rules stand: orjson
+    writes NaN and the infinities as null, so a null in its output means a
+    look for them, and what it refuses (an integer past 64 bits, a key that
+    is not text, a lone surrogate) goes to the standard library, which
+    encodes or refuses it as before.
+    """
+    try:
+        text = orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    if b"null" in text and not _finite(value):
+        raise ValueError("NaN and the infinities are not JSON")
+    return text
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(item) for item in value)
+    return True
 
 
 def _refuse_constant(name: str):
@@ -144,7 +176,7 @@ def parse_publish(body, *, sender: str, idempotency_key: str | None = None,
     try:
         # Refused here, before any idempotency claim: a lone surrogate ("\ud800")
         # or NaN would fail only when the record is encoded (issue 8: a 500 then).
-        size = len(dumps(body.data).encode())
+        size = len(dumps_bytes(body.data))
     except (ValueError, RecursionError):
         raise ValidationError("data cannot be encoded as UTF-8 JSON (lone surrogate, NaN or Infinity)",
                               [{"field": "data", "problem": "not encodable as UTF-8 JSON"}], status=400,
@@ -243,7 +275,7 @@ def offset_spans(envelopes) -> dict[int, list[int]]:
 
 def encode(envelope: Envelope) -> bytes:
     """`envelope.to_wire()` as compact, strict UTF-8 JSON (a record value, an in-flight entry)."""
-    return dumps(envelope.to_wire()).encode()
+    return dumps_bytes(envelope.to_wire())
 
 
 def decode(value: bytes | str | None) -> Envelope:

@@ -39,3 +39,22 @@ def test_every_script_is_loaded_again_after_a_flush(spare_redis_url):
     store = _store(spare_redis_url)
     store.redis.script_flush()
     assert store.claim_connections([("node/a", "u1", "10.0.0.1")]) == [None]
+
+
+def test_a_batch_is_accepted_in_one_script_call_that_keeps_a_later_status(spare_redis_url):
+    store = _store(spare_redis_url)
+    channel = f"c{uuid.uuid4().hex[:8]}"
+    batch = [Envelope(f"a{n}-{uuid.uuid4().hex[:6]}", channel, "message", {"n": n, "text": "é"}, f"s{n}", 1000 + n)
+             for n in range(5)]
+    store.mark_processing(batch[1:2])  # a worker got there first: its status stays
+    calls = store.redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    store.record_accepted([(envelope, 3, 40 + n) for n, envelope in enumerate(batch)],
+                          {batch[0].id: '{"sender":"s0","answer":{}}'})
+    assert store.redis.info("commandstats")["cmdstat_evalsha"]["calls"] == calls + 1
+    first = store.redis.hgetall(store.keys.message(batch[0].id))
+    assert first == {"channel": channel, "type": "message", "sender": "s0", "ts": "1000",
+                     "data": '{"n":0,"text":"é"}', "partition": "3", "offset": "40", "status": "accepted"}
+    assert 0 < store.redis.ttl(store.keys.message(batch[0].id)) <= store.settings.status_ttl
+    assert store.get_message(batch[1].id)["status"] == "processing"
+    assert [store.get_message(e.id)["status"] for e in batch[2:]] == ["accepted"] * 3
+    assert store.redis.get(store.keys.idempotency(batch[0].id)) == '{"sender":"s0","answer":{}}'

@@ -121,3 +121,22 @@ def test_max_bytes_is_the_size_of_the_messages_json_to_the_byte(body):
     with pytest.raises(ValidationError) as refused:
         parse_publish(body, sender="u", max_bytes=size - 1)
     assert refused.value.status == 413
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [1, 2.5, None, "é", True], "b": {"c": "\u2028\n\"\\/"}},
+    {"big": 2**70, "negative": -(2**64)},  # past orjson's 64 bits: the standard library encodes them
+    [None, 0.1, 1e300, -0.0, ""],
+    {"k": None},
+])
+def test_dumps_writes_what_the_standard_library_reads_back_the_same(value):
+    assert json.loads(dumps(value)) == value
+    assert " " not in dumps({"a": [1, 2]})
+
+
+@pytest.mark.parametrize("value", [{"k": [None, float("nan")]}, [None, float("-inf")],
+                                   {"a": None, "b": {"c": float("inf")}}])
+def test_dumps_refuses_nan_and_infinity_beside_a_null(value):
+    # orjson writes them as null: the null in its output is what sends dumps looking for them.
+    with pytest.raises(ValueError, match="not JSON"):
+        dumps(value)
