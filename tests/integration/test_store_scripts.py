@@ -58,3 +58,30 @@ def test_a_batch_is_accepted_in_one_script_call_that_keeps_a_later_status(spare_
     assert store.get_message(batch[1].id)["status"] == "processing"
     assert [store.get_message(e.id)["status"] for e in batch[2:]] == ["accepted"] * 3
     assert store.redis.get(store.keys.idempotency(batch[0].id)) == '{"sender":"s0","answer":{}}'
+
+
+def _evalsha_calls(store: Store) -> int:
+    return store.redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def test_a_batchs_calls_of_one_script_are_one_call_with_each_calls_own_reply(spare_redis_url):
+    store = _store(spare_redis_url)
+    channels = [f"c{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    # Offsets 0..5 alternate between two channels; the last one's predecessor (offset 7) never came.
+    batch = [Envelope(f"b{n}-{uuid.uuid4().hex[:6]}", channels[n % 2], "message", n, "s", 0, partition=0,
+                      offset=n, prev=n - 2 if n > 1 else None) for n in range(6)]
+    batch.append(Envelope(f"late-{uuid.uuid4().hex[:6]}", channels[0], "message", 9, "s", 0, partition=0,
+                          offset=9, prev=7))
+    store.mark_processing(batch[:1])
+    before = _evalsha_calls(store)
+    assert store.mark_processing(batch) == ["processing"] + ["processing"] * 6
+    assert _evalsha_calls(store) == before + 1
+    assert store.redis.hget(store.keys.message(batch[0].id), "attempts") == "2"  # the one marked twice
+    store.redis.script_flush()  # a restarted Redis: the batched form is loaded again too
+    results = store.deliver(batch)
+    assert _evalsha_calls(store) == before + 2 + 1  # the NOSCRIPT attempt, then the call again
+    assert [r[0] for r in results] == ["delivered"] * 6 + ["wait"]
+    assert [r[0] for r in store.deliver(batch[:2])] == ["duplicate", "duplicate"]
+    history = {c: [f["f"] for _sid, f in store.redis.xrange(store.keys.history(c))] for c in channels}
+    assert [len(history[c]) for c in channels] == [3, 3]
+    assert all(batch[n].id in history[channels[n % 2]][n // 2] for n in range(6))
