@@ -22,8 +22,11 @@ log = logging.getLogger("herald.processing")
 
 TERMINAL = {"delivered", "failed", "rejected"}
 ORDER_SPIN = 0.05  # seconds a worker waits in place for a channel's previous message
-ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again, at first
-ORDER_RECHECK_MAX = 1.0  # ... and at most, once it has waited ten times as long
+ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again
+# Past this wait the predecessor is not in another worker's hands but lost or
+# held by a dead worker: no spin in place, and a slower recheck.
+ORDER_LONG_WAIT = 5.0
+ORDER_RECHECK_LONG = 1.0
 # Errors worth retrying: the services a message passes through were unreachable.
 RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 FORCED_ORDER = Counter("herald_forced_out_of_order_total",
@@ -176,21 +179,22 @@ class Processor:
         until they pass or ORDER_SPIN is over; returns (results, the transient error that
         stopped the wait or None).
 
-        A record waiting for the first time usually waits for the batch
-        before it in the same partition, which another worker runs right now:
-        a few milliseconds of waiting here beat a round trip through the
-        broker, but a worker slot must not be held for long. A record back from
-        waiting is not held at all: its predecessor was not in flight last time
-        either, and a channel's long line of such records, each holding a slot
-        for the spin, kept the workers from the one they all wait for (a task
-        the broker lost, sent again by the bridge) until their order wait ran
-        out. The records go again in batch order, so a channel's later record
-        is tried only after its earlier one.
+        A waiting record's predecessor is usually in another worker's hands
+        right now (the batch before in the same partition, or the record before
+        in a line draining under load): a few milliseconds of waiting here beat
+        a round trip through the broker, but a worker slot must not be held for
+        long. A record that has waited ORDER_LONG_WAIT is not held at all: its
+        predecessor is lost or with a dead worker, and a channel's long line of
+        such records, each holding a slot for the spin, kept the workers from
+        the one they all wait for (a task the broker lost, sent again by the
+        bridge) until their order wait ran out. The records go again in batch
+        order, so a channel's later record is tried only after its earlier one.
         """
         deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
+        now = time.time()
         waiting = [index for index, (result, _sid, _forced) in enumerate(results)
-                   if result == "wait" and envelopes[index].waiting_since is None]
+                   if result == "wait" and now - _since(envelopes[index], now) < ORDER_LONG_WAIT]
         while waiting and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
@@ -215,10 +219,13 @@ def recheck_delay(waited: float) -> float:
     A short wait ends within milliseconds (the predecessor is in another
     worker's hands); a long one waits for a task the broker hands back or the
     bridge sends again, and a channel's whole line checking ten times a second
-    would crowd that task out: the delay grows with the wait, adding at most a
-    tenth of it (and a second) to when the line moves on.
+    would crowd that task out. Two steps, not a delay growing with each
+    record's wait: a line's records, requeued in order with one delay, come
+    back in order and pass together; a delay of their own each brought the
+    later (younger) ones back first, to wait again, and a line of hundreds
+    drained at a few records a second.
     """
-    return min(ORDER_RECHECK_MAX, max(ORDER_RECHECK, waited / 10))
+    return ORDER_RECHECK if waited < ORDER_LONG_WAIT else ORDER_RECHECK_LONG
 
 
 def _decided(envelopes: list[Envelope], unmatched: list[dict]) -> list[Envelope]:
