@@ -184,11 +184,11 @@ class Processor:
         in a line draining under load): a few milliseconds of waiting here beat
         a round trip through the broker, but a worker slot must not be held for
         long. A record that has waited ORDER_LONG_WAIT is not held at all: its
-        predecessor is lost or with a dead worker, and a channel's long line of
-        such records, each holding a slot for the spin, kept the workers from
-        the one they all wait for (a task the broker lost, sent again by the
-        bridge) until their order wait ran out. The records go again in batch
-        order, so a channel's later record is tried only after its earlier one.
+        predecessor is lost or with a dead worker, and a long line of such
+        records, each holding a slot, would keep the workers from the one they
+        all wait for (a task the broker lost, sent again by the bridge). The
+        records go again in batch order, so a channel's later record is tried
+        only after its earlier one.
         """
         deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
@@ -219,11 +219,9 @@ def recheck_delay(waited: float) -> float:
     A short wait ends within milliseconds (the predecessor is in another
     worker's hands); a long one waits for a task the broker hands back or the
     bridge sends again, and a channel's whole line checking ten times a second
-    would crowd that task out. Two steps, not a delay growing with each
-    record's wait: a line's records, requeued in order with one delay, come
-    back in order and pass together; a delay of their own each brought the
-    later (younger) ones back first, to wait again, and a line of hundreds
-    drained at a few records a second.
+    would crowd that task out. Two steps, not a delay of each record's own:
+    a line's records, requeued in order with one delay, come back in order
+    and pass together (younger records back first wait again).
     """
     return ORDER_RECHECK if waited < ORDER_LONG_WAIT else ORDER_RECHECK_LONG
 

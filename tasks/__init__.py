@@ -173,7 +173,6 @@ def _requeue_waiting(outcome: Outcome) -> dict:
     return {**outcome.counts(), "requeued": len(outcome.waiting)}
 
 
-
 @signals.worker_process_init.connect
 def _warm_up(**_kwargs):
     # Each pool process connects once at start, not on its first message.
