@@ -22,7 +22,7 @@ from pipeline.errors import PermanentError
 from pipeline.kafka import Publisher, client_config, open_admin
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope, decode, offset_spans
-from pipeline.metrics import BRIDGE_LAG, DISPATCH_BATCHES, RECORDS_CONSUMED, serve
+from pipeline.metrics import BRIDGE_LAG, DISPATCH_BATCHES, OFFSET_GAPS, RECORDS_CONSUMED, serve
 from pipeline.settings import current
 from pipeline.store import Store, check_at_start, connect
 from pipeline.topics import require_topics
@@ -70,6 +70,34 @@ class ChannelOrder:
         """Drop what is known of partitions this bridge no longer owns."""
         for partition in partitions:
             self._last.pop(partition, None)
+
+
+class OffsetGaps:
+    """Notices offsets a partition's records skipped while this bridge owned it.
+
+    Herald's topic has no transactions and no compaction, so within an
+    assignment every offset is a record: a jump means records the broker
+    did not hand over, whose messages were accepted and will never be
+    delivered. Nothing here can fetch them again; it makes the loss seen (a
+    warning naming the offsets, herald_bridge_skipped_offsets_total), where
+    it was silent (bench/e2e.py saw such messages stay `accepted` on Tansu).
+    """
+
+    def __init__(self):
+        self._next: dict[int, int] = {}
+
+    def see(self, partition: int, offset: int) -> tuple[int, int] | None:
+        """Record a consumed offset; returns (first, last) skipped before it, or None."""
+        expected = self._next.get(partition)
+        self._next[partition] = offset + 1
+        if expected is not None and offset > expected:
+            return expected, offset - 1
+        return None
+
+    def forget(self, partitions) -> None:
+        """A new assignment starts from the committed offset: no gap to measure against."""
+        for partition in partitions:
+            self._next.pop(partition, None)
 
 
 def _text(header: bytes | None) -> str | None:
@@ -153,6 +181,7 @@ class Bridge:
         self.dead_letters = dead_letters
         self.order = ChannelOrder(forget_after=settings.channel_idle_ttl / 2)
         self.unseeded: set[int] = set()  # assigned partitions whose first record has not come yet
+        self.gaps = OffsetGaps()
         self.running = True
         self.store = dead_letters.store
         self.next_sweep = time.monotonic() + settings.sweep_interval
@@ -196,6 +225,11 @@ class Bridge:
                 continue
             partition, offset = record.partition(), record.offset()
             last_offsets[partition] = offset
+            skipped = self.gaps.see(partition, offset)
+            if skipped is not None:
+                OFFSET_GAPS.inc(skipped[1] - skipped[0] + 1)
+                log.error("offsets skipped: the broker gave no records for them",
+                          extra={"partition": partition, "first": skipped[0], "last": skipped[1]})
             try:
                 message = decode(record.value())
             except PermanentError as exc:
@@ -302,6 +336,7 @@ class Bridge:
 
     def _on_assign(self, _consumer, partitions) -> None:
         self.unseeded.update(p.partition for p in partitions)
+        self.gaps.forget(p.partition for p in partitions)
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
 
     def _on_revoke(self, consumer, partitions) -> None:
@@ -311,6 +346,7 @@ class Bridge:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("commit on revoke failed", extra={"error": str(exc)})
         self.order.forget(p.partition for p in partitions)
+        self.gaps.forget(p.partition for p in partitions)
         for p in partitions:  # another bridge reports them now
             try:
                 BRIDGE_LAG.remove(str(p.partition))

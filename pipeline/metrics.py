@@ -41,6 +41,8 @@ HTTP_LATENCY = Histogram("herald_http_request_duration_seconds", "HTTP request d
 # -- bridge -----------------------------------------------------------------
 RECORDS_CONSUMED = Counter("herald_bridge_records_consumed_total", "Kafka records the bridge consumed")
 DISPATCH_BATCHES = Counter("herald_bridge_dispatch_batches_total", "Batches the bridge sent to Celery as tasks")
+OFFSET_GAPS = Counter("herald_bridge_skipped_offsets_total",
+                      "Offsets the consumer passed over within a partition it owned (records the broker never gave)")
 BRIDGE_LAG = Gauge("herald_bridge_consumer_lag", "Records behind the partition's high watermark, "
                    "as this bridge's consumer sees it", ["partition"], multiprocess_mode="max")
 

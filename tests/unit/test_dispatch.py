@@ -3,7 +3,7 @@ pure logic, with a fake consumer and store."""
 
 from __future__ import annotations
 
-from pipeline.bridge import pack_tasks
+from pipeline.bridge import OffsetGaps, pack_tasks
 from pipeline.processing import recheck_delay
 
 
@@ -31,3 +31,14 @@ def test_a_message_waiting_at_its_gate_is_tried_again_less_often_once_its_wait_i
     # README "Order": 0.1 s, then 1 s from 5 s of waiting on; one delay per step keeps a line in order.
     assert recheck_delay(0.0) == recheck_delay(4.9) == 0.1
     assert recheck_delay(5.0) == recheck_delay(600.0) == 1.0
+
+
+def test_offsets_a_partition_skipped_within_an_assignment_are_named():
+    gaps = OffsetGaps()
+    assert gaps.see(6, 170) is None  # the first record of an assignment has nothing before it
+    assert [gaps.see(6, o) for o in (171, 172, 173, 174)] == [None] * 4
+    assert gaps.see(6, 177) == (175, 176)  # what bench/e2e.py saw stay `accepted`
+    assert gaps.see(6, 178) is None and gaps.see(7, 40) is None  # partitions apart
+    gaps.forget([6])
+    assert gaps.see(6, 500) is None  # a new assignment resumes from its committed offset
+    assert gaps.see(7, 42) == (41, 41)
