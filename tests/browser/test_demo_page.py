@@ -164,9 +164,11 @@ def open_chat(browser, base: str, token: str, channel: str, *, web, subscribers:
     (with herald.js's heartbeat every `heartbeat_ms`, when given).
 
     The page joins chat:lobby on load; the test joins its own channel instead
-    and waits until `web` lists `subscribers` clients there: the server records
-    presence only after the subscribe is answered, so from then on every
-    message published reaches the tab.
+    and waits until `web` lists `subscribers` clients there (the server records
+    presence once it answered the subscribe), and until the tab has that
+    answer: its offset is where a reconnect resumes from, and a network cut
+    while the answer is still on its way would leave the tab none (CI once
+    saw such a tab miss the message published during the cut).
     """
     context = browser.new_context()
     context.set_default_timeout(TIMEOUT_MS)
@@ -178,6 +180,8 @@ def open_chat(browser, base: str, token: str, channel: str, *, web, subscribers:
     page.click("#join")
     wait_until(lambda: len(web.request("GET", f"/api/v1/channels/{channel}/presence", token=token)[2]["clients"])
                == subscribers, 20, 0.1, f"{subscribers} subscriber(s) on {channel}")
+    page.wait_for_function("(channel) => herald && herald.channels.get(channel)"
+                           " && herald.channels.get(channel).offset !== null", arg=channel)
     expect(page.locator("#state")).to_have_text("online")
     return context, page
 
