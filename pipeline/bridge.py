@@ -78,8 +78,8 @@ class OffsetGaps:
     Herald's topic has no transactions and no compaction, so within an
     assignment every offset is a record: a jump means records the broker
     did not hand over, whose messages were accepted and will never be
-    delivered. Nothing here can fetch them again; it makes the loss seen (a
-    warning naming the offsets, herald_bridge_skipped_offsets_total), where
+    delivered. Nothing here can fetch them again; it makes the loss seen (an
+    error line naming the offsets, herald_bridge_skipped_offsets_total), where
     it was silent (bench/e2e.py saw such messages stay `accepted` on Tansu).
     """
 
