@@ -1,4 +1,8 @@
-"""The SQL archive of delivered messages (SQLite by default, PostgreSQL via DATABASE_URL)."""
+"""The SQL archive of delivered messages (SQLite by default, PostgreSQL via DATABASE_URL).
+
+Rows are keyed by the message's global id, which scopes a client's id to its
+sender (pipeline/ids.py): another sender's message never shares a row.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from pipeline.errors import TransientError
+from pipeline.ids import client_id
 from pipeline.messages import Envelope
 
 BIGINT_MAX = (1 << 63) - 1
@@ -22,7 +27,7 @@ metadata = MetaData()
 messages = Table(
     "herald_messages",
     metadata,
-    Column("id", String(128), primary_key=True),
+    Column("id", String(128), primary_key=True),  # the global id
     Column("channel", String(200), nullable=False, index=True),
     Column("type", String(64), nullable=False),
     Column("data", Text, nullable=False),
@@ -40,7 +45,9 @@ messages = Table(
 
 
 class Archive:
-    """Idempotent inserts: archiving one message twice keeps one row."""
+    """Idempotent inserts: archiving one message twice keeps one row; of two messages one
+    sender published under one id (a day apart: its id may be published again once its
+    status expired), the row keeps the later one."""
 
     def __init__(self, database_url: str, bloom=None):
         self.bloom = bloom  # pipeline.bloom.Bloom: archived ids are added to it
@@ -76,12 +83,24 @@ class Archive:
         """Insert messages not archived yet; raises TransientError when the database is unreachable."""
         if not envelopes:
             return
+        latest: dict[str, Envelope] = {}  # one row per id: an upsert may not touch a row twice
+        for e in envelopes:
+            if e.id not in latest or latest[e.id].ts < e.ts:
+                latest[e.id] = e
         rows = [{
             "id": e.id, "channel": e.channel, "type": e.type,
             "data": json.dumps(e.data, ensure_ascii=False), "sender": e.sender or "",
             "ts": e.ts, "partition": e.partition, "offset": e.offset,
-        } for e in envelopes]
-        statement = self._insert(messages).on_conflict_do_nothing(index_elements=["id"])
+        } for e in latest.values()]
+        insert = self._insert(messages)
+        # A later message under the id replaces the row, and its history offset
+        # is recorded afresh (record_offsets): the earlier one's offset was once
+        # written onto a row that kept the first message for ever (issue 19).
+        replaced = {name: insert.excluded[name] for name in
+                    ("channel", "type", "data", "sender", "ts", "partition", "offset")}
+        statement = insert.on_conflict_do_update(
+            index_elements=["id"], set_={**replaced, "stream_ms": None, "stream_seq": None},
+            where=messages.c.ts < insert.excluded.ts)
         try:
             self._ensure_table()
             with self.engine.begin() as conn:
@@ -102,8 +121,8 @@ class Archive:
             raise TransientError(f"Bloom filter unavailable: {exc}") from None
 
     def record_offsets(self, placed: list[tuple[str, str]]) -> None:
-        """Record the history offsets (stream ids) of delivered messages, (id, stream id) pairs,
-        in one statement; raises TransientError when the database is unreachable."""
+        """Record the history offsets (stream ids) of delivered messages, (global id, stream id)
+        pairs, in one statement; raises TransientError when the database is unreachable."""
         if not placed:
             return
         rows = []
@@ -171,13 +190,14 @@ class ArchiveReader:
 
     @_reading
     def get(self, msg_id: str) -> dict | None:
-        """The archived message, in the shape of `GET /api/v1/messages/{id}`, or None."""
+        """The archived message of a global id, in the shape of `GET /api/v1/messages/{id}`, or None."""
         with self.engine.connect() as conn:
             row = conn.execute(select(messages).where(messages.c.id == msg_id)).mappings().first()
         if row is None:
             return None
         sid = _sid(row)
-        return {"id": row["id"], "channel": row["channel"], "type": row["type"], "sender": row["sender"] or None,
+        return {"id": client_id(row["id"]), "global_id": row["id"], "channel": row["channel"], "type": row["type"],
+                "sender": row["sender"] or None,
                 # Only messages that passed their order gate carry a stream id; one archived
                 # and then dead-lettered keeps none.
                 "status": "delivered" if sid else "archived", "error": None, "ts": row["ts"], "attempts": 0,
@@ -193,7 +213,7 @@ class ArchiveReader:
                  .order_by(messages.c.stream_ms, messages.c.stream_seq).limit(limit))
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
-        return [{"op": "message", "channel": row["channel"], "id": row["id"], "type": row["type"],
+        return [{"op": "message", "channel": row["channel"], "id": client_id(row["id"]), "type": row["type"],
                  "data": json.loads(row["data"]), "sender": row["sender"] or None, "ts": row["ts"],
                  "offset": _sid(row)} for row in rows]
 
@@ -209,7 +229,7 @@ class ArchiveReader:
             return conn.execute(query).first() is not None
 
     def ids(self, chunk: int = 10000):
-        """Every archived id, read in chunks by id."""
+        """Every archived (global) id, read in chunks by id."""
         last = ""
         while True:
             with self.engine.connect() as conn:

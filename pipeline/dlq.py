@@ -1,4 +1,10 @@
-"""Dead letters: the `<topic>.dlq` Kafka topic, plus a Redis index for listing and replay."""
+"""Dead letters: the `<topic>.dlq` Kafka topic, plus a Redis index for listing and replay.
+
+A letter is named by its message's global id (pipeline/ids.py: a minted ULID,
+or `<scope>.<id>`), a record that could not be decoded by `raw-<p>-<o>`: no
+message id takes that form, so a client cannot overwrite or pre-empt the
+bridge's letter by choosing one (issue 19).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import logging
 
 from pipeline.errors import HeraldError
+from pipeline.ids import client_id
 from pipeline.messages import Envelope, encode, now_ms
 from pipeline.metrics import DEAD_LETTERS
 
@@ -102,5 +109,5 @@ class DeadLetters:
                               fields={"partition": str(partition), "offset": str(offset), "error": ""})
         self.store.redis.delete(self.store.keys.dead_letter(letter_id))
         log.info("replayed", extra={"message_id": letter_id, "partition": partition, "offset": offset})
-        return {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
-                "partition": partition, "offset": offset}
+        return {"id": client_id(envelope.id), "global_id": envelope.id, "channel": envelope.channel,
+                "status": "accepted", "partition": partition, "offset": offset}

@@ -2,6 +2,8 @@
 
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
 an answer means Kafka acknowledged the record (SPEC: never 202 otherwise).
+An id the client chose is scoped to its sender here, before anything is
+claimed or written (pipeline/ids.py, README: "Message ids").
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import json
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import redis
 
 from pipeline.errors import HeraldError, KafkaUnavailable, TransientError, ValidationError
+from pipeline.ids import MAX_CLIENT_ID, client_id, scoped
 from pipeline.messages import Envelope, encode, new_id
 from pipeline.metrics import PUBLISHES
 
@@ -24,12 +28,12 @@ class IdempotencyConflict(TransientError):
     """The same id is being published by another request right now."""
 
 
-class IdTaken(ValidationError):
-    """The id was published by another sender: message ids are global (README: "Message ids")."""
+class IdTooLong(ValidationError):
+    """A client's id leaves no room for its sender's scope (pipeline/ids.py)."""
 
-    def __init__(self, msg_id: str):
-        super().__init__(f"message id {msg_id} is taken by another sender; choose another id",
-                         [{"field": "id", "problem": "taken by another sender"}], status=409, title="Id taken")
+    def __init__(self):
+        super().__init__(f"A message id a client chooses is at most {MAX_CLIENT_ID} characters",
+                         [{"field": "id", "problem": f"longer than {MAX_CLIENT_ID} characters"}])
 
 
 class GroupCommit:
@@ -105,7 +109,8 @@ class Ingest:
 
     def publish(self, envelope: Envelope, *, idempotent: bool, origin: str | None = None,
                 request_id: str | None = None, log_accepted: bool = True) -> dict:
-        """Publish one envelope; returns `{id, channel, status, partition, offset}`."""
+        """Publish one envelope; returns `{id, global_id, channel, status, partition, offset}`.
+        With `idempotent`, `envelope.id` is the client's and is scoped to `envelope.sender`."""
         return self.publish_many([envelope], idempotent=[idempotent], origin=origin, request_id=request_id,
                                  log_accepted=log_accepted)[0]
 
@@ -117,10 +122,14 @@ class Ingest:
         results: list = [None] * len(envelopes)
         pending, claims = {}, {}
         duplicates = 0  # idempotent retries answered with their first answer
+        envelopes = list(envelopes)
         for index, envelope in enumerate(envelopes):
             try:
                 if idempotent[index]:
-                    claim = json.dumps({"sender": envelope.sender, "claim": new_id()})
+                    if len(envelope.id) > MAX_CLIENT_ID:
+                        raise IdTooLong()
+                    envelope = envelopes[index] = replace(envelope, id=scoped(envelope.sender, envelope.id))
+                    claim = json.dumps({"claim": new_id()})
                     prior = self._claim(envelope, claim)
                     if prior is not None:
                         results[index] = prior
@@ -141,8 +150,8 @@ class Ingest:
                 self._forget(envelope, claims.get(index))
                 results[index] = exc
                 continue
-            results[index] = {"id": envelope.id, "channel": envelope.channel, "status": "accepted",
-                              "partition": partition, "offset": offset}
+            results[index] = {"id": client_id(envelope.id), "global_id": envelope.id, "channel": envelope.channel,
+                              "status": "accepted", "partition": partition, "offset": offset}
             accepted.append((index, partition, offset))
         _count(len(accepted), duplicates, sum(isinstance(result, HeraldError) for result in results))
         if accepted:
@@ -156,17 +165,16 @@ class Ingest:
         return results
 
     def _claim(self, envelope: Envelope, claim: str) -> dict | None:
-        """None once this request owns the id; else the first answer (same sender)."""
-        msg_id, sender = envelope.id, envelope.sender
+        """None once this request owns the (global) id; else the first answer. Only the id's
+        own sender reaches its claim: another sender's same id is another global id."""
+        msg_id = envelope.id
         deadline = time.monotonic() + self.settings.produce_timeout + 2
         try:
             while True:
                 prior = self.store.claim_idempotency(msg_id, claim)
                 if prior is None:
                     return None
-                held = _held(prior, sender)
-                if held.get("sender") != sender:
-                    raise IdTaken(msg_id)
+                held = json.loads(prior)
                 if "answer" in held:
                     return held["answer"]
                 if time.monotonic() > deadline:
@@ -191,7 +199,7 @@ class Ingest:
     def _record(self, envelopes, accepted, results, claims) -> None:
         # One Redis round trip for a whole batch (and whatever other requests
         # write meanwhile): one per message made a batch of 100 wait for 100 in a row.
-        answers = {envelopes[index].id: json.dumps({"sender": envelopes[index].sender, "answer": results[index]})
+        answers = {envelopes[index].id: (claims[index], json.dumps({"answer": results[index]}))
                    for index, _partition, _offset in accepted if index in claims}
         try:
             self._statuses.submit([(envelopes[index], partition, offset, answers.get(envelopes[index].id))
@@ -203,13 +211,14 @@ class Ingest:
 
 
 def accepted_fields(answers: list[dict]) -> dict:
-    """What a log line says of accepted messages: id, channel and place of one, or the ids of several."""
+    """What a log line says of accepted messages: global id (as the workers' lines name it),
+    channel and place of one, or the global ids of several."""
     if len(answers) == 1:
         answer = answers[0]
-        return {"message_id": answer["id"], "channel": answer["channel"], "partition": answer["partition"],
+        return {"message_id": answer["global_id"], "channel": answer["channel"], "partition": answer["partition"],
                 "offset": answer["offset"]}
     # One line per call: a line per message was most of a batch's logging.
-    return {"message_ids": [answer["id"] for answer in answers]}
+    return {"message_ids": [answer["global_id"] for answer in answers]}
 
 
 def _count(accepted: int, duplicate: int, refused: int) -> None:
@@ -221,19 +230,6 @@ def _count(accepted: int, duplicate: int, refused: int) -> None:
 
 def _log_accepted(answers: list[dict], request_id: str | None) -> None:
     log.info("accepted", extra={**accepted_fields(answers), "request_id": request_id})
-
-
-def _held(value: str, sender: str) -> dict:
-    """A claim as `{"sender", "claim" | "answer"}`. Claims written before ids were
-    scoped to their sender ("pending:<node>", or the bare answer) count as the
-    caller's own until they expire: an upgrade must not answer a retry with a 500."""
-    try:
-        held = json.loads(value)
-    except ValueError:
-        return {"sender": sender, "claim": value}
-    if isinstance(held, dict) and "sender" in held:
-        return held
-    return {"sender": sender, "answer": held}
 
 
 def _headers(origin, request_id):

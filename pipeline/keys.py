@@ -12,6 +12,13 @@ script touches lives in one slot; the dedupe marker, which that script reads,
 is `<prefix>:done:{<channel>}:<id>` there. Channel names cannot hold braces,
 so the tag is the whole channel. On a single Redis the names stay as they
 were: a running deployment keeps its gates and history across an upgrade.
+
+A message's keys are named by its global id (pipeline/ids.py: a client's id
+scoped to its sender), never by an id as a client sent it. Each kind holds
+one sort of name: the markers of a rule's effects (an alert, a routed copy)
+have a kind of their own, `effect`, apart from the messages' dedupe markers
+(`done`): a message id `X:alerts:alerts:rules` was once exactly the marker of
+message X's alert, and cancelled it (issue 19).
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ class Keys:
 
     # -- per message -------------------------------------------------------
     def message(self, msg_id: str) -> str:
-        """Hash of a message's status and content."""
+        """Hash of a message's status (and, once a worker took it, its content) by global id."""
         return self._user("msg", msg_id)
 
     def done(self, msg_id: str, channel: str | None = None) -> str:
@@ -77,6 +84,12 @@ class Keys:
         if self.cluster:
             return self._user("done", f"{{{channel}}}:{msg_id}")
         return self._user("done", msg_id)
+
+    def effect(self, effect: str, msg_id: str, target: str) -> str:
+        """Marker of a rule effect (`alerts`, `route`) of a message on a target channel, in
+        that channel's slot on a cluster. '/' is in no channel, effect or message id: no
+        two (target, effect, message) name one marker."""
+        return self._channel("effect", target) + f"/{effect}/{msg_id}"
 
     def cached(self, msg_id: str) -> str:
         """An archived message's cache entry (on HERALD_CACHE_URL, which may evict it)."""
@@ -99,8 +112,9 @@ class Keys:
         return self._user("runs", task_id)
 
     def rate(self, rule: str, by: str, value: str) -> str:
-        """Sorted set of the message ids a `rate` condition counted in its window."""
-        return self._user("rate", f"{rule}:{by}:{value}")
+        """Sorted set of the message ids a `rate` condition counted in its window ('/' is in no
+        rule id, so a rule's windows and another's never share a name)."""
+        return self._user("rate", f"{rule}/{by}/{value}")
 
     # -- connections and nodes ---------------------------------------------
     def user_connections(self, user: str) -> str:

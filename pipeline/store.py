@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from pipeline.errors import StartupError
+from pipeline.ids import client_id
 from pipeline.keys import Keys
 from pipeline.messages import MESSAGE_FIELDS, Envelope, decode, dumps_bytes, encode
 from pipeline.redis_tls import redis_tls
@@ -25,7 +26,7 @@ STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rej
 
 # KEYS: msg hash, then the status pub/sub channel (on a single Redis; on a
 # cluster it lives in another slot, and the caller publishes the frame).
-# ARGV: status, rank, ttl, status frame, origin pub/sub channel or '', origin
+# ARGV: status, rank, when the hash expires (Store.expires_at), status frame, origin pub/sub channel or '', origin
 # client, force ('1' lets a replay restart a finished message), then
 # field/value pairs to store. Returns {status now, '1' when it changed}.
 _SET_STATUS = """
@@ -41,7 +42,7 @@ end
 if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 if ARGV[1] == 'processing' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
 if ARGV[4] ~= '' and KEYS[2] then
   redis.call('PUBLISH', KEYS[2], ARGV[4])
   if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\\n' .. ARGV[4]) end
@@ -62,7 +63,8 @@ return {ARGV[1], '1'}
 # pub/sub channel: the channel's slot on a cluster. On a single Redis also the
 # msg hash, in-flight index and in-flight envelopes, which on a cluster live
 # in other slots: the caller updates them once the record passed.
-# ARGV: kafka offset, previous offset of the channel or '', status ttl, history
+# ARGV: kafka offset, previous offset of the channel or '', when the done
+# marker and msg hash expire (Store.expires_at), history
 # maxlen, message frame head, status frame, origin channel or '', origin client,
 # force ('1' once the order wait ran out), message id, oldest id to keep ('' = no
 # age limit), channel idle ttl, '1' to skip (let the gate pass without delivering),
@@ -104,10 +106,10 @@ if ARGV[11] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', ARGV[11]) end
 redis.call('EXPIRE', KEYS[2], ARGV[12])
 redis.call('SET', KEYS[3], sid, 'NX')
 redis.call('EXPIRE', KEYS[3], ARGV[12])
-redis.call('SET', KEYS[5], sid, 'EX', ARGV[3])
+redis.call('SET', KEYS[5], sid, 'EXAT', ARGV[3])
 if whole then
   redis.call('HSET', KEYS[8], 'status', 'delivered', 'stream_id', sid)
-  redis.call('EXPIRE', KEYS[8], ARGV[3])
+  redis.call('EXPIREAT', KEYS[8], ARGV[3])
 end
 redis.call(ARGV[16], KEYS[6], sid .. '\\n' .. ARGV[5] .. sid .. '"}')
 redis.call(ARGV[16], KEYS[7], ARGV[6])
@@ -120,23 +122,26 @@ return {'delivered', sid, forced}
 # a call per message was a quarter of a batch POST's web CPU (py-spy); the
 # batched _SET_STATUS (_many) with its 21 arguments a message cost 12% more
 # web CPU a message than these 7 (38 against 43 us, same run).
-# KEYS: msg hashes. ARGV: ttl, then for each message the values of
-# ACCEPTED_FIELDS, in that order.
+# The accepted status holds no `data`: the rules (a `redact`) have not run
+# yet, and GET would serve it as published (issue 19); the worker stores the
+# data once the rules ran (mark_processing).
+# KEYS: msg hashes. ARGV: for each message when its hash expires
+# (Store.expires_at), then the values of ACCEPTED_FIELDS, in that order.
+ACCEPTED_FIELDS = ("channel", "type", "sender", "ts", "partition", "offset")
 _ACCEPT = """
 local rank = {accepted=1, processing=2, delivered=3, failed=3, rejected=3}
-local names = {'channel', 'type', 'sender', 'ts', 'data', 'partition', 'offset'}
+local names = {%s}
 for i, key in ipairs(KEYS) do
+  local base = (i - 1) * (#names + 1)
   local current = redis.call('HGET', key, 'status')
   if not current or (rank[current] or 0) < 1 then
-    local base = 1 + (i - 1) * #names
-    for j, name in ipairs(names) do redis.call('HSET', key, name, ARGV[base + j]) end
+    for j, name in ipairs(names) do redis.call('HSET', key, name, ARGV[base + 1 + j]) end
     redis.call('HSET', key, 'status', 'accepted')
-    redis.call('EXPIRE', key, ARGV[1])
+    redis.call('EXPIREAT', key, ARGV[base + 1])
   end
 end
 return #KEYS
-"""
-ACCEPTED_FIELDS = ("channel", "type", "sender", "ts", "data", "partition", "offset")
+""" % ", ".join(f"'{name}'" for name in ACCEPTED_FIELDS)
 
 
 def _many(body: str) -> str:
@@ -173,7 +178,7 @@ def _many(body: str) -> str:
 # the target channel's, so it runs in that channel's slot on a cluster; one
 # call per channel and batch, not per message.
 # KEYS: history stream, history epoch, message pub/sub channel, then one
-# marker per source message. ARGV: marker ttl, history maxlen, channel idle
+# marker per source message (Keys.effect). ARGV: marker ttl, history maxlen, channel idle
 # ttl, publish command, oldest id to keep ('' = no age limit), then per marker
 # the number of frames it guards and their message frame heads. Returns how
 # many it delivered.
@@ -201,14 +206,20 @@ return added
 
 # A `rate` condition's window: the ids of the messages it counted, scored by
 # when. A message counted before (its task ran again) is not counted twice.
+# A full window (ARGV[5] ids) counts no more ids: a flood would otherwise
+# hold up to a day's ids (`per` goes to 86,400 s; issue 19); past it every
+# message counts as one more than the window holds, which is over any `max`
+# below the cap.
 # KEYS: the window. ARGV: now, window seconds, message id, '1' to count ('0'
-# only reads: a dry run). Returns how many the window holds up to this message.
+# only reads: a dry run), the cap. Returns how many the window holds up to
+# this message.
 _RATE = """
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 local score = redis.call('ZSCORE', KEYS[1], ARGV[3])
 if not score then
-  if ARGV[4] ~= '1' then return redis.call('ZCARD', KEYS[1]) + 1 end
+  local held = redis.call('ZCARD', KEYS[1])
+  if ARGV[4] ~= '1' or held >= tonumber(ARGV[5]) then return held + 1 end
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
   score = now
@@ -229,6 +240,20 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# The first answer of a claimed id replaces the claim, only while the claim is
+# still this request's: one that lapsed (a Redis pool wait past its TTL) may
+# be another request's by now, and its answer is not ours to overwrite.
+# KEYS: claim. ARGV: the value this request claimed it with, the answer, when
+# it expires (Store.expires_at). Returns 1 when written.
+_ANSWER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
+return 1
+"""
+# The most message ids a `rate` window holds (_RATE): a `max` at or above it
+# cannot be told from the cap (README: "Rules").
+RATE_WINDOW_CAP = 10_000
 
 
 # Open WebSockets per user and per address, counted across every web process:
@@ -340,8 +365,9 @@ def _ping(settings, url: str) -> redis.Redis:
 
 
 def message_frame_head(envelope: Envelope) -> str:
-    """The SPEC's `message` frame without its closing offset, which XADD assigns."""
-    frame = {"op": "message", "channel": envelope.channel, "id": envelope.id, "type": envelope.type,
+    """The SPEC's `message` frame without its closing offset, which XADD assigns; its `id` is
+    the id as its sender sent it (pipeline/ids.py)."""
+    frame = {"op": "message", "channel": envelope.channel, "id": client_id(envelope.id), "type": envelope.type,
              "data": envelope.data, "sender": envelope.sender, "ts": envelope.ts}
     if envelope.rules and envelope.rules.get("tags"):
         frame["tags"] = envelope.rules["tags"]  # a rule's `tag` action
@@ -355,8 +381,9 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def status_frame(envelope: Envelope, status: str) -> str:
-    """The SPEC's `status` frame (channel and id are ASCII by their patterns)."""
-    return _dumps({"op": "status", "channel": envelope.channel, "id": envelope.id, "status": status})
+    """The SPEC's `status` frame (channel and id are ASCII by their patterns), with the id as
+    its sender sent it."""
+    return _dumps({"op": "status", "channel": envelope.channel, "id": client_id(envelope.id), "status": status})
 
 
 _STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?\Z")
@@ -396,12 +423,24 @@ class Store:
         self._emit = client.register_script(_EMIT)
         self._rate = client.register_script(_RATE)
         self._accept = client.register_script(_ACCEPT)
+        self._answer = client.register_script(_ANSWER)
         # Each script's calls, many at once (_run_scripts on a single Redis).
         self._batched = {script.sha: client.register_script(_many(script.script))
-                         for script in (self._set_status, self._pass, self._emit)}
+                         for script in (self._set_status, self._pass, self._emit, self._answer)}
         # What a Redis that lost its scripts (a restart) is given again (_pipelined).
         self._scripts = (self._set_status, self._pass, self._claim, self._release, self._claim_connection,
-                         self._emit, self._rate, self._accept, *self._batched.values())
+                         self._emit, self._rate, self._accept, self._answer, *self._batched.values())
+
+    def expires_at(self, envelope: Envelope) -> int:
+        """When a message's status, dedupe marker and idempotency answer expire (Unix seconds):
+        HERALD_STATUS_TTL after it was published, all three together, so that once its id
+        may be published again nothing of the earlier message is left to make the new one
+        a duplicate (README: "Message ids"). A message handled later than that (a replay)
+        keeps them HERALD_STATUS_TTL from now."""
+        ttl = self.settings.status_ttl
+        now = int(time.time())
+        at = int(envelope.ts) // 1000 + ttl
+        return at if at > now else now + ttl
 
     def publish(self, name: str, message: str, client=None) -> None:
         """Publish on a pub/sub channel built by Keys: sharded (SPUBLISH) on a
@@ -511,7 +550,7 @@ class Store:
         if not self.cluster:  # on a cluster the frames are published apart (_publish_status)
             keys.append(self.keys.status_channel(envelope.channel))
             node, client = _origin(self, origin)
-        return {"keys": keys, "args": [status, STATUS_RANK[status], self.settings.status_ttl, frame, node, client,
+        return {"keys": keys, "args": [status, STATUS_RANK[status], self.expires_at(envelope), frame, node, client,
                                        "1" if force else "0", *flat]}
 
     def _publish_status(self, envelope: Envelope, status: str, origin, client, *, channel: bool = True) -> None:
@@ -528,38 +567,31 @@ class Store:
         if node:
             self.publish(node, f"{target}\n{frame}", client)
 
-    def record_accepted(self, accepted: list[tuple[Envelope, int, int]], answers: dict[str, str]) -> None:
+    def record_accepted(self, accepted: list[tuple[Envelope, int, int]],
+                        answers: dict[str, tuple[str, str]]) -> None:
         """Note records Kafka acknowledged, (envelope, partition, offset) each, unless a worker
-        already moved them further, and keep the first answer of each claimed id (`answers`,
-        id to value) for the status lifetime (24 h by default). One round trip for them all
-        on a single Redis. The `accepted` status has no frame to publish."""
-        def answer(pipe):
-            for msg_id, value in answers.items():
-                pipe.set(self.keys.idempotency(msg_id), value, ex=self.settings.status_ttl)
-
+        already moved them further, and keep the first answer of each claimed id (`answers`:
+        global id to (its claim, the answer)) as long as its status (`expires_at`), in place
+        of the claim only while the claim is still this request's. One round trip for them
+        all on a single Redis. The `accepted` status has no frame to publish, and no data."""
+        expiry = {envelope.id: self.expires_at(envelope) for envelope, _partition, _offset in accepted}
+        answer_calls = [(self._answer, [self.keys.idempotency(msg_id)], [claim, value, expiry[msg_id]])
+                        for msg_id, (claim, value) in answers.items()]
         if self.cluster:
             # Each hash has a slot of its own: a call each, spread over the nodes.
             calls = []
             for envelope, partition, offset in accepted:
-                call = self._status_call(envelope, "accepted", _message_fields(envelope, partition, offset))
+                fields = _message_fields(envelope, partition, offset)
+                call = self._status_call(envelope, "accepted", {name: fields[name] for name in ACCEPTED_FIELDS})
                 calls.append((self._set_status, call["keys"], call["args"]))
-            self._run_scripts(calls)
-            if answers:
-                pipe = self.redis.pipeline(transaction=False)
-                answer(pipe)
-                pipe.execute()
+            self._run_scripts(calls + answer_calls)
             return
-        keys, args = [], [self.settings.status_ttl]
+        keys, args = [], []
         for envelope, partition, offset in accepted:
             keys.append(self.keys.message(envelope.id))
             fields = _message_fields(envelope, partition, offset)
-            args += [fields[name] for name in ACCEPTED_FIELDS]
-
-        def queue(pipe):
-            _evalsha(pipe, self._accept, keys, args)
-            answer(pipe)
-
-        self._pipelined(self.redis, queue)
+            args += [expiry[envelope.id], *(fields[name] for name in ACCEPTED_FIELDS)]
+        self._run_scripts([(self._accept, keys, args), *answer_calls])
 
     def mark_processing(self, envelopes: list[Envelope]) -> list[str]:
         """Workers took these messages; returns each one's status now (a finished one stays finished)."""
@@ -583,7 +615,9 @@ class Store:
         calls = []
         for envelope, rule in rejected:
             fields = _message_fields(envelope, _or(envelope.partition, ""), _or(envelope.offset, ""))
-            fields.update(error=f"blocked by rule {rule}", rule=rule)
+            # A blocked message's data is not served (a moderation `block` would
+            # hide nothing otherwise); the alert, if any, carries it.
+            fields.update(data="null", error=f"blocked by rule {rule}", rule=rule)
             call = self._status_call(envelope, "rejected", fields, envelope.origin)
             calls.append((self._set_status, call["keys"], call["args"]))
         replies = self._run_scripts(calls)
@@ -616,7 +650,7 @@ class Store:
                            keys.status_channel(channel)]
             if not self.cluster:
                 script_keys += [keys.message(envelope.id), keys.in_flight_index, keys.in_flight_envelopes]
-            args = [_or(envelope.offset, -1), _or(envelope.prev, ""), self.settings.status_ttl,
+            args = [_or(envelope.offset, -1), _or(envelope.prev, ""), self.expires_at(envelope),
                     maxlen, "" if skipped else message_frame_head(envelope),
                     "" if skipped else status_frame(envelope, "delivered"), node, client,
                     "1" if force or envelope.force_order else "0", envelope.id, oldest,
@@ -636,9 +670,9 @@ class Store:
         # it to once (_EMIT).
         by_channel: dict[str, tuple[list[str], list]] = {}  # target: (markers, [count, heads...] each)
 
-        def emit(channel: str, marker: str, heads: list[str]) -> None:
+        def emit(channel: str, effect: str, msg_id: str, heads: list[str]) -> None:
             markers, args = by_channel.setdefault(channel, ([], []))
-            markers.append(self.keys.done(f"{marker}:{channel}", channel))
+            markers.append(self.keys.effect(effect, msg_id, channel))
             args += [len(heads), *heads]
 
         alerts = self.settings.rules_alert_channel
@@ -649,17 +683,18 @@ class Store:
                 continue
             if "alert" in decision:
                 # What every alert of this message repeats is encoded once.
-                message = _dumps({name: getattr(envelope, name) for name in MESSAGE_FIELDS})
+                message = _dumps({name: getattr(envelope, name) for name in MESSAGE_FIELDS}
+                                 | {"id": client_id(envelope.id)})
                 tail = (f'"matched":{_dumps(decision.get("matched", []))},"message":{message}}},'
                         f'"sender":"herald","ts":{int(time.time() * 1000)},"offset":"')
-                emit(alerts, f"{envelope.id}:alerts", [
+                emit(alerts, "alerts", envelope.id, [
                     f'{alert_head}{_dumps(f"{envelope.id}:alert:{rule}")},"type":"rule.alert",'
                     f'"data":{{"rule":{_dumps(rule)},'
                     f'"blocked":{"true" if decision.get("block") == rule else "false"},{tail}'
                     for rule in decision["alert"]])
             if not decision.get("block"):
                 for _rule, target in decision.get("route", ()):
-                    emit(target, f"{envelope.id}:route", [message_frame_head(replace(envelope, channel=target))])
+                    emit(target, "route", envelope.id, [message_frame_head(replace(envelope, channel=target))])
         if by_channel:
             self._run_scripts([self._emit_call(channel, markers, args)
                                for channel, (markers, args) in by_channel.items()])
@@ -673,8 +708,10 @@ class Store:
 
     def count_in_window(self, key: str, per: float, member: str, *, record: bool = True) -> int:
         """How many messages a `rate` window of `per` seconds at `key` holds up to `member`,
-        counting `member` in (once) unless `record` is false."""
-        return int(self._rate(keys=[key], args=[time.time(), per, member, "1" if record else "0"]))
+        counting `member` in (once) unless `record` is false; past RATE_WINDOW_CAP ids, one
+        more than the cap."""
+        return int(self._rate(keys=[key], args=[time.time(), per, member, "1" if record else "0",
+                                                RATE_WINDOW_CAP]))
 
     def _after_pass(self, envelopes: list[Envelope], results: list[tuple[str, str, str]]) -> None:
         # On a cluster, what the delivery script cannot reach from the
@@ -705,7 +742,7 @@ class Store:
         self.set_status(envelope, status, fields={"error": error}, origin=envelope.origin)
 
     def get_message(self, msg_id: str) -> dict | None:
-        """The stored message with its status, or None."""
+        """The stored message with its status (by global id), or None."""
         return message_from(msg_id, self.redis.hgetall(self.keys.message(msg_id)))
 
     def history(self, channel: str, since: str | None, limit: int) -> dict:
@@ -905,10 +942,12 @@ def _message_fields(envelope: Envelope, partition, offset) -> dict:
 
 
 def message_from(msg_id: str, raw: dict) -> dict | None:
-    """A message's status hash as `GET /api/v1/messages/{id}` answers it, or None when empty."""
+    """A message's status hash (`msg_id` is its global id) as `GET /api/v1/messages/{id}`
+    answers it, or None when empty: `data` is null until a worker took it (and for good
+    once a rule blocked it)."""
     if not raw:
         return None
-    out = {"id": msg_id}
+    out = {"id": client_id(msg_id), "global_id": msg_id}
     for name in ("channel", "type", "sender", "status", "error"):
         out[name] = raw.get(name)
     if raw.get("rule"):

@@ -10,13 +10,14 @@ from flask import Blueprint, current_app, g, request
 from pipeline.archive import ArchiveUnavailable
 from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
+from pipeline.ids import candidates
 from pipeline.ingest import IdempotencyConflict, accepted_fields
 from pipeline.messages import Envelope, Publish, dumps, parse_publish
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import from_validation, problem, problem_body
 from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
-                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, Presence,
+                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, MessageQuery, Presence,
                          PublishHeaders, RuleSet, RulesDecision, RulesTest)
 
 log = logging.getLogger("herald.web")
@@ -211,17 +212,21 @@ def archive_down(exc: ArchiveUnavailable):
 
 
 @contract.operation(blueprint, "GET", "/messages/<message_id:msg_id>", summary="A message and its status", path=MessagePath,
+                    query=MessageQuery,
                     description="Its status from Redis while it lasts (HERALD_STATUS_TTL), then from the archive. "
-                                "A message on a channel the token may not read is answered 404, as unknown.",
+                                "The id is `sender`'s (the caller's by default), else a global id. `data` is null "
+                                "until a worker ran the message's rules, and for a blocked message. A message on "
+                                "a channel the token may not read is answered 404, as unknown.",
                     answers={200: Answer("The message", Message), 404: Answer("No such message"),
                              503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("messages",))
-def get_message(identity: Identity, path: MessagePath):
+def get_message(identity: Identity, path: MessagePath, query: MessageQuery):
     msg_id = path.msg_id
-    message = services().cache.read(services().store, msg_id)
-    # A 403 would tell that the id exists (README: Tokens).
-    if message is None or not identity.may_subscribe(message["channel"] or ""):
-        return problem(404, f"No message {msg_id} is known", slug="unknown-message")
-    return message
+    for global_id in candidates(query.sender or identity.user, msg_id):
+        message = services().cache.read(services().store, global_id)
+        # A 403 would tell that the id exists (README: Tokens).
+        if message is not None and identity.may_subscribe(message["channel"] or ""):
+            return message
+    return problem(404, f"No message {msg_id} is known", slug="unknown-message")
 
 
 def readable_channel(identity: Identity, channel: str) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.ids import MAX_CLIENT_ID
 from pipeline.messages import ChannelName, MessageId, Publish, no_null_default
 
 # A Redis stream id, as history offsets are: 'ms-seq' or 'ms'. Nineteen digits
@@ -28,10 +29,11 @@ class PublishHeaders(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    idempotency_key: MessageId | None = Field(
+    idempotency_key: Annotated[str, Field(pattern=f"^[A-Za-z0-9_.:-]{{1,{MAX_CLIENT_ID}}}$")] | None = Field(
         None, alias="Idempotency-Key",
-        description="the message's id when the body has none; the same key within HERALD_STATUS_TTL is "
-                    "answered with the first answer (a body `id` that differs is a 422)")
+        description="the message's id when the body has none, scoped to the sender (README: Message ids); the "
+                    "same key from the same sender within HERALD_STATUS_TTL is answered with the first answer "
+                    "(a body `id` that differs is a 422)")
 
 
 class Batch(_Request):
@@ -46,6 +48,16 @@ class MessagePath(_Request):
     """A message's id in the path."""
 
     msg_id: MessageId
+
+
+class MessageQuery(BaseModel):
+    """Whose message an id names."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sender: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="the sender (a token's `sub`, a message frame's `sender`) whose id this is; the caller "
+                          "when absent. A minted id or a `global_id` names a message whoever sent it")
 
 
 class ChannelPath(_Request):
@@ -97,7 +109,9 @@ class RulesTest(_Request):
 class Accepted(BaseModel):
     """A message Kafka acknowledged."""
 
-    id: str
+    id: str = Field(description="the id as sent (frames carry it), or the one Herald minted")
+    global_id: str = Field(description="the id across senders: `id` when Herald minted it, else the sender's "
+                                       "scope, '.', `id` (README: Message ids)")
     channel: str
     status: Literal["accepted"]
     partition: int
@@ -124,6 +138,7 @@ class Message(BaseModel):
     """A message and what became of it."""
 
     id: str
+    global_id: str
     channel: str | None
     type: str | None
     data: Any

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
-from pipeline.messages import Envelope
+from pipeline.messages import Envelope, now_ms
+from pipeline.store import RATE_WINDOW_CAP
 from pipeline.settings import Settings
 from pipeline.store import Store, connect
 
@@ -44,20 +46,29 @@ def test_every_script_is_loaded_again_after_a_flush(spare_redis_url):
 def test_a_batch_is_accepted_in_one_script_call_that_keeps_a_later_status(spare_redis_url):
     store = _store(spare_redis_url)
     channel = f"c{uuid.uuid4().hex[:8]}"
-    batch = [Envelope(f"a{n}-{uuid.uuid4().hex[:6]}", channel, "message", {"n": n, "text": "é"}, f"s{n}", 1000 + n)
+    ts = now_ms()
+    batch = [Envelope(f"a{n}-{uuid.uuid4().hex[:6]}", channel, "message", {"n": n, "text": "é"}, f"s{n}", ts + n)
              for n in range(5)]
     store.mark_processing(batch[1:2])  # a worker got there first: its status stays
+    assert store.claim_idempotency(batch[0].id, "claim-0") is None
     calls = store.redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     store.record_accepted([(envelope, 3, 40 + n) for n, envelope in enumerate(batch)],
-                          {batch[0].id: '{"sender":"s0","answer":{}}'})
-    assert store.redis.info("commandstats")["cmdstat_evalsha"]["calls"] == calls + 1
+                          {batch[0].id: ("claim-0", '{"answer":{}}')})
+    # One call for the statuses, one for the answer, in one round trip.
+    assert store.redis.info("commandstats")["cmdstat_evalsha"]["calls"] == calls + 2
     first = store.redis.hgetall(store.keys.message(batch[0].id))
-    assert first == {"channel": channel, "type": "message", "sender": "s0", "ts": "1000",
-                     "data": '{"n":0,"text":"é"}', "partition": "3", "offset": "40", "status": "accepted"}
+    # No data before the rules ran (a `redact` would not have applied yet).
+    assert first == {"channel": channel, "type": "message", "sender": "s0", "ts": str(ts),
+                     "partition": "3", "offset": "40", "status": "accepted"}
+    assert store.get_message(batch[0].id)["data"] is None
     assert 0 < store.redis.ttl(store.keys.message(batch[0].id)) <= store.settings.status_ttl
     assert store.get_message(batch[1].id)["status"] == "processing"
+    assert store.get_message(batch[1].id)["data"] == {"n": 1, "text": "é"}
     assert [store.get_message(e.id)["status"] for e in batch[2:]] == ["accepted"] * 3
-    assert store.redis.get(store.keys.idempotency(batch[0].id)) == '{"sender":"s0","answer":{}}'
+    assert store.redis.get(store.keys.idempotency(batch[0].id)) == '{"answer":{}}'
+    # The status, dedupe marker and answer of an id expire together, HERALD_STATUS_TTL after it was published.
+    at = store.redis.expiretime(store.keys.message(batch[0].id))
+    assert at == store.redis.expiretime(store.keys.idempotency(batch[0].id)) == ts // 1000 + store.settings.status_ttl
 
 
 def _evalsha_calls(store: Store) -> int:
@@ -85,3 +96,18 @@ def test_a_batchs_calls_of_one_script_are_one_call_with_each_calls_own_reply(spa
     history = {c: [f["f"] for _sid, f in store.redis.xrange(store.keys.history(c))] for c in channels}
     assert [len(history[c]) for c in channels] == [3, 3]
     assert all(batch[n].id in history[channels[n % 2]][n // 2] for n in range(6))
+
+
+def test_a_rate_window_holds_at_most_its_cap_of_ids(spare_redis_url):
+    # A flood within a day-long window once stored every id it sent (issue 19).
+    store = _store(spare_redis_url)
+    key = store.keys.rate("flood", "sender", "mallory")
+    pipe = store.redis.pipeline(transaction=False)
+    for n in range(RATE_WINDOW_CAP):
+        pipe.evalsha(store._rate.sha, 1, key, time.time(), 86400, f"m{n}", "1", RATE_WINDOW_CAP)
+    store.redis.script_load(store._rate.script)
+    counts = pipe.execute()
+    assert counts[0] == 1 and counts[-1] == RATE_WINDOW_CAP
+    assert store.count_in_window(key, 86400, "one-more") == RATE_WINDOW_CAP + 1
+    assert store.count_in_window(key, 86400, "m5") == 6  # one counted before still counts where it was
+    assert store.redis.zcard(key) == RATE_WINDOW_CAP

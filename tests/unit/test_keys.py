@@ -1,8 +1,11 @@
-"""The key schema: user input never names one of Herald's own keys (README: "Redis keys")."""
+"""The key schema and the id space: user input never names one of Herald's own keys, a rule effect's
+marker or another sender's message (README: "Redis keys", "Message ids")."""
 
 from __future__ import annotations
 
+from pipeline.ids import MAX_CLIENT_ID, candidates, client_id, scoped
 from pipeline.keys import Keys
+from pipeline.messages import ID_RE, new_id
 
 
 def test_no_user_named_key_is_one_of_heralds_own():
@@ -45,3 +48,54 @@ def _slot(name: str) -> int:
     from redis.crc import key_slot
 
     return key_slot(name.encode())
+
+
+def test_no_message_id_names_a_rule_effects_marker():
+    # The review's reproduction (issue 19): a message `pay1:alerts:alerts:rules` set message pay1's alert marker.
+    for cluster in (False, True):
+        keys = Keys("herald", cluster=cluster)
+        alert = keys.effect("alerts", scoped("mallory", "pay1"), "alerts:rules")
+        route = keys.effect("route", scoped("mallory", "pay1"), "audit:log")
+        for sender in ("mallory", "alice"):
+            for client in ("pay1:alerts:alerts:rules", "pay1:route:audit:log", "pay1"):
+                for channel in ("alerts:rules", "audit:log", "pay:x"):
+                    assert keys.done(scoped(sender, client), channel) not in (alert, route)
+                    assert keys.message(scoped(sender, client)) not in (alert, route)
+
+
+def test_effect_markers_of_different_messages_effects_or_targets_differ():
+    keys = Keys("herald")
+    # Without a separator no part can hold, (a, route, x:route:y) and (a:route:x, route, y) were one name.
+    triples = [("route", "a", "x:route:y"), ("route", "a:route:x", "y"), ("alerts", "a", "route:y"),
+               ("route", "a", "alerts:route:y"), ("alerts", "a:route", "y")]
+    assert len({keys.effect(*triple) for triple in triples}) == len(triples)
+    cluster = Keys("herald", cluster=True)
+    assert _slot(cluster.effect("route", "m", "audit:log")) == _slot(cluster.history("audit:log"))
+
+
+def test_a_clients_id_is_scoped_to_its_sender_and_shown_as_sent():
+    assert scoped("alice", "invoice-1") != scoped("mallory", "invoice-1")
+    assert client_id(scoped("alice", "invoice-1")) == "invoice-1"
+    # No id mallory chooses is alice's global id, not even alice's global id itself.
+    theirs = scoped("alice", "invoice-1")
+    assert scoped("mallory", theirs) != theirs and client_id(scoped("mallory", theirs)) == theirs
+    # A minted id is its own global id, and never a scoped one.
+    minted = new_id()
+    assert client_id(minted) == minted and minted not in candidates("alice", "x")
+    longest = scoped("a" * 300, "x" * MAX_CLIENT_ID)
+    assert ID_RE.fullmatch(longest) and len(longest) == 128
+    # A reader's id names its own message first, then a global id.
+    assert candidates("bob", "x") == [scoped("bob", "x"), "x"]
+    assert candidates("bob", "x" * (MAX_CLIENT_ID + 1)) == ["x" * (MAX_CLIENT_ID + 1)]
+    assert scoped("\ud800", "x") != scoped("\udc00", "x")  # a lone surrogate in a `sub` is still a sender
+
+
+def test_no_clients_id_is_the_dead_letter_id_of_an_undecodable_record():
+    # The bridge names those letters raw-<partition>-<offset>; letters of messages go by global id.
+    assert scoped("mallory", "raw-3-100") != "raw-3-100"
+    assert not new_id().startswith("raw-")
+
+
+def test_rate_windows_of_different_rules_differ():
+    keys = Keys("herald")
+    assert keys.rate("r:sender:x", "channel", "y") != keys.rate("r", "sender", "x:channel:y")

@@ -278,6 +278,7 @@ def test_a_batch_is_recorded_in_redis_in_one_round_trip_with_the_answers_of_its_
     import json
     import logging
 
+    from pipeline.ids import scoped
     from pipeline.ingest import Ingest
     from pipeline.messages import Envelope
 
@@ -301,12 +302,17 @@ def test_a_batch_is_recorded_in_redis_in_one_round_trip_with_the_answers_of_its_
     with caplog.at_level(logging.INFO, logger="herald.ingest"):
         answers = Ingest(SETTINGS, Store(), Publisher()).publish_many(
             envelopes, idempotent=[n == 7 for n in range(100)], request_id="r1")
-    assert answers[7] == {"id": "m7", "channel": "c", "status": "accepted", "partition": 3, "offset": 107}
+    # The client's id is scoped to its sender (README: "Message ids"); the answer echoes it as sent.
+    m7 = scoped("s", "m7")
+    assert answers[7] == {"id": "m7", "global_id": m7, "channel": "c", "status": "accepted", "partition": 3,
+                          "offset": 107}
     ((accepted, stored),) = calls
-    assert [(e.id, p, o) for e, p, o in accepted] == [(f"m{n}", 3, 100 + n) for n in range(100)]
-    assert {k: json.loads(v) for k, v in stored.items()} == {"m7": {"sender": "s", "answer": answers[7]}}
+    ids = [f"m{n}" if n != 7 else m7 for n in range(100)]
+    assert [(e.id, p, o) for e, p, o in accepted] == [(ids[n], 3, 100 + n) for n in range(100)]
+    ((claim, answer),) = stored.values()
+    assert list(stored) == [m7] and "claim" in json.loads(claim) and json.loads(answer) == {"answer": answers[7]}
     (record,) = [r for r in caplog.records if r.name == "herald.ingest"]
-    assert record.message_ids == [f"m{n}" for n in range(100)] and record.request_id == "r1"
+    assert record.message_ids == ids and record.request_id == "r1"
 
 
 def _submit_while_a_write_is_under_way(write_error=None):
