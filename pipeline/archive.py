@@ -196,7 +196,7 @@ class ArchiveReader:
         if row is None:
             return None
         sid = _sid(row)
-        return {"id": client_id(row["id"]), "global_id": row["id"], "channel": row["channel"], "type": row["type"],
+        return {"id": client_id(row["id"]), "channel": row["channel"], "type": row["type"],
                 "sender": row["sender"] or None,
                 # Only messages that passed their order gate carry a stream id; one archived
                 # and then dead-lettered keeps none.

@@ -947,7 +947,7 @@ def message_from(msg_id: str, raw: dict) -> dict | None:
     once a rule blocked it)."""
     if not raw:
         return None
-    out = {"id": client_id(msg_id), "global_id": msg_id}
+    out = {"id": client_id(msg_id)}
     for name in ("channel", "type", "sender", "status", "error"):
         out[name] = raw.get(name)
     if raw.get("rule"):

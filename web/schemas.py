@@ -138,7 +138,6 @@ class Message(BaseModel):
     """A message and what became of it."""
 
     id: str
-    global_id: str
     channel: str | None
     type: str | None
     data: Any

@@ -28,7 +28,7 @@ def test_message_reaches_subscriber_with_every_field_and_statuses_in_order(stack
     watcher.subscribe(channel, status=True)
 
     answer, headers = publish(web, token, channel, {"text": "hi"})
-    assert set(answer) == {"id", "channel", "status", "partition", "offset"}
+    assert set(answer) == {"id", "global_id", "channel", "status", "partition", "offset"}
     assert answer["status"] == "accepted" and answer["channel"] == channel
     assert isinstance(answer["partition"], int) and isinstance(answer["offset"], int)
     assert headers["X-Request-ID"]

@@ -61,7 +61,8 @@ def test_a_channels_keys_share_one_slot_and_channels_spread_over_every_node(clus
     keys = cluster.store().keys
     channel = "chat:room"
     names = [keys.history(channel), keys.epoch(channel), keys.gate(channel), keys.waiting(channel),
-             keys.done("an-id", channel), keys.message_channel(channel), keys.status_channel(channel),
+             keys.done("an-id", channel), keys.effect("route", "an-id", channel), keys.message_channel(channel),
+             keys.status_channel(channel),
              keys.presence_channel(channel), keys.presence(channel)]
     assert len({cluster.store().redis.keyslot(name) for name in names}) == 1
     assert keys.history(channel) == f"{cluster.settings.redis_prefix}:hist:{{chat:room}}"
@@ -187,3 +188,27 @@ def test_resume_while_messages_flow_has_no_gap_and_no_duplicate(cluster):
     with pytest.raises(websocket.WebSocketTimeoutException):
         again.sock.recv()  # nothing twice
     again.close()
+
+
+def test_two_senders_ids_and_a_retry_on_a_cluster(cluster):
+    # The idempotency answers are written by a script of their own on each claim's node (README: "Message ids").
+    web = cluster.webs[0]
+    channel = channels_on_every_node(cluster, 1)[1]
+    watcher = web.ws(cluster.token("watcher"))
+    watcher.recv()
+    watcher.subscribe(channel)
+    answers = {}
+    for sender in ("alice", "mallory"):
+        status, _, answers[sender] = web.request("POST", "/api/v1/messages", {"id": "same", "channel": channel,
+                                                                             "data": sender},
+                                                 token=cluster.token(sender))
+        assert status == 202 and answers[sender]["id"] == "same"
+    frames = [watcher.expect(lambda f: f["op"] == "message", timeout=30) for _ in range(2)]
+    assert sorted((f["id"], f["data"]) for f in frames) == [("same", "alice"), ("same", "mallory")]
+    again = web.request("POST", "/api/v1/messages", {"id": "same", "channel": channel, "data": "alice"},
+                        token=cluster.token("alice"))
+    assert again[2] == answers["alice"]
+    message = wait_until(lambda: (m := web.request("GET", "/api/v1/messages/same", token=cluster.token("mallory"))[2])
+                         .get("status") == "delivered" and m, 10, what="delivered status")
+    assert message["data"] == "mallory"
+    watcher.close()
