@@ -103,8 +103,9 @@ def _accept_answers(status: int = 202) -> dict[int, Answer]:
 
 @contract.operation(blueprint, "POST", "/messages", summary="Publish a message", body=Publish,
                     body_limit=lambda settings: settings.max_message_bytes, headers=PublishHeaders,
-                    description="Answers 202 only after Kafka acknowledged the record. The same `id` (or "
-                                "`Idempotency-Key`) within HERALD_STATUS_TTL returns the first answer.",
+                    description="Answers 202 only after Kafka acknowledged the record. An `id` (or "
+                                "`Idempotency-Key`) is the sender's own (README: Message ids): the same one from "
+                                "the same sender within HERALD_STATUS_TTL returns the first answer.",
                     answers=_accept_answers(), tags=("messages",))
 def publish_one(identity: Identity, headers: PublishHeaders, body: Publish):
     key = headers.idempotency_key
