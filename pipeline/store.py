@@ -26,9 +26,9 @@ STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rej
 
 # KEYS: msg hash, then the status pub/sub channel (on a single Redis; on a
 # cluster it lives in another slot, and the caller publishes the frame).
-# ARGV: status, rank, when the hash expires (Store.expires_at), status frame, origin pub/sub channel or '', origin
-# client, force ('1' lets a replay restart a finished message), then
-# field/value pairs to store. Returns {status now, '1' when it changed}.
+# ARGV: status, rank, when the hash expires (Store.expires_at), status frame,
+# origin pub/sub channel or '', origin client, force ('1' lets a replay
+# restart a finished message), then field/value pairs to store. Returns {status now, '1' when it changed}.
 _SET_STATUS = """
 local current = redis.call('HGET', KEYS[1], 'status')
 local rank = {accepted=1, processing=2, delivered=3, failed=3, rejected=3}
@@ -178,8 +178,8 @@ def _many(body: str) -> str:
 # the target channel's, so it runs in that channel's slot on a cluster; one
 # call per channel and batch, not per message.
 # KEYS: history stream, history epoch, message pub/sub channel, then one
-# marker per source message (Keys.effect). ARGV: marker ttl, history maxlen, channel idle
-# ttl, publish command, oldest id to keep ('' = no age limit), then per marker
+# marker per source message (Keys.effect). ARGV: marker ttl, history maxlen,
+# channel idle ttl, publish command, oldest id to keep ('' = no age limit), then per marker
 # the number of frames it guards and their message frame heads. Returns how
 # many it delivered.
 _EMIT = """
@@ -226,6 +226,9 @@ if not score then
 end
 return redis.call('ZCOUNT', KEYS[1], '-inf', score)
 """
+# The most message ids a `rate` window holds (_RATE): a `max` above it is not
+# enforced past it (README: "Rules").
+RATE_WINDOW_CAP = 10_000
 
 # The first publish of a message id claims it. KEYS: claim. ARGV: pending
 # value, its ttl. Returns nothing when claimed, else the value there.
@@ -251,9 +254,6 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
 return 1
 """
-# The most message ids a `rate` window holds (_RATE): a `max` at or above it
-# cannot be told from the cap (README: "Rules").
-RATE_WINDOW_CAP = 10_000
 
 
 # Open WebSockets per user and per address, counted across every web process:
