@@ -26,7 +26,10 @@ def system(tmp_path_factory):
     """A stack whose every /metrics needs TOKEN: a worker and a bridge serving theirs on ports,
     and a web process of two gunicorn workers."""
     # Workers dead-letter any type but "message": a way to make a dead letter on purpose.
-    stack = Stack(tmp_path_factory.mktemp("metrics"), HERALD_METRICS_TOKEN=TOKEN, HERALD_MESSAGE_TYPES="message")
+    # HERALD_PROBE_TTL=0: each scrape reads the cluster gauges afresh (one probe at a time still),
+    # so a test sees a change at its next scrape (tests/integration/test_ops_guards.py tests the TTL).
+    stack = Stack(tmp_path_factory.mktemp("metrics"), HERALD_METRICS_TOKEN=TOKEN, HERALD_MESSAGE_TYPES="message",
+                  HERALD_PROBE_TTL=0)
     try:
         stack.worker_port, stack.bridge_port = embedded.free_port(), embedded.free_port()
         stack.worker(HERALD_METRICS_PORT=stack.worker_port)
