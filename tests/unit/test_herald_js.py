@@ -1,4 +1,5 @@
-"""herald.js's message ids are random on every page (review M7): never a time or Math.random."""
+"""herald.js in Node: message ids are random on every page (review M7), never a time or Math.random;
+presence() follows the listing's pages (review M8)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,31 @@ def test_ids_on_a_page_without_random_uuid_are_random_uuids():
         int(one.replace("-", ""), 16)
     # No source of randomness: no id at all rather than a guessable one.
     assert "getRandomValues" in answer["without"]
+
+
+# Three pages, as GET presence answers them; fetch records every URL asked for.
+PAGES = """
+const source = require("fs").readFileSync(process.argv[1], "utf8");
+const asked = [];
+const pages = { "": { clients: [{ client: "a" }], next: "17" }, "17": { clients: [], next: "42" },
+                "42": { clients: [{ client: "b" }, { client: "c" }], next: null } };
+globalThis.fetch = (url, options) => {
+  asked.push([url, options.headers.Authorization]);
+  const cursor = new URL(url, "http://h").searchParams.get("cursor") || "";
+  return Promise.resolve({ json: () => Promise.resolve(pages[cursor]) });
+};
+new Function(source)();
+new Herald("ws://h/ws", { token: "t" }).presence("chat:a b").then((body) => {
+  console.log(JSON.stringify({ body, asked }));
+});
+"""
+
+
+def test_presence_follows_next_through_every_page():
+    done = subprocess.run([NODE, "-e", PAGES, str(HERALD_JS)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert [c["client"] for c in answer["body"]["clients"]] == ["a", "b", "c"]
+    assert answer["body"]["next"] is None
+    base = "/api/v1/channels/chat%3Aa%20b/presence"
+    assert answer["asked"] == [[base, "Bearer t"], [base + "?cursor=17", "Bearer t"], [base + "?cursor=42", "Bearer t"]]
