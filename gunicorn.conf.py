@@ -17,7 +17,10 @@ from pipeline.settings import load_or_exit, multiprocess_metrics_dir
 _own_metrics_dir = multiprocess_metrics_dir()
 _settings = load_or_exit()
 
-bind = f"0.0.0.0:{_settings.port}"
+# In development (HERALD_DEV, which `flask dev` sets) only this machine may
+# connect: GET /dev/token hands out tokens allowed everything (review M10).
+# A --bind on the command line (or GUNICORN_CMD_ARGS) wins over this.
+bind = f"{'127.0.0.1' if _settings.dev else '0.0.0.0'}:{_settings.port}"
 worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 worker_connections = int(os.environ.get("HERALD_WORKER_CONNECTIONS", "20000"))

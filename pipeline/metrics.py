@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 import socketserver
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -20,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipeline.errors import StartupError
-from pipeline.settings import MULTIPROC_ENV
+from pipeline.settings import MULTIPROC_ENV, loopback
 
 # Produce and delivery times span a local broker's milliseconds to a retry's minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -37,6 +38,8 @@ SLOW_CLOSES = Counter("herald_ws_slow_consumer_closes_total",
 HTTP_REQUESTS = Counter("herald_http_requests_total", "HTTP requests", ["method", "route", "status"])
 HTTP_LATENCY = Histogram("herald_http_request_duration_seconds", "HTTP request duration, by route template",
                          ["method", "route"])
+PROBES = Counter("herald_probes_total", "Probes of the services made for /readyz (ready) and the cluster gauges "
+                 "of /metrics (cluster); calls in between answer from the last one", ["probe"])
 
 # -- bridge -----------------------------------------------------------------
 RECORDS_CONSUMED = Counter("herald_bridge_records_consumed_total", "Kafka records the bridge consumed")
@@ -81,6 +84,15 @@ def scrape_registry(*collectors) -> CollectorRegistry:
 _registered: set = set()
 
 
+def scrape_allowed(header: str | None, settings, *, private: bool = False) -> bool:
+    """May this scrape read /metrics? With HERALD_METRICS_TOKEN set, only with it as a bearer
+    token; without, only on a `private` (loopback) listener, in development, or with
+    HERALD_METRICS_PUBLIC (README: "Metrics"): lag, DLQ size and rule ids are nobody else's business."""
+    if settings.metrics_token:
+        return token_allowed(header, settings.metrics_token)
+    return private or settings.dev or settings.metrics_public
+
+
 def token_allowed(header: str | None, token: str | None) -> bool:
     """True when no token is required, or `header` is `Bearer <token>` (constant-time)."""
     if not token:
@@ -93,28 +105,40 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def _v6(address: str) -> type:
+    return _Server6 if ":" in address else _Server
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, *_args):  # a scrape every few seconds is not worth a log line
         pass
 
 
 def serve(settings, registry_factory=scrape_registry) -> WSGIServer | None:
-    """Serve `/metrics` on HERALD_METRICS_PORT from a daemon thread (None when unset),
-    behind HERALD_METRICS_TOKEN when set; StartupError when the port cannot be had."""
+    """Serve `/metrics` on HERALD_METRICS_BIND:HERALD_METRICS_PORT from a daemon thread (None
+    when no port is set), behind HERALD_METRICS_TOKEN when set; StartupError when the port
+    cannot be had."""
     if not settings.metrics_port:
         return None
+    private = loopback(settings.metrics_bind)
 
     def app(environ, start_response):
-        if not token_allowed(environ.get("HTTP_AUTHORIZATION"), settings.metrics_token):
+        if not scrape_allowed(environ.get("HTTP_AUTHORIZATION"), settings, private=private):
             start_response("401 Unauthorized", [("Content-Type", "text/plain"),
                                                 ("WWW-Authenticate", 'Bearer realm="metrics"')])
             return [b"a bearer token is required (HERALD_METRICS_TOKEN)\n"]
         return make_wsgi_app(registry_factory())(environ, start_response)
 
     try:
-        server = make_server("0.0.0.0", settings.metrics_port, app, _Server, handler_class=_QuietHandler)
+        server = make_server(settings.metrics_bind, settings.metrics_port, app, _v6(settings.metrics_bind),
+                             handler_class=_QuietHandler)
     except OSError as exc:
-        raise StartupError(f"cannot serve metrics on HERALD_METRICS_PORT={settings.metrics_port}: "
+        raise StartupError(f"cannot serve metrics on HERALD_METRICS_BIND={settings.metrics_bind} "
+                           f"HERALD_METRICS_PORT={settings.metrics_port}: "
                            f"{exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server

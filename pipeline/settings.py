@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import os
 import socket
 import ssl
@@ -131,9 +132,16 @@ class Settings:
     archive_max_age: int = 0  # seconds an archived message is kept; 0: for ever
     archive_prune_interval: int = 3600
     # Metrics (README: "Metrics"): the port the bridge and the worker serve
-    # /metrics on (None: not served), and the bearer token every /metrics asks for.
+    # /metrics on (None: not served) and the address they listen on, the
+    # bearer token every /metrics asks for, and whether a /metrics reachable
+    # beyond this host may answer without one (development always may).
     metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
     metrics_token: str | None = None
+    metrics_public: bool = False
+    # Seconds /readyz and the cluster gauges of /metrics answer from their last
+    # probe of Kafka, Redis and the broker: a burst of calls costs one probe.
+    probe_ttl: float = 2.0
     # HTTP rate limits: ((group, per-token limit, per-address limit), ...), a
     # limit being a `limits` string ("100/second", "10/second,600/minute") or None (off).
     rate_limits: tuple = RATE_LIMITS
@@ -271,7 +279,10 @@ class Settings:
             archive_max_age=_int(env, "HERALD_ARCHIVE_MAX_AGE", cls.archive_max_age, 0, 100 * 365 * 86400),
             archive_prune_interval=_int(env, "HERALD_ARCHIVE_PRUNE_INTERVAL", cls.archive_prune_interval, 1, 86400),
             metrics_port=_int(env, "HERALD_METRICS_PORT", None, 1, 65535),
+            metrics_bind=_bind_address(env),
             metrics_token=env.get("HERALD_METRICS_TOKEN") or None,
+            metrics_public=_flag(env, "HERALD_METRICS_PUBLIC", False),
+            probe_ttl=_float(env, "HERALD_PROBE_TTL", cls.probe_ttl, 0, 300),
             rate_limits=_rate_limits(env.get("HERALD_RATE_LIMITS", "")),
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
@@ -287,6 +298,7 @@ class Settings:
             # RabbitMQ hands a killed worker's tasks back at once, but those of
             # a machine that vanished only when its connection's heartbeat lapses.
             settings = dataclasses.replace(settings, order_wait=AMQP_HEARTBEAT + cls.order_wait)
+        _check_development_flags(settings)
         _check_redis_tls(settings)
         if settings.redis_cluster:
             _check_cluster(env, settings)
@@ -438,6 +450,36 @@ def _url(env, name, default, schemes):
         parts.port
     except ValueError:
         raise ConfigError(f"{name}={raw!r} has a bad port") from None
+    return raw
+
+
+def _check_development_flags(settings):
+    # HERALD_AUTH=off lets anyone act as an admin: a developer's machine only
+    # (README: Configuration). `flask dev` sets HERALD_DEV, and binds loopback.
+    if not settings.auth and not settings.dev:
+        raise ConfigError("HERALD_AUTH=off lets anyone in as an admin: it is for development only "
+                          "(set HERALD_DEV=1, as `flask dev` does), or set HERALD_SECRET_KEY and leave auth on")
+    if settings.metrics_port and not settings.metrics_token and not settings.metrics_public \
+            and not settings.dev and not loopback(settings.metrics_bind):
+        raise ConfigError(f"HERALD_METRICS_BIND={settings.metrics_bind} serves metrics beyond this host: "
+                          "set HERALD_METRICS_TOKEN, or HERALD_METRICS_PUBLIC=1 to serve them to anyone")
+
+
+def loopback(address: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, an IPv4-mapped 127.x)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def _bind_address(env) -> str:
+    raw = env.get("HERALD_METRICS_BIND") or Settings.metrics_bind
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        raise ConfigError(f"HERALD_METRICS_BIND={raw!r} is not an IP address (127.0.0.1, 0.0.0.0, ::)") from None
     return raw
 
 

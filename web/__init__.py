@@ -15,7 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from pipeline.messages import new_id
 from pipeline.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from pipeline.settings import current
+from pipeline.settings import current, loopback
 from web.openapi import MessageIdConverter
 from web.problems import problem
 from web.services import Services
@@ -88,10 +88,14 @@ def _install_dev_token(app: Flask, settings) -> None:
     (HERALD_DEV, which `flask dev` sets; without it the route does not exist)."""
     from web.auth import mint
 
-    log.warning("HERALD_DEV is on: GET /dev/token gives a token to anyone who asks; never set it in production")
+    log.warning("HERALD_DEV is on: GET /dev/token gives a token to anyone on this machine who asks; "
+                "never set it in production")
 
     @app.get("/dev/token")
     def dev_token():
+        if not from_this_machine(request):
+            # Even when a --bind opened the port to the network (review M10).
+            return problem(403, "GET /dev/token answers only requests from this machine", slug="forbidden")
         user = request.args.get("user") or f"guest-{secrets.token_hex(2)}"
         if not _DEV_USER.fullmatch(user):
             return problem(400, "user must be 1 to 32 letters, digits, _ or -", slug="bad-user")
@@ -100,6 +104,14 @@ def _install_dev_token(app: Flask, settings) -> None:
         else:
             body = {"token": "", "user": "anonymous"}  # HERALD_AUTH=off: every connection is let in
         return body, 200, {"Cache-Control": "no-store"}
+
+
+def from_this_machine(req) -> bool:
+    """True for a request from a loopback peer that no proxy relayed (it carries no
+    X-Forwarded-For or Forwarded header: a local proxy may relay anyone)."""
+    if "X-Forwarded-For" in req.headers or "Forwarded" in req.headers:
+        return False
+    return loopback(req.remote_addr or "")
 
 
 def _install_request_ids(app: Flask) -> None:

@@ -36,7 +36,7 @@ class Identity:
         return channel_allowed(channel, self.subscribe)
 
 
-# HERALD_AUTH=off: local development only, everything allowed.
+# HERALD_AUTH=off: everything allowed; the settings refuse it without HERALD_DEV (review L10).
 OPEN = Identity(user="anonymous", publish=("*",), subscribe=("*",), admin=True)
 
 

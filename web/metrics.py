@@ -5,7 +5,9 @@ also says how the whole system is doing: consumer lag per partition, Celery
 queue depth, dead letters, messages in flight, live web nodes. Each source is
 read concurrently within SCRAPE_BUDGET; one that does not answer in time is
 left out and reported by `herald_cluster_source_up{source} 0`, so a scrape
-never hangs on a broken service.
+never hangs on a broken service. The gauges come from a probe kept
+HERALD_PROBE_TTL seconds (web/probe.py), one at a time per process, on
+connections kept open between probes: scrapes cost the services nothing more.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from pipeline.green import run_blocking
 from pipeline.kafka import client_config
+from web.probe import CachedProbe
 
 log = logging.getLogger("herald.metrics")
 SCRAPE_BUDGET = 2.0  # seconds all sources together may take; Prometheus' default scrape timeout is 10 s
@@ -37,13 +40,20 @@ class ClusterCollector:
         self._consumer = None
         self._kafka_lock = threading.Lock()  # a gevent lock in the web: one Kafka read at a time
         self._broker = None
+        self._amqp = None
+        self._gauges = CachedProbe("cluster", self._probe, self.settings.probe_ttl)
 
     def describe(self):
-        """Nothing to check at registration: the gauges are made at each scrape."""
+        """Nothing to check at registration: the gauges are made by each probe."""
         return []
 
     def collect(self):
-        """Read every source at once; yield the gauges of those that answered in time."""
+        """The gauges of the last probe, or of a new one if it is older than HERALD_PROBE_TTL."""
+        yield from self._gauges.get()
+
+    def _probe(self) -> list:
+        """Read every source at once; the gauges of those that answered in time."""
+        families = []
         sources = {"kafka": self._consumer_lag, "redis": self._redis_gauges, "celery": self._queue_depth}
         jobs = {name: gevent.spawn(read) for name, read in sources.items()}
         gevent.joinall(list(jobs.values()), timeout=SCRAPE_BUDGET)
@@ -59,8 +69,8 @@ class ClusterCollector:
             ok = job.ready() and job.successful()
             up.add_metric([name], 1 if ok else 0)
             if ok:
-                yield from job.value
-        yield up
+                families.extend(job.value)
+        return [*families, up]
 
     # -- sources -------------------------------------------------------------
     def _consumer_lag(self) -> list:
@@ -129,17 +139,24 @@ class ClusterCollector:
                 pipe.llen(queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}")
             depth = sum(pipe.execute())
         elif self.settings.amqp_broker:
-            depth = _amqp_depth(self.settings, queue)
+            depth = self._amqp_depth(queue)
         else:
             return []
         return [GaugeMetricFamily("herald_celery_queue_depth", "Tasks waiting in the Celery broker's queue",
                                   value=depth)]
 
+    def _amqp_depth(self, queue: str) -> int:
+        """The ready messages of a RabbitMQ queue (a passive declare: it is never created here),
+        on one connection kept between probes; a failed one is dropped and made again next time."""
+        import kombu
 
-def _amqp_depth(settings, queue: str) -> int:
-    """The ready messages of a RabbitMQ queue (a passive declare: it is never created here)."""
-    import kombu
-
-    with kombu.Connection(settings.celery_broker_url, connect_timeout=SCRAPE_BUDGET) as connection:
-        return connection.default_channel.queue_declare(queue, passive=True).message_count
+        if self._amqp is None:
+            # Without heartbeats (kombu's default): nothing would answer them between probes.
+            self._amqp = kombu.Connection(self.settings.celery_broker_url, connect_timeout=SCRAPE_BUDGET)
+        try:
+            return self._amqp.default_channel.queue_declare(queue, passive=True).message_count
+        except BaseException:  # an error, or the budget's kill in the middle of a call
+            connection, self._amqp = self._amqp, None
+            connection.release()
+            raise
 

@@ -3,7 +3,7 @@
 Each route belongs to a group (publish, batch, read, admin, default; README:
 "Rate limits"). A request is counted twice, by its token's user (`sub`) and
 by its client address (`request.remote_addr`, which ProxyFix sets from
-HERALD_TRUSTED_PROXIES), against the group's two limits of
+HERALD_TRUSTED_PROXIES; an IPv6 address by its /64, `address_group`), against the group's two limits of
 HERALD_RATE_LIMITS; both apply. Health checks, metrics, the WebSocket, the
 demo page and CORS preflights are never limited.
 
@@ -18,6 +18,7 @@ and no request fails for want of Redis.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
 import time
@@ -124,6 +125,27 @@ class _Quiet(logging.Filter):
         return not str(record.msg).startswith("ratelimit ")
 
 
+# One client's share of the address budgets: an IPv6 host commonly owns a
+# whole /64 and picks any address in it (review L1).
+IPV6_PREFIX = 64
+
+
+def address_group(address: str) -> str:
+    """The client address budgets are counted by (README: "Rate limits"): an IPv4 address
+    as is, an IPv6 address as its /64 (`2001:db8:1:2::/64`), an IPv4-mapped IPv6
+    address as its IPv4 address; anything else unchanged. The HTTP limits and the
+    WebSocket per-address cap (HERALD_WS_MAX_PER_IP) both count by it."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip.packed, IPV6_PREFIX), strict=False))
+
+
 def group_of(endpoint: str | None) -> str | None:
     """The rate limit group of an endpoint, or None when it is never limited."""
     if endpoint in GROUPS:
@@ -150,7 +172,7 @@ def init_app(app: Flask, services) -> Limiter | None:
         return f"user:{identify().user}"
 
     def address_key() -> str:
-        return f"addr:{request.remote_addr or '-'}"
+        return f"addr:{address_group(request.remote_addr or '-')}"
 
     def no_user() -> bool:
         # A bad or missing token is answered 401 by the view, counted by its address

@@ -19,6 +19,7 @@ from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
 from pipeline.kafka import Publisher
 from pipeline.store import Store, connect
+from web.probe import CachedProbe
 
 log = logging.getLogger("herald.web")
 
@@ -77,6 +78,8 @@ class Services:
         """
         self.publisher.warm_up()
         self.store.redis.ping()
+        if not (self.settings.metrics_token or self.settings.metrics_public or self.settings.dev):
+            log.warning("HERALD_METRICS_TOKEN is not set: /metrics refuses every scrape (README: Metrics)")
         if self.settings.rules_file:
             from pipeline.rules_store import RulesStore
 
@@ -106,8 +109,15 @@ class Services:
                 if left:
                     log.error("records not delivered at shutdown", extra={"count": left})
 
+    @functools.cached_property
+    def readiness(self) -> CachedProbe[list[str]]:
+        """`down()`'s answer, kept HERALD_PROBE_TTL seconds (web/probe.py): /readyz reads this.
+        "Down" is kept a second at most, so a process is ready again soon after its services are."""
+        ttl = self.settings.probe_ttl
+        return CachedProbe("ready", self.down, lambda down: min(ttl, 1.0) if down else ttl)
+
     def down(self) -> list[str]:
-        """Names of the services that do not answer now (for /readyz)."""
+        """Names of the services that do not answer now (a probe; /readyz reads `readiness`)."""
         down = []
         try:
             self.store.redis.ping()

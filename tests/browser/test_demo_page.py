@@ -173,6 +173,7 @@ def open_chat(browser, base: str, token: str, channel: str, *, web, subscribers:
     context = browser.new_context()
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())  # "sign in with the link's token?": yes
     page.goto(f"{base}/#token={token}")
     if heartbeat_ms:
         page.evaluate(f"Herald.defaults.heartbeat = {heartbeat_ms}")  # for the client Join makes
@@ -449,7 +450,9 @@ def scripted_page(browser):
     context.add_init_script(FAKE_SOCKET)
     context.route("http://herald.test/**", lambda route: route.fulfill(
         path=static / ("herald.js" if route.request.url.endswith("/herald.js") else "index.html")))
-    return context, context.new_page()
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())  # the link's #token=t is the test's own
+    return context, page
 
 
 def test_client_retries_a_subscribe_refused_as_unavailable_and_keeps_its_offset(browser):
@@ -519,7 +522,7 @@ def test_a_refused_subscribe_is_not_asked_again_after_a_reconnect(browser):
         context.close()
 
 
-def test_a_token_in_a_link_replaces_the_saved_one_only_if_the_user_agrees(browser):
+def test_a_token_in_a_link_is_used_only_if_the_user_agrees_saved_token_or_not(browser):
     context, page = scripted_page(browser)
     asked: list[str] = []
 
@@ -534,9 +537,13 @@ def test_a_token_in_a_link_replaces_the_saved_one_only_if_the_user_agrees(browse
 
     try:
         page.close()
-        assert visit("mine") == ("mine",) * 3 and asked == []  # nothing saved yet: no question
-        assert visit("theirs", agree=False) == ("mine",) * 3 and len(asked) == 1
-        assert visit("mine") == ("mine",) * 3 and len(asked) == 1  # the saved one: no question
-        assert visit("theirs", agree=True) == ("theirs",) * 3 and len(asked) == 2
+        # Nothing saved yet: still asked (a link may sign a first-time visitor in as someone else).
+        assert visit("theirs", agree=False) == ("", "", "") and len(asked) == 1
+        assert "Sign in with it" in asked[-1]
+        assert visit("mine", agree=True) == ("mine",) * 3 and len(asked) == 2
+        assert visit("theirs", agree=False) == ("mine",) * 3 and len(asked) == 3
+        assert "different token" in asked[-1]
+        assert visit("mine") == ("mine",) * 3 and len(asked) == 3  # the saved one: no question
+        assert visit("theirs", agree=True) == ("theirs",) * 3 and len(asked) == 4
     finally:
         context.close()

@@ -15,7 +15,7 @@ from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import embedded
-from tests.harness import ROOT, Stack, refused_start, start_environment, topic_size, wait_until
+from tests.harness import AMQP_URL, ROOT, Stack, refused_start, start_environment, topic_size, wait_until
 
 TOKEN = "metrics-scrape-token"
 MESSAGES = 20
@@ -26,7 +26,10 @@ def system(tmp_path_factory):
     """A stack whose every /metrics needs TOKEN: a worker and a bridge serving theirs on ports,
     and a web process of two gunicorn workers."""
     # Workers dead-letter any type but "message": a way to make a dead letter on purpose.
-    stack = Stack(tmp_path_factory.mktemp("metrics"), HERALD_METRICS_TOKEN=TOKEN, HERALD_MESSAGE_TYPES="message")
+    # HERALD_PROBE_TTL=0: each scrape reads the cluster gauges afresh (one probe at a time still),
+    # so a test sees a change at its next scrape (tests/integration/test_ops_guards.py tests the TTL).
+    stack = Stack(tmp_path_factory.mktemp("metrics"), HERALD_METRICS_TOKEN=TOKEN, HERALD_MESSAGE_TYPES="message",
+                  HERALD_PROBE_TTL=0)
     try:
         stack.worker_port, stack.bridge_port = embedded.free_port(), embedded.free_port()
         stack.worker(HERALD_METRICS_PORT=stack.worker_port)
@@ -80,6 +83,15 @@ def publish(system, channel: str, count: int) -> list[str]:
         wait_until(lambda: web.request("GET", f"/api/v1/messages/{msg_id}", token=token)[2].get("status")
                    == "delivered", 30, what=f"{msg_id} delivered")
     return ids
+
+
+def test_bridge_and_worker_metrics_listen_on_loopback_only_by_default(system):
+    # HERALD_METRICS_BIND is unset: 127.0.0.1 answers, another address of this machine
+    # (127.0.0.2 is routed to it too) finds nothing listening.
+    for port in (system.worker_port, system.bridge_port):
+        assert get(f"http://127.0.0.1:{port}/metrics")[0] == 200
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", port), timeout=5).close()
 
 
 def test_every_metrics_endpoint_refuses_a_scrape_without_the_token(system):
@@ -253,7 +265,7 @@ from web.metrics import ClusterCollector
 from web.services import Services
 
 address = sys.argv[1]
-settings = Settings.from_env({"HERALD_AUTH": "off", "REDIS_URL": f"redis://{address}/0",
+settings = Settings.from_env({"HERALD_AUTH": "off", "HERALD_DEV": "1", "REDIS_URL": f"redis://{address}/0",
                               "KAFKA_BOOTSTRAP_SERVERS": address})
 families = list(ClusterCollector(Services(settings)).collect())
 print(json.dumps({"names": [f.name for f in families],
@@ -291,7 +303,7 @@ def test_a_worker_whose_metrics_port_is_taken_refuses_to_start_in_one_line(spare
 
 
 def test_celery_queue_depth_with_rabbitmq_is_read_by_a_passive_declare(tmp_path):
-    stack = Stack(tmp_path / "amqp", broker="amqp")
+    stack = Stack(tmp_path / "amqp", broker="amqp", HERALD_METRICS_TOKEN=TOKEN)
     try:
         stack.worker()  # declares the queue
         web = stack.web()
@@ -300,3 +312,45 @@ def test_celery_queue_depth_with_rabbitmq_is_read_by_a_passive_declare(tmp_path)
         assert ("herald_celery_queue_depth", ()) in samples
     finally:
         stack.stop()
+
+
+AMQP_SCRAPES = """
+import json, sys
+from gevent import monkey
+monkey.patch_all()  # as gunicorn's gevent workers run it
+import kombu
+from pipeline.settings import Settings
+from web.metrics import ClusterCollector
+from web.services import Services
+
+opened = []
+establish = kombu.Connection._establish_connection  # each AMQP handshake goes through it
+kombu.Connection._establish_connection = lambda self: (opened.append(1), establish(self))[1]
+settings = Settings.from_env({"HERALD_SECRET_KEY": "s" * 32, "HERALD_PROBE_TTL": "0",
+                              "REDIS_URL": sys.argv[1], "CELERY_BROKER_URL": sys.argv[2],
+                              "HERALD_REDIS_PREFIX": sys.argv[3], "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
+collector = ClusterCollector(Services(settings))
+up = []
+for _ in range(5):
+    up.append({s.labels["source"]: s.value for f in collector.collect() for s in f.samples
+               if s.name == "herald_cluster_source_up"}["celery"])
+print(json.dumps({"up": up, "connections": collector._amqp.connection is not None, "opened": len(opened)}))
+"""
+
+
+def test_queue_depth_probes_share_one_rabbitmq_connection(spare_redis_url):
+    # Five probes (no cache: HERALD_PROBE_TTL=0), one AMQP connection (review M5: one per scrape before).
+    import kombu
+
+    prefix = f"amqp{uuid.uuid4().hex[:8]}"
+    with kombu.Connection(AMQP_URL, connect_timeout=5) as connection:
+        connection.default_channel.queue_declare(f"{prefix}.tasks", durable=False, auto_delete=False)
+    try:
+        result = subprocess.run([sys.executable, "-c", AMQP_SCRAPES, spare_redis_url, AMQP_URL, prefix],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+    finally:
+        with kombu.Connection(AMQP_URL, connect_timeout=5) as connection:
+            connection.default_channel.queue_delete(f"{prefix}.tasks")
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer == {"up": [1] * 5, "connections": True, "opened": 1}, answer

@@ -28,7 +28,9 @@ _addresses = (f"203.0.113.{n}" for n in itertools.count(1))
 @pytest.fixture(scope="module")
 def limited(stack):
     """Two more web processes of the shared stack (one Redis) with small limits, behind one trusted proxy."""
-    webs = [stack.web(f"limited-web{n}", HERALD_RATE_LIMITS=LIMITS, HERALD_TRUSTED_PROXIES=1) for n in (1, 2)]
+    # HERALD_METRICS_PUBLIC: /metrics answers without a token, to show it is never limited either.
+    webs = [stack.web(f"limited-web{n}", HERALD_RATE_LIMITS=LIMITS, HERALD_TRUSTED_PROXIES=1,
+                      HERALD_METRICS_PUBLIC=1) for n in (1, 2)]
     yield webs
     for web in webs:
         web.proc.stop()
@@ -95,6 +97,19 @@ def test_each_user_has_a_budget_and_their_address_one_for_all(stack, limited, ch
     assert_too_many(get(web1, path, other, stack.token(alice, ttl=600)), 3, "this token's user")
     # A bad token is answered 401 and counted by its address alone.
     assert get(web2, path, address(), "not-a-token")[0] == 401
+
+
+_prefixes = (f"2001:db8:{n:x}:1" for n in itertools.count(1))
+
+
+def test_an_ipv6_client_has_one_address_budget_for_its_whole_64(stack, limited, channel):
+    # A host picks any of its /64's addresses: each one a budget of its own would be no limit (review L1).
+    path = f"/api/v1/channels/{channel}/history"
+    prefix, other = next(_prefixes), next(_prefixes)
+    answers = [get(limited[n % 2], path, f"{prefix}::{n + 1:x}", stack.token(user()))[0] for n in range(5)]
+    assert answers == [200] * 5  # read: 5 a minute per address, each request from another address
+    assert_too_many(get(limited[0], path, f"{prefix}:dead:beef:0:6", stack.token(user())), 5, "this client address")
+    assert get(limited[1], path, f"{other}::1", stack.token(user()))[0] == 200  # the next /64: a budget of its own
 
 
 def test_a_request_counts_both_its_limits_in_one_round_trip(stack, limited, channel):
@@ -225,6 +240,6 @@ def test_every_grouped_endpoint_exists():
     from web import create_app
     from web.ratelimit import GROUPS, UNLIMITED
 
-    app = create_app(Settings.from_env({"HERALD_AUTH": "off"}))
+    app = create_app(Settings.from_env({"HERALD_AUTH": "off", "HERALD_DEV": "1"}))
     assert set(GROUPS) <= set(app.view_functions)
     assert UNLIMITED <= set(app.view_functions)

@@ -28,8 +28,29 @@ def test_defaults_follow_the_spec():
 def test_metrics_are_served_on_a_port_and_behind_a_token_only_when_asked():
     settings = Settings.from_env(BASE)
     assert settings.metrics_port is None and settings.metrics_token is None
+    assert settings.metrics_bind == "127.0.0.1" and settings.metrics_public is False
+    assert settings.probe_ttl == 2.0
     settings = Settings.from_env({**BASE, "HERALD_METRICS_PORT": "9102", "HERALD_METRICS_TOKEN": "t0ken"})
     assert settings.metrics_port == 9102 and settings.metrics_token == "t0ken"
+
+
+@pytest.mark.parametrize("env", [{"HERALD_METRICS_TOKEN": "t0ken"}, {"HERALD_METRICS_PUBLIC": "1"},
+                                 {"HERALD_DEV": "1"}])
+def test_metrics_beyond_this_host_need_a_token_or_an_explicit_opt_out(env):
+    wide = {**BASE, "HERALD_METRICS_PORT": "9102", "HERALD_METRICS_BIND": "0.0.0.0"}
+    with pytest.raises(ConfigError, match="HERALD_METRICS_BIND=0.0.0.0 serves metrics beyond this host"):
+        Settings.from_env(wide)
+    assert Settings.from_env({**wide, **env}).metrics_bind == "0.0.0.0"
+    # Loopback (the default), IPv4 or IPv6, needs neither.
+    for address in ("127.0.0.1", "::1", "127.0.0.5"):
+        assert Settings.from_env({**wide, "HERALD_METRICS_BIND": address}).metrics_bind == address
+
+
+def test_auth_off_is_for_development_only():
+    with pytest.raises(ConfigError, match="HERALD_AUTH=off lets anyone in as an admin: it is for development only"):
+        Settings.from_env({"HERALD_AUTH": "off"})
+    with pytest.raises(ConfigError, match="HERALD_AUTH=off"):
+        Settings.from_env({**BASE, "HERALD_AUTH": "off"})
 
 
 def test_broker_defaults_to_redis_url():
@@ -47,8 +68,8 @@ def test_heroku_postgres_scheme_is_rewritten():
     assert settings.database_url == "postgresql://u:p@db:5432/x"
 
 
-def test_auth_off_needs_no_secret():
-    assert Settings.from_env({"HERALD_AUTH": "off"}).auth is False
+def test_auth_off_needs_no_secret_in_development():
+    assert Settings.from_env({"HERALD_AUTH": "off", "HERALD_DEV": "1"}).auth is False
 
 
 def test_cors_origins_are_split():
@@ -64,6 +85,9 @@ def test_cors_origins_are_split():
     ({**BASE, "PORT": "70000"}, "PORT"),
     ({**BASE, "HERALD_METRICS_PORT": "0"}, "HERALD_METRICS_PORT"),
     ({**BASE, "HERALD_METRICS_PORT": "metrics"}, "HERALD_METRICS_PORT"),
+    ({**BASE, "HERALD_METRICS_BIND": "metrics.local"}, "HERALD_METRICS_BIND='metrics.local' is not an IP address"),
+    ({**BASE, "HERALD_METRICS_PUBLIC": "sure"}, "HERALD_METRICS_PUBLIC"),
+    ({**BASE, "HERALD_PROBE_TTL": "-1"}, "HERALD_PROBE_TTL"),
     ({**BASE, "REDIS_URL": "http://x"}, "REDIS_URL"),
     ({**BASE, "REDIS_URL": "redis://"}, "names no host"),
     ({**BASE, "KAFKA_BOOTSTRAP_SERVERS": "nohostport"}, "host:port"),

@@ -3,14 +3,16 @@
 A subscribe writes the client's entry (a hash per channel) and publishes a
 `join`; an unsubscribe or a close removes it and publishes a `leave`. Each
 web process keeps a liveness key fresh; entries of a process whose key
-expired (it died without cleaning up) are reaped by whichever process holds
-the reaper lock that period, and their `leave` frames published then.
+expired (it died without cleaning up) are reaped, in a loop apart from the
+heartbeat, by whichever process holds the reaper lock that period, and their
+`leave` frames published then. Listings are paged (HSCAN).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import redis
@@ -18,6 +20,15 @@ import redis
 from pipeline.messages import dumps
 
 log = logging.getLogger("herald.hub")
+
+
+# Presence entries a listing page asks Redis for, by default and at most
+# (README: "Presence"): a channel of 100,000 subscribers is 500 pages, not one
+# multi-megabyte reply and one O(N) command (review M8).
+PAGE = 200
+MAX_PAGE = 1000
+# Channels one reaper run looks at; the next run carries on from its cursor.
+REAP_CHANNELS = 1000
 
 
 class Presence:
@@ -29,6 +40,9 @@ class Presence:
         self.keys = store.keys
         self.settings = settings
         self.node = node
+        self._reap_cursor = 0
+        self._reaper: threading.Thread | None = None
+        self._beaten = 0.0  # time.monotonic() of this node's last heartbeat
 
     def join_all(self, joins: list[tuple]) -> list[None]:
         """Record each (client, channel) and tell the channel, in one round trip (web/hub/batch.py);
@@ -58,27 +72,63 @@ class Presence:
         except redis.RedisError:
             log.warning("presence not removed", extra={"client": client.id, "channel": channel})
 
-    def members(self, channel: str) -> list[dict]:
-        """Clients subscribed to a channel now, oldest first (entries of dead nodes left out)."""
-        entries = [json.loads(v) for v in self.redis.hvals(self.keys.presence(channel))]
+    def page(self, channel: str, cursor: int | str = 0, count: int = PAGE) -> dict:
+        """One page of the clients subscribed to a channel now (entries of dead nodes left out):
+        `{"clients": [...], "next": cursor or None}`, oldest first within the page.
+
+        An HSCAN: `count` is Redis's hint (a page may hold somewhat more, or fewer, even
+        none while `next` is not None); follow `next` until it is None. ValueError for a
+        cursor that is not one `next` gave.
+        """
+        position = parse_cursor(cursor)
+        found, raw = self.redis.hscan(self.keys.presence(channel), position, count=max(1, min(count, MAX_PAGE)))
+        entries = [json.loads(v) for v in raw.values()]
         alive = self._alive({e.get("node", "") for e in entries})
         entries = sorted((e for e in entries if e.get("node", "") in alive), key=lambda e: e.get("since", 0))
-        return [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries]
+        return {"clients": [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries],
+                "next": str(found) if int(found) else None}
 
-    def reap(self) -> list[tuple[str, dict]]:
-        """Remove presence entries of web processes that stopped heart-beating; returns them."""
-        reaped = []
-        for channel in self.redis.smembers(self.keys.presence_channels):
-            key = self.keys.presence(channel)
-            entries = {client: json.loads(v) for client, v in self.redis.hgetall(key).items()}
-            alive = self._alive({e.get("node", "") for e in entries.values()})
-            for client, entry in entries.items():
-                if entry.get("node", "") not in alive and self.redis.hdel(key, client):
-                    self.store.publish(self.keys.presence_channel(channel),
-                                       frame("leave", channel, entry["user"], client))
-                    reaped.append((channel, entry))
-            if not self.redis.exists(key):
-                self.redis.srem(self.keys.presence_channels, channel)
+    def members(self, channel: str, cursor: int | str = 0, count: int = PAGE) -> list[dict]:
+        """The clients of one page of `page` (the first by default): never the whole channel at once."""
+        return self.page(channel, cursor, count)["clients"]
+
+    def reap(self, limit: int = REAP_CHANNELS) -> list[tuple[str, dict]]:
+        """Remove presence entries of web processes that stopped heart-beating; returns them.
+
+        Looks at about `limit` channels, from where the last call stopped (an SSCAN
+        cursor), in five round trips whatever their number: a user who made
+        thousands of presence channels slows the reaping, not the heartbeat.
+        """
+        cursor, found = self.redis.sscan(self.keys.presence_channels, self._reap_cursor, count=limit)
+        self._reap_cursor = int(cursor)
+        channels = list(dict.fromkeys(found))  # SSCAN may return an element twice
+        if not channels:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for channel in channels:
+            pipe.hgetall(self.keys.presence(channel))
+        entries = {channel: {client: json.loads(v) for client, v in fields.items()}
+                   for channel, fields in zip(channels, pipe.execute())}
+        alive = self._alive({e.get("node", "") for found in entries.values() for e in found.values()})
+        dead = [(channel, client, entry) for channel, found in entries.items() for client, entry in found.items()
+                if entry.get("node", "") not in alive]
+        pipe = self.redis.pipeline(transaction=False)
+        for channel, client, _entry in dead:
+            pipe.hdel(self.keys.presence(channel), client)
+        for channel in channels:
+            pipe.exists(self.keys.presence(channel))
+        replies = pipe.execute()
+        removed, left = replies[:len(dead)], replies[len(dead):]
+        reaped = [(channel, entry) for (channel, _client, entry), gone in zip(dead, removed) if gone]
+        pipe = self.redis.pipeline(transaction=False)
+        for channel, entry in reaped:
+            # Only the reaper that removed an entry says it left.
+            self.store.publish(self.keys.presence_channel(channel),
+                               frame("leave", channel, entry["user"], entry["client"]), pipe)
+        for channel, exists in zip(channels, left):
+            if not exists:
+                pipe.srem(self.keys.presence_channels, channel)
+        pipe.execute()
         return reaped
 
     def _alive(self, nodes: set[str]) -> set[str]:
@@ -89,24 +139,51 @@ class Presence:
         return {n for n, flag in zip(nodes, flags) if flag}
 
     def beat(self, members: list[tuple[str, str, str]]) -> None:
-        """One heartbeat: this node's liveness key, its connections counted for another
-        TTL, and, if this node holds the reaper lock this period, the reaping."""
+        """One heartbeat: this node's liveness key and its connections counted for another
+        TTL. The first beat starts the reaper's own loop (`_reap_loop`), so that however
+        long a reaping takes, it never delays the liveness key (review M8)."""
         ttl = self.settings.presence_ttl
-        self.redis.set(self.keys.node(self.node), "1", ex=ttl)
-        # The live nodes counted on /metrics (herald_web_nodes); the dead fall out here.
         now = time.time()
-        self.redis.zadd(self.keys.nodes, {self.node: now})
-        self.redis.zremrangebyscore(self.keys.nodes, "-inf", now - ttl)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.node(self.node), "1", ex=ttl)
+        # The live nodes counted on /metrics (herald_web_nodes); the dead fall out here.
+        pipe.zadd(self.keys.nodes, {self.node: now})
+        pipe.zremrangebyscore(self.keys.nodes, "-inf", now - ttl)
+        pipe.execute()
+        self._beaten = time.monotonic()
         # A connection closing meanwhile may be counted again: it lapses after the TTL.
         self.store.refresh_connections(members)
-        if self.redis.set(self.keys.presence_reaper, self.node, nx=True, ex=int(self.period)):
-            for channel, entry in self.reap():
-                log.info("presence reaped", extra={"channel": channel, "client": entry["client"]})
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap_loop, name="presence-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        # Each period, the node holding the reaper lock reaps a share of the channels.
+        # It ends when this node stops beating (a stopping process); a beat starts it again.
+        while time.monotonic() - self._beaten < 2 * self.period:
+            try:
+                if self.redis.set(self.keys.presence_reaper, self.node, nx=True, ex=int(self.period)):
+                    for channel, entry in self.reap():
+                        log.info("presence reaped", extra={"channel": channel, "client": entry["client"]})
+            except redis.RedisError as exc:
+                log.warning("presence reaping failed", extra={"error": str(exc)})
+            except Exception:  # a bad entry must not end the loop for good
+                log.exception("presence reaping failed")
+            time.sleep(self.period)
+        self._reaper = None
 
     @property
     def period(self) -> float:
         """Seconds between heartbeats: a third of the presence TTL."""
         return max(1.0, self.settings.presence_ttl / 3)
+
+
+def parse_cursor(cursor: int | str) -> int:
+    """A presence page's cursor (`next` of the page before; 0 for the first); ValueError otherwise."""
+    text = str(cursor)
+    if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 2 ** 64):
+        raise ValueError("cursor must be the `next` of a presence page")
+    return int(text)
 
 
 def frame(op: str, channel: str, user: str, client: str) -> str:

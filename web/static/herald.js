@@ -161,17 +161,36 @@
       return this.request(frame);
     }
 
+    // Who is in a channel: every page of the listing, following each answer's
+    // `next` (README: "Presence"), as one answer whose `clients` holds them all.
     presence(channel, baseUrl) {
-      return fetch((baseUrl || "") + "/api/v1/channels/" + encodeURIComponent(channel) + "/presence", {
-        headers: this.token ? { Authorization: "Bearer " + this.token } : {},
-      }).then((r) => r.json());
+      const url = (baseUrl || "") + "/api/v1/channels/" + encodeURIComponent(channel) + "/presence";
+      const headers = this.token ? { Authorization: "Bearer " + this.token } : {};
+      const clients = [];
+      const page = (cursor) => fetch(cursor ? url + "?cursor=" + encodeURIComponent(cursor) : url, { headers })
+        .then((r) => r.json()).then((body) => {
+          if (!body || !Array.isArray(body.clients)) return body;  // a problem answer, as it came
+          clients.push(...body.clients);
+          return body.next ? page(body.next) : Object.assign(body, { clients });
+        });
+      return page(null);
     }
   }
 
   // Defaults for every client; `heartbeat` (ms) matches the server's HERALD_PING_INTERVAL.
   Herald.defaults = { heartbeat: 25000 };
-  // A message id (randomUUID exists only on https:// and localhost pages).
-  Herald.newId = () => (global.crypto && crypto.randomUUID ? crypto.randomUUID()
-    : String(Date.now()) + Math.random().toString(16).slice(2));
+  // A message id: a random UUID. randomUUID exists only on https:// and
+  // localhost pages; getRandomValues everywhere. Never a time or Math.random:
+  // a guessable id can be claimed first by someone else (review M7).
+  Herald.newId = () => {
+    const c = global.crypto;
+    if (c && c.randomUUID) return c.randomUUID();
+    if (!c || !c.getRandomValues) throw new Error("Herald needs crypto.getRandomValues for message ids");
+    const b = c.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40;  // version 4
+    b[8] = (b[8] & 0x3f) | 0x80;  // variant 10
+    const hex = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20), hex.slice(20)].join("-");
+  };
   global.Herald = Herald;
 })(typeof window !== "undefined" ? window : globalThis);
