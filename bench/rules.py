@@ -120,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = embedded.redis_server(embedded.free_port(), str(Path(tmp) / "redis.log")).start()
         try:
-            settings = Settings.from_env({"HERALD_AUTH": "off", "REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
+            settings = Settings.from_env({"HERALD_AUTH": "off", "HERALD_DEV": "1", "REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
                                           "HERALD_REDIS_PREFIX": "bench"})
             without, with_ = [], []
             for _ in range(args.rounds):  # interleaved, so a noisy neighbour hits both alike

@@ -247,6 +247,8 @@ class Stack:
             "HERALD_CONSUMER_GROUP": f"bridge-{tag}",
             "HERALD_SECRET_KEY": SECRET,
             "HERALD_TOPIC_PARTITIONS": "4",
+            # The tests scrape /metrics without a token (README: Metrics).
+            "HERALD_METRICS_PUBLIC": "1",
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("KAFKA_URL", None)

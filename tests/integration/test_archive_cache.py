@@ -68,7 +68,7 @@ def redis_url(spare_redis_url):
 
 
 def _settings(redis_url, database_url, **extra) -> Settings:
-    env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "HERALD_AUTH": "off",
+    env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "HERALD_AUTH": "off", "HERALD_DEV": "1",
            "HERALD_REDIS_PREFIX": f"c{uuid.uuid4().hex[:8]}", "HERALD_BLOOM_CAPACITY": "100000",
            **{k: str(v) for k, v in extra.items()}}
     return Settings.from_env(env)

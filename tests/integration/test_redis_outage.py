@@ -12,7 +12,7 @@ from tests.harness import Stack, close_code
 def test_no_answer_or_frame_names_the_redis_address(tmp_path):
     stack = Stack(tmp_path / "outage", own_redis=True)
     try:
-        web = stack.web()
+        web = stack.web(HERALD_PROBE_TTL=0)  # /readyz answers from a fresh probe
         token = stack.token()
         client = web.ws(token)
         client.recv()

@@ -10,7 +10,7 @@ from pipeline.kafka import client_config
 from pipeline.settings import Settings
 from tests.tls import make_pki
 
-BASE = {"HERALD_AUTH": "off"}
+BASE = {"HERALD_AUTH": "off", "HERALD_DEV": "1"}
 
 
 @pytest.fixture(scope="module")
