@@ -737,13 +737,16 @@ end
         HERALD_HISTORY_PAGE_BYTES (at least one message); `next` continues it.
         """
         stream = self.keys.history(channel)
+        read = (self._HISTORY_PAGE, 1, stream, f"({since}" if since else "-", limit, self.settings.history_page_bytes)
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(self.keys.epoch(channel))
-        pipe.eval(self._HISTORY_PAGE, 1, stream, f"({since}" if since else "-", limit,
-                  self.settings.history_page_bytes)
+        if not self.cluster:  # redis-py's cluster pipeline runs no scripts
+            pipe.eval(*read)
         pipe.xinfo_stream(stream) if since else pipe.exists(stream)
         try:
-            epoch, (entries, more), info = pipe.execute()
+            replies = pipe.execute()
+            entries, more = self.redis.eval(*read) if self.cluster else replies.pop(1)
+            epoch, info = replies
         except redis.ResponseError:  # no such stream: nothing retained
             epoch, entries, more, info = None, [], 0, None
         recovered = True
