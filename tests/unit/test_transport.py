@@ -143,6 +143,28 @@ SLOW_READER = PRELUDE + textwrap.dedent("""
     print("ok")
 """)
 
+PONG_BEFORE_THE_PING_IS_OUT = PRELUDE + textwrap.dedent("""
+    ws, peer, closed = pair(limit=10_000)
+    for text in frames:
+        ws.push(wire_frame(text))  # more than the socket takes: the ping waits behind them
+    assert ws.ping()
+    peer.sendall(Connection(ConnectionType.CLIENT).send(Pong()))  # a Pong to a ping it cannot have seen
+    gevent.sleep(0.2)
+    assert ws.awaiting_pong
+    assert not ws.ping(), "an unsolicited Pong kept a client that reads nothing alive"
+    texts, close = read_all(peer)
+    assert close == 1008
+    # And once the ping is out, its Pong counts.
+    ws, peer, closed = pair(limit=10)
+    assert ws.ping()
+    peer.settimeout(5)
+    assert peer.recv(2) == b"\\x89\\x00"
+    peer.sendall(Connection(ConnectionType.CLIENT).send(Pong()))
+    gevent.sleep(0.2)
+    assert not ws.awaiting_pong and ws.ping()
+    print("ok")
+""")
+
 NOTHING_ANSWERED_BEFORE_START = PRELUDE + textwrap.dedent("""
     ws, peer, closed = pair(limit=10, start=False)
     client = Connection(ConnectionType.CLIENT)
@@ -190,3 +212,7 @@ def test_a_slow_reader_sending_pongs_is_closed_and_its_queue_never_folds():
 
 def test_before_start_pings_get_no_pong_and_do_not_extend_the_read_deadline():
     run(NOTHING_ANSWERED_BEFORE_START)
+
+
+def test_a_pong_counts_only_once_the_ping_is_out():
+    run(PONG_BEFORE_THE_PING_IS_OUT)

@@ -96,7 +96,8 @@ class WebSocket:
 
     __slots__ = ("_raw", "_proto", "_queue", "_offset", "_frames", "_limit", "_queue_bytes", "_max_bytes",
                  "_reader", "_writer", "_timer", "_drained", "_message", "_size", "_early", "_on_message",
-                 "_on_closed", "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong", "queued")
+                 "_on_closed", "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong", "queued",
+                 "_ping_ahead")
 
     def __init__(self, ws, queue_limit: int, max_message_bytes: int, queue_bytes: int):
         # The plain socket under gevent's wrapper (no watchers of its own):
@@ -129,6 +130,7 @@ class WebSocket:
         self.on_overflow = self.on_too_large = None
         self.closing = self.closed = False
         self.awaiting_pong = False
+        self._ping_ahead = 0  # queued bytes up to the end of the last ping: it is not out before they are
 
     # -- reading -------------------------------------------------------------
     def read_message(self, deadline: float):
@@ -211,7 +213,10 @@ class WebSocket:
             if self._early is None:  # before authentication nothing is answered (review M2)
                 self.push(self._proto.send(event.response()))
         elif isinstance(event, Pong):
-            self.awaiting_pong = False
+            # Only once our ping is out: an unsolicited Pong does not keep a reader that
+            # takes nothing alive (review H2).
+            if not self._ping_ahead:
+                self.awaiting_pong = False
         elif isinstance(event, CloseConnection):
             if self.closing:
                 self._finish()  # the answer to our close
@@ -263,6 +268,7 @@ class WebSocket:
             return False
         self.awaiting_pong = True
         self.push(PING_FRAME)
+        self._ping_ahead = self.queued
         return True
 
     def _watch_writes(self) -> None:
@@ -284,6 +290,7 @@ class WebSocket:
         finally:
             pieces[0].release()
         self.queued -= sent
+        self._ping_ahead = max(0, self._ping_ahead - sent)
         # Drop the elements sent whole; the next starts `offset` bytes in.
         sent += self._offset
         done = 0
