@@ -279,6 +279,9 @@ class WebSocket:
 
     def _writable(self) -> None:
         queue = self._queue
+        if not queue:  # emptied meanwhile (an overflow dropped it, and the close frame went out at once)
+            self._writer.stop()
+            return
         pieces = [memoryview(queue[0][0])[self._offset:]] + [data for data, _ in queue[1:SEND_PIECES]]
         try:
             sent = self._raw.sendmsg(pieces) if len(pieces) > 1 else self._raw.send(pieces[0])
