@@ -158,7 +158,8 @@ def test_a_slow_reader_sending_pongs_is_closed_4008_and_the_others_get_every_mes
         wait_until(lambda: slow_closed, 30, what="the slow reader to be closed")
         growth = rss.stop()
         order = {msg_id: rank for rank, msg_id in enumerate(published)}
-        figures = {"test": f"slow reader with pongs, bound by {bound_by}", "published": len(published), "delivered": len(set(arrivals)),
+        figures = {"test": f"slow reader with pongs, bound by {bound_by}", "published": len(published),
+                   "delivered": len(set(arrivals)),
                    "lost": len(set(published) - set(arrivals)), "duplicated": len(arrivals) - len(set(arrivals)),
                    "reordered": inversions([arrivals], order), "slow_close": slow_closed[0],
                    "rss_growth_mb": round(growth / MB, 1), "rss_bound_mb": bound // MB}

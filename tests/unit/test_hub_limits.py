@@ -16,7 +16,7 @@ def test_the_send_queue_and_page_bounds_default_to_8_mib_and_1_mib():
 
 
 def test_a_send_queue_smaller_than_two_pages_is_refused_in_one_sentence():
-    with pytest.raises(ConfigError, match="HERALD_SEND_QUEUE_BYTES .* must be at least twice HERALD_HISTORY_PAGE_BYTES"):
+    with pytest.raises(ConfigError, match="HERALD_SEND_QUEUE_BYTES .* at least twice HERALD_HISTORY_PAGE_BYTES"):
         Settings.from_env({**BASE, "HERALD_SEND_QUEUE_BYTES": str(1 << 20)})
     assert Settings.from_env({**BASE, "HERALD_SEND_QUEUE_BYTES": str(1 << 20),
                               "HERALD_HISTORY_PAGE_BYTES": str(256 << 10)}).send_queue_bytes == 1 << 20
