@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from pipeline.archive import ArchiveUnavailable
 from pipeline.bloom import Bloom
 from pipeline.keys import Keys
+from pipeline.messages import dumps_bytes
 from pipeline.store import connect, message_from, stream_id_key
 
 ARCHIVE_QUERIES = Counter("herald_archive_queries_total", "Reads of the SQL archive (messages by id and history)")
@@ -66,10 +67,13 @@ def bloom_filter(settings, client=None) -> Bloom:
 
 
 class _Flight:
-    """One archive read in this process, and those waiting for it."""
+    """One archive read in this process, and those waiting for it until `deadline`
+    (time.monotonic()): past it the read is taken for hung, and the next read of
+    the id starts a flight of its own (review L7)."""
 
-    def __init__(self):
+    def __init__(self, deadline: float):
         self.done = threading.Event()
+        self.deadline = deadline
         self.result = None
         self.error: BaseException | None = None
 
@@ -138,14 +142,15 @@ class MessageCache:
     def _fill(self, msg_id: str) -> dict | None:
         # In-process single flight first: requests of this process share one
         # read even when the cache's Redis (and so the lock) is down.
+        now = time.monotonic()
         with self._guard:
             flight = self._flights.get(msg_id)
-            leading = flight is None
+            leading = flight is None or flight.deadline <= now
             if leading:
-                flight = self._flights[msg_id] = _Flight()
+                flight = self._flights[msg_id] = _Flight(now + self.settings.cache_fill_wait + FOLLOWER_GRACE)
         if not leading:
             SINGLEFLIGHT_WAITS.inc()
-            if not flight.done.wait(self.settings.cache_fill_wait + FOLLOWER_GRACE):
+            if not flight.done.wait(max(0.0, flight.deadline - now)):
                 raise ArchiveUnavailable("the archive read of this message is taking too long")
             if flight.error is not None:
                 raise flight.error
@@ -159,7 +164,8 @@ class MessageCache:
         finally:
             flight.done.set()
             with self._guard:
-                self._flights.pop(msg_id, None)
+                if self._flights.get(msg_id) is flight:  # a hung read replaced meanwhile is not ours to drop
+                    del self._flights[msg_id]
 
     def _fill_across(self, msg_id: str) -> dict | None:
         # One reader per id across processes: the lock's holder reads the
@@ -239,7 +245,8 @@ def _decode(raw: str) -> dict | None:
 def history(store, reader, channel: str, since: str | None, limit: int) -> dict:
     """`Store.history`, continued from the archive when `since` is older than the
     channel's stream retains: archived messages up to the stream's first
-    retained entry, then the stream's, one cursor throughout.
+    retained entry, then the stream's, one cursor throughout. The page is
+    bounded in bytes as the stream's are (HERALD_HISTORY_PAGE_BYTES).
 
     `recovered` is false only when neither has what followed `since`: the
     archive no longer holds a message at or before it (pruned, or older
@@ -250,22 +257,52 @@ def history(store, reader, channel: str, since: str | None, limit: int) -> dict:
     if page["recovered"] or not since:
         return page
     retained = page["messages"]
-    ARCHIVE_QUERIES.inc()
-    older = reader.after(channel, since, limit + 1)
-    if retained:
-        seam = stream_id_key(retained[0]["offset"])
-        older = [message for message in older if stream_id_key(message["offset"]) < seam]
+    seam = stream_id_key(retained[0]["offset"]) if retained else None
+    budget = store.settings.history_page_bytes
+    older, more, used = _archived(store.settings, reader, channel, since, limit, seam)
     if since == "0-0":
         # From the start: the archive must hold the channel's first message.
         epoch = store.redis.get(store.keys.epoch(channel))
         recovered = bool(epoch) and reader.holds(channel, epoch)
     else:
         recovered = reader.holds(channel, since)
-    messages = older + retained
-    more = len(messages) > limit or page["next"] is not None
-    messages = messages[:limit]
-    return {"messages": messages, "next": messages[-1]["offset"] if more and messages else None,
-            "recovered": recovered}
+    if not older:
+        return {**page, "recovered": recovered}
+    messages = older
+    if not more:  # the archive's part is whole: the stream's follows, in the same budget
+        for message in retained:
+            used += len(dumps_bytes(message))
+            if len(messages) == limit or used > budget:
+                more = True
+                break
+            messages.append(message)
+        more = more or page["next"] is not None
+    return {"messages": messages, "next": messages[-1]["offset"] if more else None, "recovered": recovered}
+
+
+def _archived(settings, reader, channel: str, since: str, limit: int, seam) -> tuple[list, bool, int]:
+    """Archived messages after `since` and before the stream's first retained
+    offset `seam`: at most `limit`, stopping past HERALD_HISTORY_PAGE_BYTES
+    (at least one); whether more archived ones follow; their size in bytes."""
+    budget = settings.history_page_bytes
+    # Rows a query asks for: what the budget holds at the largest message size.
+    chunk = max(1, budget // settings.max_message_bytes)
+    found, used, cursor = [], 0, since
+    while True:
+        ARCHIVE_QUERIES.inc()
+        want = min(chunk, limit + 1 - len(found))
+        rows = reader.after(channel, cursor, want)
+        for message in rows:
+            if seam is not None and stream_id_key(message["offset"]) >= seam:
+                return found, False, used  # the stream holds the rest
+            size = len(dumps_bytes(message))
+            if len(found) == limit or (found and used + size > budget):
+                return found, True, used
+            found.append(message)
+            used += size
+        if len(rows) < want:
+            return found, False, used
+        cursor = rows[-1]["offset"]
 
 
 def prune_periodically(settings, store, reader, stop: threading.Event, log) -> None:

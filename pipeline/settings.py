@@ -101,6 +101,7 @@ class Settings:
     channel_idle_ttl: int = 7 * 86400
     batch_size: int = 100
     send_queue_size: int = 512
+    send_queue_bytes: int = 8 * 1024 * 1024  # a WebSocket's send queue in bytes too (review H2)
     ping_interval: int = 25
     ws_rate: float = 50.0
     ws_max_per_user: int = 100
@@ -108,6 +109,7 @@ class Settings:
     trusted_proxies: int = 0
     ws_max_subscriptions: int = 100
     ws_replay_page: int = 200
+    history_page_bytes: int = 1024 * 1024  # a history or replay page stops past this many bytes (review M3)
     presence_ttl: int = 15
     worker_lapse: float = 5.0
     order_wait: float = 5.0  # beyond the broker's hand-back of a dead worker's tasks (see from_env)
@@ -250,6 +252,7 @@ class Settings:
             channel_idle_ttl=_int(env, "HERALD_CHANNEL_IDLE_TTL", cls.channel_idle_ttl, 60, 365 * 86400),
             batch_size=_int(env, "HERALD_BATCH_SIZE", cls.batch_size, 1, 10000),
             send_queue_size=_int(env, "HERALD_SEND_QUEUE", cls.send_queue_size, 1, 1_000_000),
+            send_queue_bytes=_int(env, "HERALD_SEND_QUEUE_BYTES", cls.send_queue_bytes, 64 * 1024, 1 << 30),
             ping_interval=_int(env, "HERALD_PING_INTERVAL", cls.ping_interval, 1, 3600),
             ws_rate=_float(env, "HERALD_WS_RATE", cls.ws_rate, 0.1, 100000),
             ws_max_per_user=_int(env, "HERALD_WS_MAX_PER_USER", cls.ws_max_per_user, 1, 10_000_000),
@@ -257,6 +260,7 @@ class Settings:
             trusted_proxies=_int(env, "HERALD_TRUSTED_PROXIES", cls.trusted_proxies, 0, 10),
             ws_max_subscriptions=_int(env, "HERALD_WS_MAX_SUBSCRIPTIONS", cls.ws_max_subscriptions, 1, 100_000),
             ws_replay_page=_int(env, "HERALD_WS_REPLAY_PAGE", cls.ws_replay_page, 1, 100_000),
+            history_page_bytes=_int(env, "HERALD_HISTORY_PAGE_BYTES", cls.history_page_bytes, 4096, 256 << 20),
             presence_ttl=_int(env, "HERALD_PRESENCE_TTL", cls.presence_ttl, 3, 3600),
             worker_lapse=_float(env, "HERALD_WORKER_LAPSE", cls.worker_lapse, 1, 600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 7 * 86400),
@@ -299,6 +303,10 @@ class Settings:
             # a machine that vanished only when its connection's heartbeat lapses.
             settings = dataclasses.replace(settings, order_wait=AMQP_HEARTBEAT + cls.order_wait)
         _check_development_flags(settings)
+        if settings.send_queue_bytes < 2 * settings.history_page_bytes:
+            # A replay page goes into the send queue whole, with live frames behind it.
+            raise ConfigError(f"HERALD_SEND_QUEUE_BYTES ({settings.send_queue_bytes}) must be at least twice "
+                              f"HERALD_HISTORY_PAGE_BYTES ({settings.history_page_bytes})")
         _check_redis_tls(settings)
         if settings.redis_cluster:
             _check_cluster(env, settings)

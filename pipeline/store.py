@@ -745,17 +745,47 @@ class Store:
         """The stored message with its status (by global id), or None."""
         return message_from(msg_id, self.redis.hgetall(self.keys.message(msg_id)))
 
+    # KEYS: history stream. ARGV: first id ('-' or '(<id>'), most entries, byte
+    # budget. Returns {entries, more}: entries in order, until their 'f' fields
+    # pass the budget (at least one, so paging always moves on); `more` is 1
+    # when the stream holds more after the last. Read a chunk at a time in
+    # Redis: the reply and the page built from it stay near the budget (review M3).
+    _HISTORY_PAGE = """
+local start, most, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local page, used = {}, 0
+while true do
+  local want = math.min(most + 1 - #page, 64)
+  local chunk = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', want)
+  for _, entry in ipairs(chunk) do
+    local size = string.len(entry[2][2])
+    if #page == most or (#page > 0 and used + size > budget) then return {page, 1} end
+    page[#page + 1] = entry
+    used = used + size
+  end
+  if #chunk < want then return {page, 0} end
+  start = '(' .. chunk[#chunk][1]
+end
+"""
+
     def history(self, channel: str, since: str | None, limit: int) -> dict:
-        """Messages after `since` (exclusive), oldest first, and whether nothing was lost."""
+        """Messages after `since` (exclusive), oldest first, and whether nothing was lost.
+
+        A page holds at most `limit` messages and stops once they pass
+        HERALD_HISTORY_PAGE_BYTES (at least one message); `next` continues it.
+        """
         stream = self.keys.history(channel)
+        read = (self._HISTORY_PAGE, 1, stream, f"({since}" if since else "-", limit, self.settings.history_page_bytes)
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(self.keys.epoch(channel))
-        pipe.xrange(stream, min=f"({since}" if since else "-", count=limit + 1)
+        if not self.cluster:  # redis-py's cluster pipeline runs no scripts
+            pipe.eval(*read)
         pipe.xinfo_stream(stream) if since else pipe.exists(stream)
         try:
-            epoch, entries, info = pipe.execute()
+            replies = pipe.execute()
+            entries, more = self.redis.eval(*read) if self.cluster else replies.pop(1)
+            epoch, info = replies
         except redis.ResponseError:  # no such stream: nothing retained
-            epoch, entries, info = None, [], None
+            epoch, entries, more, info = None, [], 0, None
         recovered = True
         if since == "0-0":
             # "From the start" (a client that had seen nothing yet): nothing is
@@ -764,10 +794,8 @@ class Store:
             recovered = bool(epoch) and bool(first) and first[0] == epoch
         elif since:
             recovered = bool(epoch) and bool(info) and _nothing_trimmed_after(since, epoch, info)
-        more = len(entries) > limit
-        entries = entries[:limit]
-        messages = [json.loads(fields["f"] + sid + '"}') for sid, fields in entries]
-        return {"messages": messages, "next": entries[-1][0] if more else None, "recovered": recovered}
+        messages = [json.loads(fields[1] + sid + '"}') for sid, fields in entries]
+        return {"messages": messages, "next": entries[-1][0] if more and entries else None, "recovered": recovered}
 
     def last_id(self, channel: str) -> str | None:
         """The newest history entry's id, or None."""

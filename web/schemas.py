@@ -78,7 +78,8 @@ class HistoryQuery(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     since: StreamId | None = Field(None, description="the offset of the last message seen (exclusive)")
-    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    limit: Annotated[int, Field(ge=1, le=1000, description="messages a page holds at most; a page also stops "
+                                "once its messages pass HERALD_HISTORY_PAGE_BYTES (`next` continues it)")] = 100
 
 
 class DeadLetterQuery(BaseModel):

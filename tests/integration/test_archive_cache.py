@@ -16,6 +16,7 @@ from sqlalchemy import (BigInteger, Column, Integer, MetaData, String, Table, Te
                         text)
 from sqlalchemy.engine import make_url
 
+from pipeline import cache as cache_module
 from pipeline import embedded
 from pipeline.archive import Archive, ArchiveReader, ArchiveUnavailable, messages
 from pipeline.bloom import Bloom, sizing
@@ -24,6 +25,7 @@ from pipeline.keys import Keys
 from pipeline.messages import Envelope
 from pipeline.migrations import current, upgrade
 from pipeline.settings import Settings
+from tests.harness import wait_until
 
 # A PostgreSQL where the tests may create databases (.ci/run sets one up where none answers).
 POSTGRES_ADMIN = os.environ.get("HERALD_TEST_DATABASE_URL", "postgresql://postgres@localhost:5432/test")
@@ -195,6 +197,40 @@ def test_a_cold_id_read_by_many_at_once_in_two_processes_queries_the_archive_onc
     assert len(answers) == 60 and all(a and a["id"] == envelope.id for a in answers)
     assert rig.reader.reads == 1
     assert _count(SINGLEFLIGHT_WAITS) >= waits + 59
+
+
+def test_a_hung_archive_read_holds_later_reads_of_its_id_no_longer_than_its_deadline(rig, monkeypatch):
+    # The first read of an id never returns (a query the database never
+    # answers). Past its flight's deadline (HERALD_CACHE_FILL_WAIT plus the
+    # followers' grace, shortened here), the next read of the id reads on its
+    # own instead of waiting for it, or failing, for ever (review L7).
+    monkeypatch.setattr(cache_module, "FOLLOWER_GRACE", 0.4)
+    settings = dataclasses.replace(rig.settings, cache_fill_wait=0.1)
+    envelope, = _archive(rig)
+    release = threading.Event()
+
+    class Hanging(Counting):
+        def get(self, msg_id):
+            if self.reads == 0:
+                self.reads += 1
+                release.wait(30)
+            return super().get(msg_id)
+
+    cache = MessageCache(settings, rig.client, rig.bloom, Hanging(rig.archive))
+    hung = []
+    first = threading.Thread(target=lambda: hung.append(cache.get(envelope.id)))
+    first.start()
+    try:
+        wait_until(lambda: cache.reader.reads == 1, 5, what="the first read to be under way")
+        with pytest.raises(ArchiveUnavailable):  # within the deadline: it waits for that read, then gives up
+            cache.get(envelope.id)
+        time.sleep(0.6)  # past the flight's deadline (0.1 + 0.4 s from its start)
+        assert cache.get(envelope.id)["id"] == envelope.id
+    finally:
+        release.set()
+        first.join(10)
+    assert hung and hung[0]["id"] == envelope.id
+    assert cache._flights == {}
 
 
 def test_a_database_that_is_down_is_unavailable_for_archive_reads_while_cached_reads_go_on(rig, database_url):

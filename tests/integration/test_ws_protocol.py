@@ -46,6 +46,27 @@ def test_first_frame_must_be_connect(web):
     client.close()
 
 
+@pytest.mark.parametrize("value", [["x"], {"a": 1}, 7])
+def test_a_connect_token_that_is_not_a_string_closes_4001_without_an_exception(web, value):
+    client = web.ws()
+    client.send({"op": "connect", "token": value})
+    assert close_code(client) == 4001
+    client.close()
+    assert "TypeError" not in web.proc.log()
+
+
+@pytest.mark.parametrize("ref", ['"\\ud800"', "1e400"])
+def test_a_ref_no_reply_can_carry_is_a_bad_frame_and_the_connection_goes_on(web, token, ref):
+    # A lone surrogate and an infinity parse, but no JSON reply can carry them (review L3).
+    client = web.ws(token)
+    client.recv()
+    client.sock.send('{"op": "ping", "ref": %s}' % ref)
+    assert client.recv() == {"op": "error", "code": "bad_frame", "message": "ref must be JSON a reply can carry"}
+    client.send({"op": "ping", "ref": "next"})
+    assert client.recv() == {"op": "pong", "ref": "next"}
+    client.close()
+
+
 def test_wrong_origin_is_refused_before_the_upgrade(web, token):
     # Our own TCP socket: websocket-client leaks its own when the handshake is refused.
     raw = socket.create_connection(("127.0.0.1", web.port), timeout=10)
@@ -202,16 +223,21 @@ def test_presence_join_leave_and_listing(stack, web, channel):
     watcher = web.ws(stack.token("watcher"))
     watcher.recv()
     watcher.subscribe(channel, presence=True)
+    lurker = web.ws(stack.token("lurker"))
+    lurker.recv()
+    lurker.subscribe(channel)  # `presence` false: it hears the channel without being listed (review L13)
     joiner = web.ws(stack.token("ann"))
     hello = joiner.recv()
-    joiner.subscribe(channel)
+    joiner.subscribe(channel, presence=True)
     join = watcher.expect(lambda f: f["op"] == "join" and f["user"] == "ann")
     assert join == {"op": "join", "channel": channel, "user": "ann", "client": hello["client"]}
     clients = web.request("GET", f"/api/v1/channels/{channel}/presence", token=stack.token())[2]["clients"]
     assert {c["user"] for c in clients} == {"watcher", "ann"} and all(c["since"] > 0 for c in clients)
+    assert all(f.get("user") != "lurker" for f in watcher.frames)
     joiner.close()
     leave = watcher.expect(lambda f: f["op"] == "leave")
     assert leave["user"] == "ann" and leave["client"] == hello["client"]
+    lurker.close()
     watcher.close()
 
 
@@ -307,7 +333,7 @@ def test_a_killed_web_process_leaves_no_ghosts_in_presence(capped, channel):
     doomed, survivor = capped.webs
     ghost = doomed.ws(capped.token("ghost"))
     ghost.recv()
-    ghost.subscribe(channel)
+    ghost.subscribe(channel, presence=True)
     token = capped.token()
     listing = lambda: survivor.request("GET", f"/api/v1/channels/{channel}/presence", token=token)[2]["clients"]
     assert [c["user"] for c in listing()] == ["ghost"]

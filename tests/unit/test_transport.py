@@ -15,10 +15,11 @@ PRELUDE = textwrap.dedent("""
     import gevent
     from wsproto import ConnectionType
     from wsproto.connection import Connection
-    from wsproto.events import CloseConnection, TextMessage
+    import time
+    from wsproto.events import CloseConnection, Ping, Pong, TextMessage
     from web.hub.transport import WebSocket, wire_frame
 
-    def pair(limit):
+    def pair(limit, queue_bytes=1 << 30, start=True):
         # TCP over loopback, as in production: the kernel takes part of a frame when it fills.
         listener = socket.create_server(("127.0.0.1", 0))
         peer = socket.create_connection(listener.getsockname())
@@ -26,11 +27,18 @@ PRELUDE = textwrap.dedent("""
         listener.close()
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         ws = WebSocket(types.SimpleNamespace(sock=server, ws=Connection(ConnectionType.SERVER), connected=True),
-                       queue_limit=limit, max_message_bytes=1000)
+                       queue_limit=limit, max_message_bytes=1000, queue_bytes=queue_bytes)
         server.close()  # as gunicorn closes its own descriptor once the handler returns
         closed = []
-        ws.start(lambda message: None, lambda: closed.append(True))
+        if start:
+            ws.start(lambda message: None, lambda: closed.append(True))
         return ws, peer, closed
+
+    def accounted(ws):
+        # The bytes counted as queued are the bytes the queue holds, less those of its head already sent.
+        held = sum(len(data) for data, _ in ws._queue) - ws._offset
+        assert ws.queued == held, (ws.queued, held)
+        assert ws._frames == sum(frames for _, frames in ws._queue), ws._frames
 
     def read_all(peer):
         # Parse everything the server wrote, as a client would: a frame cut
@@ -86,6 +94,101 @@ OVERFLOW = PRELUDE + textwrap.dedent("""
 """)
 
 
+BYTE_BOUND = PRELUDE + textwrap.dedent("""
+    # A frame bound far away: only the byte bound (200 KB) can close it.
+    ws, peer, closed = pair(limit=100_000, queue_bytes=200_000)
+    pushed = 0
+    for text in frames:
+        ws.push(wire_frame(text))
+        if ws.closing:
+            break
+        pushed += 1
+        accounted(ws)
+        assert ws.queued <= 200_000, ws.queued
+    assert ws.closing, "the byte bound never closed it"
+    assert pushed < len(frames)
+    texts, close = read_all(peer)
+    assert 0 < len(texts) <= pushed and texts == frames[:len(texts)], len(texts)
+    assert close == 4008
+    print("ok")
+""")
+
+# The review's H2 case: a client that takes ~64 KiB whenever it reads, while
+# 500 frames of 6 KB arrive between two reads, answering pings meanwhile.
+SLOW_READER = PRELUDE + textwrap.dedent("""
+    ws, peer, closed = pair(limit=512, queue_bytes=4 * 1024 * 1024)
+    frame = wire_frame("z" * 6000)
+    peer.setblocking(False)
+    most, rounds, elements = 0, 0, []
+    pong = Connection(ConnectionType.CLIENT).send(Pong())
+    while not ws.closing and rounds < 200:
+        for _ in range(500):
+            ws.push(frame)
+        most = max(most, ws.queued)
+        accounted(ws)
+        peer.sendall(pong)  # unsolicited: must not keep it alive
+        try:
+            peer.recv(65536)
+        except BlockingIOError:
+            pass
+        gevent.sleep(0.01)  # the loop writes what the socket takes
+        accounted(ws)
+        if not ws.closing:
+            elements.append(len(ws._queue))
+        rounds += 1
+    assert ws.closing, f"a slow reader was never closed; {ws.queued} bytes queued"
+    assert most <= 4 * 1024 * 1024, most
+    # The queue kept its elements: nothing folded into one (and copied again) per write.
+    assert elements and min(elements) > 100, elements
+    print("ok")
+""")
+
+PONG_BEFORE_THE_PING_IS_OUT = PRELUDE + textwrap.dedent("""
+    ws, peer, closed = pair(limit=10_000)
+    for text in frames:
+        ws.push(wire_frame(text))  # more than the socket takes: the ping waits behind them
+    assert ws.ping()
+    peer.sendall(Connection(ConnectionType.CLIENT).send(Pong()))  # a Pong to a ping it cannot have seen
+    gevent.sleep(0.2)
+    assert ws.awaiting_pong
+    assert not ws.ping(), "an unsolicited Pong kept a client that reads nothing alive"
+    texts, close = read_all(peer)
+    assert close == 1008
+    # And once the ping is out, its Pong counts.
+    ws, peer, closed = pair(limit=10)
+    assert ws.ping()
+    peer.settimeout(5)
+    assert peer.recv(2) == b"\\x89\\x00"
+    peer.sendall(Connection(ConnectionType.CLIENT).send(Pong()))
+    gevent.sleep(0.2)
+    assert not ws.awaiting_pong and ws.ping()
+    print("ok")
+""")
+
+NOTHING_ANSWERED_BEFORE_START = PRELUDE + textwrap.dedent("""
+    ws, peer, closed = pair(limit=10, start=False)
+    client = Connection(ConnectionType.CLIENT)
+    def pinger():
+        while True:
+            peer.sendall(client.send(Ping(b"x")))
+            gevent.sleep(0.1)
+    sender = gevent.spawn(pinger)
+    started = time.monotonic()
+    assert ws.read_message(started + 1.0) is None
+    waited = time.monotonic() - started
+    sender.kill()
+    # Pings every 0.1 s did not extend the deadline (1 s), and none was answered.
+    assert 0.9 <= waited < 3, waited
+    peer.settimeout(0.3)
+    try:
+        answer = peer.recv(100)
+    except socket.timeout:
+        answer = b""
+    assert answer == b"", answer
+    print("ok")
+""")
+
+
 def run(script: str) -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
@@ -97,3 +200,19 @@ def test_frames_a_socket_cannot_take_wait_and_go_out_whole_and_in_order():
 
 def test_an_overflowing_queue_closes_4008_after_finishing_the_frame_in_part():
     run(OVERFLOW)
+
+
+def test_the_queue_is_bounded_in_bytes_and_closes_4008_past_them():
+    run(BYTE_BOUND)
+
+
+def test_a_slow_reader_sending_pongs_is_closed_and_its_queue_never_folds():
+    run(SLOW_READER)
+
+
+def test_before_start_pings_get_no_pong_and_do_not_extend_the_read_deadline():
+    run(NOTHING_ANSWERED_BEFORE_START)
+
+
+def test_a_pong_counts_only_once_the_ping_is_out():
+    run(PONG_BEFORE_THE_PING_IS_OUT)

@@ -41,7 +41,8 @@ class Subscribe(_Frame):
     since: str = Field(None, json_schema_extra=no_null_default, pattern=r"^[0-9]{1,20}(-[0-9]{1,20})?$",
                        description="the `offset` of the last message seen")
     status: bool = Field(False, description="also receive `status` frames of the channel's messages")
-    presence: bool = Field(False, description="also receive `join` and `leave` frames; join the channel's presence")
+    presence: bool = Field(False, description="also receive `join` and `leave` frames, and join the channel's "
+                                              "presence; without it the subscriber is not listed")
     ref: Any = Ref
 
 
@@ -176,8 +177,9 @@ def document() -> dict:
     return {
         "asyncapi": "3.0.0",
         "info": {"title": "Herald WebSocket", "version": "1.0.0",
-                 "description": "JSON text frames on /ws. Authenticate with `?token=` or a first `connect` frame; "
-                                "ops that carry `ref` are answered with the same `ref`."},
+                 "description": "JSON text frames on /ws. Authenticate with `?token=` or a first `connect` frame "
+                                "within 10 s; ops that carry `ref` are answered with the same `ref`. Send queue, "
+                                "inbox and history pages are bounded (README: WebSocket limits)."},
         "channels": {"ws": {"address": "/ws", "messages": {name: {"$ref": f"#/components/messages/{name}"}
                                                            for name in messages}}},
         "operations": {

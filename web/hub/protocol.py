@@ -4,7 +4,10 @@ A client's frames are handled one at a time, in order, by a greenlet that
 exists only while it has frames to handle (README: "WebSocket protocol").
 An op that fails because Redis or Kafka does not answer is answered
 `unavailable` and never counts against the client; five bad frames in a row
-close it.
+close it. What a client can make the hub hold is bounded (README: "WebSocket
+limits"): a socket authenticates within CONNECT_TIMEOUT or is closed; frames
+waiting for their op are at most INBOX_FRAMES and `inbox_bytes`; a replay
+page is bounded in bytes and waits at most REPLAY_WAIT for the client to take it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ CLOSE_FORBIDDEN = 4003
 CLOSE_TOO_SLOW = 4008
 CLOSE_TOO_LARGE = 4009
 CLOSE_RATE_LIMITED = 4029
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # seconds from the upgrade to an accepted token, whatever the socket sends meanwhile
+INBOX_FRAMES = 64  # frames waiting for their op (while one blocks, e.g. a replay waiting for the client)
+REPLAY_WAIT = 10.0  # seconds a replay page waits for the client to take the page before it
 MAX_BAD_FRAMES = 5
 CHANNEL_PROBLEM = "channel must match [A-Za-z0-9_:.@-]{1,200}"
 SINCE_PROBLEM = "since is an offset from a message frame"
@@ -62,7 +67,7 @@ class Client:
     """One authenticated connection: its socket, identity, subscriptions and frame allowance."""
 
     __slots__ = ("id", "ws", "identity", "remote", "subscriptions", "tokens", "refilled", "bad", "inbox",
-                 "worker", "expiry")
+                 "inbox_bytes", "worker", "expiry")
 
     def __init__(self, client_id: str, ws: WebSocket, identity, remote: str, rate: float):
         self.id = client_id
@@ -75,6 +80,7 @@ class Client:
         self.refilled = time.monotonic()
         self.bad = 0
         self.inbox: list = []
+        self.inbox_bytes = 0  # their size, in characters (a frame's text) or bytes
         self.worker = None  # the greenlet handling the inbox, while it has frames
         self.expiry = None  # the loop timer closing the connection when the token expires
 
@@ -108,6 +114,8 @@ class Protocol:
         self._claim = Batcher(store.claim_connections)
         self._last_id = Batcher(lambda calls: store.last_ids([channel for (channel,) in calls]))
         self._join = Batcher(self.presence.join_all)
+        # Room for a few frames of the largest size, and no less than a MiB.
+        self.inbox_bytes = max(1 << 20, 4 * self.settings.max_message_bytes)
 
     # -- accepting ------------------------------------------------------------
     def accept(self, server) -> None:
@@ -117,7 +125,8 @@ class Protocol:
         client costs no greenlet while it is idle.
         """
         remote = request.remote_addr or ""  # the trusted proxies' view (HERALD_TRUSTED_PROXIES, ProxyFix)
-        ws = WebSocket(server, self.settings.send_queue_size, self.settings.max_message_bytes)
+        ws = WebSocket(server, self.settings.send_queue_size, self.settings.max_message_bytes,
+                       self.settings.send_queue_bytes)
         if not self.hub.running:
             # Shutting down: send the client to another process now.
             ws.close(CLOSE_GOING_AWAY, "server going away")
@@ -152,13 +161,22 @@ class Protocol:
         ws.start(lambda raw: self._received(client, raw), lambda: gevent.spawn(self._drop, client))
 
     def _authenticate(self, ws: WebSocket, token):
+        # One deadline from the upgrade: pings and parts of a frame do not
+        # extend it (review M2), and nothing is answered before it is met.
         ref = None
         if token is None and self.settings.auth:
-            frame = _parse(ws.read_message(CONNECT_TIMEOUT))
+            raw = ws.read_message(time.monotonic() + CONNECT_TIMEOUT)
+            if raw is None:
+                ws.close(CLOSE_UNAUTHORIZED, "no connect frame in time")
+                return None
+            frame = _parse(raw)
             if not isinstance(frame, dict) or frame.get("op") != "connect":
                 ws.close(CLOSE_UNAUTHORIZED, "first frame must be connect")
                 return None
             token, ref = frame.get("token"), frame.get("ref")
+            if not isinstance(token, str):
+                ws.close(CLOSE_UNAUTHORIZED, "token must be a string")
+                return None
         try:
             return verify(token, self.settings)
         except AuthError as exc:
@@ -172,14 +190,24 @@ class Protocol:
         if not client.take_token(self.settings.ws_rate):
             client.ws.close(CLOSE_RATE_LIMITED, "too many frames")
             return
+        if len(client.inbox) >= INBOX_FRAMES or client.inbox_bytes + len(raw) > self.inbox_bytes:
+            # Frames pile up behind an op that blocks: what waits is bounded (review H3).
+            client.inbox.clear()
+            client.inbox_bytes = 0
+            client.ws.close(CLOSE_RATE_LIMITED, "too many frames waiting")
+            log.info("ws inbox full", extra={"client": client.id, "user": client.identity.user})
+            return
         client.inbox.append(raw)
+        client.inbox_bytes += len(raw)
         if client.worker is None:
             client.worker = gevent.spawn(self._work, client)
 
     def _work(self, client: Client) -> None:
         try:
             while client.inbox and not client.ws.closing:
-                self._frame(client, client.inbox.pop(0))
+                raw = client.inbox.pop(0)
+                client.inbox_bytes -= len(raw)
+                self._frame(client, raw)
         finally:
             client.worker = None
 
@@ -187,6 +215,9 @@ class Protocol:
         frame = _parse(raw)
         ref = frame.get("ref") if isinstance(frame, dict) else None
         try:
+            if ref is not None and not _encodable(ref):
+                ref = None  # a lone surrogate or 1e400 cannot be echoed (review L3)
+                raise ValidationError("ref must be JSON a reply can carry", title="bad_frame")
             self._handle(client, frame)
             client.bad = 0
         except Unavailable as exc:
@@ -236,7 +267,8 @@ class Protocol:
         if since is not None and not valid_stream_id(since):  # each part below 2**64, as Redis requires
             raise ValidationError(SINCE_PROBLEM, title="bad_frame")
         size = self._replay_page()
-        sub = Subscription(client.ws, status=frame.status, presence=frame.presence, hold=size)
+        sub = Subscription(client.ws, status=frame.status, presence=frame.presence, hold=size,
+                           hold_bytes=self.settings.history_page_bytes)
         names = self.router.names(channel, sub)
         # The resume seam. Registered first, the subscription holds live
         # frames; then Redis confirms the SUBSCRIBE of the channel's pub/sub
@@ -280,23 +312,32 @@ class Protocol:
             reply["more"] = True  # `replayed` and `offset` count the first page; more pages follow
         client.send(_with_ref(reply, ref))
         self._replay(client, channel, sub, replay, more)
-        if previous is None:
+        # Presence only for `presence: true` (web/hub/frames.py, review L13).
+        was_present = previous is not None and previous.presence
+        if sub.presence and not was_present:
             self._join(client, channel)
+        elif was_present and not sub.presence:
+            self.presence.leave(client, channel)
 
     def _replay_page(self) -> int:
         # The replay waits for an empty send queue before each page: a page
-        # larger than the queue would overflow it (4008) by itself.
+        # larger than the queue would overflow it (4008) by itself. In bytes, a
+        # page stops near HERALD_HISTORY_PAGE_BYTES, at most half of
+        # HERALD_SEND_QUEUE_BYTES (pipeline/settings.py).
         return min(self.settings.ws_replay_page, self.settings.send_queue_size)
 
     def _replay(self, client: Client, channel: str, sub: Subscription, page: list, more: bool) -> None:
         """Send history page by page, each once the client has taken the last
-        (README: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile."""
+        (README: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile.
+
+        A client that does not take a page within REPLAY_WAIT is closed 4008:
+        it holds its own op greenlet no longer than that (review H3)."""
         while True:
             for message in page:
                 client.send(message)
             if not more and _go_live(sub):
                 return
-            if not client.ws.wait_drained(2 * self.settings.ping_interval):
+            if not client.ws.wait_drained(REPLAY_WAIT):
                 client.ws.close(CLOSE_TOO_SLOW, "too slow")  # no-op when it is closing already
                 return
             try:
@@ -320,7 +361,8 @@ class Protocol:
         sub = self.index.detach(client, channel)
         if sub is not None:
             self.router.leave(self.router.names(channel, sub))
-            self.presence.leave(client, channel)
+            if sub.presence:
+                self.presence.leave(client, channel)
 
     # -- publish --------------------------------------------------------------
     def _publish(self, client: Client, frame: frames.PublishOp, ref) -> None:
@@ -374,6 +416,7 @@ def _go_live(sub: Subscription) -> bool:
         if key > sub.last:
             sub.last = key
             sub.ws.push(live)
+    sub.held = 0
     if sub.overflowed:
         sub.overflowed = False  # hold again from here; what was dropped is read from history
         return False
@@ -388,6 +431,15 @@ def _parse(raw):
         return loads(raw)
     except (TypeError, ValueError, RecursionError):
         return None
+
+
+def _encodable(value) -> bool:
+    """Whether a reply can carry `value` (strict JSON, UTF-8)."""
+    try:
+        dumps(value)
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
 
 
 def _refusal(op: str, errors: list[dict]) -> ValidationError:

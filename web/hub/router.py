@@ -39,15 +39,17 @@ BATCH = 500  # pub/sub messages read before fanning out (all that are already bu
 class Subscription:
     """One client's interest in one channel, with the resume seam state."""
 
-    __slots__ = ("ws", "status", "presence", "last", "backlog", "hold", "overflowed")
+    __slots__ = ("ws", "status", "presence", "last", "backlog", "hold", "hold_bytes", "held", "overflowed")
 
-    def __init__(self, ws, status: bool, presence: bool = False, hold: int = 200):
+    def __init__(self, ws, status: bool, presence: bool, hold: int, hold_bytes: int):
         self.ws = ws
         self.status = status
         self.presence = presence
         self.last = (-1, -1)      # newest stream id sent, to skip duplicates at the seam
         self.backlog: list | None = []  # live frames held while history is replayed
-        self.hold = hold          # at most this many of them
+        self.hold = hold          # at most this many of them,
+        self.hold_bytes = hold_bytes  # and this many bytes (review M3)
+        self.held = 0             # bytes held now
         self.overflowed = False   # more came: they were dropped, and are read from history
 
     def offer(self, key: tuple[int, int], frame: bytes) -> None:
@@ -58,11 +60,13 @@ class Subscription:
             # live flow drops what it holds and reads it from history instead.
             if self.overflowed:
                 return
-            if len(self.backlog) >= self.hold:
+            if len(self.backlog) >= self.hold or self.held + len(frame) > self.hold_bytes:
                 self.backlog.clear()
+                self.held = 0
                 self.overflowed = True
                 return
             self.backlog.append((key, frame))
+            self.held += len(frame)
             return
         if key > self.last:
             self.last = key
@@ -303,7 +307,7 @@ class Router:
                 pushed = 0
                 for sub in list(watchers.values()):
                     if sub.backlog is None:
-                        sub.ws.push(data)
+                        sub.ws.push(data, len(payloads))
                         pushed += 1
                 FRAMES_SENT.inc(pushed * len(payloads))
 
@@ -321,7 +325,7 @@ class Router:
         for sub in targets:
             if sub.backlog is None and sub.last < first:
                 sub.last = last
-                sub.ws.push(data)
+                sub.ws.push(data, len(frames))
             else:
                 for key, frame in zip(keys, frames):
                     sub.offer(key, frame)
@@ -342,13 +346,15 @@ class Router:
     def _catch_up(self) -> None:
         for channel, subs in list(self.index.channels.items()):
             since = min(sub.last for sub in subs.values())
-            if since < (0, 0):
-                since = (0, 0)
-            page = self._history(channel, f"{since[0]}-{since[1]}", self.settings.retention(channel)[0])
-            messages = page["messages"]
-            if messages:
-                self.send_messages(subs, [stream_id_key(m["offset"]) for m in messages],
-                                   [wire_frame(dumps(m)) for m in messages])
+            cursor = f"{since[0]}-{since[1]}" if since >= (0, 0) else "0-0"
+            # Page by page: a page is bounded in bytes (HERALD_HISTORY_PAGE_BYTES), not only in count.
+            while cursor is not None:
+                page = self._history(channel, cursor, self.settings.retention(channel)[0])
+                messages = page["messages"]
+                if messages:
+                    self.send_messages(subs, [stream_id_key(m["offset"]) for m in messages],
+                                       [wire_frame(dumps(m)) for m in messages])
+                cursor = page["next"]
         log.info("hub caught up after reconnect", extra={"channels": len(self.index.channels)})
 
     def _confirmed(self, item: dict) -> None:

@@ -6,8 +6,11 @@ loop calls `_readable` when bytes arrive and `_writable` when a full socket
 takes more, so an idle connection holds no greenlet: a socket, a wsproto
 parser and this object (issue 10: memory per connection). A frame for many
 clients is encoded once (`wire_frame`) and written with the raw socket's
-non-blocking send; what a socket cannot take waits in its bounded queue and
-goes out with the rest of the queue in one send. Runs under gevent only (the
+non-blocking send; what a socket cannot take waits in its queue, bounded in
+frames and in bytes, and goes out from the head (an offset into the first
+element, several elements per `sendmsg`), so nothing queued is copied again
+(review H2: folding the queue into one element let it grow past its bound
+and copied it on every write). Runs under gevent only (the
 gunicorn worker class, gunicorn.conf.py), on plain TCP: TLS ends in front of
 gunicorn (the platform's router, or a proxy).
 """
@@ -18,6 +21,7 @@ import _socket
 import logging
 import socket
 import struct
+import time
 
 import gevent
 from gevent.event import Event
@@ -34,6 +38,7 @@ log = logging.getLogger("herald.hub")
 # connection, and a stalled client shows in its queue soon.
 SEND_BUFFER_BYTES = 64 * 1024
 RECEIVE_BYTES = 16 * 1024
+SEND_PIECES = 64  # queued elements handed to one sendmsg (well under IOV_MAX)
 CLOSE_WAIT = 10.0  # seconds a closing socket waits for its close frame to go out and the client's answer
 PING_FRAME = b"\x89\x00"
 _READ, _WRITE = 1, 2
@@ -82,16 +87,19 @@ class WebSocket:
     """One client's socket after the handshake: its parser, send queue and loop watchers.
 
     `push` writes bytes now if the socket takes them, else queues them (at
-    most `queue_limit` frames; past that the client is too slow and
-    `on_overflow` is called). Messages go to `on_message` one by one, in
-    order; `on_closed` is called once, when the socket is gone.
+    most `queue_limit` frames and `queue_bytes` bytes; past either the client
+    is too slow: `on_overflow` is called and it is closed with 4008).
+    Messages go to `on_message` one by one, in order; `on_closed` is called
+    once, when the socket is gone. Nothing is answered before `start`: a
+    Ping read while the handshake's checks run gets no Pong.
     """
 
-    __slots__ = ("_raw", "_proto", "_queue", "_partial", "_limit", "_max_bytes", "_reader", "_writer",
-                 "_timer", "_drained", "_message", "_size", "_early", "_on_message", "_on_closed",
-                 "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong")
+    __slots__ = ("_raw", "_proto", "_queue", "_offset", "_frames", "_limit", "_queue_bytes", "_max_bytes",
+                 "_reader", "_writer", "_timer", "_drained", "_message", "_size", "_early", "_on_message",
+                 "_on_closed", "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong", "queued",
+                 "_ping_ahead")
 
-    def __init__(self, ws, queue_limit: int, max_message_bytes: int):
+    def __init__(self, ws, queue_limit: int, max_message_bytes: int, queue_bytes: int):
         # The plain socket under gevent's wrapper (no watchers of its own):
         # detached, so gunicorn's close once the handler returns is a no-op.
         self._raw = _socket.socket(fileno=ws.sock.detach())
@@ -105,9 +113,13 @@ class WebSocket:
         # keeps h11's request state for ever; no extension is ever negotiated
         # (init_app strips permessage-deflate), so nothing else carries over.
         self._proto = Connection(ConnectionType.SERVER)
-        self._queue: list[bytes] = []  # a list, not a deque: a tenth of the memory, and rarely used
-        self._partial = False  # the queue starts with the rest of a frame written in part
+        # (bytes, frames in them) in order; a list, not a deque: a tenth of the memory, and rarely used.
+        self._queue: list[tuple[bytes, int]] = []
+        self._offset = 0  # bytes of the first element already sent: the rest of a frame written in part
+        self._frames = 0  # frames queued
+        self.queued = 0  # bytes queued (not yet sent)
         self._limit = queue_limit
+        self._queue_bytes = queue_bytes
         self._max_bytes = max_message_bytes
         self._reader = self._writer = self._timer = None
         self._drained: Event | None = None
@@ -118,14 +130,19 @@ class WebSocket:
         self.on_overflow = self.on_too_large = None
         self.closing = self.closed = False
         self.awaiting_pong = False
+        self._ping_ahead = 0  # queued bytes up to the end of the last ping: it is not out before they are
 
     # -- reading -------------------------------------------------------------
-    def read_message(self, timeout: float):
+    def read_message(self, deadline: float):
         """Block this greenlet until a whole message arrives (before `start`); None if the
-        socket closed or nothing came within `timeout` seconds."""
+        socket closed or `deadline` (time.monotonic()) passed first, whatever came meanwhile
+        (pings, parts of a message: review M2)."""
         while not self._early and not self.closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
             try:
-                wait_read(self._raw.fileno(), timeout=timeout)
+                wait_read(self._raw.fileno(), timeout=remaining)
             except socket.timeout:
                 return None
             self._readable()
@@ -193,9 +210,13 @@ class WebSocket:
                 else:
                     self._on_message(whole)
         elif isinstance(event, Ping):
-            self.push(self._proto.send(event.response()))
+            if self._early is None:  # before authentication nothing is answered (review M2)
+                self.push(self._proto.send(event.response()))
         elif isinstance(event, Pong):
-            self.awaiting_pong = False
+            # Only once our ping is out: an unsolicited Pong does not keep a reader that
+            # takes nothing alive (review H2).
+            if not self._ping_ahead:
+                self.awaiting_pong = False
         elif isinstance(event, CloseConnection):
             if self.closing:
                 self._finish()  # the answer to our close
@@ -206,15 +227,12 @@ class WebSocket:
                     self._finish()
 
     # -- writing -------------------------------------------------------------
-    def push(self, data: bytes) -> None:
-        """Send `data` (whole frames) now, or queue it behind what waits."""
+    def push(self, data: bytes, frames: int = 1) -> None:
+        """Send `data` (`frames` whole frames) now, or queue it behind what waits."""
         if self.closing:
             return
         if self._queue:
-            if len(self._queue) >= self._limit:
-                self._overflowed()
-                return
-            self._queue.append(data)
+            self._enqueue(data, frames)
             return
         try:
             sent = self._raw.send(data)
@@ -224,9 +242,22 @@ class WebSocket:
             self._finish()
             return
         if sent < len(data):
-            self._queue.append(data[sent:] if sent else data)
-            self._partial = sent > 0
-            self._watch_writes()
+            self._enqueue(data, frames, sent)
+            if self._queue:
+                self._watch_writes()
+
+    def _enqueue(self, data: bytes, frames: int, sent: int = 0) -> None:
+        if self._frames + frames > self._limit or self.queued + len(data) - sent > self._queue_bytes:
+            if not self._queue and sent:
+                self._queue.append((data, frames))  # the frame begun must be finished before the close
+                self._offset, self.queued, self._frames = sent, len(data) - sent, frames
+            self._overflowed()
+            return
+        if not self._queue:
+            self._offset = sent
+        self._queue.append((data, frames))
+        self.queued += len(data) - sent
+        self._frames += frames
 
     def ping(self) -> bool:
         """Ping the client; False (and a close with 1008) if it left the last ping unanswered."""
@@ -237,6 +268,7 @@ class WebSocket:
             return False
         self.awaiting_pong = True
         self.push(PING_FRAME)
+        self._ping_ahead = self.queued
         return True
 
     def _watch_writes(self) -> None:
@@ -247,20 +279,32 @@ class WebSocket:
 
     def _writable(self) -> None:
         queue = self._queue
-        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        if not queue:  # emptied meanwhile (an overflow dropped it, and the close frame went out at once)
+            self._writer.stop()
+            return
+        pieces = [memoryview(queue[0][0])[self._offset:]] + [data for data, _ in queue[1:SEND_PIECES]]
         try:
-            sent = self._raw.send(data)
+            sent = self._raw.sendmsg(pieces) if len(pieces) > 1 else self._raw.send(pieces[0])
         except BlockingIOError:
             return
         except OSError:
             self._finish()
             return
-        queue.clear()
-        if sent < len(data):
-            queue.append(data[sent:])
-            self._partial = self._partial or sent > 0
+        finally:
+            pieces[0].release()
+        self.queued -= sent
+        self._ping_ahead = max(0, self._ping_ahead - sent)
+        # Drop the elements sent whole; the next starts `offset` bytes in.
+        sent += self._offset
+        done = 0
+        while done < len(queue) and sent >= len(queue[done][0]):
+            sent -= len(queue[done][0])
+            self._frames -= queue[done][1]
+            done += 1
+        del queue[:done]
+        self._offset = sent
+        if queue:
             return
-        self._partial = False
         self._writer.stop()
         if self._drained is not None:
             self._drained.set()
@@ -274,10 +318,13 @@ class WebSocket:
 
     def _discard_queued(self) -> None:
         # A frame's end dropped would garble all that follows: a partly written head stays.
-        head = self._queue[0] if self._partial and self._queue else None
-        self._queue.clear()
-        if head is not None:
-            self._queue.append(head)
+        queue = self._queue
+        if self._offset and queue:
+            del queue[1:]
+            self.queued, self._frames = len(queue[0][0]) - self._offset, queue[0][1]
+        else:
+            queue.clear()
+            self.queued = self._frames = self._offset = 0
 
     def wait_drained(self, timeout: float) -> bool:
         """Block this greenlet until everything queued is sent; False on timeout or when closing."""
@@ -298,14 +345,17 @@ class WebSocket:
             frame = self._proto.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:
             frame = close_frame(code, reason)
-        if len(self._queue) >= self._limit:
-            self._discard_queued()
+        if self._frames >= self._limit or self.queued >= self._queue_bytes:
+            self._discard_queued()  # the close must not wait behind what overflowed
         self._send_last(frame)
 
     def _send_last(self, frame: bytes) -> None:
         # The last frame: then wait for the client's answer (or EOF), bounded by CLOSE_WAIT.
         if self._queue:
-            self._queue.append(frame)
+            # Past the bounds if need be: it replaces what they dropped.
+            self._queue.append((frame, 1))
+            self.queued += len(frame)
+            self._frames += 1
         else:
             self.push(frame)
         self.closing = True
@@ -327,6 +377,7 @@ class WebSocket:
                 watcher.close()
         self._reader = self._writer = self._timer = None
         self._queue.clear()
+        self.queued = self._frames = self._offset = 0
         try:
             self._raw.close()
         except OSError:
