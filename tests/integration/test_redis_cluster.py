@@ -120,7 +120,7 @@ def test_a_websocket_publisher_gets_its_status_and_watchers_get_presence(cluster
     assert delivered["id"] == ack["id"]
     assert watcher.expect(lambda f: f["op"] == "message")["id"] == ack["id"]
     watcher.expect(lambda f: f["op"] == "status" and f["status"] == "delivered" and f["id"] == ack["id"])
-    sender.subscribe(channel)
+    sender.subscribe(channel, presence=True)
     assert watcher.expect(lambda f: f["op"] == "join")["user"] == "ann"
     sender.close()
     assert watcher.expect(lambda f: f["op"] == "leave")["user"] == "ann"
