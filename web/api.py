@@ -17,7 +17,7 @@ from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import from_validation, problem, problem_body
 from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
-                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, MessageQuery, Presence,
+                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, MessageQuery, Presence, PresenceQuery,
                          PublishHeaders, RuleSet, RulesDecision, RulesTest)
 
 log = logging.getLogger("herald.web")
@@ -353,10 +353,11 @@ def rules_test(identity: Identity, body: RulesTest):
 
 
 @contract.operation(blueprint, "GET", "/channels/<channel>/presence", summary="Who is subscribed to a channel now",
-                    path=ChannelPath, answers={200: Answer("Clients, oldest first", Presence),
+                    path=ChannelPath, query=PresenceQuery,
+                    answers={200: Answer("A page of clients, oldest first; `next` continues it", Presence),
                                                403: Answer("The token may not read this channel"),
                                                503: Answer(STANDARD[503], headers=("Retry-After",))},
                     tags=("channels",))
-def presence(identity: Identity, path: ChannelPath):
+def presence(identity: Identity, path: ChannelPath, query: PresenceQuery):
     readable_channel(identity, path.channel)
-    return {"clients": services().hub.presence.members(path.channel)}
+    return services().hub.presence.page(path.channel, query.cursor or 0)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.ids import MAX_CLIENT_ID
 from pipeline.messages import ChannelName, MessageId, Publish, no_null_default
+from web.hub.presence import parse_cursor
 
 # A Redis stream id, as history offsets are: 'ms-seq' or 'ms'. Nineteen digits
 # keep each part below 2**64, which Redis requires (pipeline.store.valid_stream_id).
@@ -180,10 +181,21 @@ class Client(BaseModel):
     since: int
 
 
+class PresenceQuery(BaseModel):
+    """Paging through a channel's presence."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cursor: Annotated[str | None, Field(None, pattern=r"^[0-9]{1,20}$",
+                                        description="the `next` of the page before; none for the first"),
+                      AfterValidator(lambda cursor: cursor if cursor is None else str(parse_cursor(cursor)))] = None
+
+
 class Presence(BaseModel):
-    """Who is subscribed to a channel now."""
+    """One page of who is subscribed to a channel now."""
 
     clients: list[Client]
+    next: str | None = Field(description="the cursor of the next page; null after the last")
 
 
 class DeadLetter(BaseModel):

@@ -60,7 +60,7 @@ def test_a_channel_larger_than_a_page_is_listed_page_by_page(store):
     assert pages >= MEMBERS // (3 * PAGE)
     assert sorted(seen) == sorted(f"c{n:05d}-node-a" for n in range(MEMBERS))  # each once, the dead left out
     # The listing the HTTP endpoint calls answers one page, not the whole channel.
-    assert 0 < len(presence.members("big:room")) <= 3 * PAGE
+    assert 0 < len(presence.page("big:room")["clients"]) <= 3 * PAGE
     for bad in ("-1", "abc", "1" * 21, "18446744073709551616", "\u0663"):
         with pytest.raises(ValueError):
             presence.page("big:room", bad)
@@ -124,3 +124,22 @@ def test_the_heartbeat_never_waits_for_the_reaper(store):
         assert store.redis.ttl(store.keys.node("node-b")) > 0
     finally:
         release.set()
+
+
+def test_the_http_listing_follows_next_through_every_page(stack, web, token, channel):
+    store = stack.store()
+    store.redis.set(store.keys.node("node-http"), "1", ex=60)
+    fill(store, channel, 700, "node-http")
+    seen, pages, query = [], 0, ""
+    while True:
+        status, _, page = web.request("GET", f"/api/v1/channels/{channel}/presence{query}", token=token)
+        assert status == 200, page
+        pages += 1
+        seen += [c["client"] for c in page["clients"]]
+        if page["next"] is None:
+            break
+        query = f"?cursor={page['next']}"
+    assert pages > 1 and sorted(seen) == sorted(f"c{n:05d}-node-http" for n in range(700))
+    for bad in ("abc", "18446744073709551616"):
+        status, _, body = web.request("GET", f"/api/v1/channels/{channel}/presence?cursor={bad}", token=token)
+        assert status == 400, body

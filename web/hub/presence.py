@@ -88,10 +88,6 @@ class Presence:
         return {"clients": [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries],
                 "next": str(found) if int(found) else None}
 
-    def members(self, channel: str, cursor: int | str = 0, count: int = PAGE) -> list[dict]:
-        """The clients of one page of `page` (the first by default): never the whole channel at once."""
-        return self.page(channel, cursor, count)["clients"]
-
     def reap(self, limit: int = REAP_CHANNELS) -> list[tuple[str, dict]]:
         """Remove presence entries of web processes that stopped heart-beating; returns them.
 

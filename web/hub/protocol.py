@@ -30,6 +30,7 @@ from web.hub import frames
 from web.hub.batch import Batcher
 from web.hub.router import Subscription
 from web.hub.transport import WebSocket, wire_frame
+from web.ratelimit import address_group
 
 log = logging.getLogger("herald.hub")
 # History reads go to Redis, and to the archive for offsets older than the stream retains.
@@ -124,7 +125,8 @@ class Protocol:
         Runs in the request's greenlet, which ends here: from now on the
         client costs no greenlet while it is idle.
         """
-        remote = request.remote_addr or ""  # the trusted proxies' view (HERALD_TRUSTED_PROXIES, ProxyFix)
+        # The trusted proxies' view (HERALD_TRUSTED_PROXIES, ProxyFix), an IPv6 client as its /64.
+        remote = address_group(request.remote_addr or "")
         ws = WebSocket(server, self.settings.send_queue_size, self.settings.max_message_bytes,
                        self.settings.send_queue_bytes)
         if not self.hub.running:
