@@ -443,15 +443,21 @@ def test_no_message_makes_any_kind_of_rule_raise():
 # -- sets refused up front ---------------------------------------------------------------
 
 ALIAS_BOMB = """
-a: &a [x, x, x, x, x, x, x, x, x]
-b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
-c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
-rules: [{id: r, condition: {field: data.x, in: *c}, action: alert}]
+rules:
+  - id: bomb
+    condition:
+      all:
+        - &a {any: [{channel: x}, {channel: x}, {channel: x}, {channel: x}, {channel: x}, {channel: x}]}
+        - &b {any: [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]}
+        - &c {any: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]}
+        - &d {any: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]}
+        - {any: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]}
+    action: alert
 """
 
 
 def test_yaml_aliases_are_refused():
-    assert errors(ALIAS_BOMB) == [": uses an alias (*a) at line 3; aliases are not allowed"]
+    assert errors(ALIAS_BOMB) == [": uses an alias (*a) at line 7; aliases are not allowed"]
     assert errors("rule: {id: r, condition: &c {}, action: alert}\nx: *c") == [
         ": uses an alias (*c) at line 2; aliases are not allowed"]
     assert rules.load("rule: {id: r, condition: &c {}, action: alert}")  # an anchor alone is harmless
