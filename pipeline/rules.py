@@ -33,6 +33,7 @@ TIME_RE = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
 FIELD_RE = re.compile(r"(id|channel|type|sender|ts|data)(\.[^.\s]{1,100}){0,16}")
 MAX_RULES = 1000
 MAX_DEPTH = 32  # levels of mappings and lists in a rule set document: `not` in `not` ... is refused past it
+TOO_DEEP = f"nests deeper than {MAX_DEPTH} levels of mappings and lists"
 MAX_PATTERN = 256  # characters of a `matches` regex
 MATCH_LIMIT = 1000  # characters of a value a regex looks at: its first ones
 # A regex runs on RE2, in time linear in the value whatever the pattern; these bound
@@ -81,7 +82,7 @@ class _Loader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise RulesError([{"path": "", "problem": _too_deep()}])
+                raise RulesError([{"path": "", "problem": TOO_DEEP}])
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -113,13 +114,9 @@ def parse(text: str | bytes, media_type: str = "application/yaml") -> Any:
     except RulesError:
         raise
     except RecursionError:
-        raise RulesError([{"path": "", "problem": _too_deep()}]) from None
+        raise RulesError([{"path": "", "problem": TOO_DEEP}]) from None
     except (ValueError, yaml.YAMLError) as exc:
         raise RulesError([{"path": "", "problem": f"cannot be read: {' '.join(str(exc).split())}"}]) from None
-
-
-def _too_deep() -> str:
-    return f"nests deeper than {MAX_DEPTH} levels of mappings and lists"
 
 
 def _check_shape(doc: Any) -> None:
@@ -137,7 +134,7 @@ def _check_shape(doc: Any) -> None:
         if not isinstance(value, (dict, list)):
             continue
         if depth > MAX_DEPTH:
-            raise RulesError([{"path": path, "problem": _too_deep()}])
+            raise RulesError([{"path": path, "problem": TOO_DEEP}])
         if isinstance(value, dict):
             for key, item in value.items():
                 where = f"{path}.{key}" if path else str(key)
