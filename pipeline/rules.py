@@ -79,6 +79,8 @@ class _Loader(yaml.SafeLoader):
             mark = self.peek_event().start_mark
             raise RulesError([{"path": "", "problem": f"uses an alias (*{self.peek_event().anchor}) at line "
                                                       f"{mark.line + 1}; aliases are not allowed"}])
+        if not self.check_event(yaml.MappingStartEvent, yaml.SequenceStartEvent):
+            return super().compose_node(parent, index)  # a scalar: no deeper
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:

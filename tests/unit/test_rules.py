@@ -475,6 +475,7 @@ def test_a_set_nested_deeper_than_the_limit_is_refused_naming_it(depth):
     assert [e.split(": ", 1)[1] for e in errors(deep_not(depth), "application/json")] == [problem]
     assert [e.split(": ", 1)[1] for e in errors(deep_not(depth))] == [problem]  # JSON is YAML too
     assert rules.checked(rules.load(deep_not(29), "application/json"), 1)  # 32 levels: the limit
+    assert rules.load(deep_not(29)) == rules.load(deep_not(29), "application/json")
 
 
 def test_text_utf8_cannot_encode_is_refused_wherever_it_is():
