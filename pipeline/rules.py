@@ -806,8 +806,8 @@ def checked(doc: dict, version: int, default_zone: str = "UTC") -> RuleSet:
                     _apply(rule, decision, envelope.channel)
                     dumps_bytes({"data": redacted(data, decision.redact), "rules": decision.record()})
         except Exception as exc:  # noqa: BLE001 - as above
-            raise RulesError([{"path": path, "problem": f"fails on a message: "
-                                                                  f"{type(exc).__name__}: {exc}"}]) from None
+            raise RulesError([{"path": path,
+                               "problem": f"fails on a message: {type(exc).__name__}: {exc}"}]) from None
     return rule_set
 
 

@@ -226,7 +226,7 @@ def test_a_stored_set_that_cannot_compile_is_reported_once_and_the_last_compiled
     reports = [r for r in caplog.records if r.getMessage() == "rules not applied: the stored set cannot be compiled"]
     assert len(reports) == 1 and reports[0].levelname == "ERROR"
     assert (reports[0].version, reports[0].applied_version) == (bad, good)
-    assert reports[0].error == "rules[0].condition" + ".not" * 29 + ": nests deeper than 32 levels of mappings and lists"
+    assert reports[0].error == "rules[0].condition" + ".not" * 29 + f": {rules.TOO_DEEP}"
     newer = rules_store.put(rules.load("rules: []"))  # a good set again: applied
     time.sleep(VERSION_CHECK + 0.1)
     assert processor.run(batch(channel, [9000], offset0=6), final_attempt=False).delivered == 1
