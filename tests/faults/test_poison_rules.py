@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import embedded
 from tests.faults.conftest import start_collector
-from tests.faults.load import assert_exactly_once, history_of, report, settled_in_flight, wait_for_delivery
+from tests.faults.load import (Publisher, assert_exactly_once, history_of, report, settled_in_flight,
+                               wait_for_delivery)
 from tests.harness import wait_until
 
 # The README's example (Rules), without its night window so the test holds at any hour,
@@ -194,3 +195,36 @@ def test_bad_messages_under_rules_and_bad_rule_sets_hurt_no_other_traffic(make_s
     # Every bad message accounted for: refused at ingest, or handled by its rule.
     assert len(traffic.blocked) + traffic.refused_at_ingest["huge"] == 2 * BATCHES
     assert len(traffic.redacted) + traffic.refused_at_ingest["deep"] == 2 * BATCHES
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_worker_started_under_a_set_it_cannot_compile_runs_nothing_without_the_policy(make_stack, channels,
+                                                                                        broker):
+    stack = make_stack(broker=broker)
+    store = stack.store()
+    bad = store.redis.hincrby(store.keys.rules, "version", 1)  # there before any worker
+    store.redis.hset(store.keys.rules, "doc", deep_not(600))
+    worker = stack.worker()
+    stack.bridge()
+    web = stack.web()
+    token, admin = stack.token(), stack.token("ops", admin=True)
+    collector = start_collector([web], token, channels)
+    publisher = Publisher([web], token, channels, count=200, rate=100)
+    publisher.start()
+    publisher.join()
+    worker.wait_for_log("rules not applied: the stored set cannot be compiled", 30)
+    worker.wait_for_log("RulesUnavailable", 30)  # its batches are retried
+    held = sum(collector.seen.values())  # delivered without the policy: none may be
+    status, _, answer = web.request("PUT", "/api/v1/rules", raw=b"rule: {id: checked, condition: {}, "
+                                    b"action: {tag: checked}}", content_type="application/yaml", token=admin)
+    assert status == 200 and answer["version"] == bad + 1, answer
+    wait_for_delivery(collector, publisher, timeout=DELIVERY_BOUND)
+    collector.stop()
+    tagged = sum(1 for channel in channels for message in store.history(channel, None, 1000)["messages"]
+                 if message.get("tags") == ["checked"])
+    untagged = len(publisher.accepted) - tagged  # delivered without the policy, or not at all
+    figures = report(f"worker with no compilable set ({broker})", publisher, collector,
+                     history_of(stack, channels), in_flight=settled_in_flight(stack), held_back_delivered=held,
+                     untagged=untagged)
+    assert_exactly_once(figures)
+    assert held == 0 and untagged == 0
