@@ -245,10 +245,10 @@ def test_a_set_workers_could_not_run_is_refused_with_422_and_nothing_changes(web
                                     timeout=30)
     assert status == 422 and [e["error"] for e in answer["errors"]] == [error], answer
     assert web.request("GET", "/api/v1/rules", token=admin)[2] == before
-    status, _, answer = web.request("POST", "/api/v1/rules/test", raw=b'{"message": {"channel": "a", "data": 1}, '
-                                    b'"rules": ' + body + b"}", token=admin) if content_type == "application/json" \
-        else (422, None, {"errors": [{"error": error}]})
-    assert status == 422 and [e["error"] for e in answer["errors"]] == [error], answer
+    if content_type == "application/json":  # the dry-run endpoint takes a set in its JSON body: the same checks
+        status, _, answer = web.request("POST", "/api/v1/rules/test", raw=b'{"message": {"channel": "a", '
+                                        b'"data": 1}, "rules": ' + body + b"}", token=admin)
+        assert status == 422 and [e["error"] for e in answer["errors"]] == [error], answer
 
 
 def test_an_exponential_regex_chain_runs_in_linear_time_in_the_web_and_the_workers(stack, web, admin, token,
