@@ -12,26 +12,37 @@ message. What is stored where, and when workers pick a new version up, is
 
 from __future__ import annotations
 
-import copy
 import datetime
 import fnmatch
 import json
 import math
+import operator
 import re
 import zoneinfo
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
+import re2
 import yaml
+
+from pipeline.messages import dumps_bytes
 
 RULE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 TIME_RE = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
 FIELD_RE = re.compile(r"(id|channel|type|sender|ts|data)(\.[^.\s]{1,100}){0,16}")
 MAX_RULES = 1000
+MAX_DEPTH = 32  # levels of mappings and lists in a rule set document: `not` in `not` ... is refused past it
+TOO_DEEP = f"nests deeper than {MAX_DEPTH} levels of mappings and lists"
 MAX_PATTERN = 256  # characters of a `matches` regex
 MATCH_LIMIT = 1000  # characters of a value a regex looks at: its first ones
-MAX_LOOSE_REPEATS = 2  # repeats of more than LOOSE characters in one regex: n**2 steps at worst
-LOOSE = 16
+# A regex runs on RE2, in time linear in the value whatever the pattern; these bound
+# its size (RE2 instructions) and so the time and memory of one message's tests.
+MAX_PROGRAM = 10_000  # instructions of one regex (`.{0,1000}` is about 9,000)
+MAX_SET_PROGRAM = 50_000  # instructions of all the regexes of a set
+_RE2 = re2.Options()
+_RE2.log_errors = False  # a refused pattern is the caller's answer, not a line on stderr
+_RE2.max_mem = 1 << 20  # bytes of one regex's program and DFA cache; past it RE2 runs its NFA, still linear
 MAX_CACHED_KINDS = 10_000  # (channel, type) pairs whose candidate rules a RuleSet remembers
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "exists", "matches")
 NUMERIC = {"gt", "gte", "lt", "lte"}
@@ -54,7 +65,29 @@ class RulesError(ValueError):
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 without base-60 numbers: `22:00` stays the text "22:00" (PyYAML's
-    SafeLoader reads it as the integer 1320), so times come out as times."""
+    SafeLoader reads it as the integer 1320), so times come out as times.
+
+    Aliases (`*name`, and `<<: *name`) are refused: under 1 KB of them names
+    billions of nodes (an alias bomb), and a rule set has no need of them. A
+    document nested deeper than MAX_DEPTH is refused as it is read.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise RulesError([{"path": "", "problem": f"uses an alias (*{self.peek_event().anchor}) at line "
+                                                      f"{mark.line + 1}; aliases are not allowed"}])
+        if not self.check_event(yaml.MappingStartEvent, yaml.SequenceStartEvent):
+            return super().compose_node(parent, index)  # a scalar: no deeper
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise RulesError([{"path": "", "problem": TOO_DEEP}])
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _INT = "tag:yaml.org,2002:int"
@@ -80,8 +113,47 @@ def parse(text: str | bytes, media_type: str = "application/yaml") -> Any:
         if media_type == "application/json" or media_type.endswith("+json"):
             return json.loads(text)
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
-    except (ValueError, yaml.YAMLError, RecursionError) as exc:
+    except RulesError:
+        raise
+    except RecursionError:
+        raise RulesError([{"path": "", "problem": TOO_DEEP}]) from None
+    except (ValueError, yaml.YAMLError) as exc:
         raise RulesError([{"path": "", "problem": f"cannot be read: {' '.join(str(exc).split())}"}]) from None
+
+
+def _check_shape(doc: Any) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH, or holding text that UTF-8 cannot
+    encode (a lone surrogate such as "\\ud800" in a mask would fail every message it
+    redacts). Iterative: no depth of input can exhaust the stack here."""
+    stack = [(doc, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not _utf8(value):
+                raise RulesError([{"path": path, "problem": "holds text that is not valid Unicode "
+                                                            "(a lone surrogate)"}])
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            raise RulesError([{"path": path, "problem": TOO_DEEP}])
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and not _utf8(key):
+                    raise RulesError([{"path": path, "problem": "has a key that is not valid Unicode "
+                                                                "(a lone surrogate)"}])
+                stack.append((item, where, depth + 1))
+        else:
+            stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- validating ------------------------------------------------------------------
@@ -89,7 +161,9 @@ def parse(text: str | bytes, media_type: str = "application/yaml") -> Any:
 def validate(doc: Any) -> dict:
     """The set in normal form, `{"rules": [...]}` with every rule's defaults and a list of
     actions; raises RulesError listing every fault with its path (`rules[2].condition.gt`)."""
+    _check_shape(doc)
     errors: list[dict] = []
+    programs: list[int] = []  # RE2 instructions of each regex, in the order met
 
     def fault(path: str, problem: str) -> None:
         errors.append({"path": path, "problem": problem})
@@ -129,11 +203,13 @@ def validate(doc: Any) -> dict:
         if "condition" not in item:
             fault(f"{path}.condition", "required")
         else:
-            _check_condition(item["condition"], f"{path}.condition", fault)
+            _check_condition(item["condition"], f"{path}.condition", fault, programs)
         actions = _check_actions(item.get("action"), f"{path}.action", fault)
         rules.append({"id": rule_id, "description": item.get("description", ""),
                       "enabled": item.get("enabled", True), "priority": priority,
                       "condition": item.get("condition"), "action": [_written(a) for a in actions]})
+    if sum(programs) > MAX_SET_PROGRAM:
+        fault(base, f"its regexes come to {sum(programs)} RE2 instructions; at most {MAX_SET_PROGRAM}")
     if errors:
         raise RulesError(errors)
     return {"rules": rules}
@@ -160,7 +236,7 @@ def _names(value) -> list | None:
     return None
 
 
-def _check_condition(cond, path: str, fault) -> None:
+def _check_condition(cond, path: str, fault, programs: list[int]) -> None:
     if not isinstance(cond, dict):
         fault(path, "must be a mapping")
         return
@@ -188,9 +264,11 @@ def _check_condition(cond, path: str, fault) -> None:
         elif op == "exists" and not isinstance(value, bool):
             fault(where, "must be true or false")
         elif op == "matches":
-            problem = regex_problem(value)
+            compiled, problem = compile_regex(value)
             if problem:
                 fault(where, problem)
+            else:
+                programs.append(compiled.programsize)
     if "time_range" in cond:
         span = cond["time_range"]
         if not (isinstance(span, list) and len(span) == 2):
@@ -240,9 +318,9 @@ def _check_condition(cond, path: str, fault) -> None:
                 fault(f"{path}.{key}", "must be a non-empty list of conditions")
             else:
                 for index, sub in enumerate(cond[key]):
-                    _check_condition(sub, f"{path}.{key}[{index}]", fault)
+                    _check_condition(sub, f"{path}.{key}[{index}]", fault, programs)
     if "not" in cond:
-        _check_condition(cond["not"], f"{path}.not", fault)
+        _check_condition(cond["not"], f"{path}.not", fault, programs)
 
 
 def _check_actions(raw, path: str, fault) -> list[dict]:
@@ -329,61 +407,28 @@ def _zone_ok(name) -> bool:
     return True
 
 
-def regex_problem(pattern) -> str | None:
-    """Why `pattern` may not be a `matches` test, or None: it must be short, compile,
-    and be unable to backtrack for ever (no backreferences, no repeat of a repeat or
-    of an alternation, at most two long repeats); it sees a value's first 1000 characters."""
-    from re import _constants as sre  # noqa: PLC2701 - the parser is the only way to see a regex's shape
-    from re import _parser as sre_parse  # noqa: PLC2701
+def compile_regex(pattern) -> tuple[Any, str | None]:
+    """(the RE2 regex, None), or (None, why `pattern` may not be a `matches` test).
 
+    RE2 matches in time linear in the value, whatever the pattern: there is
+    no backtracking to bound. Its syntax is Python's less what needs
+    backtracking (backreferences, lookaround), which it refuses. A regex sees
+    a value's first MATCH_LIMIT characters.
+    """
     if not isinstance(pattern, str):
-        return "must be a regular expression (text)"
+        return None, "must be a regular expression (text)"
     if len(pattern) > MAX_PATTERN:
-        return f"is {len(pattern)} characters; at most {MAX_PATTERN}"
+        return None, f"is {len(pattern)} characters; at most {MAX_PATTERN}"
+    if not _utf8(pattern):
+        return None, "holds text that is not valid Unicode (a lone surrogate)"
     try:
-        re.compile(pattern)
-        tree = sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        return f"is not a regular expression: {exc}"
-    repeats = (sre.MAX_REPEAT, sre.MIN_REPEAT)
-    loose = 0
-
-    def walk(items, under_repeat: bool) -> str | None:
-        nonlocal loose
-        for op, arg in items:
-            if op in (sre.GROUPREF, sre.GROUPREF_EXISTS):
-                return "may not use backreferences"
-            if op in repeats:
-                low, high, sub = arg
-                if under_repeat:
-                    return "may not repeat a repeat (it can backtrack for ever)"
-                if high - low > LOOSE or high == sre.MAXREPEAT:
-                    loose += 1
-                problem = walk(sub, True)
-            elif op == sre.BRANCH:
-                if under_repeat:
-                    return "may not repeat an alternation (it can backtrack for ever)"
-                problem = next(filter(None, (walk(branch, under_repeat) for branch in arg[1])), None)
-            elif op == sre.SUBPATTERN:
-                problem = walk(arg[-1], under_repeat)
-            elif op in (sre.ASSERT, sre.ASSERT_NOT):
-                problem = walk(arg[1], under_repeat)
-            elif op == sre.ATOMIC_GROUP:
-                problem = walk(arg, under_repeat)
-            elif op == sre.POSSESSIVE_REPEAT:
-                problem = None  # never gives characters back
-            else:
-                problem = None
-            if problem:
-                return problem
-        return None
-
-    problem = walk(tree, False)
-    if problem:
-        return problem
-    if loose > MAX_LOOSE_REPEATS:
-        return f"has {loose} open-ended repeats; at most {MAX_LOOSE_REPEATS}"
-    return None
+        compiled = re2.compile(pattern, _RE2)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        return None, f"is not a regular expression RE2 accepts: {reason}"
+    if compiled.programsize > MAX_PROGRAM:
+        return None, f"compiles to {compiled.programsize} RE2 instructions; at most {MAX_PROGRAM}"
+    return compiled, None
 
 
 # -- compiling -------------------------------------------------------------------
@@ -428,13 +473,17 @@ def _getter(path: str) -> Callable[[Any], Any]:
         one.data_key = key  # lets a numeric test look the key up itself (_field_test)
         return one
 
+    # A part of ASCII digits also indexes a list (data.items.0); worked out once here:
+    # int() of other digits (`²` is one to isdigit) raises.
+    steps = [(part, int(part) if part.isascii() and part.isdigit() else None) for part in rest]
+
     def deep(envelope):
         value = getattr(envelope, head)
-        for part in rest:
+        for part, index in steps:
             if isinstance(value, dict):
                 value = value.get(part, MISSING)
-            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-                value = value[int(part)]
+            elif isinstance(value, list) and index is not None and index < len(value):
+                value = value[index]
             else:
                 return MISSING
         return value
@@ -453,8 +502,10 @@ def _field_test(get, op: str, expected) -> Test:
     if op == "ne":
         return lambda e, c: not _same(get(e), expected)
     if op in NUMERIC:
-        compare = {"gt": float.__gt__, "gte": float.__ge__, "lt": float.__lt__, "lte": float.__le__}[op]
-        bound = float(expected)
+        # Python compares int with int, and int with float, exactly and without
+        # converting: float(10**400) would raise, `10**400 > 50000.0` is True.
+        compare = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}[op]
+        bound = expected
         key = getattr(get, "data_key", None)
         if key is not None:
             # The usual shape (data.amount > N): the lookup inline, one call a test, not three.
@@ -462,12 +513,12 @@ def _field_test(get, op: str, expected) -> Test:
                 data = e.data
                 value = data.get(key) if isinstance(data, dict) else None
                 return isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and compare(float(value), bound)
+                    and compare(value, bound)
             return numeric_data
 
         def numeric(e, c):
             value = get(e)
-            return _number(value) and compare(float(value), bound)
+            return _number(value) and compare(value, bound)
         return numeric
     if op in ("in", "not_in"):
         options = list(expected)
@@ -482,11 +533,16 @@ def _field_test(get, op: str, expected) -> Test:
                 return any(_same(item, expected) for item in value)
             return False
         return contains
-    regex = re.compile(expected)
+    regex, _problem = compile_regex(expected)
 
     def matches(e, c):
         value = get(e)
-        return isinstance(value, str) and regex.search(value[:MATCH_LIMIT]) is not None
+        if not isinstance(value, str):
+            return False
+        try:
+            return regex.search(value[:MATCH_LIMIT]) is not None
+        except UnicodeEncodeError:  # a lone surrogate: ingest refuses them, but a test never raises
+            return False
     return matches
 
 
@@ -680,26 +736,108 @@ def _apply(rule: Rule, decision: Decision, channel: str) -> None:
 
 
 def redacted(data, fields: list[tuple[str, str | None]]):
-    """`data` with each `data.<path>` dropped (mask None) or replaced by its mask; `data` itself is untouched."""
+    """`data` with each `data.<path>` dropped (mask None) or replaced by its mask; `data` itself is untouched.
+
+    Only the mappings on a redacted path are copied (at most 16 levels, the
+    longest field), the rest is shared with `data`: no depth of data can
+    exhaust the stack here, as `copy.deepcopy` did past ~500 levels.
+    """
     if not isinstance(data, dict):
         return data
-    out = copy.deepcopy(data)
+    out = dict(data)
+    copies = {id(out)}  # the mappings of `out` that are its own, not `data`'s
     for name, mask in fields:
-        parts = name.split(".")[1:]
+        *path, last = name.split(".")[1:]
         parent = out
-        for part in parts[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
-        if isinstance(parent, dict) and parts[-1] in parent:
-            if mask is None:
-                del parent[parts[-1]]
-            else:
-                parent[parts[-1]] = mask
+        for part in path:
+            child = parent.get(part)
+            if not isinstance(child, dict):
+                break
+            if id(child) not in copies:
+                child = parent[part] = dict(child)
+                copies.add(id(child))
+            parent = child
+        else:
+            if last in parent:
+                if mask is None:
+                    del parent[last]
+                else:
+                    parent[last] = mask
     return out
 
 
 def compile_set(doc: dict, version: int, default_zone: str = "UTC") -> RuleSet:
     """A validated set (`validate`'s output) compiled for evaluation."""
     return RuleSet(doc, version, default_zone)
+
+
+# What the dry run puts at every field a rule names: each kind of JSON value,
+# the extremes a message may hold among them (README: "Rules").
+PROBES = (0, 10**400, -(10**400), 0.5, 1e308, "", "x" * (MATCH_LIMIT + 1), [1, "a", None, [2]], {"a": {"b": 1}},
+          None, True)
+
+
+def checked(doc: dict, version: int, default_zone: str = "UTC") -> RuleSet:
+    """`compile_set`, then a dry run: every test of every enabled rule on a message
+    holding each of PROBES at each field the rule names, and its actions applied and
+    encoded as a worker would. RulesError when either fails: a set is refused whole
+    rather than failing on messages later."""
+    try:
+        rule_set = compile_set(doc, version, default_zone)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the set cannot be used
+        raise RulesError([{"path": "", "problem": f"cannot be compiled: {type(exc).__name__}: {exc}"}]) from None
+    where = {rule["id"]: (f"rules[{index}]", rule) for index, rule in enumerate(doc["rules"])}
+    context = Context(0.0)
+    for rule in rule_set.rules:
+        path, source = where[rule.id]
+        fields = _fields_of(source["condition"]) + [name for a in rule.actions if a["do"] == "redact"
+                                                    for name in a["fields"]]
+        try:
+            for probe in PROBES:
+                placed: dict = {}
+                for name in fields:
+                    _place(placed, name.split(".")[1:], probe)
+                for data in (probe, placed):
+                    envelope = SimpleNamespace(id="dry-run", channel="dry-run", type="message", data=data,
+                                               sender="dry-run", ts=0)
+                    for test in rule.tests:
+                        test(envelope, context)
+                    decision = Decision(version)
+                    _apply(rule, decision, envelope.channel)
+                    dumps_bytes({"data": redacted(data, decision.redact), "rules": decision.record()})
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise RulesError([{"path": path,
+                               "problem": f"fails on a message: {type(exc).__name__}: {exc}"}]) from None
+    return rule_set
+
+
+def _fields_of(cond: dict) -> list[str]:
+    """The `data.` fields a condition names, nested conditions included."""
+    names, stack = [], [cond]
+    while stack:
+        part = stack.pop()
+        if isinstance(part.get("field"), str):
+            names.append(part["field"])
+        if "amount_threshold" in part:
+            threshold = part["amount_threshold"]
+            names.append(threshold.get("field", "data.amount") if isinstance(threshold, dict) else "data.amount")
+        stack += [*part.get("all", []), *part.get("any", []), *([part["not"]] if "not" in part else [])]
+    return [name for name in names if name.startswith("data.")]
+
+
+def _place(data: dict, parts: list[str], value) -> None:
+    """Put `value` at `parts` in `data`, making the mappings on the way."""
+    for part in parts[:-1]:
+        if not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data[part]
+    data[parts[-1]] = value
+
+
+def compile_text(text: str | bytes, media_type: str, version: int, default_zone: str = "UTC") -> RuleSet:
+    """A rule set text read, validated, compiled and dry-run (`checked`), or RulesError:
+    what PUT /api/v1/rules, `flask rules load` and a worker reading the stored set all do."""
+    return checked(load(text, media_type), version, default_zone)
 
 
 def load(text: str | bytes, media_type: str = "application/yaml") -> dict:

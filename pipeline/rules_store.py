@@ -5,6 +5,14 @@ the one before it, never half of one. A replacement publishes a notice the
 workers listen for; each also reads the version at most every
 `VERSION_CHECK` seconds, at a batch's start, in case a notice was lost, and
 compiles a new version once (README: "Rules").
+
+A worker applies exactly the version it compiled, and says so
+(`herald_rules_version`). A stored version it cannot compile (written by an
+older Herald, or into Redis by hand: PUT refuses such sets) is logged once
+and counted (`herald_rules_compile_failures_total`); the worker keeps the last
+version it compiled. With none compiled yet it fails closed: its batches
+raise RulesUnavailable, a transient error, and are retried as when Redis is
+down, never run without the policy.
 """
 
 from __future__ import annotations
@@ -19,12 +27,16 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from pipeline import rules as engine
+from pipeline.errors import TransientError
 from pipeline.messages import Envelope
 
 log = logging.getLogger("herald.rules")
 VERSION_CHECK = 0.5  # seconds between version reads in a worker; a notice makes the next batch read at once
 MATCHES = Counter("herald_rule_matches_total", "Messages a rule matched, per rule and action", ["rule", "action"])
-VERSION = Gauge("herald_rules_version", "Version of the rule set this process applies", multiprocess_mode="max")
+VERSION = Gauge("herald_rules_version", "Version of the rule set this process applies (compiled)",
+                multiprocess_mode="max")
+COMPILE_FAILURES = Counter("herald_rules_compile_failures_total",
+                           "Stored rule set versions this process could not compile (it keeps the last it compiled)")
 
 # KEYS: the rules hash. ARGV: normalised doc, notice channel, '1' to write only
 # when no set is stored (HERALD_RULES_FILE at start-up). Returns the new
@@ -38,6 +50,11 @@ return version
 """
 
 
+class RulesUnavailable(TransientError):
+    """The stored rule set cannot be compiled and this process has compiled none: its
+    messages wait (are retried) rather than pass without the policy."""
+
+
 class RulesStore:
     """Reads and replaces the stored rule set, and applies it to a worker's batches."""
 
@@ -45,8 +62,10 @@ class RulesStore:
         self.store = store
         self.settings = settings
         self._put = store.redis.register_script(_PUT)
-        self._set: engine.RuleSet | None = None
-        self._version = 0
+        self._set: engine.RuleSet | None = None  # None: no rules (an empty set), or none compiled yet
+        self._version: int | None = None  # the version compiled; None until one is
+        self._refused: int | None = None  # the stored version that could not be compiled
+        self._refusal = ""
         self._checked = 0.0
         self._notified = threading.Event()
         self._listener = None
@@ -76,13 +95,15 @@ class RulesStore:
             return 0
         with open(path, "rb") as fh:
             text = fh.read()
-        doc = engine.load(text, "application/json" if path.endswith(".json") else "application/yaml")
-        return self.put(doc, only_if_none=True)
+        rule_set = engine.compile_text(text, "application/json" if path.endswith(".json") else "application/yaml",
+                                       0, self.settings.rules_timezone)
+        return self.put(rule_set.doc, only_if_none=True)
 
     # -- the worker's side -------------------------------------------------------------
     def current(self) -> engine.RuleSet | None:
         """The compiled set in force (None when there are no rules), read again when a
-        notice came or VERSION_CHECK passed; compiled once per version."""
+        notice came or VERSION_CHECK passed; compiled once per version. Raises
+        RulesUnavailable while the stored set cannot be compiled and none was before."""
         now = time.monotonic()
         if self._notified.is_set() or now - self._checked >= VERSION_CHECK:
             self._notified.clear()
@@ -90,15 +111,32 @@ class RulesStore:
             self._listen()
             if not self._file_loaded:
                 self._load_file_once()
-            version = self.store.redis.hget(self.store.keys.rules, "version")
-            if int(version or 0) != self._version:
-                self._version, doc = self.get()  # one HMGET: a whole version, never half of one
-                self._set = engine.compile_set(doc, self._version, self.settings.rules_timezone) \
-                    if doc["rules"] else None
-                self._match_counters.clear()  # this version's rules only
-                VERSION.set(self._version)
-                log.info("rules applied", extra={"version": self._version, "rules": len(self._set or ())})
+            version = int(self.store.redis.hget(self.store.keys.rules, "version") or 0)
+            if version not in (self._version, self._refused):
+                self._compile_stored()
+        if self._version is None:
+            raise RulesUnavailable(self._refusal)
         return self._set
+
+    def _compile_stored(self) -> None:
+        # One HMGET: a whole version, never half of one. The version is set only
+        # once its set compiled: a worker never claims a version it does not apply.
+        version, text = self.store.redis.hmget(self.store.keys.rules, ["version", "doc"])
+        version = int(version or 0)
+        try:
+            rule_set = engine.compile_text(text or "{}", "application/json", version, self.settings.rules_timezone)
+        except engine.RulesError as exc:
+            self._refused = version
+            self._refusal = f"the stored rule set (version {version}) cannot be compiled: {exc}"
+            COMPILE_FAILURES.inc()
+            log.error("rules not applied: the stored set cannot be compiled",
+                      extra={"version": version, "applied_version": self._version, "error": str(exc)})
+            return
+        self._version, self._refused = version, None
+        self._set = rule_set if len(rule_set) else None
+        self._match_counters.clear()  # this version's rules only
+        VERSION.set(version)
+        log.info("rules applied", extra={"version": version, "rules": len(rule_set)})
 
     def _load_file_once(self) -> None:
         try:

@@ -12,7 +12,7 @@ from pipeline.dlq import NotReplayable
 from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.ids import candidates
 from pipeline.ingest import IdempotencyConflict, accepted_fields
-from pipeline.messages import Envelope, Publish, dumps, parse_publish
+from pipeline.messages import Envelope, Publish, parse_publish
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import from_validation, problem, problem_body
@@ -281,17 +281,23 @@ def rules_store():
     return RulesStore(services().store, services().settings)
 
 
-def read_rules(text: str | bytes, media_type: str) -> dict:
-    """A rule set text in normal form, or a 422 listing each fault with its path."""
+def read_rules(text: str | bytes, media_type: str):
+    """A rule set text compiled and dry-run (`rules.compile_text`, version 0), or a 422
+    listing each fault with its path: a set that would fail in the workers is refused here."""
     from pipeline import rules
 
     try:
-        return rules.load(text, media_type)
+        return rules.compile_text(text, media_type, 0, services().settings.rules_timezone)
     except rules.RulesError as exc:
-        raise ValidationError("The rule set is invalid; nothing was changed",
-                              [{"field": e["path"], "problem": e["problem"],
-                                "error": f"{e['path']}: {e['problem']}" if e["path"] else e["problem"]}
-                               for e in exc.errors], status=422, title="Invalid rule set") from None
+        raise invalid_rules(exc) from None
+
+
+def invalid_rules(exc) -> ValidationError:
+    """The 422 for a RulesError: each fault with its path."""
+    return ValidationError("The rule set is invalid; nothing was changed",
+                           [{"field": e["path"], "problem": e["problem"],
+                             "error": f"{e['path']}: {e['problem']}" if e["path"] else e["problem"]}
+                            for e in exc.errors], status=422, title="Invalid rule set")
 
 
 def rules_body() -> tuple[bytes, str]:
@@ -318,7 +324,7 @@ RULE_SET_INPUT = {"type": "object", "description": "`rules: [...]` or one `rule:
                     answers={200: Answer("The new set and its version", RuleSet),
                              503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("rules",))
 def rules_put(identity: Identity):
-    doc = read_rules(*rules_body())
+    doc = read_rules(*rules_body()).doc
     version = rules_store().put(doc)
     log.info("rules replaced", extra={"version": version, "rules": len(doc["rules"]),
                                       "request_id": g.get("request_id")})
@@ -337,18 +343,29 @@ def rules_get(identity: Identity):
                     "effects (admin token)", auth="admin", body=RulesTest,
                     body_limit=lambda settings: settings.max_batch_bytes,
                     answers={200: Answer("The decision", RulesDecision),
+                             409: Answer("The stored rule set cannot be compiled (README: Rules)"),
                              503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("rules",))
 def rules_test(identity: Identity, body: RulesTest):
     """Evaluate a message against a rule set (the body's `rules`, else the stored set), without side effects."""
     from pipeline import rules
     from pipeline.rules_store import dry_run
 
+    zone = services().settings.rules_timezone
     if body.rules is not None:
-        version, doc = 0, read_rules(dumps(body.rules), "application/json")
+        try:
+            rule_set = rules.checked(rules.validate(body.rules), 0, zone)
+        except rules.RulesError as exc:
+            raise invalid_rules(exc) from None
     else:
         version, doc = rules_store().get()
+        try:
+            rule_set = rules.checked(rules.validate(doc), version, zone)
+        except rules.RulesError as exc:  # stored by an older Herald, or into Redis by hand
+            return problem(409, f"The stored rule set (version {version}) cannot be compiled: {exc}",
+                           slug="rules-not-compiled")
     envelope = parse_publish(body.message, sender=body.message.sender or identity.user)
-    rule_set = rules.compile_set(doc, version, services().settings.rules_timezone)
+    # RE2 makes every regex linear in the value, and values are cut to MATCH_LIMIT:
+    # evaluating one message cannot hold this process's event loop.
     return dry_run(rule_set, envelope, services().store)
 
 

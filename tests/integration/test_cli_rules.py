@@ -114,3 +114,26 @@ def test_a_bad_message_is_refused_saying_why(flask_rules, tmp_path, message, lin
     good.write_text(GOOD)
     code, out, err = flask_rules("test", str(good), message)
     assert (code, out, err.splitlines()) == (1, "", lines)
+
+
+@pytest.mark.parametrize("name, text, line", [
+    ("bomb.yaml", "rules: [{id: r, action: alert, condition: {all: [&a {channel: x}, {any: [*a, *a]}]}}]",
+     "uses an alias (*a) at line 1; aliases are not allowed"),
+    ("deep.json", '{"rule": {"id": "r", "condition": ' + '{"not": ' * 600 + "{}" + "}" * 600 + ', "action": "block"}}',
+     "rule.condition" + ".not" * 30 + ": nests deeper than 32 levels of mappings and lists"),
+    ("mask.json", '{"rule": {"id": "r", "condition": {}, "action": {"redact": {"fields": ["data.card"], '
+                  '"mask": "\\ud800"}}}}', "rule.action.redact.mask: holds text that is not valid Unicode (a lone "
+                                           "surrogate)"),
+])
+def test_load_refuses_a_set_workers_could_not_run(flask_rules, tmp_path, name, text, line):
+    good = tmp_path / "rules.yaml"
+    good.write_text(GOOD)
+    assert flask_rules("load", str(good))[0] == 0
+    bad = tmp_path / name
+    bad.write_text(text)
+    code, out, err = flask_rules("load", str(bad))
+    lines = [line if line.startswith("rule") else f"{bad}: {line}",
+             f"Error: {bad}: the rule set is invalid; nothing was changed"]
+    assert (code, out, err.splitlines()) == (1, "", lines)
+    code, out, _err = flask_rules("show")
+    assert code == 0 and json.loads(out)["version"] == 1

@@ -205,3 +205,75 @@ def test_a_rate_rule_counts_across_two_workers(stack, web, channel, put_rules):
         assert "rules applied" in second.log() and "batch processed" in second.log()
     finally:
         second.stop(15)
+
+
+# -- sets that would hurt workers are refused whole, up front (README: "Rules") ---------------
+
+ALIAS_BOMB = b"""
+rules:
+  - id: bomb
+    condition:
+      all:
+        - &a {any: [{channel: x}, {channel: x}, {channel: x}, {channel: x}, {channel: x}, {channel: x}]}
+        - &b {any: [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]}
+        - &c {any: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]}
+        - &d {any: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]}
+        - {any: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]}
+    action: alert
+"""
+
+
+def deep_not(depth: int) -> bytes:
+    """A rule set in JSON whose condition is `not` in `not` ... `depth` times."""
+    return ('{"rule": {"id": "deep", "condition": ' + '{"not": ' * depth + '{"field": "data.x", "eq": 1}'
+            + "}" * depth + ', "action": "block"}}').encode()
+
+
+@pytest.mark.parametrize("body, content_type, error", [
+    (ALIAS_BOMB, "application/yaml", "uses an alias (*a) at line 7; aliases are not allowed"),
+    (deep_not(600), "application/json",
+     "rule.condition" + ".not" * 30 + ": nests deeper than 32 levels of mappings and lists"),
+    (deep_not(600).replace(b'"', b"'"), "application/yaml", "nests deeper than 32 levels of mappings and lists"),
+    (b'{"rule": {"id": "m", "condition": {}, "action": {"redact": {"fields": ["data.card"], "mask": "\\ud800"}}}}',
+     "application/json", "rule.action.redact.mask: holds text that is not valid Unicode (a lone surrogate)"),
+    (b"rule: {id: r, condition: {field: data.x, matches: '(a)\\1'}, action: alert}", "application/yaml",
+     "rule.condition.matches: is not a regular expression RE2 accepts: invalid escape sequence: \\1"),
+], ids=["alias-bomb", "deep-not-json", "deep-not-yaml", "lone-surrogate-mask", "backreference"])
+def test_a_set_workers_could_not_run_is_refused_with_422_and_nothing_changes(web, admin, put_rules, body,
+                                                                            content_type, error):
+    before = put_rules("rule: {id: keep, condition: {channel: 'nothing:here'}, action: alert}")
+    status, _, answer = web.request("PUT", "/api/v1/rules", raw=body, content_type=content_type, token=admin,
+                                    timeout=30)
+    assert status == 422 and [e["error"] for e in answer["errors"]] == [error], answer
+    assert web.request("GET", "/api/v1/rules", token=admin)[2] == before
+    if content_type == "application/json":  # the dry-run endpoint takes a set in its JSON body: the same checks
+        status, _, answer = web.request("POST", "/api/v1/rules/test", raw=b'{"message": {"channel": "a", '
+                                        b'"data": 1}, "rules": ' + body + b"}", token=admin)
+        assert status == 422 and [e["error"] for e in answer["errors"]] == [error], answer
+
+
+def test_an_exponential_regex_chain_runs_in_linear_time_in_the_web_and_the_workers(stack, web, admin, token,
+                                                                                   channel, put_rules):
+    # Python's re took 2.65 s a value at five `.{0,16}`, x17 for each more: eight held a
+    # process for hours (the web's event loop in /rules/test). On RE2 both answer at once.
+    chain = ".{0,16}" * 8 + "X"
+    put_rules(f"rule: {{id: chain-{channel[5:]}, condition: {{channel: '{channel}', field: data.text, "
+              f"matches: '{chain}'}}, action: block}}")
+    for text, blocked in (("a" * 1000, None), ("a" * 50 + "X", f"chain-{channel[5:]}")):
+        status, _, answer = web.request("POST", "/api/v1/rules/test", {"message": {"channel": channel, "data": {
+            "text": text}}}, token=admin)
+        assert status == 200 and answer["blocked"] == blocked, answer
+    slow, fast = publish(web, token, channel, {"text": "a" * 1000}), publish(web, token, channel, {"text": "aX"})
+    assert wait_until(lambda: [status_of(web, token, i)["status"] for i in (slow, fast)] == ["delivered", "rejected"],
+                      30, 0.1, "the worker's decisions")
+
+
+def test_the_dry_run_of_a_stored_set_that_cannot_compile_is_a_409(stack, web, admin, put_rules):
+    put_rules("rules: []")
+    store = stack.store()
+    version = store.redis.hincrby(store.keys.rules, "version", 1)  # as an older Herald could have stored it
+    store.redis.hset(store.keys.rules, "doc", deep_not(600))
+    status, _, answer = web.request("POST", "/api/v1/rules/test", {"message": {"channel": "a", "data": 1}},
+                                    token=admin)
+    assert status == 409 and answer["detail"].startswith(
+        f"The stored rule set (version {version}) cannot be compiled: rule.condition"), answer

@@ -4,6 +4,7 @@ what it counts, marks and emits, and that a batch run again changes nothing."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -13,7 +14,7 @@ from prometheus_client import REGISTRY
 from pipeline import rules
 from pipeline.messages import Envelope
 from pipeline.processing import Processor, RetryLater
-from pipeline.rules_store import RulesStore
+from pipeline.rules_store import VERSION_CHECK, RulesStore, RulesUnavailable
 from pipeline.settings import Settings
 from pipeline.store import Store, connect
 from tests.harness import redis_cluster
@@ -187,3 +188,65 @@ rules:
         assert status["rule"] == f"{rule}-{tag}" and status["error"] == f"blocked by rule {rule}-{tag}"
         assert status["channel"] == channel
     assert [m["id"] for m in history(store, channel)] == [envelopes[i].id for i in (0, 3, 6)]
+
+
+# A set PUT refuses (nested past rules.MAX_DEPTH), as an older Herald or a hand could store it.
+UNCOMPILABLE = '{"rules": [{"id": "deep", "enabled": true, "priority": 0, "action": ["block"], "condition": ' + \
+    '{"not": ' * 600 + '{}' + '}' * 600 + '}]}'
+
+
+def store_directly(store: Store, doc: str) -> int:
+    """Write a rule set into Redis as PUT would, without its checks; returns its version."""
+    version = store.redis.hincrby(store.keys.rules, "version", 1)
+    store.redis.hset(store.keys.rules, "doc", doc)
+    return version
+
+
+def failures() -> float:
+    return REGISTRY.get_sample_value("herald_rules_compile_failures_total") or 0.0
+
+
+def test_a_stored_set_that_cannot_compile_is_reported_once_and_the_last_compiled_set_kept(worker, caplog):
+    processor, rules_store, store = worker
+    tag = uuid.uuid4().hex[:6]
+    good = rules_store.put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
+                                      "action: block}"))
+    channel = f"pay:{tag}"
+    assert processor.run(batch(channel, [5, 500]), final_attempt=False).skipped == 1
+    before = failures()
+    bad = store_directly(store, UNCOMPILABLE)
+    time.sleep(VERSION_CHECK + 0.1)
+    for offset in (2, 4):  # two batches, one report
+        outcome = processor.run(batch(channel, [7, 700], offset0=offset), final_attempt=False)
+        assert (outcome.delivered, outcome.skipped) == (1, 1)  # still under the good set
+        time.sleep(VERSION_CHECK + 0.1)
+    assert [m["rules"]["v"] for m in history(store, channel) if "rules" in m] in ([], [good] * 3)
+    assert REGISTRY.get_sample_value("herald_rules_version") == good
+    assert failures() == before + 1
+    reports = [r for r in caplog.records if r.getMessage() == "rules not applied: the stored set cannot be compiled"]
+    assert len(reports) == 1 and reports[0].levelname == "ERROR"
+    assert (reports[0].version, reports[0].applied_version) == (bad, good)
+    assert reports[0].error == "rules[0].condition" + ".not" * 29 + f": {rules.TOO_DEEP}"
+    newer = rules_store.put(rules.load("rules: []"))  # a good set again: applied
+    time.sleep(VERSION_CHECK + 0.1)
+    assert processor.run(batch(channel, [9000], offset0=6), final_attempt=False).delivered == 1
+    assert REGISTRY.get_sample_value("herald_rules_version") == newer
+
+
+def test_a_worker_that_compiled_no_set_holds_its_messages_until_one_compiles(worker):
+    processor, _rules_store, store = worker
+    tag = uuid.uuid4().hex[:6]
+    version = store_directly(store, UNCOMPILABLE)
+    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStore(store, store.settings))  # a restart
+    channel = f"pay:{tag}"
+    envelopes = batch(channel, [5, 500])
+    with pytest.raises(RetryLater) as retry:  # retried as when Redis is down, never run without the policy
+        fresh.run(envelopes, final_attempt=False)
+    assert isinstance(retry.value.cause, RulesUnavailable)
+    assert str(retry.value.cause).startswith(f"the stored rule set (version {version}) cannot be compiled")
+    assert history(store, channel) == [] and store.get_message(envelopes[0].id) is None
+    RulesStore(store, store.settings).put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
+                                                     "action: block}"))
+    time.sleep(VERSION_CHECK + 0.1)
+    outcome = fresh.run(retry.value.remaining, final_attempt=False)
+    assert (outcome.delivered, outcome.skipped) == (1, 1)
