@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from celery import Celery, signals
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope
@@ -279,11 +280,14 @@ def process_message(self, wire: list[dict]) -> dict:
         raise Reject("over HERALD_TASK_TIME_LIMIT", requeue=True) from None
     except (Retry, Reject):  # Celery's own: a retry, a hand-back
         raise
+    except OperationalError as exc:
+        # The broker refused a task sent on (a message back from waiting): no message's fault.
+        raise self.retry(countdown=settings.retry_max_delay, max_retries=None, exc=exc) from None
     except Exception as exc:
         # Any error not known to be transient, whatever its type (README: "Under faults").
         try:
             return _isolate(envelopes, exc, attempts=self.request.retries + 1)
-        except RETRYABLE as down:
+        except (*RETRYABLE, OperationalError) as down:
             raise self.retry(countdown=settings.retry_max_delay, max_retries=None, exc=down) from None
 
 
