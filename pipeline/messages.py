@@ -159,7 +159,8 @@ class Publish(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     channel: ChannelName
-    data: Any = Field(description="any JSON value")
+    data: Any = Field(description=f"any JSON value with arrays and objects nested at most {MAX_DATA_DEPTH} deep "
+                                  "and integers from -2^63 to 2^64-1 (else 400)")
     type: MessageType = "message"
     # Absent means "mint a ULID"; `null` is not a value the API takes (the
     # default is not validated, so None stands only for "absent").
