@@ -320,4 +320,9 @@ def decode(value: bytes | str | None) -> Envelope:
         wire = loads(value)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PermanentError(f"record is not JSON: {exc}") from None
-    return Envelope.from_wire(wire)
+    envelope = Envelope.from_wire(wire)
+    # A record another producer wrote to the topic bypassed ingest: the same bounds.
+    problem = data_problem(envelope.data)
+    if problem is not None:
+        raise PermanentError(f"record's data {problem}")
+    return envelope

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from confluent_kafka import Producer
 
 from pipeline.messages import MAX_DATA_DEPTH
 from tests.faults.conftest import start_collector
@@ -212,13 +213,28 @@ def test_data_past_the_ingest_bounds_is_refused_and_at_the_bounds_delivered(make
             published.append(msg_id)
     client.close()
 
+    # Records another producer wrote straight to the topic, past ingest: the
+    # bridge dead-letters them (a worker's pool could not even take them).
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    for n, data in enumerate([*refused.values(), *fine.values()]):
+        record = {"id": f"{tag}-k{n:02d}", "channel": channel, "type": "message", "data": data, "sender": "raw",
+                  "ts": 1}
+        producer.produce(stack.settings.topic, key=channel, value=json.dumps(record))
+        if n >= len(refused):
+            published.append(record["id"])
+    assert producer.flush(10) == 0
+
     publisher = _published(published)
     wait_for_delivery(collector, publisher, timeout=60)
     collector.stop()
-    history = web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"]
-    assert [m["data"] for m in history] == [*fine.values()] * 3  # as sent, at the very bounds
     figures = report(f"ingest bounds ({broker})", publisher, collector, history_of(stack, [channel]),
                      in_flight=settled_in_flight(stack), forced=forced_passes(worker),
                      refused_at_ingest=answers["refused"], depth_limit=MAX_DATA_DEPTH)
+    history = web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"]
+    assert [m["data"] for m in history] == [*fine.values()] * 4  # as sent, at the very bounds
+    letters = web.request("GET", "/api/v1/dlq", token=stack.token("ops", admin=True))[2]["items"]
+    assert len(letters) == len(refused)
+    for letter in letters:
+        check_refusal({"status": 400, "detail": letter["reason"]}, "deep" if "levels" in letter["reason"] else "")
     assert_exactly_once(figures)
-    assert answers["refused"] == 3 * len(refused) + 2
+    assert answers["refused"] == 4 * len(refused) + 2

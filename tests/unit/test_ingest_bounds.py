@@ -6,8 +6,8 @@ from __future__ import annotations
 import flask
 import pytest
 
-from pipeline.errors import ValidationError
-from pipeline.messages import MAX_DATA_DEPTH, MAX_INT, MIN_INT, data_problem, parse_publish
+from pipeline.errors import PermanentError, ValidationError
+from pipeline.messages import MAX_DATA_DEPTH, MAX_INT, MIN_INT, Envelope, data_problem, decode, encode, parse_publish
 from pipeline.processing import REASON_CHARS, failure_reason
 from web.openapi import read_json
 
@@ -60,6 +60,15 @@ def test_parse_publish_refuses_data_out_of_bounds_with_a_400_naming_the_limit(da
 def test_parse_publish_accepts_data_at_the_bounds():
     data = {"deep": nested(MAX_DATA_DEPTH - 1), "max": MAX_INT, "min": MIN_INT}
     assert parse_publish({"channel": "pay:x", "data": data}, sender="x").data == data
+
+
+@pytest.mark.parametrize("data", [nested(MAX_DATA_DEPTH + 1), [MAX_INT + 1]])
+def test_a_record_written_past_ingest_is_held_to_the_same_bounds(data):
+    record = encode(Envelope(id="m-1", channel="c", type="message", data=data, sender="x", ts=1))
+    with pytest.raises(PermanentError, match="the limit"):
+        decode(record)
+    fine = Envelope(id="m-2", channel="c", type="message", data=nested(MAX_DATA_DEPTH, leaf=MAX_INT), sender="x", ts=1)
+    assert decode(encode(fine)) == fine
 
 
 @pytest.mark.parametrize("depth", [2_000, 100_000])
