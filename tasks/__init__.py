@@ -167,8 +167,9 @@ def _after_worker_loss(envelopes: list[Envelope], deaths: int, final: bool) -> d
             _send([envelope])
         return {"split": len(envelopes)}
     if deaths > settings.max_redeliveries:
-        processor().dead_letter_first(envelopes, f"worker died {deaths} times while processing it (or it ran past HERALD_TASK_TIME_LIMIT)",
-                                      attempts=deaths + 1)
+        processor().dead_letter_first(
+            envelopes, f"worker died {deaths} times while processing it (or it ran past HERALD_TASK_TIME_LIMIT)",
+            attempts=deaths + 1)
         _pass_gate(envelopes)
         return {"dead": 1}
     return _requeue_waiting(processor().run(envelopes, final_attempt=final))
