@@ -227,14 +227,15 @@ def test_data_past_the_ingest_bounds_is_refused_and_at_the_bounds_delivered(make
     publisher = _published(published)
     wait_for_delivery(collector, publisher, timeout=60)
     collector.stop()
+    letters = web.request("GET", "/api/v1/dlq", token=stack.token("ops", admin=True))[2]["items"]
     figures = report(f"ingest bounds ({broker})", publisher, collector, history_of(stack, [channel]),
                      in_flight=settled_in_flight(stack), forced=forced_passes(worker),
-                     refused_at_ingest=answers["refused"], depth_limit=MAX_DATA_DEPTH)
+                     refused_at_ingest=answers["refused"], dead_lettered_by_the_bridge=len(letters),
+                     depth_limit=MAX_DATA_DEPTH)
     history = web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"]
     assert [m["data"] for m in history] == [*fine.values()] * 4  # as sent, at the very bounds
-    letters = web.request("GET", "/api/v1/dlq", token=stack.token("ops", admin=True))[2]["items"]
+    assert answers["refused"] == 3 * len(refused) + 2
     assert len(letters) == len(refused)
     for letter in letters:
         check_refusal({"status": 400, "detail": letter["reason"]}, "deep" if "levels" in letter["reason"] else "")
     assert_exactly_once(figures)
-    assert answers["refused"] == 4 * len(refused) + 2
