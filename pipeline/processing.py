@@ -186,8 +186,10 @@ class Processor:
         return outcome
 
     def dead_letter_first(self, envelopes: list[Envelope], error: str, attempts: int) -> None:
-        """Retries are used up: dead-letter the message that kept failing."""
-        self._dead_letter(envelopes[0], error, attempts=attempts)
+        """Retries are used up: dead-letter the message that kept failing, unless it only
+        passes its gate (dead-lettered or rejected before: its letter stays as it was)."""
+        if not envelopes[0].skip:
+            self._dead_letter(envelopes[0], error, attempts=attempts)
 
     def _deliver_waiting(self, envelopes: list[Envelope], results: list, *, force: bool):
         """Try the batch's waiting records again, all of them in one round trip each time,

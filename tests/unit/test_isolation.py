@@ -65,3 +65,24 @@ def test_after_the_last_retry_the_rest_of_the_batch_goes_on_behind_the_dead_lett
     tasks._pass_gate(batch)
     [[first, *rest]] = sent
     assert first.skip and first.data is None and rest == batch[1:]
+
+
+def test_a_message_that_only_passes_its_gate_is_never_dead_lettered_again():
+    from pipeline.processing import Processor
+
+    class Letters:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, **letter):
+            self.sent.append(letter["envelope"].id)
+
+    class Store:
+        def mark_failed(self, envelope, error):
+            pass
+
+    letters = Letters()
+    processor = Processor(None, Store(), None, letters)
+    processor.dead_letter_first([envelope(1, skip=True), envelope(2)], "worker died 4 times", attempts=5)
+    processor.dead_letter_first([envelope(3)], "worker died 4 times", attempts=5)
+    assert letters.sent == ["m-3"]  # the first's letter, with its data, stays as it was
