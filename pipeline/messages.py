@@ -30,6 +30,12 @@ CHANNEL_RE = re.compile(r"[A-Za-z0-9_:.@-]{1,200}")
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MESSAGE_FIELDS = ("id", "channel", "type", "data", "sender", "ts")
+# Ingest bounds on `data` (README: "The HTTP API and its schema"): whatever is
+# accepted must be handled by every later stage, which recurse over it
+# (Celery's pool pickles task arguments, rules copy data) and encode it
+# (orjson takes integers of 64 bits; past them, the slower standard library).
+MAX_DATA_DEPTH = 64  # arrays and objects nested in one another
+MIN_INT, MAX_INT = -(2 ** 63), 2 ** 64 - 1
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -106,6 +112,29 @@ def _finite(value) -> bool:
     return True
 
 
+def data_problem(data) -> str | None:
+    """What breaks the ingest bounds in `data` (arrays and objects nested deeper than
+    MAX_DATA_DEPTH, an integer outside MIN_INT..MAX_INT), or None. Iterative: any
+    depth costs no stack."""
+    pending = [(data, 1)] if type(data) in (dict, list) else []
+    if type(data) is int and not MIN_INT <= data <= MAX_INT:
+        return _BIG_INT
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DATA_DEPTH:
+            return f"nests arrays and objects deeper than {MAX_DATA_DEPTH} levels (the limit)"
+        for item in value.values() if type(value) is dict else value:
+            kind = type(item)
+            if kind is dict or kind is list:
+                pending.append((item, depth + 1))
+            elif kind is int and not MIN_INT <= item <= MAX_INT:
+                return _BIG_INT
+    return None
+
+
+_BIG_INT = "holds an integer outside -2**63..2**64-1 (the limit)"
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
@@ -130,7 +159,8 @@ class Publish(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     channel: ChannelName
-    data: Any = Field(description="any JSON value")
+    data: Any = Field(description=f"any JSON value with arrays and objects nested at most {MAX_DATA_DEPTH} deep "
+                                  "and integers from -2^63 to 2^64-1 (else 400)")
     type: MessageType = "message"
     # Absent means "mint a ULID"; `null` is not a value the API takes (the
     # default is not validated, so None stands only for "absent").
@@ -173,6 +203,10 @@ def parse_publish(body, *, sender: str, idempotency_key: str | None = None,
     if idempotency_key is not None and body.id is not None and body.id != idempotency_key:
         raise ValidationError("The message has invalid fields",
                               [{"field": "id", "problem": "differs from the Idempotency-Key header"}])
+    problem = data_problem(body.data)
+    if problem is not None:
+        raise ValidationError(f"data {problem}", [{"field": "data", "problem": problem}], status=400,
+                              title="Data out of bounds")
     try:
         # Refused here, before any idempotency claim: a lone surrogate ("\ud800")
         # or NaN would fail only when the record is encoded (issue 8: a 500 then).
@@ -286,4 +320,9 @@ def decode(value: bytes | str | None) -> Envelope:
         wire = loads(value)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PermanentError(f"record is not JSON: {exc}") from None
-    return Envelope.from_wire(wire)
+    envelope = Envelope.from_wire(wire)
+    # A record another producer wrote to the topic bypassed ingest: the same bounds.
+    problem = data_problem(envelope.data)
+    if problem is not None:
+        raise PermanentError(f"record's data {problem}")
+    return envelope

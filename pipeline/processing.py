@@ -27,8 +27,13 @@ ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is t
 # held by a dead worker: no spin in place, and a slower recheck.
 ORDER_LONG_WAIT = 5.0
 ORDER_RECHECK_LONG = 1.0
-# Errors worth retrying: the services a message passes through were unreachable.
-RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Errors worth retrying: the services a message passes through were unreachable,
+# or refused for now (Redis full, a replica promoted, a cluster resharding).
+# Every other error is taken as the message's own fault: it is dead-lettered.
+RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+             redis.exceptions.OutOfMemoryError, redis.ReadOnlyError, redis.exceptions.TryAgainError,
+             redis.exceptions.ClusterDownError, redis.exceptions.MasterDownError)
+REASON_CHARS = 500  # of a failure's reason, in a dead letter and the message's status
 FORCED_ORDER = Counter("herald_forced_out_of_order_total",
                        "Records let past their channel's order gate after HERALD_ORDER_WAIT")
 
@@ -61,6 +66,16 @@ class Outcome:
 def backoff_delay(retries: int, base: float, cap: float, rand=random.random) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**retries)]."""
     return rand() * min(cap, base * (2 ** retries))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """`Type: message` of an exception, at most REASON_CHARS long (a dead letter's reason)."""
+    try:
+        text = str(exc)
+    except Exception:  # a message that cannot even be put in words is still dead-lettered
+        text = "(no message)"
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "\u2026"
 
 
 def check_type(envelope: Envelope, allowed: tuple[str, ...]) -> None:
@@ -171,8 +186,10 @@ class Processor:
         return outcome
 
     def dead_letter_first(self, envelopes: list[Envelope], error: str, attempts: int) -> None:
-        """Retries are used up: dead-letter the message that kept failing."""
-        self._dead_letter(envelopes[0], error, attempts=attempts)
+        """Retries are used up: dead-letter the message that kept failing, unless it only
+        passes its gate (dead-lettered or rejected before: its letter stays as it was)."""
+        if not envelopes[0].skip:
+            self._dead_letter(envelopes[0], error, attempts=attempts)
 
     def _deliver_waiting(self, envelopes: list[Envelope], results: list, *, force: bool):
         """Try the batch's waiting records again, all of them in one round trip each time,

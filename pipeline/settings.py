@@ -114,6 +114,7 @@ class Settings:
     worker_lapse: float = 5.0
     order_wait: float = 5.0  # beyond the broker's hand-back of a dead worker's tasks (see from_env)
     max_redeliveries: int = 3
+    task_time_limit: float = 60.0  # seconds a task may run before it is handed back (tasks/)
     message_types: tuple[str, ...] = ()
     worker_concurrency: int = 2
     log_level: str = "INFO"
@@ -265,6 +266,7 @@ class Settings:
             worker_lapse=_float(env, "HERALD_WORKER_LAPSE", cls.worker_lapse, 1, 600),
             order_wait=_float(env, "HERALD_ORDER_WAIT", cls.order_wait, 0, 7 * 86400),
             max_redeliveries=_int(env, "HERALD_MAX_REDELIVERIES", cls.max_redeliveries, 0, 100),
+            task_time_limit=_float(env, "HERALD_TASK_TIME_LIMIT", cls.task_time_limit, 1, 86400),
             message_types=tuple(t.strip() for t in env.get("HERALD_MESSAGE_TYPES", "").split(",") if t.strip()),
             worker_concurrency=_int(env, "HERALD_WORKER_CONCURRENCY", cls.worker_concurrency, 1, 256),
             log_level=_choice(env, "HERALD_LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),

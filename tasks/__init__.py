@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from celery import Celery, signals
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope
 from pipeline.metrics import RETRIES
-from pipeline.processing import ORDER_RECHECK, RETRYABLE, Outcome, Processor, RetryLater, backoff_delay, recheck_delay
+from pipeline.processing import (ORDER_RECHECK, RETRYABLE, Outcome, Processor, RetryLater, backoff_delay,
+                                 failure_reason, recheck_delay)
 from pipeline.redis_tls import redis_tls
 from pipeline.settings import AMQP_HEARTBEAT, current
 
 log = logging.getLogger("herald.tasks")
 AMQP_PREFETCH = 25  # tasks per worker process held from RabbitMQ, most of them waiting out a countdown
+# Seconds between a task's soft time limit (HERALD_TASK_TIME_LIMIT) and the kill
+# of its process, for a task the soft limit cannot interrupt (a loop in C code).
+KILL_GRACE = 10
 
 
 def make_celery(settings) -> Celery:
@@ -45,6 +52,13 @@ def make_celery(settings) -> Celery:
         # mid-task hands it back instead of losing it.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A hung task (a rule's regex, a stuck call) must not hold a worker
+        # process for ever. Past the soft limit it is handed back as if its
+        # worker had died (process_message); past the hard one its process is
+        # killed and, not acked, the task comes back the same way.
+        task_soft_time_limit=settings.task_time_limit,
+        task_time_limit=settings.task_time_limit + KILL_GRACE,
+        task_acks_on_timeout=False,
         worker_prefetch_multiplier=1,
         # Cancelling on connection loss crashes kombu 5.7's Redis transport
         # (AttributeError in restore_unacked, seen restarting Redis); a task
@@ -153,12 +167,40 @@ def _after_worker_loss(envelopes: list[Envelope], deaths: int, final: bool) -> d
             _send([envelope])
         return {"split": len(envelopes)}
     if deaths > settings.max_redeliveries:
-        processor().dead_letter_first(envelopes, f"worker died {deaths} times while processing it",
-                                      attempts=deaths + 1)
-        # Dead-lettered, it is handled: a fresh task lets it pass its channel's order gate.
-        _send(envelopes)
+        processor().dead_letter_first(
+            envelopes, f"worker died {deaths} times while processing it (or it ran past HERALD_TASK_TIME_LIMIT)",
+            attempts=deaths + 1)
+        _pass_gate(envelopes)
         return {"dead": 1}
     return _requeue_waiting(processor().run(envelopes, final_attempt=final))
+
+
+def _pass_gate(envelopes: list[Envelope]) -> None:
+    """Send the batch on, its first message dead-lettered: that one only passes its channel's
+    order gate, without its data or rules' decision (what may have failed), in a fresh task."""
+    _send([replace(envelopes[0], skip=True, data=None, rules=None), *envelopes[1:]])
+
+
+def _isolate(envelopes: list[Envelope], exc: Exception, attempts: int) -> dict:
+    """A batch failed for a reason that is not transient: split it, so that each message runs
+    alone and only the one at fault fails; a message alone is dead-lettered with the reason,
+    and its channel's order gate moves on."""
+    reason = failure_reason(exc)
+    if len(envelopes) > 1:
+        log.warning("batch failed; splitting it", extra={"message_id": envelopes[0].id, "count": len(envelopes),
+                                                          "error": reason})
+        for envelope in envelopes:
+            _send([envelope])
+        return {"split": len(envelopes)}
+    if envelopes[0].skip:
+        # Even passing the gate failed, with no data of its own to blame: a fault
+        # of Herald's, not the message's. HERALD_ORDER_WAIT frees the channel.
+        log.error("a dead-lettered message could not pass its order gate",
+                  extra={"message_id": envelopes[0].id, "channel": envelopes[0].channel, "error": reason})
+        return {"dead": 0}
+    processor().dead_letter_first(envelopes, reason, attempts=attempts)
+    _pass_gate(envelopes)
+    return {"dead": 1}
 
 
 def _requeue_waiting(outcome: Outcome) -> dict:
@@ -226,36 +268,59 @@ def _setup_logging(**_kwargs):
 @celery_app.task(name="process_message", bind=True, max_retries=settings.retry_max)
 def process_message(self, wire: list[dict]) -> dict:
     """Process a batch of messages (`Envelope.to_wire()` each; each partition's in offset order);
-    retried from the first failure."""
+    retried from the first transient failure; any other failure isolates its message (`_isolate`)."""
     envelopes = [Envelope.from_wire(w) for w in wire]
     final = self.request.retries >= self.max_retries
+    try:
+        return _attempt(self, envelopes, final)
+    except SoftTimeLimitExceeded:
+        # As a worker death: back to the broker, counted by count_run, split and,
+        # past HERALD_MAX_REDELIVERIES, dead-lettered (_after_worker_loss).
+        log.warning("task over HERALD_TASK_TIME_LIMIT; handed back", extra={
+            "message_id": envelopes[0].id, "count": len(envelopes), "task_id": self.request.id})
+        raise Reject("over HERALD_TASK_TIME_LIMIT", requeue=True) from None
+    except (Retry, Reject):  # Celery's own: a retry, a hand-back
+        raise
+    except OperationalError as exc:
+        # The broker refused a task sent on (a message back from waiting): no message's fault.
+        raise self.retry(countdown=settings.retry_max_delay, max_retries=None, exc=exc) from None
+    except Exception as exc:
+        # Any error not known to be transient, whatever its type (README: "Under faults").
+        try:
+            return _isolate(envelopes, exc, attempts=self.request.retries + 1)
+        except (*RETRYABLE, OperationalError) as down:
+            raise self.retry(countdown=settings.retry_max_delay, max_retries=None, exc=down) from None
+
+
+def _attempt(task, envelopes: list[Envelope], final: bool) -> dict:
+    """Run the batch once; a transient failure is retried with backoff, then dead-lettered."""
     try:
         # A task started more often than retried was handed back by a worker
         # that died while running it: maybe one message kills workers.
         try:
-            deaths = processor().store.count_run(self.request.id) - 1 - self.request.retries
+            deaths = processor().store.count_run(task.request.id) - 1 - task.request.retries
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         if deaths > 0:
             return _after_worker_loss(envelopes, deaths, final)
         return _requeue_waiting(processor().run(envelopes, final_attempt=final))
     except RetryLater as pending:
-        error = f"{type(pending.cause).__name__}: {pending.cause}"
+        error = failure_reason(pending.cause)
         if not final:
-            delay = backoff_delay(self.request.retries, settings.retry_base_delay, settings.retry_max_delay)
-            ceiling = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** self.request.retries)
+            delay = backoff_delay(task.request.retries, settings.retry_base_delay, settings.retry_max_delay)
+            ceiling = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** task.request.retries)
             log.warning("retrying", extra={"message_id": pending.remaining[0].id, "error": error,
-                                           "retries": self.request.retries, "countdown": round(delay, 3),
+                                           "retries": task.request.retries, "countdown": round(delay, 3),
                                            "ceiling": round(ceiling, 3)})
             RETRIES.inc()
-            raise self.retry(args=(_wire(pending.remaining),), countdown=delay, exc=pending.cause) from None
+            raise task.retry(args=(_wire(pending.remaining),), countdown=delay, exc=pending.cause) from None
         try:
-            processor().dead_letter_first(pending.remaining, error, attempts=self.request.retries + 1)
+            processor().dead_letter_first(pending.remaining, error, attempts=task.request.retries + 1)
         except RETRYABLE as exc:
             # Losing the message is worse than retrying past the limit.
-            raise self.retry(args=(_wire(pending.remaining),), countdown=settings.retry_max_delay,
+            raise task.retry(args=(_wire(pending.remaining),), countdown=settings.retry_max_delay,
                              max_retries=None, exc=exc) from None
         # The others never failed themselves: they get a fresh set of retries;
         # the dead-lettered one goes along only to pass its channel's order gate.
-        _send(pending.remaining)
+        _pass_gate(pending.remaining)
         return {"dead": 1}

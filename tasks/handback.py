@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from pipeline.keys import Keys
 
@@ -29,6 +30,7 @@ class Handback:
         self.hostname = hostname
         self.keys = Keys(settings.redis_prefix)
         self.stopped = threading.Event()
+        self._last_beat: float | None = None  # monotonic time of this worker's last refresh
         self._connection = celery_app.connection_for_write()
         self._channel = self._connection.default_channel
         self.redis = self._channel.client
@@ -52,13 +54,25 @@ class Handback:
         self.redis.sadd(self.keys.worker_deliveries(self.hostname), delivery_tag)
 
     def beat(self) -> None:
-        """Refresh this worker's liveness, forget its finished deliveries, sweep the dead."""
+        """Refresh this worker's liveness, forget its finished deliveries, sweep the dead;
+        not the dead when this worker was itself silent for a lapse."""
         lapse = self.settings.worker_lapse
         pipe = self.redis.pipeline()
         pipe.sadd(self.keys.workers, self.hostname)
         pipe.set(self.keys.worker(self.hostname), "1", px=int(lapse * 1000))
         pipe.execute()
+        now, last = time.monotonic(), self._last_beat
+        self._last_beat = now
         self._forget_finished()
+        if last is not None and now - last > lapse:
+            # A stalled broker (or a paused process) silenced every worker
+            # alike: the keys that lapsed meanwhile say no more than this
+            # one's. Restoring the deliveries of live workers would run them
+            # twice and count deaths (HERALD_MAX_REDELIVERIES) that never
+            # happened; the others get a beat to come back first.
+            log.warning("handback sweep deferred: this worker was silent for a lapse",
+                        extra={"worker": self.hostname, "silent": round(now - last, 3)})
+            return
         self.sweep()
 
     def sweep(self) -> int:
@@ -81,7 +95,10 @@ class Handback:
         tags = self.redis.smembers(deliveries)
         for tag in tags:
             self._channel.qos.restore_by_tag(tag.decode(), client=self.redis)
-        self.redis.delete(deliveries)
+        if tags:
+            # Only what was restored: a delivery recorded meanwhile (by a worker
+            # only taken for dead) stays, to be restored or forgotten later.
+            self.redis.srem(deliveries, *tags)
         return len(tags)
 
     def stop(self) -> None:

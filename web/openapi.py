@@ -22,13 +22,14 @@ from pydantic.json_schema import models_json_schema
 from werkzeug.routing import BaseConverter
 
 from pipeline.errors import ValidationError
-from pipeline.messages import field_errors, loads
+from pipeline.messages import MAX_DATA_DEPTH, field_errors, loads
 
 REF = "#/components/schemas/{model}"
 PROBLEM_MEDIA = "application/problem+json"
 # What each automatic status means, for the document.
 STANDARD = {
-    400: "A path, query or header parameter is invalid, or the body is not JSON",
+    400: "A path, query or header parameter is invalid, the body is not JSON, or a message's data breaks "
+         "an ingest bound (nesting depth, integer size)",
     401: "No valid bearer token",
     403: "The token may not do this",
     413: "The body is too large",
@@ -119,8 +120,12 @@ def read_json(limit: int):
     raw = read_body(limit)
     try:
         return loads(raw)
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:
         raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
+    except RecursionError:
+        # The parser's own bound (about 900 levels here) lies far past the message's.
+        raise ValidationError(f"The body nests too deep to parse; a message's data may nest arrays and objects "
+                              f"{MAX_DATA_DEPTH} levels deep", status=400, title="Data out of bounds") from None
 
 
 class Contract:

@@ -1,10 +1,18 @@
-"""Fault injection for the poison-message test, loaded through PYTHONPATH by the worker only.
+"""Fault injection for the poison-message tests, loaded through PYTHONPATH by the worker only.
 
 A message whose data is {"poison": true} kills the worker process running
-it, as a segfaulting C extension or the kernel's OOM killer would.
+it, as a segfaulting C extension or the kernel's OOM killer would; one whose
+data is {"raise": "ValueError"} makes processing raise that built-in
+exception, as a bug or a rule that cannot handle the data would; one whose
+data is {"hang": seconds} holds its worker process that long, as a rule
+caught in a catastrophic regex would; with "deaf": true it also blocks the
+signal of Celery's soft time limit, as a loop in C code would not see it.
 """
 
+import builtins
 import os
+import signal
+import time
 
 
 def _install() -> None:
@@ -12,14 +20,21 @@ def _install() -> None:
 
     check_type = processing.check_type
 
-    def check_or_die(envelope, allowed):
+    def check_or_fail(envelope, allowed):
         # Called for each message a worker is about to process (not for one it
         # only lets pass its channel's order gate, dead-lettered already).
-        if envelope.data == {"poison": True}:
+        data = envelope.data
+        if data == {"poison": True}:
             os._exit(137)
+        if isinstance(data, dict) and isinstance(data.get("raise"), str):
+            raise getattr(builtins, data["raise"])(f"injected for message {envelope.id}")
+        if isinstance(data, dict) and isinstance(data.get("hang"), (int, float)):
+            if data.get("deaf"):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+            time.sleep(data["hang"])
         return check_type(envelope, allowed)
 
-    processing.check_type = check_or_die
+    processing.check_type = check_or_fail
 
 
 _install()
