@@ -109,7 +109,7 @@ def _accept_answers(status: int = 202) -> dict[int, Answer]:
                     answers=_accept_answers(), tags=("messages",))
 def publish_one(identity: Identity, headers: PublishHeaders, body: Publish):
     key = headers.idempotency_key
-    envelope, idempotent = checked_message(body, identity, key)
+    envelope, idempotent = checked_message(body, identity, key, services().settings.max_message_bytes)
     g.message_id = envelope.id
     # The access line says what was accepted: one line per request, not two.
     answer = services().ingest.publish(envelope, idempotent=idempotent, request_id=g.request_id,
@@ -136,7 +136,8 @@ def duplicate_ids(items: list[Publish]) -> list[dict]:
                     body_limit=lambda settings: settings.max_batch_bytes,
                     description="A batch with any invalid message, or that repeats an `id`, is a 422 and nothing "
                                 "is accepted. Otherwise 202 with one result per message, in order: `accepted`, "
-                                "or a problem for a message this token may not publish (403), one larger than "
+                                "or a problem for a message whose data is past the data limits (400, README: The "
+                                "HTTP API and its schema), this token may not publish (403), one larger than "
                                 "HERALD_MAX_MESSAGE_BYTES (413), one whose id is under way (409) or one Kafka "
                                 "did not take (503).",
                     answers={202: Answer("One result per message, in order", BatchResults),

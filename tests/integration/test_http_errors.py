@@ -64,6 +64,20 @@ def test_body_over_max_message_bytes(stack, web, token, channel, unchanged_topic
     assert_problem(web.request("POST", "/api/v1/messages", {"channel": channel, "data": big}, token=token), 413)
 
 
+def test_a_body_under_the_limit_that_encodes_past_it_is_413(stack, web, token, channel, unchanged_topic):
+    # `1E15` is 4 bytes as sent and `1000000000000000.0` (18) as Herald encodes it for Kafka.
+    numbers = ",".join(["1E15"] * (stack.settings.max_message_bytes // 6))
+    raw = ('{"channel":"%s","data":[%s]}' % (channel, numbers)).encode()
+    assert len(raw) < stack.settings.max_message_bytes
+    assert_problem(web.request("POST", "/api/v1/messages", raw=raw, token=token), 413)
+    client = web.ws(token)
+    client.recv()
+    client.sock.send(('{"op":"publish","ref":"big","channel":"%s","data":[%s]}' % (channel, numbers)))
+    error = client.expect(lambda f: f["op"] == "error")
+    assert error["ref"] == "big" and error["code"] == "payload_too_large", error
+    client.close()
+
+
 def test_not_an_object(web, token, unchanged_topic):
     assert_problem(web.request("POST", "/api/v1/messages", [1, 2], token=token), 422)
 

@@ -152,7 +152,7 @@ class ErrorFrame(_Frame):
 
     op: Literal["error"]
     code: str = Field(description="bad_frame, bad_channel, invalid_message, forbidden, too_many_subscriptions, "
-                                  "unavailable, ...")
+                                  "data_out_of_bounds, payload_too_large, unavailable, ...")
     message: str
     ref: Any = Ref
 

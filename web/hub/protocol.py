@@ -368,7 +368,7 @@ class Protocol:
 
     # -- publish --------------------------------------------------------------
     def _publish(self, client: Client, frame: frames.PublishOp, ref) -> None:
-        envelope = parse_publish(frame, sender=client.identity.user)
+        envelope = parse_publish(frame, sender=client.identity.user, max_bytes=self.settings.max_message_bytes)
         if not client.identity.may_publish(envelope.channel):
             raise ValidationError(f"this token may not publish to {envelope.channel}", status=403,
                                   title="forbidden")
