@@ -36,9 +36,8 @@ PRELUDE = textwrap.dedent("""
 
     def accounted(ws):
         # The bytes counted as queued are the bytes the queue holds, less those of its head already sent.
-        held = sum(len(data) for data, _ in ws._queue) - ws._offset
+        held = sum(len(data) for data in ws._queue) - ws._offset
         assert ws.queued == held, (ws.queued, held)
-        assert ws._frames == sum(frames for _, frames in ws._queue), ws._frames
 
     def read_all(peer):
         # Parse everything the server wrote, as a client would: a frame cut
@@ -143,6 +142,70 @@ SLOW_READER = PRELUDE + textwrap.dedent("""
     print("ok")
 """)
 
+# The hostile review's case: a socket that took 64 KiB of a run of 500 small
+# frames (a router batch) holds the rest of one push, not 500 frames waiting;
+# a second run, or a catch-up page of 4,000 frames, must not close a client
+# whose queue holds ~34 KB. What waits is bounded by its bytes and its pushes.
+RUNS_OF_SMALL_FRAMES = PRELUDE + textwrap.dedent("""
+    class Taking:
+        # A socket taking `room` bytes (kept in `wire`), then nothing until given more;
+        # the loop watches the real one, which is always writable.
+        def __init__(self, real, room):
+            self.real, self.room, self.wire = real, room, bytearray()
+        def fileno(self):
+            return self.real.fileno()
+        def send(self, data):
+            return self.sendmsg([data])
+        def sendmsg(self, pieces):
+            data = b"".join(bytes(piece) for piece in pieces)
+            if not self.room:
+                raise BlockingIOError
+            taken = min(len(data), self.room)
+            self.room -= taken
+            self.wire += data[:taken]
+            return taken
+        def close(self):
+            self.real.close()
+
+    from web.hub.router import Router, Subscription
+
+    ws, peer, closed = pair(limit=512, queue_bytes=8 * 1024 * 1024)
+    ws._raw = Taking(ws._raw, 64 * 1024)
+    sub = Subscription(ws, status=False, presence=False, hold=0, hold_bytes=0)
+    sub.backlog = None  # live
+    frame = wire_frame("x" * 200)
+    assert len(frame) == 204
+    offsets = iter(range(1, 10_000))
+
+    def fan_out(count):
+        # As the router sends a channel's run: one push to a live subscriber.
+        Router.send_messages({"client": sub}, [(next(offsets), 0) for _ in range(count)], [frame] * count)
+
+    fan_out(500)  # two pub/sub batches (router.BATCH)
+    fan_out(500)
+    assert not ws.closing, f"closed with {ws.queued} bytes queued"
+    accounted(ws)
+    assert ws.queued == 1000 * len(frame) - 64 * 1024, ws.queued
+    fan_out(4000)  # a catch-up page after a pub/sub reconnect
+    assert not ws.closing, f"closed with {ws.queued} bytes queued"
+    # The client reads: every byte goes out, each frame once and in order.
+    ws._raw.room = 1 << 30
+    assert ws.wait_drained(10)
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(bytes(ws._raw.wire))
+    texts = [event.data for event in client.events()]
+    assert texts == ["x" * 200] * 5000, len(texts)
+    # The bound still holds: 512 pushes the socket did not take close it.
+    ws, peer, closed = pair(limit=512, queue_bytes=8 * 1024 * 1024)
+    ws._raw = Taking(ws._raw, 0)
+    for _ in range(512):
+        ws.push(frame)
+    assert not ws.closing and len(ws._queue) == 512
+    ws.push(frame)
+    assert ws.closing
+    print("ok")
+""")
+
 PONG_BEFORE_THE_PING_IS_OUT = PRELUDE + textwrap.dedent("""
     ws, peer, closed = pair(limit=10_000)
     for text in frames:
@@ -204,6 +267,10 @@ def test_an_overflowing_queue_closes_4008_after_finishing_the_frame_in_part():
 
 def test_the_queue_is_bounded_in_bytes_and_closes_4008_past_them():
     run(BYTE_BOUND)
+
+
+def test_runs_of_small_frames_mostly_sent_do_not_close_a_client_that_keeps_up():
+    run(RUNS_OF_SMALL_FRAMES)
 
 
 def test_a_slow_reader_sending_pongs_is_closed_and_its_queue_never_folds():

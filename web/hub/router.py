@@ -307,7 +307,7 @@ class Router:
                 pushed = 0
                 for sub in list(watchers.values()):
                     if sub.backlog is None:
-                        sub.ws.push(data, len(payloads))
+                        sub.ws.push(data)
                         pushed += 1
                 FRAMES_SENT.inc(pushed * len(payloads))
 
@@ -325,7 +325,7 @@ class Router:
         for sub in targets:
             if sub.backlog is None and sub.last < first:
                 sub.last = last
-                sub.ws.push(data, len(frames))
+                sub.ws.push(data)
             else:
                 for key, frame in zip(keys, frames):
                     sub.offer(key, frame)

@@ -7,7 +7,8 @@ takes more, so an idle connection holds no greenlet: a socket, a wsproto
 parser and this object (issue 10: memory per connection). A frame for many
 clients is encoded once (`wire_frame`) and written with the raw socket's
 non-blocking send; what a socket cannot take waits in its queue, bounded in
-frames and in bytes, and goes out from the head (an offset into the first
+bytes and in writes (a push: a frame, or a run of frames sent together), and
+goes out from the head (an offset into the first
 element, several elements per `sendmsg`), so nothing queued is copied again
 (review H2: folding the queue into one element let it grow past its bound
 and copied it on every write). Runs under gevent only (the
@@ -87,14 +88,18 @@ class WebSocket:
     """One client's socket after the handshake: its parser, send queue and loop watchers.
 
     `push` writes bytes now if the socket takes them, else queues them (at
-    most `queue_limit` frames and `queue_bytes` bytes; past either the client
-    is too slow: `on_overflow` is called and it is closed with 4008).
+    most `queue_bytes` bytes, in at most `queue_limit` pushes not yet sent
+    whole; past either the client is too slow: `on_overflow` is called and it
+    is closed with 4008). A push counts as one however many frames it holds:
+    a run the socket has mostly taken must not count as many frames waiting,
+    or a client that keeps up would be closed by a burst (the bytes bound the
+    memory).
     Messages go to `on_message` one by one, in order; `on_closed` is called
     once, when the socket is gone. Nothing is answered before `start`: a
     Ping read while the handshake's checks run gets no Pong.
     """
 
-    __slots__ = ("_raw", "_proto", "_queue", "_offset", "_frames", "_limit", "_queue_bytes", "_max_bytes",
+    __slots__ = ("_raw", "_proto", "_queue", "_offset", "_limit", "_queue_bytes", "_max_bytes",
                  "_reader", "_writer", "_timer", "_drained", "_message", "_size", "_early", "_on_message",
                  "_on_closed", "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong", "queued",
                  "_ping_ahead")
@@ -113,10 +118,9 @@ class WebSocket:
         # keeps h11's request state for ever; no extension is ever negotiated
         # (init_app strips permessage-deflate), so nothing else carries over.
         self._proto = Connection(ConnectionType.SERVER)
-        # (bytes, frames in them) in order; a list, not a deque: a tenth of the memory, and rarely used.
-        self._queue: list[tuple[bytes, int]] = []
+        # Pushes not yet sent whole, in order; a list, not a deque: a tenth of the memory, and rarely used.
+        self._queue: list[bytes] = []
         self._offset = 0  # bytes of the first element already sent: the rest of a frame written in part
-        self._frames = 0  # frames queued
         self.queued = 0  # bytes queued (not yet sent)
         self._limit = queue_limit
         self._queue_bytes = queue_bytes
@@ -227,12 +231,12 @@ class WebSocket:
                     self._finish()
 
     # -- writing -------------------------------------------------------------
-    def push(self, data: bytes, frames: int = 1) -> None:
-        """Send `data` (`frames` whole frames) now, or queue it behind what waits."""
+    def push(self, data: bytes) -> None:
+        """Send `data` (whole frames) now, or queue it behind what waits."""
         if self.closing:
             return
         if self._queue:
-            self._enqueue(data, frames)
+            self._enqueue(data)
             return
         try:
             sent = self._raw.send(data)
@@ -242,22 +246,21 @@ class WebSocket:
             self._finish()
             return
         if sent < len(data):
-            self._enqueue(data, frames, sent)
+            self._enqueue(data, sent)
             if self._queue:
                 self._watch_writes()
 
-    def _enqueue(self, data: bytes, frames: int, sent: int = 0) -> None:
-        if self._frames + frames > self._limit or self.queued + len(data) - sent > self._queue_bytes:
+    def _enqueue(self, data: bytes, sent: int = 0) -> None:
+        if len(self._queue) >= self._limit or self.queued + len(data) - sent > self._queue_bytes:
             if not self._queue and sent:
-                self._queue.append((data, frames))  # the frame begun must be finished before the close
-                self._offset, self.queued, self._frames = sent, len(data) - sent, frames
+                self._queue.append(data)  # the frame begun must be finished before the close
+                self._offset, self.queued = sent, len(data) - sent
             self._overflowed()
             return
         if not self._queue:
             self._offset = sent
-        self._queue.append((data, frames))
+        self._queue.append(data)
         self.queued += len(data) - sent
-        self._frames += frames
 
     def ping(self) -> bool:
         """Ping the client; False (and a close with 1008) if it left the last ping unanswered."""
@@ -282,7 +285,7 @@ class WebSocket:
         if not queue:  # emptied meanwhile (an overflow dropped it, and the close frame went out at once)
             self._writer.stop()
             return
-        pieces = [memoryview(queue[0][0])[self._offset:]] + [data for data, _ in queue[1:SEND_PIECES]]
+        pieces = [memoryview(queue[0])[self._offset:], *queue[1:SEND_PIECES]]
         try:
             sent = self._raw.sendmsg(pieces) if len(pieces) > 1 else self._raw.send(pieces[0])
         except BlockingIOError:
@@ -297,9 +300,8 @@ class WebSocket:
         # Drop the elements sent whole; the next starts `offset` bytes in.
         sent += self._offset
         done = 0
-        while done < len(queue) and sent >= len(queue[done][0]):
-            sent -= len(queue[done][0])
-            self._frames -= queue[done][1]
+        while done < len(queue) and sent >= len(queue[done]):
+            sent -= len(queue[done])
             done += 1
         del queue[:done]
         self._offset = sent
@@ -321,10 +323,10 @@ class WebSocket:
         queue = self._queue
         if self._offset and queue:
             del queue[1:]
-            self.queued, self._frames = len(queue[0][0]) - self._offset, queue[0][1]
+            self.queued = len(queue[0]) - self._offset
         else:
             queue.clear()
-            self.queued = self._frames = self._offset = 0
+            self.queued = self._offset = 0
 
     def wait_drained(self, timeout: float) -> bool:
         """Block this greenlet until everything queued is sent; False on timeout or when closing."""
@@ -345,7 +347,7 @@ class WebSocket:
             frame = self._proto.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:
             frame = close_frame(code, reason)
-        if self._frames >= self._limit or self.queued >= self._queue_bytes:
+        if len(self._queue) >= self._limit or self.queued >= self._queue_bytes:
             self._discard_queued()  # the close must not wait behind what overflowed
         self._send_last(frame)
 
@@ -353,9 +355,8 @@ class WebSocket:
         # The last frame: then wait for the client's answer (or EOF), bounded by CLOSE_WAIT.
         if self._queue:
             # Past the bounds if need be: it replaces what they dropped.
-            self._queue.append((frame, 1))
+            self._queue.append(frame)
             self.queued += len(frame)
-            self._frames += 1
         else:
             self.push(frame)
         self.closing = True
@@ -377,7 +378,7 @@ class WebSocket:
                 watcher.close()
         self._reader = self._writer = self._timer = None
         self._queue.clear()
-        self.queued = self._frames = self._offset = 0
+        self.queued = self._offset = 0
         try:
             self._raw.close()
         except OSError:
