@@ -190,6 +190,13 @@ class Settings:
         return max(1024 * 1024, 16 * self.max_message_bytes)
 
     @property
+    def max_inbox_size(self) -> int:
+        """What a WebSocket's frames waiting for their op may total (README: WebSocket limits),
+        by `len`: characters of a text frame, bytes of a binary one. Room for four frames of
+        the largest size, and no less than 1 Mi."""
+        return max(1024 * 1024, 4 * self.max_message_bytes)
+
+    @property
     def dlq_topic(self) -> str:
         """Dead letters go to `<topic>.dlq` (SPEC)."""
         return f"{self.topic}.dlq"

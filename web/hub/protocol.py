@@ -6,7 +6,7 @@ An op that fails because Redis or Kafka does not answer is answered
 `unavailable` and never counts against the client; five bad frames in a row
 close it. What a client can make the hub hold is bounded (README: "WebSocket
 limits"): a socket authenticates within CONNECT_TIMEOUT or is closed; frames
-waiting for their op are at most INBOX_FRAMES and `inbox_bytes`; a replay
+waiting for their op are at most INBOX_FRAMES and `max_inbox_size`; a replay
 page is bounded in bytes and waits at most REPLAY_WAIT for the client to take it.
 """
 
@@ -68,7 +68,7 @@ class Client:
     """One authenticated connection: its socket, identity, subscriptions and frame allowance."""
 
     __slots__ = ("id", "ws", "identity", "remote", "subscriptions", "tokens", "refilled", "bad", "inbox",
-                 "inbox_bytes", "worker", "expiry")
+                 "inbox_size", "worker", "expiry")
 
     def __init__(self, client_id: str, ws: WebSocket, identity, remote: str, rate: float):
         self.id = client_id
@@ -81,7 +81,7 @@ class Client:
         self.refilled = time.monotonic()
         self.bad = 0
         self.inbox: list = []
-        self.inbox_bytes = 0  # their size, in characters (a frame's text) or bytes
+        self.inbox_size = 0  # their len(): characters of a text frame, bytes of a binary one
         self.worker = None  # the greenlet handling the inbox, while it has frames
         self.expiry = None  # the loop timer closing the connection when the token expires
 
@@ -115,8 +115,6 @@ class Protocol:
         self._claim = Batcher(store.claim_connections)
         self._last_id = Batcher(lambda calls: store.last_ids([channel for (channel,) in calls]))
         self._join = Batcher(self.presence.join_all)
-        # Room for a few frames of the largest size, and no less than a MiB.
-        self.inbox_bytes = max(1 << 20, 4 * self.settings.max_message_bytes)
 
     # -- accepting ------------------------------------------------------------
     def accept(self, server) -> None:
@@ -192,15 +190,15 @@ class Protocol:
         if not client.take_token(self.settings.ws_rate):
             client.ws.close(CLOSE_RATE_LIMITED, "too many frames")
             return
-        if len(client.inbox) >= INBOX_FRAMES or client.inbox_bytes + len(raw) > self.inbox_bytes:
+        if len(client.inbox) >= INBOX_FRAMES or client.inbox_size + len(raw) > self.settings.max_inbox_size:
             # Frames pile up behind an op that blocks: what waits is bounded (review H3).
             client.inbox.clear()
-            client.inbox_bytes = 0
+            client.inbox_size = 0
             client.ws.close(CLOSE_RATE_LIMITED, "too many frames waiting")
             log.info("ws inbox full", extra={"client": client.id, "user": client.identity.user})
             return
         client.inbox.append(raw)
-        client.inbox_bytes += len(raw)
+        client.inbox_size += len(raw)
         if client.worker is None:
             client.worker = gevent.spawn(self._work, client)
 
@@ -208,7 +206,7 @@ class Protocol:
         try:
             while client.inbox and not client.ws.closing:
                 raw = client.inbox.pop(0)
-                client.inbox_bytes -= len(raw)
+                client.inbox_size -= len(raw)
                 self._frame(client, raw)
         finally:
             client.worker = None
@@ -322,10 +320,14 @@ class Protocol:
             self.presence.leave(client, channel)
 
     def _replay_page(self) -> int:
-        # The replay waits for an empty send queue before each page: a page
-        # larger than the queue would overflow it (4008) by itself. In bytes, a
-        # page stops near HERALD_HISTORY_PAGE_BYTES, at most half of
-        # HERALD_SEND_QUEUE_BYTES (pipeline/settings.py).
+        # The replay waits for an empty send queue before each page, and sends
+        # a message per push: more messages than the queue holds pushes would
+        # overflow it (4008) by themselves. In bytes, the history script ends a
+        # page before the message that would take it past
+        # HERALD_HISTORY_PAGE_BYTES (a first message larger than that is a page
+        # alone), and settings refuse a HERALD_SEND_QUEUE_BYTES under twice
+        # that budget: a page of several messages takes at most half the queue
+        # (give or take a frame's head and offset per message).
         return min(self.settings.ws_replay_page, self.settings.send_queue_size)
 
     def _replay(self, client: Client, channel: str, sub: Subscription, page: list, more: bool) -> None:
