@@ -22,7 +22,8 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection
 
-from pipeline.messages import parse_publish
+from pipeline.messages import Envelope, new_id, parse_publish
+from pipeline.store import message_frame_head
 from tests.harness import close_code, wait_until
 from tests.faults.load import inversions
 
@@ -98,14 +99,15 @@ def deliver(stack, channel: str, count: int, size: int, per_second: float = 0.0)
     return ids
 
 
-@pytest.mark.parametrize("bound_by", ["frames", "bytes"])
+@pytest.mark.parametrize("bound_by", ["writes", "bytes"])
 def test_a_slow_reader_sending_pongs_is_closed_4008_and_the_others_get_every_message(stack, channel, bound_by):
     # ~24 MB of 4 KB messages at ~2.4 MB/s; a reader taking ~200 KiB/s, with a
     # Pong every second, would hold all it does not read. Its send queue holds
-    # at most HERALD_SEND_QUEUE frames (512 by default: ~2 MB of these) and
-    # HERALD_SEND_QUEUE_BYTES (8 MiB); past either, 4008. With "bytes", the
-    # frame bound is lifted out of the way.
-    env = {"HERALD_SEND_QUEUE": 1_000_000} if bound_by == "bytes" else {}
+    # at most HERALD_SEND_QUEUE_BYTES (8 MiB) in at most HERALD_SEND_QUEUE
+    # writes not yet sent whole; past either, 4008. With "writes", 32 of them
+    # (runs of about the 50 messages a delivery publishes together: ~6.4 MB)
+    # close it first; with "bytes", the write bound is lifted out of the way.
+    env = {"HERALD_SEND_QUEUE": 1_000_000} if bound_by == "bytes" else {"HERALD_SEND_QUEUE": 32}
     web = stack.web(f"slow-{bound_by}", WEB_CONCURRENCY=1, **env)
     bound = 16 * MB  # the send queue's 8 MiB at most, plus the process's own churn under this load
     count, size = 6000, 4000
@@ -173,6 +175,65 @@ def test_a_slow_reader_sending_pongs_is_closed_4008_and_the_others_get_every_mes
         slow.close()
         fast.close()
         web.proc.stop(10)
+
+
+def test_a_fast_client_taking_bursts_of_small_frames_stays_open_and_gets_each_once_in_order(stack, web, channel):
+    # Four bursts of 1,500 frames of ~600 bytes, published back to back
+    # straight into the channel's pub/sub channel (as a worker's delivery
+    # script does after XADD), reach the hub's listener together: it fans
+    # them out as runs of up to router.BATCH frames, one write each. A client
+    # reading all the while, with a 64 KiB receive buffer, takes most of each
+    # run at once; what waits is ~300 KB at most, far inside the queue's 8 MiB
+    # (3.6 MB in all), so nothing may close it (4008 counted frames of runs
+    # it had mostly taken as waiting).
+    bursts, per_burst = 4, 1500
+    count = bursts * per_burst
+    store = stack.store()
+    name = store.keys.message_channel(channel)
+    client = connect(web, stack.token(), sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024),))
+    subscribe(client, channel)
+    arrivals: list[int] = []
+    closed: list[int] = []
+
+    def read():
+        client.settimeout(30)
+        while len(arrivals) < count:
+            try:
+                opcode, data = client.recv_data()
+            except (OSError, websocket.WebSocketException):
+                closed.append(-1)
+                return
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                closed.append(int.from_bytes(data[:2], "big"))
+                return
+            frame = json.loads(data)
+            if frame["op"] == "message":
+                arrivals.append(frame["data"]["n"])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    base = int(time.time() * 1000)  # stream ids after any the channel has
+    for burst in range(bursts):
+        pipe = store.redis.pipeline(transaction=False)
+        for n in range(burst * per_burst, (burst + 1) * per_burst):
+            sid = f"{base}-{n}"
+            envelope = Envelope(id=new_id(), channel=channel, type="message", data={"n": n, "pad": "x" * 500},
+                                sender="t", ts=base)
+            pipe.publish(name, f'{sid}\n{message_frame_head(envelope)}{sid}"}}')
+        pipe.execute()
+    reader.join(60)
+    try:
+        figures = {"test": "fast client, bursts of small frames", "published": count,
+                   "delivered": len(set(arrivals)), "lost": len(set(range(count)) - set(arrivals)),
+                   "duplicated": len(arrivals) - len(set(arrivals)),
+                   "reordered": inversions([arrivals], {n: n for n in range(count)}),
+                   "close": closed[0] if closed else None}
+        print("\nFAULT-FIGURES " + json.dumps(figures))
+        assert closed == [], figures
+        assert figures["lost"] == figures["duplicated"] == figures["reordered"] == 0, figures
+        assert arrivals == list(range(count)), figures
+    finally:
+        client.close()
 
 
 def test_a_client_flooding_frames_during_its_replay_is_closed_and_costs_a_bounded_inbox(stack, web, channel):

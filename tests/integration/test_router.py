@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 
@@ -106,6 +107,44 @@ def test_after_a_lost_pubsub_connection_channels_are_subscribed_again_and_caught
         sent.append(envelope.id)
     assert [client.expect(lambda f: f["op"] == "message", timeout=15)["id"] for _ in range(5)] == sent
     wait_until(lambda: numsub(stack, name) == 1, 10, what="the channel to be subscribed again")
+    envelope = parse_publish({"channel": channel, "data": "live"}, sender="t")
+    store.deliver([envelope])
+    assert client.expect(lambda f: f["op"] == "message")["id"] == envelope.id
+    assert [f for f in client.drain(0.5) if f["op"] == "message"] == []
+    client.close()
+
+
+def test_a_catch_up_longer_than_the_send_queue_in_frames_reaches_the_client_whole(stack, web, token, channel):
+    # 900 messages (more than HERALD_SEND_QUEUE's 512, within the history's
+    # 1,000) are delivered while the listener's pub/sub connection is killed
+    # again and again: after its reconnect the hub catches them up from
+    # history, ~360 KB in one page, one write to this client, which reads
+    # nothing meanwhile and has a 64 KiB receive buffer. That write holds
+    # 900 frames, but it is one write far inside the queue's bytes: the client
+    # stays open and gets each message once, in order.
+    store = stack.store()
+    client = web.ws(token, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024),))
+    client.recv()
+    client.subscribe(channel)
+    caught_up = web.proc.log().count("hub caught up after reconnect")
+    down = threading.Event()
+
+    def kill():
+        while not down.is_set():
+            store.redis.client_kill_filter(_type="pubsub")
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    time.sleep(0.05)
+    batch = [parse_publish({"channel": channel, "data": {"n": n, "pad": "x" * 300}}, sender="t") for n in range(900)]
+    assert [outcome for outcome, *_ in store.deliver(batch)] == ["delivered"] * 900
+    down.set()
+    killer.join()
+    web.proc.wait_for_log("hub caught up after reconnect", timeout=15, count=caught_up + 1)
+    got = [client.expect(lambda f: f["op"] == "message", timeout=15)["id"] for _ in range(900)]
+    assert got == [envelope.id for envelope in batch]
+    # Still open (not closed 4008 once the catch-up was out): a live message follows.
     envelope = parse_publish({"channel": channel, "data": "live"}, sender="t")
     store.deliver([envelope])
     assert client.expect(lambda f: f["op"] == "message")["id"] == envelope.id
