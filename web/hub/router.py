@@ -347,7 +347,8 @@ class Router:
         for channel, subs in list(self.index.channels.items()):
             since = min(sub.last for sub in subs.values())
             cursor = f"{since[0]}-{since[1]}" if since >= (0, 0) else "0-0"
-            # Page by page: a page is bounded in bytes (HERALD_HISTORY_PAGE_BYTES), not only in count.
+            # Page by page: a page is bounded in bytes (HERALD_HISTORY_PAGE_BYTES), not only in count,
+            # and goes to a live subscriber as one write, however many frames it holds.
             while cursor is not None:
                 page = self._history(channel, cursor, self.settings.retention(channel)[0])
                 messages = page["messages"]

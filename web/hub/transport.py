@@ -8,10 +8,10 @@ parser and this object (issue 10: memory per connection). A frame for many
 clients is encoded once (`wire_frame`) and written with the raw socket's
 non-blocking send; what a socket cannot take waits in its queue, bounded in
 bytes and in writes (a push: a frame, or a run of frames sent together), and
-goes out from the head (an offset into the first
-element, several elements per `sendmsg`), so nothing queued is copied again
-(review H2: folding the queue into one element let it grow past its bound
-and copied it on every write). Runs under gevent only (the
+goes out from the head (an offset into the first element, several elements
+per `sendmsg`), so nothing queued is copied again (review H2: folding the
+queue into one element let it grow past its bound and copied it on every
+write). Runs under gevent only (the
 gunicorn worker class, gunicorn.conf.py), on plain TCP: TLS ends in front of
 gunicorn (the platform's router, or a proxy).
 """
