@@ -129,6 +129,11 @@ class Keys:
         """A web process's liveness flag."""
         return self._user("node", node)
 
+    def node_presence(self, node: str) -> str:
+        """Set of the presence entries a web process wrote, each `[channel, client, user]` in
+        JSON: once the process died, the reaper reads these, not whole channels."""
+        return self._user("nodepresence", node)
+
     def worker(self, hostname: str) -> str:
         """A Celery worker's liveness flag (on the broker's Redis)."""
         return self._user("worker", hostname)
@@ -159,9 +164,9 @@ class Keys:
         return self._own("nodes")
 
     @property
-    def presence_channels(self) -> str:
-        """Set of channels with presence entries."""
-        return self._own("presence-channels")
+    def presence_nodes(self) -> str:
+        """Set of the web processes that have presence entries (a `node_presence` set)."""
+        return self._own("presence-nodes")
 
     @property
     def workers(self) -> str:

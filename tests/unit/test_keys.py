@@ -10,17 +10,27 @@ from pipeline.messages import ID_RE, new_id
 
 def test_no_user_named_key_is_one_of_heralds_own():
     keys = Keys("herald")
-    own = {keys.dead_letter_index, keys.in_flight_index, keys.in_flight_envelopes, keys.presence_channels,
+    own = {keys.dead_letter_index, keys.in_flight_index, keys.in_flight_envelopes, keys.presence_nodes,
            keys.presence_reaper}
     names = ["index", "channels", "reaper", "dlq-index", "inflight-index", "inflight-envelopes",
-             "presence-channels", "presence-reaper", "_", "_:dlq-index"]
+             "presence-nodes", "presence-reaper", "_", "_:dlq-index"]
     named = set()
     for name in names:
         for build in (keys.history, keys.epoch, keys.gate, keys.waiting, keys.presence, keys.message, keys.done,
                       keys.idempotency, keys.dead_letter, keys.task_runs, keys.user_connections,
-                      keys.address_connections, keys.node):
+                      keys.address_connections, keys.node, keys.node_presence):
             named.add(build(name))
     assert not own & named
+
+
+def test_a_nodes_presence_index_is_a_kind_of_its_own():
+    # The reaper reads a dead node's index: no channel, user or node flag can be named like it.
+    for keys in (Keys("herald"), Keys("herald", cluster=True)):
+        index = keys.node_presence("web-1")
+        assert index == "herald:nodepresence:web-1"
+        others = {build(name) for name in ("web-1", "nodepresence:web-1", "nodepresence")
+                  for build in (keys.node, keys.presence, keys.user_connections, keys.history, keys.message)}
+        assert index not in others
 
 
 def test_single_redis_names_are_unchanged():

@@ -1,11 +1,13 @@
 """Presence: who is in a channel now, across every web process, and this node's heartbeat.
 
-A subscribe writes the client's entry (a hash per channel) and publishes a
-`join`; an unsubscribe or a close removes it and publishes a `leave`. Each
-web process keeps a liveness key fresh; entries of a process whose key
-expired (it died without cleaning up) are reaped, in a loop apart from the
-heartbeat, by whichever process holds the reaper lock that period, and their
-`leave` frames published then. Listings are paged (HSCAN).
+A subscribe writes the client's entry (a hash per channel), indexes it in a
+set of this node's own entries, and publishes a `join`; an unsubscribe or a
+close removes both and publishes a `leave`. Each web process keeps a liveness
+key fresh; entries of a process whose key expired (it died without cleaning
+up) are reaped, in a loop apart from the heartbeat, by whichever process holds
+the reaper lock that period, and their `leave` frames published then. The
+reaper reads only the dead process's index, a bounded share per period, never
+a whole channel; listings are paged (HSCAN).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ log = logging.getLogger("herald.hub")
 # multi-megabyte reply and one O(N) command (review M8).
 PAGE = 200
 MAX_PAGE = 1000
-# Channels one reaper run looks at; the next run carries on from its cursor.
-REAP_CHANNELS = 1000
+# Entries of dead nodes one reaper run reads and removes; the next run takes the next
+# ones. A run's replies stay this small however large a channel or a dead node is.
+REAP_ENTRIES = 1000
 
 
 class Presence:
@@ -40,7 +43,6 @@ class Presence:
         self.keys = store.keys
         self.settings = settings
         self.node = node
-        self._reap_cursor = 0
         self._reaper: threading.Thread | None = None
         self._beaten = 0.0  # time.monotonic() of this node's last heartbeat
 
@@ -53,9 +55,10 @@ class Presence:
             for client, channel in joins:
                 entry = dumps({"client": client.id, "user": client.identity.user, "since": since, "node": self.node})
                 pipe.hset(self.keys.presence(channel), client.id, entry)
-                pipe.sadd(self.keys.presence_channels, channel)
+                pipe.sadd(self.keys.node_presence(self.node), indexed(channel, client.id, client.identity.user))
                 self.store.publish(self.keys.presence_channel(channel),
                                    frame("join", channel, client.identity.user, client.id), pipe)
+            pipe.sadd(self.keys.presence_nodes, self.node)
             pipe.execute()
         except redis.RedisError:
             log.warning("presence not recorded", extra={"clients": len(joins)})
@@ -66,6 +69,7 @@ class Presence:
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hdel(self.keys.presence(channel), client.id)
+            pipe.srem(self.keys.node_presence(self.node), indexed(channel, client.id, client.identity.user))
             self.store.publish(self.keys.presence_channel(channel),
                                frame("leave", channel, client.identity.user, client.id), pipe)
             pipe.execute()
@@ -88,43 +92,44 @@ class Presence:
         return {"clients": [{"client": e["client"], "user": e["user"], "since": e["since"]} for e in entries],
                 "next": str(found) if int(found) else None}
 
-    def reap(self, limit: int = REAP_CHANNELS) -> list[tuple[str, dict]]:
-        """Remove presence entries of web processes that stopped heart-beating; returns them.
+    def reap(self, limit: int = REAP_ENTRIES) -> list[tuple[str, dict]]:
+        """Remove presence entries of web processes that stopped heart-beating; returns them
+        as (channel, {"client", "user", "node"}).
 
-        Looks at about `limit` channels, from where the last call stopped (an SSCAN
-        cursor), in five round trips whatever their number: a user who made
-        thousands of presence channels slows the reaping, not the heartbeat.
+        Reads at most `limit` entries, from the dead processes' own indexes (SRANDMEMBER
+        with a count), never a channel's hash: a channel of 100,000 living members costs
+        the reaper nothing, and a dead process's 100,000 entries take 100 runs. A drained
+        index's process leaves `presence_nodes`.
         """
-        cursor, found = self.redis.sscan(self.keys.presence_channels, self._reap_cursor, count=limit)
-        self._reap_cursor = int(cursor)
-        channels = list(dict.fromkeys(found))  # SSCAN may return an element twice
-        if not channels:
+        nodes = self.redis.smembers(self.keys.presence_nodes)
+        dead = sorted(nodes - self._alive(nodes))
+        found, drained = [], []  # found: (node, index member, channel, client, user)
+        for node in dead:
+            if len(found) >= limit:
+                break
+            members = self.redis.srandmember(self.keys.node_presence(node), limit - len(found))
+            if not members:
+                drained.append(node)
+            found += [(node, member, *json.loads(member)) for member in members]
+        if not found and not drained:
             return []
         pipe = self.redis.pipeline(transaction=False)
-        for channel in channels:
-            pipe.hgetall(self.keys.presence(channel))
-        entries = {channel: {client: json.loads(v) for client, v in fields.items()}
-                   for channel, fields in zip(channels, pipe.execute())}
-        alive = self._alive({e.get("node", "") for found in entries.values() for e in found.values()})
-        dead = [(channel, client, entry) for channel, found in entries.items() for client, entry in found.items()
-                if entry.get("node", "") not in alive]
-        pipe = self.redis.pipeline(transaction=False)
-        for channel, client, _entry in dead:
+        for node, member, channel, client, _user in found:
             pipe.hdel(self.keys.presence(channel), client)
-        for channel in channels:
-            pipe.exists(self.keys.presence(channel))
-        replies = pipe.execute()
-        removed, left = replies[:len(dead)], replies[len(dead):]
-        reaped = [(channel, entry) for (channel, _client, entry), gone in zip(dead, removed) if gone]
-        pipe = self.redis.pipeline(transaction=False)
-        for channel, entry in reaped:
-            # Only the reaper that removed an entry says it left.
-            self.store.publish(self.keys.presence_channel(channel),
-                               frame("leave", channel, entry["user"], entry["client"]), pipe)
-        for channel, exists in zip(channels, left):
-            if not exists:
-                pipe.srem(self.keys.presence_channels, channel)
-        pipe.execute()
+            pipe.srem(self.keys.node_presence(node), member)
+        for node in drained:
+            # Nothing of it is left to reap (a process back from the dead re-adds itself as it joins).
+            pipe.srem(self.keys.presence_nodes, node)
+        removed = pipe.execute()[:2 * len(found):2]
+        reaped = [(channel, {"client": client, "user": user, "node": node})
+                  for (node, _member, channel, client, user), gone in zip(found, removed) if gone]
+        if reaped:
+            pipe = self.redis.pipeline(transaction=False)
+            for channel, entry in reaped:
+                # Only the reaper that removed an entry says it left.
+                self.store.publish(self.keys.presence_channel(channel),
+                                   frame("leave", channel, entry["user"], entry["client"]), pipe)
+            pipe.execute()
         return reaped
 
     def _alive(self, nodes: set[str]) -> set[str]:
@@ -180,6 +185,11 @@ def parse_cursor(cursor: int | str) -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 2 ** 64):
         raise ValueError("cursor must be the `next` of a presence page")
     return int(text)
+
+
+def indexed(channel: str, client: str, user: str) -> str:
+    """A presence entry's member in its node's index (`Keys.node_presence`)."""
+    return dumps([channel, client, user])
 
 
 def frame(op: str, channel: str, user: str, client: str) -> str:
