@@ -50,6 +50,17 @@ class RetryLater(Exception):
         self.cause = cause
 
 
+class PassedGate(Exception):
+    """A failure that is not transient, raised once records had passed their order gates
+    (`passed`: their ids): those were handled (delivered, or noted as duplicates or dead
+    letters) and must never be dead-lettered, or a replay would deliver them twice."""
+
+    def __init__(self, passed: set[str], cause: BaseException):
+        super().__init__(str(cause))
+        self.passed = passed
+        self.cause = cause
+
+
 @dataclass
 class Outcome:
     """What became of a batch: counts per outcome, and the envelopes still waiting at their gate."""
@@ -151,6 +162,17 @@ class Processor:
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         results, failure = self._deliver_waiting(envelopes, results, force=final_attempt)
+        try:
+            return self._after_gate(envelopes, results, failure, outcome, now)
+        except RetryLater:
+            raise
+        except Exception as exc:
+            raise PassedGate({e.id for e, (result, _sid, _forced) in zip(envelopes, results) if result != "wait"},
+                             exc) from exc
+
+    def _after_gate(self, envelopes: list[Envelope], results: list, failure, outcome: Outcome,
+                    now: float) -> Outcome:
+        # What follows the gate: each record's count and log, the archive's history offsets.
         handled: dict[str, list[str]] = {}
         placed = []  # (id, stream id) of what is in history, for the archive
         for envelope, (result, sid, forced) in zip(envelopes, results):

@@ -18,8 +18,8 @@ from kombu.exceptions import OperationalError
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope
 from pipeline.metrics import RETRIES
-from pipeline.processing import (ORDER_RECHECK, RETRYABLE, Outcome, Processor, RetryLater, backoff_delay,
-                                 failure_reason, recheck_delay)
+from pipeline.processing import (ORDER_RECHECK, RETRYABLE, Outcome, PassedGate, Processor, RetryLater,
+                                 backoff_delay, failure_reason, recheck_delay)
 from pipeline.redis_tls import redis_tls
 from pipeline.rules_store import RulesUnavailable
 from pipeline.settings import AMQP_HEARTBEAT, current
@@ -212,6 +212,14 @@ def _isolate(task, envelopes: list[Envelope], exc: Exception, attempts: int) -> 
     alone and only the one at fault fails; a message alone is dead-lettered with the reason,
     and its channel's order gate moves on. Nothing here leaves the task given up: a step
     that fails (the dead letter, a send) retries it (`_retry_unlimited`)."""
+    if isinstance(exc, PassedGate):
+        passed = [e.id for e in envelopes if e.id in exc.passed]
+        if passed:
+            log.error("failed after passing its order gate; not dead-lettered",
+                      extra={"message_ids": passed, "error": failure_reason(exc.cause)})
+        envelopes, exc = [e for e in envelopes if e.id not in exc.passed], exc.cause
+        if not envelopes:
+            return {"dead": 0}
     reason = failure_reason(exc)
     if len(envelopes) > 1:
         log.warning("batch failed; splitting it", extra={"message_id": envelopes[0].id, "count": len(envelopes),

@@ -197,3 +197,33 @@ def test_the_archive_reports_any_database_failure_as_transient(failure, monkeypa
         archive.store([envelope(1)])
     with pytest.raises(TransientError):
         archive.record_offsets([("m-1", "1-0")])
+
+
+def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered(task_module):
+    from pipeline.processing import PassedGate, Processor
+
+    class Store:
+        def mark_processing(self, envelopes):
+            return ["processing"] * len(envelopes)
+
+        def deliver(self, envelopes, force):
+            return [("delivered", f"{n}-0", "0") if n < 2 else ("wait", None, "0") for n in range(len(envelopes))]
+
+    class Archive:
+        def store(self, envelopes):
+            pass
+
+        def record_offsets(self, placed):
+            raise ValueError("a bug after delivery")
+
+    settings = SimpleNamespace(order_wait=30.0, message_types=())
+    batch = [envelope(n, waiting_since=0.0) for n in range(3)]  # waited long: delivered or waiting, no spin
+    with pytest.raises(PassedGate) as failed:
+        Processor(settings, Store(), Archive(), None).run(batch, final_attempt=False)
+    assert failed.value.passed == {"m-0", "m-1"} and isinstance(failed.value.cause, ValueError)
+
+    tasks, fake, sent = task_module
+    task = FakeTask()
+    assert tasks._isolate(task, batch[:2], failed.value, attempts=1) == {"dead": 0}  # delivered: a replay would
+    assert tasks._isolate(task, [batch[2]], failed.value, attempts=1) == {"dead": 1}  # deliver them twice
+    assert fake.letters == [("m-2", "ValueError: a bug after delivery", 1)] and task.retried == []
