@@ -80,7 +80,7 @@ class Archive:
         self._ready = True
 
     def store(self, envelopes: list[Envelope]) -> None:
-        """Insert messages not archived yet; raises TransientError when the database is unreachable."""
+        """Insert messages not archived yet; raises TransientError when the database fails."""
         if not envelopes:
             return
         latest: dict[str, Envelope] = {}  # one row per id: an upsert may not touch a row twice
@@ -105,8 +105,8 @@ class Archive:
             self._ensure_table()
             with self.engine.begin() as conn:
                 conn.execute(statement, rows)
-        except OperationalError as exc:
-            raise TransientError(f"archive unavailable: {exc.orig}") from None
+        except SQLAlchemyError as exc:  # down, a pool timeout, a refusal: never one message's fault
+            raise TransientError(f"archive unavailable: {getattr(exc, 'orig', None) or exc}") from None
         self._add_to_bloom([e.id for e in envelopes])
 
     def _add_to_bloom(self, ids: list[str]) -> None:
@@ -122,7 +122,7 @@ class Archive:
 
     def record_offsets(self, placed: list[tuple[str, str]]) -> None:
         """Record the history offsets (stream ids) of delivered messages, (global id, stream id)
-        pairs, in one statement; raises TransientError when the database is unreachable."""
+        pairs, in one statement; raises TransientError when the database fails."""
         if not placed:
             return
         rows = []
@@ -134,8 +134,8 @@ class Archive:
         try:
             with self.engine.begin() as conn:
                 conn.execute(statement, rows)
-        except OperationalError as exc:
-            raise TransientError(f"archive unavailable: {exc.orig}") from None
+        except SQLAlchemyError as exc:  # down, a pool timeout, a refusal: never one message's fault
+            raise TransientError(f"archive unavailable: {getattr(exc, 'orig', None) or exc}") from None
 
     def count(self, channel: str | None = None) -> int:
         """How many messages are archived (in one channel)."""

@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass, field, replace
 
 import redis
+from confluent_kafka import KafkaException
 from prometheus_client import Counter
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import PermanentError, TransientError
 from pipeline.messages import Envelope, offset_spans
@@ -27,12 +29,13 @@ ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is t
 # held by a dead worker: no spin in place, and a slower recheck.
 ORDER_LONG_WAIT = 5.0
 ORDER_RECHECK_LONG = 1.0
-# Errors worth retrying: the services a message passes through were unreachable,
-# or refused for now (Redis full, a replica promoted, a cluster resharding).
-# Every other error is taken as the message's own fault: it is dead-lettered.
-RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-             redis.exceptions.OutOfMemoryError, redis.ReadOnlyError, redis.exceptions.TryAgainError,
-             redis.exceptions.ClusterDownError, redis.exceptions.MasterDownError)
+# Errors worth retrying: decided by where they come from, not by their kind. A
+# service a message passes through (Redis, the archive's database, Kafka) that
+# fails or refuses (down, full, MISCONF, a pool timeout) fails every message
+# alike: retried, then the first is dead-lettered as after any last retry.
+# Every other error is taken as the message's own fault (its data, a rule, a
+# bug it triggers): it is isolated and dead-lettered (tasks: `_isolate`).
+RETRYABLE = (TransientError, redis.RedisError, SQLAlchemyError, KafkaException)
 REASON_CHARS = 500  # of a failure's reason, in a dead letter and the message's status
 FORCED_ORDER = Counter("herald_forced_out_of_order_total",
                        "Records let past their channel's order gate after HERALD_ORDER_WAIT")
@@ -44,6 +47,17 @@ class RetryLater(Exception):
     def __init__(self, remaining: list[Envelope], cause: BaseException):
         super().__init__(str(cause))
         self.remaining = remaining
+        self.cause = cause
+
+
+class PassedGate(Exception):
+    """A failure that is not transient, raised once records had passed their order gates
+    (`passed`: their ids): those were handled (delivered, or noted as duplicates or dead
+    letters) and must never be dead-lettered, or a replay would deliver them twice."""
+
+    def __init__(self, passed: set[str], cause: BaseException):
+        super().__init__(str(cause))
+        self.passed = passed
         self.cause = cause
 
 
@@ -148,6 +162,17 @@ class Processor:
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         results, failure = self._deliver_waiting(envelopes, results, force=final_attempt)
+        try:
+            return self._after_gate(envelopes, results, failure, outcome, now)
+        except RetryLater:
+            raise
+        except Exception as exc:
+            raise PassedGate({e.id for e, (result, _sid, _forced) in zip(envelopes, results) if result != "wait"},
+                             exc) from exc
+
+    def _after_gate(self, envelopes: list[Envelope], results: list, failure, outcome: Outcome,
+                    now: float) -> Outcome:
+        # What follows the gate: each record's count and log, the archive's history offsets.
         handled: dict[str, list[str]] = {}
         placed = []  # (id, stream id) of what is in history, for the archive
         for envelope, (result, sid, forced) in zip(envelopes, results):
@@ -184,6 +209,12 @@ class Processor:
             # The records still waiting, in batch order: the retry is their only way back.
             raise RetryLater(outcome.waiting, failure) from failure
         return outcome
+
+    def check_rules(self) -> None:
+        """Raises RulesUnavailable while this process has no rule set it can apply
+        (pipeline.rules_store: it fails closed), before a batch is run at all."""
+        if self.rules is not None:
+            self.rules.current()
 
     def dead_letter_first(self, envelopes: list[Envelope], error: str, attempts: int) -> None:
         """Retries are used up: dead-letter the message that kept failing, unless it only

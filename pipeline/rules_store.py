@@ -12,7 +12,8 @@ older Herald, or into Redis by hand: PUT refuses such sets) is logged once
 and counted (`herald_rules_compile_failures_total`); the worker keeps the last
 version it compiled. With none compiled yet it fails closed: its batches
 raise RulesUnavailable, a transient error, and are retried as when Redis is
-down, never run without the policy.
+down, never run without the policy. Such a wait does not count against a message's
+retries (tasks: `_await_rules`): none is dead-lettered for it, however long.
 """
 
 from __future__ import annotations
@@ -125,12 +126,15 @@ class RulesStore:
         version = int(version or 0)
         try:
             rule_set = engine.compile_text(text or "{}", "application/json", version, self.settings.rules_timezone)
-        except engine.RulesError as exc:
+        except Exception as exc:  # noqa: BLE001 - a RecursionError or a bug refuses the set as a RulesError does
+            # Not RulesError alone: any other error here would fail every batch
+            # of this worker, none of them at fault, for as long as the set stays.
+            error = str(exc) if isinstance(exc, engine.RulesError) else f"{type(exc).__name__}: {exc}"
             self._refused = version
-            self._refusal = f"the stored rule set (version {version}) cannot be compiled: {exc}"
+            self._refusal = f"the stored rule set (version {version}) cannot be compiled: {error}"
             COMPILE_FAILURES.inc()
             log.error("rules not applied: the stored set cannot be compiled",
-                      extra={"version": version, "applied_version": self._version, "error": str(exc)})
+                      extra={"version": version, "applied_version": self._version, "error": error})
             return
         self._version, self._refused = version, None
         self._set = rule_set if len(rule_set) else None
@@ -141,7 +145,10 @@ class RulesStore:
     def _load_file_once(self) -> None:
         try:
             self.load_file()
-        except engine.RulesError as exc:
+        except redis.RedisError:
+            raise  # transient: the file is read again at the next batch
+        except Exception as exc:  # noqa: BLE001 - unreadable or refused: the stored set, if any, decides
+            # Raised, it would fail every batch, none of them at fault (a file gone, a bug).
             log.error("HERALD_RULES_FILE refused", extra={"error": str(exc)})
         self._file_loaded = True
 

@@ -7,6 +7,7 @@ retry; the work itself is `pipeline.processing.Processor`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -17,9 +18,10 @@ from kombu.exceptions import OperationalError
 from pipeline.logs import configure_logging
 from pipeline.messages import Envelope
 from pipeline.metrics import RETRIES
-from pipeline.processing import (ORDER_RECHECK, RETRYABLE, Outcome, Processor, RetryLater, backoff_delay,
-                                 failure_reason, recheck_delay)
+from pipeline.processing import (ORDER_RECHECK, RETRYABLE, Outcome, PassedGate, Processor, RetryLater,
+                                 backoff_delay, failure_reason, recheck_delay)
 from pipeline.redis_tls import redis_tls
+from pipeline.rules_store import RulesUnavailable
 from pipeline.settings import AMQP_HEARTBEAT, current
 
 log = logging.getLogger("herald.tasks")
@@ -27,6 +29,9 @@ AMQP_PREFETCH = 25  # tasks per worker process held from RabbitMQ, most of them 
 # Seconds between a task's soft time limit (HERALD_TASK_TIME_LIMIT) and the kill
 # of its process, for a task the soft limit cannot interrupt (a loop in C code).
 KILL_GRACE = 10
+# Seconds before a batch is tried again while its worker has no rule set it can
+# apply: one VERSION_CHECK or two, a set stored meanwhile is applied at once.
+RULES_RECHECK = 1.0
 
 
 def make_celery(settings) -> Celery:
@@ -157,7 +162,7 @@ def _wire(envelopes: list[Envelope]) -> list[dict]:
     return [envelope.to_wire() for envelope in envelopes]
 
 
-def _after_worker_loss(envelopes: list[Envelope], deaths: int, final: bool) -> dict:
+def _after_worker_loss(task, envelopes: list[Envelope], deaths: int, final: bool) -> dict:
     """Isolate the message that may be killing workers; dead-letter it past the cap."""
     if len(envelopes) > 1:
         # One task per message from here on, so only a poisonous one is held back.
@@ -167,40 +172,90 @@ def _after_worker_loss(envelopes: list[Envelope], deaths: int, final: bool) -> d
             _send([envelope])
         return {"split": len(envelopes)}
     if deaths > settings.max_redeliveries:
-        processor().dead_letter_first(
-            envelopes, f"worker died {deaths} times while processing it (or it ran past HERALD_TASK_TIME_LIMIT)",
-            attempts=deaths + 1)
-        _pass_gate(envelopes)
+        try:
+            processor().dead_letter_first(
+                envelopes, f"worker died {deaths} times while processing it (or it ran past HERALD_TASK_TIME_LIMIT)",
+                attempts=deaths + 1)
+        except Exception as exc:  # noqa: BLE001 - as after a last retry
+            raise _retry_unlimited(task, envelopes, exc) from None
+        _pass_gate(task, envelopes)
         return {"dead": 1}
     return _requeue_waiting(processor().run(envelopes, final_attempt=final))
 
 
-def _pass_gate(envelopes: list[Envelope]) -> None:
+def _pass_gate(task, envelopes: list[Envelope]) -> None:
     """Send the batch on, its first message dead-lettered: that one only passes its channel's
-    order gate, without its data or rules' decision (what may have failed), in a fresh task."""
-    _send([replace(envelopes[0], skip=True, data=None, rules=None), *envelopes[1:]])
+    order gate, without its data or rules' decision (what may have failed), in a fresh task.
+    Should the broker refuse it, the task is retried with that batch, never with the message
+    again: it would be dead-lettered twice."""
+    onward = [replace(envelopes[0], skip=True, data=None, rules=None), *envelopes[1:]]
+    try:
+        _send(onward)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the gate must still be passed
+        raise _retry_unlimited(task, onward, exc) from None
 
 
-def _isolate(envelopes: list[Envelope], exc: Exception, attempts: int) -> dict:
+def _retry_unlimited(task, envelopes: list[Envelope], exc: BaseException) -> Retry:
+    """Retry `envelopes` after HERALD_RETRY_MAX_DELAY, however often they were: for a failure
+    no message can be blamed for, where a task given up would be acked and its messages lost
+    or their channel stalled until HERALD_ORDER_WAIT."""
+    log.warning("retrying without limit", extra={"message_id": envelopes[0].id, "count": len(envelopes),
+                                                 "error": failure_reason(exc), "retries": task.request.retries})
+    RETRIES.inc()
+    # Celery reads max_retries=None as the task's own limit: infinity is no limit.
+    return task.retry(args=(_wire(envelopes),), countdown=settings.retry_max_delay, max_retries=math.inf,
+                      exc=exc)
+
+
+def _isolate(task, envelopes: list[Envelope], exc: Exception, attempts: int) -> dict:
     """A batch failed for a reason that is not transient: split it, so that each message runs
     alone and only the one at fault fails; a message alone is dead-lettered with the reason,
-    and its channel's order gate moves on."""
+    and its channel's order gate moves on. Nothing here leaves the task given up: a step
+    that fails (the dead letter, a send) retries it (`_retry_unlimited`)."""
+    if isinstance(exc, PassedGate):
+        passed = [e.id for e in envelopes if e.id in exc.passed]
+        if passed:
+            log.error("failed after passing its order gate; not dead-lettered",
+                      extra={"message_ids": passed, "error": failure_reason(exc.cause)})
+        envelopes, exc = [e for e in envelopes if e.id not in exc.passed], exc.cause
+        if not envelopes:
+            return {"dead": 0}
     reason = failure_reason(exc)
     if len(envelopes) > 1:
         log.warning("batch failed; splitting it", extra={"message_id": envelopes[0].id, "count": len(envelopes),
                                                           "error": reason})
-        for envelope in envelopes:
-            _send([envelope])
+        sent = 0
+        try:
+            for envelope in envelopes:
+                _send([envelope])
+                sent += 1
+        except Exception as down:  # noqa: BLE001 - those not sent yet go again together
+            raise _retry_unlimited(task, envelopes[sent:], down) from None
         return {"split": len(envelopes)}
     if envelopes[0].skip:
         # Even passing the gate failed, with no data of its own to blame: a fault
-        # of Herald's, not the message's. HERALD_ORDER_WAIT frees the channel.
+        # of Herald's, not the message's. Until it passes, its channel waits.
         log.error("a dead-lettered message could not pass its order gate",
                   extra={"message_id": envelopes[0].id, "channel": envelopes[0].channel, "error": reason})
-        return {"dead": 0}
-    processor().dead_letter_first(envelopes, reason, attempts=attempts)
-    _pass_gate(envelopes)
+        raise _retry_unlimited(task, envelopes, exc)
+    try:
+        processor().dead_letter_first(envelopes, reason, attempts=attempts)
+    except Exception as down:  # noqa: BLE001 - not dead-lettered yet: the message stays as it came
+        raise _retry_unlimited(task, envelopes, down) from None
+    _pass_gate(task, envelopes)
     return {"dead": 1}
+
+
+def _await_rules(task, envelopes: list[Envelope], exc: RulesUnavailable) -> dict:
+    """This process has no rule set it can apply: the batch comes back in RULES_RECHECK
+    seconds, as often as it takes, without a retry counted against its messages (none is
+    dead-lettered for a fault of the policy's) and before the run is counted (`count_run`)."""
+    log.warning("retrying: no rule set to apply", extra={"message_id": envelopes[0].id, "count": len(envelopes),
+                                                          "error": failure_reason(exc)})
+    RETRIES.inc()
+    process_message.apply_async(args=(_wire(envelopes),), task_id=task.request.id, retries=task.request.retries,
+                                countdown=min(RULES_RECHECK, settings.retry_max_delay))
+    return {"waiting_for_rules": len(envelopes)}
 
 
 def _requeue_waiting(outcome: Outcome) -> dict:
@@ -283,18 +338,21 @@ def process_message(self, wire: list[dict]) -> dict:
         raise
     except OperationalError as exc:
         # The broker refused a task sent on (a message back from waiting): no message's fault.
-        raise self.retry(countdown=settings.retry_max_delay, max_retries=None, exc=exc) from None
+        raise _retry_unlimited(self, envelopes, exc) from None
     except Exception as exc:
         # Any error not known to be transient, whatever its type (README: "Under faults").
-        try:
-            return _isolate(envelopes, exc, attempts=self.request.retries + 1)
-        except (*RETRYABLE, OperationalError) as down:
-            raise self.retry(countdown=settings.retry_max_delay, max_retries=None, exc=down) from None
+        return _isolate(self, envelopes, exc, attempts=self.request.retries + 1)
 
 
 def _attempt(task, envelopes: list[Envelope], final: bool) -> dict:
     """Run the batch once; a transient failure is retried with backoff, then dead-lettered."""
     try:
+        try:
+            processor().check_rules()
+        except RulesUnavailable as exc:
+            return _await_rules(task, envelopes, exc)
+        except RETRYABLE:
+            pass  # Redis failed: the run meets it again, a failure like any other
         # A task started more often than retried was handed back by a worker
         # that died while running it: maybe one message kills workers.
         try:
@@ -302,7 +360,7 @@ def _attempt(task, envelopes: list[Envelope], final: bool) -> dict:
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         if deaths > 0:
-            return _after_worker_loss(envelopes, deaths, final)
+            return _after_worker_loss(task, envelopes, deaths, final)
         return _requeue_waiting(processor().run(envelopes, final_attempt=final))
     except RetryLater as pending:
         error = failure_reason(pending.cause)
@@ -316,11 +374,9 @@ def _attempt(task, envelopes: list[Envelope], final: bool) -> dict:
             raise task.retry(args=(_wire(pending.remaining),), countdown=delay, exc=pending.cause) from None
         try:
             processor().dead_letter_first(pending.remaining, error, attempts=task.request.retries + 1)
-        except RETRYABLE as exc:
-            # Losing the message is worse than retrying past the limit.
-            raise task.retry(args=(_wire(pending.remaining),), countdown=settings.retry_max_delay,
-                             max_retries=None, exc=exc) from None
+        except Exception as exc:  # noqa: BLE001 - losing the message is worse than retrying past the limit
+            raise _retry_unlimited(task, pending.remaining, exc) from None
         # The others never failed themselves: they get a fresh set of retries;
         # the dead-lettered one goes along only to pass its channel's order gate.
-        _pass_gate(pending.remaining)
+        _pass_gate(task, pending.remaining)
         return {"dead": 1}

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import Producer
 
+from pipeline.ids import client_id
 from pipeline.messages import MAX_DATA_DEPTH
 from tests.faults.conftest import start_collector
 from tests.faults.load import (assert_exactly_once, forced_passes, history_of, report, settled_in_flight,
@@ -95,12 +96,46 @@ def test_a_message_processing_cannot_handle_is_dead_lettered_alone(make_stack, c
                      history_of(stack, chosen), in_flight=settled_in_flight(stack), forced=forced_passes(worker),
                      seconds=seconds)
     page = web.request("GET", "/api/v1/dlq", token=admin)[2]
-    assert [letter["id"] for letter in page["items"]] == [bad["id"]]  # alone
+    assert [client_id(letter["id"]) for letter in page["items"]] == [bad["id"]]  # alone
     assert page["items"][0]["reason"].startswith("ValueError: injected for message")
     status = web.request("GET", f"/api/v1/messages/{bad['id']}", token=token)[2]
     assert status["status"] == "failed" and status["error"].startswith("ValueError")
     assert_exactly_once(figures)
     assert figures["forced"] == 0  # its channel's later messages passed because its gate moved on
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_message_whose_processing_fails_after_it_passed_its_gate_is_not_dead_lettered(make_stack, channels,
+                                                                                        broker):
+    stack = make_stack(broker=broker, env=NEVER_FORCED)
+    worker = stack.worker(PYTHONPATH=f"{POISON}:{ROOT}")
+    web = stack.web()
+    token, admin = stack.token(), stack.token("ops", admin=True)
+    chosen = channels[:4]
+    collector = start_collector([web], token, chosen)
+    tag = uuid.uuid4().hex[:8]
+    items = [{"id": f"{tag}-{n:02d}", "channel": chosen[n % 4], "data": {"n": n}} for n in range(40)]
+    late = items[13]
+    late["id"] += "-offsets-fail"  # delivered, then recording its history offset raises
+    status, _, answer = web.request("POST", "/api/v1/messages/batch", {"messages": items}, token=token)
+    assert status == 202 and all(r["status"] == "accepted" for r in answer["results"])
+    started = time.monotonic()
+    stack.bridge()
+    publisher = _published([item["id"] for item in items])
+    wait_for_delivery(collector, publisher, timeout=60)
+    seconds = round(time.monotonic() - started, 1)
+    wait_until(lambda: "injected after delivery" in worker.log(), 30, 0.2, "the failure after the gate")
+    time.sleep(2.0)  # a dead letter, if one were coming, would be written by now
+    collector.stop()
+    page = web.request("GET", "/api/v1/dlq", token=admin)[2]
+    figures = report(f"failure after the gate ({broker})", publisher, collector, history_of(stack, chosen),
+                     in_flight=settled_in_flight(stack), forced=forced_passes(worker), seconds=seconds,
+                     dead_letters=page["total"])
+    # Delivered: a dead letter of it, replayed, would deliver it twice.
+    assert page["total"] == 0 and "failed after passing its order gate; not dead-lettered" in worker.log()
+    assert web.request("GET", f"/api/v1/messages/{late['id']}", token=token)[2]["status"] == "delivered"
+    assert_exactly_once(figures)
+    assert figures["forced"] == 0
 
 
 @pytest.mark.parametrize("deaf", [False, True], ids=["soft limit", "hard limit"])
@@ -131,7 +166,7 @@ def test_a_message_that_hangs_its_task_is_dead_lettered_after_its_time_limits(ma
                      soft_limits=worker.log().count("HERALD_TASK_TIME_LIMIT; handed back"),
                      hard_limits=worker.log().count("Hard time limit"))
     page = web.request("GET", "/api/v1/dlq", token=admin)[2]
-    assert [letter["id"] for letter in page["items"]] == [hung["id"]]
+    assert [client_id(letter["id"]) for letter in page["items"]] == [hung["id"]]
     # Its batch once, then alone twice: past HERALD_MAX_REDELIVERIES=1.
     assert "worker died 2 times" in page["items"][0]["reason"]
     assert web.request("GET", f"/api/v1/messages/{hung['id']}", token=token)[2]["status"] == "failed"

@@ -231,3 +231,37 @@ def test_a_worker_started_under_a_set_it_cannot_compile_runs_nothing_without_the
     assert held == 0 and untagged == 0
     assert "rules not applied: the stored set cannot be compiled" in worker.log()
     assert "RulesUnavailable" in worker.log()  # why its batches were retried
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_worker_waiting_for_a_set_it_can_compile_dead_letters_nothing_however_long_it_waits(make_stack, channels,
+                                                                                              broker):
+    stack = make_stack(broker=broker)
+    store = stack.store()
+    bad = store.redis.hincrby(store.keys.rules, "version", 1)  # there before any worker
+    store.redis.hset(store.keys.rules, "doc", deep_not(600))
+    # One retry of at most 0.1 s: the wait below is many retry budgets long. Before, the
+    # wait counted against each message, and every batch's first was dead-lettered.
+    worker = stack.worker(HERALD_RETRY_MAX=1, HERALD_RETRY_BASE_DELAY=0.05, HERALD_RETRY_MAX_DELAY=0.1)
+    stack.bridge()
+    web = stack.web()
+    token, admin = stack.token(), stack.token("ops", admin=True)
+    collector = start_collector([web], token, channels)
+    publisher = Publisher([web], token, channels, count=200, rate=100)
+    publisher.start()
+    publisher.join()
+    wait_until(lambda: "RulesUnavailable" in worker.log() or collector.seen, 30, 0.1,
+               "the worker to take messages up")
+    time.sleep(3.0)  # thirty retry budgets
+    held = sum(collector.seen.values())
+    dead = store.redis.zcard(store.keys.dead_letter_index)
+    status, _, answer = web.request("PUT", "/api/v1/rules", raw=b"rule: {id: checked, condition: {}, "
+                                    b"action: {tag: checked}}", content_type="application/yaml", token=admin)
+    assert status == 200 and answer["version"] == bad + 1, answer
+    wait_for_delivery(collector, publisher, timeout=DELIVERY_BOUND)
+    collector.stop()
+    figures = report(f"worker waiting for a set past its retry budget ({broker})", publisher, collector,
+                     history_of(stack, channels), in_flight=settled_in_flight(stack), held_back_delivered=held,
+                     dead_letters=dead, dead_letters_after=store.redis.zcard(store.keys.dead_letter_index))
+    assert_exactly_once(figures)
+    assert held == 0 and dead == 0 and store.redis.zcard(store.keys.dead_letter_index) == 0

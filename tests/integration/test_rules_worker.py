@@ -250,3 +250,34 @@ def test_a_worker_that_compiled_no_set_holds_its_messages_until_one_compiles(wor
     time.sleep(VERSION_CHECK + 0.1)
     outcome = fresh.run(retry.value.remaining, final_attempt=False)
     assert (outcome.delivered, outcome.skipped) == (1, 1)
+
+
+def test_a_stored_set_whose_compile_raises_anything_is_refused_as_one_that_does_not_compile(worker, monkeypatch,
+                                                                                            caplog):
+    processor, rules_store, store = worker
+    tag = uuid.uuid4().hex[:6]
+    good = rules_store.put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
+                                      "action: block}"))
+    channel = f"pay:{tag}"
+    assert processor.run(batch(channel, [5, 500]), final_attempt=False).skipped == 1
+    compile_text = rules.compile_text
+
+    def crashing(text, *args):
+        # A compiler bug, or a RecursionError it does not turn into a RulesError, on this set only.
+        if f"crash-{tag}" in str(text):
+            raise RecursionError("maximum recursion depth exceeded")
+        return compile_text(text, *args)
+
+    monkeypatch.setattr(rules, "compile_text", crashing)
+    before = failures()
+    bad = store_directly(store, json.dumps({"rules": [{"id": f"crash-{tag}", "enabled": True, "priority": 0,
+                                                       "action": ["block"], "condition": {}}]}))
+    time.sleep(VERSION_CHECK + 0.1)
+    for offset in (2, 4):  # every batch runs, under the good set: before, each raised the RecursionError
+        outcome = processor.run(batch(channel, [7, 700], offset0=offset), final_attempt=False)
+        assert (outcome.delivered, outcome.skipped) == (1, 1)
+        time.sleep(VERSION_CHECK + 0.1)
+    assert failures() == before + 1 and REGISTRY.get_sample_value("herald_rules_version") == good
+    reports = [r for r in caplog.records if r.getMessage() == "rules not applied: the stored set cannot be compiled"]
+    assert len(reports) == 1 and (reports[0].version, reports[0].applied_version) == (bad, good)
+    assert reports[0].error == "RecursionError: maximum recursion depth exceeded"

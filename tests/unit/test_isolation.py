@@ -1,9 +1,16 @@
 """What the task does with a batch that failed for a reason that is not transient
-(tasks/__init__.py: `_isolate`, `_pass_gate`), with a fake processor and broker: pure logic."""
+(tasks/__init__.py: `_isolate`, `_pass_gate`), with a fake processor, task and broker: pure logic."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
+import redis
+import sqlalchemy.exc
+from celery.exceptions import Retry
+from kombu.exceptions import OperationalError
 
 from pipeline.messages import Envelope
 from tests.harness import SECRET
@@ -12,9 +19,24 @@ from tests.harness import SECRET
 class FakeProcessor:
     def __init__(self):
         self.letters = []
+        self.fail = None  # raised by the next dead letter, when set
 
     def dead_letter_first(self, envelopes, error, attempts):
+        if self.fail is not None:
+            raise self.fail
         self.letters.append((envelopes[0].id, error, attempts))
+
+
+class FakeTask:
+    """Celery's bound task as `process_message` uses it: `retry` raises Retry and is recorded."""
+
+    def __init__(self, retries=0):
+        self.request = SimpleNamespace(retries=retries, id="task-1")
+        self.retried = []  # (envelopes, max_retries)
+
+    def retry(self, *, args, countdown, max_retries, exc):
+        self.retried.append(([Envelope.from_wire(w) for w in args[0]], max_retries))
+        raise Retry(exc=exc, when=countdown)
 
 
 @pytest.fixture
@@ -37,7 +59,7 @@ def envelope(n: int, **fields) -> Envelope:
 def test_a_batch_that_failed_is_split_into_one_task_a_message_and_nothing_is_dead_lettered(task_module):
     tasks, fake, sent = task_module
     batch = [envelope(n) for n in range(4)]
-    assert tasks._isolate(batch, ValueError("bad"), attempts=1) == {"split": 4}
+    assert tasks._isolate(FakeTask(), batch, ValueError("bad"), attempts=1) == {"split": 4}
     assert sent == [[e] for e in batch] and fake.letters == []
 
 
@@ -45,24 +67,69 @@ def test_a_message_that_failed_alone_is_dead_lettered_with_its_reason_and_passes
         task_module):
     tasks, fake, sent = task_module
     alone = envelope(3, rules={"v": 1, "alert": ["a"]})
-    assert tasks._isolate([alone], OverflowError("int too large to convert to float"), attempts=2) == {"dead": 1}
+    assert tasks._isolate(FakeTask(), [alone], OverflowError("int too large to convert to float"), attempts=2) == {"dead": 1}
     assert fake.letters == [("m-3", "OverflowError: int too large to convert to float", 2)]
     [[passing]] = sent
     assert passing.skip and passing.data is None and passing.rules is None
     assert (passing.id, passing.channel, passing.offset, passing.prev) == ("m-3", "c:1", 3, 1)
 
 
-def test_a_dead_lettered_message_that_cannot_even_pass_its_gate_is_not_dead_lettered_again(task_module):
+def test_a_dead_lettered_message_that_cannot_even_pass_its_gate_is_retried_without_limit_never_dead_lettered(
+        task_module):
     tasks, fake, sent = task_module
-    passing = envelope(5, skip=True)
-    assert tasks._isolate([passing], RuntimeError("a bug"), attempts=1) == {"dead": 0}
-    assert fake.letters == [] and sent == []
+    passing, task = envelope(5, skip=True), FakeTask(retries=8)  # past HERALD_RETRY_MAX
+    with pytest.raises(Retry):  # acked, it would stall its channel until HERALD_ORDER_WAIT
+        tasks._isolate(task, [passing], RuntimeError("a bug"), attempts=9)
+    assert task.retried == [([passing], math.inf)] and fake.letters == [] and sent == []
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("mark_failed: a bug"), redis.ResponseError("MISCONF disk full"),
+                                     OperationalError("broker refused")])
+def test_a_message_whose_dead_letter_fails_is_retried_as_it_came_whatever_the_error(task_module, failure):
+    tasks, fake, sent = task_module
+    alone, task = envelope(3), FakeTask(retries=8)
+    fake.fail = failure
+    with pytest.raises(Retry):  # before: anything but a transient error left the task, acked
+        tasks._isolate(task, [alone], ValueError("its data"), attempts=9)
+    assert task.retried == [([alone], math.inf)] and sent == []
+
+
+def test_a_gate_pass_the_broker_refuses_is_retried_without_the_message_which_is_dead_lettered_once(
+        task_module, monkeypatch):
+    tasks, fake, _sent = task_module
+
+    def refused(envelopes, **options):
+        raise OperationalError("broker refused")
+
+    monkeypatch.setattr(tasks, "_send", refused)
+    alone, task = envelope(3), FakeTask()
+    with pytest.raises(Retry):
+        tasks._isolate(task, [alone], ValueError("its data"), attempts=1)
+    [([onward], limit)] = task.retried  # the gate pass alone: run again, the message would be dead-lettered twice
+    assert onward.skip and onward.data is None and onward.id == alone.id and limit == math.inf
+    assert [letter[0] for letter in fake.letters] == ["m-3"]
+
+
+def test_a_split_the_broker_refuses_half_way_retries_the_messages_not_sent(task_module, monkeypatch):
+    tasks, fake, sent = task_module
+    batch = [envelope(n) for n in range(4)]
+
+    def refused_after_two(envelopes, **options):
+        if len(sent) == 2:
+            raise OperationalError("broker refused")
+        sent.append(list(envelopes))
+
+    monkeypatch.setattr(tasks, "_send", refused_after_two)
+    task = FakeTask()
+    with pytest.raises(Retry):
+        tasks._isolate(task, batch, ValueError("bad"), attempts=1)
+    assert sent == [[batch[0]], [batch[1]]] and task.retried == [(batch[2:], math.inf)] and fake.letters == []
 
 
 def test_after_the_last_retry_the_rest_of_the_batch_goes_on_behind_the_dead_letter(task_module):
     tasks, _fake, sent = task_module
     batch = [envelope(n) for n in range(3)]
-    tasks._pass_gate(batch)
+    tasks._pass_gate(FakeTask(), batch)
     [[first, *rest]] = sent
     assert first.skip and first.data is None and rest == batch[1:]
 
@@ -86,3 +153,77 @@ def test_a_message_that_only_passes_its_gate_is_never_dead_lettered_again():
     processor.dead_letter_first([envelope(1, skip=True), envelope(2)], "worker died 4 times", attempts=5)
     processor.dead_letter_first([envelope(3)], "worker died 4 times", attempts=5)
     assert letters.sent == ["m-3"]  # the first's letter, with its data, stays as it was
+
+
+@pytest.mark.parametrize("failure", [
+    redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist"),
+    redis.ResponseError("NOREPLICAS Not enough good replicas to write."),
+    redis.ResponseError("BUSY Redis is busy running a script."),
+    sqlalchemy.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"),
+    sqlalchemy.exc.InterfaceError("SELECT 1", {}, Exception("connection already closed")),
+])
+def test_a_service_that_fails_whatever_its_error_is_retried_and_no_message_is_dead_lettered_for_it(failure):
+    from pipeline.processing import Processor, RetryLater
+
+    class Store:
+        def mark_processing(self, envelopes):
+            raise failure
+
+    class Letters:
+        def send(self, **letter):
+            raise AssertionError("dead-lettered for a service's fault")
+
+    settings = SimpleNamespace(order_wait=30.0, message_types=())
+    batch = [envelope(n) for n in range(3)]
+    with pytest.raises(RetryLater) as pending:  # not isolated and dead-lettered, message by message
+        Processor(settings, Store(), None, Letters()).run(batch, final_attempt=False)
+    assert pending.value.remaining == batch and pending.value.cause is failure
+
+
+@pytest.mark.parametrize("failure", [sqlalchemy.exc.TimeoutError("QueuePool limit reached"),
+                                     sqlalchemy.exc.InterfaceError("INSERT", {}, Exception("closed"))])
+def test_the_archive_reports_any_database_failure_as_transient(failure, monkeypatch):
+    from pipeline.archive import Archive
+    from pipeline.errors import TransientError
+
+    archive = Archive("sqlite://", None)
+
+    def failing():
+        raise failure
+
+    monkeypatch.setattr(archive.engine, "begin", failing)
+    monkeypatch.setattr(archive, "_ensure_table", lambda: None)
+    with pytest.raises(TransientError):
+        archive.store([envelope(1)])
+    with pytest.raises(TransientError):
+        archive.record_offsets([("m-1", "1-0")])
+
+
+def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered(task_module):
+    from pipeline.processing import PassedGate, Processor
+
+    class Store:
+        def mark_processing(self, envelopes):
+            return ["processing"] * len(envelopes)
+
+        def deliver(self, envelopes, force):
+            return [("delivered", f"{n}-0", "0") if n < 2 else ("wait", None, "0") for n in range(len(envelopes))]
+
+    class Archive:
+        def store(self, envelopes):
+            pass
+
+        def record_offsets(self, placed):
+            raise ValueError("a bug after delivery")
+
+    settings = SimpleNamespace(order_wait=30.0, message_types=())
+    batch = [envelope(n, waiting_since=0.0) for n in range(3)]  # waited long: delivered or waiting, no spin
+    with pytest.raises(PassedGate) as failed:
+        Processor(settings, Store(), Archive(), None).run(batch, final_attempt=False)
+    assert failed.value.passed == {"m-0", "m-1"} and isinstance(failed.value.cause, ValueError)
+
+    tasks, fake, sent = task_module
+    task = FakeTask()
+    assert tasks._isolate(task, batch[:2], failed.value, attempts=1) == {"dead": 0}  # delivered: a replay would
+    assert tasks._isolate(task, [batch[2]], failed.value, attempts=1) == {"dead": 1}  # deliver them twice
+    assert fake.letters == [("m-2", "ValueError: a bug after delivery", 1)] and task.retried == []

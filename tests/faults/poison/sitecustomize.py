@@ -7,6 +7,8 @@ exception, as a bug or a rule that cannot handle the data would; one whose
 data is {"hang": seconds} holds its worker process that long, as a rule
 caught in a catastrophic regex would; with "deaf": true it also blocks the
 signal of Celery's soft time limit, as a loop in C code would not see it.
+A message whose id holds "offsets-fail" makes recording its history offset
+in the archive raise, once it passed its channel's order gate.
 """
 
 import builtins
@@ -16,7 +18,7 @@ import time
 
 
 def _install() -> None:
-    from pipeline import processing
+    from pipeline import archive, processing
 
     check_type = processing.check_type
 
@@ -35,6 +37,15 @@ def _install() -> None:
         return check_type(envelope, allowed)
 
     processing.check_type = check_or_fail
+    record_offsets = archive.Archive.record_offsets
+
+    def record_or_fail(self, placed):
+        failing = [msg_id for msg_id, _sid in placed if "offsets-fail" in msg_id]
+        if failing:
+            raise LookupError(f"injected after delivery for {failing}")
+        return record_offsets(self, placed)
+
+    archive.Archive.record_offsets = record_or_fail
 
 
 _install()
