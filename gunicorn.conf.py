@@ -10,7 +10,7 @@ import sys
 
 import gevent
 
-from pipeline.settings import load_or_exit, multiprocess_metrics_dir
+from pipeline.core.settings import load_or_exit, multiprocess_metrics_dir
 
 # Every worker writes its metrics there and /metrics merges them; set before
 # anything imports prometheus_client (the workers inherit it).
@@ -36,10 +36,10 @@ loglevel = "warning"
 def on_starting(server):
     """Refuse to start, in one line, when Redis or Kafka does not answer, Redis may evict,
     or the topics are missing."""
-    from pipeline.errors import HeraldError, StartupError
+    from pipeline.core.errors import HeraldError, StartupError
     from pipeline.kafka import open_admin
+    from pipeline.kafka.topics import require_topics
     from pipeline.store import check_at_start
-    from pipeline.topics import require_topics
 
     try:
         warning = check_at_start(_settings)
@@ -61,7 +61,7 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """Connect this worker's services and watch for shutdown."""
-    from pipeline.logs import configure_logging
+    from pipeline.core.logs import configure_logging
 
     configure_logging("web", _settings.log_level)
     services = worker.wsgi.extensions["herald"]

@@ -40,11 +40,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.archive import Archive  # noqa: E402
-from pipeline.cache import bloom_filter  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
-from pipeline.messages import Envelope  # noqa: E402
-from tests.harness import Stack  # noqa: E402
+from pipeline.archive import Archive
+from pipeline.archive.cache import bloom_filter
+from pipeline.core.messages import Envelope
+from pipeline.store.keys import Keys
+from tests.harness import Stack
 
 # Long beside the time the fill takes, so the spread measured is the jitter's,
 # not the fill's (the avalanche part reads lifetimes; it does not wait for them).

@@ -13,18 +13,18 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402  (after monkey-patching, as gevent requires)
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
-import gevent  # noqa: E402
-import gevent.lock  # noqa: E402
-import websocket  # noqa: E402
+import gevent
+import gevent.lock
+import websocket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

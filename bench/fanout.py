@@ -6,7 +6,7 @@
 Each side is one gunicorn gevent worker holding N connections of one channel
 (Herald) or room (Flask-SocketIO, gevent-websocket). Broadcasts go straight into
 Redis pub/sub, no Kafka or Celery: for Herald the frame a worker publishes
-(pipeline/store.py), for the peer its documented external emitter
+(pipeline/store/__init__.py), for the peer its documented external emitter
 (`RedisManager(write_only=True)`). The client is asyncio `websockets` without
 compression, in a few processes. Server CPU is the worker's user+system time.
 Prints JSON: per scenario both sides and the ratios herald/peer, and the
@@ -32,14 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: its pipeline.py would hide the pipeline package
 
-import redis  # noqa: E402
-from websockets.asyncio.client import connect  # noqa: E402
+import redis
+from websockets.asyncio.client import connect
 
-from pipeline import embedded  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
-from pipeline.messages import Envelope, new_id  # noqa: E402
-from pipeline.store import message_frame_head  # noqa: E402
-from tests.harness import Stack, wait_until  # noqa: E402
+from devtools import embedded
+from pipeline.core.messages import Envelope, new_id
+from pipeline.store import message_frame_head
+from pipeline.store.keys import Keys
+from tests.harness import Stack, wait_until
 
 CHANNEL = "bench.fanout"
 BASE_MS = int(time.time() * 1000)  # stream ids above any real one: the channel has no history
@@ -116,7 +116,7 @@ async def _read(ws, kind: str, index: int, tally: Tally) -> None:
                 tally.got(index, json.loads(raw[2:])[1])
             elif raw == "2":  # Engine.IO ping: unanswered, the server drops the client
                 await ws.send("3")
-    except Exception:  # noqa: BLE001  (a connection ended by the server, however it ended)
+    except Exception:
         pass
     tally.closed += 1
 
@@ -132,7 +132,7 @@ async def _client(pipe, kind: str, url: str, channel: str, count: int, offset: f
         try:
             ws = await connect(url, compression=None, ping_interval=None, open_timeout=60, max_queue=None)
             await asyncio.wait_for(join(ws, channel), 60)
-        except Exception as exc:  # noqa: BLE001  (every failure is a refused connection, counted by kind)
+        except Exception as exc:
             why = _why(exc)
             errors[why] = errors.get(why, 0) + 1
             return
@@ -250,7 +250,7 @@ class HeraldSide:
         self.seq = 0
 
     def broadcast(self, n: int) -> None:
-        """Publish broadcast number `n`, as pipeline/store.py's delivery script does."""
+        """Publish broadcast number `n`, as pipeline/store/__init__.py's delivery script does."""
         self.seq += 1
         sid = f"{BASE_MS}-{self.seq}"
         envelope = Envelope(id=new_id(), channel=CHANNEL, type="message", data={"n": n, "sent": time.time()},

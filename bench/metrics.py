@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import json, sys, time
-from pipeline.metrics import FRAMES_SENT, PUBLISHES, PRODUCE_LATENCY
+from pipeline.core.metrics import FRAMES_SENT, PUBLISHES, PRODUCE_LATENCY
 calls = int(sys.argv[1])
 
 def per_call(fn):
@@ -43,7 +43,7 @@ print(json.dumps({"empty_loop_ns": round(empty, 1),
 SCRAPE = """
 import json, sys, time
 from prometheus_client import generate_latest
-from pipeline.metrics import scrape_registry
+from pipeline.core.metrics import scrape_registry
 started = time.perf_counter()
 rounds = 20
 for _ in range(rounds):

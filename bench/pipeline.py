@@ -36,8 +36,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 # package, a namespace package that any module of the same name beats.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.e2e import percentile, run as run_e2e  # noqa: E402
-from tests.harness import Stack  # noqa: E402
+from bench.e2e import percentile
+from bench.e2e import run as run_e2e
+from tests.harness import Stack
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

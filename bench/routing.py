@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.messages import parse_publish  # noqa: E402
-from tests.harness import Stack, wait_until  # noqa: E402
+from pipeline.core.messages import parse_publish
+from tests.harness import Stack, wait_until
 
 
 def received(web) -> int:

@@ -30,12 +30,13 @@ from pathlib import Path
 # In place of bench/ itself: bench/pipeline.py would hide the `pipeline` package.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pipeline import embedded, rules  # noqa: E402
-from pipeline.messages import Envelope, new_id  # noqa: E402
-from pipeline.processing import Processor  # noqa: E402
-from pipeline.rules_store import RulesStore  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.store import Store, connect  # noqa: E402
+from devtools import embedded
+from pipeline import rules
+from pipeline.core.messages import Envelope, new_id
+from pipeline.core.settings import Settings
+from pipeline.rules.repository import RulesStore
+from pipeline.store import Store, connect
+from tasks.processor import Processor
 
 CHANNELS = 50
 

@@ -1,6 +1,6 @@
 """Dead letters: the `<topic>.dlq` Kafka topic, plus a Redis index for listing and replay.
 
-A letter is named by its message's global id (pipeline/ids.py: a minted ULID,
+A letter is named by its message's global id (pipeline/core/ids.py: a minted ULID,
 or `<scope>.<id>`), a record that could not be decoded by `raw-<p>-<o>`: no
 message id takes that form, so a client cannot overwrite or pre-empt the
 bridge's letter by choosing one (issue 19).
@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 
-from pipeline.errors import HeraldError
-from pipeline.ids import client_id
-from pipeline.messages import Envelope, encode, now_ms
-from pipeline.metrics import DEAD_LETTERS
+from pipeline.core.errors import HeraldError
+from pipeline.core.ids import client_id
+from pipeline.core.messages import Envelope, encode, now_ms
+from pipeline.core.metrics import DEAD_LETTERS
 
 log = logging.getLogger("herald.dlq")
 

@@ -3,7 +3,7 @@
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
 an answer means Kafka acknowledged the record (SPEC: never 202 otherwise).
 An id the client chose is scoped to its sender here, before anything is
-claimed or written (pipeline/ids.py, README: "Message ids").
+claimed or written (pipeline/core/ids.py, README: "Message ids").
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ from dataclasses import replace
 
 import redis
 
-from pipeline.errors import HeraldError, KafkaUnavailable, TransientError, ValidationError
-from pipeline.ids import MAX_CLIENT_ID, client_id, scoped
-from pipeline.messages import Envelope, encode, new_id
-from pipeline.metrics import PUBLISHES
+from pipeline.core.errors import (
+    HeraldError,
+    KafkaUnavailable,
+    TransientError,
+    ValidationError,
+)
+from pipeline.core.ids import MAX_CLIENT_ID, client_id, scoped
+from pipeline.core.messages import Envelope, encode, new_id
+from pipeline.core.metrics import PUBLISHES
 
 log = logging.getLogger("herald.ingest")
 
@@ -29,7 +34,7 @@ class IdempotencyConflict(TransientError):
 
 
 class IdTooLong(ValidationError):
-    """A client's id leaves no room for its sender's scope (pipeline/ids.py)."""
+    """A client's id leaves no room for its sender's scope (pipeline/core/ids.py)."""
 
     def __init__(self):
         super().__init__(f"A message id a client chooses is at most {MAX_CLIENT_ID} characters",

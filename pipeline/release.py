@@ -6,10 +6,9 @@ from __future__ import annotations
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import topics
 from pipeline.archive import Archive, ArchiveReader
-from pipeline.errors import TransientError
-from pipeline.kafka import open_admin
+from pipeline.core.errors import TransientError
+from pipeline.kafka import open_admin, topics
 
 
 def release(settings, timeout: float = 30.0) -> list[str]:
@@ -34,7 +33,7 @@ def release(settings, timeout: float = 30.0) -> list[str]:
 def _bloom_ready(settings, archive) -> str:
     # Without a built filter every miss reads the archive (correct, slower):
     # a cache Redis that does not answer now does not fail the deploy.
-    from pipeline.cache import bloom_filter
+    from pipeline.archive.cache import bloom_filter
 
     try:
         bloom = bloom_filter(settings)

@@ -28,7 +28,7 @@ RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
 
 def main(argv: list[str]) -> int:
     """Run the worker until it is told to stop; returns its exit code."""
-    from pipeline.settings import multiprocess_metrics_dir
+    from pipeline.core.settings import multiprocess_metrics_dir
 
     own_metrics_dir = multiprocess_metrics_dir()
     try:
@@ -39,9 +39,9 @@ def main(argv: list[str]) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from pipeline.errors import StartupError
-    from pipeline.metrics import serve
-    from pipeline.settings import load_or_exit
+    from pipeline.core.errors import StartupError
+    from pipeline.core.metrics import serve
+    from pipeline.core.settings import load_or_exit
     from pipeline.store import check_at_start
 
     settings = load_or_exit()

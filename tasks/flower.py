@@ -33,7 +33,7 @@ def check(environ, dev: bool) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str]) -> int:
     """Check the environment, then become `celery -A tasks:celery_app flower` (returns only to refuse: 1)."""
-    from pipeline.settings import load_or_exit
+    from pipeline.core.settings import load_or_exit
 
     problem, extra = check(os.environ, load_or_exit().dev)
     if problem:

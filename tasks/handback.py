@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from pipeline.keys import Keys
+from pipeline.store.keys import Keys
 
 log = logging.getLogger("herald.handback")
 

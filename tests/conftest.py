@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from pipeline import embedded
+from devtools import embedded
 from tests.harness import running_stack
 
 

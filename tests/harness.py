@@ -25,8 +25,8 @@ from pathlib import Path
 
 import websocket
 
-from pipeline import embedded
-from pipeline.settings import Settings
+from devtools import embedded
+from pipeline.core.settings import Settings
 from web.auth import mint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ class Proc:
         self.proc: subprocess.Popen | None = None
         self._offset = 0
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         """Start the process (its log is appended to)."""
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as out:
@@ -290,7 +290,7 @@ class Stack:
             proc.wait_for_log("partitions assigned", 60)
         return proc
 
-    def web(self, name: str = "web", **env) -> "Web":
+    def web(self, name: str = "web", **env) -> Web:
         """Start a web process (gunicorn, gevent) on a free port and wait until it is ready."""
         port = int(env.pop("PORT", 0)) or embedded.free_port()
         proc = self._proc(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
@@ -413,7 +413,7 @@ class Web:
         self.proc.start()
         wait_until(self.ready, 60, 0.1, f"{self.proc.name} to be ready again")
 
-    def ws(self, token: str | None = None, **kwargs) -> "WsClient":
+    def ws(self, token: str | None = None, **kwargs) -> WsClient:
         """A connected WebSocket client (token on the URL, or none)."""
         url = f"ws://127.0.0.1:{self.port}/ws" + (f"?token={token}" if token else "")
         return WsClient(url, **kwargs)

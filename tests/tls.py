@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pipeline import embedded
+from devtools import embedded
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,9 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from pipeline.messages import new_id
-from pipeline.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from pipeline.settings import current, loopback
+from pipeline.core.messages import new_id
+from pipeline.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from pipeline.core.settings import current, loopback
 from web.openapi import MessageIdConverter
 from web.problems import problem
 from web.services import Services

@@ -8,17 +8,34 @@ import redis
 from flask import Blueprint, current_app, g, request
 
 from pipeline.archive import ArchiveUnavailable
+from pipeline.core.errors import HeraldError, KafkaUnavailable, ValidationError
+from pipeline.core.ids import candidates
+from pipeline.core.messages import Envelope, Publish, parse_publish
 from pipeline.dlq import NotReplayable
-from pipeline.errors import HeraldError, KafkaUnavailable, ValidationError
-from pipeline.ids import candidates
 from pipeline.ingest import IdempotencyConflict, accepted_fields
-from pipeline.messages import Envelope, Publish, parse_publish
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import from_validation, problem, problem_body
-from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
-                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, MessageQuery, Presence, PresenceQuery,
-                         PublishHeaders, RuleSet, RulesDecision, RulesTest)
+from web.schemas import (
+    Accepted,
+    Batch,
+    BatchResults,
+    ChannelPath,
+    DeadLetterPage,
+    DeadLetterPath,
+    DeadLetterQuery,
+    HistoryPage,
+    HistoryQuery,
+    Message,
+    MessagePath,
+    MessageQuery,
+    Presence,
+    PresenceQuery,
+    PublishHeaders,
+    RulesDecision,
+    RuleSet,
+    RulesTest,
+)
 
 log = logging.getLogger("herald.web")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -276,8 +293,8 @@ RULE_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "applicatio
 
 
 def rules_store():
-    """The stored rule set (pipeline/rules_store.py)."""
-    from pipeline.rules_store import RulesStore
+    """The stored rule set (pipeline/rules/repository.py)."""
+    from pipeline.rules.repository import RulesStore
 
     return RulesStore(services().store, services().settings)
 
@@ -309,7 +326,7 @@ def rules_body() -> tuple[bytes, str]:
     return read_body(services().settings.max_batch_bytes), request.mimetype
 
 
-# A rule set as a document (YAML or JSON); pipeline/rules.py checks what is in each rule.
+# A rule set as a document (YAML or JSON); pipeline/rules/__init__.py checks what is in each rule.
 RULE_SET_INPUT = {"type": "object", "description": "`rules: [...]` or one `rule: {...}` (README: Rules); "
                                                    "`{}` is the empty set",
                   "maxProperties": 1, "additionalProperties": False,
@@ -349,7 +366,7 @@ def rules_get(identity: Identity):
 def rules_test(identity: Identity, body: RulesTest):
     """Evaluate a message against a rule set (the body's `rules`, else the stored set), without side effects."""
     from pipeline import rules
-    from pipeline.rules_store import dry_run
+    from pipeline.rules.repository import dry_run
 
     zone = services().settings.rules_timezone
     if body.rules is not None:

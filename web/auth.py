@@ -8,7 +8,7 @@ import time
 
 import jwt
 
-from pipeline.messages import channel_allowed
+from pipeline.core.messages import channel_allowed
 
 LEEWAY_SECONDS = 10
 

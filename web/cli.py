@@ -14,12 +14,11 @@ from urllib.parse import urlsplit
 import click
 from flask import current_app
 
-from pipeline import embedded
+from pipeline.core.messages import parse_publish
+from pipeline.core.settings import Settings, load_or_exit
 from pipeline.kafka import kafka_reachable
-from pipeline.keys import split_routed
-from pipeline.messages import parse_publish
-from pipeline.pubsub import open_link
-from pipeline.settings import Settings, load_or_exit
+from pipeline.store.keys import split_routed
+from pipeline.store.pubsub import open_link
 from web.auth import mint
 
 
@@ -45,7 +44,7 @@ def token_command(user, publish, subscribe, admin, ttl):
 @click.option("--id", "msg_id", default=None, help="idempotency id")
 def publish_command(channel, data, mtype, msg_id):
     """Publish DATA (JSON, or plain text) to CHANNEL through Kafka."""
-    from pipeline.errors import HeraldError
+    from pipeline.core.errors import HeraldError
 
     try:
         value = json.loads(data)
@@ -108,8 +107,8 @@ def dlq_list_command(limit):
 @click.option("--all", "replay_all", is_flag=True, help="replay every dead letter that can be replayed")
 def dlq_replay_command(letter_id, replay_all):
     """Send dead letter LETTER_ID (or --all) back through the pipeline."""
+    from pipeline.core.errors import HeraldError
     from pipeline.dlq import NotReplayable
-    from pipeline.errors import HeraldError
 
     if bool(letter_id) == replay_all:
         raise click.UsageError("give one dead letter id, or --all")
@@ -157,7 +156,7 @@ def _read_rules_file(path: str):
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def rules_load_command(path):
     """Replace the rule set with the one in PATH (YAML, or JSON for *.json)."""
-    from pipeline.rules_store import RulesStore
+    from pipeline.rules.repository import RulesStore
 
     doc = _read_rules_file(path).doc
     services = current_app.extensions["herald"]
@@ -168,7 +167,7 @@ def rules_load_command(path):
 @rules_group.command("show")
 def rules_show_command():
     """Print the rule set in force and its version, as JSON."""
-    from pipeline.rules_store import RulesStore
+    from pipeline.rules.repository import RulesStore
 
     services = current_app.extensions["herald"]
     version, doc = RulesStore(services.store, services.settings).get()
@@ -180,8 +179,8 @@ def rules_show_command():
 @click.argument("message")
 def rules_test_command(path, message):
     """What the rule set in PATH decides for MESSAGE (JSON: channel, data, type, sender), with no side effects."""
-    from pipeline.errors import ValidationError
-    from pipeline.rules_store import dry_run
+    from pipeline.core.errors import ValidationError
+    from pipeline.rules.repository import dry_run
 
     rule_set = _read_rules_file(path)
     try:
@@ -206,7 +205,7 @@ def release_command():
 
 
 def _release_or_exit(settings) -> None:
-    from pipeline.errors import HeraldError
+    from pipeline.core.errors import HeraldError
     from pipeline.release import release
 
     try:
@@ -229,7 +228,7 @@ def rebuild_bloom_command():
     from sqlalchemy.exc import SQLAlchemyError
 
     from pipeline.archive import Archive, ArchiveReader
-    from pipeline.cache import bloom_filter
+    from pipeline.archive.cache import bloom_filter
 
     settings = _settings()
     try:
@@ -245,7 +244,7 @@ def prune_command():
     import time
 
     from pipeline.archive import Archive, ArchiveReader
-    from pipeline.errors import HeraldError
+    from pipeline.core.errors import HeraldError
 
     settings = _settings()
     if not settings.archive_max_age:
@@ -262,6 +261,9 @@ def prune_command():
 @click.option("--no-flower", is_flag=True, help="skip the Flower process")
 def dev_command(no_flower):
     """Run web, bridge, worker and flower, with embedded Redis and Kafka when none answers."""
+    # Development tooling, kept off the runtime import path (not in the package).
+    from devtools import embedded
+
     env = dev_environment(os.environ, Path(".env"))
     # The demo page's token (GET /dev/token) and an open Flower on localhost.
     env.setdefault("HERALD_DEV", "1")

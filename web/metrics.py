@@ -20,7 +20,7 @@ import gevent
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client.core import GaugeMetricFamily
 
-from pipeline.green import run_blocking
+from pipeline.core.green import run_blocking
 from pipeline.kafka import client_config
 from web.probe import CachedProbe
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, current_app, request
 from pydantic import BaseModel
@@ -21,8 +22,8 @@ from pydantic import ValidationError as PydanticError
 from pydantic.json_schema import models_json_schema
 from werkzeug.routing import BaseConverter
 
-from pipeline.errors import ValidationError
-from pipeline.messages import MAX_DATA_DEPTH, field_errors, loads
+from pipeline.core.errors import ValidationError
+from pipeline.core.messages import MAX_DATA_DEPTH, field_errors, loads
 
 REF = "#/components/schemas/{model}"
 PROBLEM_MEDIA = "application/problem+json"

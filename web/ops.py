@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.metrics import scrape_allowed, scrape_registry
+from pipeline.core.metrics import scrape_allowed, scrape_registry
 from web.api import contract
 from web.openapi import Answer
 from web.problems import problem

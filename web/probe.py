@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
-from pipeline.metrics import PROBES
+from pipeline.core.metrics import PROBES
 
 T = TypeVar("T")
 

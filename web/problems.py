@@ -6,7 +6,7 @@ import json
 
 from flask import Response
 
-from pipeline.errors import ValidationError
+from pipeline.core.errors import ValidationError
 
 TITLES = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",

@@ -29,7 +29,7 @@ from flask_limiter import Limit, Limiter, RateLimitExceeded
 from limits import parse_many
 from limits.storage import RedisStorage, Storage
 
-from pipeline.settings import RATE_LIMIT_GROUPS
+from pipeline.core.settings import RATE_LIMIT_GROUPS
 from web.auth import AuthError
 from web.problems import problem
 
@@ -78,7 +78,7 @@ class SharedRedisStorage(RedisStorage):
 
     STORAGE_SCHEME = [STORAGE_SCHEME]
 
-    def __init__(self, uri: str, *, client, key_prefix: str, **_options):  # noqa: D107 (limits' signature)
+    def __init__(self, uri: str, *, client, key_prefix: str, **_options):
         Storage.__init__(self, uri)
         self.key_prefix = key_prefix
         self.target_server = "redis"

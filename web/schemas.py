@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pipeline.ids import MAX_CLIENT_ID
-from pipeline.messages import ChannelName, MessageId, Publish, no_null_default
+from pipeline.core.ids import MAX_CLIENT_ID
+from pipeline.core.messages import ChannelName, MessageId, Publish, no_null_default
 from web.hub.presence import parse_cursor
 
 # A Redis stream id, as history offsets are: 'ms-seq' or 'ms'. Nineteen digits

@@ -12,9 +12,10 @@ import threading
 
 import redis
 
-# Imported here, not at first use: its metrics are on /metrics from the start.
-from pipeline import cache as read_path
 from pipeline.archive import Archive, ArchiveReader
+
+# Imported here, not at first use: its metrics are on /metrics from the start.
+from pipeline.archive import cache as read_path
 from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
 from pipeline.kafka import Publisher
@@ -53,7 +54,7 @@ class Services:
         return read_path.MessageCache(self.settings, client, bloom, self.archive)
 
     def history(self, channel: str, since: str | None, limit: int) -> dict:
-        """A channel's history after `since`, from Redis and then the archive (pipeline.cache.history)."""
+        """A channel's history after `since`, from Redis and then the archive (pipeline.archive.cache.history)."""
         return read_path.history(self.store, self.archive, channel, since, limit)
 
     @functools.cached_property
@@ -81,7 +82,7 @@ class Services:
         if not (self.settings.metrics_token or self.settings.metrics_public or self.settings.dev):
             log.warning("HERALD_METRICS_TOKEN is not set: /metrics refuses every scrape (README: Metrics)")
         if self.settings.rules_file:
-            from pipeline.rules_store import RulesStore
+            from pipeline.rules.repository import RulesStore
 
             # A bad file stops the process (RulesError): better than running without the policy.
             RulesStore(self.store, self.settings).load_file()

@@ -22,7 +22,7 @@ import itertools
 import json
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import websocket
 
@@ -67,7 +67,7 @@ class HeraldClient:
         self._pending: list[dict] = []
         self._sock = None
 
-    def __enter__(self) -> "HeraldClient":
+    def __enter__(self) -> HeraldClient:
         self.connect()
         return self
 

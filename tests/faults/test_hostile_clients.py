@@ -22,10 +22,10 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection
 
-from pipeline.messages import Envelope, new_id, parse_publish
+from pipeline.core.messages import Envelope, new_id, parse_publish
 from pipeline.store import message_frame_head
-from tests.harness import close_code, wait_until
 from tests.faults.load import inversions
+from tests.harness import close_code, wait_until
 
 MB = 1024 * 1024
 CONNECT_TIMEOUT = 10.0  # web/hub/protocol.py, README: "WebSocket limits"
@@ -134,7 +134,7 @@ def test_a_slow_reader_sending_pongs_is_closed_4008_and_the_others_get_every_mes
             started = time.monotonic()
             try:
                 data = slow.sock.recv(10 * 1024)
-            except socket.timeout:
+            except TimeoutError:
                 data = None
             if data == b"":
                 slow_closed.append(-1)

@@ -8,7 +8,13 @@ import time
 import uuid
 
 from tests.faults.conftest import start_collector
-from tests.faults.load import Publisher, assert_exactly_once, history_of, report, wait_for_delivery
+from tests.faults.load import (
+    Publisher,
+    assert_exactly_once,
+    history_of,
+    report,
+    wait_for_delivery,
+)
 from tests.harness import read_topic
 
 

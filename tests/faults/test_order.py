@@ -14,10 +14,18 @@ import time
 
 from confluent_kafka import Producer
 
-from pipeline.messages import Envelope, encode, now_ms
+from pipeline.core.messages import Envelope, encode, now_ms
 from tests.faults.conftest import start_collector
-from tests.faults.load import (Publisher, assert_exactly_once, forced_passes, history_of, inversions, report,
-                               settled_in_flight, wait_for_delivery)
+from tests.faults.load import (
+    Publisher,
+    assert_exactly_once,
+    forced_passes,
+    history_of,
+    inversions,
+    report,
+    settled_in_flight,
+    wait_for_delivery,
+)
 from tests.harness import read_topic
 
 

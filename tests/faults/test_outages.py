@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 from tests.faults.conftest import start_collector
-from tests.faults.load import Publisher, assert_exactly_once, history_of, report, wait_for_delivery
+from tests.faults.load import (
+    Publisher,
+    assert_exactly_once,
+    history_of,
+    report,
+    wait_for_delivery,
+)
 from tests.harness import close_code, wait_until
 
 

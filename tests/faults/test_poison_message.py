@@ -14,11 +14,17 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import Producer
 
-from pipeline.ids import client_id
-from pipeline.messages import MAX_DATA_DEPTH
+from pipeline.core.ids import client_id
+from pipeline.core.messages import MAX_DATA_DEPTH
 from tests.faults.conftest import start_collector
-from tests.faults.load import (assert_exactly_once, forced_passes, history_of, report, settled_in_flight,
-                               wait_for_delivery)
+from tests.faults.load import (
+    assert_exactly_once,
+    forced_passes,
+    history_of,
+    report,
+    settled_in_flight,
+    wait_for_delivery,
+)
 from tests.harness import ROOT, wait_until
 
 POISON = Path(__file__).with_name("poison")

@@ -12,10 +12,16 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import embedded
+from devtools import embedded
 from tests.faults.conftest import start_collector
-from tests.faults.load import (Publisher, assert_exactly_once, history_of, report, settled_in_flight,
-                               wait_for_delivery)
+from tests.faults.load import (
+    Publisher,
+    assert_exactly_once,
+    history_of,
+    report,
+    settled_in_flight,
+    wait_for_delivery,
+)
 from tests.harness import wait_until
 
 # The README's example (Rules), without its night window so the test holds at any hour,

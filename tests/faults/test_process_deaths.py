@@ -9,10 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.messages import Envelope
+from pipeline.core.messages import Envelope
 from tests.faults.conftest import start_collector
-from tests.faults.load import (Publisher, assert_exactly_once, forced_passes, history_of, report,
-                               settled_in_flight, wait_for_delivery)
+from tests.faults.load import (
+    Publisher,
+    assert_exactly_once,
+    forced_passes,
+    history_of,
+    report,
+    settled_in_flight,
+    wait_for_delivery,
+)
 from tests.harness import ROOT, wait_until
 
 STALL = Path(__file__).with_name("stall")

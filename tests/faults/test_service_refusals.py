@@ -9,8 +9,14 @@ import time
 import uuid
 
 from tests.faults.conftest import start_collector
-from tests.faults.load import (assert_exactly_once, forced_passes, history_of, report, settled_in_flight,
-                               wait_for_delivery)
+from tests.faults.load import (
+    assert_exactly_once,
+    forced_passes,
+    history_of,
+    report,
+    settled_in_flight,
+    wait_for_delivery,
+)
 from tests.faults.test_poison_message import NEVER_FORCED, _published
 from tests.harness import wait_until
 

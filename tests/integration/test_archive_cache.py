@@ -12,19 +12,35 @@ import uuid
 
 import pytest
 import redis
-from sqlalchemy import (BigInteger, Column, Integer, MetaData, String, Table, Text, create_engine, inspect,
-                        text)
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import make_url
 
-from pipeline import cache as cache_module
-from pipeline import embedded
+from devtools import embedded
 from pipeline.archive import Archive, ArchiveReader, ArchiveUnavailable, messages
-from pipeline.bloom import Bloom, sizing
-from pipeline.cache import ARCHIVE_QUERIES, CACHE_REQUESTS, SINGLEFLIGHT_WAITS, MessageCache, bloom_filter
-from pipeline.keys import Keys
-from pipeline.messages import Envelope
-from pipeline.migrations import current, upgrade
-from pipeline.settings import Settings
+from pipeline.archive import cache as cache_module
+from pipeline.archive.bloom import Bloom, sizing
+from pipeline.archive.cache import (
+    ARCHIVE_QUERIES,
+    CACHE_REQUESTS,
+    SINGLEFLIGHT_WAITS,
+    MessageCache,
+    bloom_filter,
+)
+from pipeline.archive.migrations import current, upgrade
+from pipeline.core.messages import Envelope
+from pipeline.core.settings import Settings
+from pipeline.store.keys import Keys
 from tests.harness import wait_until
 
 # A PostgreSQL where the tests may create databases (.ci/run sets one up where none answers).

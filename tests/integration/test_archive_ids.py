@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from pipeline.archive import Archive, ArchiveReader
-from pipeline.ids import scoped
-from pipeline.messages import Envelope
+from pipeline.core.ids import scoped
+from pipeline.core.messages import Envelope
 from tests.integration.test_archive_cache import database_url  # noqa: F401 (the fixture, both databases)
 
 

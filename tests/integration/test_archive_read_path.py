@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from pipeline.archive import Archive, ArchiveReader
-from pipeline.keys import Keys
+from pipeline.store.keys import Keys
 from tests.harness import wait_until
 
 

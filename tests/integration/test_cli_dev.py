@@ -16,7 +16,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from pipeline import embedded
+from devtools import embedded
 from tests.harness import ROOT, wait_until
 
 DOTENV_KEY = "the-key-written-to-dotenv-by-make-dev-0123456789"

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from herald_client import HeraldClient, HeraldError, RequestError, ServerClosed
 
 from tests.harness import wait_until

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from pipeline import embedded
+from devtools import embedded
 from tests.harness import ROOT, start_environment, wait_until
 
 FLOWER = [sys.executable, "-m", "tasks.flower"]
@@ -44,7 +44,7 @@ class Flower:
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
 
-    def __enter__(self) -> "Flower":
+    def __enter__(self) -> Flower:
         def listening():
             if self.proc.poll() is not None:
                 raise AssertionError(f"flower exited with {self.proc.returncode}: {self.proc.stdout.read()}")

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 from tests.harness import SECRET, start_environment
 
 
@@ -18,7 +18,7 @@ from tests.harness import SECRET, start_environment
 def workers(spare_redis_url, monkeypatch):
     """Two Handbacks on one Redis broker, as two workers have; closed after."""
     monkeypatch.setenv("HERALD_SECRET_KEY", SECRET)  # `tasks` reads this process's settings on import
-    from tasks import make_celery
+    from pipeline.taskqueue import make_celery
     from tasks.handback import Handback
 
     settings = Settings.from_env(start_environment(REDIS_URL=spare_redis_url, HERALD_WORKER_LAPSE="1",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.messages import parse_publish
+from pipeline.core.messages import parse_publish
 
 BIG = 60_000  # bytes of padding: 1 MiB (HERALD_HISTORY_PAGE_BYTES) holds 17 such messages
 

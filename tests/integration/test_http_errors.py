@@ -72,7 +72,7 @@ def test_a_body_under_the_limit_that_encodes_past_it_is_413(stack, web, token, c
     assert_problem(web.request("POST", "/api/v1/messages", raw=raw, token=token), 413)
     client = web.ws(token)
     client.recv()
-    client.sock.send(('{"op":"publish","ref":"big","channel":"%s","data":[%s]}' % (channel, numbers)))
+    client.sock.send('{"op":"publish","ref":"big","channel":"%s","data":[%s]}' % (channel, numbers))
     error = client.expect(lambda f: f["op"] == "error")
     assert error["ref"] == "big" and error["code"] == "payload_too_large", error
     client.close()

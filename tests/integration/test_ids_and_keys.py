@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from pipeline.ids import scoped
-from pipeline.messages import Envelope, now_ms
+from pipeline.core.ids import scoped
+from pipeline.core.messages import Envelope, now_ms
 from tests.harness import topic_size, wait_until
 
 APPLY = 1.5  # seconds: every worker applies a new rule set version within 1 s

@@ -11,10 +11,10 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from pipeline import embedded
+from devtools import embedded
+from pipeline.core.settings import Settings
 from pipeline.kafka import Publisher, client_config
 from pipeline.release import release
-from pipeline.settings import Settings
 from tests.harness import ROOT, SECRET
 from tests.tls import make_pki, tls_kafka
 

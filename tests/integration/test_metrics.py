@@ -14,8 +14,16 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import embedded
-from tests.harness import AMQP_URL, ROOT, Stack, refused_start, start_environment, topic_size, wait_until
+from devtools import embedded
+from tests.harness import (
+    AMQP_URL,
+    ROOT,
+    Stack,
+    refused_start,
+    start_environment,
+    topic_size,
+    wait_until,
+)
 
 TOKEN = "metrics-scrape-token"
 MESSAGES = 20
@@ -260,7 +268,7 @@ SILENT_SCRAPE = """
 import json, sys
 from gevent import monkey
 monkey.patch_all()  # as gunicorn's gevent workers run it
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 from web.metrics import ClusterCollector
 from web.services import Services
 
@@ -319,7 +327,7 @@ import json, sys
 from gevent import monkey
 monkey.patch_all()  # as gunicorn's gevent workers run it
 import kombu
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 from web.metrics import ClusterCollector
 from web.services import Services
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import embedded
+from devtools import embedded
 from tests.harness import refused_start, start_environment
 
 TOKEN = "ops-guards-metrics-token"

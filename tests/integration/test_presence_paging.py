@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 from pipeline.store import Store, connect
 from tests.harness import SECRET, redis_cluster
 from web.hub.presence import PAGE, Presence, parse_cursor

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import embedded
-from pipeline.errors import StartupError
-from pipeline.settings import Settings
+from devtools import embedded
+from pipeline.core.errors import StartupError
+from pipeline.core.settings import Settings
 from pipeline.store import check_at_start
-from tests.harness import PROCESSES, Stack, redis_server, refused_start, start_environment
+from tests.harness import (
+    PROCESSES,
+    Stack,
+    redis_server,
+    refused_start,
+    start_environment,
+)
 
 LRU = ("--maxmemory-policy", "allkeys-lru")
 

@@ -9,11 +9,20 @@ import urllib.request
 
 import pytest
 
-from pipeline import embedded
-from pipeline.settings import Settings
+from devtools import embedded
+from pipeline.core.settings import Settings
 from pipeline.store import check_at_start
-from tests.harness import (PROCESSES, ROOT, SECRET, Stack, redis_server, refused_start, start_environment,
-                           tls_certificates, wait_until)
+from tests.harness import (
+    PROCESSES,
+    ROOT,
+    SECRET,
+    Stack,
+    redis_server,
+    refused_start,
+    start_environment,
+    tls_certificates,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +120,7 @@ def test_the_celery_broker_connection_verifies_the_certificate(tls_redis, certs,
     # kombu alone would fall back to no verification for a rediss:// URL
     # given no TLS options (it only warns).
     monkeypatch.setenv("HERALD_SECRET_KEY", SECRET)  # `tasks` reads this process's settings on import
-    from tasks import make_celery
+    from pipeline.taskqueue import make_celery
 
     def broker(ca):
         app = make_celery(Settings.from_env(start_environment(REDIS_URL=tls_redis, REDIS_TLS_CA=ca.read_text())))

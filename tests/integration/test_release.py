@@ -12,7 +12,7 @@ import uuid
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline import embedded
+from devtools import embedded
 from tests.harness import ROOT, SECRET
 
 

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from pipeline.messages import parse_publish
+from pipeline.core.messages import parse_publish
 from tests.harness import wait_until
 
 

@@ -12,11 +12,11 @@ import redis
 from prometheus_client import REGISTRY
 
 from pipeline import rules
-from pipeline.messages import Envelope
-from pipeline.processing import Processor, RetryLater
-from pipeline.rules_store import VERSION_CHECK, RulesStore, RulesUnavailable
-from pipeline.settings import Settings
+from pipeline.core.messages import Envelope
+from pipeline.core.settings import Settings
+from pipeline.rules.repository import VERSION_CHECK, RulesStore, RulesUnavailable
 from pipeline.store import Store, connect
+from tasks.processor import Processor, RetryLater
 from tests.harness import redis_cluster
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 
-from pipeline.messages import Envelope, now_ms
-from pipeline.store import RATE_WINDOW_CAP
-from pipeline.settings import Settings
-from pipeline.store import Store, connect
+from pipeline.core.messages import Envelope, now_ms
+from pipeline.core.settings import Settings
+from pipeline.store import RATE_WINDOW_CAP, Store, connect
 
 
 def _store(url: str) -> Store:

@@ -576,8 +576,8 @@ def test_a_long_resume_is_replayed_in_pages_each_message_once_in_order(stack, ch
 
     import redis
 
-    from pipeline.messages import parse_publish
-    from pipeline.settings import Settings
+    from pipeline.core.messages import parse_publish
+    from pipeline.core.settings import Settings
     from pipeline.store import Store, connect
 
     web = stack.web("replay-pages", HERALD_HISTORY_MAXLEN=5000, HERALD_WS_REPLAY_PAGE=100)

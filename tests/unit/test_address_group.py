@@ -6,7 +6,7 @@ import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from pipeline.settings import loopback
+from pipeline.core.settings import loopback
 from web import from_this_machine
 from web.ratelimit import address_group
 

@@ -4,7 +4,7 @@ pure logic, with a fake consumer and store."""
 from __future__ import annotations
 
 from pipeline.bridge import OffsetGaps, pack_tasks
-from pipeline.processing import recheck_delay
+from tasks.processor import recheck_delay
 
 
 def test_a_poll_of_several_partitions_is_one_task_in_each_partitions_order():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-import pipeline.metrics  # noqa: F401  (registers the metrics)
-import pipeline.processing  # noqa: F401
+import pipeline.core.metrics  # noqa: F401  (registers the metrics)
+import tasks.processor  # noqa: F401
 from web import metrics as cluster
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-herald.json"

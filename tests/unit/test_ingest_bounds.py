@@ -6,9 +6,18 @@ from __future__ import annotations
 import flask
 import pytest
 
-from pipeline.errors import PermanentError, ValidationError
-from pipeline.messages import MAX_DATA_DEPTH, MAX_INT, MIN_INT, Envelope, data_problem, decode, encode, parse_publish
-from pipeline.processing import REASON_CHARS, failure_reason
+from pipeline.core.errors import PermanentError, ValidationError
+from pipeline.core.messages import (
+    MAX_DATA_DEPTH,
+    MAX_INT,
+    MIN_INT,
+    Envelope,
+    data_problem,
+    decode,
+    encode,
+    parse_publish,
+)
+from tasks.processor import REASON_CHARS, failure_reason
 from web.openapi import read_json
 
 

@@ -12,7 +12,7 @@ import sqlalchemy.exc
 from celery.exceptions import Retry
 from kombu.exceptions import OperationalError
 
-from pipeline.messages import Envelope
+from pipeline.core.messages import Envelope
 from tests.harness import SECRET
 
 
@@ -41,9 +41,9 @@ class FakeTask:
 
 @pytest.fixture
 def task_module(monkeypatch):
-    """`tasks`, its processor and broker replaced; returns (module, fake processor, sent batches)."""
-    monkeypatch.setenv("HERALD_SECRET_KEY", SECRET)  # `tasks` reads this process's settings on import
-    import tasks
+    """`tasks.worker`, its processor and broker replaced; returns (module, fake processor, sent batches)."""
+    monkeypatch.setenv("HERALD_SECRET_KEY", SECRET)  # `tasks.worker` reads this process's settings on import
+    from tasks import worker as tasks
 
     fake, sent = FakeProcessor(), []
     monkeypatch.setattr(tasks, "_processor", fake)
@@ -135,7 +135,7 @@ def test_after_the_last_retry_the_rest_of_the_batch_goes_on_behind_the_dead_lett
 
 
 def test_a_message_that_only_passes_its_gate_is_never_dead_lettered_again():
-    from pipeline.processing import Processor
+    from tasks.processor import Processor
 
     class Letters:
         def __init__(self):
@@ -163,7 +163,7 @@ def test_a_message_that_only_passes_its_gate_is_never_dead_lettered_again():
     sqlalchemy.exc.InterfaceError("SELECT 1", {}, Exception("connection already closed")),
 ])
 def test_a_service_that_fails_whatever_its_error_is_retried_and_no_message_is_dead_lettered_for_it(failure):
-    from pipeline.processing import Processor, RetryLater
+    from tasks.processor import Processor, RetryLater
 
     class Store:
         def mark_processing(self, envelopes):
@@ -184,7 +184,7 @@ def test_a_service_that_fails_whatever_its_error_is_retried_and_no_message_is_de
                                      sqlalchemy.exc.InterfaceError("INSERT", {}, Exception("closed"))])
 def test_the_archive_reports_any_database_failure_as_transient(failure, monkeypatch):
     from pipeline.archive import Archive
-    from pipeline.errors import TransientError
+    from pipeline.core.errors import TransientError
 
     archive = Archive("sqlite://", None)
 
@@ -200,7 +200,7 @@ def test_the_archive_reports_any_database_failure_as_transient(failure, monkeypa
 
 
 def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered(task_module):
-    from pipeline.processing import PassedGate, Processor
+    from tasks.processor import PassedGate, Processor
 
     class Store:
         def mark_processing(self, envelopes):

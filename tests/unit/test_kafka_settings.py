@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
+from pipeline.core.settings import Settings
 from pipeline.kafka import client_config
-from pipeline.settings import Settings
 from tests.tls import make_pki
 
 BASE = {"HERALD_AUTH": "off", "HERALD_DEV": "1"}

@@ -3,9 +3,9 @@ marker or another sender's message (README: "Redis keys", "Message ids")."""
 
 from __future__ import annotations
 
-from pipeline.ids import MAX_CLIENT_ID, candidates, client_id, scoped
-from pipeline.keys import Keys
-from pipeline.messages import ID_RE, new_id
+from pipeline.core.ids import MAX_CLIENT_ID, candidates, client_id, scoped
+from pipeline.core.messages import ID_RE, new_id
+from pipeline.store.keys import Keys
 
 
 def test_no_user_named_key_is_one_of_heralds_own():

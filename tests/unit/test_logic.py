@@ -8,9 +8,9 @@ import jwt
 import pytest
 
 from pipeline.bridge import ChannelOrder, group_batches
-from pipeline.processing import backoff_delay
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 from pipeline.store import stream_id_key
+from tasks.processor import backoff_delay
 from web.auth import LEEWAY_SECONDS, AuthError, mint, verify
 
 SETTINGS = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32})
@@ -133,7 +133,7 @@ def test_stream_offsets_are_validated_as_redis_writes_them(value, valid):
 
 
 def _processor(deliver):
-    from pipeline.processing import Processor
+    from tasks.processor import Processor
 
     class Store:
         def mark_processing(self, envelopes):
@@ -154,8 +154,8 @@ def _processor(deliver):
 def test_a_transient_failure_while_records_wait_retries_every_waiting_record_in_batch_order():
     import redis
 
-    from pipeline.messages import Envelope
-    from pipeline.processing import RetryLater
+    from pipeline.core.messages import Envelope
+    from tasks.processor import RetryLater
 
     first = Envelope("a1", "a", "message", 1, "s", 0, partition=0, offset=5, prev=4)
     second = Envelope("b1", "b", "message", 2, "s", 0, partition=0, offset=6, prev=3)
@@ -180,7 +180,7 @@ def test_records_waiting_for_their_predecessors_are_tried_again_together():
     # Two workers on consecutive batches of one partition: the later batch's
     # records wait for the earlier one's. One round trip per try for all of
     # them, not a wait of its own for each channel.
-    from pipeline.messages import Envelope
+    from pipeline.core.messages import Envelope
 
     batch = [Envelope(f"m{n}", f"c{n % 20}", "message", n, "s", 0, partition=0, offset=100 + n, prev=n)
              for n in range(100)]
@@ -201,7 +201,7 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_
     # The scan reads the whole index: once per newly assigned partition, it
     # was a third of the bridge's CPU while a backlog drained.
     from pipeline.bridge import Bridge
-    from pipeline.messages import Envelope, encode
+    from pipeline.core.messages import Envelope, encode
 
     scans, sent, tracked = [], [], []
 
@@ -263,7 +263,7 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_
 def test_a_batch_is_one_log_line_naming_its_messages(caplog):
     import logging
 
-    from pipeline.messages import Envelope
+    from pipeline.core.messages import Envelope
 
     batch = [Envelope(f"m{n}", "c", "message", n, "s", 0, partition=2, offset=10 + n, prev=9 + n) for n in range(50)]
     results = [("delivered", "1-0", "0")] * 49 + [("duplicate", "1-0", "0")]
@@ -278,9 +278,9 @@ def test_a_batch_is_recorded_in_redis_in_one_round_trip_with_the_answers_of_its_
     import json
     import logging
 
-    from pipeline.ids import scoped
+    from pipeline.core.ids import scoped
+    from pipeline.core.messages import Envelope
     from pipeline.ingest import Ingest
-    from pipeline.messages import Envelope
 
     calls = []
 

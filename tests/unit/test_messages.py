@@ -7,9 +7,18 @@ import json
 
 import pytest
 
-from pipeline.errors import PermanentError, ValidationError
-from pipeline.messages import (Envelope, Publish, channel_allowed, decode, dumps, encode, namespace, new_id,
-                               parse_publish)
+from pipeline.core.errors import PermanentError, ValidationError
+from pipeline.core.messages import (
+    Envelope,
+    Publish,
+    channel_allowed,
+    decode,
+    dumps,
+    encode,
+    namespace,
+    new_id,
+    parse_publish,
+)
 
 
 def test_ids_are_unique_and_sortable_by_time():
@@ -90,7 +99,7 @@ def test_globs_and_namespaces():
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_strict_json_refuses_nan_and_infinity(constant):
-    from pipeline.messages import loads
+    from pipeline.core.messages import loads
 
     with pytest.raises(ValueError, match="is not JSON"):
         loads('{"data": %s}' % constant)

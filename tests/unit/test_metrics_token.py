@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.metrics import scrape_allowed, token_allowed
-from pipeline.settings import Settings
+from pipeline.core.metrics import scrape_allowed, token_allowed
+from pipeline.core.settings import Settings
 
 BASE = {"HERALD_SECRET_KEY": "s" * 32}
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.redis_tls import redis_tls
-from pipeline.settings import Settings
+from pipeline.core.errors import ConfigError
+from pipeline.core.redis_tls import redis_tls
+from pipeline.core.settings import Settings
 from tests.harness import tls_certificates
 
 BASE = {"HERALD_SECRET_KEY": "s" * 32}

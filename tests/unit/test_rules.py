@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline import rules
-from pipeline.messages import Envelope
+from pipeline.core.messages import Envelope
 
 SEED = """\
 rule:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.settings import AMQP_HEARTBEAT, Settings
+from pipeline.core.errors import ConfigError
+from pipeline.core.settings import AMQP_HEARTBEAT, Settings
 
 BASE = {"HERALD_SECRET_KEY": "s" * 32}
 

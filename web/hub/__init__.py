@@ -25,7 +25,7 @@ import redis
 from flask import request
 from flask_sock import Sock
 
-from pipeline.keys import Keys
+from pipeline.store.keys import Keys
 from web.hub.presence import Presence
 from web.hub.protocol import CLOSE_GOING_AWAY, Protocol
 from web.hub.router import Router

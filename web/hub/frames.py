@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from pipeline.messages import ChannelName, MessageId, Publish, no_null_default
+from pipeline.core.messages import ChannelName, MessageId, Publish, no_null_default
 
 REF = "#/components/schemas/{model}"
 Ref = Field(None, json_schema_extra=no_null_default, description="echoed in the reply, to match it to its op")

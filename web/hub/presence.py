@@ -19,7 +19,7 @@ import time
 
 import redis
 
-from pipeline.messages import dumps
+from pipeline.core.messages import dumps
 
 log = logging.getLogger("herald.hub")
 

@@ -21,9 +21,9 @@ from flask import request
 from pydantic import ValidationError as PydanticError
 
 from pipeline.archive import ArchiveUnavailable
-from pipeline.errors import HeraldError, TransientError, ValidationError
-from pipeline.messages import dumps, field_errors, loads, new_id, parse_publish
-from pipeline.metrics import SLOW_CLOSES, WS_CONNECTIONS
+from pipeline.core.errors import HeraldError, TransientError, ValidationError
+from pipeline.core.messages import dumps, field_errors, loads, new_id, parse_publish
+from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.store import stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.hub import frames

@@ -4,7 +4,7 @@ A web process SUBSCRIBEs to a pub/sub channel when its first local
 subscriber arrives and UNSUBSCRIBEs after the last one leaves, so it receives
 only the messages of its own subscribers: with a PSUBSCRIBE to every channel,
 each process parsed every message of the cluster (issue 10). On a Redis
-Cluster the link is sharded (pipeline/pubsub.py): SSUBSCRIBE on the node of
+Cluster the link is sharded (pipeline/store/pubsub.py): SSUBSCRIBE on the node of
 each channel's slot.
 
 Fan-out reads every pub/sub message Redis has already sent (up to
@@ -22,11 +22,11 @@ import time
 import redis
 from prometheus_client import Counter
 
-from pipeline.keys import split_routed
-from pipeline.messages import dumps, loads
-from pipeline.metrics import FRAMES_SENT
-from pipeline.pubsub import open_link
+from pipeline.core.messages import dumps, loads
+from pipeline.core.metrics import FRAMES_SENT
 from pipeline.store import stream_id_key
+from pipeline.store.keys import split_routed
+from pipeline.store.pubsub import open_link
 from web.hub.transport import wire_frame
 
 log = logging.getLogger("herald.hub")

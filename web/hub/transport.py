@@ -147,7 +147,7 @@ class WebSocket:
                 return None
             try:
                 wait_read(self._raw.fileno(), timeout=remaining)
-            except socket.timeout:
+            except TimeoutError:
                 return None
             self._readable()
         return self._early.pop(0) if self._early else None

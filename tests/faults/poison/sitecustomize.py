@@ -18,7 +18,8 @@ import time
 
 
 def _install() -> None:
-    from pipeline import archive, processing
+    from pipeline import archive
+    from tasks import processor as processing
 
     check_type = processing.check_type
 

@@ -9,7 +9,7 @@ import time
 
 
 def _install() -> None:
-    from pipeline import processing
+    from tasks import processor as processing
 
     check_type = processing.check_type
 

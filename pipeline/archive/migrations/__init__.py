@@ -1,4 +1,4 @@
-"""The archive's schema migrations (Alembic), applied by the release step: `pipeline.migrations.upgrade`."""
+"""The archive's schema migrations (Alembic), applied by the release step: `pipeline.archive.migrations.upgrade`."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ is `<prefix>:done:{<channel>}:<id>` there. Channel names cannot hold braces,
 so the tag is the whole channel. On a single Redis the names stay as they
 were: a running deployment keeps its gates and history across an upgrade.
 
-A message's keys are named by its global id (pipeline/ids.py: a client's id
+A message's keys are named by its global id (pipeline/core/ids.py: a client's id
 scoped to its sender), never by an id as a client sent it. Each kind holds
 one sort of name: the markers of a rule's effects (an alert, a routed copy)
 have a kind of their own, `effect`, apart from the messages' dedupe markers
@@ -26,7 +26,7 @@ from __future__ import annotations
 # A routed pub/sub payload is "<head>\n<frame>": on a channel's message
 # channel the head is the message's stream id (the hub drops what a resumed
 # client already has), on a node channel the client the frame is for. The
-# Lua scripts in pipeline/store.py write it (`.. '\\n' ..`); this reads it.
+# Lua scripts in pipeline/store/__init__.py write it (`.. '\\n' ..`); this reads it.
 ROUTE_SEPARATOR = "\n"
 
 

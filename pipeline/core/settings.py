@@ -18,9 +18,9 @@ import tempfile
 import zoneinfo
 from urllib.parse import urlsplit
 
-from pipeline.errors import ConfigError
-from pipeline.messages import namespace, valid_channel
-from pipeline.redis_tls import cert_reqs, check_ca_pem, redis_tls
+from pipeline.core.errors import ConfigError
+from pipeline.core.messages import namespace, valid_channel
+from pipeline.core.redis_tls import cert_reqs, check_ca_pem, redis_tls
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
@@ -202,7 +202,7 @@ class Settings:
         return f"{self.topic}.dlq"
 
     @classmethod
-    def from_env(cls, environ=None) -> "Settings":
+    def from_env(cls, environ=None) -> Settings:
         """Build settings from an environment mapping (default `os.environ`)."""
         env = os.environ if environ is None else environ
         redis_url = _url(env, "REDIS_URL", cls.redis_url, {"redis", "rediss", "unix"})

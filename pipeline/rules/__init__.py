@@ -7,7 +7,7 @@ higher runs first, equal ones in the order written), a `condition` and an
 `validate` returns every error with its path, `compile_set` turns a valid set
 into plain closures once per version, and `RuleSet.evaluate` decides for one
 message. What is stored where, and when workers pick a new version up, is
-`pipeline/rules_store.py`.
+`pipeline/rules/repository.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import math
 import operator
 import re
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import re2
 import yaml
 
-from pipeline.messages import dumps_bytes
+from pipeline.core.messages import dumps_bytes
 
 RULE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 TIME_RE = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
@@ -112,7 +113,7 @@ def parse(text: str | bytes, media_type: str = "application/yaml") -> Any:
     try:
         if media_type == "application/json" or media_type.endswith("+json"):
             return json.loads(text)
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+        return yaml.load(text, Loader=_Loader)
     except RulesError:
         raise
     except RecursionError:
@@ -784,7 +785,7 @@ def checked(doc: dict, version: int, default_zone: str = "UTC") -> RuleSet:
     rather than failing on messages later."""
     try:
         rule_set = compile_set(doc, version, default_zone)
-    except Exception as exc:  # noqa: BLE001 - whatever it is, the set cannot be used
+    except Exception as exc:
         raise RulesError([{"path": "", "problem": f"cannot be compiled: {type(exc).__name__}: {exc}"}]) from None
     where = {rule["id"]: (f"rules[{index}]", rule) for index, rule in enumerate(doc["rules"])}
     context = Context(0.0)
@@ -805,7 +806,7 @@ def checked(doc: dict, version: int, default_zone: str = "UTC") -> RuleSet:
                     decision = Decision(version)
                     _apply(rule, decision, envelope.channel)
                     dumps_bytes({"data": redacted(data, decision.redact), "rules": decision.record()})
-        except Exception as exc:  # noqa: BLE001 - as above
+        except Exception as exc:
             raise RulesError([{"path": path,
                                "problem": f"fails on a message: {type(exc).__name__}: {exc}"}]) from None
     return rule_set

@@ -16,7 +16,7 @@ import os
 import ssl
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 _QUERY_KEYS = ("ssl_cert_reqs", "ssl_ca_certs")

@@ -20,7 +20,7 @@ import base64
 import hashlib
 import re
 
-from pipeline.messages import ID_RE
+from pipeline.core.messages import ID_RE
 
 SCOPE_LENGTH = 12  # 60 bits: two senders share a scope by chance once in ~10^18 pairs
 _SCOPE_RE = re.compile(f"[a-z2-7]{{{SCOPE_LENGTH}}}")

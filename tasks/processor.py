@@ -16,9 +16,9 @@ from confluent_kafka import KafkaException
 from prometheus_client import Counter
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.errors import PermanentError, TransientError
-from pipeline.messages import Envelope, offset_spans
-from pipeline.metrics import DELIVERED, DELIVERY_LATENCY
+from pipeline.core.errors import PermanentError, TransientError
+from pipeline.core.messages import Envelope, offset_spans
+from pipeline.core.metrics import DELIVERED, DELIVERY_LATENCY
 
 log = logging.getLogger("herald.processing")
 
@@ -111,7 +111,7 @@ class Processor:
         self.store = store
         self.archive = archive
         self.dead_letters = dead_letters
-        self.rules = rules  # pipeline.rules_store.RulesStore, or None to run no rules
+        self.rules = rules  # pipeline.rules.repository.RulesStore, or None to run no rules
 
     def run(self, envelopes: list[Envelope], *, final_attempt: bool) -> Outcome:
         """Process the batch once; raises RetryLater when a transient failure stops it.
@@ -212,7 +212,7 @@ class Processor:
 
     def check_rules(self) -> None:
         """Raises RulesUnavailable while this process has no rule set it can apply
-        (pipeline.rules_store: it fails closed), before a batch is run at all."""
+        (pipeline.rules.repository: it fails closed), before a batch is run at all."""
         if self.rules is not None:
             self.rules.current()
 

@@ -16,11 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from pipeline.errors import StartupError
-from pipeline.ids import client_id
-from pipeline.keys import Keys
-from pipeline.messages import MESSAGE_FIELDS, Envelope, decode, dumps_bytes, encode
-from pipeline.redis_tls import redis_tls
+from pipeline.core.errors import StartupError
+from pipeline.core.ids import client_id
+from pipeline.core.messages import MESSAGE_FIELDS, Envelope, decode, dumps_bytes, encode
+from pipeline.core.redis_tls import redis_tls
+from pipeline.store.keys import Keys
 
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
 
@@ -366,7 +366,7 @@ def _ping(settings, url: str) -> redis.Redis:
 
 def message_frame_head(envelope: Envelope) -> str:
     """The SPEC's `message` frame without its closing offset, which XADD assigns; its `id` is
-    the id as its sender sent it (pipeline/ids.py)."""
+    the id as its sender sent it (pipeline/core/ids.py)."""
     frame = {"op": "message", "channel": envelope.channel, "id": client_id(envelope.id), "type": envelope.type,
              "data": envelope.data, "sender": envelope.sender, "ts": envelope.ts}
     if envelope.rules and envelope.rules.get("tags"):

@@ -20,7 +20,7 @@ from pipeline.store import connect
 _PLAIN = {"smessage": "message", "ssubscribe": "subscribe", "sunsubscribe": "unsubscribe"}
 
 
-def open_link(settings) -> "Link | ShardedLink":
+def open_link(settings) -> Link | ShardedLink:
     """A new, unconnected link to the main Redis."""
     return ShardedLink(settings) if settings.redis_cluster else Link(settings)
 

@@ -25,10 +25,10 @@ import redis
 from prometheus_client import Counter
 
 from pipeline.archive import ArchiveUnavailable
-from pipeline.bloom import Bloom
-from pipeline.keys import Keys
-from pipeline.messages import dumps_bytes
+from pipeline.archive.bloom import Bloom
+from pipeline.core.messages import dumps_bytes
 from pipeline.store import connect, message_from, stream_id_key
+from pipeline.store.keys import Keys
 
 ARCHIVE_QUERIES = Counter("herald_archive_queries_total", "Reads of the SQL archive (messages by id and history)")
 CACHE_REQUESTS = Counter("herald_cache_requests_total",

@@ -12,7 +12,7 @@ import logging
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic
 
-from pipeline.errors import KafkaUnavailable, TopicError
+from pipeline.core.errors import KafkaUnavailable, TopicError
 
 log = logging.getLogger("herald.topics")
 

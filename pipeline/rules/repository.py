@@ -28,8 +28,8 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from pipeline import rules as engine
-from pipeline.errors import TransientError
-from pipeline.messages import Envelope
+from pipeline.core.errors import TransientError
+from pipeline.core.messages import Envelope
 
 log = logging.getLogger("herald.rules")
 VERSION_CHECK = 0.5  # seconds between version reads in a worker; a notice makes the next batch read at once
@@ -126,7 +126,7 @@ class RulesStore:
         version = int(version or 0)
         try:
             rule_set = engine.compile_text(text or "{}", "application/json", version, self.settings.rules_timezone)
-        except Exception as exc:  # noqa: BLE001 - a RecursionError or a bug refuses the set as a RulesError does
+        except Exception as exc:
             # Not RulesError alone: any other error here would fail every batch
             # of this worker, none of them at fault, for as long as the set stays.
             error = str(exc) if isinstance(exc, engine.RulesError) else f"{type(exc).__name__}: {exc}"
@@ -147,7 +147,7 @@ class RulesStore:
             self.load_file()
         except redis.RedisError:
             raise  # transient: the file is read again at the next batch
-        except Exception as exc:  # noqa: BLE001 - unreadable or refused: the stored set, if any, decides
+        except Exception as exc:
             # Raised, it would fail every batch, none of them at fault (a file gone, a bug).
             log.error("HERALD_RULES_FILE refused", extra={"error": str(exc)})
         self._file_loaded = True

@@ -15,17 +15,30 @@ import time
 from collections import OrderedDict
 
 import redis
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
+from pipeline.core.errors import PermanentError
+from pipeline.core.logs import configure_logging
+from pipeline.core.messages import Envelope, decode, offset_spans
+from pipeline.core.metrics import (
+    BRIDGE_LAG,
+    DISPATCH_BATCHES,
+    OFFSET_GAPS,
+    RECORDS_CONSUMED,
+    serve,
+)
+from pipeline.core.settings import current
 from pipeline.dlq import DeadLetters
-from pipeline.errors import PermanentError
 from pipeline.kafka import Publisher, client_config, open_admin
-from pipeline.logs import configure_logging
-from pipeline.messages import Envelope, decode, offset_spans
-from pipeline.metrics import BRIDGE_LAG, DISPATCH_BATCHES, OFFSET_GAPS, RECORDS_CONSUMED, serve
-from pipeline.settings import current
+from pipeline.kafka.topics import require_topics
 from pipeline.store import Store, check_at_start, connect
-from pipeline.topics import require_topics
+from pipeline.taskqueue import TASK_NAME, make_celery
 
 log = logging.getLogger("herald.bridge")
 LAG_INTERVAL = 1.0  # seconds between updates of the consumer lag gauge
@@ -317,7 +330,7 @@ class Bridge:
         delay = 0.1
         while True:
             try:
-                self.celery.send_task("process_message", args=([e.to_wire() for e in batch],))
+                self.celery.send_task(TASK_NAME, args=([e.to_wire() for e in batch],))
                 log.info("dispatched", extra={"message_id": batch[0].id, "count": len(batch),
                                               "partitions": offset_spans(batch)})
                 return
@@ -360,7 +373,6 @@ def main() -> None:
     """Entry point of the `bridge` process."""
     settings = current()
     configure_logging("bridge", settings.log_level)
-    from tasks import make_celery
 
     try:
         warning = check_at_start(settings)  # Redis first, then Kafka, as the web does
@@ -384,6 +396,3 @@ def main() -> None:
     finally:
         publisher.close()
 
-
-if __name__ == "__main__":
-    main()

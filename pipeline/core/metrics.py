@@ -17,11 +17,18 @@ import socketserver
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from pipeline.errors import StartupError
-from pipeline.settings import MULTIPROC_ENV, loopback
+from pipeline.core.errors import StartupError
+from pipeline.core.settings import MULTIPROC_ENV, loopback
 
 # Produce and delivery times span a local broker's milliseconds to a retry's minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)

@@ -76,7 +76,7 @@ class Server:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20.0) -> "Server":
+    def start(self, timeout: float = 20.0) -> Server:
         """Start and wait until the port accepts connections."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:

@@ -13,9 +13,9 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from pipeline.errors import KafkaUnavailable, ValidationError
-from pipeline.green import ResultChannel, run_blocking, start_native_thread
-from pipeline.metrics import PRODUCE_LATENCY
+from pipeline.core.errors import KafkaUnavailable, ValidationError
+from pipeline.core.green import ResultChannel, run_blocking, start_native_thread
+from pipeline.core.metrics import PRODUCE_LATENCY
 
 log = logging.getLogger("herald.kafka")
 

@@ -24,7 +24,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
 
-from pipeline.errors import PermanentError, ValidationError
+from pipeline.core.errors import PermanentError, ValidationError
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_:.@-]{1,200}")
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -256,7 +256,7 @@ class Envelope:
     waiting_since: float | None = None
     skip: bool = False
     force_order: bool = False
-    # What the rules decided for it (pipeline/rules.py: Decision.record), once:
+    # What the rules decided for it (pipeline/rules/__init__.py: Decision.record), once:
     # a message back from waiting, or retried, keeps its decision.
     rules: dict | None = None
 

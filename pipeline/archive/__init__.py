@@ -1,7 +1,7 @@
 """The SQL archive of delivered messages (SQLite by default, PostgreSQL via DATABASE_URL).
 
 Rows are keyed by the message's global id, which scopes a client's id to its
-sender (pipeline/ids.py): another sender's message never shares a row.
+sender (pipeline/core/ids.py): another sender's message never shares a row.
 """
 
 from __future__ import annotations
@@ -9,16 +9,33 @@ from __future__ import annotations
 import json
 
 import redis
-
-from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Table, Text, and_, bindparam,
-                        create_engine, delete, event, func, or_, select, tuple_, update)
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from pipeline.errors import TransientError
-from pipeline.ids import client_id
-from pipeline.messages import Envelope
+from pipeline.core.errors import TransientError
+from pipeline.core.ids import client_id
+from pipeline.core.messages import Envelope
 
 BIGINT_MAX = (1 << 63) - 1
 
@@ -50,7 +67,7 @@ class Archive:
     status expired), the row keeps the later one."""
 
     def __init__(self, database_url: str, bloom=None):
-        self.bloom = bloom  # pipeline.bloom.Bloom: archived ids are added to it
+        self.bloom = bloom  # pipeline.archive.bloom.Bloom: archived ids are added to it
         sqlite = database_url.startswith("sqlite")
         # SQLite serialises writers; a busy timeout makes concurrent workers wait, not fail.
         self.engine = create_engine(database_url, connect_args={"timeout": 15} if sqlite else {},
@@ -62,7 +79,7 @@ class Archive:
 
     def create_schema(self) -> None:
         """Apply the schema migrations (the release phase calls this)."""
-        from pipeline.migrations import upgrade
+        from pipeline.archive.migrations import upgrade
 
         upgrade(self.engine)
 
