@@ -3,7 +3,7 @@
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
 an answer means Kafka acknowledged the record (SPEC: never 202 otherwise).
 An id the client chose is scoped to its sender here, before anything is
-claimed or written (pipeline/ids.py, README: "Message ids").
+claimed or written (pipeline/ids.py, docs/design.md: "Message ids").
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def make_celery(settings) -> Celery:
     broker_url, broker_tls = settings.celery_broker_url, None
     if settings.redis_broker:
         # kombu takes the TLS options apart from the URL; so does Flower,
-        # which reads them from this app's config (README: Configuration).
+        # which reads them from this app's config (docs/configuration.md).
         broker_url, tls = redis_tls(broker_url, settings, "CELERY_BROKER_URL")
         broker_tls = tls or None
     app = Celery("herald")
@@ -47,7 +47,7 @@ def make_celery(settings) -> Celery:
         broker_url=broker_url,
         broker_use_ssl=broker_tls,
         # No result backend: a task's outcome is its message's status in Redis
-        # (README: "Delivery guarantees"); a result key per task was written and
+        # (docs/design.md: "Delivery guarantees"); a result key per task was written and
         # never read.
         task_ignore_result=True,
         task_serializer="json",
@@ -340,7 +340,7 @@ def process_message(self, wire: list[dict]) -> dict:
         # The broker refused a task sent on (a message back from waiting): no message's fault.
         raise _retry_unlimited(self, envelopes, exc) from None
     except Exception as exc:
-        # Any error not known to be transient, whatever its type (README: "Under faults").
+        # Any error not known to be transient, whatever its type (docs/design.md: "Under faults").
         return _isolate(self, envelopes, exc, attempts=self.request.retries + 1)
 
 

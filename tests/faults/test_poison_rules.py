@@ -18,7 +18,7 @@ from tests.faults.load import (Publisher, assert_exactly_once, history_of, repor
                                wait_for_delivery)
 from tests.harness import wait_until
 
-# The README's example (Rules), without its night window so the test holds at any hour,
+# docs/guide.md's example (Rules), without its night window so the test holds at any hour,
 # and the issue's redact rule on another namespace.
 RULES = """
 rules:
