@@ -3,7 +3,7 @@
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
 an answer means Kafka acknowledged the record (SPEC: never 202 otherwise).
 An id the client chose is scoped to its sender here, before anything is
-claimed or written (pipeline/core/ids.py, README: "Message ids").
+claimed or written (pipeline/core/ids.py, docs/design.md: "Message ids").
 """
 
 from __future__ import annotations
@@ -16,12 +16,7 @@ from dataclasses import replace
 
 import redis
 
-from pipeline.core.errors import (
-    HeraldError,
-    KafkaUnavailable,
-    TransientError,
-    ValidationError,
-)
+from pipeline.core.errors import HeraldError, KafkaUnavailable, TransientError, ValidationError
 from pipeline.core.ids import MAX_CLIENT_ID, client_id, scoped
 from pipeline.core.messages import Envelope, encode, new_id
 from pipeline.core.metrics import PUBLISHES

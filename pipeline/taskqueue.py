@@ -24,7 +24,7 @@ def make_celery(settings) -> Celery:
     broker_url, broker_tls = settings.celery_broker_url, None
     if settings.redis_broker:
         # kombu takes the TLS options apart from the URL; so does Flower,
-        # which reads them from this app's config (README: Configuration).
+        # which reads them from this app's config (docs/configuration.md).
         broker_url, tls = redis_tls(broker_url, settings, "CELERY_BROKER_URL")
         broker_tls = tls or None
     app = Celery("herald")
@@ -32,7 +32,7 @@ def make_celery(settings) -> Celery:
         broker_url=broker_url,
         broker_use_ssl=broker_tls,
         # No result backend: a task's outcome is its message's status in Redis
-        # (README: "Delivery guarantees"); a result key per task was written and
+        # (docs/design.md: "Delivery guarantees"); a result key per task was written and
         # never read.
         task_ignore_result=True,
         task_serializer="json",

@@ -2,7 +2,7 @@
 
 The Redis broker hands a dead worker's unacknowledged tasks back only after
 the visibility timeout; meanwhile the messages behind them in their channels
-wait at the order gate (README: "Order"). So each worker records which
+wait at the order gate (docs/design.md: "Order"). So each worker records which
 deliveries it took, next to kombu's own `unacked` hash, and keeps a liveness
 key fresh; every worker sweeps for workers whose key lapsed and restores
 their deliveries to the queue. A delivery finished meanwhile is gone from

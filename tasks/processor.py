@@ -117,7 +117,7 @@ class Processor:
         """Process the batch once; raises RetryLater when a transient failure stops it.
 
         Every record passes its channel's order gate, whatever becomes of it
-        (README: "Order"): duplicates and dead-lettered messages move the gate
+        (docs/design.md: "Order"): duplicates and dead-lettered messages move the gate
         on without being delivered. Records whose predecessor in the channel is
         not handled yet come back in `Outcome.waiting`, to be run again
         shortly; once they have waited `order_wait` seconds they pass anyway

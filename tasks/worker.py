@@ -260,7 +260,7 @@ def process_message(self, wire: list[dict]) -> dict:
         # The broker refused a task sent on (a message back from waiting): no message's fault.
         raise _retry_unlimited(self, envelopes, exc) from None
     except Exception as exc:
-        # Any error not known to be transient, whatever its type (README: "Under faults").
+        # Any error not known to be transient, whatever its type (docs/design.md: "Under faults").
         return _isolate(self, envelopes, exc, attempts=self.request.retries + 1)
 
 

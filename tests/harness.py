@@ -247,7 +247,7 @@ class Stack:
             "HERALD_CONSUMER_GROUP": f"bridge-{tag}",
             "HERALD_SECRET_KEY": SECRET,
             "HERALD_TOPIC_PARTITIONS": "4",
-            # The tests scrape /metrics without a token (README: Metrics).
+            # The tests scrape /metrics without a token (docs/operations.md: Metrics).
             "HERALD_METRICS_PUBLIC": "1",
             "PYTHONUNBUFFERED": "1",
         }

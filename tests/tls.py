@@ -1,7 +1,7 @@
 """TLS for tests: throw-away certificates (the `openssl` CLI) and a Kafka that speaks TLS.
 
 Tansu 0.6's own TLS does not work (`--cert` alone answers no handshake,
-`--cert` with `--key` is refused; README: Tests), so Debian's stunnel
+`--cert` with `--key` is refused; docs/benchmarks.md: "Tests"), so Debian's stunnel
 terminates TLS in front of it, asking for a client certificate signed by the
 test CA, and Tansu advertises stunnel's address.
 """

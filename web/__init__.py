@@ -39,7 +39,7 @@ def create_app(settings=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_batch_bytes
     if settings.trusted_proxies:
         # Only the X-Forwarded-For entries our own proxies appended are true;
-        # any client writes the rest (README: Running on a Heroku-like host).
+        # any client writes the rest (docs/operations.md: "Running on a Heroku-like host").
         # Every address Herald uses is request.remote_addr, set here.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     # Browser pages on HERALD_CORS_ORIGINS may call the HTTP API (none by

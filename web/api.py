@@ -8,39 +8,22 @@ import redis
 from flask import Blueprint, current_app, g, request
 
 from pipeline.archive import ArchiveUnavailable
+from pipeline.dlq import NotReplayable
 from pipeline.core.errors import HeraldError, KafkaUnavailable, ValidationError
 from pipeline.core.ids import candidates
-from pipeline.core.messages import Envelope, Publish, parse_publish
-from pipeline.dlq import NotReplayable
 from pipeline.ingest import IdempotencyConflict, accepted_fields
+from pipeline.core.messages import Envelope, Publish, parse_publish
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import from_validation, problem, problem_body
-from web.schemas import (
-    Accepted,
-    Batch,
-    BatchResults,
-    ChannelPath,
-    DeadLetterPage,
-    DeadLetterPath,
-    DeadLetterQuery,
-    HistoryPage,
-    HistoryQuery,
-    Message,
-    MessagePath,
-    MessageQuery,
-    Presence,
-    PresenceQuery,
-    PublishHeaders,
-    RulesDecision,
-    RuleSet,
-    RulesTest,
-)
+from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
+                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, MessageQuery, Presence, PresenceQuery,
+                         PublishHeaders, RuleSet, RulesDecision, RulesTest)
 
 log = logging.getLogger("herald.web")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
 # The text of a Kafka or Redis error names internal hosts and ports: it is
-# logged, and clients get this (README: WebSocket close codes and errors).
+# logged, and clients get this (docs/protocol.md: WebSocket close codes and errors).
 NOT_ACCEPTED = "Kafka or Redis is unavailable; nothing was accepted, retry later"
 
 
@@ -121,7 +104,7 @@ def _accept_answers(status: int = 202) -> dict[int, Answer]:
 @contract.operation(blueprint, "POST", "/messages", summary="Publish a message", body=Publish,
                     body_limit=lambda settings: settings.max_message_bytes, headers=PublishHeaders,
                     description="Answers 202 only after Kafka acknowledged the record. An `id` (or "
-                                "`Idempotency-Key`) is the sender's own (README: Message ids): the same one from "
+                                "`Idempotency-Key`) is the sender's (docs/protocol.md: Message ids): the same one from "
                                 "the same sender within HERALD_STATUS_TTL returns the first answer.",
                     answers=_accept_answers(), tags=("messages",))
 def publish_one(identity: Identity, headers: PublishHeaders, body: Publish):
@@ -153,7 +136,7 @@ def duplicate_ids(items: list[Publish]) -> list[dict]:
                     body_limit=lambda settings: settings.max_batch_bytes,
                     description="A batch with any invalid message, or that repeats an `id`, is a 422 and nothing "
                                 "is accepted. Otherwise 202 with one result per message, in order: `accepted`, "
-                                "or a problem for a message whose data is past the data limits (400, README: The "
+                                "or a problem for a message whose data is past the data limits (400, docs/guide.md: The "
                                 "HTTP API and its schema), this token may not publish (403), one larger than "
                                 "HERALD_MAX_MESSAGE_BYTES (413), one whose id is under way (409) or one Kafka "
                                 "did not take (503).",
@@ -242,7 +225,7 @@ def get_message(identity: Identity, path: MessagePath, query: MessageQuery):
     msg_id = path.msg_id
     for global_id in candidates(query.sender or identity.user, msg_id):
         message = services().cache.read(services().store, global_id)
-        # A 403 would tell that the id exists (README: Tokens).
+        # A 403 would tell that the id exists (docs/guide.md: Tokens).
         if message is not None and identity.may_subscribe(message["channel"] or ""):
             return message
     return problem(404, f"No message {msg_id} is known", slug="unknown-message")
@@ -327,7 +310,7 @@ def rules_body() -> tuple[bytes, str]:
 
 
 # A rule set as a document (YAML or JSON); pipeline/rules/__init__.py checks what is in each rule.
-RULE_SET_INPUT = {"type": "object", "description": "`rules: [...]` or one `rule: {...}` (README: Rules); "
+RULE_SET_INPUT = {"type": "object", "description": "`rules: [...]` or one `rule: {...}` (docs/guide.md: Rules); "
                                                    "`{}` is the empty set",
                   "maxProperties": 1, "additionalProperties": False,
                   "properties": {"rules": {"type": "array", "items": {"type": "object"}},
@@ -361,7 +344,7 @@ def rules_get(identity: Identity):
                     "effects (admin token)", auth="admin", body=RulesTest,
                     body_limit=lambda settings: settings.max_batch_bytes,
                     answers={200: Answer("The decision", RulesDecision),
-                             409: Answer("The stored rule set cannot be compiled (README: Rules)"),
+                             409: Answer("The stored rule set cannot be compiled (docs/guide.md: Rules)"),
                              503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("rules",))
 def rules_test(identity: Identity, body: RulesTest):
     """Evaluate a message against a rule set (the body's `rules`, else the stored set), without side effects."""

@@ -134,7 +134,7 @@ def dlq_replay_command(letter_id, replay_all):
 
 @click.group("rules")
 def rules_group():
-    """Load, show and test rule sets (README: "Rules")."""
+    """Load, show and test rule sets (docs/guide.md: "Rules")."""
 
 
 def _read_rules_file(path: str):

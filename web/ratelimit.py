@@ -1,6 +1,6 @@
 """HTTP rate limits: flask-limiter, counted in the app's own Redis across every web process.
 
-Each route belongs to a group (publish, batch, read, admin, default; README:
+Each route belongs to a group (publish, batch, read, admin, default; docs/guide.md:
 "Rate limits"). A request is counted twice, by its token's user (`sub`) and
 by its client address (`request.remote_addr`, which ProxyFix sets from
 HERALD_TRUSTED_PROXIES; an IPv6 address by its /64, `address_group`), against the group's two limits of
@@ -131,7 +131,7 @@ IPV6_PREFIX = 64
 
 
 def address_group(address: str) -> str:
-    """The client address budgets are counted by (README: "Rate limits"): an IPv4 address
+    """The client address budgets are counted by (docs/guide.md: "Rate limits"): an IPv4 address
     as is, an IPv6 address as its /64 (`2001:db8:1:2::/64`), an IPv4-mapped IPv6
     address as its IPv4 address; anything else unchanged. The HTTP limits and the
     WebSocket per-address cap (HERALD_WS_MAX_PER_IP) both count by it."""
@@ -156,7 +156,7 @@ def group_of(endpoint: str | None) -> str | None:
 
 
 def init_app(app: Flask, services) -> Limiter | None:
-    """Count and limit the app's routes (README: "Rate limits"); None, and no hook at all,
+    """Count and limit the app's routes (docs/guide.md: "Rate limits"); None, and no hook at all,
     when every limit is off."""
     from web.api import identify
 

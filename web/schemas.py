@@ -32,7 +32,7 @@ class PublishHeaders(BaseModel):
 
     idempotency_key: Annotated[str, Field(pattern=f"^[A-Za-z0-9_.:-]{{1,{MAX_CLIENT_ID}}}$")] | None = Field(
         None, alias="Idempotency-Key",
-        description="the message's id when the body has none, scoped to the sender (README: Message ids); the "
+        description="the message's id when the body has none, scoped to the sender (docs/protocol.md: Message ids); the "
                     "same key from the same sender within HERALD_STATUS_TTL is answered with the first answer "
                     "(a body `id` that differs is a 422)")
 
@@ -113,7 +113,7 @@ class Accepted(BaseModel):
 
     id: str = Field(description="the id as sent (frames carry it), or the one Herald minted")
     global_id: str = Field(description="the id across senders: `id` when Herald minted it, else the sender's "
-                                       "scope, '.', `id` (README: Message ids)")
+                                       "scope, '.', `id` (docs/design.md: Message ids)")
     channel: str
     status: Literal["accepted"]
     partition: int

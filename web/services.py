@@ -80,7 +80,7 @@ class Services:
         self.publisher.warm_up()
         self.store.redis.ping()
         if not (self.settings.metrics_token or self.settings.metrics_public or self.settings.dev):
-            log.warning("HERALD_METRICS_TOKEN is not set: /metrics refuses every scrape (README: Metrics)")
+            log.warning("HERALD_METRICS_TOKEN is not set: /metrics refuses every scrape (docs/operations.md: Metrics)")
         if self.settings.rules_file:
             from pipeline.rules.repository import RulesStore
 

@@ -10,7 +10,7 @@ scripts and apps that subscribe need none of the server's dependencies.
             print(frame)
 
 It reconnects with capped exponential backoff and resumes every channel
-from the last offset it saw, so a dropped connection, or a close the README
+from the last offset it saw, so a dropped connection, or a close docs/protocol.md
 says to retry (1001 on a deploy, 1013, 4008, ...), loses no message. Only
 4001 (token refused) and 4003 (forbidden) end it, with `ServerClosed`;
 given `refresh_token`, a 4001 fetches a fresh token and goes on.
@@ -43,7 +43,7 @@ class RequestError(HeraldError):
 
 
 class ServerClosed(HeraldError):
-    """The server closed the connection with `code` (README: WebSocket close codes)."""
+    """The server closed the connection with `code` (docs/protocol.md: "WebSocket close codes and errors")."""
 
     def __init__(self, code: int | None, reason: str = ""):
         super().__init__(f"closed by the server: {code} {reason}".rstrip())

@@ -1,4 +1,4 @@
-"""Reads of the SQL archive behind a Redis cache (README: "The archive and its cache").
+"""Reads of the SQL archive behind a Redis cache (docs/guide.md: "The archive and its cache").
 
 A message whose Redis status expired is read here: its cache entry, then the
 Bloom filter of archived ids ("no" is an answer without a database query:

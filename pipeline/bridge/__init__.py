@@ -216,7 +216,7 @@ class Bridge:
                 if records:
                     self.handle(records)
                 # RabbitMQ confirms each task and keeps it until a worker acks it:
-                # only the Redis broker can lose one (README: "Under faults").
+                # only the Redis broker can lose one (docs/design.md: "Under faults").
                 if not self.settings.amqp_broker and time.monotonic() >= self.next_sweep:
                     self.sweep()
                 if time.monotonic() >= self.next_lag:

@@ -1,4 +1,4 @@
-"""The message id space (README: "Message ids").
+"""The message id space (docs/design.md: "Message ids").
 
 A message's *global id* names its state everywhere inside Herald (status,
 dedupe marker, idempotency claim, in-flight entry, archive row, dead letter):

@@ -30,7 +30,7 @@ CHANNEL_RE = re.compile(r"[A-Za-z0-9_:.@-]{1,200}")
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MESSAGE_FIELDS = ("id", "channel", "type", "data", "sender", "ts")
-# Ingest bounds on `data` (README: "The HTTP API and its schema"): whatever is
+# Ingest bounds on `data` (docs/protocol.md: "Limits"): whatever is
 # accepted must be handled by every later stage, which recurse over it
 # (Celery's pool pickles task arguments, rules copy data) and encode it
 # (orjson takes integers of 64 bits; past them, the slower standard library).
@@ -170,7 +170,7 @@ class Publish(BaseModel):
                     "with the first answer and published once")
 
 
-# pydantic's error types, said the way the API says them (README: Errors).
+# pydantic's error types, said the way the API says them (docs/protocol.md: "Errors").
 _PROBLEMS = {"missing": "required", "extra_forbidden": "unknown field", "model_type": "must be an object",
              "dict_type": "must be an object"}
 
@@ -243,7 +243,7 @@ class Envelope:
     data: Any
     sender: str
     ts: int
-    # Where Kafka put it and the offset of its channel's previous record (README: "Order").
+    # Where Kafka put it and the offset of its channel's previous record (docs/design.md: "Order").
     partition: int | None = None
     offset: int | None = None
     prev: int | None = None

@@ -94,7 +94,7 @@ _registered: set = set()
 def scrape_allowed(header: str | None, settings, *, private: bool = False) -> bool:
     """May this scrape read /metrics? With HERALD_METRICS_TOKEN set, only with it as a bearer
     token; without, only on a `private` (loopback) listener, in development, or with
-    HERALD_METRICS_PUBLIC (README: "Metrics"): lag, DLQ size and rule ids are nobody else's business."""
+    HERALD_METRICS_PUBLIC (docs/operations.md: "Metrics"): lag, DLQ size and rule ids are nobody else's business."""
     if settings.metrics_token:
         return token_allowed(header, settings.metrics_token)
     return private or settings.dev or settings.metrics_public

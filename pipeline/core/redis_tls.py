@@ -3,7 +3,7 @@ the Celery broker (kombu), the worker's hand-back and Flower.
 
 `rediss://` URLs verify the server's certificate by default. The options come
 from the URL's query (`ssl_cert_reqs`, `ssl_ca_certs`), else from
-`REDIS_SSL_CERT_REQS` and `REDIS_TLS_CA` (README: Configuration). They are
+`REDIS_SSL_CERT_REQS` and `REDIS_TLS_CA` (docs/configuration.md). They are
 taken out of the URL and given to each client as redis-py keyword arguments:
 redis-py takes them beside the URL, kombu as `broker_use_ssl` (which it hands
 to redis-py's `SSLConnection`, and Flower to redis-py's asyncio client), so

@@ -30,7 +30,7 @@ MIN_SECRET_BYTES = 32
 AMQP_HEARTBEAT = 60
 # prometheus-client's multiprocess mode: read when prometheus_client is first imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# HTTP rate limits (README: "Rate limits"): per route group, (per token, per
+# HTTP rate limits (docs/guide.md: "Rate limits"): per route group, (per token, per
 # client address); None is off. High enough that no benchmark of one
 # deployment meets them (bench/pipeline.py drives ~2,500 single POSTs a
 # second from one token and one address on 2 cores): they stop a runaway or
@@ -55,9 +55,9 @@ class Settings:
     redis_ssl_cert_reqs: str = "required"  # for rediss:// URLs whose query does not say
     redis_tls_ca: str | None = None  # PEM text of the CA a rediss:// server's certificate chains to
     allow_eviction: bool = False  # run on a Redis whose maxmemory-policy may evict Herald's keys
-    redis_cluster: bool = False  # REDIS_URL names a node of a Redis Cluster (README: "Running on a Redis Cluster")
+    redis_cluster: bool = False  # REDIS_URL is a Redis Cluster node (docs/operations.md: "Running on a Redis Cluster")
     kafka_bootstrap_servers: str = "localhost:9092"
-    # How clients reach and prove themselves to Kafka (README: Configuration, Kafka).
+    # How clients reach and prove themselves to Kafka (docs/operations.md: "Managed Kafka").
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
@@ -119,12 +119,12 @@ class Settings:
     worker_concurrency: int = 2
     log_level: str = "INFO"
     node_id: str = ""
-    # Rules (README: "Rules"): a set loaded at start when none is stored, the
+    # Rules (docs/guide.md: "Rules"): a set loaded at start when none is stored, the
     # time zone of `time_range` conditions that name none, where alerts go.
     rules_file: str | None = None
     rules_timezone: str = "UTC"
     rules_alert_channel: str = "alerts:rules"
-    # The archive read path (README: "The archive and its cache").
+    # The archive read path (docs/guide.md: "The archive and its cache").
     cache_url: str | None = None  # the Redis of cache entries, fill locks and the Bloom filter; None: REDIS_URL
     cache_ttl: int = 3600
     cache_ttl_jitter: float = 0.1  # each entry lives cache_ttl * (1 +- this), so a burst does not expire at once
@@ -134,7 +134,7 @@ class Settings:
     bloom_error_rate: float = 0.001
     archive_max_age: int = 0  # seconds an archived message is kept; 0: for ever
     archive_prune_interval: int = 3600
-    # Metrics (README: "Metrics"): the port the bridge and the worker serve
+    # Metrics (docs/operations.md: "Metrics"): the port the bridge and the worker serve
     # /metrics on (None: not served) and the address they listen on, the
     # bearer token every /metrics asks for, and whether a /metrics reachable
     # beyond this host may answer without one (development always may).
@@ -164,7 +164,7 @@ class Settings:
 
     @property
     def amqp_broker(self) -> bool:
-        """True when Celery's broker is RabbitMQ (README: "RabbitMQ as the Celery broker")."""
+        """True when Celery's broker is RabbitMQ (docs/operations.md: "RabbitMQ as the Celery broker")."""
         return urlsplit(self.celery_broker_url).scheme in {"amqp", "amqps", "pyamqp"}
 
     @property
@@ -185,13 +185,13 @@ class Settings:
 
     @property
     def max_batch_bytes(self) -> int:
-        """The largest batch body (README: limits): parsed JSON takes up to ~24 times
+        """The largest batch body (docs/protocol.md: "Limits"): parsed JSON takes up to ~24 times
         its size in memory, so 1 MiB, or 16 messages of the largest size."""
         return max(1024 * 1024, 16 * self.max_message_bytes)
 
     @property
     def max_inbox_size(self) -> int:
-        """What a WebSocket's frames waiting for their op may total (README: WebSocket limits),
+        """What a WebSocket's frames waiting for their op may total (docs/protocol.md: "WebSocket limits"),
         by `len`: characters of a text frame, bytes of a binary one. Room for four frames of
         the largest size, and no less than 1 Mi."""
         return max(1024 * 1024, 4 * self.max_message_bytes)
@@ -214,7 +214,7 @@ class Settings:
                 "or set HERALD_AUTH=off for local development"
             )
         if secret and len(secret.encode()) < MIN_SECRET_BYTES:
-            # A short HS256 key is brute-forced offline from one token (README: Configuration).
+            # A short HS256 key is brute-forced offline from one token (docs/configuration.md).
             raise ConfigError(
                 f"HERALD_SECRET_KEY is {len(secret.encode())} bytes; use at least {MIN_SECRET_BYTES} random bytes "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
@@ -299,7 +299,7 @@ class Settings:
             rate_limits=_rate_limits(env.get("HERALD_RATE_LIMITS", "")),
         )
         if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
-            # Strict order by default (README: "Order"): a record waits for a
+            # Strict order by default (docs/design.md: "Order"): a record waits for a
             # predecessor until the last safety net would have sent it again and
             # a worker run it: the bridge's sweep of what no worker finished (a
             # task the Redis broker lost when its worker died between taking it
@@ -472,7 +472,7 @@ def _url(env, name, default, schemes):
 
 def _check_development_flags(settings):
     # HERALD_AUTH=off lets anyone act as an admin: a developer's machine only
-    # (README: Configuration). `flask dev` sets HERALD_DEV, and binds loopback.
+    # (docs/configuration.md). `flask dev` sets HERALD_DEV, and binds loopback.
     if not settings.auth and not settings.dev:
         raise ConfigError("HERALD_AUTH=off lets anyone in as an admin: it is for development only "
                           "(set HERALD_DEV=1, as `flask dev` does), or set HERALD_SECRET_KEY and leave auth on")

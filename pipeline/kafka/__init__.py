@@ -30,7 +30,7 @@ def client_config(settings, **extra) -> dict:
             "security.protocol": settings.kafka_security_protocol,
             # A producer would otherwise have the broker create a missing topic
             # with the broker's defaults (Tansu's: 4 partitions); only the
-            # release phase makes topics (README: Release phase).
+            # release phase makes topics (docs/operations.md: "Release phase").
             "allow.auto.create.topics": False}
     if settings.kafka_security_protocol.endswith("SSL"):
         if settings.kafka_trusted_cert:
@@ -70,7 +70,7 @@ def open_admin(settings, timeout: float = 15.0):
     """An AdminClient that has fetched cluster metadata: returns (admin, metadata).
 
     librdkafka retries refused certificates and passwords forever without
-    failing a call (README: Configuration, Kafka), so this bounds the wait
+    failing a call (docs/operations.md: "Managed Kafka"), so this bounds the wait
     and turns the errors it saw into one sentence naming the variable to fix;
     raises KafkaUnavailable. Drop the admin before a fork: no librdkafka
     thread may live across one.

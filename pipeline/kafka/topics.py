@@ -1,6 +1,6 @@
 """Herald's Kafka topics: made by the release phase, checked by every process that uses them.
 
-Only `flask --app app release` creates topics (README: Release phase), with the
+Only `flask --app app release` creates topics (docs/operations.md: "Release phase"), with the
 partitions and replication the settings ask for; web and bridge refuse to start
 without them rather than create them with whatever defaults they have.
 """

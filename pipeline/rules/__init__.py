@@ -1,4 +1,4 @@
-"""Rules: policies written as data and changed at run time (README: "Rules").
+"""Rules: policies written as data and changed at run time (docs/guide.md: "Rules").
 
 A rule set is YAML or JSON, `rules: [...]` or a single `rule: {...}`. Each
 rule has an `id`, an optional `description`, `enabled` (true), `priority` (0;
@@ -773,7 +773,7 @@ def compile_set(doc: dict, version: int, default_zone: str = "UTC") -> RuleSet:
 
 
 # What the dry run puts at every field a rule names: each kind of JSON value,
-# the extremes a message may hold among them (README: "Rules").
+# the extremes a message may hold among them (docs/guide.md: "Rules").
 PROBES = (0, 10**400, -(10**400), 0.5, 1e308, "", "x" * (MATCH_LIMIT + 1), [1, "a", None, [2]], {"a": {"b": 1}},
           None, True)
 

@@ -4,7 +4,7 @@ The set is one hash (`version`, `doc`), so a reader gets a whole version or
 the one before it, never half of one. A replacement publishes a notice the
 workers listen for; each also reads the version at most every
 `VERSION_CHECK` seconds, at a batch's start, in case a notice was lost, and
-compiles a new version once (README: "Rules").
+compiles a new version once (docs/guide.md: "Rules").
 
 A worker applies exactly the version it compiled, and says so
 (`herald_rules_version`). A stored version it cannot compile (written by an

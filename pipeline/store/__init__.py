@@ -54,7 +54,7 @@ return {ARGV[1], '1'}
 # outcome: delivered, a duplicate of a message already handled (a retried POST
 # writes a second record under the same id), or skipped (dead-lettered,
 # rejected). A record waits until the gate reached its channel's previous
-# offset, then moves the gate to its own (README: "Order"). A forced record
+# offset, then moves the gate to its own (docs/design.md: "Order"). A forced record
 # (its wait ran out) passes without its predecessor only when that one is
 # not itself waiting in line (recently seen in the waiting set): so records
 # forced together still pass one after the other, in order.
@@ -227,7 +227,7 @@ end
 return redis.call('ZCOUNT', KEYS[1], '-inf', score)
 """
 # The most message ids a `rate` window holds (_RATE): a `max` above it is not
-# enforced past it (README: "Rules").
+# enforced past it (docs/guide.md: "Rules").
 RATE_WINDOW_CAP = 10_000
 
 # The first publish of a message id claims it. KEYS: claim. ARGV: pending
@@ -302,7 +302,7 @@ def check_at_start(settings) -> str | None:
     certificate stops the process in one line rather than in a retry loop.
     Then reads the main Redis' `maxmemory-policy`: any policy but `noeviction`
     may evict dedupe markers and idempotency claims, and a message would then
-    be delivered twice (README: "Redis: TLS and eviction"). Raises StartupError unless
+    be delivered twice (docs/operations.md: "Redis: TLS and eviction"). Raises StartupError unless
     `HERALD_ALLOW_EVICTION` is on; returns a warning to show, if any.
     """
     client = _ping(settings, settings.redis_url)
@@ -435,7 +435,7 @@ class Store:
         """When a message's status, dedupe marker and idempotency answer expire (Unix seconds):
         HERALD_STATUS_TTL after it was published, all three together, so that once its id
         may be published again nothing of the earlier message is left to make the new one
-        a duplicate (README: "Message ids"). A message handled later than that (a replay)
+        a duplicate (docs/design.md: "Message ids"). A message handled later than that (a replay)
         keeps them HERALD_STATUS_TTL from now."""
         ttl = self.settings.status_ttl
         now = int(time.time())
@@ -979,7 +979,7 @@ def message_from(msg_id: str, raw: dict) -> dict | None:
     for name in ("channel", "type", "sender", "status", "error"):
         out[name] = raw.get(name)
     if raw.get("rule"):
-        out["rule"] = raw["rule"]  # the rule that blocked it (README: "Rules")
+        out["rule"] = raw["rule"]  # the rule that blocked it (docs/guide.md: "Rules")
     for name in ("ts", "attempts", "partition", "offset"):
         out[name] = int(raw[name]) if raw.get(name, "").lstrip("-").isdigit() else None
     out["attempts"] = out["attempts"] or 0

@@ -4,7 +4,7 @@ the one pub/sub payload format that is not a bare frame.
 Keys named after user input (a channel, a message id, a user, an address)
 are `<prefix>:<kind>:<name>`. Herald's own fixed keys are `<prefix>:_:<name>`:
 no kind is `_`, so no channel or message id can name one of them (a message
-id `index` once overwrote the dead-letter index; README: "Redis keys").
+id `index` once overwrote the dead-letter index; docs/design.md: "Redis keys").
 
 On a Redis Cluster the channel part of a channel's keys and pub/sub channels
 is a hash tag, `<prefix>:<kind>:{<channel>}`, so every key one delivery

@@ -1,5 +1,5 @@
 """Hostile WebSocket clients against a real web process (issue 19: no client can hurt
-anyone else's traffic; README: "WebSocket limits").
+anyone else's traffic; docs/protocol.md: "WebSocket limits").
 
 Each test drives real sockets at a gunicorn web process of its own and reads
 that process's memory from /proc: a client may cost the process only its own
@@ -28,7 +28,7 @@ from tests.faults.load import inversions
 from tests.harness import close_code, wait_until
 
 MB = 1024 * 1024
-CONNECT_TIMEOUT = 10.0  # web/hub/protocol.py, README: "WebSocket limits"
+CONNECT_TIMEOUT = 10.0  # web/hub/protocol.py, docs/protocol.md: "WebSocket limits"
 
 
 @pytest.fixture(scope="module")

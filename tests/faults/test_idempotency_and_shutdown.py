@@ -43,7 +43,7 @@ def test_same_id_posted_50_times_concurrently_over_two_web_processes(make_stack,
     assert frame["id"] == msg_id
     # Two more seconds of reading: a second delivery, were there one, shows here.
     extra = [f for f in client.drain(2) if f["op"] == "message"]
-    # Kafka records carry the id scoped to its sender (README: "Message ids"), as the answers say.
+    # Kafka records carry the id scoped to its sender (docs/design.md: "Message ids"), as the answers say.
     global_id = answers[0][2]["global_id"]
     records = [r for r in read_topic(stack, stack.settings.topic) if json.loads(r.value())["id"] == global_id]
     history = history_of(stack, [channel])[channel].count(msg_id)

@@ -1,4 +1,4 @@
-"""Channel order under deploys and duplicate records (README: "Order").
+"""Channel order under deploys and duplicate records (docs/design.md: "Order").
 
 A retried POST can write a message to Kafka twice (same id, a later offset).
 Every record must still pass its channel's order gate, or the records behind

@@ -24,7 +24,7 @@ from tests.faults.load import (
 )
 from tests.harness import wait_until
 
-# The README's example (Rules), without its night window so the test holds at any hour,
+# docs/guide.md's example (Rules), without its night window so the test holds at any hour,
 # and the issue's redact rule on another namespace.
 RULES = """
 rules:

@@ -1,4 +1,4 @@
-"""Archive rows by global id (README: "Message ids"): another sender's id is another row, and a
+"""Archive rows by global id (docs/design.md: "Message ids"): another sender's id is another row, and a
 sender's id published again a day later keeps the later message; on SQLite and PostgreSQL."""
 
 from __future__ import annotations

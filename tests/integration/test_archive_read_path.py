@@ -92,7 +92,7 @@ def test_an_id_never_archived_is_a_404_from_the_bloom_filter(web, token):
     queries = _metric(web, "herald_archive_queries_total")
     status, _, body = web.request("GET", f"/api/v1/messages/never-{uuid.uuid4().hex}", token=token)
     assert status == 404, body
-    # Two ids looked up: the caller's own of that id, then the id as a global id (README: "Message ids").
+    # Two ids looked up: the caller's own of that id, then the id as a global id (docs/protocol.md: "Message ids").
     assert _metric(web, "herald_cache_requests_total", result="bloom_reject") == rejects + 2
     assert _metric(web, "herald_archive_queries_total") == queries
 

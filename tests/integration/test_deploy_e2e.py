@@ -1,4 +1,4 @@
-"""The deployment the README promises ("Running on a Heroku-like host"), end to end: the
+"""The deployment docs/operations.md promises ("Running on a Heroku-like host"), end to end: the
 Procfile's release step, web, bridge and worker against Kafka over TLS with a client
 certificate and a topic prefix, Redis over TLS, and RabbitMQ as the Celery broker."""
 

@@ -1,4 +1,4 @@
-"""History and replay pages are bounded in bytes (review M3; README: "WebSocket limits"):
+"""History and replay pages are bounded in bytes (docs/protocol.md: "WebSocket limits"):
 large messages give smaller pages, continued with `next`, and paging through
 gives every message once, in order."""
 

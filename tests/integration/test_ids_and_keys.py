@@ -1,5 +1,5 @@
 """Message ids are scoped to their sender; a rule effect's marker is no message's; user input never
-names Herald's own keys (README: "Message ids", "Redis keys")."""
+names Herald's own keys (docs/design.md: "Message ids", "Redis keys")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Herald and its Python client as installable packages (README: "An installable package").
+"""Herald and its Python client as installable packages (docs/operations.md: "An installable package").
 
 Each install goes into a fresh venv and runs from outside the source tree,
 so only what the package declares can be imported.

@@ -1,4 +1,4 @@
-"""RabbitMQ as the Celery broker (README: "RabbitMQ"): the whole journey, a quorum queue, publisher confirms."""
+"""docs/operations.md: "RabbitMQ as the Celery broker": the whole journey, a quorum queue, publisher confirms."""
 
 from __future__ import annotations
 

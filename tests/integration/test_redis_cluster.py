@@ -191,7 +191,7 @@ def test_resume_while_messages_flow_has_no_gap_and_no_duplicate(cluster):
 
 
 def test_two_senders_ids_and_a_retry_on_a_cluster(cluster):
-    # The idempotency answers are written by a script of their own on each claim's node (README: "Message ids").
+    # The idempotency answers are written by a script of their own on each claim's node (docs/design.md: "Message ids").
     web = cluster.webs[0]
     channel = channels_on_every_node(cluster, 1)[1]
     watcher = web.ws(cluster.token("watcher"))

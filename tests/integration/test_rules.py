@@ -207,7 +207,7 @@ def test_a_rate_rule_counts_across_two_workers(stack, web, channel, put_rules):
         second.stop(15)
 
 
-# -- sets that would hurt workers are refused whole, up front (README: "Rules") ---------------
+# -- sets that would hurt workers are refused whole, up front (docs/guide.md: "Rules") ---------------
 
 ALIAS_BOMB = b"""
 rules:

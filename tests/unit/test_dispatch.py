@@ -28,7 +28,7 @@ def test_pack_tasks_of_nothing_is_no_task():
 
 
 def test_a_message_waiting_at_its_gate_is_tried_again_less_often_once_its_wait_is_long():
-    # README "Order": 0.1 s, then 1 s from 5 s of waiting on; one delay per step keeps a line in order.
+    # docs/design.md "Order": 0.1 s, then 1 s from 5 s of waiting on; one delay per step keeps a line in order.
     assert recheck_delay(0.0) == recheck_delay(4.9) == 0.1
     assert recheck_delay(5.0) == recheck_delay(600.0) == 1.0
 

@@ -1,4 +1,4 @@
-"""The hub's byte bounds as settings (README: "WebSocket limits")."""
+"""The hub's byte bounds as settings (docs/protocol.md: "WebSocket limits")."""
 
 from __future__ import annotations
 

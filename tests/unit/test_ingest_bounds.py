@@ -1,4 +1,4 @@
-"""The bounds on a message's data at ingest (README: "The HTTP API and its schema"), and the
+"""The bounds on a message's data at ingest (docs/protocol.md: "Limits"), and the
 reason a message the worker cannot handle is dead-lettered with: pure logic."""
 
 from __future__ import annotations

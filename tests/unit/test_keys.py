@@ -1,5 +1,5 @@
 """The key schema and the id space: user input never names one of Herald's own keys, a rule effect's
-marker or another sender's message (README: "Redis keys", "Message ids")."""
+marker or another sender's message (docs/design.md: "Redis keys", "Message ids")."""
 
 from __future__ import annotations
 

@@ -302,7 +302,7 @@ def test_a_batch_is_recorded_in_redis_in_one_round_trip_with_the_answers_of_its_
     with caplog.at_level(logging.INFO, logger="herald.ingest"):
         answers = Ingest(SETTINGS, Store(), Publisher()).publish_many(
             envelopes, idempotent=[n == 7 for n in range(100)], request_id="r1")
-    # The client's id is scoped to its sender (README: "Message ids"); the answer echoes it as sent.
+    # The client's id is scoped to its sender (docs/protocol.md: "Message ids"); the answer echoes it as sent.
     m7 = scoped("s", "m7")
     assert answers[7] == {"id": "m7", "global_id": m7, "channel": "c", "status": "accepted", "partition": 3,
                           "offset": 107}

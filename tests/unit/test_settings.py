@@ -128,7 +128,7 @@ def test_retention_per_namespace():
 def test_order_wait_outlasts_the_redis_brokers_hand_back_unless_set():
     # A predecessor the Redis broker lost is sent again by the bridge's sweep, after twice
     # the visibility timeout, found up to a sweep (a tenth of that) late, and given
-    # another sweep's time to run: waiting that long keeps order (README: "Order").
+    # another sweep's time to run: waiting that long keeps order (docs/design.md: "Order").
     settings = Settings.from_env({**BASE, "HERALD_VISIBILITY_TIMEOUT": "200"})
     assert settings.order_wait == 400 + 2 * 40 + 5
     assert Settings.from_env({**BASE, "HERALD_VISIBILITY_TIMEOUT": "200", "HERALD_ORDER_WAIT": "2"}).order_wait == 2

@@ -4,7 +4,7 @@ Workers PUBLISH each frame once, already encoded; the router turns it into
 WebSocket bytes once and writes them to every local subscriber whose socket
 takes them at once. What a socket cannot take waits in that connection's
 send queue, bounded in frames and bytes, so a slow client never holds up the
-others (it is closed with 4008 when its queue overflows; README: "WebSocket
+others (it is closed with 4008 when its queue overflows; docs/protocol.md: "WebSocket
 limits"). The parts:
 
 - `transport`: each socket, read and written by gevent's loop (no greenlet per idle connection);

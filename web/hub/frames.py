@@ -148,7 +148,7 @@ class Pong(_Frame):
 
 
 class ErrorFrame(_Frame):
-    """An op was refused; `unavailable` is worth retrying. Close codes: README, Tokens."""
+    """An op was refused; `unavailable` is worth retrying. Close codes: docs/protocol.md."""
 
     op: Literal["error"]
     code: str = Field(description="bad_frame, bad_channel, invalid_message, forbidden, too_many_subscriptions, "
@@ -179,7 +179,7 @@ def document() -> dict:
         "info": {"title": "Herald WebSocket", "version": "1.0.0",
                  "description": "JSON text frames on /ws. Authenticate with `?token=` or a first `connect` frame "
                                 "within 10 s; ops that carry `ref` are answered with the same `ref`. Send queue, "
-                                "inbox and history pages are bounded (README: WebSocket limits)."},
+                                "inbox and history pages are bounded (docs/protocol.md: WebSocket limits)."},
         "channels": {"ws": {"address": "/ws", "messages": {name: {"$ref": f"#/components/messages/{name}"}
                                                            for name in messages}}},
         "operations": {

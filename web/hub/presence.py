@@ -25,7 +25,7 @@ log = logging.getLogger("herald.hub")
 
 
 # Presence entries a listing page asks Redis for, by default and at most
-# (README: "Presence"): a channel of 100,000 subscribers is 500 pages, not one
+# (docs/guide.md: "Presence"): a channel of 100,000 subscribers is 500 pages, not one
 # multi-megabyte reply and one O(N) command (review M8).
 PAGE = 200
 MAX_PAGE = 1000

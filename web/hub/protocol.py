@@ -1,10 +1,10 @@
 """The hub's protocol: the handshake's checks, then each client's ops and errors.
 
 A client's frames are handled one at a time, in order, by a greenlet that
-exists only while it has frames to handle (README: "WebSocket protocol").
+exists only while it has frames to handle (docs/protocol.md: "WebSocket protocol").
 An op that fails because Redis or Kafka does not answer is answered
 `unavailable` and never counts against the client; five bad frames in a row
-close it. What a client can make the hub hold is bounded (README: "WebSocket
+close it. What a client can make the hub hold is bounded (docs/protocol.md: "WebSocket
 limits"): a socket authenticates within CONNECT_TIMEOUT or is closed; frames
 waiting for their op are at most INBOX_FRAMES and `max_inbox_size`; a replay
 page is bounded in bytes and waits at most REPLAY_WAIT for the client to take it.
@@ -221,7 +221,7 @@ class Protocol:
             self._handle(client, frame)
             client.bad = 0
         except Unavailable as exc:
-            # An outage says nothing about the client's frames (README: close codes).
+            # An outage says nothing about the client's frames (docs/protocol.md: "WebSocket close codes and errors").
             client.send(_with_ref({"op": "error", "code": "unavailable", "message": exc.detail}, ref))
         except ValidationError as exc:
             client.bad += 1
@@ -275,7 +275,7 @@ class Protocol:
         # channel (join() returns once the listener read the confirmation, or
         # at once when this process was subscribed already); only then is
         # history read. A message is added to history and published in one
-        # Lua script (README: delivery guarantees), so one published before
+        # Lua script (docs/design.md: "Delivery guarantees"), so one published before
         # the SUBSCRIBE took effect is in the history read, one published
         # after reaches the listener, and `last` drops what is in both. Read
         # before the confirmation, history would miss a message published
@@ -332,7 +332,7 @@ class Protocol:
 
     def _replay(self, client: Client, channel: str, sub: Subscription, page: list, more: bool) -> None:
         """Send history page by page, each once the client has taken the last
-        (README: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile.
+        (docs/configuration.md: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile.
 
         A client that does not take a page within REPLAY_WAIT is closed 4008:
         it holds its own op greenlet no longer than that (review H3)."""
@@ -380,7 +380,7 @@ class Protocol:
         except ValidationError:
             raise
         except HeraldError as exc:
-            # Its text names internal hosts: logged, not sent (README: WebSocket close codes and errors).
+            # Its text names internal hosts: logged, not sent (docs/protocol.md: "WebSocket close codes and errors").
             log.warning("ws publish refused: service unavailable", extra={"client": client.id, "error": str(exc)})
             raise Unavailable("the message was not accepted, retry later") from None
         client.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))

@@ -56,7 +56,7 @@ class Subscription:
         """Send a message frame (`key`: its parsed offset) unless the replay already sent it."""
         if self.backlog is not None:
             # A frame is in history before it is published (one Lua script,
-            # README: delivery guarantees), so a replay that falls behind the
+            # docs/design.md: "Delivery guarantees"), so a replay that falls behind the
             # live flow drops what it holds and reads it from history instead.
             if self.overflowed:
                 return
@@ -108,7 +108,7 @@ class Router:
 
     After a reconnect, once every channel in use is subscribed again and
     before any message read since, each channel is caught up from history
-    (README: the hub catches up from history).
+    (docs/design.md: "Under faults", the hub catches up from history).
     """
 
     def __init__(self, settings, keys, node: str, clients: dict, history):

@@ -162,7 +162,7 @@
     }
 
     // Who is in a channel: every page of the listing, following each answer's
-    // `next` (README: "Presence"), as one answer whose `clients` holds them all.
+    // `next` (docs/guide.md: "Presence"), as one answer whose `clients` holds them all.
     presence(channel, baseUrl) {
       const url = (baseUrl || "") + "/api/v1/channels/" + encodeURIComponent(channel) + "/presence";
       const headers = this.token ? { Authorization: "Bearer " + this.token } : {};
