@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
-from pipeline.core.errors import HeraldError
+from pipeline.core.errors import Refused
 from pipeline.core.ids import client_id
 from pipeline.core.messages import Envelope, encode, now_ms
 from pipeline.core.metrics import DEAD_LETTERS
@@ -19,8 +19,12 @@ from pipeline.core.metrics import DEAD_LETTERS
 log = logging.getLogger("herald.dlq")
 
 
-class NotReplayable(HeraldError):
-    """A dead letter that cannot go back through the pipeline (unknown, or never decoded)."""
+class NotReplayable(Refused):
+    """A dead letter that cannot go back through the pipeline: never decoded, or being replayed."""
+
+
+class NoDeadLetter(NotReplayable):
+    """No dead letter has this id (never one, or replayed, or expired)."""
 
 
 class DeadLetters:
@@ -90,7 +94,7 @@ class DeadLetters:
         """Send a dead letter back through the pipeline; it leaves the DLQ once Kafka has it again."""
         entry = self.get(letter_id)
         if entry is None:
-            raise NotReplayable(f"no dead letter {letter_id}")
+            raise NoDeadLetter(f"no dead letter {letter_id}")
         if not entry.get("message"):
             raise NotReplayable(f"dead letter {letter_id} was never a valid message and cannot be replayed")
         envelope = Envelope.from_wire(entry["message"])

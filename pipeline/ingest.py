@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import redis
 
-from pipeline.core.errors import HeraldError, KafkaUnavailable, TransientError, ValidationError
+from pipeline.core.errors import HeraldError, IdempotencyConflict, InvalidInput, RedisUnavailable
 from pipeline.core.ids import MAX_CLIENT_ID, client_id, scoped
 from pipeline.core.messages import Envelope, encode, new_id
 from pipeline.core.metrics import PUBLISHES
@@ -24,14 +24,14 @@ from pipeline.core.metrics import PUBLISHES
 log = logging.getLogger("herald.ingest")
 
 
-class IdempotencyConflict(TransientError):
-    """The same id is being published by another request right now."""
+class ClaimUnavailable(RedisUnavailable):
+    """Redis did not answer the idempotency claim: the message was not published."""
 
 
-class IdTooLong(ValidationError):
+class IdTooLong(InvalidInput):
     """A client's id leaves no room for its sender's scope (pipeline/core/ids.py)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(f"A message id a client chooses is at most {MAX_CLIENT_ID} characters",
                          [{"field": "id", "problem": f"longer than {MAX_CLIENT_ID} characters"}])
 
@@ -182,7 +182,7 @@ class Ingest:
                 time.sleep(0.01)
         except redis.RedisError as exc:
             log.warning("idempotency store unavailable", extra={"message_id": msg_id, "error": str(exc)})
-            raise KafkaUnavailable("cannot check the idempotency key") from None
+            raise ClaimUnavailable("cannot check the idempotency key") from None
 
     def _forget(self, envelope: Envelope, claim: str | None) -> None:
         if claim is None:

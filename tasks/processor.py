@@ -16,7 +16,7 @@ from confluent_kafka import KafkaException
 from prometheus_client import Counter
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.core.errors import PermanentError, TransientError
+from pipeline.core.errors import HeraldError, PermanentError, TransientError
 from pipeline.core.messages import Envelope, offset_spans
 from pipeline.core.metrics import DELIVERED, DELIVERY_LATENCY
 
@@ -41,7 +41,7 @@ FORCED_ORDER = Counter("herald_forced_out_of_order_total",
                        "Records let past their channel's order gate after HERALD_ORDER_WAIT")
 
 
-class RetryLater(Exception):
+class RetryLater(HeraldError):
     """A transient failure at `remaining[0]`; the rest must wait behind it to keep order."""
 
     def __init__(self, remaining: list[Envelope], cause: BaseException):
@@ -50,7 +50,7 @@ class RetryLater(Exception):
         self.cause = cause
 
 
-class PassedGate(Exception):
+class PassedGate(HeraldError):
     """A failure that is not transient, raised once records had passed their order gates
     (`passed`: their ids): those were handled (delivered, or noted as duplicates or dead
     letters) and must never be dead-lettered, or a replay would deliver them twice."""

@@ -1,30 +1,42 @@
-"""The HTTP API under /api/v1 (SPEC: HTTP API); each operation declares its contract (web/openapi.py)."""
+"""The HTTP API under /api/v1 (docs/guide.md: The HTTP API and its schema); each operation declares its
+contract (web/openapi.py)."""
 
 from __future__ import annotations
 
 import logging
 
-import redis
 from flask import Blueprint, current_app, g, request
 
-from pipeline.archive import ArchiveUnavailable
-from pipeline.dlq import NotReplayable
-from pipeline.core.errors import HeraldError, KafkaUnavailable, ValidationError
+from pipeline.core.errors import Forbidden, HeraldError, InvalidInput, InvalidRuleSet, Refused, UnsupportedMedia
 from pipeline.core.ids import candidates
-from pipeline.ingest import IdempotencyConflict, accepted_fields
 from pipeline.core.messages import Envelope, Publish, parse_publish
+from pipeline.ingest import accepted_fields
 from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import STANDARD, Answer, Contract, read_body
-from web.problems import from_validation, problem, problem_body
-from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
-                         DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, MessageQuery, Presence, PresenceQuery,
-                         PublishHeaders, RuleSet, RulesDecision, RulesTest)
+from web.problems import ANSWERS, answer_for, error_problem, item_problem, problem
+from web.schemas import (
+    Accepted,
+    Batch,
+    BatchResults,
+    ChannelPath,
+    DeadLetterPage,
+    DeadLetterPath,
+    DeadLetterQuery,
+    HistoryPage,
+    HistoryQuery,
+    Message,
+    MessagePath,
+    MessageQuery,
+    Presence,
+    PresenceQuery,
+    PublishHeaders,
+    RulesDecision,
+    RuleSet,
+    RulesTest,
+)
 
 log = logging.getLogger("herald.web")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
-# The text of a Kafka or Redis error names internal hosts and ports: it is
-# logged, and clients get this (docs/protocol.md: WebSocket close codes and errors).
-NOT_ACCEPTED = "Kafka or Redis is unavailable; nothing was accepted, retry later"
 
 
 def services():
@@ -50,38 +62,24 @@ def authenticate(level: str = "token") -> Identity:
     if isinstance(identity, AuthError):
         raise identity
     if level == "admin" and not identity.admin:
-        raise ValidationError("This endpoint is for admin tokens only", status=403, title="Forbidden")
+        raise Forbidden("This endpoint is for admin tokens only")
     return identity
 
 
 contract = Contract(authenticate)
 
 
-@blueprint.errorhandler(AuthError)
-def unauthorized(exc: AuthError):
-    return problem(401, str(exc), slug="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="herald"'})
+def refused(exc: Exception):
+    """The problem for an error web/problems.py maps; an outage is logged with its text."""
+    answer = answer_for(exc)
+    if answer is not None and answer.status >= 500:
+        log.warning("request refused: service unavailable",
+                    extra={"error": str(exc), "problem": answer.slug, "request_id": g.get("request_id")})
+    return error_problem(exc)
 
 
-@blueprint.errorhandler(ValidationError)
-def invalid(exc: ValidationError):
-    return from_validation(exc)
-
-
-@blueprint.errorhandler(IdempotencyConflict)
-def conflict(exc: IdempotencyConflict):
-    return problem(409, str(exc), slug="idempotency-conflict", headers={"Retry-After": "1"})
-
-
-@blueprint.errorhandler(KafkaUnavailable)
-def kafka_down(exc: KafkaUnavailable):
-    log.warning("request refused: service unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
-    return problem(503, NOT_ACCEPTED, slug="kafka-unavailable", headers={"Retry-After": "5"})
-
-
-@blueprint.errorhandler(redis.RedisError)
-def redis_down(exc: redis.RedisError):
-    log.warning("request refused: Redis unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
-    return problem(503, "Redis is unreachable; retry later", slug="redis-unavailable", headers={"Retry-After": "5"})
+for _kind in ANSWERS:
+    blueprint.register_error_handler(_kind, refused)
 
 
 def checked_message(body: Publish, identity: Identity, idempotency_key: str | None,
@@ -89,8 +87,7 @@ def checked_message(body: Publish, identity: Identity, idempotency_key: str | No
     """The envelope of a validated message, once the caller may publish it; returns (envelope, idempotent)."""
     envelope = parse_publish(body, sender=identity.user, idempotency_key=idempotency_key, max_bytes=max_bytes)
     if not identity.may_publish(envelope.channel):
-        raise ValidationError(f"This token may not publish to {envelope.channel}", status=403,
-                              title="Forbidden")
+        raise Forbidden(f"This token may not publish to {envelope.channel}")
     return envelope, body.id is not None or idempotency_key is not None
 
 
@@ -136,8 +133,8 @@ def duplicate_ids(items: list[Publish]) -> list[dict]:
                     body_limit=lambda settings: settings.max_batch_bytes,
                     description="A batch with any invalid message, or that repeats an `id`, is a 422 and nothing "
                                 "is accepted. Otherwise 202 with one result per message, in order: `accepted`, "
-                                "or a problem for a message whose data is past the data limits (400, docs/guide.md: The "
-                                "HTTP API and its schema), this token may not publish (403), one larger than "
+                                "or a problem for a message whose data is past the data limits (400, docs/guide.md: "
+                                "The HTTP API and its schema), this token may not publish (403), one larger than "
                                 "HERALD_MAX_MESSAGE_BYTES (413), one whose id is under way (409) or one Kafka "
                                 "did not take (503).",
                     answers={202: Answer("One result per message, in order", BatchResults),
@@ -148,15 +145,15 @@ def publish_batch(identity: Identity, body: Batch):
     duplicates = duplicate_ids(items)
     if duplicates:
         # Each would wait on the other's idempotency claim, then drop it.
-        raise ValidationError("A batch may not repeat a message id", duplicates)
+        raise InvalidInput("A batch may not repeat a message id", duplicates)
     results: list = [None] * len(items)
     envelopes, flags, slots = [], [], []
     for index, item in enumerate(items):
         try:
             # Encodable and within HERALD_MAX_MESSAGE_BYTES from here on.
             envelope, idempotent = checked_message(item, identity, None, settings.max_message_bytes)
-        except ValidationError as exc:
-            results[index] = problem_body(exc.status, exc.detail, title=exc.title, errors=exc.errors)
+        except Refused as exc:
+            results[index] = item_problem(exc)
             continue
         envelopes.append(envelope)
         flags.append(idempotent)
@@ -170,14 +167,11 @@ def publish_batch(identity: Identity, body: Batch):
     if accepted:
         g.log_fields = accepted_fields(accepted)
     for index, envelope, answer in zip(slots, envelopes, answers):
-        if isinstance(answer, ValidationError):
-            results[index] = problem_body(answer.status, answer.detail, title=answer.title, errors=answer.errors)
-        elif isinstance(answer, IdempotencyConflict):
-            results[index] = problem_body(409, str(answer), title="Not accepted")
-        elif isinstance(answer, HeraldError):
-            log.warning("message refused: service unavailable",
-                        extra={"error": str(answer), "request_id": g.request_id, "message_id": envelope.id})
-            results[index] = problem_body(503, NOT_ACCEPTED, title="Not accepted")
+        if isinstance(answer, HeraldError):
+            results[index] = item_problem(answer)
+            if results[index]["status"] >= 500:
+                log.warning("message refused: service unavailable",
+                            extra={"error": str(answer), "request_id": g.request_id, "message_id": envelope.id})
         else:
             results[index] = answer
     return {"results": results}, 202
@@ -206,15 +200,8 @@ def document() -> dict:
                     "problems (`application/problem+json`).")
 
 
-@blueprint.errorhandler(ArchiveUnavailable)
-def archive_down(exc: ArchiveUnavailable):
-    log.warning("request refused: archive unavailable", extra={"error": str(exc), "request_id": g.get("request_id")})
-    return problem(503, "The message archive is unreachable; retry later", slug="archive-unavailable",
-                   headers={"Retry-After": "5"})
-
-
-@contract.operation(blueprint, "GET", "/messages/<message_id:msg_id>", summary="A message and its status", path=MessagePath,
-                    query=MessageQuery,
+@contract.operation(blueprint, "GET", "/messages/<message_id:msg_id>", summary="A message and its status",
+                    path=MessagePath, query=MessageQuery,
                     description="Its status from Redis while it lasts (HERALD_STATUS_TTL), then from the archive. "
                                 "The id is `sender`'s (the caller's by default), else a global id. `data` is null "
                                 "until a worker ran the message's rules, and for a blocked message. A message on "
@@ -234,7 +221,7 @@ def get_message(identity: Identity, path: MessagePath, query: MessageQuery):
 def readable_channel(identity: Identity, channel: str) -> None:
     """Check the caller's right to read a (valid) channel."""
     if not identity.may_subscribe(channel):
-        raise ValidationError(f"This token may not read {channel}", status=403, title="Forbidden")
+        raise Forbidden(f"This token may not read {channel}")
 
 
 @contract.operation(blueprint, "GET", "/channels/<channel>/history", summary="A channel's retained messages, "
@@ -264,12 +251,7 @@ def dlq_list(identity: Identity, query: DeadLetterQuery):
                              409: Answer("The dead letter was never a valid message, or is being replayed"),
                              503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("dead letters",))
 def dlq_replay(identity: Identity, path: DeadLetterPath):
-    letter_id = path.letter_id
-    try:
-        return services().dead_letters.replay(letter_id), 202
-    except NotReplayable as exc:
-        status = 404 if services().dead_letters.get(letter_id) is None else 409
-        return problem(status, str(exc), slug="not-replayable")
+    return services().dead_letters.replay(path.letter_id), 202
 
 
 RULE_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "application/json")
@@ -293,19 +275,18 @@ def read_rules(text: str | bytes, media_type: str):
         raise invalid_rules(exc) from None
 
 
-def invalid_rules(exc) -> ValidationError:
-    """The 422 for a RulesError: each fault with its path."""
-    return ValidationError("The rule set is invalid; nothing was changed",
-                           [{"field": e["path"], "problem": e["problem"],
-                             "error": f"{e['path']}: {e['problem']}" if e["path"] else e["problem"]}
-                            for e in exc.errors], status=422, title="Invalid rule set")
+def invalid_rules(exc) -> InvalidRuleSet:
+    """The refusal of a RulesError: each fault with its path."""
+    return InvalidRuleSet("The rule set is invalid; nothing was changed",
+                          [{"field": e["path"], "problem": e["problem"],
+                            "error": f"{e['path']}: {e['problem']}" if e["path"] else e["problem"]}
+                           for e in exc.errors])
 
 
 def rules_body() -> tuple[bytes, str]:
     """The raw body of a rule set request and its media type (YAML or JSON)."""
     if request.mimetype not in RULE_TYPES:
-        raise ValidationError("Send the rule set as application/yaml or application/json", status=415,
-                              title="Unsupported media type")
+        raise UnsupportedMedia("Send the rule set as application/yaml or application/json")
     return read_body(services().settings.max_batch_bytes), request.mimetype
 
 

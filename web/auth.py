@@ -8,13 +8,14 @@ import time
 
 import jwt
 
+from pipeline.core.errors import Refused
 from pipeline.core.messages import channel_allowed
 
 LEEWAY_SECONDS = 10
 
 
-class AuthError(Exception):
-    """The token is missing, malformed, expired or wrongly signed (HTTP 401, close 4001)."""
+class AuthError(Refused):
+    """The token is missing, malformed, expired or wrongly signed."""
 
 
 @dataclasses.dataclass(frozen=True)

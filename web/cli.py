@@ -179,7 +179,7 @@ def rules_show_command():
 @click.argument("message")
 def rules_test_command(path, message):
     """What the rule set in PATH decides for MESSAGE (JSON: channel, data, type, sender), with no side effects."""
-    from pipeline.core.errors import ValidationError
+    from pipeline.core.errors import Refused
     from pipeline.rules.repository import dry_run
 
     rule_set = _read_rules_file(path)
@@ -189,7 +189,7 @@ def rules_test_command(path, message):
             raise ValueError("not an object")
         envelope = parse_publish({k: v for k, v in body.items() if k != "sender"},
                                  sender=str(body.get("sender", "cli")))
-    except ValidationError as exc:
+    except Refused as exc:
         for error in exc.errors:
             click.echo(f"{error['field'] or 'MESSAGE'}: {error['problem']}", err=True)
         raise click.ClickException(f"MESSAGE is not a message: {exc}") from None

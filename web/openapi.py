@@ -22,7 +22,7 @@ from pydantic import ValidationError as PydanticError
 from pydantic.json_schema import models_json_schema
 from werkzeug.routing import BaseConverter
 
-from pipeline.core.errors import ValidationError
+from pipeline.core.errors import DataOutOfBounds, InvalidInput, InvalidRequest, Malformed, TooLarge, UnsupportedMedia
 from pipeline.core.messages import MAX_DATA_DEPTH, field_errors, loads
 
 REF = "#/components/schemas/{model}"
@@ -97,19 +97,16 @@ def _validate(model: type[BaseModel], values: dict, where: str):
     try:
         return model.model_validate(values)
     except PydanticError as exc:
-        raise ValidationError(f"The request's {where} is invalid", field_errors(exc), status=400,
-                              title="Bad request") from None
+        raise InvalidRequest(f"The request's {where} is invalid", field_errors(exc)) from None
 
 
 def read_body(limit: int) -> bytes:
     """The request's raw body, refused (413) past `limit` bytes, from its Content-Length before reading."""
     if request.content_length is not None and request.content_length > limit:
-        raise ValidationError(f"The body is {request.content_length} bytes; the limit is {limit}",
-                              status=413, title="Payload too large")
+        raise TooLarge(f"The body is {request.content_length} bytes; the limit is {limit}")
     raw = request.get_data(cache=False)
     if len(raw) > limit:
-        raise ValidationError(f"The body is {len(raw)} bytes; the limit is {limit}", status=413,
-                              title="Payload too large")
+        raise TooLarge(f"The body is {len(raw)} bytes; the limit is {limit}")
     return raw
 
 
@@ -117,16 +114,16 @@ def read_json(limit: int):
     """The request's JSON body, after checking its media type and size (415, 413, 400)."""
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise ValidationError("Send the body as application/json", status=415, title="Unsupported media type")
+        raise UnsupportedMedia("Send the body as application/json")
     raw = read_body(limit)
     try:
         return loads(raw)
     except ValueError as exc:
-        raise ValidationError(f"The body is not valid JSON: {exc}", status=400, title="Malformed JSON") from None
+        raise Malformed(f"The body is not valid JSON: {exc}") from None
     except RecursionError:
         # The parser's own bound (about 900 levels here) lies far past the message's.
-        raise ValidationError(f"The body nests too deep to parse; a message's data may nest arrays and objects "
-                              f"{MAX_DATA_DEPTH} levels deep", status=400, title="Data out of bounds") from None
+        raise DataOutOfBounds(f"The body nests too deep to parse; a message's data may nest arrays and objects "
+                              f"{MAX_DATA_DEPTH} levels deep") from None
 
 
 class Contract:
@@ -172,7 +169,7 @@ class Contract:
                     try:
                         kwargs["body"] = body.model_validate(document)
                     except PydanticError as exc:
-                        raise ValidationError("The body has invalid fields", field_errors(exc)) from None
+                        raise InvalidInput("The body has invalid fields", field_errors(exc)) from None
                 return view(**kwargs)
 
             blueprint.add_url_rule(rule, view_func=handler, methods=[method.upper()])

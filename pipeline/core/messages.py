@@ -24,7 +24,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
 
-from pipeline.core.errors import PermanentError, ValidationError
+from pipeline.core.errors import DataOutOfBounds, InvalidInput, PermanentError, TooLarge, Unencodable
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_:.@-]{1,200}")
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -194,33 +194,31 @@ def field_errors(exc: PydanticError, prefix: tuple = ()) -> list[dict]:
 def parse_publish(body, *, sender: str, idempotency_key: str | None = None,
                   max_bytes: int | None = None) -> Envelope:
     """Validate one client message (a dict, or a `Publish` already validated) and return its
-    envelope, or raise ValidationError; with `max_bytes`, a message whose JSON is larger is a 413."""
+    envelope, or raise InvalidInput (or a subclass); with `max_bytes`, a message whose JSON is
+    larger is TooLarge."""
     if not isinstance(body, Publish):
         try:
             body = Publish.model_validate(body)
         except PydanticError as exc:
-            raise ValidationError("The message has invalid fields", field_errors(exc)) from None
+            raise InvalidInput("The message has invalid fields", field_errors(exc)) from None
     if idempotency_key is not None and body.id is not None and body.id != idempotency_key:
-        raise ValidationError("The message has invalid fields",
-                              [{"field": "id", "problem": "differs from the Idempotency-Key header"}])
+        raise InvalidInput("The message has invalid fields",
+                           [{"field": "id", "problem": "differs from the Idempotency-Key header"}])
     problem = data_problem(body.data)
     if problem is not None:
-        raise ValidationError(f"data {problem}", [{"field": "data", "problem": problem}], status=400,
-                              title="Data out of bounds")
+        raise DataOutOfBounds(f"data {problem}", [{"field": "data", "problem": problem}])
     try:
         # Refused here, before any idempotency claim: a lone surrogate ("\ud800")
-        # or NaN would fail only when the record is encoded (issue 8: a 500 then).
+        # or NaN would otherwise fail only when the record is encoded, after the claim.
         size = len(dumps_bytes(body.data))
     except (ValueError, RecursionError):
-        raise ValidationError("data cannot be encoded as UTF-8 JSON (lone surrogate, NaN or Infinity)",
-                              [{"field": "data", "problem": "not encodable as UTF-8 JSON"}], status=400,
-                              title="Unencodable data") from None
+        raise Unencodable("data cannot be encoded as UTF-8 JSON (lone surrogate, NaN or Infinity)",
+                          [{"field": "data", "problem": "not encodable as UTF-8 JSON"}]) from None
     # The other fields are ASCII by their patterns: their JSON is their length and the punctuation.
     if max_bytes is not None:
         size += _FRAME + len(body.channel) + len(body.type) + (_ID_FRAME + len(body.id) if body.id else 0)
         if size > max_bytes:
-            raise ValidationError("The message is larger than HERALD_MAX_MESSAGE_BYTES", status=413,
-                                  title="Payload too large")
+            raise TooLarge("The message is larger than HERALD_MAX_MESSAGE_BYTES")
     return Envelope(id=body.id or idempotency_key or new_id(), channel=body.channel, type=body.type,
                     data=body.data, sender=sender, ts=now_ms())
 

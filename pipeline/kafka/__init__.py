@@ -13,7 +13,7 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from pipeline.core.errors import KafkaUnavailable, ValidationError
+from pipeline.core.errors import KafkaUnavailable, TooLargeForKafka
 from pipeline.core.green import ResultChannel, run_blocking, start_native_thread
 from pipeline.core.metrics import PRODUCE_LATENCY
 
@@ -228,5 +228,5 @@ def _retire(producer: Producer) -> None:
 
 def _delivery_error(err: KafkaError):
     if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-        return ValidationError("The message is larger than Kafka accepts", status=413, title="Message too large")
+        return TooLargeForKafka("The message is larger than Kafka accepts")
     return KafkaUnavailable(f"Kafka did not take the record: {err.str()}")

@@ -27,6 +27,7 @@ from typing import Any
 import re2
 import yaml
 
+from pipeline.core.errors import HeraldError
 from pipeline.core.messages import dumps_bytes
 
 RULE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -54,7 +55,7 @@ RULE_KEYS = {"id", "description", "enabled", "priority", "condition", "action"}
 MISSING = object()
 
 
-class RulesError(ValueError):
+class RulesError(HeraldError, ValueError):
     """A rule set that cannot be used; `errors` lists `{"path", "problem"}` for each fault."""
 
     def __init__(self, errors: list[dict]):

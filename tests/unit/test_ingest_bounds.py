@@ -6,7 +6,7 @@ from __future__ import annotations
 import flask
 import pytest
 
-from pipeline.core.errors import PermanentError, ValidationError
+from pipeline.core.errors import PermanentError, Refused
 from pipeline.core.messages import (
     MAX_DATA_DEPTH,
     MAX_INT,
@@ -19,6 +19,7 @@ from pipeline.core.messages import (
 )
 from tasks.processor import REASON_CHARS, failure_reason
 from web.openapi import read_json
+from web.problems import answer_for
 
 
 def nested(depth: int, leaf=1, kind=dict):
@@ -58,10 +59,11 @@ def test_integers_past_64_bits_are_refused_wherever_they_are(value):
 
 @pytest.mark.parametrize("data", [nested(MAX_DATA_DEPTH + 1), nested(700), {"amount": 10 ** 400}])
 def test_parse_publish_refuses_data_out_of_bounds_with_a_400_naming_the_limit(data):
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(Refused) as info:
         parse_publish({"channel": "pay:x", "data": data}, sender="x", max_bytes=1 << 20)
     error = info.value
-    assert error.status == 400 and error.title == "Data out of bounds"
+    answer = answer_for(error)
+    assert answer.status == 400 and answer.title == "Data out of bounds"
     assert error.errors[0]["field"] == "data"
     assert str(MAX_DATA_DEPTH) in error.detail or "2**64-1" in error.detail
 
@@ -85,9 +87,9 @@ def test_a_body_too_deep_to_parse_is_a_400_naming_the_limit(depth):
     app = flask.Flask(__name__)
     body = '{"channel":"c","data":' + "[" * depth + "]" * depth + "}"
     with app.test_request_context(data=body, content_type="application/json"):
-        with pytest.raises(ValidationError) as info:
+        with pytest.raises(Refused) as info:
             read_json(1 << 20)
-    assert info.value.status == 400 and str(MAX_DATA_DEPTH) in info.value.detail
+    assert answer_for(info.value).status == 400 and str(MAX_DATA_DEPTH) in info.value.detail
 
 
 def test_a_failure_reason_names_the_type_and_is_bounded():

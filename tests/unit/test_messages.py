@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.core.errors import PermanentError, ValidationError
+from pipeline.core.errors import PermanentError, Refused
 from pipeline.core.messages import (
     Envelope,
     Publish,
@@ -19,6 +19,7 @@ from pipeline.core.messages import (
     new_id,
     parse_publish,
 )
+from web.problems import answer_for
 
 
 def test_ids_are_unique_and_sortable_by_time():
@@ -50,13 +51,13 @@ def test_idempotency_key_becomes_the_id():
     ({"channel": "c", "data": 1, "id": 5}, "id"),
 ])
 def test_each_bad_field_is_named(body, field):
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(Refused) as info:
         parse_publish(body, sender="x")
     assert field in {e["field"] for e in info.value.errors}
 
 
 def test_conflicting_id_and_header():
-    with pytest.raises(ValidationError):
+    with pytest.raises(Refused):
         parse_publish({"channel": "c", "data": 1, "id": "a"}, sender="x", idempotency_key="b")
 
 
@@ -107,9 +108,9 @@ def test_strict_json_refuses_nan_and_infinity(constant):
 
 @pytest.mark.parametrize("data", ["\ud800", {"k": ["ok", "\udfff"]}, float("nan"), float("inf")])
 def test_data_that_cannot_be_encoded_is_a_400(data):
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(Refused) as info:
         parse_publish({"channel": "c", "data": data}, sender="x")
-    assert info.value.status == 400 and info.value.errors == [{"field": "data",
+    assert answer_for(info.value).status == 400 and info.value.errors == [{"field": "data",
                                                                "problem": "not encodable as UTF-8 JSON"}]
 
 
@@ -127,9 +128,9 @@ def test_with_rules_is_replace_of_rules_alone():
 def test_max_bytes_is_the_size_of_the_messages_json_to_the_byte(body):
     size = len(dumps(Publish.model_validate(body).model_dump(exclude_none=True)).encode())
     assert parse_publish(body, sender="u", max_bytes=size).channel == body["channel"]
-    with pytest.raises(ValidationError) as refused:
+    with pytest.raises(Refused) as refused:
         parse_publish(body, sender="u", max_bytes=size - 1)
-    assert refused.value.status == 413
+    assert answer_for(refused.value).status == 413
 
 
 @pytest.mark.parametrize("value", [

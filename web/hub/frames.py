@@ -147,12 +147,17 @@ class Pong(_Frame):
     ref: Any = Ref
 
 
+# Every code an `error` frame carries: a closed set, chosen by the exception's type (web/hub/protocol.py).
+ErrorCode = Literal["bad_frame", "bad_channel", "invalid_message", "forbidden", "too_many_subscriptions",
+                    "data_out_of_bounds", "unencodable_data", "payload_too_large", "message_too_large",
+                    "unavailable"]
+
+
 class ErrorFrame(_Frame):
     """An op was refused; `unavailable` is worth retrying. Close codes: docs/protocol.md."""
 
     op: Literal["error"]
-    code: str = Field(description="bad_frame, bad_channel, invalid_message, forbidden, too_many_subscriptions, "
-                                  "data_out_of_bounds, payload_too_large, unavailable, ...")
+    code: ErrorCode = Field(description="`unavailable` is an outage, worth retrying; any other is the op's fault")
     message: str
     ref: Any = Ref
 

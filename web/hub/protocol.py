@@ -21,7 +21,17 @@ from flask import request
 from pydantic import ValidationError as PydanticError
 
 from pipeline.archive import ArchiveUnavailable
-from pipeline.core.errors import HeraldError, TransientError, ValidationError
+from pipeline.core.errors import (
+    DataOutOfBounds,
+    Forbidden,
+    HeraldError,
+    InvalidInput,
+    Refused,
+    TooLarge,
+    TooLargeForKafka,
+    TransientError,
+    Unencodable,
+)
 from pipeline.core.messages import dumps, field_errors, loads, new_id, parse_publish
 from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.store import stream_id_key, valid_stream_id
@@ -57,11 +67,47 @@ DROP_WAIT = 60.0  # seconds a closed client's cleanup waits for its op under way
 
 
 class Unavailable(TransientError):
-    """Redis or Kafka failed an op: answered `unavailable` (worth retrying), never counted as a bad frame."""
+    """Redis or Kafka failed an op: answered `unavailable` (worth retrying), never counted as a bad frame.
+    Its text is what the client is told; the failure's own text is logged."""
 
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.detail = detail
+
+class BadFrame(InvalidInput):
+    """A frame that is not an op this hub takes, or not in the shape of its op."""
+
+
+class BadChannel(InvalidInput):
+    """A frame whose channel is not a channel name."""
+
+
+class TooManySubscriptions(Refused):
+    """A subscribe past HERALD_WS_MAX_SUBSCRIPTIONS."""
+
+
+# The one place an exception type becomes a WebSocket error code: the most
+# specific entry of its type wins (as `except` clauses would). The codes are
+# the protocol's (frames.ErrorCode): an HTTP title changes none of them.
+ERROR_CODES: dict[type[HeraldError], frames.ErrorCode] = {
+    Unavailable: "unavailable",
+    Refused: "bad_frame",
+    BadFrame: "bad_frame",
+    BadChannel: "bad_channel",
+    InvalidInput: "invalid_message",
+    DataOutOfBounds: "data_out_of_bounds",
+    Unencodable: "unencodable_data",
+    Forbidden: "forbidden",
+    TooManySubscriptions: "too_many_subscriptions",
+    TooLarge: "payload_too_large",
+    TooLargeForKafka: "message_too_large",
+}
+
+
+def error_code(exc: Unavailable | Refused) -> frames.ErrorCode:
+    """The code of the `error` frame answering `exc`."""
+    for kind in type(exc).__mro__:
+        code = ERROR_CODES.get(kind)
+        if code is not None:
+            return code
+    raise LookupError(f"no WebSocket error code for {type(exc).__name__}")
 
 
 class Client:
@@ -217,28 +263,27 @@ class Protocol:
         try:
             if ref is not None and not _encodable(ref):
                 ref = None  # a lone surrogate or 1e400 cannot be echoed (review L3)
-                raise ValidationError("ref must be JSON a reply can carry", title="bad_frame")
+                raise BadFrame("ref must be JSON a reply can carry")
             self._handle(client, frame)
             client.bad = 0
-        except Unavailable as exc:
+        except (Unavailable, Refused) as exc:
+            client.send(_with_ref({"op": "error", "code": error_code(exc), "message": str(exc)}, ref))
             # An outage says nothing about the client's frames (docs/protocol.md: "WebSocket close codes and errors").
-            client.send(_with_ref({"op": "error", "code": "unavailable", "message": exc.detail}, ref))
-        except ValidationError as exc:
-            client.bad += 1
-            code = exc.title.lower().replace(" ", "_")
-            client.send(_with_ref({"op": "error", "code": code, "message": exc.detail}, ref))
-            if client.bad >= MAX_BAD_FRAMES:
-                client.ws.close(CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_POLICY, "too many bad frames")
+            if isinstance(exc, Refused):
+                client.bad += 1
+                if client.bad >= MAX_BAD_FRAMES:
+                    client.ws.close(CLOSE_FORBIDDEN if isinstance(exc, Forbidden) else CLOSE_POLICY,
+                                    "too many bad frames")
 
     def _handle(self, client: Client, frame) -> None:
         if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
-            raise ValidationError("a frame is a JSON object with an op", title="bad_frame")
+            raise BadFrame("a frame is a JSON object with an op")
         op, ref = frame["op"], frame.get("ref")
         if op == "connect":
-            raise ValidationError("already connected", title="bad_frame")
+            raise BadFrame("already connected")
         model = CLIENT_OPS.get(op)
         if model is None:
-            raise ValidationError(f"unknown op {op!r}", title="bad_frame")
+            raise BadFrame(f"unknown op {op!r}")
         # The models of web/hub/frames.py, which the AsyncAPI document shows, validate.
         try:
             parsed = model.model_validate(frame)
@@ -258,14 +303,13 @@ class Protocol:
     def _subscribe(self, client: Client, frame: frames.Subscribe, ref) -> None:
         channel = frame.channel
         if not client.identity.may_subscribe(channel):
-            raise ValidationError(f"this token may not subscribe to {channel}", status=403, title="forbidden")
+            raise Forbidden(f"this token may not subscribe to {channel}")
         limit = self.settings.ws_max_subscriptions
         if channel not in client.subscriptions and len(client.subscriptions) >= limit:
-            raise ValidationError(f"at most {limit} subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)",
-                                  title="too_many_subscriptions")
+            raise TooManySubscriptions(f"at most {limit} subscriptions per connection (HERALD_WS_MAX_SUBSCRIPTIONS)")
         since = frame.since
         if since is not None and not valid_stream_id(since):  # each part below 2**64, as Redis requires
-            raise ValidationError(SINCE_PROBLEM, title="bad_frame")
+            raise BadFrame(SINCE_PROBLEM)
         size = self._replay_page()
         sub = Subscription(client.ws, status=frame.status, presence=frame.presence, hold=size,
                            hold_bytes=self.settings.history_page_bytes)
@@ -372,12 +416,11 @@ class Protocol:
     def _publish(self, client: Client, frame: frames.PublishOp, ref) -> None:
         envelope = parse_publish(frame, sender=client.identity.user, max_bytes=self.settings.max_message_bytes)
         if not client.identity.may_publish(envelope.channel):
-            raise ValidationError(f"this token may not publish to {envelope.channel}", status=403,
-                                  title="forbidden")
+            raise Forbidden(f"this token may not publish to {envelope.channel}")
         try:
             answer = self.services.ingest.publish(envelope, idempotent=frame.id is not None,
                                                   origin=f"{self.hub.node}/{client.id}", request_id=new_id())
-        except ValidationError:
+        except Refused:
             raise
         except HeraldError as exc:
             # Its text names internal hosts: logged, not sent (docs/protocol.md: "WebSocket close codes and errors").
@@ -446,17 +489,17 @@ def _encodable(value) -> bool:
     return True
 
 
-def _refusal(op: str, errors: list[dict]) -> ValidationError:
+def _refusal(op: str, errors: list[dict]) -> InvalidInput:
     """The error an op whose frame breaks its model gets: `bad_channel`, the message's
     `invalid_message` (as HTTP's 422), or `bad_frame` naming each fault."""
     fields = {error["field"] for error in errors}
     if "channel" in fields:
-        return ValidationError(CHANNEL_PROBLEM, title="bad_channel")
+        return BadChannel(CHANNEL_PROBLEM)
     if op == "publish":
-        return ValidationError("The message has invalid fields", errors)
+        return InvalidInput("The message has invalid fields", errors)
     if fields == {"since"}:
-        return ValidationError(SINCE_PROBLEM, title="bad_frame")
-    return ValidationError("; ".join(f"{e['field']}: {e['problem']}" for e in errors), title="bad_frame")
+        return BadFrame(SINCE_PROBLEM)
+    return BadFrame("; ".join(f"{e['field']}: {e['problem']}" for e in errors))
 
 
 def _with_ref(frame: dict, ref) -> dict:
