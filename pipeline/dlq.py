@@ -13,7 +13,7 @@ import logging
 
 from pipeline.core.errors import Refused
 from pipeline.core.ids import client_id
-from pipeline.core.messages import Envelope, encode, now_ms
+from pipeline.core.messages import Envelope, dead_letter_headers, encode, now_ms, replay_headers
 from pipeline.core.metrics import DEAD_LETTERS
 
 log = logging.getLogger("herald.dlq")
@@ -44,13 +44,8 @@ class DeadLetters:
         message = envelope.stripped() if envelope else None
         letter_id = message.id if message else f"raw-{partition}-{offset}"
         failed_at = now_ms()
-        headers = [
-            ("herald-error", reason.encode()[:4096]),
-            ("herald-partition", str(partition).encode()),
-            ("herald-offset", str(offset).encode()),
-            ("herald-attempts", str(attempts).encode()),
-            ("herald-failed-at", str(failed_at).encode()),
-        ]
+        headers = dead_letter_headers(reason=reason, partition=partition, offset=offset, attempts=attempts,
+                                      failed_at=failed_at)
         value = encode(message) if message else (raw or b"")
         if key is None and message:
             key = message.channel
@@ -104,7 +99,7 @@ class DeadLetters:
             raise NotReplayable(f"dead letter {letter_id} is being replayed")
         try:
             partition, offset = self.publisher.publish(self.settings.topic, envelope.channel, encode(envelope),
-                                                       [("herald-replay", b"1")])
+                                                       replay_headers())
         except Exception:
             self.store.redis.zadd(index, {letter_id: entry["failed_at"]})  # still dead: it may be replayed again
             raise

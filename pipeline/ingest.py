@@ -18,7 +18,7 @@ import redis
 
 from pipeline.core.errors import HeraldError, IdempotencyConflict, InvalidInput, RedisUnavailable
 from pipeline.core.ids import MAX_CLIENT_ID, client_id, scoped
-from pipeline.core.messages import Envelope, encode, new_id
+from pipeline.core.messages import Envelope, encode, new_id, to_headers
 from pipeline.core.metrics import PUBLISHES
 
 log = logging.getLogger("herald.ingest")
@@ -137,7 +137,7 @@ class Ingest:
                         continue
                     claims[index] = claim
                 pending[index] = self.publisher.send(self.settings.topic, envelope.channel, encode(envelope),
-                                                     _headers(origin, request_id))
+                                                     to_headers(origin, request_id))
             except HeraldError as exc:
                 self._forget(envelope, claims.get(index))
                 results[index] = exc
@@ -230,12 +230,3 @@ def _count(accepted: int, duplicate: int, refused: int) -> None:
 
 def _log_accepted(answers: list[dict], request_id: str | None) -> None:
     log.info("accepted", extra={**accepted_fields(answers), "request_id": request_id})
-
-
-def _headers(origin, request_id):
-    headers = []
-    if origin:
-        headers.append(("herald-origin", origin.encode()))
-    if request_id:
-        headers.append(("x-request-id", request_id.encode()))
-    return headers

@@ -25,7 +25,7 @@ from confluent_kafka import (
 
 from pipeline.core.errors import PermanentError
 from pipeline.core.logs import configure_logging
-from pipeline.core.messages import Envelope, decode, offset_spans
+from pipeline.core.messages import Envelope, decode, from_headers, offset_spans
 from pipeline.core.metrics import (
     BRIDGE_LAG,
     DISPATCH_BATCHES,
@@ -111,10 +111,6 @@ class OffsetGaps:
         """A new assignment starts from the committed offset: no gap to measure against."""
         for partition in partitions:
             self._next.pop(partition, None)
-
-
-def _text(header: bytes | None) -> str | None:
-    return None if header is None else header.decode()
 
 
 def group_batches(records, batch_size: int):
@@ -249,12 +245,11 @@ class Bridge:
                 self.dead_letters.send(reason=str(exc), partition=partition, offset=offset, attempts=0,
                                        raw=record.value(), key=record.key())
                 continue
-            headers = dict(record.headers() or ())
+            origin, request_id = from_headers(record.headers())
             kind, stamp = record.timestamp()
             envelope = dataclasses.replace(
                 message.stripped(), partition=partition, offset=offset,
-                prev=self.order.stamp(partition, message.channel, offset),
-                origin=_text(headers.get("herald-origin")), request_id=_text(headers.get("x-request-id")),
+                prev=self.order.stamp(partition, message.channel, offset), origin=origin, request_id=request_id,
                 kafka_ts=None if kind == TIMESTAMP_NOT_AVAILABLE else stamp)
             decoded.append((partition, envelope))
         if decoded:

@@ -297,6 +297,65 @@ _PIPELINE_FIELDS = tuple(name for name in _FIELDS if name not in MESSAGE_FIELDS)
 _ALL_BUT_RULES = operator.attrgetter(*_FIELDS[:-1])
 
 
+# -- Kafka record headers: what travels beside a record's value ----------------------
+ORIGIN_HEADER = "herald-origin"  # the WebSocket connection that published it (`origin_of`)
+REQUEST_ID_HEADER = "x-request-id"  # the request that published it, for log lines
+REPLAY_HEADER = "herald-replay"  # a dead letter sent back through the pipeline
+Headers = list[tuple[str, bytes]]
+
+
+def to_headers(origin: str | None, request_id: str | None) -> Headers:
+    """The headers of a record ingest publishes: its origin and request id, those known."""
+    headers = []
+    if origin:
+        headers.append((ORIGIN_HEADER, origin.encode()))
+    if request_id:
+        headers.append((REQUEST_ID_HEADER, request_id.encode()))
+    return headers
+
+
+def from_headers(headers: list[tuple[str, bytes | None]] | None) -> tuple[str | None, str | None]:
+    """The (origin, request id) `to_headers` wrote in a record's headers (None for each absent)."""
+    found = dict(headers or ())
+    return _header_text(found.get(ORIGIN_HEADER)), _header_text(found.get(REQUEST_ID_HEADER))
+
+
+def replay_headers() -> Headers:
+    """The headers of a dead letter published again."""
+    return [(REPLAY_HEADER, b"1")]
+
+
+def dead_letter_headers(*, reason: str, partition: int, offset: int, attempts: int, failed_at: int) -> Headers:
+    """The headers of a dead letter: why it died (cut to 4 KiB), where its record was, how many
+    attempts it had and when (ms)."""
+    return [
+        ("herald-error", reason.encode()[:4096]),
+        ("herald-partition", str(partition).encode()),
+        ("herald-offset", str(offset).encode()),
+        ("herald-attempts", str(attempts).encode()),
+        ("herald-failed-at", str(failed_at).encode()),
+    ]
+
+
+def _header_text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+# -- origins ----------------------------------------------------------------------
+def origin_of(node: str, client: str) -> str:
+    """A WebSocket connection's name across the cluster, `node/client`: its member in the
+    connection counts, and the origin of what it publishes (its status frames go to it)."""
+    return f"{node}/{client}"
+
+
+def parse_origin(origin: str | None) -> tuple[str, str]:
+    """The (node, client) of an `origin_of` name; ("", "") when there is none."""
+    if not origin or "/" not in origin:
+        return "", ""
+    node, client = origin.split("/", 1)
+    return node, client
+
+
 def offset_spans(envelopes) -> dict[int, list[int]]:
     """{partition: [first offset, last offset]} of a batch's records, for its log lines."""
     spans: dict[int, list[int]] = {}

@@ -19,7 +19,7 @@ import zoneinfo
 from urllib.parse import urlsplit
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.messages import namespace, valid_channel
+from pipeline.core.messages import CHANNEL_RE, namespace, valid_channel
 from pipeline.core.redis_tls import cert_reqs, check_ca_pem, redis_tls
 
 _ON = {"1", "on", "true", "yes"}
@@ -679,5 +679,5 @@ def _timezone(env, name, default):
 def _alert_channel(env):
     value = env.get("HERALD_RULES_ALERT_CHANNEL") or Settings.rules_alert_channel
     if not valid_channel(value):
-        raise ConfigError(f"HERALD_RULES_ALERT_CHANNEL={value!r} is not a channel name ([A-Za-z0-9_:.@-]{{1,200}})")
+        raise ConfigError(f"HERALD_RULES_ALERT_CHANNEL={value!r} is not a channel name ({CHANNEL_RE.pattern})")
     return value

@@ -28,7 +28,7 @@ import re2
 import yaml
 
 from pipeline.core.errors import HeraldError
-from pipeline.core.messages import dumps_bytes
+from pipeline.core.messages import dumps_bytes, valid_channel
 
 RULE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 TIME_RE = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
@@ -350,7 +350,7 @@ def _check_actions(raw, path: str, fault) -> list[dict]:
         where = f"{where}.{name}"
         if name == "route":
             target = arg.get("channel") if isinstance(arg, dict) and set(arg) == {"channel"} else arg
-            if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z0-9_:.@-]{1,200}", target):
+            if not valid_channel(target):
                 fault(where, "must be a channel name (or {channel: name})")
             else:
                 actions.append({"do": "route", "channel": target})

@@ -10,7 +10,9 @@ limits"). The parts:
 - `transport`: each socket, read and written by gevent's loop (no greenlet per idle connection);
 - `router`: the local channel index, and the pub/sub listener feeding it;
 - `protocol`: the handshake's checks, the ops and their errors;
-- `presence`: who is in a channel, this node's heartbeat, and reaping dead nodes' entries.
+- `presence`: who is in a channel, this node's heartbeat, and reaping dead nodes' entries;
+- `batch`: one Redis round trip for a burst of connects and subscribes;
+- `frames`: the protocol's frames as models, and its AsyncAPI document.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import redis
 from flask import request
 from flask_sock import Sock
 
+from pipeline.core.messages import origin_of
 from pipeline.store.keys import Keys
 from web.hub.presence import Presence
 from web.hub.protocol import CLOSE_GOING_AWAY, Protocol
@@ -47,8 +50,8 @@ class Hub:
         self.clients: dict = {}
         self.running = False
         self.presence = Presence(services.store, self.settings, self.node)
-        self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node, self.clients,
-                             services.store.history)
+        self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node,
+                             self.clients, services.store.history)
         self.protocol = Protocol(self)
 
     def start(self) -> None:
@@ -72,7 +75,7 @@ class Hub:
 
     def member(self, client_id: str) -> str:
         """The client's name in the cluster-wide connection counts."""
-        return f"{self.node}/{client_id}"
+        return origin_of(self.node, client_id)
 
     def _ping(self) -> None:
         # One pass over every client per interval: a client that left the last

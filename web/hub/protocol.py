@@ -32,7 +32,7 @@ from pipeline.core.errors import (
     TransientError,
     Unencodable,
 )
-from pipeline.core.messages import dumps, field_errors, loads, new_id, parse_publish
+from pipeline.core.messages import CHANNEL_RE, dumps, field_errors, loads, new_id, parse_publish
 from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.store import stream_id_key, valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
@@ -58,7 +58,7 @@ CONNECT_TIMEOUT = 10.0  # seconds from the upgrade to an accepted token, whateve
 INBOX_FRAMES = 64  # frames waiting for their op (while one blocks, e.g. a replay waiting for the client)
 REPLAY_WAIT = 10.0  # seconds a replay page waits for the client to take the page before it
 MAX_BAD_FRAMES = 5
-CHANNEL_PROBLEM = "channel must match [A-Za-z0-9_:.@-]{1,200}"
+CHANNEL_PROBLEM = f"channel must match {CHANNEL_RE.pattern}"
 SINCE_PROBLEM = "since is an offset from a message frame"
 # The ops a connected client sends, by name (`connect` comes first, or not at all).
 CLIENT_OPS = {"ping": frames.Ping, "subscribe": frames.Subscribe, "unsubscribe": frames.Unsubscribe,
@@ -419,7 +419,7 @@ class Protocol:
             raise Forbidden(f"this token may not publish to {envelope.channel}")
         try:
             answer = self.services.ingest.publish(envelope, idempotent=frame.id is not None,
-                                                  origin=f"{self.hub.node}/{client.id}", request_id=new_id())
+                                                  origin=self.hub.member(client.id), request_id=new_id())
         except Refused:
             raise
         except HeraldError as exc:
