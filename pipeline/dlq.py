@@ -3,7 +3,7 @@
 A letter is named by its message's global id (pipeline/core/ids.py: a minted ULID,
 or `<scope>.<id>`), a record that could not be decoded by `raw-<p>-<o>`: no
 message id takes that form, so a client cannot overwrite or pre-empt the
-bridge's letter by choosing one (issue 19).
+bridge's letter by choosing one.
 """
 
 from __future__ import annotations

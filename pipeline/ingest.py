@@ -1,7 +1,7 @@
 """Accepting messages: idempotency, then Kafka, then the `accepted` status.
 
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
-an answer means Kafka acknowledged the record (SPEC: never 202 otherwise).
+an answer means Kafka acknowledged the record (never a 202 otherwise).
 An id the client chose is scoped to its sender here, before anything is
 claimed or written (pipeline/core/ids.py, docs/design.md: "Message ids").
 """
@@ -103,8 +103,8 @@ class Ingest:
         self.store = store
         self.publisher = publisher
         # Concurrent requests record their accepted messages in one Redis
-        # round trip: a round trip each, with its pool checkout, was a third
-        # of a single POST's handling (py-spy).
+        # round trip: a round trip each, with its pool checkout, would be a
+        # large share of a single POST's handling.
         self._statuses = GroupCommit(self._write_statuses)
 
     def publish(self, envelope: Envelope, *, idempotent: bool, origin: str | None = None,

@@ -37,7 +37,7 @@ class Identity:
         return channel_allowed(channel, self.subscribe)
 
 
-# HERALD_AUTH=off: everything allowed; the settings refuse it without HERALD_DEV (review L10).
+# HERALD_AUTH=off: everything allowed; the settings refuse it without HERALD_DEV.
 OPEN = Identity(user="anonymous", publish=("*",), subscribe=("*",), admin=True)
 
 
@@ -55,9 +55,9 @@ def verify(token: str | None, settings) -> Identity:
 
 
 # A token's signature is checked once per process, not on every request and
-# connection: PyJWT spent 15% of a web process's CPU in a burst of WebSocket
-# connects (issue 10), most clients reusing their token. Refused tokens are
-# not cached (lru_cache keeps no exceptions).
+# connection: checking it is a large share of a WebSocket connect's CPU, and
+# most clients reuse their token. Refused tokens are not cached (lru_cache
+# keeps no exceptions).
 @functools.lru_cache(maxsize=4096)
 def _decode(token: str, secret: str) -> Identity:
     try:

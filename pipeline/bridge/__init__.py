@@ -377,7 +377,7 @@ def main() -> None:
         store = Store(connect(settings, settings.redis_pool_size), settings)
         store.redis.ping()
         serve(settings)  # a port in use stops the bridge here, in one line
-    except Exception as exc:  # one clear line, never a traceback (SPEC)
+    except Exception as exc:  # one clear line, never a traceback
         raise SystemExit(f"herald bridge: cannot start: {exc}") from None
     if warning:
         log.warning(warning)

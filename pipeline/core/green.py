@@ -1,9 +1,8 @@
 """Bridging blocking C clients and gevent.
 
 The web process runs under gevent (many WebSockets per process), but
-confluent-kafka's calls block in C and never yield to the gevent hub
-(confluent-kafka-python issue #612). Its blocking calls therefore run in
-native threads, and their results come back to greenlets through a
+confluent-kafka's calls block in C and never yield to the gevent hub. Its
+blocking calls therefore run in native threads, and their results come back to greenlets through a
 thread-safe hub watcher. In processes without gevent the same API is plain
 threading.
 """

@@ -10,8 +10,8 @@ dedupe marker, idempotency claim, in-flight entry, archive row, dead letter):
   own is scoped too), nor a minted one (those have no '.').
 
 Clients see the id they sent (frames, answers); the global id is the answer's
-`global_id`. Ids were once one global first-come namespace: anyone could
-squat another service's id, or probe whether it had been used (issue 19).
+`global_id`. Scoping is what keeps one sender from squatting another's id, or
+from probing whether another sender used an id.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Prometheus metrics of every Herald process, and how each process serves them.
 
-Metrics are module-level objects: every process exposes them all, and those
-of another process's work stay at zero. Processes that fork children (the
+Metrics are module-level objects, defined here by the process that counts
+them; a few live beside their one user (the rules repository, the archive
+cache, the hub's router, the processor). A process exposes every metric of
+the modules it imported, those of another process's work at zero. Processes that fork children (the
 web's gunicorn workers, the Celery worker's pool) run prometheus-client's
 multiprocess mode: `PROMETHEUS_MULTIPROC_DIR` is set before anything imports
 prometheus_client, and a scrape merges every child's files

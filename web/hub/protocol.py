@@ -208,7 +208,7 @@ class Protocol:
 
     def _authenticate(self, ws: WebSocket, token):
         # One deadline from the upgrade: pings and parts of a frame do not
-        # extend it (review M2), and nothing is answered before it is met.
+        # extend it, and nothing is answered before it is met.
         ref = None
         if token is None and self.settings.auth:
             raw = ws.read_message(time.monotonic() + CONNECT_TIMEOUT)
@@ -237,7 +237,7 @@ class Protocol:
             client.ws.close(CLOSE_RATE_LIMITED, "too many frames")
             return
         if len(client.inbox) >= INBOX_FRAMES or client.inbox_size + len(raw) > self.settings.max_inbox_size:
-            # Frames pile up behind an op that blocks: what waits is bounded (review H3).
+            # Frames pile up behind an op that blocks: what waits is bounded.
             client.inbox.clear()
             client.inbox_size = 0
             client.ws.close(CLOSE_RATE_LIMITED, "too many frames waiting")
@@ -262,7 +262,7 @@ class Protocol:
         ref = frame.get("ref") if isinstance(frame, dict) else None
         try:
             if ref is not None and not _encodable(ref):
-                ref = None  # a lone surrogate or 1e400 cannot be echoed (review L3)
+                ref = None  # a lone surrogate or 1e400 cannot be echoed
                 raise BadFrame("ref must be JSON a reply can carry")
             self._handle(client, frame)
             client.bad = 0
@@ -356,7 +356,7 @@ class Protocol:
             reply["more"] = True  # `replayed` and `offset` count the first page; more pages follow
         client.send(_with_ref(reply, ref))
         self._replay(client, channel, sub, replay, more)
-        # Presence only for `presence: true` (web/hub/frames.py, review L13).
+        # Presence only for `presence: true` (web/hub/frames.py).
         was_present = previous is not None and previous.presence
         if sub.presence and not was_present:
             self._join(client, channel)
@@ -379,7 +379,7 @@ class Protocol:
         (docs/configuration.md: HERALD_WS_REPLAY_PAGE), then the live frames held meanwhile.
 
         A client that does not take a page within REPLAY_WAIT is closed 4008:
-        it holds its own op greenlet no longer than that (review H3)."""
+        it holds its own op greenlet no longer than that."""
         while True:
             for message in page:
                 client.send(message)
