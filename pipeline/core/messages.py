@@ -17,8 +17,9 @@ import operator
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,7 +57,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def valid_channel(channel) -> bool:
+def valid_channel(channel: object) -> bool:
     """True when `channel` is a channel name (CHANNEL_RE)."""
     return isinstance(channel, str) and CHANNEL_RE.fullmatch(channel) is not None
 
@@ -66,23 +67,23 @@ def namespace(channel: str) -> str:
     return channel.split(":", 1)[0] if ":" in channel else ""
 
 
-def channel_allowed(channel: str, globs) -> bool:
+def channel_allowed(channel: str, globs: Iterable[str] | None) -> bool:
     """True when one of the token's channel globs (`chat:*`) matches."""
     return any(fnmatch.fnmatchcase(channel, glob) for glob in globs or ())
 
 
-def loads(raw):
+def loads(raw: str | bytes) -> Any:
     """Strict JSON: `NaN`, `Infinity` and `-Infinity` are refused with ValueError, as
     browsers' JSON.parse refuses them (a frame holding one would be lost)."""
     return json.loads(raw, parse_constant=_refuse_constant)
 
 
-def dumps(value) -> str:
+def dumps(value: Any) -> str:
     """Compact strict JSON text (ValueError on NaN or an infinity)."""
     return dumps_bytes(value).decode()
 
 
-def dumps_bytes(value) -> bytes:
+def dumps_bytes(value: Any) -> bytes:
     """`dumps` as UTF-8 bytes: what a Kafka record and a Redis field hold.
 
     orjson encodes, for its speed on every publish and delivery, with the same
@@ -101,7 +102,7 @@ def dumps_bytes(value) -> bytes:
     return text
 
 
-def _finite(value) -> bool:
+def _finite(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, dict):
@@ -111,11 +112,11 @@ def _finite(value) -> bool:
     return True
 
 
-def data_problem(data) -> str | None:
+def data_problem(data: Any) -> str | None:
     """What breaks the ingest bounds in `data` (arrays and objects nested deeper than
     MAX_DATA_DEPTH, an integer outside MIN_INT..MAX_INT), or None. Iterative: any
     depth costs no stack."""
-    pending = [(data, 1)] if type(data) in (dict, list) else []
+    pending: list[tuple[Any, int]] = [(data, 1)] if type(data) in (dict, list) else []
     if type(data) is int and not MIN_INT <= data <= MAX_INT:
         return _BIG_INT
     while pending:
@@ -134,7 +135,7 @@ def data_problem(data) -> str | None:
 _BIG_INT = "holds an integer outside -2**63..2**64-1 (the limit)"
 
 
-def _refuse_constant(name: str):
+def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
@@ -147,7 +148,7 @@ MessageId = Annotated[str, Field(pattern=f"^{ID_RE.pattern}$")]
 MessageType = Annotated[str, Field(pattern=f"^{TYPE_RE.pattern}$")]
 
 
-def no_null_default(schema: dict) -> None:
+def no_null_default(schema: dict[str, Any]) -> None:
     """For a field whose None default means "absent": the document shows no `default: null`."""
     schema.pop("default", None)
 
@@ -162,8 +163,9 @@ class Publish(BaseModel):
                                   "and integers from -2^63 to 2^64-1 (else 400)")
     type: MessageType = "message"
     # Absent means "mint a ULID"; `null` is not a value the API takes (the
-    # default is not validated, so None stands only for "absent").
-    id: MessageId = Field(
+    # default is not validated, so None stands only for "absent"; the type
+    # stays `str` so that a null is refused).
+    id: MessageId = Field(  # type: ignore[assignment]
         None, json_schema_extra=no_null_default,
         description="the client's id for the message: the same id within HERALD_STATUS_TTL is answered "
                     "with the first answer and published once")
@@ -174,7 +176,7 @@ _PROBLEMS = {"missing": "required", "extra_forbidden": "unknown field", "model_t
              "dict_type": "must be an object"}
 
 
-def field_errors(exc: PydanticError, prefix: tuple = ()) -> list[dict]:
+def field_errors(exc: PydanticError, prefix: tuple[str | int, ...] = ()) -> list[dict[str, str]]:
     """A pydantic ValidationError as the API's `errors`: `{field, problem}` with the field's
     path (`messages[2].channel`)."""
     errors = []
@@ -190,7 +192,7 @@ def field_errors(exc: PydanticError, prefix: tuple = ()) -> list[dict]:
     return errors
 
 
-def parse_publish(body, *, sender: str, idempotency_key: str | None = None,
+def parse_publish(body: object, *, sender: str, idempotency_key: str | None = None,
                   max_bytes: int | None = None) -> Envelope:
     """Validate one client message (a dict, or a `Publish` already validated) and return its
     envelope, or raise InvalidInput (or a subclass); with `max_bytes`, a message whose JSON is
@@ -255,9 +257,9 @@ class Envelope:
     force_order: bool = False
     # What the rules decided for it (pipeline/rules/__init__.py: Decision.record), once:
     # a message back from waiting, or retried, keeps its decision.
-    rules: dict | None = None
+    rules: dict[str, Any] | None = None
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         """A JSON-ready dict: the message, and whichever pipeline fields are set."""
         wire = {name: getattr(self, name) for name in MESSAGE_FIELDS}
         for name in _PIPELINE_FIELDS:
@@ -267,7 +269,7 @@ class Envelope:
         return wire
 
     @classmethod
-    def from_wire(cls, wire) -> Envelope:
+    def from_wire(cls, wire: object) -> Envelope:
         """The envelope `to_wire` gave (unknown keys ignored), or PermanentError saying what is wrong."""
         if not isinstance(wire, dict):
             raise PermanentError("record is not a JSON object")
@@ -280,10 +282,11 @@ class Envelope:
             raise PermanentError("record has an invalid id")
         return cls(**{name: wire[name] for name in _FIELDS if name in wire})
 
-    def with_rules(self, record: dict) -> Envelope:
+    def with_rules(self, record: dict[str, Any]) -> Envelope:
         """This envelope with `rules` set to `record`: what `dataclasses.replace` makes, in half
         its time (a worker's rules step makes one for each message, matched or not)."""
-        return Envelope(*_ALL_BUT_RULES(self), record)
+        make: Callable[..., Envelope] = Envelope  # every field positionally, which mypy cannot count
+        return make(*_ALL_BUT_RULES(self), record)
 
     def stripped(self) -> Envelope:
         """The message alone, as Kafka records and dead letters hold it."""
@@ -293,7 +296,7 @@ class Envelope:
 _FIELDS = tuple(f.name for f in dataclasses.fields(Envelope))
 _PIPELINE_FIELDS = tuple(name for name in _FIELDS if name not in MESSAGE_FIELDS)
 # Every field before `rules`, the last one, in order (Envelope.with_rules).
-_ALL_BUT_RULES = operator.attrgetter(*_FIELDS[:-1])
+_ALL_BUT_RULES: Callable[[Envelope], tuple[Any, ...]] = operator.attrgetter(*_FIELDS[:-1])
 
 
 # -- Kafka record headers: what travels beside a record's value ----------------------
@@ -355,9 +358,9 @@ def parse_origin(origin: str | None) -> tuple[str, str]:
     return node, client
 
 
-def offset_spans(envelopes) -> dict[int, list[int]]:
+def offset_spans(envelopes: Iterable[Envelope]) -> dict[int | None, list[int | None]]:
     """{partition: [first offset, last offset]} of a batch's records, for its log lines."""
-    spans: dict[int, list[int]] = {}
+    spans: dict[int | None, list[int | None]] = {}
     for envelope in envelopes:
         spans.setdefault(envelope.partition, [envelope.offset, envelope.offset])[1] = envelope.offset
     return spans

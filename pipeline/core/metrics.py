@@ -17,6 +17,8 @@ import os
 import socket
 import socketserver
 import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -28,9 +30,15 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from pipeline.core.errors import StartupError
 from pipeline.core.settings import MULTIPROC_ENV, loopback
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
+
+    from pipeline.core.settings import Settings
 
 # Produce and delivery times span a local broker's milliseconds to a retry's minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -74,12 +82,12 @@ def multiprocess() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
 
-def scrape_registry(*collectors) -> CollectorRegistry:
+def scrape_registry(*collectors: Collector) -> CollectorRegistry:
     """The registry a scrape reads: every process's files in multiprocess mode (plus
     `collectors`), else this process's default registry (with `collectors` added once)."""
     if multiprocess():
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
         for collector in collectors:
             registry.register(collector)
         return registry
@@ -90,10 +98,10 @@ def scrape_registry(*collectors) -> CollectorRegistry:
     return REGISTRY
 
 
-_registered: set = set()
+_registered: set[Collector] = set()
 
 
-def scrape_allowed(header: str | None, settings, *, private: bool = False) -> bool:
+def scrape_allowed(header: str | None, settings: Settings, *, private: bool = False) -> bool:
     """May this scrape read /metrics? With HERALD_METRICS_TOKEN set, only with it as a bearer
     token; without, only on a `private` (loopback) listener, in development, or with
     HERALD_METRICS_PUBLIC (docs/operations.md: "Metrics"): lag, DLQ size and rule ids are nobody else's business."""
@@ -118,16 +126,16 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def _v6(address: str) -> type:
+def _v6(address: str) -> type[_Server]:
     return _Server6 if ":" in address else _Server
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *_args):  # a scrape every few seconds is not worth a log line
+    def log_message(self, *_args: Any) -> None:  # a scrape every few seconds is not worth a log line
         pass
 
 
-def serve(settings, registry_factory=scrape_registry) -> WSGIServer | None:
+def serve(settings: Settings, registry_factory: Callable[[], CollectorRegistry] = scrape_registry) -> WSGIServer | None:
     """Serve `/metrics` on HERALD_METRICS_BIND:HERALD_METRICS_PORT from a daemon thread (None
     when no port is set), behind HERALD_METRICS_TOKEN when set; StartupError when the port
     cannot be had."""
@@ -135,12 +143,13 @@ def serve(settings, registry_factory=scrape_registry) -> WSGIServer | None:
         return None
     private = loopback(settings.metrics_bind)
 
-    def app(environ, start_response):
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if not scrape_allowed(environ.get("HTTP_AUTHORIZATION"), settings, private=private):
             start_response("401 Unauthorized", [("Content-Type", "text/plain"),
                                                 ("WWW-Authenticate", 'Bearer realm="metrics"')])
             return [b"a bearer token is required (HERALD_METRICS_TOKEN)\n"]
-        return make_wsgi_app(registry_factory())(environ, start_response)
+        body: Iterable[bytes] = make_wsgi_app(registry_factory())(environ, start_response)
+        return body
 
     try:
         server = make_server(settings.metrics_bind, settings.metrics_port, app, _v6(settings.metrics_bind),

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pipeline.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.core.settings import Settings
 
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 _QUERY_KEYS = ("ssl_cert_reqs", "ssl_ca_certs")
@@ -39,7 +43,7 @@ def check_ca_pem(name: str, pem: str) -> str:
     return pem
 
 
-def redis_tls(url: str, settings, name: str = "REDIS_URL") -> tuple[str, dict]:
+def redis_tls(url: str, settings: Settings, name: str = "REDIS_URL") -> tuple[str, dict[str, Any]]:
     """(the URL without its TLS query, redis-py TLS keyword arguments) for one Redis URL.
 
     The arguments are empty for `redis://` and `unix://`. For `rediss://` the
@@ -59,7 +63,8 @@ def redis_tls(url: str, settings, name: str = "REDIS_URL") -> tuple[str, dict]:
             raise ConfigError(f"{name} has {', '.join(sorted(tls))} but is not a rediss:// URL")
         return url, {}
     reqs = cert_reqs(f"{name} ssl_cert_reqs", tls.get("ssl_cert_reqs", settings.redis_ssl_cert_reqs))
-    options = {"ssl_cert_reqs": CERT_REQS[reqs]}
+    # redis-py keyword arguments, given to each client as they are.
+    options: dict[str, Any] = {"ssl_cert_reqs": CERT_REQS[reqs]}
     if "ssl_ca_certs" in tls:
         path = tls["ssl_ca_certs"]
         if not os.path.isfile(path):
