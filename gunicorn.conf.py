@@ -9,13 +9,14 @@ import sys
 
 import gevent
 
-from pipeline.core.settings import current, multiprocess_metrics_dir
+from pipeline.core.settings import load_or_exit, multiprocess_metrics_dir
 
 # Every worker writes its metrics there and /metrics merges them; set before
 # anything imports prometheus_client (the workers inherit it).
 _own_metrics_dir = multiprocess_metrics_dir()
-# Read once for this process: app.py's create_app() gets the same object.
-_settings = current()
+# The arbiter's own; each worker reads its own when it loads app.py (its node_id
+# names the worker).
+_settings = load_or_exit()
 
 # In development (HERALD_DEV, which `flask dev` sets) only this machine may
 # connect: GET /dev/token hands out tokens allowed everything.

@@ -9,13 +9,14 @@ value fails there, with a sentence that says which variable and what to do,
 never later with a traceback. docs/configuration.md's table documents the same
 variables (tests/unit/test_settings_table.py keeps the two in step).
 
-Each process reads its settings at start, in its entry point, and passes them
-down as an argument: `current()` reads and keeps them where the entry point is
-a module another program imports or runs (gunicorn.conf.py and app.py, in one
-process, share them; tasks/worker.py when Celery imports it; the bridge's
-`main`), `load_or_exit()` where a command reads them for itself (`python -m
-tasks`, Flower, the `flask` commands). Tests build them from a plain dict with
-`Settings.from_env`.
+Each process reads its settings once, in its entry point, and passes them
+down as an argument. `current()` reads them on first use and keeps them:
+app.py (each gunicorn worker of `web`, and the `flask` commands), the bridge's
+`main`, and tasks/worker.py when Celery imports it. `load_or_exit()` reads them
+afresh: in gunicorn.conf.py (the arbiter, whose workers then read their own:
+`node_id` names each), and in a command that checks them before it runs
+another program (`python -m tasks`, Flower) or that makes the environment
+itself (`flask dev`). Tests build them from a plain dict with `Settings.from_env`.
 """
 
 from __future__ import annotations
@@ -516,7 +517,7 @@ class Settings:
     # gunicorn's, for the `web` process (gunicorn.conf.py).
     web_concurrency: int = env("WEB_CONCURRENCY", 1, whole(1, 256), "gunicorn worker processes per `web`")
     worker_connections: int = env(
-        "HERALD_WORKER_CONNECTIONS", 20000, whole(1, 1_000_000),
+        "HERALD_WORKER_CONNECTIONS", 20000, whole(1, 100_000),
         "connections (WebSockets too) one gunicorn worker of `web` holds at most")
 
     def rate_limit(self, group: str) -> tuple[str | None, str | None]:
@@ -579,8 +580,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from an environment mapping (default `os.environ`)."""
-        env = os.environ if environ is None else environ
-        parsed = cls(**{field.name: _read(env, field, var) for field, var in variables()})
+        environ = os.environ if environ is None else environ
+        parsed = cls(**{field.name: _read(environ, field, var) for field, var in variables()})
         if parsed.auth and not parsed.secret_key:
             raise ConfigError(
                 "HERALD_SECRET_KEY is not set: set it to a long random string, "
@@ -588,14 +589,14 @@ class Settings:
             )
         settings = dataclasses.replace(
             parsed,
-            celery_broker_url=parsed.celery_broker_url if env.get("CELERY_BROKER_URL") else parsed.redis_url,
-            kafka_security_protocol=_kafka_protocol(env, parsed),
+            celery_broker_url=parsed.celery_broker_url if environ.get("CELERY_BROKER_URL") else parsed.redis_url,
+            kafka_security_protocol=_kafka_protocol(environ, parsed),
             # Heroku's multi-tenant Kafka accepts only names under KAFKA_PREFIX.
             topic=parsed.kafka_prefix + parsed.topic,
             consumer_group=parsed.kafka_prefix + parsed.consumer_group,
             node_id=parsed.node_id or f"{socket.gethostname()}-{os.getpid()}",
         )
-        if not env.get("HERALD_ORDER_WAIT") and settings.redis_broker:
+        if not environ.get("HERALD_ORDER_WAIT") and settings.redis_broker:
             # Strict order by default (docs/design.md: "Order"): a record waits for a
             # predecessor until the last safety net would have sent it again and
             # a worker run it: the bridge's sweep of what no worker finished (a
@@ -604,7 +605,7 @@ class Settings:
             # sweep's time for the re-sent task to reach a worker.
             settings = dataclasses.replace(settings, order_wait=settings.redispatch_after
                                            + 2 * settings.sweep_interval + cls.order_wait)
-        elif not env.get("HERALD_ORDER_WAIT") and settings.amqp_broker:
+        elif not environ.get("HERALD_ORDER_WAIT") and settings.amqp_broker:
             # RabbitMQ hands a killed worker's tasks back at once, but those of
             # a machine that vanished only when its connection's heartbeat lapses.
             settings = dataclasses.replace(settings, order_wait=AMQP_HEARTBEAT + cls.order_wait)
@@ -615,7 +616,7 @@ class Settings:
                               f"HERALD_HISTORY_PAGE_BYTES ({settings.history_page_bytes})")
         _check_redis_tls(settings)
         if settings.redis_cluster:
-            _check_cluster(env, settings)
+            _check_cluster(environ, settings)
         if settings.redis_broker and settings.retry_max_delay * 2 > settings.visibility_timeout:
             # A retry parked longer than the visibility timeout is handed to a
             # second worker by the Redis broker: the task would run twice.
@@ -640,11 +641,11 @@ def variables() -> Iterator[tuple[dataclasses.Field[Any], Var]]:
         yield field, field.metadata[_VAR]
 
 
-def _read(env: Mapping[str, str], field: dataclasses.Field[Any], var: Var) -> Any:
-    # The first of the variable and its alias that is set and not empty.
-    for name in (var.name, var.alias):
-        raw = env.get(name) if name else None
-        if name and raw:
+def _read(environ: Mapping[str, str], field: dataclasses.Field[Any], var: Var) -> Any:
+    # The variable, else its alias, when set and not empty; else the default.
+    for name in filter(None, (var.name, var.alias)):
+        raw = environ.get(name)
+        if raw:
             return var.parse(name, raw)
     return field.default
 
@@ -689,19 +690,19 @@ def loopback(address: str) -> bool:
 # The rules that tie several variables together, applied once every one is read.
 
 
-def _kafka_protocol(env: Mapping[str, str], settings: Settings) -> str:
+def _kafka_protocol(environ: Mapping[str, str], settings: Settings) -> str:
     """KAFKA_SECURITY_PROTOCOL, else the one KAFKA_URL, SASL and the certificates imply;
     checks that the SASL and TLS variables fit it."""
-    tls_url = _asks_tls(env.get("KAFKA_BOOTSTRAP_SERVERS") or env.get("KAFKA_URL") or "")
+    tls_url = _asks_tls(environ.get("KAFKA_BOOTSTRAP_SERVERS") or environ.get("KAFKA_URL") or "")
     mechanism = settings.kafka_sasl_mechanism
     sasl = bool(mechanism or settings.kafka_sasl_username or settings.kafka_sasl_password)
-    if env.get("KAFKA_SECURITY_PROTOCOL"):
+    if environ.get("KAFKA_SECURITY_PROTOCOL"):
         protocol = settings.kafka_security_protocol
         if tls_url and not protocol.endswith("SSL"):
             raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={protocol} contradicts the kafka+ssl:// of KAFKA_URL")
     else:
         protocol = ("SASL_" if sasl else "") + ("SSL" if tls_url else "PLAINTEXT")
-        if protocol == "PLAINTEXT" and (env.get("KAFKA_CLIENT_CERT") or env.get("KAFKA_TRUSTED_CERT")):
+        if protocol == "PLAINTEXT" and (environ.get("KAFKA_CLIENT_CERT") or environ.get("KAFKA_TRUSTED_CERT")):
             protocol = "SSL"
     if protocol.startswith("SASL"):
         if not mechanism:
@@ -768,11 +769,11 @@ def _check_development_flags(settings: Settings) -> None:
                           "set HERALD_METRICS_TOKEN, or HERALD_METRICS_PUBLIC=1 to serve them to anyone")
 
 
-def _check_cluster(env: Mapping[str, str], settings: Settings) -> None:
+def _check_cluster(environ: Mapping[str, str], settings: Settings) -> None:
     # Celery's Redis transport cannot run on a cluster (its queue and unacked
     # keys are used together in one MULTI), and a broker on the state cluster
     # would share its nodes' memory with the history.
-    if not env.get("CELERY_BROKER_URL") or settings.celery_broker_url == settings.redis_url:
+    if not environ.get("CELERY_BROKER_URL") or settings.celery_broker_url == settings.redis_url:
         raise ConfigError("REDIS_CLUSTER is on: set CELERY_BROKER_URL to a Redis (not the cluster) or a RabbitMQ")
     if any(brace in settings.redis_prefix for brace in "{}"):
         # The channel's hash tag must be the first {...} of every key.
