@@ -23,6 +23,8 @@ _settings = load_or_exit()
 # A --bind on the command line (or GUNICORN_CMD_ARGS) wins over this.
 bind = f"{'127.0.0.1' if _settings.dev else '0.0.0.0'}:{_settings.port}"
 worker_class = "gevent"
+# gunicorn reads WEB_CONCURRENCY too, with int(), before this file: a value
+# that is no number stops it there, with gunicorn's traceback.
 workers = _settings.web_concurrency
 worker_connections = _settings.worker_connections
 # Heroku sends SIGKILL 30 s after SIGTERM: finish well before it.
