@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.messages import namespace, valid_channel
+from pipeline.core.messages import CHANNEL_RE, namespace, valid_channel
 from pipeline.core.redis_tls import cert_reqs, check_ca_pem, redis_tls
 
 T = TypeVar("T")
@@ -324,7 +324,7 @@ def _timezone(name: str, raw: str) -> str:
 
 def _alert_channel(name: str, raw: str) -> str:
     if not valid_channel(raw):
-        raise ConfigError(f"{name}={raw!r} is not a channel name ([A-Za-z0-9_:.@-]{{1,200}})")
+        raise ConfigError(f"{name}={raw!r} is not a channel name ({CHANNEL_RE.pattern})")
     return raw
 
 
