@@ -71,7 +71,8 @@ RATE_LIMITS: RateLimits = (
 )
 RATE_LIMIT_GROUPS = tuple(group for group, _, _ in RATE_LIMITS)
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
-_BROKER_SCHEMES = (*_REDIS_SCHEMES, "amqp", "amqps", "pyamqp", "sqs")
+_AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+_BROKER_SCHEMES = (*_REDIS_SCHEMES, *_AMQP_SCHEMES, "sqs")
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -472,8 +473,8 @@ class Settings:
     rules_timezone: str = env("HERALD_RULES_TIMEZONE", "UTC", _timezone, "the zone of a time_range that names none")
     rules_alert_channel: str = env(
         "HERALD_RULES_ALERT_CHANNEL", "alerts:rules", _alert_channel, "where alert actions publish")
-    # The archive read path (docs/guide.md: "The archive and its cache").
-    # None: REDIS_URL.
+    # The archive read path (docs/guide.md: "The archive and its cache"); no
+    # cache_url: the cache is in REDIS_URL's Redis.
     cache_url: str | None = env(
         "HERALD_CACHE_URL", None, url(*_REDIS_SCHEMES),
         "the Redis of archive cache entries, fill locks and the Bloom filter")
@@ -531,12 +532,12 @@ class Settings:
     def redis_broker(self) -> bool:
         """True when Celery's broker is Redis (tasks of a dead worker come back only
         after the visibility timeout)."""
-        return urlsplit(self.celery_broker_url).scheme in {"redis", "rediss", "unix"}
+        return urlsplit(self.celery_broker_url).scheme in _REDIS_SCHEMES
 
     @property
     def amqp_broker(self) -> bool:
         """True when Celery's broker is RabbitMQ (docs/operations.md: "RabbitMQ as the Celery broker")."""
-        return urlsplit(self.celery_broker_url).scheme in {"amqp", "amqps", "pyamqp"}
+        return urlsplit(self.celery_broker_url).scheme in _AMQP_SCHEMES
 
     @property
     def task_queue(self) -> str:
