@@ -4,7 +4,6 @@ gevent because one process must hold thousands of WebSockets; each gunicorn
 worker is its own hub node, and the Kafka producer is made after the fork.
 """
 
-import os
 import shutil
 import sys
 
@@ -15,15 +14,19 @@ from pipeline.core.settings import load_or_exit, multiprocess_metrics_dir
 # Every worker writes its metrics there and /metrics merges them; set before
 # anything imports prometheus_client (the workers inherit it).
 _own_metrics_dir = multiprocess_metrics_dir()
+# The arbiter's own; each worker reads its own when it loads app.py (its node_id
+# names the worker).
 _settings = load_or_exit()
 
 # In development (HERALD_DEV, which `flask dev` sets) only this machine may
-# connect: GET /dev/token hands out tokens allowed everything (review M10).
+# connect: GET /dev/token hands out tokens allowed everything.
 # A --bind on the command line (or GUNICORN_CMD_ARGS) wins over this.
 bind = f"{'127.0.0.1' if _settings.dev else '0.0.0.0'}:{_settings.port}"
 worker_class = "gevent"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
-worker_connections = int(os.environ.get("HERALD_WORKER_CONNECTIONS", "20000"))
+# gunicorn reads WEB_CONCURRENCY too, with int(), before this file: a value
+# that is no number stops it there, with gunicorn's traceback.
+workers = _settings.web_concurrency
+worker_connections = _settings.worker_connections
 # Heroku sends SIGKILL 30 s after SIGTERM: finish well before it.
 graceful_timeout = 20
 timeout = 30
@@ -43,7 +46,7 @@ def on_starting(server):
 
     try:
         warning = check_at_start(_settings)
-    except StartupError as exc:  # one line, no traceback (SPEC)
+    except StartupError as exc:  # one line, no traceback (docs/operations.md)
         print(f"herald web: cannot start: {exc}", file=sys.stderr)
         sys.exit(1)
     if warning:

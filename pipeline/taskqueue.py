@@ -37,7 +37,7 @@ def make_celery(settings) -> Celery:
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        task_default_queue=f"{settings.redis_prefix}.tasks",
+        task_default_queue=settings.task_queue,
         # A task is acknowledged only when it finished; a worker that dies
         # mid-task hands it back instead of losing it.
         task_acks_late=True,

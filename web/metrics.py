@@ -128,7 +128,7 @@ class ClusterCollector:
         ]
 
     def _queue_depth(self) -> list:
-        queue = f"{self.settings.redis_prefix}.tasks"
+        queue = self.settings.task_queue
         if self.settings.redis_broker:
             if self._broker is None:
                 from pipeline.store import connect

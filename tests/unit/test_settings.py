@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.settings import AMQP_HEARTBEAT, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {"HERALD_SECRET_KEY": "s" * 32}
 
@@ -100,10 +103,37 @@ def test_cors_origins_are_split():
     ({**BASE, "HERALD_WS_MAX_SUBSCRIPTIONS": "0"}, "HERALD_WS_MAX_SUBSCRIPTIONS"),
     ({**BASE, "HERALD_ALLOW_EVICTION": "perhaps"}, "HERALD_ALLOW_EVICTION"),
     ({**BASE, "HERALD_RETRY_MAX_DELAY": "3000", "HERALD_VISIBILITY_TIMEOUT": "3600"}, "VISIBILITY_TIMEOUT"),
+    ({**BASE, "WEB_CONCURRENCY": "many"}, "WEB_CONCURRENCY='many' is not a whole number"),
+    ({**BASE, "HERALD_WORKER_CONNECTIONS": "0"}, "HERALD_WORKER_CONNECTIONS=0 is outside 1..100000"),
 ])
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(ConfigError, match=words):
         Settings.from_env(env)
+
+
+def test_gunicorn_sizes_the_web_process_from_settings():
+    settings = Settings.from_env(BASE)
+    assert (settings.web_concurrency, settings.worker_connections) == (1, 20000)
+    settings = Settings.from_env({**BASE, "WEB_CONCURRENCY": "3", "HERALD_WORKER_CONNECTIONS": "500"})
+    assert (settings.web_concurrency, settings.worker_connections) == (3, 500)
+
+
+def test_gunicorn_conf_takes_its_worker_counts_from_settings(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", **BASE, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+           "WEB_CONCURRENCY": "3", "HERALD_WORKER_CONNECTIONS": "77"}
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app", "--print-config"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    config = dict(map(str.strip, line.split(" = ", 1)) for line in done.stdout.splitlines() if " = " in line)
+    assert config["workers"] == "3" and config["worker_connections"] == "77", done.stderr
+    bad = subprocess.run(command, cwd=ROOT, env={**env, "HERALD_WORKER_CONNECTIONS": "lots"}, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [
+        "herald: configuration error: HERALD_WORKER_CONNECTIONS='lots' is not a whole number"]
+
+
+def test_the_celery_queue_is_named_after_the_redis_prefix():
+    assert Settings.from_env(BASE).task_queue == "herald.tasks"
+    assert Settings.from_env({**BASE, "HERALD_REDIS_PREFIX": "blue"}).task_queue == "blue.tasks"
 
 
 def test_misconfigured_process_prints_one_line_and_exits_1():
