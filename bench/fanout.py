@@ -37,7 +37,7 @@ from websockets.asyncio.client import connect
 
 from devtools import embedded
 from pipeline.core.messages import Envelope, new_id
-from pipeline.store import message_frame_head
+from pipeline.core.frames import message_frame_head
 from pipeline.store.keys import Keys
 from tests.harness import Stack, wait_until
 
