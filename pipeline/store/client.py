@@ -74,7 +74,8 @@ def eviction_policy(client: Client) -> str | None:
     the same there.
     """
     if isinstance(client, redis.RedisCluster):
-        policies = [eviction_policy(client.get_redis_connection(node)) for node in client.get_primaries()]
+        cluster: Any = client  # redis-py's cluster client is untyped
+        policies = [eviction_policy(cluster.get_redis_connection(node)) for node in cluster.get_primaries()]
         evicting = [p for p in policies if p not in (None, "noeviction")]
         return evicting[0] if evicting else (None if None in policies else "noeviction")
     try:

@@ -62,7 +62,7 @@ class History:
         if since == "0-0":
             # "From the start" (a client that had seen nothing yet): nothing is
             # missing while the first message ever added is still retained.
-            first = (info or {}).get("first-entry")
+            first: Any = (info or {}).get("first-entry")  # [id, fields] as XINFO STREAM gives it
             recovered = bool(epoch) and bool(first) and first[0] == epoch
         elif since:
             recovered = bool(epoch) and bool(info) and _nothing_trimmed_after(since, epoch, info)

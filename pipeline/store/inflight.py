@@ -9,6 +9,7 @@ single Redis (the same two keys), with `forget` on a cluster.
 from __future__ import annotations
 
 import time
+import typing
 from typing import Any
 
 from pipeline.core.messages import Envelope, decode, encode
@@ -44,7 +45,7 @@ class InFlight:
         their clock restarts, so each is returned once per period."""
         index = self.keys.in_flight_index
         now = time.time()
-        ids = self.redis.zrangebyscore(index, "-inf", now - older_than, start=0, num=limit)
+        ids = typing.cast(list[str], self.redis.zrangebyscore(index, "-inf", now - older_than, start=0, num=limit))
         if not ids:
             return []
         raw = self.redis.hmget(self.keys.in_flight_envelopes, ids)

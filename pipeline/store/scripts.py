@@ -56,8 +56,8 @@ def lua_literal(value: object) -> str:
 
 def _slots(fields: type[tuple[Any, ...]]) -> tuple[list[str], str | None]:
     """The named slots of a NamedTuple class, and the name of its rest field if any."""
-    hints = typing.get_type_hints(fields)
-    names: list[str] = list(fields._fields)
+    hints = typing.get_type_hints(fields)  # a NamedTuple's annotations are its fields, in order
+    names = list(hints)
     if names and typing.get_origin(hints[names[-1]]) in _LISTS:
         return names[:-1], names[-1]
     return names, None
@@ -197,7 +197,7 @@ class Runner:
         """
         if not self.cluster:
             return self._run_batched(calls)
-        cluster = typing.cast(redis.RedisCluster, self.client)
+        cluster: Any = self.client  # redis-py's cluster client is untyped
         by_node: dict[str, list[int]] = collections.defaultdict(list)
         for index, call in enumerate(calls):
             by_node[cluster.get_node_from_key(call.keys[0]).name].append(index)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from typing import Any, NamedTuple
 
 from pipeline.core.frames import status_frame
@@ -39,7 +40,7 @@ class StatusArgs(NamedTuple):
     origin_channel: str  # the publisher's node pub/sub channel, or ''
     origin_client: str  # the publisher's client on that node
     force: str  # '1' lets a replay restart a finished message
-    fields: list[str]  # field/value pairs to store
+    fields: list[str | bytes]  # field/value pairs to store
 
 
 class AcceptKeys(NamedTuple):
@@ -94,7 +95,7 @@ class Statuses:
     def call(self, envelope: Envelope, status: str, fields: dict[str, Any] | None = None,
              origin: str | None = None, force: bool = False) -> Call:
         """The set_status.lua call that moves `envelope` to `status` (storing `fields`)."""
-        flat: list[str] = []
+        flat: list[str | bytes] = []
         for name, value in (fields or {}).items():
             flat += [name, value if isinstance(value, str | bytes) else json.dumps(value)]
         frame = status_frame(envelope, status) if status != "accepted" else ""
@@ -162,7 +163,8 @@ class Statuses:
 
     def get_message(self, msg_id: str) -> dict[str, Any] | None:
         """The stored message with its status (by global id), or None."""
-        return message_from(msg_id, self.runner.client.hgetall(self.keys.message(msg_id)))
+        raw = typing.cast(dict[str, str], self.runner.client.hgetall(self.keys.message(msg_id)))
+        return message_from(msg_id, raw)
 
 
 def message_from(msg_id: str, raw: dict[str, str]) -> dict[str, Any] | None:
