@@ -207,8 +207,8 @@ class Processor:
             if count:
                 DELIVERED.labels(result).inc(count)
         if handled:
-            # One line per batch: a line per message was an eighth of a worker's
-            # CPU (py-spy). The web's "accepted" line ties each id to its request.
+            # One line per batch, not per message: log lines cost a worker's CPU
+            # in proportion. The web's "accepted" line ties each id to its request.
             log.info("batch processed", extra={"partitions": offset_spans(envelopes),
                                                **{f"{result}_ids": ids for result, ids in handled.items()}})
         try:

@@ -42,20 +42,16 @@ class History:
         A page holds at most `limit` messages and stops once they pass
         HERALD_HISTORY_PAGE_BYTES (at least one message); `next` continues it.
         """
-        client = self.runner.client
         stream = self.keys.history(channel)
         read = HISTORY_PAGE(PageKeys(stream), PageArgs(f"({since}" if since else "-", limit,
                                                        self.settings.history_page_bytes))
-        eval_args = (read.script.source.text, len(read.keys), *read.keys, *read.args)
-        pipe = client.pipeline(transaction=False)
-        pipe.get(self.keys.epoch(channel))
-        if not self.runner.cluster:  # redis-py's cluster pipeline runs no scripts
-            pipe.eval(*eval_args)
-        pipe.xinfo_stream(stream) if since else pipe.exists(stream)
+
+        def around(pipe: Any) -> None:
+            pipe.get(self.keys.epoch(channel))
+            pipe.xinfo_stream(stream) if since else pipe.exists(stream)
+
         try:
-            replies = pipe.execute()
-            entries, more = client.eval(*eval_args) if self.runner.cluster else replies.pop(1)
-            epoch, info = replies
+            (entries, more), (epoch, info) = self.runner.alongside(read, around)
         except redis.ResponseError:  # no such stream: nothing retained
             epoch, entries, more, info = None, [], 0, None
         recovered = True

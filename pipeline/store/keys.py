@@ -18,7 +18,7 @@ scoped to its sender), never by an id as a client sent it. Each kind holds
 one sort of name: the markers of a rule's effects (an alert, a routed copy)
 have a kind of their own, `effect`, apart from the messages' dedupe markers
 (`done`): a message id `X:alerts:alerts:rules` was once exactly the marker of
-message X's alert, and cancelled it (issue 19).
+message X's alert, and cancelled it.
 """
 
 from __future__ import annotations

@@ -250,6 +250,18 @@ class Runner:
             replies += [reply] if len(group) == 1 else reply
         return replies
 
+    def alongside(self, call: Call, queue: Callable[[Pipeline], None]) -> tuple[Any, list[Any]]:
+        """Run `call` (by its source: EVAL) and the commands `queue(pipe)` adds to a pipeline,
+        in one round trip on a single Redis; returns (the call's reply, the others' replies).
+        A cluster pipeline runs no scripts: there the call goes apart, after them."""
+        eval_args = (call.script.source.text, len(call.keys), *call.keys, *call.args)
+        pipe = self.client.pipeline(transaction=False)
+        queue(pipe)
+        if not self.cluster:
+            pipe.eval(*eval_args)
+        replies = list(pipe.execute())
+        return (self.client.eval(*eval_args) if self.cluster else replies.pop()), replies
+
     @staticmethod
     def queue(pipe: Pipeline, call: Call) -> None:
         """Add `call` to `pipe`, by its hash alone."""

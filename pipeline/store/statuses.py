@@ -110,10 +110,7 @@ class Statuses:
     def set_status(self, envelope: Envelope, status: str, *, fields: dict[str, Any] | None = None,
                    origin: str | None = None, force: bool = False) -> str:
         """Move a message's status forward (never back) and push the change; returns the status now."""
-        now, changed = self.runner.one(self.call(envelope, status, fields, origin, force))
-        if changed == "1" and self.runner.cluster:
-            self.publish_status(envelope, status, origin, self.runner.client)
-        return str(now)
+        return self._apply([(envelope, status, origin, self.call(envelope, status, fields, origin, force))])[0]
 
     def publish_status(self, envelope: Envelope, status: str, origin: str | None, client: Any, *,
                        channel: bool = True) -> None:
@@ -149,15 +146,19 @@ class Statuses:
         return [ACCEPT(AcceptKeys(keys), AcceptArgs(values))]
 
     def mark(self, marks: list[tuple[Envelope, str, dict[str, Any]]]) -> list[str]:
-        """Move each (envelope, status, fields) in one round trip, the change's frames pushed;
-        returns each one's status now."""
-        replies = self.runner.run([self.call(envelope, status, fields, envelope.origin)
-                                   for envelope, status, fields in marks])
-        if self.runner.cluster and any(changed == "1" for _status, changed in replies):
+        """Move each (envelope, status, fields) in one round trip, the changes' frames pushed
+        to the envelope's origin too; returns each one's status now."""
+        return self._apply([(envelope, status, envelope.origin, self.call(envelope, status, fields, envelope.origin))
+                            for envelope, status, fields in marks])
+
+    def _apply(self, changes: list[tuple[Envelope, str, str | None, Call]]) -> list[str]:
+        # (envelope, status, origin, its call) each; on a cluster the frames follow.
+        replies = self.runner.run([call for _envelope, _status, _origin, call in changes])
+        if self.runner.cluster and any(changed == "1" for _now, changed in replies):
             pipe = self.runner.client.pipeline(transaction=False)
-            for (envelope, status, _fields), (_now, changed) in zip(marks, replies):
+            for (envelope, status, origin, _call), (_now, changed) in zip(changes, replies):
                 if changed == "1":
-                    self.publish_status(envelope, status, envelope.origin, pipe)
+                    self.publish_status(envelope, status, origin, pipe)
             pipe.execute()
         return [str(now) for now, _changed in replies]
 
