@@ -6,7 +6,7 @@
 Each side is one gunicorn gevent worker holding N connections of one channel
 (Herald) or room (Flask-SocketIO, gevent-websocket). Broadcasts go straight into
 Redis pub/sub, no Kafka or Celery: for Herald the frame a worker publishes
-(pipeline/store/__init__.py), for the peer its documented external emitter
+(pipeline/store/lua/gate_pass.lua), for the peer its documented external emitter
 (`RedisManager(write_only=True)`). The client is asyncio `websockets` without
 compression, in a few processes. Server CPU is the worker's user+system time.
 Prints JSON: per scenario both sides and the ratios herald/peer, and the
@@ -37,7 +37,7 @@ from websockets.asyncio.client import connect
 
 from devtools import embedded
 from pipeline.core.messages import Envelope, new_id
-from pipeline.store import message_frame_head
+from pipeline.core.frames import message_frame_head
 from pipeline.store.keys import Keys
 from tests.harness import Stack, wait_until
 
@@ -250,7 +250,7 @@ class HeraldSide:
         self.seq = 0
 
     def broadcast(self, n: int) -> None:
-        """Publish broadcast number `n`, as pipeline/store/__init__.py's delivery script does."""
+        """Publish broadcast number `n`, as pipeline/store/lua/gate_pass.lua does."""
         self.seq += 1
         sid = f"{BASE_MS}-{self.seq}"
         envelope = Envelope(id=new_id(), channel=CHANNEL, type="message", data={"n": n, "sent": time.time()},

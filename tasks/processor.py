@@ -1,4 +1,4 @@
-"""What a worker does with messages, as plain functions of their collaborators.
+"""What a worker does with messages: the Processor and the helpers of its steps.
 
 The Celery task in `tasks/` only adds transport concerns (retries, acks);
 everything here runs, and is tested, without a worker.
@@ -19,6 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.core.errors import HeraldError, PermanentError, TransientError
 from pipeline.core.messages import Envelope, offset_spans
 from pipeline.core.metrics import DELIVERED, DELIVERY_LATENCY
+from pipeline.rules.effects import emissions
+from pipeline.store.gate import PassResult
 
 log = logging.getLogger("herald.processing")
 
@@ -158,7 +160,7 @@ class Processor:
                         outcome.dead += 1
                         envelopes[index] = replace(envelope, skip=True)
             self.archive.store([e for e in envelopes if not e.skip])
-            results = self.store.deliver(envelopes, force=final_attempt)
+            results = self._pass(envelopes, force=final_attempt)
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         results, failure = self._deliver_waiting(envelopes, results, force=final_attempt)
@@ -167,10 +169,19 @@ class Processor:
         except RetryLater:
             raise
         except Exception as exc:
-            raise PassedGate({e.id for e, (result, _sid, _forced) in zip(envelopes, results) if result != "wait"},
+            raise PassedGate({e.id for e, result in zip(envelopes, results) if result.outcome != "wait"},
                              exc) from exc
 
-    def _after_gate(self, envelopes: list[Envelope], results: list, failure, outcome: Outcome,
+    def _pass(self, envelopes: list[Envelope], *, force: bool) -> list[PassResult]:
+        # Through the order gate, then the rules' alerts and routes of what passed.
+        results = self.store.deliver(envelopes, force=force)
+        if any(e.rules for e in envelopes):  # only a decision has effects
+            effects = emissions(envelopes, [r.outcome != "wait" for r in results], self.settings.rules_alert_channel)
+            if effects:
+                self.store.emit(effects)
+        return results
+
+    def _after_gate(self, envelopes: list[Envelope], results: list[PassResult], failure, outcome: Outcome,
                     now: float) -> Outcome:
         # What follows the gate: each record's count and log, the archive's history offsets.
         handled: dict[str, list[str]] = {}
@@ -180,7 +191,7 @@ class Processor:
                 outcome.waiting.append(envelope if envelope.waiting_since is not None
                                        else replace(envelope, waiting_since=now))
                 continue
-            if forced == "1":
+            if forced:
                 FORCED_ORDER.inc()
                 log.warning("passed out of order: its predecessor is still not handled",
                             extra={"message_id": envelope.id, "channel": envelope.channel,
@@ -196,8 +207,8 @@ class Processor:
             if count:
                 DELIVERED.labels(result).inc(count)
         if handled:
-            # One line per batch: a line per message was an eighth of a worker's
-            # CPU (py-spy). The web's "accepted" line ties each id to its request.
+            # One line per batch, not per message: log lines cost a worker's CPU
+            # in proportion. The web's "accepted" line ties each id to its request.
             log.info("batch processed", extra={"partitions": offset_spans(envelopes),
                                                **{f"{result}_ids": ids for result, ids in handled.items()}})
         try:
@@ -222,7 +233,7 @@ class Processor:
         if not envelopes[0].skip:
             self._dead_letter(envelopes[0], error, attempts=attempts)
 
-    def _deliver_waiting(self, envelopes: list[Envelope], results: list, *, force: bool):
+    def _deliver_waiting(self, envelopes: list[Envelope], results: list[PassResult], *, force: bool):
         """Try the batch's waiting records again, all of them in one round trip each time,
         until they pass or ORDER_SPIN is over; returns (results, the transient error that
         stopped the wait or None).
@@ -241,18 +252,18 @@ class Processor:
         deadline = time.monotonic() + ORDER_SPIN
         delay = 0.002
         now = time.time()
-        waiting = [index for index, (result, _sid, _forced) in enumerate(results)
-                   if result == "wait" and now - _since(envelopes[index], now) < ORDER_LONG_WAIT]
+        waiting = [index for index, result in enumerate(results)
+                   if result.outcome == "wait" and now - _since(envelopes[index], now) < ORDER_LONG_WAIT]
         while waiting and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
             try:
-                again = self.store.deliver([envelopes[index] for index in waiting], force=force)
+                again = self._pass([envelopes[index] for index in waiting], force=force)
             except RETRYABLE as exc:
                 return results, exc
             for index, result in zip(waiting, again):
                 results[index] = result
-            waiting = [index for index in waiting if results[index][0] == "wait"]
+            waiting = [index for index in waiting if results[index].outcome == "wait"]
         return results, None
 
     def _dead_letter(self, envelope: Envelope, error: str, *, attempts: int) -> None:

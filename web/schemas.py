@@ -15,7 +15,7 @@ from pipeline.core.messages import ChannelName, MessageId, Publish, no_null_defa
 from web.hub.presence import parse_cursor
 
 # A Redis stream id, as history offsets are: 'ms-seq' or 'ms'. Nineteen digits
-# keep each part below 2**64, which Redis requires (pipeline.store.valid_stream_id).
+# keep each part below 2**64, which Redis requires (pipeline.core.streamids.valid).
 StreamId = Annotated[str, Field(pattern=r"^[0-9]{1,19}(-[0-9]{1,19})?$")]
 STATUSES = Literal["accepted", "processing", "delivered", "failed", "rejected", "archived"]
 MAX_BATCH = 1000

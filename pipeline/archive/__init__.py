@@ -33,7 +33,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from pipeline.core import streamids
 from pipeline.core.errors import TransientError
+from pipeline.core.frames import message_frame
 from pipeline.core.ids import client_id
 from pipeline.core.messages import Envelope
 
@@ -144,7 +146,7 @@ class Archive:
             return
         rows = []
         for msg_id, sid in placed:
-            ms, seq = stream_id_parts(sid)
+            ms, seq = streamids.parts(sid)
             rows.append({"m_id": msg_id, "m_ms": ms, "m_seq": seq})
         statement = update(messages).where(messages.c.id == bindparam("m_id")).values(
             stream_ms=bindparam("m_ms"), stream_seq=bindparam("m_seq"))
@@ -172,18 +174,12 @@ class ArchiveUnavailable(TransientError):
     """The archive's database did not answer a read."""
 
 
-def stream_id_parts(sid: str) -> tuple[int, int]:
-    """(ms, seq) of a stream id."""
-    ms, _, seq = sid.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _bounded(sid: str) -> tuple[int, int]:
     # A client's offset may hold parts up to 2**64 - 1 (Redis takes them); the
     # columns are signed 64-bit, and SQLite refuses a larger value outright (a 500
     # schemathesis found). No stored id comes near 2**63, so the largest column
     # value orders the same way against every row.
-    return tuple(min(part, BIGINT_MAX) for part in stream_id_parts(sid))
+    return tuple(min(part, BIGINT_MAX) for part in streamids.parts(sid))
 
 
 def _reading(method):
@@ -230,9 +226,9 @@ class ArchiveReader:
                  .order_by(messages.c.stream_ms, messages.c.stream_seq).limit(limit))
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
-        return [{"op": "message", "channel": row["channel"], "id": client_id(row["id"]), "type": row["type"],
-                 "data": json.loads(row["data"]), "sender": row["sender"] or None, "ts": row["ts"],
-                 "offset": _sid(row)} for row in rows]
+        return [message_frame(channel=row["channel"], id=client_id(row["id"]), type=row["type"],
+                              data=json.loads(row["data"]), sender=row["sender"] or None, ts=row["ts"],
+                              offset=_sid(row)) for row in rows]
 
     @_reading
     def holds(self, channel: str, until: str) -> bool:
@@ -265,7 +261,7 @@ class ArchiveReader:
 
 
 def _sid(row) -> str | None:
-    return f"{row['stream_ms']}-{row['stream_seq']}" if row["stream_ms"] is not None else None
+    return streamids.join(row["stream_ms"], row["stream_seq"]) if row["stream_ms"] is not None else None
 
 
 def _sqlite_wal(dbapi_connection, _record):

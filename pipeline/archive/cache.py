@@ -27,8 +27,12 @@ from prometheus_client import Counter
 from pipeline.archive import ArchiveUnavailable
 from pipeline.archive.bloom import Bloom
 from pipeline.core.messages import dumps_bytes
-from pipeline.store import connect, message_from, stream_id_key
+from pipeline.core.streamids import key as stream_id_key
+from pipeline.store.client import connect
 from pipeline.store.keys import Keys
+from pipeline.store.locks import release_owned
+from pipeline.store.scripts import Runner
+from pipeline.store.statuses import message_from
 
 ARCHIVE_QUERIES = Counter("herald_archive_queries_total", "Reads of the SQL archive (messages by id and history)")
 CACHE_REQUESTS = Counter("herald_cache_requests_total",
@@ -47,13 +51,6 @@ _UNREAD = object()  # `get` was not handed the cache entry: it reads it
 # their own connect and socket timeouts.
 FOLLOWER_GRACE = 30.0
 
-# KEYS: lock. ARGV: the owner's token. Only the owner lets go.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 def cache_client(settings, pool_size: int = 4):
     """A client of the cache's Redis (HERALD_CACHE_URL, else the main Redis)."""
     return connect(settings, pool_size, url=settings.cache_url)
@@ -69,7 +66,7 @@ def bloom_filter(settings, client=None) -> Bloom:
 class _Flight:
     """One archive read in this process, and those waiting for it until `deadline`
     (time.monotonic()): past it the read is taken for hung, and the next read of
-    the id starts a flight of its own (review L7)."""
+    the id starts a flight of its own."""
 
     def __init__(self, deadline: float):
         self.done = threading.Event()
@@ -87,7 +84,7 @@ class MessageCache:
         self.bloom = bloom
         self.reader = reader
         self.keys = Keys(settings.redis_prefix, isinstance(client, redis.RedisCluster))
-        self._unlock = client.register_script(_UNLOCK)
+        self._runner = Runner(client)
         self._flights: dict[str, _Flight] = {}
         self._guard = threading.Lock()
 
@@ -229,7 +226,7 @@ class MessageCache:
 
     def _release(self, lock: str, token: str) -> None:
         try:
-            self._unlock(keys=[lock], args=[token])
+            release_owned(self._runner, lock, token)  # only the owner lets go
         except redis.RedisError:
             pass  # it lapses
 

@@ -18,7 +18,7 @@ scoped to its sender), never by an id as a client sent it. Each kind holds
 one sort of name: the markers of a rule's effects (an alert, a routed copy)
 have a kind of their own, `effect`, apart from the messages' dedupe markers
 (`done`): a message id `X:alerts:alerts:rules` was once exactly the marker of
-message X's alert, and cancelled it (issue 19).
+message X's alert, and cancelled it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 # A routed pub/sub payload is "<head>\n<frame>": on a channel's message
 # channel the head is the message's stream id (the hub drops what a resumed
 # client already has), on a node channel the client the frame is for. The
-# Lua scripts in pipeline/store/__init__.py write it (`.. '\\n' ..`); this reads it.
+# Lua scripts write it too: they are given this separator (pipeline/store/scripts.py).
 ROUTE_SEPARATOR = "\n"
 
 
@@ -218,13 +218,14 @@ class Keys:
         """Pub/sub channel carrying a channel's `join`/`leave` frames."""
         return self._channel("p", channel)
 
-    def parse_pubsub(self, name: str) -> tuple[str, str]:
-        """(kind, channel or node) of a pub/sub channel name built here."""
-        kind, _, rest = name[len(self.prefix) + 1:].partition(":")
-        if self.cluster and rest.startswith("{") and rest.endswith("}"):
-            rest = rest[1:-1]
-        return kind, rest
-
     def node_channel(self, node: str) -> str:
         """Pub/sub channel of one web process, for frames meant for one of its clients."""
         return self._user("n", node)
+
+    def origin_route(self, origin: str | None) -> tuple[str, str]:
+        """(node pub/sub channel, client) of a publisher's origin "node/client", or ('', '')
+        when it has none: where the frames meant for that client go."""
+        if not origin or "/" not in origin:
+            return "", ""
+        node, client = origin.split("/", 1)
+        return self.node_channel(node), client

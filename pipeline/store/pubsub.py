@@ -2,7 +2,7 @@
 
 A link subscribes and unsubscribes pub/sub channels built by `Keys` and reads
 their messages. It never resubscribes by itself: whoever uses it starts a new
-link after an error, and catches up from history (web/router.py). Messages
+link after an error, and catches up from history (web/hub/router.py). Messages
 come as redis-py gives them, with the sharded kinds renamed to the plain ones
 (`smessage` -> `message`, `ssubscribe` -> `subscribe`, `sunsubscribe` ->
 `unsubscribe`), so the reader is the same in both modes.
@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import collections
 import select
+import socket
+from typing import Any
 
 import redis
 
-from pipeline.store import connect
+from pipeline.core.settings import Settings
+from pipeline.store.client import connect
+
+# A message or confirmation as redis-py gives it: {"type", "channel", "data", ...}.
+Item = dict[str, Any]
 
 _PLAIN = {"smessage": "message", "ssubscribe": "subscribe", "sunsubscribe": "unsubscribe"}
 
 
-def open_link(settings) -> Link | ShardedLink:
+def open_link(settings: Settings) -> Link | ShardedLink:
     """A new, unconnected link to the main Redis."""
     return ShardedLink(settings) if settings.redis_cluster else Link(settings)
 
@@ -28,9 +34,10 @@ def open_link(settings) -> Link | ShardedLink:
 class Link:
     """One pub/sub connection to a single Redis: SUBSCRIBE and UNSUBSCRIBE."""
 
-    def __init__(self, settings):
-        self._client = connect(settings, 1)
-        self._pubsub = self._client.pubsub()
+    def __init__(self, settings: Settings) -> None:
+        client: Any = connect(settings, 1)  # a single node's client (redis-py's pubsub is untyped)
+        self._client = client
+        self._pubsub = client.pubsub()
 
     def send(self, subscribe: bool, names: list[str]) -> None:
         """Ask for (or stop) `names`; the confirmations come through get_message()."""
@@ -42,9 +49,10 @@ class Link:
             # broken one by itself, resubscribing without the catch-up.
             self._pubsub.connection.send_command(command, *names, check_health=False)
 
-    def get_message(self, timeout: float) -> dict | None:
+    def get_message(self, timeout: float) -> Item | None:
         """The next message or confirmation, or None after `timeout` seconds."""
-        return self._pubsub.get_message(timeout=timeout)
+        item: Item | None = self._pubsub.get_message(timeout=timeout)
+        return item
 
     def close(self) -> None:
         """Drop the connection."""
@@ -65,10 +73,11 @@ class ShardedLink:
     a fresh slot map, subscribes it where it now lives.
     """
 
-    def __init__(self, settings):
-        self._cluster = connect(settings, 1)  # for its slot map and per-node clients
-        self._pubsubs: dict[str, redis.client.PubSub] = {}  # node name -> its pub/sub connection
-        self._leaving: collections.Counter = collections.Counter()  # SUNSUBSCRIBEs not answered yet
+    def __init__(self, settings: Settings) -> None:
+        # For its slot map and per-node clients (redis-py's cluster client is untyped).
+        self._cluster: Any = connect(settings, 1)
+        self._pubsubs: dict[str, Any] = {}  # node name -> its pub/sub connection
+        self._leaving: collections.Counter[str] = collections.Counter()  # SUNSUBSCRIBEs not answered yet
         self._turn = 0
 
     def send(self, subscribe: bool, names: list[str]) -> None:
@@ -94,11 +103,11 @@ class ShardedLink:
             pubsub.connection.send_command("SSUBSCRIBE" if subscribe else "SUNSUBSCRIBE", *group,
                                            check_health=False)
 
-    def get_message(self, timeout: float) -> dict | None:
+    def get_message(self, timeout: float) -> Item | None:
         """The next message or confirmation from any node, or None after `timeout` seconds."""
         item = self._poll()
         if item is None and self._pubsubs:
-            sockets = []
+            sockets: list[socket.socket] = []
             for pubsub in list(self._pubsubs.values()):
                 sock = pubsub.connection._sock if pubsub.connection is not None else None
                 if sock is None:
@@ -108,7 +117,7 @@ class ShardedLink:
             item = self._poll()
         return item
 
-    def _poll(self) -> dict | None:
+    def _poll(self) -> Item | None:
         # Round robin over the nodes, so a busy one does not starve the others.
         pubsubs = list(self._pubsubs.values())
         for _ in range(len(pubsubs)):
@@ -118,7 +127,7 @@ class ShardedLink:
                 return self._plain(item)
         return None
 
-    def _plain(self, item: dict) -> dict:
+    def _plain(self, item: Item) -> Item:
         kind = item["type"]
         if kind == "sunsubscribe":
             name = item["channel"]

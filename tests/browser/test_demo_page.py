@@ -264,7 +264,7 @@ def test_a_tab_that_saw_no_message_yet_catches_up_after_a_network_cut(browser, s
         status, _, body = web1.request("POST", "/api/v1/messages", {"channel": channel, "data": {"text": "missed"}},
                                        token=token)
         assert status == 202, body
-        wait_until(lambda: stack.store().last_id(channel), 20, 0.1, "the message to be in history")
+        wait_until(lambda: stack.store().last_ids([channel])[0], 20, 0.1, "the message to be in history")
         proxy.restore()
         expect(tab.locator("#state")).to_have_text("online", timeout=TIMEOUT_MS)
         expect(tab.locator("#log li .text")).to_have_text(["missed"], timeout=TIMEOUT_MS)

@@ -120,5 +120,5 @@ def test_a_channel_that_sent_nothing_yet_resumes_from_its_subscribe(stack, web, 
         herald.subscribe(channel)
         herald._sock.sock.close()  # the network drops before any message arrived
         sent = _publish(web, token, channel, 1)
-        wait_until(lambda: stack.store().last_id(channel), 20, what="the message to be in history")
+        wait_until(lambda: stack.store().last_ids([channel])[0], 20, what="the message to be in history")
         assert next(f for f in herald.frames(timeout=10) if f["op"] == "message")["id"] == sent

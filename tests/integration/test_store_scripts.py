@@ -8,6 +8,7 @@ import uuid
 from pipeline.core.messages import Envelope, now_ms
 from pipeline.core.settings import Settings
 from pipeline.store import RATE_WINDOW_CAP, Store, connect
+from pipeline.store.rates import RATE_WINDOW
 
 
 def _store(url: str) -> Store:
@@ -103,8 +104,8 @@ def test_a_rate_window_holds_at_most_its_cap_of_ids(spare_redis_url):
     key = store.keys.rate("flood", "sender", "mallory")
     pipe = store.redis.pipeline(transaction=False)
     for n in range(RATE_WINDOW_CAP):
-        pipe.evalsha(store._rate.sha, 1, key, time.time(), 86400, f"m{n}", "1", RATE_WINDOW_CAP)
-    store.redis.script_load(store._rate.script)
+        pipe.evalsha(RATE_WINDOW.sha, 1, key, time.time(), 86400, f"m{n}", "1", RATE_WINDOW_CAP)
+    store.redis.script_load(RATE_WINDOW.source.text)
     counts = pipe.execute()
     assert counts[0] == 1 and counts[-1] == RATE_WINDOW_CAP
     assert store.count_in_window(key, 86400, "one-more") == RATE_WINDOW_CAP + 1

@@ -200,6 +200,7 @@ def test_the_archive_reports_any_database_failure_as_transient(failure, monkeypa
 
 
 def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered(task_module):
+    from pipeline.store.gate import PassResult
     from tasks.processor import PassedGate, Processor
 
     class Store:
@@ -207,7 +208,8 @@ def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered
             return ["processing"] * len(envelopes)
 
         def deliver(self, envelopes, force):
-            return [("delivered", f"{n}-0", "0") if n < 2 else ("wait", None, "0") for n in range(len(envelopes))]
+            return [PassResult("delivered", f"{n}-0", False) if n < 2 else PassResult("wait", "", False)
+                    for n in range(len(envelopes))]
 
     class Archive:
         def store(self, envelopes):

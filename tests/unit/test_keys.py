@@ -38,7 +38,6 @@ def test_single_redis_names_are_unchanged():
     keys = Keys("herald")
     assert [keys.history("a:b"), keys.gate("a:b"), keys.done("id-1", "a:b"), keys.message_channel("a:b")] == [
         "herald:hist:a:b", "herald:last:a:b", "herald:done:id-1", "herald:m:a:b"]
-    assert keys.parse_pubsub("herald:m:a:b") == ("m", "a:b")
 
 
 def test_on_a_cluster_a_channels_names_share_its_hash_tag():
@@ -50,8 +49,15 @@ def test_on_a_cluster_a_channels_names_share_its_hash_tag():
     slots = {_slot(name) for name in names}
     assert slots == {_slot(channel)}
     assert keys.done("id-1", channel) == "herald:done:{chat:room.1}:id-1"
-    assert keys.parse_pubsub(keys.message_channel(channel)) == ("m", channel)
-    assert keys.parse_pubsub(keys.node_channel("web-1")) == ("n", "web-1")
+    assert keys.message_channel(channel) == "herald:m:{chat:room.1}"
+    assert keys.node_channel("web-1") == "herald:n:web-1"
+
+
+def test_an_origin_routes_to_its_node_channel_and_client():
+    keys = Keys("herald", cluster=True)
+    assert keys.origin_route("web-1/c7") == ("herald:n:web-1", "c7")
+    assert keys.origin_route("web-1/c/7") == ("herald:n:web-1", "c/7")
+    assert keys.origin_route(None) == keys.origin_route("no-slash") == ("", "")
 
 
 def _slot(name: str) -> int:

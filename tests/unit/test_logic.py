@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.bridge import ChannelOrder, group_batches
 from pipeline.core.settings import Settings
-from pipeline.store import stream_id_key
+from pipeline.core.streamids import key as stream_id_key
+from pipeline.store.gate import PassResult
 from tasks.processor import backoff_delay
 from web.auth import LEEWAY_SECONDS, AuthError, mint, verify
 
@@ -127,7 +128,7 @@ def test_a_broadcast_frame_encoded_once_matches_wsproto(size):
     ("1_000-2", False), ("+1-2", False), ("1-", False), ("-1", False), ("1-2-3", False), ("", False), (17, False),
 ])
 def test_stream_offsets_are_validated_as_redis_writes_them(value, valid):
-    from pipeline.store import valid_stream_id
+    from pipeline.core.streamids import valid as valid_stream_id
 
     assert valid_stream_id(value) is valid
 
@@ -165,7 +166,7 @@ def test_a_transient_failure_while_records_wait_retries_every_waiting_record_in_
     def deliver(envelopes, force=False):
         calls.append([e.id for e in envelopes])
         if len(calls) == 1:
-            return [("wait", "", "0")] * len(envelopes)  # predecessors still with another worker
+            return [PassResult("wait", "", False)] * len(envelopes)  # predecessors still with another worker
         raise redis.ConnectionError("Redis went away")
 
     try:
@@ -189,8 +190,8 @@ def test_records_waiting_for_their_predecessors_are_tried_again_together():
     def deliver(envelopes, force=False):
         calls.append(len(envelopes))
         if len(calls) < 3:
-            return [("wait", "", "0")] * len(envelopes)
-        return [("delivered", "1-0", "0")] * len(envelopes)
+            return [PassResult("wait", "", False)] * len(envelopes)
+        return [PassResult("delivered", "1-0", False)] * len(envelopes)
 
     outcome = _processor(deliver).run(batch, final_attempt=False)
     assert outcome.delivered == 100 and not outcome.waiting
@@ -266,7 +267,7 @@ def test_a_batch_is_one_log_line_naming_its_messages(caplog):
     from pipeline.core.messages import Envelope
 
     batch = [Envelope(f"m{n}", "c", "message", n, "s", 0, partition=2, offset=10 + n, prev=9 + n) for n in range(50)]
-    results = [("delivered", "1-0", "0")] * 49 + [("duplicate", "1-0", "0")]
+    results = [PassResult("delivered", "1-0", False)] * 49 + [PassResult("duplicate", "1-0", False)]
     with caplog.at_level(logging.INFO, logger="herald.processing"):
         _processor(lambda envelopes, force=False: results).run(batch, final_attempt=False)
     (record,) = [r for r in caplog.records if r.name == "herald.processing"]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from pipeline.core import streamids
 from pipeline.core.messages import ChannelName, MessageId, Publish, no_null_default
 
 REF = "#/components/schemas/{model}"
@@ -38,7 +39,7 @@ class Subscribe(_Frame):
 
     op: Literal["subscribe"]
     channel: ChannelName
-    since: str = Field(None, json_schema_extra=no_null_default, pattern=r"^[0-9]{1,20}(-[0-9]{1,20})?$",
+    since: str = Field(None, json_schema_extra=no_null_default, pattern=streamids.PATTERN,
                        description="the `offset` of the last message seen")
     status: bool = Field(False, description="also receive `status` frames of the channel's messages")
     presence: bool = Field(False, description="also receive `join` and `leave` frames, and join the channel's "

@@ -34,7 +34,7 @@ from pipeline.core.errors import (
 )
 from pipeline.core.messages import CHANNEL_RE, dumps, field_errors, loads, new_id, parse_publish
 from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
-from pipeline.store import stream_id_key, valid_stream_id
+from pipeline.core.streamids import from_key as _format_sid, key as stream_id_key, valid as valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.hub import frames
 from web.hub.batch import Batcher
@@ -506,7 +506,3 @@ def _with_ref(frame: dict, ref) -> dict:
     if ref is not None:
         frame["ref"] = ref
     return frame
-
-
-def _format_sid(key: tuple[int, int]) -> str | None:
-    return None if key < (0, 0) else f"{key[0]}-{key[1]}"

@@ -24,7 +24,7 @@ from prometheus_client import Counter
 
 from pipeline.core.messages import dumps, loads
 from pipeline.core.metrics import FRAMES_SENT
-from pipeline.store import stream_id_key
+from pipeline.core.streamids import key as stream_id_key
 from pipeline.store.keys import split_routed
 from pipeline.store.pubsub import open_link
 from web.hub.transport import wire_frame

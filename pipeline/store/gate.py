@@ -1,0 +1,134 @@
+"""The order gate: every record of a channel passes it in Kafka order, and a record
+that passes is delivered once (gate_pass.lua; docs/design.md: "Order")."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, NamedTuple
+
+from pipeline.core.frames import MESSAGE_TAIL, message_frame_head, status_frame
+from pipeline.core.messages import Envelope
+from pipeline.core.settings import Settings
+from pipeline.store import inflight
+from pipeline.store.keys import ROUTE_SEPARATOR, Keys
+from pipeline.store.scripts import Call, Runner, Script
+from pipeline.store.statuses import Statuses, expires_at
+
+
+class GateKeys(NamedTuple):
+    # The channel's keys (its slot on a cluster):
+    gate: str  # the highest offset handled
+    history: str  # the history stream
+    epoch: str  # the history's first id ever
+    waiting: str  # offsets waiting at the gate, scored by when they last waited
+    done: str  # the message's dedupe marker
+    message_channel: str  # message pub/sub channel
+    status_channel: str  # status pub/sub channel
+    # On a single Redis only (other slots on a cluster: the caller updates them):
+    message: str | None = None  # the message's status hash
+    in_flight_index: str | None = None
+    in_flight_envelopes: str | None = None
+
+
+class GateArgs(NamedTuple):
+    offset: int  # the record's Kafka offset (-1 when unknown)
+    prev: int | str  # the channel's previous offset, or ''
+    expires_at: int  # when the done marker and status hash expire (Unix seconds)
+    maxlen: int  # history's most entries
+    frame_head: str  # the message frame without its offset ('' when skipped)
+    frame_tail: str  # what closes a message frame after its offset
+    status_frame: str  # the `delivered` status frame ('' when skipped)
+    origin_channel: str  # the publisher's node pub/sub channel, or ''
+    origin_client: str
+    force: str  # '1' once the order wait ran out
+    msg_id: str
+    oldest: str  # the oldest history id to keep, '' for no age limit
+    idle_ttl: int  # seconds an idle channel's keys live
+    skip: str  # '1': pass the gate without delivering
+    now: float  # seconds
+    stuck_after: float  # seconds after which a waiting record counts as stuck
+    publish: str  # PUBLISH, or SPUBLISH on a cluster
+
+
+GATE_PASS = Script("gate_pass.lua", GateKeys, GateArgs, batched=True, constants={"SEPARATOR": ROUTE_SEPARATOR})
+
+
+class PassResult(NamedTuple):
+    """What became of a record at its gate: `wait` while its predecessor is not handled;
+    `forced` when it passed without it (its wait ran out)."""
+
+    outcome: Literal["delivered", "duplicate", "skipped", "wait"]
+    stream_id: str
+    forced: bool
+
+
+def oldest_kept(settings: Settings, channel: str, now: float) -> str:
+    """The oldest history id a channel keeps by age at `now`, '' for no age limit."""
+    _maxlen, max_age = settings.retention(channel)
+    return f"{int((now - max_age) * 1000)}-0" if max_age else ""
+
+
+class Gate:
+    """Channels' order gates."""
+
+    def __init__(self, runner: Runner, keys: Keys, settings: Settings, statuses: Statuses) -> None:
+        self.runner = runner
+        self.keys = keys
+        self.settings = settings
+        self.statuses = statuses
+
+    def _call(self, envelope: Envelope, force: bool, now: float) -> Call:
+        keys, channel, skipped = self.keys, envelope.channel, envelope.skip
+        gate_keys = GateKeys(keys.gate(channel), keys.history(channel), keys.epoch(channel), keys.waiting(channel),
+                             keys.done(envelope.id, channel), keys.message_channel(channel),
+                             keys.status_channel(channel))
+        node, client = "", ""
+        if not self.runner.cluster:
+            gate_keys = gate_keys._replace(message=keys.message(envelope.id), in_flight_index=keys.in_flight_index,
+                                           in_flight_envelopes=keys.in_flight_envelopes)
+            node, client = keys.origin_route(envelope.origin)
+        return GATE_PASS(gate_keys, GateArgs(
+            offset=-1 if envelope.offset is None else envelope.offset,
+            prev="" if envelope.prev is None else envelope.prev,
+            expires_at=expires_at(self.settings, envelope), maxlen=self.settings.retention(channel)[0],
+            frame_head="" if skipped else message_frame_head(envelope), frame_tail=MESSAGE_TAIL,
+            status_frame="" if skipped else status_frame(envelope, "delivered"),
+            origin_channel=node, origin_client=client, force="1" if force or envelope.force_order else "0",
+            msg_id=envelope.id, oldest=oldest_kept(self.settings, channel, now),
+            idle_ttl=self.settings.channel_idle_ttl, skip="1" if skipped else "0", now=now,
+            stuck_after=max(1.0, self.settings.order_wait), publish=self.runner.publish_command))
+
+    def pass_all(self, envelopes: list[Envelope], *, force: bool = False) -> list[PassResult]:
+        """Pass each record through its channel's order gate, in order, and deliver it once.
+
+        A record waits while the channel's previous record is not handled;
+        records flagged `skip` (dead-lettered, rejected) only move the gate on;
+        `force` (or a record's `force_order`) lets a record whose wait ran out
+        pass. One round trip for the batch (two on a cluster, see `_after_pass`).
+        """
+        now = time.time()
+        replies = self.runner.run([self._call(envelope, force, now) for envelope in envelopes])
+        results = [PassResult(outcome, sid, forced == "1") for outcome, sid, forced in replies]
+        if self.runner.cluster:
+            self._after_pass(envelopes, results)
+        return results
+
+    def _after_pass(self, envelopes: list[Envelope], results: list[PassResult]) -> None:
+        # On a cluster, what the gate script cannot reach from the channel's
+        # slot: the message's status, the in-flight index, and the publisher's
+        # own status frame. A duplicate writes the status too, so a worker that
+        # died right after delivering leaves no message stuck in `processing`
+        # once its task runs again.
+        passed = [e.id for e, result in zip(envelopes, results) if result.outcome != "wait"]
+        if not passed:
+            return
+        calls = []
+        pipe = self.runner.client.pipeline(transaction=False)
+        for envelope, result in zip(envelopes, results):
+            if result.outcome in ("delivered", "duplicate"):
+                calls.append(self.statuses.call(envelope, "delivered", {"stream_id": result.stream_id}))
+            if result.outcome == "delivered":
+                self.statuses.publish_status(envelope, "delivered", envelope.origin, pipe, channel=False)
+        inflight.forget(pipe, self.keys, passed)
+        self.runner.run(calls)
+        pipe.execute()

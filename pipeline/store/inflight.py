@@ -1,0 +1,74 @@
+"""The in-flight index: what the bridge handed to Celery and no worker finished.
+
+The broker can still lose a task (a worker killed between taking it and
+recording it as unacked); the bridge sends such stale ones again. A record
+leaves the index once it passed its order gate: in gate_pass.lua on a
+single Redis (the same two keys), with `forget` on a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+from typing import Any
+
+from pipeline.core.messages import Envelope, decode, encode
+from pipeline.core.settings import Settings
+from pipeline.store.keys import Keys
+from pipeline.store.scripts import Runner
+
+
+def forget(pipe: Any, keys: Keys, ids: list[str]) -> None:
+    """Queue on `pipe` the removal of `ids` from the in-flight index."""
+    pipe.zrem(keys.in_flight_index, *ids)
+    pipe.hdel(keys.in_flight_envelopes, *ids)
+
+
+class InFlight:
+    """Dispatched, unfinished messages, and how often each task started."""
+
+    def __init__(self, runner: Runner, keys: Keys, settings: Settings) -> None:
+        self.redis = runner.client
+        self.keys = keys
+        self.settings = settings
+
+    def track(self, envelopes: list[Envelope]) -> None:
+        """Remember dispatched messages until they pass their order gate."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.in_flight_index, {e.id: now for e in envelopes}, nx=True)
+        pipe.hset(self.keys.in_flight_envelopes, mapping={e.id: encode(e) for e in envelopes})
+        pipe.execute()
+
+    def stale(self, older_than: float, limit: int = 500) -> list[Envelope]:
+        """Messages dispatched more than `older_than` seconds ago and still not finished;
+        their clock restarts, so each is returned once per period."""
+        index = self.keys.in_flight_index
+        now = time.time()
+        ids = typing.cast(list[str], self.redis.zrangebyscore(index, "-inf", now - older_than, start=0, num=limit))
+        if not ids:
+            return []
+        raw = self.redis.hmget(self.keys.in_flight_envelopes, ids)
+        self.redis.zadd(index, {i: now for i in ids}, xx=True)
+        return [decode(r) for r in raw if r]
+
+    def before(self, first_offsets: dict[int, int]) -> dict[int, dict[str, int]]:
+        """For each partition of `first_offsets` ({partition: offset}), the highest offset
+        below that offset of each channel's dispatched, unfinished messages
+        ({partition: {channel: offset}}, partitions with none left out); one scan of the index."""
+        latest: dict[int, dict[str, int]] = {}
+        for _id, raw in self.redis.hscan_iter(self.keys.in_flight_envelopes, count=500):
+            envelope = decode(raw)
+            at = -1 if envelope.offset is None else envelope.offset
+            if envelope.partition is not None and 0 <= at < first_offsets.get(envelope.partition, -1):
+                channels = latest.setdefault(envelope.partition, {})
+                channels[envelope.channel] = max(at, channels.get(envelope.channel, -1))
+        return latest
+
+    def count_run(self, task_id: str) -> int:
+        """How many times a task has started (redeliveries and retries included)."""
+        key = self.keys.task_runs(task_id)
+        pipe = self.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, self.settings.status_ttl)
+        return int(pipe.execute()[0])
