@@ -243,15 +243,14 @@ def prune_command():
     """Delete archived messages older than HERALD_ARCHIVE_MAX_AGE now (web processes also do it periodically)."""
     import time
 
-    from pipeline.archive import Archive, ArchiveReader
+    from pipeline.archive import Archive
     from pipeline.core.errors import HeraldError
 
     settings = _settings()
     if not settings.archive_max_age:
         raise click.ClickException("HERALD_ARCHIVE_MAX_AGE is 0: the archive keeps every message")
     try:
-        removed = ArchiveReader(Archive(settings.database_url)).prune(settings.archive_max_age,
-                                                                      int(time.time() * 1000))
+        removed = Archive(settings.database_url).prune(settings.archive_max_age, int(time.time() * 1000))
     except HeraldError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"archive: {removed} messages older than {settings.archive_max_age} s deleted")

@@ -1,4 +1,4 @@
-"""The archive read path (issue 12): a message readable after its Redis status
+"""The archive read path (docs/guide.md: "The archive and its cache"): a message readable after its Redis status
 expired, the Bloom filter, the single-flight lock, jittered and negative cache
 entries, the bad cases; on real Redis, SQLite and PostgreSQL."""
 
@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 import redis
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -27,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 
 from devtools import embedded
-from pipeline.archive import Archive, ArchiveReader, ArchiveUnavailable, messages
+from pipeline.archive import Archive, ArchiveReader, ArchiveUnavailable
 from pipeline.archive import cache as cache_module
 from pipeline.archive.bloom import Bloom, sizing
 from pipeline.archive.cache import (
@@ -38,6 +40,7 @@ from pipeline.archive.cache import (
     bloom_filter,
 )
 from pipeline.archive.migrations import current, upgrade
+from pipeline.archive.tables import messages, metadata
 from pipeline.core.messages import Envelope
 from pipeline.core.settings import Settings
 from pipeline.store.keys import Keys
@@ -310,7 +313,7 @@ def test_history_offsets_order_numerically_and_pruning_goes_by_age(rig):
     assert [m["offset"] for m in reader.after("chat:h", "999-5", 10)] == ["1000-0", "1000-12"]
     assert [m["id"] for m in reader.after("chat:h", "0-0", 2)] == [e.id for e in envelopes[:2]]
     assert reader.holds("chat:h", "999-5") and not reader.holds("chat:h", "999-4")
-    assert reader.prune(1, envelopes[1].ts + 1000) == 1  # the one older than 1 s before that moment
+    assert rig.archive.prune(1, envelopes[1].ts + 1000) == 1  # the one older than 1 s before that moment
     assert not reader.holds("chat:h", "999-5")
 
 
@@ -340,6 +343,9 @@ def test_migrations_make_the_whole_schema_on_an_empty_database(database_url):
     upgrade(engine)
     columns = {column["name"] for column in inspect(engine).get_columns("herald_messages")}
     assert columns == {column.name for column in messages.columns}
+    # The table the queries use is the one the migrations make: columns, types, indexes.
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     engine.dispose()
 
 

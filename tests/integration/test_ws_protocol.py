@@ -391,7 +391,8 @@ def test_resume_from_trimmed_history_reads_the_archive_and_lost_history_says_rec
 
     from sqlalchemy import delete
 
-    from pipeline.archive import Archive, ArchiveReader, messages
+    from pipeline.archive import Archive, ArchiveReader
+    from pipeline.archive.tables import messages
 
     channel = f"short:{uuid.uuid4().hex[:8]}"  # the "short" namespace keeps 5 messages
     client = web.ws(token)
