@@ -1,4 +1,4 @@
-"""Pipeline benchmark: each stage alone, then the whole, side by side with a bare Kafka hop (issue 11).
+"""Pipeline benchmark: each stage alone, then the whole, side by side with a bare Kafka hop (docs/benchmarks.md).
 
     python bench/pipeline.py            # short run, a minute or two
     python bench/pipeline.py --full     # the issue's sizes
@@ -278,7 +278,7 @@ def kafka_hop(bootstrap: str, rate: float, seconds: float) -> dict:
         consumer.poll(0.1)
     thread = threading.Thread(target=consume)
     thread.start()
-    for n in range(50):  # warm-up (NOTES: a new idempotent producer's first messages are slow)
+    for n in range(50):  # warm-up: a new idempotent producer's first messages are slow
         producer.produce(topic, key=str(n), value=str(time.time() + 1e9))
     producer.flush(10)
     interval, count = 1 / rate, int(rate * seconds)

@@ -297,8 +297,8 @@ def dev_command(no_flower):
     if settings.auth:
         click.echo(f"token   {mint(settings, 'dev', ttl=7 * 86400)}")
     honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or "honcho"
-    # honcho would read .env again and let it override the shell (issue 8:
-    # the printed token was refused): it gets `env`, already merged, and no file.
+    # honcho would read .env again and let it override the shell (the printed
+    # token would be refused): it gets `env`, already merged, and no file.
     # Every Procfile process but the one-off `release`, which ran above.
     skip = {"release"} | ({"flower"} if no_flower else set())
     argv = [honcho, "start", "-e", os.devnull, "-p", str(settings.port),

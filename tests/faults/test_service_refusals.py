@@ -1,4 +1,4 @@
-"""A service that refuses for a while is no message's fault (issue 19): Redis refusing every
+"""A service that refuses for a while is no message's fault (docs/design.md: "Under faults"): Redis refusing every
 write (NOREPLICAS, as MISCONF when its disk is full) fails all messages alike, so the
 worker retries them and dead-letters none; every message is delivered once it answers
 again. Lost 0, duplicated 0, reordered 0."""

@@ -222,7 +222,7 @@ def test_a_hung_archive_read_holds_later_reads_of_its_id_no_longer_than_its_dead
     # The first read of an id never returns (a query the database never
     # answers). Past its flight's deadline (HERALD_CACHE_FILL_WAIT plus the
     # followers' grace, shortened here), the next read of the id reads on its
-    # own instead of waiting for it, or failing, for ever (review L7).
+    # own instead of waiting for it, or failing, for ever.
     monkeypatch.setattr(cache_module, "FOLLOWER_GRACE", 0.4)
     settings = dataclasses.replace(rig.settings, cache_fill_wait=0.1)
     envelope, = _archive(rig)
@@ -353,7 +353,7 @@ def test_migrations_make_the_whole_schema_on_an_empty_database(database_url):
                                           ("18446744073709551615-18446744073709551615", False)])
 def test_offsets_past_the_columns_integers_order_as_they_would(rig, since, later):
     # Redis takes stream id parts up to 2**64 - 1, the columns are signed 64-bit:
-    # SQLite refused such a value (a 500 schemathesis found).
+    # SQLite refuses such a value.
     envelope, = _archive(rig, channel="chat:far")
     rig.archive.record_offsets([(envelope.id, "1700000000000-3")])
     assert [m["id"] for m in rig.reader.after("chat:far", since, 10)] == ([envelope.id] if later else [])

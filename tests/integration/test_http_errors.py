@@ -295,7 +295,7 @@ def test_a_wrong_method_is_405_with_allow(web, token):
                                           ("28-9340518410694389148", True)])
 def test_an_offset_past_the_archives_integers_is_read_in_order(stack, web, token, channel, since, later):
     # Redis takes stream id parts up to 2**64 - 1; the archive's columns are signed
-    # 64-bit (SQLite refused the value: a 500 schemathesis found).
+    # 64-bit (SQLite refuses a larger value).
     status, _, answer = web.request("POST", "/api/v1/messages", {"channel": channel, "data": 1}, token=token)
     assert status == 202
     wait_until(lambda: web.request("GET", f"/api/v1/channels/{channel}/history", token=token)[2]["messages"], 30)

@@ -57,7 +57,7 @@ def test_a_connect_token_that_is_not_a_string_closes_4001_without_an_exception(w
 
 @pytest.mark.parametrize("ref", ['"\\ud800"', "1e400"])
 def test_a_ref_no_reply_can_carry_is_a_bad_frame_and_the_connection_goes_on(web, token, ref):
-    # A lone surrogate and an infinity parse, but no JSON reply can carry them (review L3).
+    # A lone surrogate and an infinity parse, but no JSON reply can carry them.
     client = web.ws(token)
     client.recv()
     client.sock.send('{"op": "ping", "ref": %s}' % ref)
@@ -225,7 +225,7 @@ def test_presence_join_leave_and_listing(stack, web, channel):
     watcher.subscribe(channel, presence=True)
     lurker = web.ws(stack.token("lurker"))
     lurker.recv()
-    lurker.subscribe(channel)  # `presence` false: it hears the channel without being listed (review L13)
+    lurker.subscribe(channel)  # `presence` false: it hears the channel without being listed
     joiner = web.ws(stack.token("ann"))
     hello = joiner.recv()
     joiner.subscribe(channel, presence=True)

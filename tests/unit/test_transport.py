@@ -112,7 +112,7 @@ BYTE_BOUND = PRELUDE + textwrap.dedent("""
     print("ok")
 """)
 
-# The review's H2 case: a client that takes ~64 KiB whenever it reads, while
+# A slow reader: a client that takes ~64 KiB whenever it reads, while
 # 500 frames of 6 KB arrive between two reads, answering pings meanwhile.
 SLOW_READER = PRELUDE + textwrap.dedent("""
     ws, peer, closed = pair(limit=512, queue_bytes=4 * 1024 * 1024)
