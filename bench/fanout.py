@@ -10,7 +10,7 @@ Redis pub/sub, no Kafka or Celery: for Herald the frame a worker publishes
 (`RedisManager(write_only=True)`). The client is asyncio `websockets` without
 compression, in a few processes. Server CPU is the worker's user+system time.
 Prints JSON: per scenario both sides and the ratios herald/peer, and the
-issue's targets with their values and whether each is met.
+targets (docs/benchmarks.md) with their values and whether each is met.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from tests.harness import Stack, wait_until
 
 CHANNEL = "bench.fanout"
 BASE_MS = int(time.time() * 1000)  # stream ids above any real one: the channel has no history
-# Broadcasts back to back per size (the issue's), and 10 one second apart for latency.
+# Broadcasts back to back per size, and 10 one second apart for latency.
 BURSTS = {1000: 100, 5000: 40, 10000: 0}
 LATENCY_BROADCASTS = 10
 CONNECT_RATE = 2000.0  # connections opened a second, by all client processes together
@@ -376,7 +376,7 @@ def ratios(herald: dict | None, peer: dict | None) -> dict:
 
 
 def targets(scenarios: dict) -> list[dict]:
-    """The issue's targets that this run measured: each with its value, limit and whether it is met."""
+    """The targets (docs/benchmarks.md) this run measured: each with its value, limit and whether it is met."""
     out = []
 
     def target(name: str, value, limit: float, below: bool = True, condition: bool = True):

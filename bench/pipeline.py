@@ -1,7 +1,7 @@
 """Pipeline benchmark: each stage alone, then the whole, side by side with a bare Kafka hop (docs/benchmarks.md).
 
     python bench/pipeline.py            # short run, a minute or two
-    python bench/pipeline.py --full     # the issue's sizes
+    python bench/pipeline.py --full     # the sizes of docs/benchmarks.md
 
 Stages, each on a stack of its own (own Tansu, Redis, fresh topic):
 ingest (web alone, 2 gevent workers, driven by wrk from another process:
@@ -322,7 +322,7 @@ def whole(args) -> dict:
 def main() -> None:
     """Parse arguments, run the chosen stages, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the issue's sizes (several minutes)")
+    parser.add_argument("--full", action="store_true", help="the sizes of docs/benchmarks.md (several minutes)")
     parser.add_argument("--stages", default="ingest,processing,e2e", help="comma-separated")
     parser.add_argument("--seconds", type=int, help="each ingest measurement (5; --full 10)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for ingest")

@@ -122,6 +122,6 @@ def _sqlite_wal(dbapi_connection, _record):
     # In WAL mode NORMAL syncs at checkpoints, not at every commit: a commit
     # survives the process dying, and only an OS crash or power loss may take
     # back the last ones (SQLite: "WAL mode"). FULL's fsync per commit capped
-    # each worker's tasks a second whatever their size (docs/benchmarks.md).
+    # each worker's tasks a second whatever their size (docs/benchmarks.md: History).
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()

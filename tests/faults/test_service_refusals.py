@@ -52,6 +52,6 @@ def test_redis_refusing_writes_is_retried_and_dead_letters_nothing(make_stack, c
     figures = report("redis refusing writes", publisher, collector, history_of(stack, chosen),
                      in_flight=settled_in_flight(stack), forced=forced_passes(worker), dead_letters=page["total"],
                      retries=worker.log().count('"retrying"'))
-    assert page["total"] == 0  # before: the batch was split and each message dead-lettered, or lost
+    assert page["total"] == 0  # the batch not split, no message dead-lettered or lost
     assert_exactly_once(figures)
     assert figures["forced"] == 0

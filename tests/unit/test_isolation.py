@@ -87,7 +87,7 @@ def test_a_message_whose_dead_letter_fails_is_retried_as_it_came_whatever_the_er
     redelivery, fake, sent = policy
     alone, task = envelope(3), FakeTask(retries=8)
     fake.fail = failure
-    with pytest.raises(Retry):  # before: anything but a transient error left the task, acked
+    with pytest.raises(Retry):  # whatever the error: never the task left given up, acked
         redelivery.isolate(task, [alone], ValueError("its data"), attempts=9)
     assert task.retried == [([alone], math.inf)] and sent == []
 

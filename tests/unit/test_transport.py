@@ -142,7 +142,7 @@ SLOW_READER = PRELUDE + textwrap.dedent("""
     print("ok")
 """)
 
-# The hostile review's case: a socket that took 64 KiB of a run of 500 small
+# A socket that took 64 KiB of a run of 500 small
 # frames (a router batch) holds the rest of one push, not 500 frames waiting;
 # a second run, or a catch-up page of 4,000 frames, must not close a client
 # whose queue holds ~34 KB. What waits is bounded by its bytes and its pushes.
