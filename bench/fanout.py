@@ -272,14 +272,14 @@ class PeerSide:
         import socketio  # the `bench` extra: not needed for `--side herald`
 
         port, channel = embedded.free_port(), f"bench-socketio-{os.getpid()}"
-        self.log = open(workdir / "peer.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
-             "-w", "1", "--worker-connections", "20000", "-b", f"127.0.0.1:{port}", "socketio_app:app"],
-            cwd=ROOT / "bench" / "peers",  # not Herald's gunicorn.conf.py in ROOT
-            env={**os.environ, "PEER_REDIS_URL": redis_url, "PEER_CHANNEL": channel},
-            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=embedded._die_with_parent,
-            start_new_session=True)
+        with open(workdir / "peer.log", "ab") as log:  # the server keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
+                 "-w", "1", "--worker-connections", "20000", "-b", f"127.0.0.1:{port}", "socketio_app:app"],
+                cwd=ROOT / "bench" / "peers",  # not Herald's gunicorn.conf.py in ROOT
+                env={**os.environ, "PEER_REDIS_URL": redis_url, "PEER_CHANNEL": channel},
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=embedded._die_with_parent,
+                start_new_session=True)
         self.pid = worker_pid(self.proc.pid)
         wait_until(lambda: embedded.port_open("127.0.0.1", port), 30, 0.1, "the Flask-SocketIO server")
         self.url = f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
@@ -293,7 +293,6 @@ class PeerSide:
         """Stop the server."""
         self.proc.terminate()
         self.proc.wait(30)
-        self.log.close()
 
 
 # -- measuring -------------------------------------------------------------------------

@@ -321,7 +321,8 @@ def test_migrations_bring_an_archive_made_before_them_up_to_date(database_url):
     engine = create_engine(database_url)
     old = MetaData()
     table = Table("herald_messages", old, Column("id", String(128), primary_key=True),
-                  Column("channel", String(200), nullable=False, index=True), Column("type", String(64), nullable=False),
+                  Column("channel", String(200), nullable=False, index=True),
+                  Column("type", String(64), nullable=False),
                   Column("data", Text, nullable=False), Column("sender", String(200), nullable=False),
                   Column("ts", BigInteger, nullable=False), Column("partition", Integer), Column("offset", BigInteger))
     old.create_all(engine)  # as Herald made it before migrations

@@ -88,7 +88,7 @@ def publish(system, channel: str, count: int) -> list[str]:
         assert status == 202, body
         ids.append(body["id"])
     for msg_id in ids:
-        wait_until(lambda: web.request("GET", f"/api/v1/messages/{msg_id}", token=token)[2].get("status")
+        wait_until(lambda msg_id=msg_id: web.request("GET", f"/api/v1/messages/{msg_id}", token=token)[2].get("status")
                    == "delivered", 30, what=f"{msg_id} delivered")
     return ids
 
