@@ -30,7 +30,7 @@ log = logging.getLogger("herald.tasks")
 RULES_RECHECK = 1.0
 
 
-def wire(envelopes: list[Envelope]) -> list[dict]:
+def to_wire(envelopes: list[Envelope]) -> list[dict]:
     """A batch as the task's argument (Celery task arguments are JSON)."""
     return [envelope.to_wire() for envelope in envelopes]
 
@@ -97,7 +97,7 @@ class Redelivery:
                                                      "error": failure_reason(exc), "retries": task.request.retries})
         RETRIES.inc()
         # Celery reads max_retries=None as the task's own limit: infinity is no limit.
-        return task.retry(args=(wire(envelopes),), countdown=self.settings.retry_max_delay, max_retries=math.inf,
+        return task.retry(args=(to_wire(envelopes),), countdown=self.settings.retry_max_delay, max_retries=math.inf,
                           exc=exc)
 
     def isolate(self, task, envelopes: list[Envelope], exc: Exception, attempts: int) -> dict:

@@ -23,7 +23,7 @@ from pipeline.core.settings import current
 from pipeline.rules.repository import RulesUnavailable
 from pipeline.taskqueue import TASK_NAME, make_celery
 from tasks.processor import RETRYABLE, Processor, RetryLater, backoff_delay, failure_reason
-from tasks.redelivery import Redelivery, wire
+from tasks.redelivery import Redelivery, to_wire
 
 log = logging.getLogger("herald.tasks")
 
@@ -62,7 +62,7 @@ def processor() -> Processor:
 
 def _send(envelopes: list[Envelope], **options) -> None:
     """Queue a batch as a new `process_message` task (Celery's `apply_async` options)."""
-    process_message.apply_async(args=(wire(envelopes),), **options)
+    process_message.apply_async(args=(to_wire(envelopes),), **options)
 
 
 redelivery = Redelivery(settings, processor, _send)
@@ -168,5 +168,5 @@ def _attempt(task, envelopes: list[Envelope], final: bool) -> dict:
                                            "retries": task.request.retries, "countdown": round(delay, 3),
                                            "ceiling": round(ceiling, 3)})
             RETRIES.inc()
-            raise task.retry(args=(wire(pending.remaining),), countdown=delay, exc=pending.cause) from None
+            raise task.retry(args=(to_wire(pending.remaining),), countdown=delay, exc=pending.cause) from None
         return redelivery.dead_letter(task, pending.remaining, error, attempts=task.request.retries + 1)
