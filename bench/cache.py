@@ -193,7 +193,7 @@ def hit_path(stack, webs, token, archived_id: str, seconds: float) -> dict:
         fan_out(webs, token, [f"/api/v1/messages/{msg_id}"] * 200, 8)  # warm the connections and the entry
         latencies, stop = [], time.perf_counter() + seconds
 
-        def run(web):
+        def run(web, msg_id=msg_id, stop=stop, latencies=latencies):
             client, mine = Client(web, token), []
             while time.perf_counter() < stop:
                 status, took = client.get(f"/api/v1/messages/{msg_id}")

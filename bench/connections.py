@@ -163,7 +163,8 @@ def run(base: str, token: str, pid: int | None, count: int, channels: int, messa
         c.sock.close()
     gevent.killall(readers, timeout=5)
     return {
-        "connections": len(connected), "failed": stats["failed"], "subscribe_retries": stats["retried"], "connect_seconds": round(connect_seconds, 1),
+        "connections": len(connected), "failed": stats["failed"], "subscribe_retries": stats["retried"],
+        "connect_seconds": round(connect_seconds, 1),
         "rss_mb_before": round(before / 1024, 1) if before else None,
         "rss_mb_after": round(after / 1024, 1) if after else None,
         "rss_kb_per_connection": round((after - before) / max(1, len(connected)), 1) if pid else None,

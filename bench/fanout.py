@@ -10,7 +10,7 @@ Redis pub/sub, no Kafka or Celery: for Herald the frame a worker publishes
 (`RedisManager(write_only=True)`). The client is asyncio `websockets` without
 compression, in a few processes. Server CPU is the worker's user+system time.
 Prints JSON: per scenario both sides and the ratios herald/peer, and the
-issue's targets with their values and whether each is met.
+targets (docs/benchmarks.md) with their values and whether each is met.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from tests.harness import Stack, wait_until
 
 CHANNEL = "bench.fanout"
 BASE_MS = int(time.time() * 1000)  # stream ids above any real one: the channel has no history
-# Broadcasts back to back per size (the issue's), and 10 one second apart for latency.
+# Broadcasts back to back per size, and 10 one second apart for latency.
 BURSTS = {1000: 100, 5000: 40, 10000: 0}
 LATENCY_BROADCASTS = 10
 CONNECT_RATE = 2000.0  # connections opened a second, by all client processes together
@@ -272,14 +272,14 @@ class PeerSide:
         import socketio  # the `bench` extra: not needed for `--side herald`
 
         port, channel = embedded.free_port(), f"bench-socketio-{os.getpid()}"
-        self.log = open(workdir / "peer.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
-             "-w", "1", "--worker-connections", "20000", "-b", f"127.0.0.1:{port}", "socketio_app:app"],
-            cwd=ROOT / "bench" / "peers",  # not Herald's gunicorn.conf.py in ROOT
-            env={**os.environ, "PEER_REDIS_URL": redis_url, "PEER_CHANNEL": channel},
-            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=embedded._die_with_parent,
-            start_new_session=True)
+        with open(workdir / "peer.log", "ab") as log:  # the server keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
+                 "-w", "1", "--worker-connections", "20000", "-b", f"127.0.0.1:{port}", "socketio_app:app"],
+                cwd=ROOT / "bench" / "peers",  # not Herald's gunicorn.conf.py in ROOT
+                env={**os.environ, "PEER_REDIS_URL": redis_url, "PEER_CHANNEL": channel},
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=embedded._die_with_parent,
+                start_new_session=True)
         self.pid = worker_pid(self.proc.pid)
         wait_until(lambda: embedded.port_open("127.0.0.1", port), 30, 0.1, "the Flask-SocketIO server")
         self.url = f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
@@ -293,7 +293,6 @@ class PeerSide:
         """Stop the server."""
         self.proc.terminate()
         self.proc.wait(30)
-        self.log.close()
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -376,7 +375,7 @@ def ratios(herald: dict | None, peer: dict | None) -> dict:
 
 
 def targets(scenarios: dict) -> list[dict]:
-    """The issue's targets that this run measured: each with its value, limit and whether it is met."""
+    """The targets (docs/benchmarks.md) this run measured: each with its value, limit and whether it is met."""
     out = []
 
     def target(name: str, value, limit: float, below: bool = True, condition: bool = True):

@@ -1,7 +1,7 @@
-"""Pipeline benchmark: each stage alone, then the whole, side by side with a bare Kafka hop (issue 11).
+"""Pipeline benchmark: each stage alone, then the whole, side by side with a bare Kafka hop (docs/benchmarks.md).
 
     python bench/pipeline.py            # short run, a minute or two
-    python bench/pipeline.py --full     # the issue's sizes
+    python bench/pipeline.py --full     # the sizes of docs/benchmarks.md
 
 Stages, each on a stack of its own (own Tansu, Redis, fresh topic):
 ingest (web alone, 2 gevent workers, driven by wrk from another process:
@@ -278,7 +278,7 @@ def kafka_hop(bootstrap: str, rate: float, seconds: float) -> dict:
         consumer.poll(0.1)
     thread = threading.Thread(target=consume)
     thread.start()
-    for n in range(50):  # warm-up (NOTES: a new idempotent producer's first messages are slow)
+    for n in range(50):  # warm-up: a new idempotent producer's first messages are slow
         producer.produce(topic, key=str(n), value=str(time.time() + 1e9))
     producer.flush(10)
     interval, count = 1 / rate, int(rate * seconds)
@@ -322,7 +322,7 @@ def whole(args) -> dict:
 def main() -> None:
     """Parse arguments, run the chosen stages, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the issue's sizes (several minutes)")
+    parser.add_argument("--full", action="store_true", help="the sizes of docs/benchmarks.md (several minutes)")
     parser.add_argument("--stages", default="ingest,processing,e2e", help="comma-separated")
     parser.add_argument("--seconds", type=int, help="each ingest measurement (5; --full 10)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for ingest")

@@ -8,6 +8,7 @@ die with their parent.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -78,16 +79,13 @@ class Server:
 
     def start(self, timeout: float = 20.0) -> Server:
         """Start and wait until the port accepts connections."""
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        try:
+        # The child keeps its own descriptor of the log.
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
             # A session of its own: Ctrl-C in the terminal must not stop the
             # broker before the processes that still need it have shut down.
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                                          start_new_session=True)
-        finally:
-            if self.log_path:
-                out.close()  # the child keeps its own descriptor
         deadline = time.monotonic() + timeout
         while not port_open("127.0.0.1", self.port):
             if self.proc.poll() is not None:

@@ -1,7 +1,9 @@
 """The worker role: Herald's Celery task and the processing it runs.
 
 - `worker`: the Celery app (`celery -A tasks:celery_app worker`) and the task, a
-  shell of retries, acks, the worker-death split and dead-lettering;
+  shell of retries and acks;
+- `redelivery`: what becomes of a batch a worker died running, that failed for
+  a reason that is not transient, or that waits for its turn (the policy);
 - `processor`: the work itself (rules, the archive, the order gate, statuses),
   kept apart from Celery;
 - `handback`: tasks of a worker that stopped answering, handed back;

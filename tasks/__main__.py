@@ -47,7 +47,7 @@ def _run(argv: list[str]) -> int:
     settings = load_or_exit()
     try:
         warning = check_at_start(settings)
-    except StartupError as exc:  # one line, no traceback (SPEC)
+    except StartupError as exc:  # one line, no traceback
         print(f"herald worker: cannot start: {exc}", file=sys.stderr)
         return 1
     if warning:

@@ -36,7 +36,7 @@ ORDER_RECHECK_LONG = 1.0
 # fails or refuses (down, full, MISCONF, a pool timeout) fails every message
 # alike: retried, then the first is dead-lettered as after any last retry.
 # Every other error is taken as the message's own fault (its data, a rule, a
-# bug it triggers): it is isolated and dead-lettered (tasks: `_isolate`).
+# bug it triggers): it is isolated and dead-lettered (`Redelivery.isolate`, tasks/redelivery.py).
 RETRYABLE = (TransientError, redis.RedisError, SQLAlchemyError, KafkaException)
 REASON_CHARS = 500  # of a failure's reason, in a dead letter and the message's status
 FORCED_ORDER = Counter("herald_forced_out_of_order_total",

@@ -26,7 +26,7 @@ access_log = logging.getLogger("herald.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Metric labels come from fixed sets, never from what a client sends: gunicorn
 # passes any upper-case method name, and each new label value is a new series
-# kept for the life of the process (issue 8: 300 odd methods, 6,000 lines).
+# kept for the life of the process.
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
 
@@ -94,7 +94,7 @@ def _install_dev_token(app: Flask, settings) -> None:
     @app.get("/dev/token")
     def dev_token():
         if not from_this_machine(request):
-            # Even when a --bind opened the port to the network (review M10).
+            # Even when a --bind opened the port to the network.
             return problem(403, "GET /dev/token answers only requests from this machine", slug="forbidden")
         user = request.args.get("user") or f"guest-{secrets.token_hex(2)}"
         if not _DEV_USER.fullmatch(user):

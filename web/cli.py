@@ -243,15 +243,14 @@ def prune_command():
     """Delete archived messages older than HERALD_ARCHIVE_MAX_AGE now (web processes also do it periodically)."""
     import time
 
-    from pipeline.archive import Archive, ArchiveReader
+    from pipeline.archive import Archive
     from pipeline.core.errors import HeraldError
 
     settings = _settings()
     if not settings.archive_max_age:
         raise click.ClickException("HERALD_ARCHIVE_MAX_AGE is 0: the archive keeps every message")
     try:
-        removed = ArchiveReader(Archive(settings.database_url)).prune(settings.archive_max_age,
-                                                                      int(time.time() * 1000))
+        removed = Archive(settings.database_url).prune(settings.archive_max_age, int(time.time() * 1000))
     except HeraldError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"archive: {removed} messages older than {settings.archive_max_age} s deleted")
@@ -298,8 +297,8 @@ def dev_command(no_flower):
     if settings.auth:
         click.echo(f"token   {mint(settings, 'dev', ttl=7 * 86400)}")
     honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or "honcho"
-    # honcho would read .env again and let it override the shell (issue 8:
-    # the printed token was refused): it gets `env`, already merged, and no file.
+    # honcho would read .env again and let it override the shell (the printed
+    # token would be refused): it gets `env`, already merged, and no file.
     # Every Procfile process but the one-off `release`, which ran above.
     skip = {"release"} | ({"flower"} if no_flower else set())
     argv = [honcho, "start", "-e", os.devnull, "-p", str(settings.port),

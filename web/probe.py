@@ -2,7 +2,7 @@
 
 `/readyz` and the cluster gauges of `/metrics` ask Kafka, Redis and the
 Celery broker. Asked on every call, anyone can turn a burst of calls into a
-burst on those services (review M5). Here a call within the TTL of the last
+burst on those services. Here a call within the TTL of the last
 probe gets its answer, and calls that find it stale wait for the one probe in
 flight in this process instead of starting their own: N parallel calls cost
 one probe.

@@ -126,7 +126,7 @@ class _Quiet(logging.Filter):
 
 
 # One client's share of the address budgets: an IPv6 host commonly owns a
-# whole /64 and picks any address in it (review L1).
+# whole /64 and picks any address in it.
 IPV6_PREFIX = 64
 
 

@@ -15,7 +15,9 @@ import redis
 from pipeline.archive import Archive, ArchiveReader
 
 # Imported here, not at first use: its metrics are on /metrics from the start.
-from pipeline.archive import cache as read_path
+from pipeline.archive.cache import MessageCache, bloom_filter, cache_client
+from pipeline.archive.history import history
+from pipeline.archive.prune import prune_periodically
 from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
 from pipeline.kafka import Publisher
@@ -41,21 +43,25 @@ class Services:
         return Store(connect(self.settings, self.settings.redis_pool_size), self.settings)
 
     @functools.cached_property
-    def archive(self):
-        """Reads of the SQL archive (DATABASE_URL)."""
-        return ArchiveReader(Archive(self.settings.database_url))
+    def archive_writer(self) -> Archive:
+        """The SQL archive (DATABASE_URL); the web only prunes it."""
+        return Archive(self.settings.database_url)
+
+    @functools.cached_property
+    def archive(self) -> ArchiveReader:
+        """Reads of the SQL archive."""
+        return ArchiveReader(self.archive_writer)
 
     @functools.cached_property
     def cache(self):
         """Archived messages through the cache (HERALD_CACHE_URL, else the main Redis)."""
-        client = read_path.cache_client(self.settings, self.settings.redis_pool_size) if self.settings.cache_url \
+        client = cache_client(self.settings, self.settings.redis_pool_size) if self.settings.cache_url \
             else self.store.redis
-        bloom = read_path.bloom_filter(self.settings, client)
-        return read_path.MessageCache(self.settings, client, bloom, self.archive)
+        return MessageCache(self.settings, client, bloom_filter(self.settings, client), self.archive)
 
     def history(self, channel: str, since: str | None, limit: int) -> dict:
-        """A channel's history after `since`, from Redis and then the archive (pipeline.archive.cache.history)."""
-        return read_path.history(self.store, self.archive, channel, since, limit)
+        """A channel's history after `since`, from Redis and then the archive (pipeline/archive/history.py)."""
+        return history(self.store, self.archive, channel, since, limit)
 
     @functools.cached_property
     def publisher(self) -> Publisher:
@@ -89,8 +95,8 @@ class Services:
         if self.hub is not None:
             self.hub.start()
         if self.settings.archive_max_age:
-            threading.Thread(target=read_path.prune_periodically, name="archive-pruner", daemon=True,
-                             args=(self.settings, self.store, self.archive, self._pruner_stop, log)).start()
+            threading.Thread(target=prune_periodically, name="archive-pruner", daemon=True,
+                             args=(self.settings, self.store, self.archive_writer, self._pruner_stop, log)).start()
 
     def stop(self) -> None:
         """Close WebSockets with 1001, then deliver what the producer still holds.

@@ -8,9 +8,6 @@ cache stampede), which fills the cache for those waiting. Entries live
 HERALD_CACHE_TTL plus or minus HERALD_CACHE_TTL_JITTER, so entries filled
 together do not expire together (cache avalanche); ids the archive does not
 have are cached as absent for HERALD_CACHE_NEGATIVE_TTL.
-
-History older than what a channel's Redis stream retains continues from the
-archive, with the same cursor (the stream id).
 """
 
 from __future__ import annotations
@@ -26,8 +23,6 @@ from prometheus_client import Counter
 
 from pipeline.archive import ArchiveUnavailable
 from pipeline.archive.bloom import Bloom
-from pipeline.core.messages import dumps_bytes
-from pipeline.core.streamids import key as stream_id_key
 from pipeline.store.client import connect
 from pipeline.store.keys import Keys
 from pipeline.store.locks import release_owned
@@ -237,80 +232,3 @@ def _decode(raw: str) -> dict | None:
     if raw == DOWN:
         raise ArchiveUnavailable("the archive did not answer a moment ago")
     return json.loads(raw)
-
-
-def history(store, reader, channel: str, since: str | None, limit: int) -> dict:
-    """`Store.history`, continued from the archive when `since` is older than the
-    channel's stream retains: archived messages up to the stream's first
-    retained entry, then the stream's, one cursor throughout. The page is
-    bounded in bytes as the stream's are (HERALD_HISTORY_PAGE_BYTES).
-
-    `recovered` is false only when neither has what followed `since`: the
-    archive no longer holds a message at or before it (pruned, or older
-    than the archive). Raises ArchiveUnavailable when the archive is needed
-    and does not answer.
-    """
-    page = store.history(channel, since, limit)
-    if page["recovered"] or not since:
-        return page
-    retained = page["messages"]
-    seam = stream_id_key(retained[0]["offset"]) if retained else None
-    budget = store.settings.history_page_bytes
-    older, more, used = _archived(store.settings, reader, channel, since, limit, seam)
-    if since == "0-0":
-        # From the start: the archive must hold the channel's first message.
-        epoch = store.redis.get(store.keys.epoch(channel))
-        recovered = bool(epoch) and reader.holds(channel, epoch)
-    else:
-        recovered = reader.holds(channel, since)
-    if not older:
-        return {**page, "recovered": recovered}
-    messages = older
-    if not more:  # the archive's part is whole: the stream's follows, in the same budget
-        for message in retained:
-            used += len(dumps_bytes(message))
-            if len(messages) == limit or used > budget:
-                more = True
-                break
-            messages.append(message)
-        more = more or page["next"] is not None
-    return {"messages": messages, "next": messages[-1]["offset"] if more else None, "recovered": recovered}
-
-
-def _archived(settings, reader, channel: str, since: str, limit: int, seam) -> tuple[list, bool, int]:
-    """Archived messages after `since` and before the stream's first retained
-    offset `seam`: at most `limit`, stopping past HERALD_HISTORY_PAGE_BYTES
-    (at least one); whether more archived ones follow; their size in bytes."""
-    budget = settings.history_page_bytes
-    # Rows a query asks for: what the budget holds at the largest message size.
-    chunk = max(1, budget // settings.max_message_bytes)
-    found, used, cursor = [], 0, since
-    while True:
-        ARCHIVE_QUERIES.inc()
-        want = min(chunk, limit + 1 - len(found))
-        rows = reader.after(channel, cursor, want)
-        for message in rows:
-            if seam is not None and stream_id_key(message["offset"]) >= seam:
-                return found, False, used  # the stream holds the rest
-            size = len(dumps_bytes(message))
-            if len(found) == limit or (found and used + size > budget):
-                return found, True, used
-            found.append(message)
-            used += size
-        if len(rows) < want:
-            return found, False, used
-        cursor = rows[-1]["offset"]
-
-
-def prune_periodically(settings, store, reader, stop: threading.Event, log) -> None:
-    """Every HERALD_ARCHIVE_PRUNE_INTERVAL, one web process (a lock in Redis) deletes
-    messages older than HERALD_ARCHIVE_MAX_AGE; runs until `stop` is set."""
-    interval = settings.archive_prune_interval
-    while not stop.wait(random.uniform(0.5, 1.0) * interval):
-        try:
-            if not store.redis.set(store.keys.archive_pruner, settings.node_id, nx=True, ex=interval):
-                continue
-            removed = reader.prune(settings.archive_max_age, int(time.time() * 1000))
-            log.info("archive pruned", extra={"count": removed})
-        except (redis.RedisError, ArchiveUnavailable) as exc:
-            log.warning("archive not pruned", extra={"error": str(exc)})

@@ -1,4 +1,5 @@
-"""Kafka plumbing shared by the web, the bridge and the workers: topics and the producer.
+"""Kafka plumbing shared by the web, the bridge and the workers: client settings, the admin
+client and the producer (`Publisher`); Herald's topics are `topics.py`'s.
 
 Plain confluent-kafka, so Herald runs on any Kafka cluster; clients are made
 per process, after any fork (librdkafka's threads do not survive `fork()`).

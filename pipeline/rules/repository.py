@@ -13,7 +13,7 @@ and counted (`herald_rules_compile_failures_total`); the worker keeps the last
 version it compiled. With none compiled yet it fails closed: its batches
 raise RulesUnavailable, a transient error, and are retried as when Redis is
 down, never run without the policy. Such a wait does not count against a message's
-retries (tasks: `_await_rules`): none is dead-lettered for it, however long.
+retries (`tasks.redelivery.Redelivery.await_rules`): none is dead-lettered for it, however long.
 """
 
 from __future__ import annotations

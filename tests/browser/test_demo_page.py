@@ -323,7 +323,8 @@ def dev_proxy(dev_web):
 
 
 def first_look(browser, base: str):
-    """A fresh tab (nothing saved) opening the page, as after `make dev`: online in chat:lobby; returns it and its user."""
+    """A fresh tab (nothing saved) opening the page, as after `make dev`: online in chat:lobby;
+    returns it and its user."""
     context = browser.new_context()
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()

@@ -1,4 +1,4 @@
-"""Hostile WebSocket clients against a real web process (issue 19: no client can hurt
+"""Hostile WebSocket clients against a real web process (no client can hurt
 anyone else's traffic; docs/protocol.md: "WebSocket limits").
 
 Each test drives real sockets at a gunicorn web process of its own and reads

@@ -242,13 +242,13 @@ def test_data_past_the_ingest_bounds_is_refused_and_at_the_bounds_delivered(make
     for n, (name, data) in enumerate([*refused.items(), *fine.items()]):
         msg_id = f"{tag}-w{n:02d}"
         client.send({"op": "publish", "channel": channel, "data": data, "id": msg_id, "ref": msg_id})
-        reply = client.expect(lambda f: f.get("ref") == msg_id)
+        reply = client.expect(lambda f, msg_id=msg_id: f.get("ref") == msg_id)
         if name in refused:
             assert reply["op"] == "error" and reply["code"] == "data_out_of_bounds", (name, reply)
             check_refusal({"status": 400, "detail": reply["message"]}, name)
             # An op that succeeds: five refusals in a row close the socket (MAX_BAD_FRAMES).
             client.send({"op": "ping", "ref": f"{msg_id}-ping"})
-            assert client.expect(lambda f: f.get("ref") == f"{msg_id}-ping")["op"] == "pong"
+            assert client.expect(lambda f, msg_id=msg_id: f.get("ref") == f"{msg_id}-ping")["op"] == "pong"
         else:
             assert reply["op"] == "ack", (name, reply)
             published.append(msg_id)

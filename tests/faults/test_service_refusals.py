@@ -1,4 +1,4 @@
-"""A service that refuses for a while is no message's fault (issue 19): Redis refusing every
+"""A service that refuses for a while is no message's fault (docs/design.md: "Under faults"): Redis refusing every
 write (NOREPLICAS, as MISCONF when its disk is full) fails all messages alike, so the
 worker retries them and dead-letters none; every message is delivered once it answers
 again. Lost 0, duplicated 0, reordered 0."""
@@ -52,6 +52,6 @@ def test_redis_refusing_writes_is_retried_and_dead_letters_nothing(make_stack, c
     figures = report("redis refusing writes", publisher, collector, history_of(stack, chosen),
                      in_flight=settled_in_flight(stack), forced=forced_passes(worker), dead_letters=page["total"],
                      retries=worker.log().count('"retrying"'))
-    assert page["total"] == 0  # before: the batch was split and each message dead-lettered, or lost
+    assert page["total"] == 0  # the batch not split, no message dead-lettered or lost
     assert_exactly_once(figures)
     assert figures["forced"] == 0

@@ -1,5 +1,5 @@
-"""What is readable of a message before a worker ran it, and dead-letter names (issue 19:
-"redact applies before the message is readable anywhere"; docs/design.md: "Message ids")."""
+"""What is readable of a message before a worker ran it, and dead-letter names (redact applies
+before the message is readable anywhere; docs/design.md: "Message ids")."""
 
 from __future__ import annotations
 

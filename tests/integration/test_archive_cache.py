@@ -1,4 +1,4 @@
-"""The archive read path (issue 12): a message readable after its Redis status
+"""The archive read path (docs/guide.md: "The archive and its cache"): a message readable after its Redis status
 expired, the Bloom filter, the single-flight lock, jittered and negative cache
 entries, the bad cases; on real Redis, SQLite and PostgreSQL."""
 
@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 import redis
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -27,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 
 from devtools import embedded
-from pipeline.archive import Archive, ArchiveReader, ArchiveUnavailable, messages
+from pipeline.archive import Archive, ArchiveReader, ArchiveUnavailable
 from pipeline.archive import cache as cache_module
 from pipeline.archive.bloom import Bloom, sizing
 from pipeline.archive.cache import (
@@ -38,6 +40,7 @@ from pipeline.archive.cache import (
     bloom_filter,
 )
 from pipeline.archive.migrations import current, upgrade
+from pipeline.archive.tables import messages, metadata
 from pipeline.core.messages import Envelope
 from pipeline.core.settings import Settings
 from pipeline.store.keys import Keys
@@ -219,7 +222,7 @@ def test_a_hung_archive_read_holds_later_reads_of_its_id_no_longer_than_its_dead
     # The first read of an id never returns (a query the database never
     # answers). Past its flight's deadline (HERALD_CACHE_FILL_WAIT plus the
     # followers' grace, shortened here), the next read of the id reads on its
-    # own instead of waiting for it, or failing, for ever (review L7).
+    # own instead of waiting for it, or failing, for ever.
     monkeypatch.setattr(cache_module, "FOLLOWER_GRACE", 0.4)
     settings = dataclasses.replace(rig.settings, cache_fill_wait=0.1)
     envelope, = _archive(rig)
@@ -310,7 +313,7 @@ def test_history_offsets_order_numerically_and_pruning_goes_by_age(rig):
     assert [m["offset"] for m in reader.after("chat:h", "999-5", 10)] == ["1000-0", "1000-12"]
     assert [m["id"] for m in reader.after("chat:h", "0-0", 2)] == [e.id for e in envelopes[:2]]
     assert reader.holds("chat:h", "999-5") and not reader.holds("chat:h", "999-4")
-    assert reader.prune(1, envelopes[1].ts + 1000) == 1  # the one older than 1 s before that moment
+    assert rig.archive.prune(1, envelopes[1].ts + 1000) == 1  # the one older than 1 s before that moment
     assert not reader.holds("chat:h", "999-5")
 
 
@@ -318,7 +321,8 @@ def test_migrations_bring_an_archive_made_before_them_up_to_date(database_url):
     engine = create_engine(database_url)
     old = MetaData()
     table = Table("herald_messages", old, Column("id", String(128), primary_key=True),
-                  Column("channel", String(200), nullable=False, index=True), Column("type", String(64), nullable=False),
+                  Column("channel", String(200), nullable=False, index=True),
+                  Column("type", String(64), nullable=False),
                   Column("data", Text, nullable=False), Column("sender", String(200), nullable=False),
                   Column("ts", BigInteger, nullable=False), Column("partition", Integer), Column("offset", BigInteger))
     old.create_all(engine)  # as Herald made it before migrations
@@ -340,6 +344,9 @@ def test_migrations_make_the_whole_schema_on_an_empty_database(database_url):
     upgrade(engine)
     columns = {column["name"] for column in inspect(engine).get_columns("herald_messages")}
     assert columns == {column.name for column in messages.columns}
+    # The table the queries use is the one the migrations make: columns, types, indexes.
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     engine.dispose()
 
 
@@ -347,7 +354,7 @@ def test_migrations_make_the_whole_schema_on_an_empty_database(database_url):
                                           ("18446744073709551615-18446744073709551615", False)])
 def test_offsets_past_the_columns_integers_order_as_they_would(rig, since, later):
     # Redis takes stream id parts up to 2**64 - 1, the columns are signed 64-bit:
-    # SQLite refused such a value (a 500 schemathesis found).
+    # SQLite refuses such a value.
     envelope, = _archive(rig, channel="chat:far")
     rig.archive.record_offsets([(envelope.id, "1700000000000-3")])
     assert [m["id"] for m in rig.reader.after("chat:far", since, 10)] == ([envelope.id] if later else [])

@@ -1,4 +1,4 @@
-"""The archive behind the whole system (issue 12): a message answers GET after its
+"""The archive behind the whole system (docs/guide.md: "The archive and its cache"): a message answers GET after its
 Redis status expired, and a subscriber resumes from an offset older than its
 channel's stream retains, over HTTP and WebSocket, with nothing lost and no
 duplicate at the seam."""

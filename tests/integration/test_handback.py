@@ -1,6 +1,6 @@
 """The hand-back of a dead worker's deliveries (tasks/handback.py) against a real Redis broker:
 it restores what it read and nothing recorded meanwhile, and a worker that was itself silent
-for a lapse takes no one for dead (review L6)."""
+for a lapse takes no one for dead."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_an_id_longer_than_its_scope_leaves_room_for_is_refused(stack, web, toke
 
 
 def test_a_message_id_cannot_cancel_another_messages_alert(stack, web, token, channel, put_rules):
-    # The review's reproduction (issue 19): `X:alerts:alerts:rules`, delivered first, was the marker of X's alert.
+    # A message named `X:alerts:alerts:rules`, delivered first, must not be taken for the marker of X's alert.
     put_rules(f"rule: {{id: big-{channel[5:]}, condition: {{channel: '{channel}', field: data.amount, gte: 100}}, "
               "action: alert}")
     alerts = web.ws(token)

@@ -1,4 +1,4 @@
-"""Metrics from every process (issue 14): real processes, real Prometheus text parses."""
+"""Metrics from every process (docs/operations.md: "Metrics"): real processes, real Prometheus text parses."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def publish(system, channel: str, count: int) -> list[str]:
         assert status == 202, body
         ids.append(body["id"])
     for msg_id in ids:
-        wait_until(lambda: web.request("GET", f"/api/v1/messages/{msg_id}", token=token)[2].get("status")
+        wait_until(lambda msg_id=msg_id: web.request("GET", f"/api/v1/messages/{msg_id}", token=token)[2].get("status")
                    == "delivered", 30, what=f"{msg_id} delivered")
     return ids
 
@@ -347,7 +347,7 @@ print(json.dumps({"up": up, "connections": collector._amqp.connection is not Non
 
 
 def test_queue_depth_probes_share_one_rabbitmq_connection(spare_redis_url):
-    # Five probes (no cache: HERALD_PROBE_TTL=0), one AMQP connection (review M5: one per scrape before).
+    # Five probes (no cache: HERALD_PROBE_TTL=0), one AMQP connection, not one per scrape.
     import kombu
 
     prefix = f"amqp{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""Operations endpoints and development guards on real web processes (issue 19; review M5, M10, L10).
+"""Operations endpoints and development guards on real web processes (docs/operations.md, docs/guide.md).
 
 /metrics outside development needs its token; /readyz and the cluster gauges
 answer from one probe per HERALD_PROBE_TTL however many calls come at once;

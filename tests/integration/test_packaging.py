@@ -54,7 +54,8 @@ def _run(python, args, cwd, **env):
 
 
 def _absent(python, cwd, modules) -> list[str]:
-    probe = f"import importlib.util, json; print(json.dumps([m for m in {list(modules)!r} if importlib.util.find_spec(m)]))"
+    probe = ("import importlib.util, json; "
+             f"print(json.dumps([m for m in {list(modules)!r} if importlib.util.find_spec(m)]))")
     return json.loads(_run(python, ["-c", probe], cwd))
 
 

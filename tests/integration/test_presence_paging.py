@@ -1,4 +1,4 @@
-"""Presence on a real Redis (review M8): listings come in pages, the reaper reads a bounded share of the
+"""Presence on a real Redis (docs/guide.md: "Presence"): listings come in pages, the reaper reads a bounded share of the
 dead nodes' own entries per run, never a whole channel, in a loop of its own, and the heartbeat never
 waits for it."""
 

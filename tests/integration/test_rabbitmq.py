@@ -42,10 +42,10 @@ def test_a_message_goes_through_rabbitmq_to_its_subscriber_and_is_delivered(amqp
 
 def test_the_task_queue_is_a_quorum_queue(amqp_stack):
     # Declaring an existing queue with another type is refused (406): so it exists, and is not classic.
-    with kombu.Connection(amqp_stack.settings.celery_broker_url) as connection:
-        with pytest.raises(PreconditionFailed, match="x-queue-type"):
-            connection.default_channel.queue_declare(f"{amqp_stack.settings.redis_prefix}.tasks", durable=True, auto_delete=False,
-                                                     arguments={"x-queue-type": "classic"})
+    with kombu.Connection(amqp_stack.settings.celery_broker_url) as connection, \
+            pytest.raises(PreconditionFailed, match="x-queue-type"):
+        connection.default_channel.queue_declare(f"{amqp_stack.settings.redis_prefix}.tasks", durable=True,
+                                                 auto_delete=False, arguments={"x-queue-type": "classic"})
 
 
 def test_a_publish_rabbitmq_refuses_raises_instead_of_vanishing(amqp_stack):

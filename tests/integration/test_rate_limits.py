@@ -103,7 +103,7 @@ _prefixes = (f"2001:db8:{n:x}:1" for n in itertools.count(1))
 
 
 def test_an_ipv6_client_has_one_address_budget_for_its_whole_64(stack, limited, channel):
-    # A host picks any of its /64's addresses: each one a budget of its own would be no limit (review L1).
+    # A host picks any of its /64's addresses: each one a budget of its own would be no limit.
     path = f"/api/v1/channels/{channel}/history"
     prefix, other = next(_prefixes), next(_prefixes)
     answers = [get(limited[n % 2], path, f"{prefix}::{n + 1:x}", stack.token(user()))[0] for n in range(5)]

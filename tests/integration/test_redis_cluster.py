@@ -1,4 +1,4 @@
-"""Herald on a three-node Redis Cluster of local redis-server processes (issue 10).
+"""Herald on a three-node Redis Cluster of local redis-server processes (docs/operations.md).
 
 The stack runs with REDIS_CLUSTER=1: channel keys carry the channel as a hash
 tag, workers SPUBLISH, the hub SSUBSCRIBEs on each channel's node; the

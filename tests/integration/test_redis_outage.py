@@ -37,14 +37,14 @@ def test_no_answer_or_frame_names_the_redis_address(tmp_path):
         for n, frame in enumerate([{"op": "subscribe", "channel": channel, "since": "0-0"},
                                    {"op": "publish", "channel": channel, "data": 3, "id": "outage-3"}]):
             client.send({**frame, "ref": n})
-            frames.append(client.expect(lambda f: f.get("ref") == n))
+            frames.append(client.expect(lambda f, n=n: f.get("ref") == n))
         assert [f["code"] for f in frames] == ["unavailable", "unavailable"]
         for frame in frames:
             assert address not in json.dumps(frame), frame
         # An outage is not the client's fault: five and more `unavailable` in a row close nothing.
         for n in range(2, 8):
             client.send({"op": "subscribe", "channel": channel, "ref": n})
-            assert client.expect(lambda f: f.get("ref") == n)["code"] == "unavailable"
+            assert client.expect(lambda f, n=n: f.get("ref") == n)["code"] == "unavailable"
         client.send({"op": "ping", "ref": "alive"})
         assert client.expect(lambda f: f.get("ref") == "alive")["op"] == "pong"
         try:

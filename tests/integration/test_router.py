@@ -1,4 +1,4 @@
-"""A web process subscribes in Redis only to the channels its clients use (issue 10)."""
+"""A web process subscribes in Redis only to the channels its clients use (web/hub/router.py)."""
 
 from __future__ import annotations
 

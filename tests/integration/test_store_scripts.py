@@ -99,7 +99,7 @@ def test_a_batchs_calls_of_one_script_are_one_call_with_each_calls_own_reply(spa
 
 
 def test_a_rate_window_holds_at_most_its_cap_of_ids(spare_redis_url):
-    # A flood within a day-long window once stored every id it sent (issue 19).
+    # A flood within a day-long window must not store every id it sent.
     store = _store(spare_redis_url)
     key = store.keys.rate("flood", "sender", "mallory")
     pipe = store.redis.pipeline(transaction=False)

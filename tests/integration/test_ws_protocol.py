@@ -57,10 +57,10 @@ def test_a_connect_token_that_is_not_a_string_closes_4001_without_an_exception(w
 
 @pytest.mark.parametrize("ref", ['"\\ud800"', "1e400"])
 def test_a_ref_no_reply_can_carry_is_a_bad_frame_and_the_connection_goes_on(web, token, ref):
-    # A lone surrogate and an infinity parse, but no JSON reply can carry them (review L3).
+    # A lone surrogate and an infinity parse, but no JSON reply can carry them.
     client = web.ws(token)
     client.recv()
-    client.sock.send('{"op": "ping", "ref": %s}' % ref)
+    client.sock.send(f'{{"op": "ping", "ref": {ref}}}')
     assert client.recv() == {"op": "error", "code": "bad_frame", "message": "ref must be JSON a reply can carry"}
     client.send({"op": "ping", "ref": "next"})
     assert client.recv() == {"op": "pong", "ref": "next"}
@@ -225,7 +225,7 @@ def test_presence_join_leave_and_listing(stack, web, channel):
     watcher.subscribe(channel, presence=True)
     lurker = web.ws(stack.token("lurker"))
     lurker.recv()
-    lurker.subscribe(channel)  # `presence` false: it hears the channel without being listed (review L13)
+    lurker.subscribe(channel)  # `presence` false: it hears the channel without being listed
     joiner = web.ws(stack.token("ann"))
     hello = joiner.recv()
     joiner.subscribe(channel, presence=True)
@@ -335,13 +335,15 @@ def test_a_killed_web_process_leaves_no_ghosts_in_presence(capped, channel):
     ghost.recv()
     ghost.subscribe(channel, presence=True)
     token = capped.token()
-    listing = lambda: survivor.request("GET", f"/api/v1/channels/{channel}/presence", token=token)[2]["clients"]
+    def listing():
+        return survivor.request("GET", f"/api/v1/channels/{channel}/presence", token=token)[2]["clients"]
+
     assert [c["user"] for c in listing()] == ["ghost"]
     doomed.proc.kill()
     started = time.monotonic()
     wait_until(lambda: listing() == [], 30, 0.5, "the ghost to leave presence")
-    print("\nFIGURES " + json.dumps({"test": "presence after kill -9", "seconds_to_clear": round(time.monotonic() - started, 1),
-                                     "presence_ttl": 3}))
+    print("\nFIGURES " + json.dumps({"test": "presence after kill -9",
+                                     "seconds_to_clear": round(time.monotonic() - started, 1), "presence_ttl": 3}))
     ghost.close()
     # Its connection stopped counting toward the cap (2) as well.
     wait_until(lambda: capped.store().redis.zcard(capped.store().keys.user_connections("ghost")) == 0, 10, 0.2,
@@ -391,7 +393,8 @@ def test_resume_from_trimmed_history_reads_the_archive_and_lost_history_says_rec
 
     from sqlalchemy import delete
 
-    from pipeline.archive import Archive, ArchiveReader, messages
+    from pipeline.archive import Archive, ArchiveReader
+    from pipeline.archive.tables import messages
 
     channel = f"short:{uuid.uuid4().hex[:8]}"  # the "short" namespace keeps 5 messages
     client = web.ws(token)
@@ -493,7 +496,9 @@ def test_the_address_cap_and_logs_trust_only_the_configured_proxies(stack, proxi
     web = stack.web(f"proxies{proxies}", HERALD_TRUSTED_PROXIES=proxies, HERALD_WS_MAX_PER_IP=2,
                     HERALD_REDIS_PREFIX=prefix)
     redis = stack.store().redis
-    counted = lambda address: redis.zcard(f"{prefix}:wsaddr:{address}")
+    def counted(address):
+        return redis.zcard(f"{prefix}:wsaddr:{address}")
+
     token = stack.token("spoofer")
     clients = []
 
@@ -531,8 +536,7 @@ def test_the_address_cap_and_logs_trust_only_the_configured_proxies(stack, proxi
 def test_unencodable_data_over_the_socket_is_an_error_frame(web, token, channel, data):
     client = web.ws(token)
     client.recv()
-    client.sock.send('{"op": "publish", "channel": "%s", "data": %s, "id": "x-%s", "ref": "r"}'
-                     % (channel, data, channel))
+    client.sock.send(f'{{"op": "publish", "channel": "{channel}", "data": {data}, "id": "x-{channel}", "ref": "r"}}')
     assert client.recv()["op"] == "error"
     client.send({"op": "publish", "channel": channel, "data": "fine", "id": f"x-{channel}", "ref": "ok"})
     assert client.expect(lambda f: f.get("ref") == "ok", timeout=5)["op"] == "ack"  # the id was not claimed

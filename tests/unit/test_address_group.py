@@ -1,4 +1,4 @@
-"""Client address budgets count an IPv6 client by its /64 (review L1), and /dev/token's peer check."""
+"""Client address budgets count an IPv6 client by its /64 (docs/guide.md), and /dev/token's peer check."""
 
 from __future__ import annotations
 

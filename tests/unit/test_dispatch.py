@@ -1,4 +1,4 @@
-"""How the bridge hands records over to the workers (issue 11: end-to-end latency):
+"""How the bridge hands records over to the workers (end-to-end latency, docs/benchmarks.md):
 pure logic, with a fake consumer and store."""
 
 from __future__ import annotations

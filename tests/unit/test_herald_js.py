@@ -1,5 +1,5 @@
-"""herald.js in Node: message ids are random on every page (review M7), never a time or Math.random;
-presence() follows the listing's pages (review M8)."""
+"""herald.js in Node: message ids are random on every page, never a time or Math.random;
+presence() follows the listing's pages (docs/guide.md: "Presence")."""
 
 from __future__ import annotations
 

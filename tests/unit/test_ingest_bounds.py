@@ -86,9 +86,8 @@ def test_a_record_written_past_ingest_is_held_to_the_same_bounds(data):
 def test_a_body_too_deep_to_parse_is_a_400_naming_the_limit(depth):
     app = flask.Flask(__name__)
     body = '{"channel":"c","data":' + "[" * depth + "]" * depth + "}"
-    with app.test_request_context(data=body, content_type="application/json"):
-        with pytest.raises(Refused) as info:
-            read_json(1 << 20)
+    with app.test_request_context(data=body, content_type="application/json"), pytest.raises(Refused) as info:
+        read_json(1 << 20)
     assert answer_for(info.value).status == 400 and str(MAX_DATA_DEPTH) in info.value.detail
 
 

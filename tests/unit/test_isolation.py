@@ -1,5 +1,5 @@
 """What the task does with a batch that failed for a reason that is not transient
-(tasks/__init__.py: `_isolate`, `_pass_gate`), with a fake processor, task and broker: pure logic."""
+(tasks/redelivery.py: `Redelivery.isolate`, `pass_gate`), with a fake processor, task and broker: pure logic."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from celery.exceptions import Retry
 from kombu.exceptions import OperationalError
 
 from pipeline.core.messages import Envelope
-from tests.harness import SECRET
 
 
 class FakeProcessor:
@@ -40,15 +39,13 @@ class FakeTask:
 
 
 @pytest.fixture
-def task_module(monkeypatch):
-    """`tasks.worker`, its processor and broker replaced; returns (module, fake processor, sent batches)."""
-    monkeypatch.setenv("HERALD_SECRET_KEY", SECRET)  # `tasks.worker` reads this process's settings on import
-    from tasks import worker as tasks
+def policy():
+    """The task's `Redelivery` with a fake processor and broker; returns (it, fake processor, sent batches)."""
+    from tasks.redelivery import Redelivery
 
+    settings = SimpleNamespace(max_redeliveries=3, retry_max_delay=60.0, amqp_broker=False)
     fake, sent = FakeProcessor(), []
-    monkeypatch.setattr(tasks, "_processor", fake)
-    monkeypatch.setattr(tasks, "_send", lambda envelopes, **options: sent.append(list(envelopes)))
-    return tasks, fake, sent
+    return Redelivery(settings, lambda: fake, lambda envelopes, **options: sent.append(list(envelopes))), fake, sent
 
 
 def envelope(n: int, **fields) -> Envelope:
@@ -56,18 +53,19 @@ def envelope(n: int, **fields) -> Envelope:
                     partition=0, offset=n, prev=n - 2 if n >= 2 else None, **fields)
 
 
-def test_a_batch_that_failed_is_split_into_one_task_a_message_and_nothing_is_dead_lettered(task_module):
-    tasks, fake, sent = task_module
+def test_a_batch_that_failed_is_split_into_one_task_a_message_and_nothing_is_dead_lettered(policy):
+    redelivery, fake, sent = policy
     batch = [envelope(n) for n in range(4)]
-    assert tasks._isolate(FakeTask(), batch, ValueError("bad"), attempts=1) == {"split": 4}
+    assert redelivery.isolate(FakeTask(), batch, ValueError("bad"), attempts=1) == {"split": 4}
     assert sent == [[e] for e in batch] and fake.letters == []
 
 
 def test_a_message_that_failed_alone_is_dead_lettered_with_its_reason_and_passes_its_gate_without_its_data(
-        task_module):
-    tasks, fake, sent = task_module
+        policy):
+    redelivery, fake, sent = policy
     alone = envelope(3, rules={"v": 1, "alert": ["a"]})
-    assert tasks._isolate(FakeTask(), [alone], OverflowError("int too large to convert to float"), attempts=2) == {"dead": 1}
+    failure = OverflowError("int too large to convert to float")
+    assert redelivery.isolate(FakeTask(), [alone], failure, attempts=2) == {"dead": 1}
     assert fake.letters == [("m-3", "OverflowError: int too large to convert to float", 2)]
     [[passing]] = sent
     assert passing.skip and passing.data is None and passing.rules is None
@@ -75,43 +73,43 @@ def test_a_message_that_failed_alone_is_dead_lettered_with_its_reason_and_passes
 
 
 def test_a_dead_lettered_message_that_cannot_even_pass_its_gate_is_retried_without_limit_never_dead_lettered(
-        task_module):
-    tasks, fake, sent = task_module
+        policy):
+    redelivery, fake, sent = policy
     passing, task = envelope(5, skip=True), FakeTask(retries=8)  # past HERALD_RETRY_MAX
     with pytest.raises(Retry):  # acked, it would stall its channel until HERALD_ORDER_WAIT
-        tasks._isolate(task, [passing], RuntimeError("a bug"), attempts=9)
+        redelivery.isolate(task, [passing], RuntimeError("a bug"), attempts=9)
     assert task.retried == [([passing], math.inf)] and fake.letters == [] and sent == []
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("mark_failed: a bug"), redis.ResponseError("MISCONF disk full"),
                                      OperationalError("broker refused")])
-def test_a_message_whose_dead_letter_fails_is_retried_as_it_came_whatever_the_error(task_module, failure):
-    tasks, fake, sent = task_module
+def test_a_message_whose_dead_letter_fails_is_retried_as_it_came_whatever_the_error(policy, failure):
+    redelivery, fake, sent = policy
     alone, task = envelope(3), FakeTask(retries=8)
     fake.fail = failure
-    with pytest.raises(Retry):  # before: anything but a transient error left the task, acked
-        tasks._isolate(task, [alone], ValueError("its data"), attempts=9)
+    with pytest.raises(Retry):  # whatever the error: never the task left given up, acked
+        redelivery.isolate(task, [alone], ValueError("its data"), attempts=9)
     assert task.retried == [([alone], math.inf)] and sent == []
 
 
 def test_a_gate_pass_the_broker_refuses_is_retried_without_the_message_which_is_dead_lettered_once(
-        task_module, monkeypatch):
-    tasks, fake, _sent = task_module
+        policy, monkeypatch):
+    redelivery, fake, _sent = policy
 
     def refused(envelopes, **options):
         raise OperationalError("broker refused")
 
-    monkeypatch.setattr(tasks, "_send", refused)
+    monkeypatch.setattr(redelivery, "send", refused)
     alone, task = envelope(3), FakeTask()
     with pytest.raises(Retry):
-        tasks._isolate(task, [alone], ValueError("its data"), attempts=1)
+        redelivery.isolate(task, [alone], ValueError("its data"), attempts=1)
     [([onward], limit)] = task.retried  # the gate pass alone: run again, the message would be dead-lettered twice
     assert onward.skip and onward.data is None and onward.id == alone.id and limit == math.inf
     assert [letter[0] for letter in fake.letters] == ["m-3"]
 
 
-def test_a_split_the_broker_refuses_half_way_retries_the_messages_not_sent(task_module, monkeypatch):
-    tasks, fake, sent = task_module
+def test_a_split_the_broker_refuses_half_way_retries_the_messages_not_sent(policy, monkeypatch):
+    redelivery, fake, sent = policy
     batch = [envelope(n) for n in range(4)]
 
     def refused_after_two(envelopes, **options):
@@ -119,17 +117,17 @@ def test_a_split_the_broker_refuses_half_way_retries_the_messages_not_sent(task_
             raise OperationalError("broker refused")
         sent.append(list(envelopes))
 
-    monkeypatch.setattr(tasks, "_send", refused_after_two)
+    monkeypatch.setattr(redelivery, "send", refused_after_two)
     task = FakeTask()
     with pytest.raises(Retry):
-        tasks._isolate(task, batch, ValueError("bad"), attempts=1)
+        redelivery.isolate(task, batch, ValueError("bad"), attempts=1)
     assert sent == [[batch[0]], [batch[1]]] and task.retried == [(batch[2:], math.inf)] and fake.letters == []
 
 
-def test_after_the_last_retry_the_rest_of_the_batch_goes_on_behind_the_dead_letter(task_module):
-    tasks, _fake, sent = task_module
+def test_after_the_last_retry_the_rest_of_the_batch_goes_on_behind_the_dead_letter(policy):
+    redelivery, _fake, sent = policy
     batch = [envelope(n) for n in range(3)]
-    tasks._pass_gate(FakeTask(), batch)
+    redelivery.pass_gate(FakeTask(), batch)
     [[first, *rest]] = sent
     assert first.skip and first.data is None and rest == batch[1:]
 
@@ -192,14 +190,13 @@ def test_the_archive_reports_any_database_failure_as_transient(failure, monkeypa
         raise failure
 
     monkeypatch.setattr(archive.engine, "begin", failing)
-    monkeypatch.setattr(archive, "_ensure_table", lambda: None)
     with pytest.raises(TransientError):
         archive.store([envelope(1)])
     with pytest.raises(TransientError):
         archive.record_offsets([("m-1", "1-0")])
 
 
-def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered(task_module):
+def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered(policy):
     from pipeline.store.gate import PassResult
     from tasks.processor import PassedGate, Processor
 
@@ -224,8 +221,8 @@ def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered
         Processor(settings, Store(), Archive(), None).run(batch, final_attempt=False)
     assert failed.value.passed == {"m-0", "m-1"} and isinstance(failed.value.cause, ValueError)
 
-    tasks, fake, sent = task_module
+    redelivery, fake, sent = policy
     task = FakeTask()
-    assert tasks._isolate(task, batch[:2], failed.value, attempts=1) == {"dead": 0}  # delivered: a replay would
-    assert tasks._isolate(task, [batch[2]], failed.value, attempts=1) == {"dead": 1}  # deliver them twice
+    assert redelivery.isolate(task, batch[:2], failed.value, attempts=1) == {"dead": 0}  # delivered: a replay would
+    assert redelivery.isolate(task, [batch[2]], failed.value, attempts=1) == {"dead": 1}  # deliver them twice
     assert fake.letters == [("m-2", "ValueError: a bug after delivery", 1)] and task.retried == []

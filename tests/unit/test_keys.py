@@ -67,7 +67,7 @@ def _slot(name: str) -> int:
 
 
 def test_no_message_id_names_a_rule_effects_marker():
-    # The review's reproduction (issue 19): a message `pay1:alerts:alerts:rules` set message pay1's alert marker.
+    # A message `pay1:alerts:alerts:rules` must not set message pay1's alert marker.
     for cluster in (False, True):
         keys = Keys("herald", cluster=cluster)
         alert = keys.effect("alerts", scoped("mallory", "pay1"), "alerts:rules")

@@ -369,7 +369,7 @@ def test_a_failed_group_write_fails_every_caller_in_it():
 
 
 def test_the_sqlite_archive_syncs_at_checkpoints_not_at_every_commit(tmp_path):
-    # FULL's fsync per commit (4 ms here) capped each worker at ~250 tasks/s.
+    # FULL's fsync per commit capped each worker's tasks a second (docs/benchmarks.md: History).
     from pipeline.archive import Archive
 
     archive = Archive(f"sqlite:///{tmp_path / 'archive.db'}")

@@ -103,7 +103,7 @@ def test_strict_json_refuses_nan_and_infinity(constant):
     from pipeline.core.messages import loads
 
     with pytest.raises(ValueError, match="is not JSON"):
-        loads('{"data": %s}' % constant)
+        loads(f'{{"data": {constant}}}')
 
 
 @pytest.mark.parametrize("data", ["\ud800", {"k": ["ok", "\udfff"]}, float("nan"), float("inf")])

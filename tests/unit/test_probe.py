@@ -1,4 +1,4 @@
-"""CachedProbe: an answer kept for its TTL, and one probe in flight per process (review M5)."""
+"""CachedProbe: an answer kept for its TTL, and one probe in flight per process (web/probe.py)."""
 
 from __future__ import annotations
 

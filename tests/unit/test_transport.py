@@ -112,7 +112,7 @@ BYTE_BOUND = PRELUDE + textwrap.dedent("""
     print("ok")
 """)
 
-# The review's H2 case: a client that takes ~64 KiB whenever it reads, while
+# A slow reader: a client that takes ~64 KiB whenever it reads, while
 # 500 frames of 6 KB arrive between two reads, answering pings meanwhile.
 SLOW_READER = PRELUDE + textwrap.dedent("""
     ws, peer, closed = pair(limit=512, queue_bytes=4 * 1024 * 1024)
@@ -142,7 +142,7 @@ SLOW_READER = PRELUDE + textwrap.dedent("""
     print("ok")
 """)
 
-# The hostile review's case: a socket that took 64 KiB of a run of 500 small
+# A socket that took 64 KiB of a run of 500 small
 # frames (a router batch) holds the rest of one push, not 500 frames waiting;
 # a second run, or a catch-up page of 4,000 frames, must not close a client
 # whose queue holds ~34 KB. What waits is bounded by its bytes and its pushes.

@@ -3,7 +3,7 @@ costs a pipeline per loop pass instead of a round trip per client.
 
 In a burst of 10,000 WebSocket connects, redis-py's per-command overhead and
 the syscalls of three round trips per client were most of a connect's CPU
-(issue 10: a connect cost 2.6x Flask-SocketIO's). A `Batcher` collects the
+(docs/benchmarks.md: "The hub beside Flask-SocketIO"). A `Batcher` collects the
 calls that greenlets make while its previous batch runs and hands them to one
 function that does them all in one pipeline.
 """

@@ -26,7 +26,7 @@ log = logging.getLogger("herald.hub")
 
 # Presence entries a listing page asks Redis for, by default and at most
 # (docs/guide.md: "Presence"): a channel of 100,000 subscribers is 500 pages, not one
-# multi-megabyte reply and one O(N) command (review M8).
+# multi-megabyte reply and one O(N) command.
 PAGE = 200
 MAX_PAGE = 1000
 # Entries of dead nodes one reaper run reads and removes; the next run takes the next
@@ -142,7 +142,7 @@ class Presence:
     def beat(self, members: list[tuple[str, str, str]]) -> None:
         """One heartbeat: this node's liveness key and its connections counted for another
         TTL. The first beat starts the reaper's own loop (`_reap_loop`), so that however
-        long a reaping takes, it never delays the liveness key (review M8)."""
+        long a reaping takes, it never delays the liveness key."""
         ttl = self.settings.presence_ttl
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)

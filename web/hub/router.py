@@ -3,7 +3,7 @@
 A web process SUBSCRIBEs to a pub/sub channel when its first local
 subscriber arrives and UNSUBSCRIBEs after the last one leaves, so it receives
 only the messages of its own subscribers: with a PSUBSCRIBE to every channel,
-each process parsed every message of the cluster (issue 10). On a Redis
+each process would parse every message of the cluster. On a Redis
 Cluster the link is sharded (pipeline/store/pubsub.py): SSUBSCRIBE on the node of
 each channel's slot.
 
@@ -48,7 +48,7 @@ class Subscription:
         self.last = (-1, -1)      # newest stream id sent, to skip duplicates at the seam
         self.backlog: list | None = []  # live frames held while history is replayed
         self.hold = hold          # at most this many of them,
-        self.hold_bytes = hold_bytes  # and this many bytes (review M3)
+        self.hold_bytes = hold_bytes  # and this many bytes
         self.held = 0             # bytes held now
         self.overflowed = False   # more came: they were dropped, and are read from history
 
@@ -284,7 +284,7 @@ class Router:
             RECEIVED.inc(end - start)
             try:
                 self._fan_out(name, [one["data"] for one in batch[start:end]])
-            except Exception:  # one bad message must not cost every channel its listener (issue 10)
+            except Exception:  # one bad message must not cost every channel its listener
                 log.exception("hub skipped a bad pub/sub message", extra={"channel": name})
             start = end
 

@@ -4,14 +4,14 @@ flask-sock and simple-websocket make the handshake; then the connection is
 handed to a `WebSocket` and its handler greenlet ends. From there gevent's
 loop calls `_readable` when bytes arrive and `_writable` when a full socket
 takes more, so an idle connection holds no greenlet: a socket, a wsproto
-parser and this object (issue 10: memory per connection). A frame for many
+parser and this object (docs/benchmarks.md: "The hub beside Flask-SocketIO"). A frame for many
 clients is encoded once (`wire_frame`) and written with the raw socket's
 non-blocking send; what a socket cannot take waits in its queue, bounded in
 bytes and in writes (a push: a frame, or a run of frames sent together), and
 goes out from the head (an offset into the first element, several elements
-per `sendmsg`), so nothing queued is copied again (review H2: folding the
-queue into one element let it grow past its bound and copied it on every
-write). Runs under gevent only (the
+per `sendmsg`), so nothing queued is copied again (folding the queue into
+one element would let it grow past its bound and copy it on every write).
+Runs under gevent only (the
 gunicorn worker class, gunicorn.conf.py), on plain TCP: TLS ends in front of
 gunicorn (the platform's router, or a proxy).
 """
@@ -140,7 +140,7 @@ class WebSocket:
     def read_message(self, deadline: float):
         """Block this greenlet until a whole message arrives (before `start`); None if the
         socket closed or `deadline` (time.monotonic()) passed first, whatever came meanwhile
-        (pings, parts of a message: review M2)."""
+        (pings, parts of a message)."""
         while not self._early and not self.closing:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -214,11 +214,11 @@ class WebSocket:
                 else:
                     self._on_message(whole)
         elif isinstance(event, Ping):
-            if self._early is None:  # before authentication nothing is answered (review M2)
+            if self._early is None:  # before authentication nothing is answered
                 self.push(self._proto.send(event.response()))
         elif isinstance(event, Pong):
             # Only once our ping is out: an unsolicited Pong does not keep a reader that
-            # takes nothing alive (review H2).
+            # takes nothing alive.
             if not self._ping_ahead:
                 self.awaiting_pong = False
         elif isinstance(event, CloseConnection):

@@ -2,7 +2,7 @@
 channel, so history older than the Redis stream is read from here; and an index
 on ts for pruning by age.
 
-Workers create a missing table with these already (Archive._ensure_table):
+Workers of earlier versions created a missing table with these already:
 each step is skipped when what it adds is there.
 
 Revision ID: 0002
