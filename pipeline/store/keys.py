@@ -23,6 +23,8 @@ message X's alert, and cancelled it.
 
 from __future__ import annotations
 
+from pipeline.core.messages import parse_origin
+
 # A routed pub/sub payload is "<head>\n<frame>": on a channel's message
 # channel the head is the message's stream id (the hub drops what a resumed
 # client already has), on a node channel the client the frame is for. The
@@ -225,7 +227,5 @@ class Keys:
     def origin_route(self, origin: str | None) -> tuple[str, str]:
         """(node pub/sub channel, client) of a publisher's origin "node/client", or ('', '')
         when it has none: where the frames meant for that client go."""
-        if not origin or "/" not in origin:
-            return "", ""
-        node, client = origin.split("/", 1)
-        return self.node_channel(node), client
+        node, client = parse_origin(origin)
+        return (self.node_channel(node) if node else ""), client
