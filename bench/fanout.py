@@ -36,8 +36,8 @@ import redis
 from websockets.asyncio.client import connect
 
 from devtools import embedded
-from pipeline.core.messages import Envelope, new_id
 from pipeline.core.frames import message_frame_head
+from pipeline.core.messages import Envelope, new_id
 from pipeline.store.keys import Keys
 from tests.harness import Stack, wait_until
 

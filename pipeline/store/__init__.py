@@ -26,7 +26,7 @@ from typing import Any
 from pipeline.core.frames import Emission
 from pipeline.core.messages import Envelope
 from pipeline.core.settings import Settings
-from pipeline.store.client import Client, check_at_start, connect, eviction_policy, redacted
+from pipeline.store.client import Client, check_at_start, connect
 from pipeline.store.connections import Connections
 from pipeline.store.effects import Effects
 from pipeline.store.gate import Gate, PassResult
@@ -36,10 +36,10 @@ from pipeline.store.inflight import InFlight
 from pipeline.store.keys import Keys
 from pipeline.store.rates import RATE_WINDOW_CAP, Rates
 from pipeline.store.scripts import Runner
-from pipeline.store.statuses import ACCEPTED_FIELDS, STATUS_RANK, Statuses, expires_at, message_fields, message_from
+from pipeline.store.statuses import Statuses, expires_at, message_fields
 
-__all__ = ["ACCEPTED_FIELDS", "RATE_WINDOW_CAP", "STATUS_RANK", "PassResult", "Store", "check_at_start", "connect",
-           "eviction_policy", "message_from", "redacted"]
+# What callers outside the store import from the package.
+__all__ = ["RATE_WINDOW_CAP", "Store", "check_at_start", "connect"]
 
 
 class Store:

@@ -22,8 +22,8 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection
 
-from pipeline.core.messages import Envelope, new_id, parse_publish
 from pipeline.core.frames import message_frame_head
+from pipeline.core.messages import Envelope, new_id, parse_publish
 from tests.faults.load import inversions
 from tests.harness import close_code, wait_until
 

@@ -34,7 +34,9 @@ from pipeline.core.errors import (
 )
 from pipeline.core.messages import CHANNEL_RE, dumps, field_errors, loads, new_id, parse_publish
 from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
-from pipeline.core.streamids import from_key as _format_sid, key as stream_id_key, valid as valid_stream_id
+from pipeline.core.streamids import from_key as _format_sid
+from pipeline.core.streamids import key as stream_id_key
+from pipeline.core.streamids import valid as valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.hub import frames
 from web.hub.batch import Batcher
