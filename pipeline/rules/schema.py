@@ -1,0 +1,462 @@
+"""A rule set's structure: what each key may hold, declared once (docs/guide.md: "Rules").
+
+Each kind of value is a `Value`: the problem a wrong one has, and the same
+kind as JSON Schema. `validate` checks a document against these declarations
+and lists every fault with its path (`rules[2].condition.gt: must be a number`);
+`definitions` and `json_schema` build the JSON Schema from the same
+declarations, for the OpenAPI document and for editors
+(`python -m pipeline.rules.schema` prints it). What JSON Schema cannot state is
+checked here alone: ids used twice, a regex RE2 refuses or that is too large,
+a time zone the tz database lacks, a time range that starts where it ends,
+the nesting depth and text UTF-8 cannot encode (reading.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import re2
+
+from pipeline.core.messages import CHANNEL_RE
+from pipeline.rules.reading import RulesError, check_shape, parse, utf8
+
+MAX_RULES = 1000
+MAX_PATTERN = 256  # characters of a `matches` regex
+# A regex runs on RE2, in time linear in the value whatever the pattern; these bound
+# its size (RE2 instructions) and so the time and memory of one message's tests.
+MAX_PROGRAM = 10_000  # instructions of one regex (`.{0,1000}` is about 9,000)
+MAX_SET_PROGRAM = 50_000  # instructions of all the regexes of a set
+_RE2 = re2.Options()
+_RE2.log_errors = False  # a refused pattern is the caller's answer, not a line on stderr
+_RE2.max_mem = 1 << 20  # bytes of one regex's program and DFA cache; past it RE2 runs its NFA, still linear
+RULE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+TIME_RE = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
+FIELD_RE = re.compile(r"(id|channel|type|sender|ts|data)(\.[^.\s]{1,100}){0,16}")
+DATA_FIELD_RE = re.compile(r"data(\.[^.\s]{1,100}){1,16}")
+MISSING = object()
+
+
+def is_int(value) -> bool:
+    """An integer, not a boolean."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An integer or a float, not a boolean (a message's numbers may be infinite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def names(value) -> list | None:
+    """A text or a non-empty list of texts, as a list; None when it is neither."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def time_of_day(value) -> int | None:
+    """Seconds after midnight of "HH:MM[:SS]", else None."""
+    match = TIME_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0)
+
+
+def compile_regex(pattern) -> tuple[Any, str | None]:
+    """(the RE2 regex, None), or (None, why `pattern` may not be a `matches` test).
+
+    RE2 matches in time linear in the value, whatever the pattern: there is
+    no backtracking to bound. Its syntax is Python's less what needs
+    backtracking (backreferences, lookaround), which it refuses. A regex sees
+    a value's first MATCH_LIMIT characters (engine.py).
+    """
+    if not isinstance(pattern, str):
+        return None, "must be a regular expression (text)"
+    if len(pattern) > MAX_PATTERN:
+        return None, f"is {len(pattern)} characters; at most {MAX_PATTERN}"
+    if not utf8(pattern):
+        return None, "holds text that is not valid Unicode (a lone surrogate)"
+    try:
+        compiled = re2.compile(pattern, _RE2)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        return None, f"is not a regular expression RE2 accepts: {reason}"
+    if compiled.programsize > MAX_PROGRAM:
+        return None, f"compiles to {compiled.programsize} RE2 instructions; at most {MAX_PROGRAM}"
+    return compiled, None
+
+
+def _zone_ok(name) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+# -- the declarations ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Value:
+    """One kind of value in a rule set: `problem_of(value)` says what is wrong with a
+    value (None when nothing is), and `schema` says the same kind in JSON Schema."""
+
+    problem_of: Callable[[Any], str | None]
+    schema: dict
+
+
+def _kind(test: Callable[[Any], bool], problem: str, schema: dict) -> Value:
+    return Value(lambda value: None if test(value) else problem, schema)
+
+
+def _text(regex: re.Pattern, problem: str) -> Value:
+    """Text the whole of which `regex` matches."""
+    return _kind(lambda value: isinstance(value, str) and regex.fullmatch(value) is not None, problem,
+                 {"type": "string", "pattern": f"^(?:{regex.pattern})$"})
+
+
+def _one_or_more(value: Value) -> dict:
+    return {"anyOf": [value.schema, {"type": "array", "items": value.schema, "minItems": 1}]}
+
+
+TEXT = _kind(lambda value: isinstance(value, str), "must be text", {"type": "string"})
+BOOLEAN = _kind(lambda value: isinstance(value, bool), "must be true or false", {"type": "boolean"})
+NUMBER = _kind(lambda value: is_number(value) and math.isfinite(value), "must be a number", {"type": "number"})
+_SCALAR = {"type": ["string", "number", "boolean", "null"]}
+SCALAR = _kind(lambda value: value is None or isinstance(value, (str, bool)) or NUMBER.problem_of(value) is None,
+               "must be a text, number, boolean or null", _SCALAR)
+NAMES = _kind(lambda value: names(value) is not None, "must be text or a list of texts", _one_or_more(TEXT))
+FIELD = _text(FIELD_RE, "must be a message field: id, channel, type, sender, ts or data.<path>")
+TIME = _text(TIME_RE, "must be a time, HH:MM or HH:MM:SS")
+TIME_RANGE = _kind(lambda value: isinstance(value, list) and len(value) == 2,
+                   "must be [start, end], times as HH:MM",
+                   {"type": "array", "items": TIME.schema, "minItems": 2, "maxItems": 2})
+TIMEZONE = _kind(_zone_ok, "must be an IANA time zone (Europe/Paris, UTC)",
+                 {"type": "string", "description": "an IANA time zone (Europe/Paris, UTC)"})
+RULE_FIELDS = {
+    "id": _text(RULE_ID_RE, "must match [A-Za-z0-9_.:-]{1,64}"),
+    "description": TEXT,
+    "enabled": BOOLEAN,
+    "priority": _kind(lambda value: is_int(value) and abs(value) <= 1_000_000,
+                      "must be an integer between -1000000 and 1000000",
+                      {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000}),
+}
+RULE_KEYS = {*RULE_FIELDS, "condition", "action"}
+SCALARS = _kind(lambda value: isinstance(value, list) and all(SCALAR.problem_of(v) is None for v in value),
+                "must be a list of texts, numbers, booleans or nulls", {"type": "array", "items": _SCALAR})
+# A field's tests, in the order a rule's faults are listed.
+OPERANDS = {
+    "eq": SCALAR, "ne": SCALAR, "gt": NUMBER, "gte": NUMBER, "lt": NUMBER, "lte": NUMBER,
+    "in": SCALARS, "not_in": SCALARS, "contains": SCALAR, "exists": BOOLEAN,
+    "matches": Value(lambda value: compile_regex(value)[1],
+                     {"type": "string", "maxLength": MAX_PATTERN,
+                      "description": "a regular expression RE2 accepts (Python's syntax less backreferences and "
+                                     "lookaround)"}),
+}
+OPERATORS = tuple(OPERANDS)
+NUMERIC = {"gt", "gte", "lt", "lte"}
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A mapping of known keys, each holding a Value; a `required` key's Value judges
+    its absence as it would a null."""
+
+    values: dict[str, Value]
+    required: tuple[str, ...] = ()
+
+    def check(self, value: dict, path: str, fault) -> None:
+        """Report each unknown key, then each key's problem, in declaration order."""
+        for key in sorted(set(value) - set(self.values), key=str):
+            fault(f"{path}.{key}", "unknown key")
+        for key, kind in self.values.items():
+            if key in value or key in self.required:
+                problem = kind.problem_of(value.get(key))
+                if problem:
+                    fault(f"{path}.{key}", problem)
+
+    @property
+    def schema(self) -> dict:
+        """The mapping in JSON Schema."""
+        return {"type": "object", "properties": {key: kind.schema for key, kind in self.values.items()},
+                "required": list(self.required), "additionalProperties": False}
+
+
+THRESHOLD = Mapping({"min": NUMBER, "field": _text(FIELD_RE, "must be a message field such as data.amount")},
+                    required=("min",))
+RATE = Mapping({
+    "max": _kind(lambda value: is_int(value) and value >= 1, "must be a whole number of messages, at least 1",
+                 {"type": "integer", "minimum": 1}),
+    "per": _kind(lambda value: NUMBER.problem_of(value) is None and 0 < value <= 86400,
+                 "must be seconds, more than 0 and at most 86400",
+                 {"type": "number", "exclusiveMinimum": 0, "maximum": 86400}),
+    "by": _kind(lambda value: value in ("sender", "channel"), "must be sender or channel",
+                {"enum": ["sender", "channel"]}),
+}, required=("max", "per"))
+CONDITION_KEYS = {"channel", "type", "sender", "field", *OPERATORS, "time_range", "timezone", "amount_threshold",
+                  "rate", "all", "any", "not"}
+
+# Actions. A flag action (`block`) is written alone or as `{block: true}`; Python's
+# `1 == True` lets `{block: 1}` through as well, and the schema says so.
+FLAGS = ("block", "alert", "block_and_alert")
+ACTIONS = (*FLAGS, "route", "redact", "tag")
+FLAG = _kind(lambda value: value in (True, None), f"unknown action; one of {', '.join(ACTIONS)}",
+             {"enum": [True, 1, None]})
+CHANNEL = _text(CHANNEL_RE, "must be a channel name (or {channel: name})")
+DATA_FIELD = _text(DATA_FIELD_RE, "must be a field under data (data.card)")
+DATA_FIELDS = _kind(lambda value: names(value) is not None and all(DATA_FIELD.problem_of(n) is None for n in value),
+                    "must list fields under data (data.card)", _one_or_more(DATA_FIELD))
+TAG = _text(RULE_ID_RE, "must be a tag ([A-Za-z0-9_.:-]{1,64})")
+TAGS = _kind(lambda value: names(value) is not None and all(TAG.problem_of(n) is None for n in value),
+             "must be a tag or a list of tags ([A-Za-z0-9_.:-]{1,64})", _one_or_more(TAG))
+
+
+# -- validating --------------------------------------------------------------------------
+
+def _judge(kind: Value, value, path: str, fault) -> bool:
+    """Whether `value` is of `kind`; reports its problem at `path` when it is not."""
+    problem = kind.problem_of(value)
+    if problem:
+        fault(path, problem)
+    return not problem
+
+
+def validate(doc: Any) -> dict:
+    """The set in normal form, `{"rules": [...]}` with every rule's defaults and a list of
+    actions; raises RulesError listing every fault with its path (`rules[2].condition.gt`)."""
+    check_shape(doc)
+    errors: list[dict] = []
+    programs: list[int] = []  # RE2 instructions of each regex, in the order met
+
+    def fault(path: str, problem: str) -> None:
+        errors.append({"path": path, "problem": problem})
+
+    if isinstance(doc, dict) and set(doc) == {"rule"}:
+        items, base = [doc["rule"]], "rule"
+    elif isinstance(doc, dict) and set(doc) == {"rules"} and isinstance(doc["rules"], list):
+        items, base = doc["rules"], "rules"
+    elif doc == {}:
+        items, base = [], "rules"
+    else:
+        raise RulesError([{"path": "", "problem": "must be a mapping with `rules: [...]` or one `rule: {...}`"}])
+    if len(items) > MAX_RULES:
+        raise RulesError([{"path": base, "problem": f"holds {len(items)} rules; at most {MAX_RULES}"}])
+    rules, seen = [], set()
+    for index, item in enumerate(items):
+        path = base if base == "rule" else f"rules[{index}]"
+        if not isinstance(item, dict):
+            fault(path, "must be a mapping")
+            continue
+        for key in sorted(set(item) - RULE_KEYS, key=str):
+            fault(f"{path}.{key}", "unknown key")
+        rule_id = item.get("id")
+        if _judge(RULE_FIELDS["id"], rule_id, f"{path}.id", fault):
+            if rule_id in seen:
+                fault(f"{path}.id", f"{rule_id!r} is used by an earlier rule")
+            seen.add(rule_id)
+        for key in ("description", "enabled", "priority"):
+            if key in item:
+                _judge(RULE_FIELDS[key], item[key], f"{path}.{key}", fault)
+        if "condition" not in item:
+            fault(f"{path}.condition", "required")
+        else:
+            _check_condition(item["condition"], f"{path}.condition", fault, programs)
+        actions = normal_actions(item.get("action"), f"{path}.action", fault)
+        rules.append({"id": rule_id, "description": item.get("description", ""),
+                      "enabled": item.get("enabled", True), "priority": item.get("priority", 0),
+                      "condition": item.get("condition"), "action": [_written(a) for a in actions]})
+    if sum(programs) > MAX_SET_PROGRAM:
+        fault(base, f"its regexes come to {sum(programs)} RE2 instructions; at most {MAX_SET_PROGRAM}")
+    if errors:
+        raise RulesError(errors)
+    return {"rules": rules}
+
+
+def _check_condition(cond, path: str, fault, programs: list[int]) -> None:
+    if not isinstance(cond, dict):
+        fault(path, "must be a mapping")
+        return
+    for key in sorted(set(cond) - CONDITION_KEYS, key=str):
+        fault(f"{path}.{key}", "unknown condition")
+    for key in ("channel", "type", "sender"):
+        if key in cond:
+            _judge(NAMES, cond[key], f"{path}.{key}", fault)
+    ops = [op for op in OPERATORS if op in cond]
+    if "field" in cond:
+        _judge(FIELD, cond["field"], f"{path}.field", fault)
+        if not ops:
+            fault(f"{path}.field", f"needs a test: one of {', '.join(OPERATORS)}")
+    elif ops:
+        fault(f"{path}.{ops[0]}", "needs a `field` to test")
+    for op in ops:
+        if _judge(OPERANDS[op], cond[op], f"{path}.{op}", fault) and op == "matches":
+            programs.append(compile_regex(cond[op])[0].programsize)
+    if "time_range" in cond:
+        span = cond["time_range"]
+        if _judge(TIME_RANGE, span, f"{path}.time_range", fault):
+            for index, value in enumerate(span):
+                _judge(TIME, value, f"{path}.time_range[{index}]", fault)
+            times = [time_of_day(value) for value in span]
+            if None not in times and times[0] == times[1]:
+                fault(f"{path}.time_range", "start and end are the same time")
+    if "timezone" in cond:
+        if "time_range" not in cond:
+            fault(f"{path}.timezone", "goes with a time_range")
+        else:
+            _judge(TIMEZONE, cond["timezone"], f"{path}.timezone", fault)
+    if "amount_threshold" in cond:
+        threshold = cond["amount_threshold"]
+        if isinstance(threshold, dict):
+            THRESHOLD.check(threshold, f"{path}.amount_threshold", fault)
+        elif NUMBER.problem_of(threshold):
+            fault(f"{path}.amount_threshold", "must be a number, or {min, field}")
+    if "rate" in cond:
+        if isinstance(cond["rate"], dict):
+            RATE.check(cond["rate"], f"{path}.rate", fault)
+        else:
+            fault(f"{path}.rate", "must be {max, per, by}")
+    for key in ("all", "any"):
+        if key in cond:
+            if not isinstance(cond[key], list) or not cond[key]:
+                fault(f"{path}.{key}", "must be a non-empty list of conditions")
+            else:
+                for index, sub in enumerate(cond[key]):
+                    _check_condition(sub, f"{path}.{key}[{index}]", fault, programs)
+    if "not" in cond:
+        _check_condition(cond["not"], f"{path}.not", fault, programs)
+
+
+def normal_actions(raw, path: str, fault) -> list[dict]:
+    """A rule's `action` (one or a list) as `{"do": kind, ...}` mappings; each fault is
+    reported through `fault(path, problem)`."""
+    if raw is None:
+        fault(path, "required")
+        return []
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        fault(path, "must name at least one action")
+    actions = []
+    for index, item in enumerate(items):
+        where = f"{path}[{index}]" if isinstance(raw, list) else path
+        if isinstance(item, str):
+            if item in FLAGS:
+                actions.append({"do": item})
+            elif item in ACTIONS:
+                fault(where, f"{item} needs an argument: {{{item}: ...}}")
+            else:
+                fault(where, f"unknown action; one of {', '.join(ACTIONS)}")
+            continue
+        if not isinstance(item, dict) or len(item) != 1:
+            fault(where, "must be an action name or a mapping of one action to its argument")
+            continue
+        (name, arg), = item.items()
+        where = f"{where}.{name}"
+        if name == "route":
+            target = arg.get("channel") if isinstance(arg, dict) and set(arg) == {"channel"} else arg
+            if _judge(CHANNEL, target, where, fault):
+                actions.append({"do": "route", "channel": target})
+        elif name == "redact":
+            fields, mask = (arg.get("fields"), arg.get("mask", MISSING)) if isinstance(arg, dict) else (arg, MISSING)
+            if isinstance(arg, dict) and set(arg) - {"fields", "mask"}:
+                fault(where, "takes fields and mask")
+            if _judge(DATA_FIELDS, fields, where, fault) and (mask is MISSING
+                                                              or _judge(TEXT, mask, f"{where}.mask", fault)):
+                actions.append({"do": "redact", "fields": names(fields), **({} if mask is MISSING else {"mask": mask})})
+        elif name == "tag":
+            if _judge(TAGS, arg, where, fault):
+                actions.append({"do": "tag", "tags": names(arg)})
+        elif name in FLAGS and FLAG.problem_of(arg) is None:
+            actions.append({"do": name})
+        else:
+            fault(where, f"unknown action; one of {', '.join(ACTIONS)}")
+    return actions
+
+
+def _written(action: dict) -> str | dict:
+    """An action as a rule set writes it, so that what GET returns can be PUT back."""
+    kind = action["do"]
+    if kind == "route":
+        return {"route": action["channel"]}
+    if kind == "redact":
+        return {"redact": {key: action[key] for key in ("fields", "mask") if key in action}}
+    if kind == "tag":
+        return {"tag": action["tags"]}
+    return kind
+
+
+def load(text: str | bytes, media_type: str = "application/yaml") -> dict:
+    """`validate(parse(text))`: the normal form of a rule set text, or RulesError."""
+    return validate(parse(text, media_type))
+
+
+# -- the same structure as JSON Schema -------------------------------------------------------
+
+def definitions(ref_template: str = "#/$defs/{name}") -> dict[str, dict]:
+    """The rule set's JSON Schema as named definitions (RuleSetInput, the document, and
+    the Rule, RuleCondition and RuleAction it refers to), each reference written with
+    `ref_template`."""
+    def ref(name: str) -> dict:
+        return {"$ref": ref_template.format(name=name)}
+
+    condition: dict[str, Any] = {key: NAMES.schema for key in ("channel", "type", "sender")}
+    condition["field"] = FIELD.schema
+    condition.update({op: kind.schema for op, kind in OPERANDS.items()})
+    condition.update({
+        "time_range": TIME_RANGE.schema,
+        "timezone": TIMEZONE.schema,
+        "amount_threshold": {"anyOf": [NUMBER.schema, THRESHOLD.schema]},
+        "rate": RATE.schema,
+        "all": {"type": "array", "items": ref("RuleCondition"), "minItems": 1},
+        "any": {"type": "array", "items": ref("RuleCondition"), "minItems": 1},
+        "not": ref("RuleCondition"),
+    })
+    arguments = {
+        "route": {"anyOf": [CHANNEL.schema, Mapping({"channel": CHANNEL}, required=("channel",)).schema]},
+        "redact": {"anyOf": [DATA_FIELDS.schema, Mapping({"fields": DATA_FIELDS, "mask": TEXT},
+                                                         required=("fields",)).schema]},
+        "tag": TAGS.schema,
+        **{flag: FLAG.schema for flag in FLAGS},
+    }
+    one_action = {"anyOf": [{"enum": list(FLAGS)},
+                            {"type": "object", "properties": arguments, "additionalProperties": False,
+                             "minProperties": 1, "maxProperties": 1}]}
+    rule = {"type": "object", "properties": {**{key: kind.schema for key, kind in RULE_FIELDS.items()},
+                                             "condition": ref("RuleCondition"), "action": ref("RuleAction")},
+            "required": ["id", "condition", "action"], "additionalProperties": False}
+    return {
+        "RuleSetInput": {
+            "type": "object", "description": "`rules: [...]` or one `rule: {...}` (docs/guide.md: Rules); "
+                                             "`{}` is the empty set",
+            "properties": {"rules": {"type": "array", "items": ref("Rule"), "maxItems": MAX_RULES},
+                           "rule": ref("Rule")},
+            "maxProperties": 1, "additionalProperties": False},
+        "Rule": rule,
+        "RuleCondition": {
+            "type": "object", "description": "conditions, all of which must hold", "properties": condition,
+            "additionalProperties": False,
+            "dependentRequired": {**{op: ["field"] for op in OPERATORS}, "timezone": ["time_range"]},
+            "dependentSchemas": {"field": {"anyOf": [{"required": [op]} for op in OPERATORS]}}},
+        "RuleAction": {"description": "one action or a list of them",
+                       "anyOf": [one_action, {"type": "array", "items": one_action, "minItems": 1}]},
+    }
+
+
+def json_schema() -> dict:
+    """The rule set's JSON Schema as one document, for an editor to check a rules file with."""
+    named = definitions()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Herald rule set",
+            **named.pop("RuleSetInput"), "$defs": named}
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))
