@@ -35,6 +35,7 @@ from pipeline import rules
 from pipeline.core.messages import Envelope, new_id
 from pipeline.core.settings import Settings
 from pipeline.rules.repository import RulesStore
+from pipeline.rules.step import RulesStep
 from pipeline.store import Store, connect
 from tasks.processor import Processor
 
@@ -125,7 +126,7 @@ def throughput(settings, with_rules: bool, count: int, redis_pid: int) -> tuple[
     rules_store = RulesStore(store, settings)
     if with_rules:
         rules_store.put(rules.load(rule_set_text(100)))
-    processor = Processor(settings, store, _NoArchive(), None, rules_store if with_rules else None)
+    processor = Processor(settings, store, _NoArchive(), None, RulesStep(rules_store) if with_rules else None)
     batch = messages(count)
     start, cpu = time.perf_counter(), time.process_time() + cpu_seconds(redis_pid)
     for first in range(0, count, 100):

@@ -349,7 +349,7 @@ def rules_get(identity: Identity):
 def rules_test(identity: Identity, body: RulesTest):
     """Evaluate a message against a rule set (the body's `rules`, else the stored set), without side effects."""
     from pipeline import rules
-    from pipeline.rules.repository import dry_run
+    from pipeline.rules.step import dry_run
 
     zone = services().settings.rules_timezone
     if body.rules is not None:
