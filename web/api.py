@@ -18,7 +18,7 @@ from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import from_validation, problem, problem_body
 from web.schemas import (Accepted, Batch, BatchResults, ChannelPath, DeadLetterPage, DeadLetterPath,
                          DeadLetterQuery, HistoryPage, HistoryQuery, Message, MessagePath, MessageQuery, Presence, PresenceQuery,
-                         PublishHeaders, RuleSet, RulesDecision, RulesTest)
+                         PublishHeaders, RULE_SET_INPUT, RuleSet, RulesDecision, RulesTest)
 
 log = logging.getLogger("herald.web")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -307,14 +307,6 @@ def rules_body() -> tuple[bytes, str]:
         raise ValidationError("Send the rule set as application/yaml or application/json", status=415,
                               title="Unsupported media type")
     return read_body(services().settings.max_batch_bytes), request.mimetype
-
-
-# A rule set as a document (YAML or JSON); pipeline/rules/__init__.py checks what is in each rule.
-RULE_SET_INPUT = {"type": "object", "description": "`rules: [...]` or one `rule: {...}` (docs/guide.md: Rules); "
-                                                   "`{}` is the empty set",
-                  "maxProperties": 1, "additionalProperties": False,
-                  "properties": {"rules": {"type": "array", "items": {"type": "object"}},
-                                 "rule": {"type": "object"}}}
 
 
 @contract.operation(blueprint, "PUT", "/rules", summary="Replace the whole rule set (admin token)", auth="admin",

@@ -214,11 +214,16 @@ FLAG = _kind(lambda value: value in (True, None), f"unknown action; one of {', '
              {"enum": [True, 1, None]})
 CHANNEL = _text(CHANNEL_RE, "must be a channel name (or {channel: name})")
 DATA_FIELD = _text(DATA_FIELD_RE, "must be a field under data (data.card)")
-DATA_FIELDS = _kind(lambda value: names(value) is not None and all(DATA_FIELD.problem_of(n) is None for n in value),
-                    "must list fields under data (data.card)", _one_or_more(DATA_FIELD))
 TAG = _text(RULE_ID_RE, "must be a tag ([A-Za-z0-9_.:-]{1,64})")
-TAGS = _kind(lambda value: names(value) is not None and all(TAG.problem_of(n) is None for n in value),
-             "must be a tag or a list of tags ([A-Za-z0-9_.:-]{1,64})", _one_or_more(TAG))
+
+
+def _each(value: Value) -> Callable[[Any], bool]:
+    """A test of a text or a non-empty list of texts, each of which is a `value`."""
+    return lambda texts: names(texts) is not None and all(value.problem_of(text) is None for text in names(texts))
+
+
+DATA_FIELDS = _kind(_each(DATA_FIELD), "must list fields under data (data.card)", _one_or_more(DATA_FIELD))
+TAGS = _kind(_each(TAG), "must be a tag or a list of tags ([A-Za-z0-9_.:-]{1,64})", _one_or_more(TAG))
 
 
 # -- validating --------------------------------------------------------------------------
@@ -401,12 +406,12 @@ def load(text: str | bytes, media_type: str = "application/yaml") -> dict:
 
 # -- the same structure as JSON Schema -------------------------------------------------------
 
-def definitions(ref_template: str = "#/$defs/{name}") -> dict[str, dict]:
+def definitions(ref_template: str) -> dict[str, dict]:
     """The rule set's JSON Schema as named definitions (RuleSetInput, the document, and
     the Rule, RuleCondition and RuleAction it refers to), each reference written with
-    `ref_template`."""
+    `ref_template` (`{model}` stands for the name)."""
     def ref(name: str) -> dict:
-        return {"$ref": ref_template.format(name=name)}
+        return {"$ref": ref_template.format(model=name)}
 
     condition: dict[str, Any] = {key: NAMES.schema for key in ("channel", "type", "sender")}
     condition["field"] = FIELD.schema
@@ -451,12 +456,14 @@ def definitions(ref_template: str = "#/$defs/{name}") -> dict[str, dict]:
     }
 
 
-def json_schema() -> dict:
-    """The rule set's JSON Schema as one document, for an editor to check a rules file with."""
-    named = definitions()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Herald rule set",
-            **named.pop("RuleSetInput"), "$defs": named}
+def json_schema(ref_template: str = "#/$defs/{model}") -> dict:
+    """The rule set's JSON Schema: the document's, with the definitions it refers to
+    under `$defs` (`ref_template` says where they are found)."""
+    named = definitions(ref_template)
+    return {**named.pop("RuleSetInput"), "$defs": named}
 
 
 if __name__ == "__main__":
-    print(json.dumps(json_schema(), indent=2))
+    # For an editor to check a rules file with (YAML: the document as its JSON reads it).
+    print(json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Herald rule set",
+                      **json_schema()}, indent=2))
