@@ -359,7 +359,7 @@ def redacted(data, fields: list[tuple[str, str | None]]):
 
     Only the mappings on a redacted path are copied (at most 16 levels, the
     longest field), the rest is shared with `data`: no depth of data can
-    exhaust the stack here, as `copy.deepcopy` did past ~500 levels.
+    exhaust the stack here, as `copy.deepcopy` would past ~500 levels.
     """
     if not isinstance(data, dict):
         return data
