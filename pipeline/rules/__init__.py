@@ -2,8 +2,9 @@
 
 One job a module:
   reading.py     the text to a document (YAML or JSON), within the depth and Unicode bounds; RulesError
-  schema.py      the rule set's structure, declared once: `validate` (every fault with its path), the
-                 normal form, and the same structure as JSON Schema (`definitions`, `json_schema`)
+  schema.py      the rule set's structure, declared once, and the same as JSON Schema (`json_schema`)
+  validation.py  `validate`: a document checked against that structure, every fault with its path;
+                 the set in normal form (`load` reads and validates)
   engine.py      `RuleSet`: a valid set compiled once per version; `evaluate` decides for one message
                  (`Decision`, carried on as a `Record`); `redacted`
   dryrun.py      `checked` and `compile_text`: compiled and dry-run before a set is stored or applied
@@ -17,16 +18,8 @@ What callers use is here: `from pipeline import rules`, then `rules.load(...)`.
 from pipeline.rules.dryrun import PROBES, checked, compile_text
 from pipeline.rules.engine import MATCH_LIMIT, Context, Decision, Record, RuleSet, record_of, redacted
 from pipeline.rules.reading import MAX_DEPTH, TOO_DEEP, RulesError, parse
-from pipeline.rules.schema import (
-           MAX_PATTERN,
-           MAX_PROGRAM,
-           MAX_RULES,
-           MAX_SET_PROGRAM,
-           compile_regex,
-           json_schema,
-           load,
-           validate,
-)
+from pipeline.rules.schema import MAX_PATTERN, MAX_PROGRAM, MAX_RULES, MAX_SET_PROGRAM, compile_regex, json_schema
+from pipeline.rules.validation import load, validate
 
 __all__ = ["MATCH_LIMIT", "MAX_DEPTH", "MAX_PATTERN", "MAX_PROGRAM", "MAX_RULES", "MAX_SET_PROGRAM", "PROBES",
            "TOO_DEEP", "Context", "Decision", "Record", "RuleSet", "RulesError", "checked", "compile_regex",

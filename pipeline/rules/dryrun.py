@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from pipeline.core.messages import dumps_bytes
 from pipeline.rules.engine import MATCH_LIMIT, Context, Decision, RuleSet, apply_rule, redacted
 from pipeline.rules.reading import RulesError
-from pipeline.rules.schema import load
+from pipeline.rules.validation import load
 
 # What the dry run puts at every field a rule names: each kind of JSON value,
 # the extremes a message may hold among them (docs/guide.md: "Rules").

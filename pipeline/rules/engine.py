@@ -27,9 +27,9 @@ from pipeline.rules.schema import (
     compile_regex,
     is_number,
     names,
-    normal_actions,
     time_of_day,
 )
+from pipeline.rules.validation import normal_actions
 
 MATCH_LIMIT = 1000  # characters of a value a regex looks at: its first ones
 MAX_CACHED_KINDS = 10_000  # (channel, type) pairs whose candidate rules a RuleSet remembers

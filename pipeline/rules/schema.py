@@ -1,14 +1,13 @@
 """A rule set's structure: what each key may hold, declared once (docs/guide.md: "Rules").
 
 Each kind of value is a `Value`: the problem a wrong one has, and the same
-kind as JSON Schema. `validate` checks a document against these declarations
-and lists every fault with its path (`rules[2].condition.gt: must be a number`);
-`definitions` and `json_schema` build the JSON Schema from the same
-declarations, for the OpenAPI document and for editors
-(`python -m pipeline.rules.schema` prints it). What JSON Schema cannot state is
-checked here alone: ids used twice, a regex RE2 refuses or that is too large,
-a time zone the tz database lacks, a time range that starts where it ends,
-the nesting depth and text UTF-8 cannot encode (reading.py).
+kind as JSON Schema. validation.py checks a document against these
+declarations; `definitions` and `json_schema` build the JSON Schema from them,
+for the OpenAPI document and for editors (`python -m pipeline.rules.schema`
+prints it). What JSON Schema cannot state, validation.py checks alone: ids
+used twice, a regex RE2 refuses or that is too large, a time zone the tz
+database lacks, a time range that starts where it ends; and reading.py the
+nesting depth and text UTF-8 cannot encode.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import Any
 import re2
 
 from pipeline.core.messages import CHANNEL_RE
-from pipeline.rules.reading import RulesError, check_shape, parse, utf8
+from pipeline.rules.reading import utf8
 
 MAX_RULES = 1000
 MAX_PATTERN = 256  # characters of a `matches` regex
@@ -176,7 +175,8 @@ class Mapping:
     required: tuple[str, ...] = ()
 
     def check(self, value: dict, path: str, fault) -> None:
-        """Report each unknown key, then each key's problem, in declaration order."""
+        """Report each unknown key, then each key's problem, in declaration order, through
+        `fault(path, problem)`."""
         for key in sorted(set(value) - set(self.values), key=str):
             fault(f"{path}.{key}", "unknown key")
         for key, kind in self.values.items():
@@ -224,184 +224,6 @@ def _each(value: Value) -> Callable[[Any], bool]:
 
 DATA_FIELDS = _kind(_each(DATA_FIELD), "must list fields under data (data.card)", _one_or_more(DATA_FIELD))
 TAGS = _kind(_each(TAG), "must be a tag or a list of tags ([A-Za-z0-9_.:-]{1,64})", _one_or_more(TAG))
-
-
-# -- validating --------------------------------------------------------------------------
-
-def _judge(kind: Value, value, path: str, fault) -> bool:
-    """Whether `value` is of `kind`; reports its problem at `path` when it is not."""
-    problem = kind.problem_of(value)
-    if problem:
-        fault(path, problem)
-    return not problem
-
-
-def validate(doc: Any) -> dict:
-    """The set in normal form, `{"rules": [...]}` with every rule's defaults and a list of
-    actions; raises RulesError listing every fault with its path (`rules[2].condition.gt`)."""
-    check_shape(doc)
-    errors: list[dict] = []
-    programs: list[int] = []  # RE2 instructions of each regex, in the order met
-
-    def fault(path: str, problem: str) -> None:
-        errors.append({"path": path, "problem": problem})
-
-    if isinstance(doc, dict) and set(doc) == {"rule"}:
-        items, base = [doc["rule"]], "rule"
-    elif isinstance(doc, dict) and set(doc) == {"rules"} and isinstance(doc["rules"], list):
-        items, base = doc["rules"], "rules"
-    elif doc == {}:
-        items, base = [], "rules"
-    else:
-        raise RulesError([{"path": "", "problem": "must be a mapping with `rules: [...]` or one `rule: {...}`"}])
-    if len(items) > MAX_RULES:
-        raise RulesError([{"path": base, "problem": f"holds {len(items)} rules; at most {MAX_RULES}"}])
-    rules, seen = [], set()
-    for index, item in enumerate(items):
-        path = base if base == "rule" else f"rules[{index}]"
-        if not isinstance(item, dict):
-            fault(path, "must be a mapping")
-            continue
-        for key in sorted(set(item) - RULE_KEYS, key=str):
-            fault(f"{path}.{key}", "unknown key")
-        rule_id = item.get("id")
-        if _judge(RULE_FIELDS["id"], rule_id, f"{path}.id", fault):
-            if rule_id in seen:
-                fault(f"{path}.id", f"{rule_id!r} is used by an earlier rule")
-            seen.add(rule_id)
-        for key in ("description", "enabled", "priority"):
-            if key in item:
-                _judge(RULE_FIELDS[key], item[key], f"{path}.{key}", fault)
-        if "condition" not in item:
-            fault(f"{path}.condition", "required")
-        else:
-            _check_condition(item["condition"], f"{path}.condition", fault, programs)
-        actions = normal_actions(item.get("action"), f"{path}.action", fault)
-        rules.append({"id": rule_id, "description": item.get("description", ""),
-                      "enabled": item.get("enabled", True), "priority": item.get("priority", 0),
-                      "condition": item.get("condition"), "action": [_written(a) for a in actions]})
-    if sum(programs) > MAX_SET_PROGRAM:
-        fault(base, f"its regexes come to {sum(programs)} RE2 instructions; at most {MAX_SET_PROGRAM}")
-    if errors:
-        raise RulesError(errors)
-    return {"rules": rules}
-
-
-def _check_condition(cond, path: str, fault, programs: list[int]) -> None:
-    if not isinstance(cond, dict):
-        fault(path, "must be a mapping")
-        return
-    for key in sorted(set(cond) - CONDITION_KEYS, key=str):
-        fault(f"{path}.{key}", "unknown condition")
-    for key in ("channel", "type", "sender"):
-        if key in cond:
-            _judge(NAMES, cond[key], f"{path}.{key}", fault)
-    ops = [op for op in OPERATORS if op in cond]
-    if "field" in cond:
-        _judge(FIELD, cond["field"], f"{path}.field", fault)
-        if not ops:
-            fault(f"{path}.field", f"needs a test: one of {', '.join(OPERATORS)}")
-    elif ops:
-        fault(f"{path}.{ops[0]}", "needs a `field` to test")
-    for op in ops:
-        if _judge(OPERANDS[op], cond[op], f"{path}.{op}", fault) and op == "matches":
-            programs.append(compile_regex(cond[op])[0].programsize)
-    if "time_range" in cond:
-        span = cond["time_range"]
-        if _judge(TIME_RANGE, span, f"{path}.time_range", fault):
-            for index, value in enumerate(span):
-                _judge(TIME, value, f"{path}.time_range[{index}]", fault)
-            times = [time_of_day(value) for value in span]
-            if None not in times and times[0] == times[1]:
-                fault(f"{path}.time_range", "start and end are the same time")
-    if "timezone" in cond:
-        if "time_range" not in cond:
-            fault(f"{path}.timezone", "goes with a time_range")
-        else:
-            _judge(TIMEZONE, cond["timezone"], f"{path}.timezone", fault)
-    if "amount_threshold" in cond:
-        threshold = cond["amount_threshold"]
-        if isinstance(threshold, dict):
-            THRESHOLD.check(threshold, f"{path}.amount_threshold", fault)
-        elif NUMBER.problem_of(threshold):
-            fault(f"{path}.amount_threshold", "must be a number, or {min, field}")
-    if "rate" in cond:
-        if isinstance(cond["rate"], dict):
-            RATE.check(cond["rate"], f"{path}.rate", fault)
-        else:
-            fault(f"{path}.rate", "must be {max, per, by}")
-    for key in ("all", "any"):
-        if key in cond:
-            if not isinstance(cond[key], list) or not cond[key]:
-                fault(f"{path}.{key}", "must be a non-empty list of conditions")
-            else:
-                for index, sub in enumerate(cond[key]):
-                    _check_condition(sub, f"{path}.{key}[{index}]", fault, programs)
-    if "not" in cond:
-        _check_condition(cond["not"], f"{path}.not", fault, programs)
-
-
-def normal_actions(raw, path: str, fault) -> list[dict]:
-    """A rule's `action` (one or a list) as `{"do": kind, ...}` mappings; each fault is
-    reported through `fault(path, problem)`."""
-    if raw is None:
-        fault(path, "required")
-        return []
-    items = raw if isinstance(raw, list) else [raw]
-    if not items:
-        fault(path, "must name at least one action")
-    actions = []
-    for index, item in enumerate(items):
-        where = f"{path}[{index}]" if isinstance(raw, list) else path
-        if isinstance(item, str):
-            if item in FLAGS:
-                actions.append({"do": item})
-            elif item in ACTIONS:
-                fault(where, f"{item} needs an argument: {{{item}: ...}}")
-            else:
-                fault(where, f"unknown action; one of {', '.join(ACTIONS)}")
-            continue
-        if not isinstance(item, dict) or len(item) != 1:
-            fault(where, "must be an action name or a mapping of one action to its argument")
-            continue
-        (name, arg), = item.items()
-        where = f"{where}.{name}"
-        if name == "route":
-            target = arg.get("channel") if isinstance(arg, dict) and set(arg) == {"channel"} else arg
-            if _judge(CHANNEL, target, where, fault):
-                actions.append({"do": "route", "channel": target})
-        elif name == "redact":
-            fields, mask = (arg.get("fields"), arg.get("mask", MISSING)) if isinstance(arg, dict) else (arg, MISSING)
-            if isinstance(arg, dict) and set(arg) - {"fields", "mask"}:
-                fault(where, "takes fields and mask")
-            if _judge(DATA_FIELDS, fields, where, fault) and (mask is MISSING
-                                                              or _judge(TEXT, mask, f"{where}.mask", fault)):
-                actions.append({"do": "redact", "fields": names(fields), **({} if mask is MISSING else {"mask": mask})})
-        elif name == "tag":
-            if _judge(TAGS, arg, where, fault):
-                actions.append({"do": "tag", "tags": names(arg)})
-        elif name in FLAGS and FLAG.problem_of(arg) is None:
-            actions.append({"do": name})
-        else:
-            fault(where, f"unknown action; one of {', '.join(ACTIONS)}")
-    return actions
-
-
-def _written(action: dict) -> str | dict:
-    """An action as a rule set writes it, so that what GET returns can be PUT back."""
-    kind = action["do"]
-    if kind == "route":
-        return {"route": action["channel"]}
-    if kind == "redact":
-        return {"redact": {key: action[key] for key in ("fields", "mask") if key in action}}
-    if kind == "tag":
-        return {"tag": action["tags"]}
-    return kind
-
-
-def load(text: str | bytes, media_type: str = "application/yaml") -> dict:
-    """`validate(parse(text))`: the normal form of a rule set text, or RulesError."""
-    return validate(parse(text, media_type))
 
 
 # -- the same structure as JSON Schema -------------------------------------------------------
