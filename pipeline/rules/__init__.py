@@ -15,12 +15,12 @@ One job a module:
 What callers use is here: `from pipeline import rules`, then `rules.load(...)`.
 """
 
-from pipeline.rules.dryrun import PROBES, checked, compile_text
+from pipeline.rules.dryrun import checked, compile_text
 from pipeline.rules.engine import MATCH_LIMIT, Context, Decision, Record, RuleSet, record_of, redacted
 from pipeline.rules.reading import MAX_DEPTH, TOO_DEEP, RulesError, parse
-from pipeline.rules.schema import MAX_PATTERN, MAX_PROGRAM, MAX_RULES, MAX_SET_PROGRAM, compile_regex, json_schema
+from pipeline.rules.schema import MAX_SET_PROGRAM, json_schema
 from pipeline.rules.validation import load, validate
 
-__all__ = ["MATCH_LIMIT", "MAX_DEPTH", "MAX_PATTERN", "MAX_PROGRAM", "MAX_RULES", "MAX_SET_PROGRAM", "PROBES",
-           "TOO_DEEP", "Context", "Decision", "Record", "RuleSet", "RulesError", "checked", "compile_regex",
-           "compile_text", "json_schema", "load", "parse", "record_of", "redacted", "validate"]
+__all__ = ["MATCH_LIMIT", "MAX_DEPTH", "MAX_SET_PROGRAM", "TOO_DEEP", "Context", "Decision", "Record", "RuleSet",
+           "RulesError", "checked", "compile_text", "json_schema", "load", "parse", "record_of", "redacted",
+           "validate"]

@@ -219,7 +219,10 @@ TAG = _text(RULE_ID_RE, "must be a tag ([A-Za-z0-9_.:-]{1,64})")
 
 def _each(value: Value) -> Callable[[Any], bool]:
     """A test of a text or a non-empty list of texts, each of which is a `value`."""
-    return lambda texts: names(texts) is not None and all(value.problem_of(text) is None for text in names(texts))
+    def test(texts) -> bool:
+        listed = names(texts)
+        return listed is not None and all(value.problem_of(text) is None for text in listed)
+    return test
 
 
 DATA_FIELDS = _kind(_each(DATA_FIELD), "must list fields under data (data.card)", _one_or_more(DATA_FIELD))
