@@ -134,6 +134,8 @@ NUMBER = _kind(lambda value: is_number(value) and math.isfinite(value), "must be
 _SCALAR = {"type": ["string", "number", "boolean", "null"]}
 SCALAR = _kind(lambda value: value is None or isinstance(value, (str, bool)) or NUMBER.problem_of(value) is None,
                "must be a text, number, boolean or null", _SCALAR)
+SCALARS = _kind(lambda value: isinstance(value, list) and all(SCALAR.problem_of(v) is None for v in value),
+                "must be a list of texts, numbers, booleans or nulls", {"type": "array", "items": _SCALAR})
 NAMES = _kind(lambda value: names(value) is not None, "must be text or a list of texts", _one_or_more(TEXT))
 FIELD = _text(FIELD_RE, "must be a message field: id, channel, type, sender, ts or data.<path>")
 TIME = _text(TIME_RE, "must be a time, HH:MM or HH:MM:SS")
@@ -151,8 +153,6 @@ RULE_FIELDS = {
                       {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000}),
 }
 RULE_KEYS = {*RULE_FIELDS, "condition", "action"}
-SCALARS = _kind(lambda value: isinstance(value, list) and all(SCALAR.problem_of(v) is None for v in value),
-                "must be a list of texts, numbers, booleans or nulls", {"type": "array", "items": _SCALAR})
 # A field's tests, in the order a rule's faults are listed.
 OPERANDS = {
     "eq": SCALAR, "ne": SCALAR, "gt": NUMBER, "gte": NUMBER, "lt": NUMBER, "lte": NUMBER,

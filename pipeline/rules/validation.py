@@ -191,8 +191,9 @@ def normal_actions(raw, path: str, fault) -> list[dict]:
         elif name == "tag":
             if _judge(TAGS, arg, where, fault):
                 actions.append({"do": "tag", "tags": names(arg)})
-        elif name in FLAGS and FLAG.problem_of(arg) is None:
-            actions.append({"do": name})
+        elif name in FLAGS:
+            if _judge(FLAG, arg, where, fault):
+                actions.append({"do": name})
         else:
             fault(where, f"unknown action; one of {', '.join(ACTIONS)}")
     return actions
