@@ -237,12 +237,13 @@ class RulesDecision(BaseModel):
     """What a rule set decides for a message."""
 
     version: int
-    matched: list[str]
-    blocked: str | None
-    alerts: list[Any] = []
-    routes: list[Any] = []
-    tags: list[Any] = []
-    data: Any
+    matched: list[tuple[str, str]] = Field(description="[rule, action] for each action applied, in order")
+    blocked: str | None = Field(description="the rule that blocks it")
+    alerts: list[str] = Field([], description="the rules that alert on it")
+    routes: list[tuple[str, str]] = Field([], description="[rule, channel] for each channel it is also "
+                                                          "delivered to")
+    tags: list[str] = []
+    data: Any = Field(description="its data as delivered (redacted)")
 
 
 class Health(BaseModel):
