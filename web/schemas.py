@@ -233,15 +233,17 @@ class RuleSet(BaseModel):
     rules: list[dict[str, Any]]
 
 
+_Pair = Annotated[list[str], Field(min_length=2, max_length=2)]  # [rule, action] or [rule, channel]
+
+
 class RulesDecision(BaseModel):
     """What a rule set decides for a message."""
 
     version: int
-    matched: list[tuple[str, str]] = Field(description="[rule, action] for each action applied, in order")
+    matched: list[_Pair] = Field(description="[rule, action] for each action applied, in order")
     blocked: str | None = Field(description="the rule that blocks it")
     alerts: list[str] = Field([], description="the rules that alert on it")
-    routes: list[tuple[str, str]] = Field([], description="[rule, channel] for each channel it is also "
-                                                          "delivered to")
+    routes: list[_Pair] = Field([], description="[rule, channel] for each channel it is also delivered to")
     tags: list[str] = []
     data: Any = Field(description="its data as delivered (redacted)")
 
