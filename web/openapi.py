@@ -19,7 +19,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticError
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from werkzeug.routing import BaseConverter
 
 from pipeline.core.errors import ValidationError
@@ -190,7 +190,7 @@ class Contract:
         return self._document[1]
 
     def _build(self, title: str, version: str, description: str) -> dict:
-        models = {}
+        models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
         for op in self.operations:
             if op.body is not None:
                 models[(op.body, "validation")] = None

@@ -71,7 +71,6 @@ def _getter(path: str) -> Callable[[Any], Any]:
         def one(envelope):
             data = envelope.data
             return data.get(key, MISSING) if isinstance(data, dict) else MISSING
-        one.data_key = key  # lets a numeric test look the key up itself (_field_test)
         return one
 
     # A part of ASCII digits also indexes a list (data.items.0); worked out once here:
@@ -91,7 +90,9 @@ def _getter(path: str) -> Callable[[Any], Any]:
     return deep
 
 
-def _field_test(get, op: str, expected) -> Test:
+def _field_test(path: str, op: str, expected) -> Test:
+    """The test `op` with `expected` of the message field at `path` (`data.amount`)."""
+    get = _getter(path)
     if op == "exists":
         return (lambda e, c: get(e) is not MISSING) if expected else (lambda e, c: get(e) is MISSING)
     if op == "eq":
@@ -103,8 +104,9 @@ def _field_test(get, op: str, expected) -> Test:
         # converting: float(10**400) would raise, `10**400 > 50000.0` is True.
         compare = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}[op]
         bound = expected
-        key = getattr(get, "data_key", None)
-        if key is not None:
+        head, *rest = path.split(".")
+        if head == "data" and len(rest) == 1:
+            key = rest[0]
             # The usual shape (data.amount > N): the lookup inline, one call a test, not three.
             def numeric_data(e, c):
                 data = e.data
@@ -167,31 +169,29 @@ def _compile_condition(cond: dict, rule_id: str, default_zone: str, *,
     tests: list[Test] = []
     if "channel" in cond:
         if top:
-            globs = names(cond["channel"])
+            globs = _listed(cond["channel"])
         else:
-            match = _globs(names(cond["channel"]))
+            match = _globs(_listed(cond["channel"]))
             tests.append(lambda e, c: match(e.channel))
-    if "type" in cond and top:
-        types = frozenset(names(cond["type"]))
-    for key in ("type", "sender") if not top else ("sender",):
-        if key in cond:
-            options = frozenset(names(cond[key]))
-            tests.append((lambda e, c, o=options: e.type in o) if key == "type"
-                         else (lambda e, c, o=options: e.sender in o))
+    if "type" in cond:
+        if top:
+            types = frozenset(_listed(cond["type"]))
+        else:
+            kinds = frozenset(_listed(cond["type"]))
+            tests.append(lambda e, c: e.type in kinds)
+    if "sender" in cond:
+        senders = frozenset(_listed(cond["sender"]))
+        tests.append(lambda e, c: e.sender in senders)
     if "field" in cond:
-        get = _getter(cond["field"])
-        tests += [_field_test(get, op, cond[op]) for op in OPERATORS if op in cond]
+        tests += [_field_test(cond["field"], op, cond[op]) for op in OPERATORS if op in cond]
     if "amount_threshold" in cond:
         threshold = cond["amount_threshold"]
         spec = threshold if isinstance(threshold, dict) else {"min": threshold}
-        tests.append(_field_test(_getter(spec.get("field", "data.amount")), "gte", spec["min"]))
-    for key in ("all", "any"):
-        if key in cond:
-            subs = [_whole(sub, rule_id, default_zone) for sub in cond[key]]
-            if key == "all":
-                tests.append(lambda e, c, s=subs: all(t(e, c) for t in s))
-            else:
-                tests.append(lambda e, c, s=subs: any(t(e, c) for t in s))
+        tests.append(_field_test(spec.get("field", "data.amount"), "gte", spec["min"]))
+    if "all" in cond:
+        tests.append(_all([_whole(sub, rule_id, default_zone) for sub in cond["all"]]))
+    if "any" in cond:
+        tests.append(_any([_whole(sub, rule_id, default_zone) for sub in cond["any"]]))
     if "not" in cond:
         inner = _whole(cond["not"], rule_id, default_zone)
         tests.append(lambda e, c: not inner(e, c))
@@ -214,11 +214,22 @@ def _compile_condition(cond: dict, rule_id: str, default_zone: str, *,
     return globs, types, tests
 
 
+def _listed(value) -> list[str]:
+    """A validated text or list of texts, as a list."""
+    return names(value) or []
+
+
+def _all(tests: list[Test]) -> Test:
+    return lambda e, c: all(t(e, c) for t in tests)
+
+
+def _any(tests: list[Test]) -> Test:
+    return lambda e, c: any(t(e, c) for t in tests)
+
+
 def _whole(cond: dict, rule_id: str, default_zone: str) -> Test:
     _globs_unused, _types_unused, tests = _compile_condition(cond, rule_id, default_zone, top=False)
-    if len(tests) == 1:
-        return tests[0]
-    return lambda e, c: all(t(e, c) for t in tests)
+    return tests[0] if len(tests) == 1 else _all(tests)
 
 
 @dataclass(frozen=True, slots=True)

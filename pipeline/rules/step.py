@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import cast
 
 from prometheus_client import Counter
 
@@ -30,7 +31,7 @@ class RulesStep:
         self.rules = rules
         self.store = rules.store
         self._version: int | None = None  # the version whose rules _match_counters holds
-        self._match_counters: dict[tuple[str, str], object] = {}  # (rule, action): MATCHES child
+        self._match_counters: dict[tuple[str, str], Counter] = {}  # (rule, action): MATCHES child
 
     def current(self) -> RuleSet | None:
         """The compiled set in force (RulesStore.current: it raises RulesUnavailable
@@ -68,7 +69,9 @@ class RulesStep:
             for pair in decision.matched:
                 matches[pair] = matches.get(pair, 0) + 1
             data = redacted(envelope.data, decision.redact) if decision.redact else envelope.data
-            envelope = replace(envelope, data=data, rules=decision.record(), skip=decision.block is not None)
+            # Envelope.rules is the Record as plain JSON (pipeline.core cannot name the type).
+            record = cast(dict, decision.record())
+            envelope = replace(envelope, data=data, rules=record, skip=decision.block is not None)
             if decision.block:
                 blocked.append((envelope, decision.block))
             out.append(envelope)

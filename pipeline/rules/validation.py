@@ -120,10 +120,8 @@ def _check_condition(cond, path: str, fault, programs: list[int]) -> None:
     if "time_range" in cond:
         span = cond["time_range"]
         if _judge(TIME_RANGE, span, f"{path}.time_range", fault):
-            for index, value in enumerate(span):
-                _judge(TIME, value, f"{path}.time_range[{index}]", fault)
-            times = [time_of_day(value) for value in span]
-            if None not in times and times[0] == times[1]:
+            times = [_judge(TIME, value, f"{path}.time_range[{index}]", fault) for index, value in enumerate(span)]
+            if all(times) and time_of_day(span[0]) == time_of_day(span[1]):
                 fault(f"{path}.time_range", "start and end are the same time")
     if "timezone" in cond:
         if "time_range" not in cond:
@@ -161,7 +159,7 @@ def normal_actions(raw, path: str, fault) -> list[dict]:
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         fault(path, "must name at least one action")
-    actions = []
+    actions: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         where = f"{path}[{index}]" if isinstance(raw, list) else path
         if isinstance(item, str):
