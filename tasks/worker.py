@@ -50,13 +50,14 @@ def processor() -> Processor:
         from pipeline.dlq import DeadLetters
         from pipeline.kafka import Publisher
         from pipeline.rules.repository import RulesStore
+        from pipeline.rules.step import RulesStep
         from pipeline.store import Store, connect
 
         store = Store(connect(settings, settings.redis_pool_size), settings)
         publisher = Publisher(settings, client_id=f"herald-worker-{settings.node_id}")
         bloom = bloom_filter(settings, cache_client(settings) if settings.cache_url else store.redis)
         _processor = Processor(settings, store, Archive(settings.database_url, bloom),
-                               DeadLetters(publisher, store, settings), RulesStore(store, settings))
+                               DeadLetters(publisher, store, settings), RulesStep(RulesStore(store, settings)))
     return _processor
 
 

@@ -15,6 +15,7 @@ from web.auth import AuthError, Identity, bearer, verify
 from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import ANSWERS, answer_for, error_problem, item_problem, problem
 from web.schemas import (
+    RULE_SET_INPUT,
     Accepted,
     Batch,
     BatchResults,
@@ -290,14 +291,6 @@ def rules_body() -> tuple[bytes, str]:
     return read_body(services().settings.max_batch_bytes), request.mimetype
 
 
-# A rule set as a document (YAML or JSON); pipeline/rules/__init__.py checks what is in each rule.
-RULE_SET_INPUT = {"type": "object", "description": "`rules: [...]` or one `rule: {...}` (docs/guide.md: Rules); "
-                                                   "`{}` is the empty set",
-                  "maxProperties": 1, "additionalProperties": False,
-                  "properties": {"rules": {"type": "array", "items": {"type": "object"}},
-                                 "rule": {"type": "object"}}}
-
-
 @contract.operation(blueprint, "PUT", "/rules", summary="Replace the whole rule set (admin token)", auth="admin",
                     description="YAML or JSON: `rules: [...]` or one `rule: {...}`. Every worker applies the new "
                                 "version within a second; a set with any fault is refused whole (422, each fault "
@@ -330,7 +323,7 @@ def rules_get(identity: Identity):
 def rules_test(identity: Identity, body: RulesTest):
     """Evaluate a message against a rule set (the body's `rules`, else the stored set), without side effects."""
     from pipeline import rules
-    from pipeline.rules.repository import dry_run
+    from pipeline.rules.step import dry_run
 
     zone = services().settings.rules_timezone
     if body.rules is not None:

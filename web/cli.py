@@ -180,7 +180,7 @@ def rules_show_command():
 def rules_test_command(path, message):
     """What the rule set in PATH decides for MESSAGE (JSON: channel, data, type, sender), with no side effects."""
     from pipeline.core.errors import Refused
-    from pipeline.rules.repository import dry_run
+    from pipeline.rules.step import dry_run
 
     rule_set = _read_rules_file(path)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticError
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from werkzeug.routing import BaseConverter
 
 from pipeline.core.errors import DataOutOfBounds, InvalidInput, InvalidRequest, Malformed, TooLarge, UnsupportedMedia
@@ -43,7 +43,8 @@ HEADER_DOCS = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}},
     "WWW-Authenticate": {"description": "the scheme to authenticate with", "schema": {"type": "string"}},
     "Allow": {"description": "the methods the resource takes", "schema": {"type": "string"}},
-    "X-RateLimit-Limit": {"description": "requests the refusing limit allows per window", "schema": {"type": "integer"}},
+    "X-RateLimit-Limit": {"description": "requests the refusing limit allows per window",
+                          "schema": {"type": "integer"}},
     "X-RateLimit-Remaining": {"description": "requests left in the window (0)", "schema": {"type": "integer"}},
     "X-RateLimit-Reset": {"description": "when the window ends (Unix seconds)", "schema": {"type": "integer"}},
 }
@@ -186,7 +187,7 @@ class Contract:
         return self._document[1]
 
     def _build(self, title: str, version: str, description: str) -> dict:
-        models = {}
+        models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
         for op in self.operations:
             if op.body is not None:
                 models[(op.body, "validation")] = None
@@ -197,10 +198,12 @@ class Contract:
 
         models[(Problem, "serialization")] = None
         names, defs = models_json_schema(list(models), ref_template=REF)
-        schemas = defs.get("$defs", {})
+        schemas: dict[str, dict] = {}
         paths: dict[str, dict] = {}
         for op in self.operations:
-            paths.setdefault(op.path, {})[op.method.lower()] = self._operation_doc(op, names)
+            paths.setdefault(op.path, {})[op.method.lower()] = _lift_defs(self._operation_doc(op, names), schemas)
+        for name, schema in defs.get("$defs", {}).items():
+            _add_schema(schemas, name, _lift_defs(schema, schemas))
         return {
             "openapi": "3.1.0",
             "info": {"title": title, "version": version, "description": description},
@@ -264,6 +267,29 @@ class Contract:
             responses[str(status)] = entry
         doc["responses"] = responses
         return doc
+
+
+def _lift_defs(node: Any, schemas: dict[str, dict]) -> Any:
+    """`node` without the `$defs` of the schemas it holds, which go to `schemas` (the
+    components): a raw schema (a rule set's, pipeline/rules/schema.py) carries its
+    definitions with it, its references written for the components. `node` is not changed."""
+    if isinstance(node, list):
+        return [_lift_defs(item, schemas) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "$defs":
+            for name, schema in value.items():
+                _add_schema(schemas, name, _lift_defs(schema, schemas))
+        else:
+            out[key] = _lift_defs(value, schemas)
+    return out
+
+
+def _add_schema(schemas: dict[str, dict], name: str, schema: dict) -> None:
+    if schemas.setdefault(name, schema) != schema:
+        raise ValueError(f"two different schemas are named {name}")
 
 
 def _header_values(model: type[BaseModel]) -> dict:

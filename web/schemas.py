@@ -8,17 +8,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from pipeline.core.ids import MAX_CLIENT_ID
 from pipeline.core.messages import ChannelName, MessageId, Publish, no_null_default
+from pipeline.rules.schema import json_schema
 from web.hub.presence import parse_cursor
+from web.openapi import REF
 
 # A Redis stream id, as history offsets are: 'ms-seq' or 'ms'. Nineteen digits
 # keep each part below 2**64, which Redis requires (pipeline.core.streamids.valid).
 StreamId = Annotated[str, Field(pattern=r"^[0-9]{1,19}(-[0-9]{1,19})?$")]
 STATUSES = Literal["accepted", "processing", "delivered", "failed", "rejected", "archived"]
 MAX_BATCH = 1000
+# A rule set as PUT /api/v1/rules takes it: JSON Schema generated from the declarations
+# that validate it (pipeline/rules/schema.py); the document lists its definitions among
+# its components (web/openapi.py).
+RULE_SET_INPUT = json_schema(REF)
 
 
 class _Request(BaseModel):
@@ -32,9 +38,9 @@ class PublishHeaders(BaseModel):
 
     idempotency_key: Annotated[str, Field(pattern=f"^[A-Za-z0-9_.:-]{{1,{MAX_CLIENT_ID}}}$")] | None = Field(
         None, alias="Idempotency-Key",
-        description="the message's id when the body has none, scoped to the sender (docs/protocol.md: Message ids); the "
-                    "same key from the same sender within HERALD_STATUS_TTL is answered with the first answer "
-                    "(a body `id` that differs is a 422)")
+        description="the message's id when the body has none, scoped to the sender (docs/protocol.md: Message "
+                    "ids); the same key from the same sender within HERALD_STATUS_TTL is answered with the first "
+                    "answer (a body `id` that differs is a 422)")
 
 
 class Batch(_Request):
@@ -103,8 +109,8 @@ class RulesTest(_Request):
     """A message to evaluate, and optionally a rule set (else the stored one)."""
 
     message: TestMessage
-    rules: dict[str, Any] = Field(None, json_schema_extra=no_null_default,
-                                  description="a rule set, as PUT /api/v1/rules takes it")
+    rules: Annotated[dict[str, Any], WithJsonSchema(RULE_SET_INPUT)] = Field(
+        None, json_schema_extra=no_null_default, description="a rule set, as PUT /api/v1/rules takes it")
 
 
 # -- answers --------------------------------------------------------------
@@ -227,16 +233,19 @@ class RuleSet(BaseModel):
     rules: list[dict[str, Any]]
 
 
+_Pair = Annotated[list[str], Field(min_length=2, max_length=2)]  # [rule, action] or [rule, channel]
+
+
 class RulesDecision(BaseModel):
     """What a rule set decides for a message."""
 
     version: int
-    matched: list[str]
-    blocked: str | None
-    alerts: list[Any] = []
-    routes: list[Any] = []
-    tags: list[Any] = []
-    data: Any
+    matched: list[_Pair] = Field(description="[rule, action] for each action applied, in order")
+    blocked: str | None = Field(description="the rule that blocks it")
+    alerts: list[str] = Field([], description="the rules that alert on it")
+    routes: list[_Pair] = Field([], description="[rule, channel] for each channel it is also delivered to")
+    tags: list[str] = []
+    data: Any = Field(description="its data as delivered (redacted)")
 
 
 class Health(BaseModel):

@@ -22,18 +22,15 @@ import json
 import logging
 import threading
 import time
-from dataclasses import replace
 
 import redis
 from prometheus_client import Counter, Gauge
 
-from pipeline import rules as engine
+from pipeline import rules
 from pipeline.core.errors import TransientError
-from pipeline.core.messages import Envelope
 
 log = logging.getLogger("herald.rules")
 VERSION_CHECK = 0.5  # seconds between version reads in a worker; a notice makes the next batch read at once
-MATCHES = Counter("herald_rule_matches_total", "Messages a rule matched, per rule and action", ["rule", "action"])
 VERSION = Gauge("herald_rules_version", "Version of the rule set this process applies (compiled)",
                 multiprocess_mode="max")
 COMPILE_FAILURES = Counter("herald_rules_compile_failures_total",
@@ -57,13 +54,14 @@ class RulesUnavailable(TransientError):
 
 
 class RulesStore:
-    """Reads and replaces the stored rule set, and applies it to a worker's batches."""
+    """Reads and replaces the stored rule set, and keeps a worker's compiled set in force
+    (the rules step, step.py, applies it)."""
 
     def __init__(self, store, settings):
         self.store = store
         self.settings = settings
         self._put = store.redis.register_script(_PUT)
-        self._set: engine.RuleSet | None = None  # None: no rules (an empty set), or none compiled yet
+        self._set: rules.RuleSet | None = None  # None: no rules (an empty set), or none compiled yet
         self._version: int | None = None  # the version compiled; None until one is
         self._refused: int | None = None  # the stored version that could not be compiled
         self._refusal = ""
@@ -71,7 +69,6 @@ class RulesStore:
         self._notified = threading.Event()
         self._listener = None
         self._file_loaded = False
-        self._match_counters: dict[tuple[str, str], object] = {}  # (rule, action): MATCHES child
 
     # -- the stored set --------------------------------------------------------------
     def put(self, doc: dict, *, only_if_none: bool = False) -> int:
@@ -96,12 +93,12 @@ class RulesStore:
             return 0
         with open(path, "rb") as fh:
             text = fh.read()
-        rule_set = engine.compile_text(text, "application/json" if path.endswith(".json") else "application/yaml",
-                                       0, self.settings.rules_timezone)
+        rule_set = rules.compile_text(text, "application/json" if path.endswith(".json") else "application/yaml",
+                                      0, self.settings.rules_timezone)
         return self.put(rule_set.doc, only_if_none=True)
 
-    # -- the worker's side -------------------------------------------------------------
-    def current(self) -> engine.RuleSet | None:
+    # -- the set a worker has compiled ---------------------------------------------------
+    def current(self) -> rules.RuleSet | None:
         """The compiled set in force (None when there are no rules), read again when a
         notice came or VERSION_CHECK passed; compiled once per version. Raises
         RulesUnavailable while the stored set cannot be compiled and none was before."""
@@ -125,11 +122,11 @@ class RulesStore:
         version, text = self.store.redis.hmget(self.store.keys.rules, ["version", "doc"])
         version = int(version or 0)
         try:
-            rule_set = engine.compile_text(text or "{}", "application/json", version, self.settings.rules_timezone)
+            rule_set = rules.compile_text(text or "{}", "application/json", version, self.settings.rules_timezone)
         except Exception as exc:
             # Not RulesError alone: any other error here would fail every batch
             # of this worker, none of them at fault, for as long as the set stays.
-            error = str(exc) if isinstance(exc, engine.RulesError) else f"{type(exc).__name__}: {exc}"
+            error = str(exc) if isinstance(exc, rules.RulesError) else f"{type(exc).__name__}: {exc}"
             self._refused = version
             self._refusal = f"the stored rule set (version {version}) cannot be compiled: {error}"
             COMPILE_FAILURES.inc()
@@ -138,7 +135,6 @@ class RulesStore:
             return
         self._version, self._refused = version, None
         self._set = rule_set if len(rule_set) else None
-        self._match_counters.clear()  # this version's rules only
         VERSION.set(version)
         log.info("rules applied", extra={"version": version, "rules": len(rule_set)})
 
@@ -151,61 +147,6 @@ class RulesStore:
             # Raised, it would fail every batch, none of them at fault (a file gone, a bug).
             log.error("HERALD_RULES_FILE refused", extra={"error": str(exc)})
         self._file_loaded = True
-
-    def apply(self, envelopes: list[Envelope]) -> tuple[list[Envelope], dict | None]:
-        """Evaluate the rules once for each message not decided yet: redact its data,
-        attach the decision (`Envelope.rules`), and reject a blocked one, which then
-        only passes its channel's order gate (`skip`).
-
-        Returns the envelopes and the record that marks those no rule matched
-        (None when there are no rules). These come back as they were: the
-        caller marks them with `Envelope.with_rules(record)` only when they
-        leave it to be run again (a retry, a record back from waiting), which
-        is rare, so that they keep this decision and are not evaluated again,
-        perhaps under another version. Most messages match nothing, and a
-        copy of each cost more than the rest of the rules step.
-        """
-        rule_set = self.current()
-        if rule_set is None:
-            return envelopes, None
-        context = engine.Context(time.time(), self._count)
-        out = []
-        matches: dict[tuple[str, str], int] = {}
-        blocked: list[tuple[Envelope, str]] = []
-        for envelope in envelopes:
-            if envelope.rules is not None or envelope.skip:
-                out.append(envelope)
-                continue
-            decision = rule_set.evaluate(envelope, context)
-            if decision is None:
-                out.append(envelope)
-                continue
-            for pair in decision.matched:
-                matches[pair] = matches.get(pair, 0) + 1
-            data = engine.redacted(envelope.data, decision.redact) if decision.redact else envelope.data
-            envelope = replace(envelope, data=data, rules=decision.record(), skip=decision.block is not None)
-            if decision.block:
-                blocked.append((envelope, decision.block))
-            out.append(envelope)
-        if blocked:
-            self.store.mark_rejected(blocked)  # one round trip for the batch
-            for envelope, rule in blocked:
-                log.info("message blocked", extra={"message_id": envelope.id, "channel": envelope.channel,
-                                                   "rule": rule})
-        self._count_matches(matches)
-        return out, {"v": rule_set.version}
-
-    def _count_matches(self, matches: dict[tuple[str, str], int]) -> None:
-        # One increment per (rule, action) and batch, on a child looked up once:
-        # MATCHES.labels() per match was a lock and a dict lookup each time.
-        for pair, count in matches.items():
-            child = self._match_counters.get(pair)
-            if child is None:
-                child = self._match_counters[pair] = MATCHES.labels(*pair)
-            child.inc(count)
-
-    def _count(self, parts: tuple[str, str, str], per: float, member: str) -> int:
-        return self.store.count_in_window(self.store.keys.rate(*parts), per, member)
 
     def _listen(self) -> None:
         # A thread per process listening for notices; on a cluster, and while it
@@ -226,18 +167,3 @@ class RulesStore:
         pubsub.close()
         self._listener = None
 
-
-def dry_run(rule_set: engine.RuleSet, envelope: Envelope, store=None) -> dict:
-    """What `rule_set` decides for `envelope`, without side effects: rate windows are
-    only read (from `store` when given, else they never match)."""
-    def read_only(parts, per, member):
-        return store.count_in_window(store.keys.rate(*parts), per, member, record=False)
-
-    context = engine.Context(time.time(), read_only if store is not None else None)
-    decision = rule_set.evaluate(envelope, context)
-    if decision is None:
-        return {"version": rule_set.version, "matched": [], "blocked": None, "data": envelope.data}
-    record = decision.record()
-    return {"version": rule_set.version, "matched": record.get("matched", []), "blocked": decision.block,
-            "alerts": decision.alerts, "routes": record.get("route", []), "tags": decision.tags,
-            "data": engine.redacted(envelope.data, decision.redact) if decision.redact else envelope.data}

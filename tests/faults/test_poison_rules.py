@@ -1,4 +1,4 @@
-"""Rules cannot hurt anyone else's traffic (issue 19): a message no rule test can raise on,
+"""Rules cannot hurt anyone else's traffic: a message no rule test can raise on,
 and rule sets refused up front or, stored behind Herald's back, reported while the last good
 set goes on applying. On both brokers: lost 0, duplicated 0, reordered 0."""
 
@@ -25,7 +25,7 @@ from tests.faults.load import (
 from tests.harness import wait_until
 
 # docs/guide.md's example (Rules), without its night window so the test holds at any hour,
-# and the issue's redact rule on another namespace.
+# and a redact rule on another namespace.
 RULES = """
 rules:
   - id: high_value_block
@@ -35,8 +35,8 @@ rules:
     condition: {channel: 'nest:*'}
     action: {redact: [data.card]}
 """
-HUGE = 10**400  # float() of it raised OverflowError in the numeric test
-DEPTH = 200  # levels of data under the redact rule (copy.deepcopy raised past ~500)
+HUGE = 10**400  # float() of it raises OverflowError: a numeric test must not convert
+DEPTH = 200  # levels of data under the redact rule (copy.deepcopy raises past ~500)
 BATCHES = 5  # a phase's batch POSTs: 40 ordinary messages and the two bad ones each
 DELIVERY_BOUND = 30.0  # seconds for every ordinary message: a lost batch waits out sweeps and order gates
 
@@ -246,8 +246,8 @@ def test_a_worker_waiting_for_a_set_it_can_compile_dead_letters_nothing_however_
     store = stack.store()
     bad = store.redis.hincrby(store.keys.rules, "version", 1)  # there before any worker
     store.redis.hset(store.keys.rules, "doc", deep_not(600))
-    # One retry of at most 0.1 s: the wait below is many retry budgets long. Before, the
-    # wait counted against each message, and every batch's first was dead-lettered.
+    # One retry of at most 0.1 s: the wait below is many retry budgets long, and no
+    # message may be dead-lettered for it (the wait does not count against its retries).
     worker = stack.worker(HERALD_RETRY_MAX=1, HERALD_RETRY_BASE_DELAY=0.05, HERALD_RETRY_MAX_DELAY=0.1)
     stack.bridge()
     web = stack.web()

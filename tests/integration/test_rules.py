@@ -75,7 +75,7 @@ rules:
     assert alert["data"]["blocked"] is True and alert["data"]["message"]["data"] == {"amount": 60000}
     answer = status_of(web, token, blocked)
     assert answer["status"] == "rejected" and answer["rule"] == f"big-{channel[5:]}"
-    # A blocked message's data is not served (issue 19); the alert carries it.
+    # A blocked message's data is not served (docs/guide.md: Rules); the alert carries it.
     assert answer["error"] == f"blocked by rule big-{channel[5:]}" and answer["data"] is None
 
     routed = publish(web, token, channel, {"kind": "copy", "card": "4111", "amount": 5})
@@ -254,8 +254,8 @@ def test_a_set_workers_could_not_run_is_refused_with_422_and_nothing_changes(web
 
 def test_an_exponential_regex_chain_runs_in_linear_time_in_the_web_and_the_workers(stack, web, admin, token,
                                                                                    channel, put_rules):
-    # Python's re took 2.65 s a value at five `.{0,16}`, x17 for each more: eight held a
-    # process for hours (the web's event loop in /rules/test). On RE2 both answer at once.
+    # A backtracking engine takes time exponential in the repeats of this chain, and would
+    # hold a process (the web's event loop in /rules/test); on RE2 both answer at once.
     chain = ".{0,16}" * 8 + "X"
     put_rules(f"rule: {{id: chain-{channel[5:]}, condition: {{channel: '{channel}', field: data.text, "
               f"matches: '{chain}'}}, action: block}}")

@@ -1,4 +1,4 @@
-"""The worker's rules step (RulesStore.apply inside Processor.run) against a real Redis:
+"""The worker's rules step (RulesStep.apply inside Processor.run) against a real Redis:
 what it counts, marks and emits, and that a batch run again changes nothing."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pipeline import rules
 from pipeline.core.messages import Envelope
 from pipeline.core.settings import Settings
 from pipeline.rules.repository import VERSION_CHECK, RulesStore, RulesUnavailable
+from pipeline.rules.step import RulesStep
 from pipeline.store import Store, connect
 from tasks.processor import Processor, RetryLater
 from tests.harness import redis_cluster
@@ -41,7 +42,7 @@ def cluster_url(tmp_path_factory):
 
 @pytest.fixture(params=["redis", "cluster"])
 def worker(request, spare_redis_url):
-    """(Processor with a RulesStore, RulesStore, Store) on a prefix of its own, on one Redis and
+    """(Processor with a RulesStep, its RulesStore, Store) on a prefix of its own, on one Redis and
     on a Redis Cluster (where a batch's scripts go to the nodes of their keys' slots)."""
     env = {"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": spare_redis_url,
            "HERALD_REDIS_PREFIX": f"r{uuid.uuid4().hex[:8]}"}
@@ -52,7 +53,7 @@ def worker(request, spare_redis_url):
     settings = Settings.from_env(env)
     store = Store(connect(settings, 8), settings)  # two RulesStores: a listener each
     rules_store = RulesStore(store, settings)
-    yield Processor(settings, store, _NoArchive(), None, rules_store), rules_store, store
+    yield Processor(settings, store, _NoArchive(), None, RulesStep(rules_store)), rules_store, store
     if store.cluster:  # a node's client leaves its pool open when closed
         for node in store.redis.get_nodes():
             if node.redis_connection is not None:
@@ -127,7 +128,7 @@ rules:
     # Run again by a worker on a newer version that alerts on everything: a message
     # that raised its alerts raises none from the second evaluation.
     rules_store.put(rules.load("rule: {id: every, condition: {}, action: alert}"))
-    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStore(store, store.settings))
+    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStep(RulesStore(store, store.settings)))
     fresh.run(envelopes[1:], final_attempt=False)
     assert len(history(store, alerts)) == len(expected)
 
@@ -159,7 +160,7 @@ def test_a_message_is_decided_once_matched_or_not_and_every_record_run_again_kee
     # A new version that would match them all: the decided records keep the decision
     # they had (a tag of the old set, no alert); the new version applies to new records.
     rules_store.put(rules.load(f"rule: {{id: all-{tag}, condition: {{}}, action: [alert, {{tag: new}}]}}"))
-    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStore(store, store.settings))
+    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStep(RulesStore(store, store.settings)))
     assert fresh.run(retry.value.remaining, final_attempt=False).delivered == 2
     assert [m.get("tags") for m in history(store, channel)] == [None, ["big"]]
     assert history(store, store.settings.rules_alert_channel) == []
@@ -237,7 +238,8 @@ def test_a_worker_that_compiled_no_set_holds_its_messages_until_one_compiles(wor
     processor, _rules_store, store = worker
     tag = uuid.uuid4().hex[:6]
     version = store_directly(store, UNCOMPILABLE)
-    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStore(store, store.settings))  # a restart
+    # a restart:
+    fresh = Processor(store.settings, store, _NoArchive(), None, RulesStep(RulesStore(store, store.settings)))
     channel = f"pay:{tag}"
     envelopes = batch(channel, [5, 500])
     with pytest.raises(RetryLater) as retry:  # retried as when Redis is down, never run without the policy
@@ -273,7 +275,7 @@ def test_a_stored_set_whose_compile_raises_anything_is_refused_as_one_that_does_
     bad = store_directly(store, json.dumps({"rules": [{"id": f"crash-{tag}", "enabled": True, "priority": 0,
                                                        "action": ["block"], "condition": {}}]}))
     time.sleep(VERSION_CHECK + 0.1)
-    for offset in (2, 4):  # every batch runs, under the good set: before, each raised the RecursionError
+    for offset in (2, 4):  # every batch runs, under the good set: none raises the RecursionError
         outcome = processor.run(batch(channel, [7, 700], offset0=offset), final_attempt=False)
         assert (outcome.delivered, outcome.skipped) == (1, 1)
         time.sleep(VERSION_CHECK + 0.1)
