@@ -1,1 +1,4 @@
-"""What every process shares and that depends on nothing else of Herald: settings, errors, the envelope and its grammars, ids, logs, metrics."""
+"""What every process shares, depending on nothing else of Herald.
+
+Settings, the error hierarchy, the envelope and its grammars, ids, frames, logs, metrics.
+"""
