@@ -21,8 +21,9 @@ class Archive:
     sender published under one id (a day apart: its id may be published again once its
     status expired), the row keeps the later one.
 
-    The table is the migrations' (`create_schema`, run by the release phase): a
-    database without it fails each write, as a transient error, until it is made.
+    The table is the migrations' (`create_schema`): the release phase applies
+    them, and each process applies them again on its first write, so a database
+    that was down or lost at start is made whole when it comes back.
     """
 
     def __init__(self, database_url: str, bloom=None):
@@ -34,12 +35,26 @@ class Archive:
         self._insert = sqlite_insert if sqlite else pg_insert
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_wal)
+        self._ready = False
 
     def create_schema(self) -> None:
         """Apply the schema migrations (the release phase calls this)."""
         from pipeline.archive.migrations import upgrade
 
         upgrade(self.engine)
+
+    def _ensure_schema(self) -> None:
+        # On first use, not at start: a database that is down when the worker
+        # starts is a transient error of the first task, not a crash.
+        if self._ready:
+            return
+        try:
+            self.create_schema()
+        except SQLAlchemyError:
+            # Another worker process may have applied them between our check
+            # and our CREATE; a second pass finds the head revision, and does nothing.
+            self.create_schema()
+        self._ready = True
 
     def store(self, envelopes: list[Envelope]) -> None:
         """Insert messages not archived yet; raises TransientError when the database fails."""
@@ -64,6 +79,7 @@ class Archive:
             index_elements=["id"], set_={**replaced, "stream_ms": None, "stream_seq": None},
             where=messages.c.ts < insert.excluded.ts)
         try:
+            self._ensure_schema()
             with self.engine.begin() as conn:
                 conn.execute(statement, rows)
         except SQLAlchemyError as exc:
