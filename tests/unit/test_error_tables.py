@@ -74,3 +74,11 @@ def test_an_outage_answer_never_carries_the_errors_text():
 def test_errors_carry_no_transport():
     for exc in (errors.Forbidden("x"), errors.TooLarge("x"), errors.InvalidInput("x", [])):
         assert not hasattr(exc, "status") and not hasattr(exc, "title")
+
+
+def test_the_protocol_document_lists_every_websocket_error_code():
+    from pathlib import Path
+
+    document = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    listed = {line.split("`")[1] for line in document.splitlines() if line.startswith("| `")}
+    assert set(get_args(frames.ErrorCode)) <= listed
