@@ -187,14 +187,27 @@ class Client(BaseModel):
     since: int
 
 
+def _digits_below(limit: int) -> str:
+    """A regex of the decimal texts (leading zeros allowed) of at most as many digits as
+    `limit - 1` whose value is below `limit`."""
+    top = str(limit - 1)
+    branches = [f"[0-9]{{1,{len(top) - 1}}}", top]
+    branches += [f"{top[:i]}[0-{int(digit) - 1}][0-9]{{{len(top) - i - 1}}}" for i, digit in enumerate(top)
+                 if digit != "0"]
+    return "|".join(branches)
+
+
 class PresenceQuery(BaseModel):
     """Paging through a channel's presence."""
 
     model_config = ConfigDict(frozen=True)
 
+    # parse_cursor checks the cursor (a Redis SCAN cursor: below 2**64) and says what is
+    # wrong; the document states the same bound as a pattern.
     cursor: Annotated[str | None, Field(None, pattern=r"^[0-9]{1,20}$",
                                         description="the `next` of the page before; none for the first"),
-                      AfterValidator(lambda cursor: cursor if cursor is None else str(parse_cursor(cursor)))] = None
+                      AfterValidator(lambda cursor: cursor if cursor is None else str(parse_cursor(cursor))),
+                      WithJsonSchema({"type": "string", "pattern": f"^(?:{_digits_below(2 ** 64)})$"})] = None
 
 
 class Presence(BaseModel):
