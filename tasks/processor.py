@@ -113,7 +113,7 @@ class Processor:
         self.store = store
         self.archive = archive
         self.dead_letters = dead_letters
-        self.rules = rules  # pipeline.rules.repository.RulesStore, or None to run no rules
+        self.rules = rules  # pipeline.rules.step.RulesStep, or None to run no rules
 
     def run(self, envelopes: list[Envelope], *, final_attempt: bool) -> Outcome:
         """Process the batch once; raises RetryLater when a transient failure stops it.
@@ -287,7 +287,7 @@ def recheck_delay(waited: float) -> float:
 
 def _decided(envelopes: list[Envelope], unmatched: list[dict]) -> list[Envelope]:
     # Every record that leaves a run to be run again carries its rules' decision:
-    # those the rules ran on and matched nothing in get their mark now (RulesStore.apply).
+    # those the rules ran on and matched nothing in get their mark now (RulesStep.apply).
     if not unmatched:
         return envelopes
     return [e if e.rules is not None or e.skip else e.with_rules(unmatched[0]) for e in envelopes]

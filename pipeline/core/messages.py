@@ -255,7 +255,7 @@ class Envelope:
     waiting_since: float | None = None
     skip: bool = False
     force_order: bool = False
-    # What the rules decided for it (pipeline/rules/__init__.py: Decision.record), once:
+    # What the rules decided for it (pipeline/rules/engine.py: Decision.record), once:
     # a message back from waiting, or retried, keeps its decision.
     rules: dict[str, Any] | None = None
 
