@@ -8,6 +8,8 @@ order wait's default, Kafka's protocol, a Redis Cluster's broker, TLS). A bad
 value fails there, with a sentence that says which variable and what to do,
 never later with a traceback. docs/configuration.md's table documents the same
 variables (tests/unit/test_settings_table.py keeps the two in step).
+The module is long because it is the table of record: about ninety
+declarations, each a few lines with its doc, and their parsers beside them.
 
 Each process reads its settings once, in its entry point, and passes them
 down as an argument. `current()` reads them on first use and keeps them:
