@@ -14,7 +14,7 @@ from pipeline.dlq import NoDeadLetter, NotReplayable
 from pipeline.ingest import ClaimUnavailable, IdTooLong
 from web.auth import AuthError
 from web.hub import frames
-from web.hub.protocol import ERROR_CODES, BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
+from web.hub.errors import ERROR_CODES, BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
 from web.problems import NOT_ACCEPTED, answer_for
 
 

@@ -9,7 +9,8 @@ limits"). The parts:
 
 - `transport`: each socket, read and written by gevent's loop (no greenlet per idle connection);
 - `router`: the local channel index, and the pub/sub listener feeding it;
-- `protocol`: the handshake's checks, the ops and their errors;
+- `protocol`: the handshake's checks and the ops;
+- `errors`: the hub's refusals, and the one table of their WebSocket error codes;
 - `presence`: who is in a channel, this node's heartbeat, and reaping dead nodes' entries;
 - `batch`: one Redis round trip for a burst of connects and subscribes;
 - `frames`: the protocol's frames as models, and its AsyncAPI document.

@@ -8,6 +8,7 @@ close it. What a client can make the hub hold is bounded (docs/protocol.md: "Web
 limits"): a socket authenticates within CONNECT_TIMEOUT or is closed; frames
 waiting for their op are at most INBOX_FRAMES and `max_inbox_size`; a replay
 page is bounded in bytes and waits at most REPLAY_WAIT for the client to take it.
+Each op's checks sit beside the op they guard, in one class: hence its length.
 """
 
 from __future__ import annotations
@@ -22,15 +23,10 @@ from pydantic import ValidationError as PydanticError
 
 from pipeline.archive import ArchiveUnavailable
 from pipeline.core.errors import (
-    DataOutOfBounds,
     Forbidden,
     HeraldError,
     InvalidInput,
     Refused,
-    TooLarge,
-    TooLargeForKafka,
-    TransientError,
-    Unencodable,
 )
 from pipeline.core.messages import CHANNEL_RE, dumps, field_errors, loads, new_id, parse_publish
 from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
@@ -40,6 +36,7 @@ from pipeline.core.streamids import valid as valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.hub import frames
 from web.hub.batch import Batcher
+from web.hub.errors import BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
 from web.hub.router import Subscription
 from web.hub.transport import WebSocket, wire_frame
 from web.ratelimit import address_group
@@ -66,50 +63,6 @@ SINCE_PROBLEM = "since is an offset from a message frame"
 CLIENT_OPS = {"ping": frames.Ping, "subscribe": frames.Subscribe, "unsubscribe": frames.Unsubscribe,
               "publish": frames.PublishOp}
 DROP_WAIT = 60.0  # seconds a closed client's cleanup waits for its op under way (bounded by Redis timeouts)
-
-
-class Unavailable(TransientError):
-    """Redis or Kafka failed an op: answered `unavailable` (worth retrying), never counted as a bad frame.
-    Its text is what the client is told; the failure's own text is logged."""
-
-
-class BadFrame(InvalidInput):
-    """A frame that is not an op this hub takes, or not in the shape of its op."""
-
-
-class BadChannel(InvalidInput):
-    """A frame whose channel is not a channel name."""
-
-
-class TooManySubscriptions(Refused):
-    """A subscribe past HERALD_WS_MAX_SUBSCRIPTIONS."""
-
-
-# The one place an exception type becomes a WebSocket error code: the most
-# specific entry of its type wins (as `except` clauses would). The codes are
-# the protocol's (frames.ErrorCode): an HTTP title changes none of them.
-ERROR_CODES: dict[type[HeraldError], frames.ErrorCode] = {
-    Unavailable: "unavailable",
-    Refused: "bad_frame",
-    BadFrame: "bad_frame",
-    BadChannel: "bad_channel",
-    InvalidInput: "invalid_message",
-    DataOutOfBounds: "data_out_of_bounds",
-    Unencodable: "unencodable_data",
-    Forbidden: "forbidden",
-    TooManySubscriptions: "too_many_subscriptions",
-    TooLarge: "payload_too_large",
-    TooLargeForKafka: "message_too_large",
-}
-
-
-def error_code(exc: Unavailable | Refused) -> frames.ErrorCode:
-    """The code of the `error` frame answering `exc`."""
-    for kind in type(exc).__mro__:
-        code = ERROR_CODES.get(kind)
-        if code is not None:
-            return code
-    raise LookupError(f"no WebSocket error code for {type(exc).__name__}")
 
 
 class Client:
