@@ -47,12 +47,12 @@ PING_FRAME = b"\x89\x00"
 _READ, _WRITE = 1, 2
 
 
-class _Watcher(Protocol):
-    """What is used of a gevent loop's io and timer watchers (gevent has no types)."""
+class LoopWatcher(Protocol):
+    """What Herald uses of a gevent loop's io and timer watchers (gevent has no types)."""
 
     active: bool
 
-    def start(self, callback: Callable[[], None]) -> None: ...
+    def start(self, callback: Callable[..., None], *args: object) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -139,9 +139,9 @@ class WebSocket:
         self._limit = queue_limit
         self._queue_bytes = queue_bytes
         self._max_bytes = max_message_bytes
-        self._reader: _Watcher | None = None
-        self._writer: _Watcher | None = None
-        self._timer: _Watcher | None = None
+        self._reader: LoopWatcher | None = None
+        self._writer: LoopWatcher | None = None
+        self._timer: LoopWatcher | None = None
         self._drained: Event | None = None
         self._message: list = []
         self._size = 0
