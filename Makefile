@@ -1,10 +1,10 @@
-# Two commands: `make dev` runs the whole system, `make test` runs the tests.
+# Two commands: `make dev` runs the whole system, `make test` runs the tests (after `make lint`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test bench bench-fanout clean
+.PHONY: dev lint test bench bench-fanout clean
 
 # Herald itself (editable) with the extras for `make dev` and `make test`; the
 # runtime pins of requirements.txt first, as a Heroku-like builder installs them.
@@ -23,7 +23,12 @@ $(STAMP): requirements.txt pyproject.toml
 dev: $(STAMP) .env
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/flask --app app dev
 
-test: $(STAMP)
+# ruff on the whole tree, mypy on the runtime (pyproject.toml: [tool.ruff], [tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -57,7 +57,7 @@ class PassedGate(HeraldError):
     (`passed`: their ids): those were handled (delivered, or noted as duplicates or dead
     letters) and must never be dead-lettered, or a replay would deliver them twice."""
 
-    def __init__(self, passed: set[str], cause: BaseException):
+    def __init__(self, passed: set[str], cause: Exception):
         super().__init__(str(cause))
         self.passed = passed
         self.cause = cause
@@ -203,9 +203,9 @@ class Processor:
                 DELIVERY_LATENCY.observe(max(0.0, time.time() - envelope.kafka_ts / 1000))
             setattr(outcome, result, getattr(outcome, result) + 1)
             handled.setdefault(result, []).append(envelope.id)
-        for result, count in outcome.counts().items():
+        for name, count in outcome.counts().items():
             if count:
-                DELIVERED.labels(result).inc(count)
+                DELIVERED.labels(name).inc(count)
         if handled:
             # One line per batch, not per message: log lines cost a worker's CPU
             # in proportion. The web's "accepted" line ties each id to its request.

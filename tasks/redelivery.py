@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import cast
 
 from celery.exceptions import Retry
 
@@ -148,7 +149,8 @@ class Redelivery:
         """Send messages waiting for their channel's previous one back, shortly, as a new task;
         returns the batch's counts (the task's result)."""
         if outcome.waiting:
-            waited = time.time() - min(e.waiting_since for e in outcome.waiting)
+            # Every envelope the processor leaves waiting has its waiting_since.
+            waited = time.time() - min(cast(float, e.waiting_since) for e in outcome.waiting)
             # On RabbitMQ a waiting task holds one of the worker's fixed prefetch
             # slots until it is due (AMQP_PREFETCH): a longer delay there would
             # slow the queue, the predecessor's task included, not spare it.

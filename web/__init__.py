@@ -40,8 +40,10 @@ def create_app(settings=None) -> Flask:
     if settings.trusted_proxies:
         # Only the X-Forwarded-For entries our own proxies appended are true;
         # any client writes the rest (docs/operations.md: "Running on a Heroku-like host").
-        # Every address Herald uses is request.remote_addr, set here.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+        # Every address Herald uses is request.remote_addr, set here. Wrapping
+        # wsgi_app is Flask's documented way in (mypy sees a method replaced).
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     # Browser pages on HERALD_CORS_ORIGINS may call the HTTP API (none by
     # default). Tokens travel in the Authorization header, never in cookies,
     # so no credentials are allowed, and a wildcard origin is refused by the settings.

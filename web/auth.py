@@ -48,6 +48,7 @@ def verify(token: str | None, settings) -> Identity:
     if not token:
         raise AuthError("a bearer token is required")
     identity = _decode(token, settings.secret_key)
+    assert identity.expires is not None  # `exp` is a required claim
     # Checked on every use: a token verified earlier may have expired since.
     if identity.expires + LEEWAY_SECONDS < time.time():
         raise AuthError("the token has expired")

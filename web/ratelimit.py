@@ -30,7 +30,7 @@ from limits import parse_many
 from limits.storage import RedisStorage, Storage
 
 from pipeline.core.settings import RATE_LIMIT_GROUPS
-from web.auth import AuthError
+from web.auth import AuthError, Identity
 from web.problems import problem
 
 log = logging.getLogger("herald.web")
@@ -169,7 +169,9 @@ def init_app(app: Flask, services) -> Limiter | None:
         return group_of(request.endpoint) or "default"
 
     def token_key() -> str:
-        return f"user:{identify().user}"
+        identity = identify()
+        assert isinstance(identity, Identity)  # only asked when no_user() is false
+        return f"user:{identity.user}"
 
     def address_key() -> str:
         return f"addr:{address_group(request.remote_addr or '-')}"
@@ -216,7 +218,9 @@ def init_app(app: Flask, services) -> Limiter | None:
                   shared=True, error_message="address"),
         ],
         storage_uri=f"{STORAGE_SCHEME}://",
-        storage_options={"client": lambda: services.store.redis, "key_prefix": f"{settings.redis_prefix}:ratelimit"},
+        # flask-limiter types a storage's options as strings and ints; SharedRedisStorage takes a client factory.
+        storage_options={"client": lambda: services.store.redis,  # type: ignore[dict-item]
+                         "key_prefix": f"{settings.redis_prefix}:ratelimit"},
         strategy="fixed-window",
         # Headers on every answer would cost two more Redis calls per request;
         # a 429 carries them (too_many below).

@@ -101,7 +101,8 @@ class DeadLetterQuery(BaseModel):
 class TestMessage(Publish):
     """A message as published, and who sent it."""
 
-    sender: str = Field(None, json_schema_extra=no_null_default,
+    # None stands only for "absent" (a default is not validated); the type stays `str` so that a null is refused.
+    sender: str = Field(None, json_schema_extra=no_null_default,  # type: ignore[assignment]
                                description="the sender `sender` conditions see; the caller when absent")
 
 
@@ -109,8 +110,10 @@ class RulesTest(_Request):
     """A message to evaluate, and optionally a rule set (else the stored one)."""
 
     message: TestMessage
+    # None stands only for "absent"; the type stays a dict so that a null is refused.
     rules: Annotated[dict[str, Any], WithJsonSchema(RULE_SET_INPUT)] = Field(
-        None, json_schema_extra=no_null_default, description="a rule set, as PUT /api/v1/rules takes it")
+        None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
+        description="a rule set, as PUT /api/v1/rules takes it")
 
 
 # -- answers --------------------------------------------------------------

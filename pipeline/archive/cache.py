@@ -12,11 +12,13 @@ have are cached as absent for HERALD_CACHE_NEGATIVE_TTL.
 
 from __future__ import annotations
 
+import enum
 import json
 import random
 import threading
 import time
 import uuid
+from typing import Final
 
 import redis
 from prometheus_client import Counter
@@ -37,10 +39,17 @@ SINGLEFLIGHT_WAITS = Counter("herald_singleflight_waits_total",
 for _result in ("hit", "miss", "negative", "bloom_reject"):
     CACHE_REQUESTS.labels(_result)
 
+
+class _Unread(enum.Enum):
+    """The type of `_UNREAD`, a sentinel mypy can tell from a cache entry."""
+
+    UNREAD = enum.auto()
+
+
 ABSENT = "-"  # a negative entry: the archive does not have the id
 DOWN = "!"  # the archive did not answer a moment ago: waiters answer 503 at once
 DOWN_TTL_MS = 1000
-_UNREAD = object()  # `get` was not handed the cache entry: it reads it
+_UNREAD: Final = _Unread.UNREAD  # `get` was not handed the cache entry: it reads it
 # Beyond HERALD_CACHE_FILL_WAIT, how long requests of this process wait for the
 # one read they share: that read's Redis and database calls fail within
 # their own connect and socket timeouts.
@@ -66,7 +75,7 @@ class _Flight:
     def __init__(self, deadline: float):
         self.done = threading.Event()
         self.deadline = deadline
-        self.result = None
+        self.result: dict | None = None
         self.error: BaseException | None = None
 
 
@@ -103,7 +112,7 @@ class MessageCache:
         status, cached = pipe.execute()
         return message_from(msg_id, status) or self.get(msg_id, cached)
 
-    def get(self, msg_id: str, cached: str | None | object = _UNREAD) -> dict | None:
+    def get(self, msg_id: str, cached: str | None | _Unread = _UNREAD) -> dict | None:
         """The archived message, or None when the archive does not have it;
         `cached` is its cache entry when the caller read it already.
 
@@ -140,6 +149,7 @@ class MessageCache:
             leading = flight is None or flight.deadline <= now
             if leading:
                 flight = self._flights[msg_id] = _Flight(now + self.settings.cache_fill_wait + FOLLOWER_GRACE)
+        assert flight is not None  # another's, or made just now
         if not leading:
             SINGLEFLIGHT_WAITS.inc()
             if not flight.done.wait(max(0.0, flight.deadline - now)):

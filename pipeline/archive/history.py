@@ -52,7 +52,8 @@ def _archived(settings, reader, channel: str, since: str, limit: int, seam) -> t
     budget = settings.history_page_bytes
     # Rows a query asks for: what the budget holds at the largest message size.
     chunk = max(1, budget // settings.max_message_bytes)
-    found, used, cursor = [], 0, since
+    found: list[dict] = []
+    used, cursor = 0, since
     while True:
         ARCHIVE_QUERIES.inc()
         want = min(chunk, limit + 1 - len(found))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
@@ -62,7 +63,7 @@ class ArchiveReader:
             rows = conn.execute(query).mappings().all()
         return [message_frame(channel=row["channel"], id=client_id(row["id"]), type=row["type"],
                               data=json.loads(row["data"]), sender=row["sender"] or None, ts=row["ts"],
-                              offset=row_stream_id(row)) for row in rows]
+                              offset=cast(str, row_stream_id(row))) for row in rows]  # rows with a stream_ms only
 
     @_reading
     def holds(self, channel: str, until: str) -> bool:

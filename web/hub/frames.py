@@ -8,10 +8,10 @@ tests/integration/test_ws_frames.py, so the document cannot drift from them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from pipeline.core import streamids
 from pipeline.core.messages import ChannelName, MessageId, Publish, no_null_default
@@ -39,7 +39,8 @@ class Subscribe(_Frame):
 
     op: Literal["subscribe"]
     channel: ChannelName
-    since: str = Field(None, json_schema_extra=no_null_default, pattern=streamids.PATTERN,
+    # None stands only for "absent" (a default is not validated); the type stays `str` so that a null is refused.
+    since: str = Field(None, json_schema_extra=no_null_default, pattern=streamids.PATTERN,  # type: ignore[assignment]
                        description="the `offset` of the last message seen")
     status: bool = Field(False, description="also receive `status` frames of the channel's messages")
     presence: bool = Field(False, description="also receive `join` and `leave` frames, and join the channel's "
@@ -88,7 +89,9 @@ class Subscribed(_Frame):
     offset: str | None = Field(description="the offset the subscription starts after")
     recovered: bool = Field(description="false when history after `since` was trimmed away: a gap")
     replayed: int
-    more: bool = Field(None, json_schema_extra=no_null_default, description="more replay pages follow")
+    # None stands only for "absent"; the type stays `bool`: the frame never carries a null.
+    more: bool = Field(None, json_schema_extra=no_null_default,  # type: ignore[assignment]
+                       description="more replay pages follow")
     ref: Any = Ref
 
 
@@ -111,7 +114,9 @@ class MessageFrame(_Frame):
     sender: str | None
     ts: int
     offset: str = Field(description="its place in the channel's history: `since` to resume after it")
-    tags: list[str] = Field(None, json_schema_extra=no_null_default, description="tags rules gave it")
+    # None stands only for "absent"; the type stays `list[str]`: the frame never carries a null.
+    tags: list[str] = Field(None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
+                            description="tags rules gave it")
 
 
 class StatusFrame(_Frame):
@@ -166,7 +171,7 @@ class ErrorFrame(_Frame):
 CLIENT_FRAMES = (Connect, Subscribe, Unsubscribe, PublishOp, Ping)
 SERVER_FRAMES = (Connected, Subscribed, Unsubscribed, MessageFrame, StatusFrame, PresenceFrame, Ack, Pong,
                  ErrorFrame)
-_BY_OP = {op: model for model in SERVER_FRAMES for op in model.model_fields["op"].annotation.__args__}
+_BY_OP = {op: model for model in SERVER_FRAMES for op in get_args(model.model_fields["op"].annotation)}
 
 
 def server_frame(frame: dict) -> BaseModel:
@@ -176,7 +181,8 @@ def server_frame(frame: dict) -> BaseModel:
 
 def document() -> dict:
     """The AsyncAPI 3.0 document of /ws."""
-    models = [(model, "validation") for model in CLIENT_FRAMES] + [(model, "serialization") for model in SERVER_FRAMES]
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(model, "validation") for model in CLIENT_FRAMES]
+    models += [(model, "serialization") for model in SERVER_FRAMES]
     names, defs = models_json_schema(models, ref_template=REF)
     messages = {model.__name__: {"name": model.__name__, "summary": (model.__doc__ or "").strip(),
                                  "payload": names[(model, mode)]} for model, mode in models}

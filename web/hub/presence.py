@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterable
 
 import redis
 
@@ -103,7 +104,8 @@ class Presence:
         """
         nodes = self.redis.smembers(self.keys.presence_nodes)
         dead = sorted(nodes - self._alive(nodes))
-        found, drained = [], []  # found: (node, index member, channel, client, user)
+        found: list[tuple[str, ...]] = []  # (node, index member, channel, client, user)
+        drained: list[str] = []
         for node in dead:
             if len(found) >= limit:
                 break
@@ -132,7 +134,7 @@ class Presence:
             pipe.execute()
         return reaped
 
-    def _alive(self, nodes: set[str]) -> set[str]:
+    def _alive(self, nodes: Iterable[str]) -> set[str]:
         nodes = [n for n in nodes if n]
         if not nodes:
             return set()

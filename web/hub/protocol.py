@@ -38,7 +38,7 @@ from web.hub import frames
 from web.hub.batch import Batcher
 from web.hub.errors import BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
 from web.hub.router import Subscription
-from web.hub.transport import WebSocket, wire_frame
+from web.hub.transport import LoopWatcher, WebSocket, wire_frame
 from web.ratelimit import address_group
 
 log = logging.getLogger("herald.hub")
@@ -60,8 +60,8 @@ MAX_BAD_FRAMES = 5
 CHANNEL_PROBLEM = f"channel must match {CHANNEL_RE.pattern}"
 SINCE_PROBLEM = "since is an offset from a message frame"
 # The ops a connected client sends, by name (`connect` comes first, or not at all).
-CLIENT_OPS = {"ping": frames.Ping, "subscribe": frames.Subscribe, "unsubscribe": frames.Unsubscribe,
-              "publish": frames.PublishOp}
+CLIENT_OPS: dict[str, type[frames.Ping | frames.Subscribe | frames.Unsubscribe | frames.PublishOp]] = {
+    "ping": frames.Ping, "subscribe": frames.Subscribe, "unsubscribe": frames.Unsubscribe, "publish": frames.PublishOp}
 DROP_WAIT = 60.0  # seconds a closed client's cleanup waits for its op under way (bounded by Redis timeouts)
 
 
@@ -84,7 +84,7 @@ class Client:
         self.inbox: list = []
         self.inbox_size = 0  # their len(): characters of a text frame, bytes of a binary one
         self.worker = None  # the greenlet handling the inbox, while it has frames
-        self.expiry = None  # the loop timer closing the connection when the token expires
+        self.expiry: LoopWatcher | None = None  # the loop timer closing the connection when the token expires
 
     def send(self, frame: dict) -> None:
         """Send (or queue) a frame given as a dict."""
@@ -244,11 +244,11 @@ class Protocol:
             parsed = model.model_validate(frame)
         except PydanticError as exc:
             raise _refusal(op, field_errors(exc)) from None
-        if op == "ping":
+        if isinstance(parsed, frames.Ping):
             client.send(_with_ref({"op": "pong"}, ref))
-        elif op == "subscribe":
+        elif isinstance(parsed, frames.Subscribe):
             self._subscribe(client, parsed, ref)
-        elif op == "unsubscribe":
+        elif isinstance(parsed, frames.Unsubscribe):
             self._unsubscribe(client, parsed.channel)
             client.send(_with_ref({"op": "unsubscribed", "channel": parsed.channel}, ref))
         else:

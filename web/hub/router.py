@@ -118,7 +118,7 @@ class Router:
         self.index = Index()
         self._clients = clients                        # client id -> the hub's Client
         self._history = history                        # store.history
-        self._kinds = {}                               # pub/sub channel -> (kind, channel), for names in use
+        self._kinds: dict[str, tuple[str, str]] = {}   # pub/sub channel -> (kind, channel), for names in use
         self._users: dict[str, int] = {}               # pub/sub channel -> local subscriptions using it
         self._ready: dict[str, threading.Event] = {}   # set once Redis confirmed the channel
         self._unconfirmed: dict[str, int] = {}         # commands sent on this connection, not yet answered

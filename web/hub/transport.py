@@ -23,6 +23,8 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 import gevent
 from gevent.event import Event
@@ -43,6 +45,18 @@ SEND_PIECES = 64  # queued elements handed to one sendmsg (well under IOV_MAX)
 CLOSE_WAIT = 10.0  # seconds a closing socket waits for its close frame to go out and the client's answer
 PING_FRAME = b"\x89\x00"
 _READ, _WRITE = 1, 2
+
+
+class LoopWatcher(Protocol):
+    """What Herald uses of a gevent loop's io and timer watchers (gevent has no types)."""
+
+    active: bool
+
+    def start(self, callback: Callable[..., None], *args: object) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def wire_frame(text: str) -> bytes:
@@ -125,13 +139,17 @@ class WebSocket:
         self._limit = queue_limit
         self._queue_bytes = queue_bytes
         self._max_bytes = max_message_bytes
-        self._reader = self._writer = self._timer = None
+        self._reader: LoopWatcher | None = None
+        self._writer: LoopWatcher | None = None
+        self._timer: LoopWatcher | None = None
         self._drained: Event | None = None
         self._message: list = []
         self._size = 0
         self._early: list | None = []  # messages read before start()
-        self._on_message = self._on_closed = None
-        self.on_overflow = self.on_too_large = None
+        self._on_message: Callable[[str | bytes | bytearray], None] | None = None
+        self._on_closed: Callable[[], None] | None = None
+        self.on_overflow: Callable[[], None] | None = None
+        self.on_too_large: Callable[[], None] | None = None
         self.closing = self.closed = False
         self.awaiting_pong = False
         self._ping_ahead = 0  # queued bytes up to the end of the last ping: it is not out before they are
@@ -212,6 +230,7 @@ class WebSocket:
                 if self._early is not None:
                     self._early.append(whole)
                 else:
+                    assert self._on_message is not None  # start() set it as it emptied _early
                     self._on_message(whole)
         elif isinstance(event, Ping):
             if self._early is None:  # before authentication nothing is answered
@@ -281,11 +300,13 @@ class WebSocket:
             self._writer.start(self._writable)
 
     def _writable(self) -> None:
+        assert self._writer is not None  # the writer's callback
         queue = self._queue
         if not queue:  # emptied meanwhile (an overflow dropped it, and the close frame went out at once)
             self._writer.stop()
             return
-        pieces = [memoryview(queue[0])[self._offset:], *queue[1:SEND_PIECES]]
+        head = memoryview(queue[0])[self._offset:]
+        pieces: list[bytes | memoryview] = [head, *queue[1:SEND_PIECES]]
         try:
             sent = self._raw.sendmsg(pieces) if len(pieces) > 1 else self._raw.send(pieces[0])
         except BlockingIOError:
@@ -294,7 +315,7 @@ class WebSocket:
             self._finish()
             return
         finally:
-            pieces[0].release()
+            head.release()
         self.queued -= sent
         self._ping_ahead = max(0, self._ping_ahead - sent)
         # Drop the elements sent whole; the next starts `offset` bytes in.
