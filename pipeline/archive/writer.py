@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import redis
-from sqlalchemy import bindparam, create_engine, delete, event, update
+from sqlalchemy import bindparam, create_engine, delete, event, inspect, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,8 +22,9 @@ class Archive:
     status expired), the row keeps the later one.
 
     The table is the migrations' (`create_schema`): the release phase applies
-    them, and each process applies them again on its first write, so a database
-    that was down or lost at start is made whole when it comes back.
+    them, and a process that finds no table at its first write applies them
+    too, so a database that was down or lost at start is made whole when it
+    comes back.
     """
 
     def __init__(self, database_url: str, bloom=None):
@@ -48,12 +49,13 @@ class Archive:
         # starts is a transient error of the first task, not a crash.
         if self._ready:
             return
-        try:
-            self.create_schema()
-        except SQLAlchemyError:
-            # Another worker process may have applied them between our check
-            # and our CREATE; a second pass finds the head revision, and does nothing.
-            self.create_schema()
+        if not inspect(self.engine).has_table(messages.name):  # one query; the migrations only when needed
+            try:
+                self.create_schema()
+            except SQLAlchemyError:
+                # Another worker process may have applied them between our check
+                # and our CREATE; a second pass finds the head revision, and does nothing.
+                self.create_schema()
         self._ready = True
 
     def store(self, envelopes: list[Envelope]) -> None:

@@ -86,16 +86,24 @@ def header(keys: type[tuple[Any, ...]], args: type[tuple[Any, ...]]) -> str:
     return f"-- KEYS: {names(keys)}\n-- ARGV: {names(args)}\n"
 
 
-def _flat(values: tuple[Any, ...]) -> list[Any]:
-    flat: list[Any] = []
-    for value in values:
-        if value is None:
-            break  # an absent trailing slot
-        if isinstance(value, list | tuple):
-            flat.extend(value)
-        else:
-            flat.append(value)
-    return flat
+def _flattener(fields: type[tuple[Any, ...]]) -> Callable[[tuple[Any, ...]], list[Any]]:
+    """How a NamedTuple of `fields` becomes a call's KEYS or ARGV: its slots in order,
+    a rest field's items in its place, a trailing None left out. Chosen once per
+    script: this runs for every call of every message."""
+    _named, rest = _slots(fields)
+    if rest is not None:
+        def with_rest(values: tuple[Any, ...]) -> list[Any]:
+            flat = list(values[:-1])
+            flat.extend(values[-1])
+            return flat
+        return with_rest
+
+    def plain(values: tuple[Any, ...]) -> list[Any]:
+        flat = list(values)
+        while flat and flat[-1] is None:  # an absent trailing slot
+            flat.pop()
+        return flat
+    return plain
 
 
 def _many(body: str) -> str:
@@ -145,9 +153,12 @@ class Script(Generic[K, A]):
         self.args = args
         self.text = resources.files("pipeline.store").joinpath("lua", file).read_text()
         shared = "".join(f"local {name} = {lua_literal(value)}\n" for name, value in (constants or {}).items())
-        body = shared + prelude("KEYS", keys) + prelude("ARGV", args) + self.text
-        self.source = _source(body)
-        self.batched = _source(_many(body)) if batched else None
+        body = prelude("KEYS", keys) + prelude("ARGV", args) + self.text
+        self.source = _source(shared + body)
+        # The constants outside the per-call function: made once a batch, not once a call.
+        self.batched = _source(shared + _many(body)) if batched else None
+        self._keys = _flattener(keys)
+        self._args = _flattener(args)
         _EVERY.append(self)
 
     @property
@@ -157,7 +168,7 @@ class Script(Generic[K, A]):
 
     def __call__(self, keys: K, args: A) -> Call:
         """A call of this script with these slots, ready for `Runner.run`."""
-        return Call(self, _flat(keys), _flat(args))
+        return Call(self, self._keys(keys), self._args(args))
 
 
 # Every script made, loaded again all at once when Redis lost them (`Runner.pipelined`).
