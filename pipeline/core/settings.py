@@ -518,9 +518,9 @@ class Settings:
         "HERALD_RATE_LIMITS", RATE_LIMITS, _rate_limits,
         "HTTP rate limits per route group, per token and per address; off for none")
     # gunicorn's, for the `web` process (gunicorn.conf.py).
-    web_concurrency: int = env("WEB_CONCURRENCY", 1, whole(1, 256), "gunicorn worker processes per `web`")
+    web_concurrency: int = env("WEB_CONCURRENCY", 1, whole(1, 100_000), "gunicorn worker processes per `web`")
     worker_connections: int = env(
-        "HERALD_WORKER_CONNECTIONS", 20000, whole(1, 100_000),
+        "HERALD_WORKER_CONNECTIONS", 20000, whole(1, 100_000_000),
         "connections (WebSockets too) one gunicorn worker of `web` holds at most")
 
     def rate_limit(self, group: str) -> tuple[str | None, str | None]:

@@ -153,7 +153,10 @@ class Statuses:
 
     def _apply(self, changes: list[tuple[Envelope, str, str | None, Call]]) -> list[str]:
         # (envelope, status, origin, its call) each; on a cluster the frames follow.
-        replies = self.runner.run([call for _envelope, _status, _origin, call in changes])
+        calls = [call for _envelope, _status, _origin, call in changes]
+        # A single change goes as one script call, which a cluster client follows
+        # through a slot's move; the batch form fails there and is retried.
+        replies = [self.runner.one(calls[0])] if len(calls) == 1 else self.runner.run(calls)
         if self.runner.cluster and any(changed == "1" for _now, changed in replies):
             pipe = self.runner.client.pipeline(transaction=False)
             for (envelope, status, origin, _call), (_now, changed) in zip(changes, replies):
