@@ -104,7 +104,7 @@ def test_cors_origins_are_split():
     ({**BASE, "HERALD_ALLOW_EVICTION": "perhaps"}, "HERALD_ALLOW_EVICTION"),
     ({**BASE, "HERALD_RETRY_MAX_DELAY": "3000", "HERALD_VISIBILITY_TIMEOUT": "3600"}, "VISIBILITY_TIMEOUT"),
     ({**BASE, "WEB_CONCURRENCY": "many"}, "WEB_CONCURRENCY='many' is not a whole number"),
-    ({**BASE, "HERALD_WORKER_CONNECTIONS": "0"}, "HERALD_WORKER_CONNECTIONS=0 is outside 1..1e+08"),
+    ({**BASE, "HERALD_WORKER_CONNECTIONS": "0"}, r"HERALD_WORKER_CONNECTIONS=0 is outside 1\.\.1e\+08"),
 ])
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(ConfigError, match=words):
