@@ -60,10 +60,6 @@ class Store:
         self.connections = Connections(self.runner, self.keys, settings)
         self.rates = Rates(self.runner, self.keys)
 
-    def expires_at(self, envelope: Envelope) -> int:
-        """statuses.expires_at: when a message's status, dedupe marker and answer expire."""
-        return expires_at(self.settings, envelope)
-
     def publish(self, name: str, message: str, client: Any = None) -> None:
         """Publish on a pub/sub channel built by Keys (sharded on a cluster)."""
         self.runner.publish(name, message, client)
@@ -85,7 +81,7 @@ class Store:
         global id to (its claim, the answer)) as long as its status (`expires_at`), in place
         of the claim only while the claim is still this request's. One round trip for them
         all. The `accepted` status has no frame to publish, and no data."""
-        expiry = {envelope.id: self.expires_at(envelope) for envelope, _partition, _offset in accepted}
+        expiry = {envelope.id: expires_at(self.settings, envelope) for envelope, _partition, _offset in accepted}
         answer_calls = [self.idempotency.answer_call(msg_id, claim, value, expiry[msg_id])
                         for msg_id, (claim, value) in answers.items()]
         self.runner.run(self.statuses.accept_calls(accepted) + answer_calls)
@@ -152,10 +148,6 @@ class Store:
         return self.in_flight.count_run(task_id)
 
     # -- connection caps ---------------------------------------------------------
-    def claim_connection(self, member: str, user: str, address: str) -> str | None:
-        """Count a new WebSocket; returns "user" or "address" (and counts nothing) when that cap is reached."""
-        return self.connections.claim([(member, user, address)])[0]
-
     def claim_connections(self, claims: list[tuple[str, str, str]]) -> list[str | None]:
         """Connections.claim."""
         return self.connections.claim(claims)
