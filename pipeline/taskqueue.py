@@ -13,7 +13,7 @@ from pipeline.core.settings import AMQP_HEARTBEAT
 
 # The one task the bridge sends and the worker runs, by name.
 TASK_NAME = "process_message"
-AMQP_PREFETCH = 25  # tasks per worker process held from RabbitMQ, most of them waiting out a countdown
+AMQP_PREFETCH = 25  # tasks per worker process held from RabbitMQ, retries among them waiting out a countdown
 # Seconds between a task's soft time limit (HERALD_TASK_TIME_LIMIT) and the kill
 # of its process, for a task the soft limit cannot interrupt (a loop in C code).
 KILL_GRACE = 10
@@ -89,12 +89,9 @@ def broker_options(settings) -> dict:
             # switches to a per-consumer prefetch (Celery: "Quorum Queues").
             "task_default_queue_type": "quorum",
             "worker_detect_quorum_queues": True,
-            # A task with a countdown (a retry, a message back from waiting at
-            # its order gate) is held by the worker until it is due, in one of
-            # these static prefetch slots: with one per process, a worker
-            # holding two waiting messages took nothing else, and a channel's
-            # backlog after a worker death crept through at ~20 rechecks/s
-            # until HERALD_ORDER_WAIT let messages pass out of order.
+            # A task with a countdown (a retry) is held by the worker until it
+            # is due, in one of these static prefetch slots: with one per
+            # process, a worker holding two retries took nothing else.
             "worker_prefetch_multiplier": AMQP_PREFETCH,
             # A publish returns only once RabbitMQ took the task: the bridge
             # stores a record's offset after that, never for a lost publish.

@@ -25,12 +25,10 @@ from pipeline.store.gate import PassResult
 log = logging.getLogger("herald.processing")
 
 TERMINAL = {"delivered", "failed", "rejected"}
-ORDER_SPIN = 0.05  # seconds a worker waits in place for a channel's previous message
-ORDER_RECHECK = 0.1  # seconds before a message waiting for its predecessor is tried again
-# Past this wait the predecessor is not in another worker's hands but lost or
-# held by a dead worker: no spin in place, and a slower recheck.
-ORDER_LONG_WAIT = 5.0
-ORDER_RECHECK_LONG = 1.0
+# Seconds a task goes on taking a channel's parked records before it hands the
+# rest on as a new task: a long line must not hold one worker past
+# HERALD_TASK_TIME_LIMIT, nor keep the queue's other tasks waiting.
+LINE_SLICE = 0.5
 # Errors worth retrying: decided by where they come from, not by their kind. A
 # service a message passes through (Redis, the archive's database, Kafka) that
 # fails or refuses (down, full, MISCONF, a pool timeout) fails every message
@@ -53,30 +51,35 @@ class RetryLater(HeraldError):
 
 
 class PassedGate(HeraldError):
-    """A failure that is not transient, raised once records had passed their order gates
-    (`passed`: their ids): those were handled (delivered, or noted as duplicates or dead
-    letters) and must never be dead-lettered, or a replay would deliver them twice."""
+    """A failure that is not transient, raised once the batch's records had passed their
+    order gates (`passed`: their ids) or were parked there: those were handled (delivered,
+    or noted as duplicates or dead letters) and must never be dead-lettered, or a replay
+    would deliver them twice, and the parked ones are safe where they are.
+    `due`: the parked records the run was taking on, which must go on without it."""
 
-    def __init__(self, passed: set[str], cause: Exception):
+    def __init__(self, passed: set[str], cause: Exception, due: list[Envelope]):
         super().__init__(str(cause))
         self.passed = passed
         self.cause = cause
+        self.due = due
 
 
 @dataclass
 class Outcome:
-    """What became of a batch: counts per outcome, and the envelopes still waiting at their gate."""
+    """What became of a batch: counts per outcome, and the parked records now due at their
+    gates that were left for a new task (LINE_SLICE)."""
 
     delivered: int = 0
     duplicate: int = 0
     skipped: int = 0
     dead: int = 0
-    waiting: list[Envelope] = field(default_factory=list)
+    parked: int = 0
+    due: list[Envelope] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """The counts alone, for a log line or a task's result."""
         return {"delivered": self.delivered, "duplicate": self.duplicate, "skipped": self.skipped,
-                "dead": self.dead}
+                "dead": self.dead, "parked": self.parked}
 
 
 def backoff_delay(retries: int, base: float, cap: float, rand=random.random) -> float:
@@ -115,81 +118,99 @@ class Processor:
         self.dead_letters = dead_letters
         self.rules = rules  # pipeline.rules.step.RulesStep, or None to run no rules
 
-    def run(self, envelopes: list[Envelope], *, final_attempt: bool) -> Outcome:
+    def run(self, envelopes: list[Envelope], *, take_on: bool = True) -> Outcome:
         """Process the batch once; raises RetryLater when a transient failure stops it.
 
         Every record passes its channel's order gate, whatever becomes of it
         (docs/design.md: "Order"): duplicates and dead-lettered messages move the gate
-        on without being delivered. Records whose predecessor in the channel is
-        not handled yet come back in `Outcome.waiting`, to be run again
-        shortly; once they have waited `order_wait` seconds they pass anyway
-        (the predecessor may sit with a dead worker until the broker's
-        visibility timeout), which is logged and counted.
+        on without being delivered. A record whose predecessor in the channel is
+        not handled yet is parked at its gate, where it waits in Redis, not in a
+        task; a record that passes brings back its channel's parked successor,
+        which this run passes in turn, and so on down the line (`_take_on`);
+        without `take_on`, those are left in `Outcome.due`.
         """
         unmatched: list[dict] = []  # the rules' record for what they matched nothing in, once they ran
-        try:
-            outcome = self._run(envelopes, final_attempt, unmatched)
-        except RetryLater as pending:
-            pending.remaining = _decided(pending.remaining, unmatched)
-            raise
-        outcome.waiting = _decided(outcome.waiting, unmatched)
-        return outcome
-
-    def _run(self, envelopes: list[Envelope], final_attempt: bool, unmatched: list[dict]) -> Outcome:
         outcome = Outcome()
-        now = time.time()
-        envelopes = [replace(e, force_order=True) if now - _since(e, now) >= self.settings.order_wait else e
-                     for e in envelopes]
+        envelopes = list(envelopes)
         try:
-            if self.rules is not None:
-                # Before anything stores the message: a redacted field is never kept.
-                envelopes, record = self.rules.apply(envelopes)
-                if record is not None:
-                    unmatched.append(record)
-            # A message back from waiting was marked already; it is not a new attempt.
-            marked = iter(self.store.mark_processing([e for e in envelopes if e.waiting_since is None]))
-            statuses = ["processing" if e.waiting_since is not None else next(marked) for e in envelopes]
-            for index, (envelope, status) in enumerate(zip(envelopes, statuses)):
-                if status in TERMINAL:
-                    envelopes[index] = replace(envelope, skip=True)  # handled before: it only passes the gate
-                elif not envelope.skip:
-                    try:
-                        check_type(envelope, self.settings.message_types)
-                    except PermanentError as exc:
-                        self._dead_letter(envelope, str(exc), attempts=1)
-                        outcome.dead += 1
-                        envelopes[index] = replace(envelope, skip=True)
-            self.archive.store([e for e in envelopes if not e.skip])
-            results = self._pass(envelopes, force=final_attempt)
+            self._prepare(envelopes, outcome, unmatched)
+            results = self._pass(envelopes)
         except RETRYABLE as exc:
-            raise RetryLater(envelopes, exc) from exc
-        results, failure = self._deliver_waiting(envelopes, results, force=final_attempt)
+            raise RetryLater(_decided(envelopes, unmatched), exc) from exc
+        passed: set[str] = set()
         try:
-            return self._after_gate(envelopes, results, failure, outcome, now)
+            self._after_gate(envelopes, results, outcome, passed)
+            outcome.due = _due(results)
+            if take_on:
+                self._take_on(outcome, passed)
         except RetryLater:
             raise
         except Exception as exc:
-            raise PassedGate({e.id for e, result in zip(envelopes, results) if result.outcome != "wait"},
-                             exc) from exc
+            raise PassedGate(passed, exc, outcome.due) from exc
+        return outcome
 
-    def _pass(self, envelopes: list[Envelope], *, force: bool) -> list[PassResult]:
+    def _prepare(self, envelopes: list[Envelope], outcome: Outcome, unmatched: list[dict]) -> None:
+        # What comes before the gate, in place (a failure half-way leaves the
+        # records as far as they got): the rules' decision, the `processing`
+        # status, the type check and the archive. Each record carries its
+        # decision from here, as it is parked or retried.
+        if self.rules is not None:
+            # Before anything stores the message: a redacted field is never kept.
+            envelopes[:], record = self.rules.apply(envelopes)
+            if record is not None:
+                unmatched.append(record)
+                envelopes[:] = _decided(envelopes, unmatched)
+        statuses = self.store.mark_processing(envelopes)
+        for index, (envelope, status) in enumerate(zip(envelopes, statuses)):
+            if status in TERMINAL:
+                envelopes[index] = replace(envelope, skip=True)  # handled before: it only passes the gate
+            elif not envelope.skip:
+                try:
+                    check_type(envelope, self.settings.message_types)
+                except PermanentError as exc:
+                    self._dead_letter(envelope, str(exc), attempts=1)
+                    outcome.dead += 1
+                    DELIVERED.labels("dead").inc()
+                    envelopes[index] = replace(envelope, skip=True)
+        self.archive.store([e for e in envelopes if not e.skip])
+
+    def _take_on(self, outcome: Outcome, passed: set[str]) -> None:
+        # The parked records due at their gates now (`outcome.due`), a channel's line
+        # one record a round trip (each round passes one of every channel), for
+        # LINE_SLICE; what is due after that goes on in a new task. `outcome.due`
+        # names the records in hand, for whoever must send them on should this run
+        # stop (Redelivery.hand_on, Redelivery.isolate). A record taken on by two
+        # runs at once (a task handed back) is delivered by one, a duplicate in the other.
+        deadline = time.monotonic() + LINE_SLICE
+        due = outcome.due
+        while due and time.monotonic() < deadline:
+            try:
+                results = self._pass(due)
+            except RETRYABLE as exc:
+                # Still parked, and due: the retry passes them.
+                raise RetryLater(due, exc) from exc
+            self._after_gate(due, results, outcome, passed)
+            outcome.due = due = _due(results)
+
+    def _pass(self, envelopes: list[Envelope]) -> list[PassResult]:
         # Through the order gate, then the rules' alerts and routes of what passed.
-        results = self.store.deliver(envelopes, force=force)
+        results = self.store.deliver(envelopes)
         if any(e.rules for e in envelopes):  # only a decision has effects
-            effects = emissions(envelopes, [r.outcome != "wait" for r in results], self.settings.rules_alert_channel)
+            effects = emissions(envelopes, [r.outcome != "parked" for r in results],
+                                self.settings.rules_alert_channel)
             if effects:
                 self.store.emit(effects)
         return results
 
-    def _after_gate(self, envelopes: list[Envelope], results: list[PassResult], failure, outcome: Outcome,
-                    now: float) -> Outcome:
+    def _after_gate(self, envelopes: list[Envelope], results: list[PassResult], outcome: Outcome,
+                    passed: set[str]) -> None:
         # What follows the gate: each record's count and log, the archive's history offsets.
         handled: dict[str, list[str]] = {}
         placed = []  # (id, stream id) of what is in history, for the archive
-        for envelope, (result, sid, forced) in zip(envelopes, results):
-            if result == "wait":
-                outcome.waiting.append(envelope if envelope.waiting_since is not None
-                                       else replace(envelope, waiting_since=now))
+        passed.update(e.id for e, r in zip(envelopes, results) if r.outcome != "parked")
+        for envelope, (result, sid, forced, _due) in zip(envelopes, results):
+            setattr(outcome, result, getattr(outcome, result) + 1)
+            if result == "parked":
                 continue
             if forced:
                 FORCED_ORDER.inc()
@@ -201,25 +222,19 @@ class Processor:
                 placed.append((envelope.id, sid))
             if result == "delivered" and envelope.kafka_ts is not None:
                 DELIVERY_LATENCY.observe(max(0.0, time.time() - envelope.kafka_ts / 1000))
-            setattr(outcome, result, getattr(outcome, result) + 1)
             handled.setdefault(result, []).append(envelope.id)
-        for name, count in outcome.counts().items():
-            if count:
-                DELIVERED.labels(name).inc(count)
+        for name, ids in handled.items():
+            DELIVERED.labels(name).inc(len(ids))
         if handled:
-            # One line per batch, not per message: log lines cost a worker's CPU
+            # One line per round, not per message: log lines cost a worker's CPU
             # in proportion. The web's "accepted" line ties each id to its request.
             log.info("batch processed", extra={"partitions": offset_spans(envelopes),
-                                               **{f"{result}_ids": ids for result, ids in handled.items()}})
+                                               **{f"{name}_ids": ids for name, ids in handled.items()}})
         try:
             self.archive.record_offsets(placed)
         except RETRYABLE as exc:
             # Run again, each record is a duplicate carrying its stream id.
-            raise RetryLater(envelopes, exc) from exc
-        if failure is not None:
-            # The records still waiting, in batch order: the retry is their only way back.
-            raise RetryLater(outcome.waiting, failure) from failure
-        return outcome
+            raise RetryLater([e for e, r in zip(envelopes, results) if r.outcome != "parked"], exc) from exc
 
     def check_rules(self) -> None:
         """Raises RulesUnavailable while this process has no rule set it can apply
@@ -233,56 +248,10 @@ class Processor:
         if not envelopes[0].skip:
             self._dead_letter(envelopes[0], error, attempts=attempts)
 
-    def _deliver_waiting(self, envelopes: list[Envelope], results: list[PassResult], *, force: bool):
-        """Try the batch's waiting records again, all of them in one round trip each time,
-        until they pass or ORDER_SPIN is over; returns (results, the transient error that
-        stopped the wait or None).
-
-        A waiting record's predecessor is usually in another worker's hands
-        right now (the batch before in the same partition, or the record before
-        in a line draining under load): a few milliseconds of waiting here beat
-        a round trip through the broker, but a worker slot must not be held for
-        long. A record that has waited ORDER_LONG_WAIT is not held at all: its
-        predecessor is lost or with a dead worker, and a long line of such
-        records, each holding a slot, would keep the workers from the one they
-        all wait for (a task the broker lost, sent again by the bridge). The
-        records go again in batch order, so a channel's later record is tried
-        only after its earlier one.
-        """
-        deadline = time.monotonic() + ORDER_SPIN
-        delay = 0.002
-        now = time.time()
-        waiting = [index for index, result in enumerate(results)
-                   if result.outcome == "wait" and now - _since(envelopes[index], now) < ORDER_LONG_WAIT]
-        while waiting and time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-            try:
-                again = self._pass([envelopes[index] for index in waiting], force=force)
-            except RETRYABLE as exc:
-                return results, exc
-            for index, result in zip(waiting, again):
-                results[index] = result
-            waiting = [index for index in waiting if results[index].outcome == "wait"]
-        return results, None
-
     def _dead_letter(self, envelope: Envelope, error: str, *, attempts: int) -> None:
         self.dead_letters.send(reason=error, partition=_or_unknown(envelope.partition),
                                offset=_or_unknown(envelope.offset), attempts=attempts, envelope=envelope)
         self.store.mark_failed(envelope, error)
-
-
-def recheck_delay(waited: float) -> float:
-    """Seconds before messages that have waited `waited` seconds at their gate are tried again.
-
-    A short wait ends within milliseconds (the predecessor is in another
-    worker's hands); a long one waits for a task the broker hands back or the
-    bridge sends again, and a channel's whole line checking ten times a second
-    would crowd that task out. Two steps, not a delay of each record's own:
-    a line's records, requeued in order with one delay, come back in order
-    and pass together (younger records back first wait again).
-    """
-    return ORDER_RECHECK if waited < ORDER_LONG_WAIT else ORDER_RECHECK_LONG
 
 
 def _decided(envelopes: list[Envelope], unmatched: list[dict]) -> list[Envelope]:
@@ -293,8 +262,14 @@ def _decided(envelopes: list[Envelope], unmatched: list[dict]) -> list[Envelope]
     return [e if e.rules is not None or e.skip else e.with_rules(unmatched[0]) for e in envelopes]
 
 
-def _since(envelope: Envelope, now: float) -> float:
-    return now if envelope.waiting_since is None else envelope.waiting_since
+def _due(results: list[PassResult]) -> list[Envelope]:
+    # The parked records the results name, once each: two records of a channel
+    # passed in one round name the same successor.
+    due: dict[tuple[str, int | None], Envelope] = {}
+    for result in results:
+        if result.due is not None:
+            due.setdefault((result.due.channel, result.due.offset), result.due)
+    return list(due.values())
 
 
 def _or_unknown(position: int | None) -> int:

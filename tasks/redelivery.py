@@ -5,25 +5,24 @@ a message that keeps killing workers is dead-lettered past
 HERALD_MAX_REDELIVERIES; a batch that failed for a reason that is not
 transient is split the same way until the message at fault runs alone and is
 dead-lettered; a failure no message can be blamed for is retried without
-limit; messages waiting for their channel's previous one come back shortly,
-as do batches while the worker has no rule set it can apply.
+limit; batches come back shortly while the worker has no rule set it can
+apply; what a run left of a channel's line of parked records goes on in a
+new task.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import cast
 
 from celery.exceptions import Retry
 
 from pipeline.core.messages import Envelope
 from pipeline.core.metrics import RETRIES
 from pipeline.rules.repository import RulesUnavailable
-from tasks.processor import ORDER_RECHECK, Outcome, PassedGate, Processor, failure_reason, recheck_delay
+from tasks.processor import Outcome, PassedGate, Processor, failure_reason
 
 log = logging.getLogger("herald.tasks")
 # Seconds before a batch is tried again while its worker has no rule set it can
@@ -52,7 +51,7 @@ class Redelivery:
         kills workers). Raises redis errors."""
         return self.processor().store.count_run(task.request.id) - 1 - task.request.retries
 
-    def after_worker_loss(self, task, envelopes: list[Envelope], deaths: int, final: bool) -> dict:
+    def after_worker_loss(self, task, envelopes: list[Envelope], deaths: int) -> dict:
         """Isolate the message that may be killing workers; dead-letter it past the cap."""
         if len(envelopes) > 1:
             # One task per message from here on, so only a poisonous one is held back.
@@ -66,7 +65,11 @@ class Redelivery:
                 task, envelopes,
                 f"worker died {deaths} times while processing it (or it ran past HERALD_TASK_TIME_LIMIT)",
                 attempts=deaths + 1)
-        return self.requeue_waiting(self.processor().run(envelopes, final_attempt=final))
+        # Nor does it take on its channels' parked records: each goes on in a task
+        # of its own, so that a record that kills workers there is isolated too.
+        outcome = self.processor().run(envelopes, take_on=False)
+        self._send_each(task, outcome.due)
+        return {**outcome.counts(), "handed_on": len(outcome.due)}
 
     def dead_letter(self, task, envelopes: list[Envelope], reason: str, attempts: int) -> dict:
         """Dead-letter the batch's first message and send the rest on behind it (`pass_gate`):
@@ -107,24 +110,18 @@ class Redelivery:
         and its channel's order gate moves on. Nothing here leaves the task given up: a step
         that fails (the dead letter, a send) retries it (`retry_unlimited`)."""
         if isinstance(exc, PassedGate):
-            passed = [e.id for e in envelopes if e.id in exc.passed]
-            if passed:
-                log.error("failed after passing its order gate; not dead-lettered",
-                          extra={"message_ids": passed, "error": failure_reason(exc.cause)})
-            envelopes, exc = [e for e in envelopes if e.id not in exc.passed], exc.cause
-            if not envelopes:
-                return {"dead": 0}
+            # The batch's records passed or are parked (safe at their gates): none
+            # is dead-lettered. What the run was taking on goes on, one task a record.
+            log.error("failed after passing its order gate; not dead-lettered",
+                      extra={"message_ids": sorted(exc.passed), "error": failure_reason(exc.cause),
+                             "handed_on": [e.id for e in exc.due]})
+            self._send_each(task, exc.due)
+            return {"dead": 0, "handed_on": len(exc.due)}
         reason = failure_reason(exc)
         if len(envelopes) > 1:
             log.warning("batch failed; splitting it", extra={"message_id": envelopes[0].id, "count": len(envelopes),
                                                               "error": reason})
-            sent = 0
-            try:
-                for envelope in envelopes:
-                    self.send([envelope])
-                    sent += 1
-            except Exception as down:
-                raise self.retry_unlimited(task, envelopes[sent:], down) from None
+            self._send_each(task, envelopes)
             return {"split": len(envelopes)}
         if envelopes[0].skip:
             # Even passing the gate failed, with no data of its own to blame: a fault
@@ -133,6 +130,16 @@ class Redelivery:
                       extra={"message_id": envelopes[0].id, "channel": envelopes[0].channel, "error": reason})
             raise self.retry_unlimited(task, envelopes, exc)
         return self.dead_letter(task, envelopes, reason, attempts)
+
+    def _send_each(self, task, envelopes: list[Envelope]) -> None:
+        # One task a record; a broker that refuses one retries the task with the rest.
+        sent = 0
+        try:
+            for envelope in envelopes:
+                self.send([envelope])
+                sent += 1
+        except Exception as down:
+            raise self.retry_unlimited(task, envelopes[sent:], down) from None
 
     def await_rules(self, task, envelopes: list[Envelope], exc: RulesUnavailable) -> dict:
         """This process has no rule set it can apply: the batch comes back in RULES_RECHECK
@@ -145,15 +152,9 @@ class Redelivery:
                   countdown=min(RULES_RECHECK, self.settings.retry_max_delay))
         return {"waiting_for_rules": len(envelopes)}
 
-    def requeue_waiting(self, outcome: Outcome) -> dict:
-        """Send messages waiting for their channel's previous one back, shortly, as a new task;
-        returns the batch's counts (the task's result)."""
-        if outcome.waiting:
-            # Every envelope the processor leaves waiting has its waiting_since.
-            waited = time.time() - min(cast(float, e.waiting_since) for e in outcome.waiting)
-            # On RabbitMQ a waiting task holds one of the worker's fixed prefetch
-            # slots until it is due (AMQP_PREFETCH): a longer delay there would
-            # slow the queue, the predecessor's task included, not spare it.
-            self.send(outcome.waiting,
-                      countdown=ORDER_RECHECK if self.settings.amqp_broker else recheck_delay(waited))
-        return {**outcome.counts(), "requeued": len(outcome.waiting)}
+    def hand_on(self, outcome: Outcome) -> dict:
+        """Send the parked records a run left due at their gates (Processor's LINE_SLICE) on
+        as a new task, at once; returns the batch's counts (the task's result)."""
+        if outcome.due:
+            self.send(outcome.due)
+        return {**outcome.counts(), "handed_on": len(outcome.due)}

@@ -30,7 +30,7 @@ log = logging.getLogger("herald.tasks")
 
 def _not_about_delayed_delivery(record: logging.LogRecord) -> bool:
     # RabbitMQ's native delayed delivery needs a topic exchange and whole
-    # seconds (a 0.1 s recheck_delay raises there): the worker holds countdown
+    # seconds (a retry's backoff is fractional and raises there): the worker holds countdown
     # tasks itself (AMQP_PREFETCH), which Celery warns about at every one.
     return "native delayed delivery" not in record.getMessage()
 
@@ -137,7 +137,7 @@ def process_message(self, wire: list[dict]) -> dict:
     except (Retry, Reject):  # Celery's own: a retry, a hand-back
         raise
     except OperationalError as exc:
-        # The broker refused a task sent on (a message back from waiting): no message's fault.
+        # The broker refused a task sent on (a line's records handed on): no message's fault.
         raise redelivery.retry_unlimited(self, envelopes, exc) from None
     except Exception as exc:
         # Any error not known to be transient, whatever its type (docs/design.md: "Under faults").
@@ -158,8 +158,8 @@ def _attempt(task, envelopes: list[Envelope], final: bool) -> dict:
         except RETRYABLE as exc:
             raise RetryLater(envelopes, exc) from exc
         if deaths > 0:
-            return redelivery.after_worker_loss(task, envelopes, deaths, final)
-        return redelivery.requeue_waiting(processor().run(envelopes, final_attempt=final))
+            return redelivery.after_worker_loss(task, envelopes, deaths)
+        return redelivery.hand_on(processor().run(envelopes))
     except RetryLater as pending:
         error = failure_reason(pending.cause)
         if not final:

@@ -249,14 +249,10 @@ class Envelope:
     origin: str | None = None  # "node/client" of the WebSocket that published it
     request_id: str | None = None
     kafka_ts: int | None = None  # the record's Kafka timestamp (ms), for the delivery latency
-    # Processing state: when it first waited at its channel's order gate; to pass
-    # the gate without delivery (handled before, or dead-lettered); to pass it
-    # without its predecessor (it waited HERALD_ORDER_WAIT).
-    waiting_since: float | None = None
+    # Processing state: to pass the order gate without delivery (handled before, or dead-lettered).
     skip: bool = False
-    force_order: bool = False
     # What the rules decided for it (pipeline/rules/engine.py: Decision.record), once:
-    # a message back from waiting, or retried, keeps its decision.
+    # a message parked at its gate, or retried, keeps its decision.
     rules: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:

@@ -458,7 +458,7 @@ class Settings:
     # Unset: beyond the broker's hand-back of a dead worker's tasks (from_env).
     order_wait: float = env(
         "HERALD_ORDER_WAIT", 5.0, number(0, 7 * 86400),
-        "seconds a message waits for its channel's previous one before it passes anyway")
+        "seconds a parked message waits for its channel's previous one before it passes anyway")
     max_redeliveries: int = env(
         "HERALD_MAX_REDELIVERIES", 3, whole(0, 100), "worker deaths one message may cause before it is dead-lettered")
     task_time_limit: float = env(

@@ -109,10 +109,10 @@ class Store:
         return self.statuses.get_message(msg_id)
 
     # -- the order gate and history -------------------------------------------
-    def deliver(self, envelopes: list[Envelope], *, force: bool = False) -> list[PassResult]:
-        """Pass each record through its channel's order gate, in order, and deliver it once
-        (Gate.pass_all)."""
-        return self.gate.pass_all(envelopes, force=force)
+    def deliver(self, envelopes: list[Envelope]) -> list[PassResult]:
+        """Pass each record through its channel's order gate, in order, and deliver it once,
+        or park it until its predecessor passes (Gate.pass_all)."""
+        return self.gate.pass_all(envelopes)
 
     def emit(self, emissions: list[Emission]) -> None:
         """Write rule effects into their channels' histories, once each (Effects.emit)."""

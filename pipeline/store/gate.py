@@ -1,5 +1,6 @@
 """The order gate: every record of a channel passes it in Kafka order, and a record
-that passes is delivered once (gate_pass.lua; docs/design.md: "Order")."""
+that passes is delivered once; one that comes before its predecessor is parked, and
+taken on by whoever passes the gate next to it (gate_pass.lua; docs/design.md: "Order")."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from typing import Literal, NamedTuple
 
 from pipeline.core.frames import MESSAGE_TAIL, message_frame_head, status_frame
-from pipeline.core.messages import Envelope
+from pipeline.core.messages import Envelope, decode, encode
 from pipeline.core.settings import Settings
 from pipeline.store import inflight
 from pipeline.store.keys import ROUTE_SEPARATOR, Keys
@@ -20,7 +21,8 @@ class GateKeys(NamedTuple):
     gate: str  # the highest offset handled
     history: str  # the history stream
     epoch: str  # the history's first id ever
-    waiting: str  # offsets waiting at the gate, scored by when they last waited
+    waiting: str  # offsets parked at the gate, scored by when each was first parked
+    parked: str  # parked records, by the offset each waits for
     done: str  # the message's dedupe marker
     message_channel: str  # message pub/sub channel
     status_channel: str  # status pub/sub channel
@@ -40,26 +42,28 @@ class GateArgs(NamedTuple):
     status_frame: str  # the `delivered` status frame ('' when skipped)
     origin_channel: str  # the publisher's node pub/sub channel, or ''
     origin_client: str
-    force: str  # '1' once the order wait ran out
     msg_id: str
     oldest: str  # the oldest history id to keep, '' for no age limit
     idle_ttl: int  # seconds an idle channel's keys live
     skip: str  # '1': pass the gate without delivering
     now: float  # seconds
-    stuck_after: float  # seconds after which a waiting record counts as stuck
+    order_wait: float  # seconds parked after which a line's head passes without its predecessor
     publish: str  # PUBLISH, or SPUBLISH on a cluster
+    record: bytes  # the record as it is parked (`encode`)
 
 
 GATE_PASS = Script("gate_pass.lua", GateKeys, GateArgs, batched=True, constants={"SEPARATOR": ROUTE_SEPARATOR})
 
 
 class PassResult(NamedTuple):
-    """What became of a record at its gate: `wait` while its predecessor is not handled;
-    `forced` when it passed without it (its wait ran out)."""
+    """What became of a record at its gate: `parked` while its predecessor is not handled;
+    `forced` when it passed without it (parked HERALD_ORDER_WAIT); `due`: the parked
+    record that may pass now, next to the gate's new position, for the caller to take on."""
 
-    outcome: Literal["delivered", "duplicate", "skipped", "wait"]
+    outcome: Literal["delivered", "duplicate", "skipped", "parked"]
     stream_id: str
     forced: bool
+    due: Envelope | None
 
 
 def oldest_kept(settings: Settings, channel: str, now: float) -> str:
@@ -77,10 +81,10 @@ class Gate:
         self.settings = settings
         self.statuses = statuses
 
-    def _call(self, envelope: Envelope, force: bool, now: float) -> Call:
+    def _call(self, envelope: Envelope, now: float) -> Call:
         keys, channel, skipped = self.keys, envelope.channel, envelope.skip
         gate_keys = GateKeys(keys.gate(channel), keys.history(channel), keys.epoch(channel), keys.waiting(channel),
-                             keys.done(envelope.id, channel), keys.message_channel(channel),
+                             keys.parked(channel), keys.done(envelope.id, channel), keys.message_channel(channel),
                              keys.status_channel(channel))
         node, client = "", ""
         if not self.runner.cluster:
@@ -93,22 +97,24 @@ class Gate:
             expires_at=expires_at(self.settings, envelope), maxlen=self.settings.retention(channel)[0],
             frame_head="" if skipped else message_frame_head(envelope), frame_tail=MESSAGE_TAIL,
             status_frame="" if skipped else status_frame(envelope, "delivered"),
-            origin_channel=node, origin_client=client, force="1" if force or envelope.force_order else "0",
+            origin_channel=node, origin_client=client,
             msg_id=envelope.id, oldest=oldest_kept(self.settings, channel, now),
             idle_ttl=self.settings.channel_idle_ttl, skip="1" if skipped else "0", now=now,
-            stuck_after=max(1.0, self.settings.order_wait), publish=self.runner.publish_command))
+            order_wait=self.settings.order_wait, publish=self.runner.publish_command, record=encode(envelope)))
 
-    def pass_all(self, envelopes: list[Envelope], *, force: bool = False) -> list[PassResult]:
+    def pass_all(self, envelopes: list[Envelope]) -> list[PassResult]:
         """Pass each record through its channel's order gate, in order, and deliver it once.
 
-        A record waits while the channel's previous record is not handled;
-        records flagged `skip` (dead-lettered, rejected) only move the gate on;
-        `force` (or a record's `force_order`) lets a record whose wait ran out
-        pass. One round trip for the batch (two on a cluster, see `_after_pass`).
+        A record is parked while the channel's previous record is not handled
+        (it is in Redis now: its task is done with it); records flagged `skip`
+        (dead-lettered, rejected) only move the gate on. Each result names the
+        parked record due next in its channel, which the caller passes in turn.
+        One round trip for the batch (two on a cluster, see `_after_pass`).
         """
         now = time.time()
-        replies = self.runner.run([self._call(envelope, force, now) for envelope in envelopes])
-        results = [PassResult(outcome, sid, forced == "1") for outcome, sid, forced in replies]
+        replies = self.runner.run([self._call(envelope, now) for envelope in envelopes])
+        results = [PassResult(outcome, sid, forced == "1", decode(due) if due else None)
+                   for outcome, sid, forced, due in replies]
         if self.runner.cluster:
             self._after_pass(envelopes, results)
         return results
@@ -119,7 +125,7 @@ class Gate:
         # own status frame. A duplicate writes the status too, so a worker that
         # died right after delivering leaves no message stuck in `processing`
         # once its task runs again.
-        passed = [e.id for e, result in zip(envelopes, results) if result.outcome != "wait"]
+        passed = [e.id for e, result in zip(envelopes, results) if result.outcome != "parked"]
         if not passed:
             return
         calls = []

@@ -68,8 +68,13 @@ class Keys:
         return self._channel("last", channel)
 
     def waiting(self, channel: str) -> str:
-        """The channel's records waiting at its order gate, scored by when they last waited."""
+        """The offsets of the channel's records parked at its order gate, scored by when each
+        was first parked."""
         return self._channel("waiting", channel)
+
+    def parked(self, channel: str) -> str:
+        """The channel's parked records (hash: the offset each waits for -> the record)."""
+        return self._channel("parked", channel)
 
     def presence(self, channel: str) -> str:
         """Hash of the clients present in the channel."""

@@ -166,11 +166,10 @@ def test_a_dead_workers_tasks_come_back_within_seconds_not_the_visibility_timeou
 
 def test_a_lost_task_behind_a_long_waiting_line_passes_before_the_order_wait(make_stack, channel):
     # A worker killed as it took a task off the Redis queue loses it: only the
-    # bridge's sweep sends it again. Meanwhile every message behind it in its
-    # channel waits at the gate, each in its own task, checked again and again;
-    # those checks must leave the workers free enough to run the lost one
-    # before HERALD_ORDER_WAIT lets the line pass without it (CI once saw one
-    # of a channel's messages forced past it after three kills).
+    # bridge sends it again. Meanwhile every message behind it in its channel
+    # is parked at the gate; the re-sent task passes and takes the whole line
+    # on, in order, before HERALD_ORDER_WAIT could let any of it pass without
+    # it (docs/design.md: "Order").
     behind_count = 300
     stack = make_stack(env={"HERALD_ORDER_WAIT": 10})
     bridge = stack.bridge()
@@ -195,7 +194,7 @@ def test_a_lost_task_behind_a_long_waiting_line_passes_before_the_order_wait(mak
                what="the bridge to dispatch every message behind it")
     worker = stack.worker()
     wait_until(lambda: store.redis.zcard(store.keys.waiting(channel)) == behind_count, 30, 0.05,
-               what="every message behind it to wait at the gate")
+               what="every message behind it to be parked at the gate")
     # Now the sweep finds it (within its period, 2 s here) and sends it again.
     store.redis.zadd(store.keys.in_flight_index, {lost: time.time() - 3600}, xx=True)
     wait_until(lambda: store.redis.xlen(store.keys.history(channel)) == behind_count + 1, 90, 0.2,

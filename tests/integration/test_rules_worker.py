@@ -12,7 +12,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from pipeline import rules
-from pipeline.core.messages import Envelope
+from pipeline.core.messages import Envelope, decode
 from pipeline.core.settings import Settings
 from pipeline.rules.repository import VERSION_CHECK, RulesStore, RulesUnavailable
 from pipeline.rules.step import RulesStep
@@ -86,7 +86,7 @@ rules:
 """))
     channel = f"pay:{tag}"
     envelopes = batch(channel, [5, 500, 700, 1])
-    processor.run(envelopes, final_attempt=False)
+    processor.run(envelopes)
     assert matches(f"big-{tag}", "alert") == 2 and matches(f"big-{tag}", "tag") == 2
     assert matches(f"any-{tag}", "tag") == 4
 
@@ -105,7 +105,7 @@ rules:
     envelopes = batch(channel, [5, 500, 5000, 7, 600])
     envelopes[3] = Envelope(envelopes[3].id, channel, "payment", {"amount": 7, "note": 'é "quoted" \\ \u2028'}, "s",
                             0, partition=0, offset=3, prev=2)
-    outcome = processor.run(envelopes, final_attempt=False)
+    outcome = processor.run(envelopes)
     assert outcome.delivered == 4 and outcome.skipped == 1  # 5000 was blocked
     expected = [(envelopes[1].id, "big", False), (envelopes[2].id, "big", False), (envelopes[2].id, "huge", True),
                 (envelopes[3].id, "odd", False), (envelopes[4].id, "big", False)]
@@ -122,14 +122,14 @@ rules:
     # The blocked message is not routed; the others are, once each, in order.
     assert [m["id"] for m in history(store, copy)] == [envelopes[1].id, envelopes[4].id]
 
-    again = processor.run(envelopes, final_attempt=False)  # the task's records again (a worker died)
+    again = processor.run(envelopes)  # the task's records again (a worker died)
     assert again.delivered == 0
     assert len(history(store, alerts)) == len(expected) and len(history(store, copy)) == 2
     # Run again by a worker on a newer version that alerts on everything: a message
     # that raised its alerts raises none from the second evaluation.
     rules_store.put(rules.load("rule: {id: every, condition: {}, action: alert}"))
     fresh = Processor(store.settings, store, _NoArchive(), None, RulesStep(RulesStore(store, store.settings)))
-    fresh.run(envelopes[1:], final_attempt=False)
+    fresh.run(envelopes[1:])
     assert len(history(store, alerts)) == len(expected)
 
 
@@ -148,24 +148,25 @@ def test_a_message_is_decided_once_matched_or_not_and_every_record_run_again_kee
 
     monkeypatch.setattr(store, "deliver", failing_deliver)
     with pytest.raises(RetryLater) as retry:
-        processor.run(envelopes, final_attempt=False)
+        processor.run(envelopes)
     monkeypatch.undo()
     assert [e.rules for e in retry.value.remaining] == list(decided)
     assert [e.rules for e in envelopes] == [None, None]  # the task's own records are left as they were
-    # Waiting for a predecessor that has not come: the record back from waiting carries its decision.
+    # Waiting for a predecessor that has not come: each record is parked with its decision.
     late = batch(channel, [7, 900], offset0=10)
-    waited = processor.run(late, final_attempt=False).waiting
-    assert [e.rules for e in waited] == [{"v": first}, {"v": first, "matched": [[f"big-{tag}", "tag"]],
-                                                        "tags": ["big"]}]
+    assert processor.run(late).parked == 2
+    parked = store.redis.hgetall(store.keys.parked(channel))
+    assert [decode(parked[prev]).rules for prev in ("9", "10")] == [
+        {"v": first}, {"v": first, "matched": [[f"big-{tag}", "tag"]], "tags": ["big"]}]
     # A new version that would match them all: the decided records keep the decision
     # they had (a tag of the old set, no alert); the new version applies to new records.
     rules_store.put(rules.load(f"rule: {{id: all-{tag}, condition: {{}}, action: [alert, {{tag: new}}]}}"))
     fresh = Processor(store.settings, store, _NoArchive(), None, RulesStep(RulesStore(store, store.settings)))
-    assert fresh.run(retry.value.remaining, final_attempt=False).delivered == 2
+    assert fresh.run(retry.value.remaining).delivered == 2
     assert [m.get("tags") for m in history(store, channel)] == [None, ["big"]]
     assert history(store, store.settings.rules_alert_channel) == []
     newer = batch(channel, [1], offset0=2)
-    assert fresh.run(newer, final_attempt=False).delivered == 1
+    assert fresh.run(newer).delivered == 1
     assert history(store, channel)[-1]["tags"] == ["new"]
     assert len(history(store, store.settings.rules_alert_channel)) == 1
 
@@ -180,7 +181,7 @@ rules:
 """))
     channel = f"pay:{tag}"
     envelopes = batch(channel, [1, 500, 3, 2, 700, 5, 4])
-    outcome = processor.run(envelopes, final_attempt=False)
+    outcome = processor.run(envelopes)
     assert (outcome.delivered, outcome.skipped) == (3, 4)
     statuses = [store.get_message(e.id) for e in envelopes]
     assert [s["status"] for s in statuses] == ["delivered", "rejected", "rejected", "delivered", "rejected",
@@ -213,12 +214,12 @@ def test_a_stored_set_that_cannot_compile_is_reported_once_and_the_last_compiled
     good = rules_store.put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
                                       "action: block}"))
     channel = f"pay:{tag}"
-    assert processor.run(batch(channel, [5, 500]), final_attempt=False).skipped == 1
+    assert processor.run(batch(channel, [5, 500])).skipped == 1
     before = failures()
     bad = store_directly(store, UNCOMPILABLE)
     time.sleep(VERSION_CHECK + 0.1)
     for offset in (2, 4):  # two batches, one report
-        outcome = processor.run(batch(channel, [7, 700], offset0=offset), final_attempt=False)
+        outcome = processor.run(batch(channel, [7, 700], offset0=offset))
         assert (outcome.delivered, outcome.skipped) == (1, 1)  # still under the good set
         time.sleep(VERSION_CHECK + 0.1)
     assert [m["rules"]["v"] for m in history(store, channel) if "rules" in m] in ([], [good] * 3)
@@ -230,7 +231,7 @@ def test_a_stored_set_that_cannot_compile_is_reported_once_and_the_last_compiled
     assert reports[0].error == "rules[0].condition" + ".not" * 29 + f": {rules.TOO_DEEP}"
     newer = rules_store.put(rules.load("rules: []"))  # a good set again: applied
     time.sleep(VERSION_CHECK + 0.1)
-    assert processor.run(batch(channel, [9000], offset0=6), final_attempt=False).delivered == 1
+    assert processor.run(batch(channel, [9000], offset0=6)).delivered == 1
     assert REGISTRY.get_sample_value("herald_rules_version") == newer
 
 
@@ -243,14 +244,14 @@ def test_a_worker_that_compiled_no_set_holds_its_messages_until_one_compiles(wor
     channel = f"pay:{tag}"
     envelopes = batch(channel, [5, 500])
     with pytest.raises(RetryLater) as retry:  # retried as when Redis is down, never run without the policy
-        fresh.run(envelopes, final_attempt=False)
+        fresh.run(envelopes)
     assert isinstance(retry.value.cause, RulesUnavailable)
     assert str(retry.value.cause).startswith(f"the stored rule set (version {version}) cannot be compiled")
     assert history(store, channel) == [] and store.get_message(envelopes[0].id) is None
     RulesStore(store, store.settings).put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
                                                      "action: block}"))
     time.sleep(VERSION_CHECK + 0.1)
-    outcome = fresh.run(retry.value.remaining, final_attempt=False)
+    outcome = fresh.run(retry.value.remaining)
     assert (outcome.delivered, outcome.skipped) == (1, 1)
 
 
@@ -261,7 +262,7 @@ def test_a_stored_set_whose_compile_raises_anything_is_refused_as_one_that_does_
     good = rules_store.put(rules.load(f"rule: {{id: big-{tag}, condition: {{amount_threshold: 100}}, "
                                       "action: block}"))
     channel = f"pay:{tag}"
-    assert processor.run(batch(channel, [5, 500]), final_attempt=False).skipped == 1
+    assert processor.run(batch(channel, [5, 500])).skipped == 1
     compile_text = rules.compile_text
 
     def crashing(text, *args):
@@ -276,7 +277,7 @@ def test_a_stored_set_whose_compile_raises_anything_is_refused_as_one_that_does_
                                                        "action": ["block"], "condition": {}}]}))
     time.sleep(VERSION_CHECK + 0.1)
     for offset in (2, 4):  # every batch runs, under the good set: none raises the RecursionError
-        outcome = processor.run(batch(channel, [7, 700], offset0=offset), final_attempt=False)
+        outcome = processor.run(batch(channel, [7, 700], offset0=offset))
         assert (outcome.delivered, outcome.skipped) == (1, 1)
         time.sleep(VERSION_CHECK + 0.1)
     assert failures() == before + 1 and REGISTRY.get_sample_value("herald_rules_version") == good

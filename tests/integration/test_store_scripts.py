@@ -91,7 +91,7 @@ def test_a_batchs_calls_of_one_script_are_one_call_with_each_calls_own_reply(spa
     store.redis.script_flush()  # a restarted Redis: the batched form is loaded again too
     results = store.deliver(batch)
     assert _evalsha_calls(store) == before + 2 + 1  # the NOSCRIPT attempt, then the call again
-    assert [r[0] for r in results] == ["delivered"] * 6 + ["wait"]
+    assert [r[0] for r in results] == ["delivered"] * 6 + ["parked"]
     assert [r[0] for r in store.deliver(batch[:2])] == ["duplicate", "duplicate"]
     history = {c: [f["f"] for _sid, f in store.redis.xrange(store.keys.history(c))] for c in channels}
     assert [len(history[c]) for c in channels] == [3, 3]

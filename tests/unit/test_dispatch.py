@@ -4,7 +4,6 @@ pure logic, with a fake consumer and store."""
 from __future__ import annotations
 
 from pipeline.bridge import OffsetGaps, pack_tasks
-from tasks.processor import recheck_delay
 
 
 def test_a_poll_of_several_partitions_is_one_task_in_each_partitions_order():
@@ -25,12 +24,6 @@ def test_tasks_hold_at_most_a_batch_and_never_reorder_a_partition():
 
 def test_pack_tasks_of_nothing_is_no_task():
     assert list(pack_tasks([], 100)) == []
-
-
-def test_a_message_waiting_at_its_gate_is_tried_again_less_often_once_its_wait_is_long():
-    # docs/design.md "Order": 0.1 s, then 1 s from 5 s of waiting on; one delay per step keeps a line in order.
-    assert recheck_delay(0.0) == recheck_delay(4.9) == 0.1
-    assert recheck_delay(5.0) == recheck_delay(600.0) == 1.0
 
 
 def test_offsets_a_partition_skipped_within_an_assignment_are_named():

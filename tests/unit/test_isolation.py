@@ -25,6 +25,12 @@ class FakeProcessor:
             raise self.fail
         self.letters.append((envelopes[0].id, error, attempts))
 
+    def run(self, envelopes, take_on=True):
+        from tasks.processor import Outcome
+
+        self.took_on = take_on
+        return Outcome(delivered=len(envelopes), due=[envelope(7), envelope(9)])
+
 
 class FakeTask:
     """Celery's bound task as `process_message` uses it: `retry` raises Retry and is recorded."""
@@ -51,6 +57,14 @@ def policy():
 def envelope(n: int, **fields) -> Envelope:
     return Envelope(id=f"m-{n}", channel=f"c:{n % 2}", type="message", data={"n": n}, sender="x", ts=1,
                     partition=0, offset=n, prev=n - 2 if n >= 2 else None, **fields)
+
+
+def test_after_a_worker_death_a_message_runs_without_taking_its_channels_parked_records_on(policy):
+    # Each parked record due goes on in a task of its own: one that kills workers is isolated too.
+    redelivery, fake, sent = policy
+    assert redelivery.after_worker_loss(FakeTask(), [envelope(1)], deaths=1) == {
+        "delivered": 1, "duplicate": 0, "skipped": 0, "dead": 0, "parked": 0, "handed_on": 2}
+    assert fake.took_on is False and sent == [[envelope(7)], [envelope(9)]]
 
 
 def test_a_batch_that_failed_is_split_into_one_task_a_message_and_nothing_is_dead_lettered(policy):
@@ -174,7 +188,7 @@ def test_a_service_that_fails_whatever_its_error_is_retried_and_no_message_is_de
     settings = SimpleNamespace(order_wait=30.0, message_types=())
     batch = [envelope(n) for n in range(3)]
     with pytest.raises(RetryLater) as pending:  # not isolated and dead-lettered, message by message
-        Processor(settings, Store(), None, Letters()).run(batch, final_attempt=False)
+        Processor(settings, Store(), None, Letters()).run(batch)
     assert pending.value.remaining == batch and pending.value.cause is failure
 
 
@@ -204,8 +218,8 @@ def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered
         def mark_processing(self, envelopes):
             return ["processing"] * len(envelopes)
 
-        def deliver(self, envelopes, force):
-            return [PassResult("delivered", f"{n}-0", False) if n < 2 else PassResult("wait", "", False)
+        def deliver(self, envelopes):
+            return [PassResult("delivered", f"{n}-0", False, None) if n < 2 else PassResult("parked", "", False, None)
                     for n in range(len(envelopes))]
 
     class Archive:
@@ -216,13 +230,18 @@ def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered
             raise ValueError("a bug after delivery")
 
     settings = SimpleNamespace(order_wait=30.0, message_types=())
-    batch = [envelope(n, waiting_since=0.0) for n in range(3)]  # waited long: delivered or waiting, no spin
+    batch = [envelope(n) for n in range(3)]
     with pytest.raises(PassedGate) as failed:
-        Processor(settings, Store(), Archive(), None).run(batch, final_attempt=False)
+        Processor(settings, Store(), Archive(), None).run(batch)
     assert failed.value.passed == {"m-0", "m-1"} and isinstance(failed.value.cause, ValueError)
 
     redelivery, fake, sent = policy
     task = FakeTask()
-    assert redelivery.isolate(task, batch[:2], failed.value, attempts=1) == {"dead": 0}  # delivered: a replay would
-    assert redelivery.isolate(task, [batch[2]], failed.value, attempts=1) == {"dead": 1}  # deliver them twice
-    assert fake.letters == [("m-2", "ValueError: a bug after delivery", 1)] and task.retried == []
+    # Delivered (a replay would deliver them twice) or parked (safe at its gate): none is dead-lettered.
+    assert redelivery.isolate(task, batch, failed.value, attempts=1) == {"dead": 0, "handed_on": 0}
+    assert fake.letters == [] and task.retried == [] and sent == []
+    # Failing while it took parked records on: those go on, each alone, so that one at fault runs alone.
+    due = [envelope(n) for n in (7, 9)]
+    assert redelivery.isolate(task, batch, PassedGate({"m-0"}, ValueError("bug"), due), attempts=1) == {
+        "dead": 0, "handed_on": 2}
+    assert sent == [[due[0]], [due[1]]] and fake.letters == []

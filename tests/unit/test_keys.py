@@ -16,8 +16,8 @@ def test_no_user_named_key_is_one_of_heralds_own():
              "presence-nodes", "presence-reaper", "_", "_:dlq-index"]
     named = set()
     for name in names:
-        for build in (keys.history, keys.epoch, keys.gate, keys.waiting, keys.presence, keys.message, keys.done,
-                      keys.idempotency, keys.dead_letter, keys.task_runs, keys.user_connections,
+        for build in (keys.history, keys.epoch, keys.gate, keys.waiting, keys.parked, keys.presence, keys.message,
+                      keys.done, keys.idempotency, keys.dead_letter, keys.task_runs, keys.user_connections,
                       keys.address_connections, keys.node, keys.node_presence):
             named.add(build(name))
     assert not own & named
@@ -44,7 +44,7 @@ def test_on_a_cluster_a_channels_names_share_its_hash_tag():
     keys = Keys("herald", cluster=True)
     channel = "chat:room.1"
     names = [keys.history(channel), keys.epoch(channel), keys.gate(channel), keys.waiting(channel),
-             keys.presence(channel), keys.done("id-1", channel), keys.message_channel(channel),
+             keys.parked(channel), keys.presence(channel), keys.done("id-1", channel), keys.message_channel(channel),
              keys.status_channel(channel), keys.presence_channel(channel)]
     slots = {_slot(name) for name in names}
     assert slots == {_slot(channel)}

@@ -152,50 +152,52 @@ def _processor(deliver):
     return Processor(SETTINGS, store, Archive(), dead_letters=None)
 
 
-def test_a_transient_failure_while_records_wait_retries_every_waiting_record_in_batch_order():
+def test_a_transient_failure_while_taking_on_parked_records_retries_those_records():
+    # They are still parked, and due: the retry passes them (docs/design.md: "Order").
     import redis
 
     from pipeline.core.messages import Envelope
     from tasks.processor import RetryLater
 
     first = Envelope("a1", "a", "message", 1, "s", 0, partition=0, offset=5, prev=4)
-    second = Envelope("b1", "b", "message", 2, "s", 0, partition=0, offset=6, prev=3)
-    after = Envelope("b2", "b", "message", 3, "s", 0, partition=0, offset=7, prev=6)
+    parked = Envelope("a2", "a", "message", 2, "s", 0, partition=0, offset=9, prev=5)
     calls = []
 
-    def deliver(envelopes, force=False):
+    def deliver(envelopes):
         calls.append([e.id for e in envelopes])
         if len(calls) == 1:
-            return [PassResult("wait", "", False)] * len(envelopes)  # predecessors still with another worker
+            return [PassResult("delivered", "1-0", False, parked)]
         raise redis.ConnectionError("Redis went away")
 
     try:
-        _processor(deliver).run([first, second, after], final_attempt=False)
+        _processor(deliver).run([first])
     except RetryLater as pending:
-        assert [e.id for e in pending.remaining] == ["a1", "b1", "b2"]
+        assert [e.id for e in pending.remaining] == ["a2"]
     else:
         raise AssertionError("no RetryLater")
+    assert calls == [["a1"], ["a2"]]
 
 
-def test_records_waiting_for_their_predecessors_are_tried_again_together():
-    # Two workers on consecutive batches of one partition: the later batch's
-    # records wait for the earlier one's. One round trip per try for all of
-    # them, not a wait of its own for each channel.
+def test_parked_records_due_in_many_channels_are_taken_on_together_each_once():
+    # One round trip a round for every channel's next record, not one each; two
+    # records of a channel naming the same successor bring it once.
     from pipeline.core.messages import Envelope
 
     batch = [Envelope(f"m{n}", f"c{n % 20}", "message", n, "s", 0, partition=0, offset=100 + n, prev=n)
-             for n in range(100)]
+             for n in range(40)]
+    due = {f"c{n}": Envelope(f"d{n}", f"c{n}", "message", n, "s", 0, partition=0, offset=200 + n, prev=120 + n)
+           for n in range(20)}
     calls = []
 
-    def deliver(envelopes, force=False):
+    def deliver(envelopes):
         calls.append(len(envelopes))
-        if len(calls) < 3:
-            return [PassResult("wait", "", False)] * len(envelopes)
-        return [PassResult("delivered", "1-0", False)] * len(envelopes)
+        if len(calls) == 1:
+            return [PassResult("delivered", "1-0", False, due[e.channel]) for e in envelopes]
+        return [PassResult("delivered", "1-0", False, None)] * len(envelopes)
 
-    outcome = _processor(deliver).run(batch, final_attempt=False)
-    assert outcome.delivered == 100 and not outcome.waiting
-    assert calls == [100, 100, 100]
+    outcome = _processor(deliver).run(batch)
+    assert outcome.delivered == 60 and not outcome.due
+    assert calls == [40, 20]
 
 
 def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_with_one_write():
@@ -267,9 +269,9 @@ def test_a_batch_is_one_log_line_naming_its_messages(caplog):
     from pipeline.core.messages import Envelope
 
     batch = [Envelope(f"m{n}", "c", "message", n, "s", 0, partition=2, offset=10 + n, prev=9 + n) for n in range(50)]
-    results = [PassResult("delivered", "1-0", False)] * 49 + [PassResult("duplicate", "1-0", False)]
+    results = [PassResult("delivered", "1-0", False, None)] * 49 + [PassResult("duplicate", "1-0", False, None)]
     with caplog.at_level(logging.INFO, logger="herald.processing"):
-        _processor(lambda envelopes, force=False: results).run(batch, final_attempt=False)
+        _processor(lambda envelopes: results).run(batch)
     (record,) = [r for r in caplog.records if r.name == "herald.processing"]
     assert record.delivered_ids == [f"m{n}" for n in range(49)] and record.duplicate_ids == ["m49"]
     assert record.partitions == {2: [10, 59]}

@@ -70,7 +70,7 @@ def test_record_round_trip():
 def test_pipeline_state_travels_with_the_message_and_stays_out_of_records():
     message = parse_publish({"channel": "c:1", "data": {"a": 1}}, sender="x")
     envelope = dataclasses.replace(message, partition=3, offset=41, prev=None, origin="n1/c7", request_id="r",
-                                   waiting_since=12.5, skip=True, force_order=True)
+                                   skip=True)
     assert Envelope.from_wire(json.loads(json.dumps(envelope.to_wire()))) == envelope  # as Celery carries it
     assert decode(encode(envelope)) == envelope
     assert "prev" not in envelope.to_wire()  # unset fields are left out

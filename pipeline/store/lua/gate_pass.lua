@@ -1,44 +1,47 @@
--- KEYS: gate, history, epoch, waiting, done, message_channel, status_channel, message, in_flight_index, in_flight_envelopes
--- ARGV: offset, prev, expires_at, maxlen, frame_head, frame_tail, status_frame, origin_channel, origin_client, force, msg_id, oldest, idle_ttl, skip, now, stuck_after, publish
+-- KEYS: gate, history, epoch, waiting, parked, done, message_channel, status_channel, message, in_flight_index, in_flight_envelopes
+-- ARGV: offset, prev, expires_at, maxlen, frame_head, frame_tail, status_frame, origin_channel, origin_client, msg_id, oldest, idle_ttl, skip, now, order_wait, publish, record
 -- Every record of a channel passes this gate in Kafka order, whatever its
 -- outcome: delivered, a duplicate of a message already handled (a retried
 -- POST writes a second record under the same id), or skipped (dead-lettered,
--- rejected). A record waits until the gate reached its channel's previous
--- offset, then moves the gate to its own (docs/design.md: "Order"). A forced
--- record (its wait ran out) passes without its predecessor only when that one
--- is not itself waiting in line (recently seen in the waiting set): so
--- records forced together still pass one after the other, in order.
+-- rejected). A record whose predecessor has not passed is parked with the
+-- channel under that predecessor's offset; whoever passes the gate next to
+-- it takes it on (docs/design.md: "Order"). A parked record passes without
+-- its predecessor only once it has been parked `order_wait` seconds and its
+-- predecessor is not parked itself: a line is let go head first, in order.
 -- `message` and the in-flight keys are given on a single Redis only: on a
 -- cluster they live in other slots, and the caller updates them once the
 -- record passed. Returns {outcome, stream id, '1' when forced past its
--- predecessor}.
+-- predecessor, the parked record now due at the gate or ''}.
 local at = tonumber(offset)
-local last = tonumber(redis.call('GET', gate) or '-1')
+local last = redis.call('GET', gate)
 local forced = '0'
-if prev ~= '' and last < tonumber(prev) then
+if prev ~= '' and tonumber(last or '-1') < tonumber(prev) then
   local clock = tonumber(now)
-  local queued = false
-  if force == '1' then
-    local seen = redis.call('ZSCORE', waiting, prev)
-    queued = seen and tonumber(seen) > clock - tonumber(stuck_after)
-  end
-  if force ~= '1' or queued then
-    redis.call('ZADD', waiting, clock, offset)
-    redis.call('ZREMRANGEBYSCORE', waiting, '-inf', clock - tonumber(idle_ttl))
+  redis.call('ZADD', waiting, 'NX', clock, offset)
+  local since = tonumber(redis.call('ZSCORE', waiting, offset))
+  if clock - since < tonumber(order_wait) or redis.call('ZSCORE', waiting, prev) then
+    redis.call('HSET', parked, prev, record)
     redis.call('EXPIRE', waiting, idle_ttl)
-    return {'wait', '', '0'}
+    redis.call('EXPIRE', parked, idle_ttl)
+    return {'parked', '', '0', ''}
   end
   forced = '1'
 end
 redis.call('ZREM', waiting, offset)
-if at > last then redis.call('SET', gate, at, 'EX', idle_ttl) end
+if prev ~= '' then redis.call('HDEL', parked, prev) end
+if at > tonumber(last or '-1') then
+  redis.call('SET', gate, offset, 'EX', idle_ttl)
+  last = offset
+end
+local due = ''
+if last then due = redis.call('HGET', parked, last) or '' end
 if message then
   redis.call('ZREM', in_flight_index, msg_id)
   redis.call('HDEL', in_flight_envelopes, msg_id)
 end
 local marker = redis.call('GET', done)
-if marker then return {'duplicate', marker, forced} end
-if skip == '1' then return {'skipped', '', forced} end
+if marker then return {'duplicate', marker, forced, due} end
+if skip == '1' then return {'skipped', '', forced, due} end
 local sid = redis.call('XADD', history, 'MAXLEN', maxlen, '*', 'f', frame_head)
 if oldest ~= '' then redis.call('XTRIM', history, 'MINID', oldest) end
 -- An idle channel's keys expire (a message to each of many new channels
@@ -54,4 +57,4 @@ end
 redis.call(publish, message_channel, sid .. SEPARATOR .. frame_head .. sid .. frame_tail)
 redis.call(publish, status_channel, status_frame)
 if origin_channel ~= '' then redis.call(publish, origin_channel, origin_client .. SEPARATOR .. status_frame) end
-return {'delivered', sid, forced}
+return {'delivered', sid, forced, due}

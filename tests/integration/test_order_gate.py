@@ -1,0 +1,82 @@
+"""The order gate on a real Redis: a record before its predecessor is parked, and the
+pass of that predecessor brings it back (docs/design.md: "Order")."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from pipeline.core.messages import Envelope
+from pipeline.core.settings import Settings
+from pipeline.store import Store, connect
+
+
+def _store(url: str, **env: str) -> Store:
+    settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": url,
+                                  "HERALD_REDIS_PREFIX": f"g{uuid.uuid4().hex[:8]}", **env})
+    return Store(connect(settings, 2), settings)
+
+
+def _line(channel: str, count: int, first: int = 10) -> list[Envelope]:
+    # A channel's records at offsets first, first+2, ... (another channel's between them).
+    offsets = [first + 2 * n for n in range(count)]
+    return [Envelope(f"{channel}-{n}", channel, "message", {"n": n}, "s", 0, partition=0, offset=offset,
+                     prev=offsets[n - 1] if n else None, rules={"v": 1, "matched": []})
+            for n, offset in enumerate(offsets)]
+
+
+def _history(store: Store, channel: str) -> list[str]:
+    # The message ids in the channel's history, in order (each entry holds its frame's head).
+    return [re.search(r'"id":"([^"]+)"', fields["f"])[1] for _sid, fields in store.redis.xrange(
+        store.keys.history(channel))]
+
+
+def test_records_parked_in_any_order_are_taken_on_in_order_by_whoever_passes_before_them(spare_redis_url):
+    store = _store(spare_redis_url)
+    channel = f"c{uuid.uuid4().hex[:8]}"
+    line = _line(channel, 5)
+    for record in reversed(line[1:]):  # every later record reaches the gate first
+        assert store.deliver([record])[0][:3] == ("parked", "", False)
+    assert store.redis.hlen(store.keys.parked(channel)) == 4
+    seen, due = [], [line[0]]
+    while due:
+        (result,) = store.deliver(due)
+        assert result.outcome == "delivered" and not result.forced
+        seen.append(due[0].id)
+        due = [result.due] if result.due is not None else []
+        assert result.due is None or result.due == line[len(seen)]  # as parked: its rules' decision kept
+    assert seen == [r.id for r in line] == _history(store, channel)
+    assert not store.redis.exists(store.keys.parked(channel), store.keys.waiting(channel))
+
+
+def test_a_record_taken_on_by_a_worker_that_died_is_brought_back_by_the_next_pass(spare_redis_url):
+    # The parked entry leaves only when its record passes: a task run again
+    # (its predecessor a duplicate now) brings it back.
+    store = _store(spare_redis_url)
+    channel = f"c{uuid.uuid4().hex[:8]}"
+    first, second, third = _line(channel, 3)
+    store.deliver([third])
+    store.deliver([second])
+    assert store.deliver([first])[0].due == second  # ...and the worker holding it died
+    again = store.deliver([first])[0]
+    assert (again.outcome, again.due) == ("duplicate", second)
+    assert store.deliver([second])[0][::3] == ("delivered", third)
+    assert store.deliver([third])[0][::3] == ("delivered", None)
+    assert _history(store, channel) == [first.id, second.id, third.id]
+
+
+def test_a_lines_head_alone_passes_without_its_predecessor_once_parked_order_wait(spare_redis_url):
+    store = _store(spare_redis_url, HERALD_ORDER_WAIT="1")
+    channel = f"c{uuid.uuid4().hex[:8]}"
+    lost, head, behind = _line(channel, 3)
+    store.deliver([behind])
+    store.deliver([head])
+    time.sleep(1.1)
+    assert store.deliver([behind])[0].outcome == "parked"  # its predecessor is parked itself: it keeps its place
+    forced = store.deliver([head])[0]
+    assert forced[:3] == ("delivered", forced.stream_id, True) and forced.due == behind
+    passed = store.deliver([behind])[0]
+    assert (passed.outcome, passed.forced) == ("delivered", False)
+    assert _history(store, channel) == [head.id, behind.id]
+    assert store.deliver([lost])[0].outcome == "delivered"  # late, after its successors: what forcing costs
