@@ -39,6 +39,8 @@ RETRYABLE = (TransientError, redis.RedisError, SQLAlchemyError, KafkaException)
 REASON_CHARS = 500  # of a failure's reason, in a dead letter and the message's status
 FORCED_ORDER = Counter("herald_forced_out_of_order_total",
                        "Records let past their channel's order gate after HERALD_ORDER_WAIT")
+PARKED = Counter("herald_worker_parked_total",
+                 "Records parked at their channel's order gate until their predecessor passed")
 
 
 class RetryLater(HeraldError):
@@ -207,7 +209,8 @@ class Processor:
         # What follows the gate: each record's count and log, the archive's history offsets.
         handled: dict[str, list[str]] = {}
         placed = []  # (id, stream id) of what is in history, for the archive
-        passed.update(e.id for e, r in zip(envelopes, results) if r.outcome != "parked")
+        passed_now = [e.id for e, r in zip(envelopes, results) if r.outcome != "parked"]
+        passed.update(passed_now)
         for envelope, (result, sid, forced, _due) in zip(envelopes, results):
             setattr(outcome, result, getattr(outcome, result) + 1)
             if result == "parked":
@@ -225,6 +228,8 @@ class Processor:
             handled.setdefault(result, []).append(envelope.id)
         for name, ids in handled.items():
             DELIVERED.labels(name).inc(len(ids))
+        if len(passed_now) < len(envelopes):
+            PARKED.inc(len(envelopes) - len(passed_now))
         if handled:
             # One line per round, not per message: log lines cost a worker's CPU
             # in proportion. The web's "accepted" line ties each id to its request.

@@ -190,7 +190,8 @@ def test_bridge_and_worker_serve_their_counts_and_they_move(system):
     latency = value(after_worker, "herald_delivery_latency_seconds_sum") \
         - value(before["worker"], "herald_delivery_latency_seconds_sum")
     assert 0 < latency < 30 * MESSAGES
-    for name in ("herald_forced_out_of_order_total", "herald_worker_retries_total", "herald_dead_letters_total"):
+    for name in ("herald_forced_out_of_order_total", "herald_worker_retries_total", "herald_dead_letters_total",
+                 "herald_worker_parked_total"):
         assert (name, ()) in after_worker, name
 
 
