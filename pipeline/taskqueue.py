@@ -13,6 +13,9 @@ from pipeline.core.settings import AMQP_HEARTBEAT
 
 # The one task the bridge sends and the worker runs, by name.
 TASK_NAME = "process_message"
+# The message header of a task the bridge sent: when it was dispatched (seconds
+# since the epoch), which the worker that takes it records (docs/design.md: "Under faults").
+DISPATCHED_HEADER = "herald_dispatched"
 AMQP_PREFETCH = 25  # tasks per worker process held from RabbitMQ, retries among them waiting out a countdown
 # Seconds between a task's soft time limit (HERALD_TASK_TIME_LIMIT) and the kill
 # of its process, for a task the soft limit cannot interrupt (a loop in C code).
@@ -99,3 +102,12 @@ def broker_options(settings) -> dict:
             "broker_heartbeat": AMQP_HEARTBEAT,
         }
     return {}
+
+
+def ready_tasks(app: Celery, settings) -> int:
+    """Tasks in the task queue that no worker took yet (one broker round trip, on a
+    connection of the app's pool). Declared as the workers declare it, which both
+    brokers answer with its count; an empty queue is no error."""
+    queue = app.amqp.queues[settings.task_queue]
+    with app.connection_or_acquire() as connection:
+        return queue.bind(connection.default_channel).queue_declare().message_count

@@ -7,6 +7,8 @@
 - `processor`: the work itself (rules, the archive, the order gate, statuses),
   kept apart from Celery;
 - `handback`: tasks of a worker that stopped answering, handed back;
+- `taken`: the bridge's tasks this worker took, recorded for the bridge to
+  notice the ones the broker lost;
 - `flower`, `__main__`: the Flower and worker processes.
 
 Importing this package builds nothing: the Celery app is made when

@@ -5,7 +5,8 @@ hands a task past HERALD_TASK_TIME_LIMIT back to the broker. What becomes of a
 batch otherwise (a worker died running it, a failure that is not transient or
 outlived its retries, messages waiting for their channel's previous one) is
 `tasks.redelivery`'s policy; the work itself is `tasks.processor.Processor`.
-The worker's signals run the hand-back of a stalled worker's tasks (`tasks.handback`).
+The worker's signals run the hand-back of a stalled worker's tasks (`tasks.handback`)
+and record the bridge's tasks taken off the broker (`tasks.taken`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipeline.rules.repository import RulesUnavailable
 from pipeline.taskqueue import TASK_NAME, make_celery
 from tasks.processor import RETRYABLE, Processor, RetryLater, backoff_delay, failure_reason
 from tasks.redelivery import Redelivery, to_wire
+from tasks.taken import Taken
 
 log = logging.getLogger("herald.tasks")
 
@@ -94,6 +96,9 @@ def _start_handback(sender, **_kwargs):
         _handback.start()
 
 
+taken = Taken(settings)
+
+
 @signals.task_received.connect
 def _took(request, **_kwargs):
     # Runs in the worker's main process for every task it takes off the broker.
@@ -103,6 +108,7 @@ def _took(request, **_kwargs):
             keeper.took(request.message.delivery_tag)
         except Exception as exc:  # the broker dropped: kombu's visibility timeout still hands it back
             log.warning("delivery not recorded", extra={"error": str(exc), "task_id": request.id})
+    taken.record(request)
 
 
 @signals.worker_shutdown.connect

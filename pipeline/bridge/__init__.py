@@ -23,6 +23,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from pipeline.bridge.lost import SWEEP_INTERVAL, LostTasks
 from pipeline.core.errors import PermanentError
 from pipeline.core.logs import configure_logging
 from pipeline.core.messages import Envelope, decode, from_headers, offset_spans
@@ -31,6 +32,7 @@ from pipeline.core.metrics import (
     DISPATCH_BATCHES,
     OFFSET_GAPS,
     RECORDS_CONSUMED,
+    REDISPATCHED,
     serve,
 )
 from pipeline.core.settings import current
@@ -38,7 +40,7 @@ from pipeline.dlq import DeadLetters
 from pipeline.kafka import Publisher, client_config, open_admin
 from pipeline.kafka.topics import require_topics
 from pipeline.store import Store, check_at_start, connect
-from pipeline.taskqueue import TASK_NAME, make_celery
+from pipeline.taskqueue import DISPATCHED_HEADER, TASK_NAME, make_celery, ready_tasks
 
 log = logging.getLogger("herald.bridge")
 LAG_INTERVAL = 1.0  # seconds between updates of the consumer lag gauge
@@ -194,6 +196,8 @@ class Bridge:
         self.running = True
         self.store = dead_letters.store
         self.next_sweep = time.monotonic() + settings.sweep_interval
+        self.lost = LostTasks(self.store, lambda: ready_tasks(celery_app, settings))
+        self.next_lost_sweep = time.monotonic() + SWEEP_INTERVAL
         self.next_lag = 0.0
         self.consumer = Consumer(consumer_config(settings))
 
@@ -211,10 +215,13 @@ class Bridge:
                 records = self.consumer.consume(num_messages=self.settings.batch_size * 5, timeout=0.01)
                 if records:
                     self.handle(records)
-                # RabbitMQ confirms each task and keeps it until a worker acks it:
-                # only the Redis broker can lose one (docs/design.md: "Under faults").
-                if not self.settings.amqp_broker and time.monotonic() >= self.next_sweep:
+                # Also on RabbitMQ, which loses no task it confirmed: the sweep
+                # is what runs a line's head parked past HERALD_ORDER_WAIT
+                # again, for its last-resort pass (docs/design.md: "Order").
+                if time.monotonic() >= self.next_sweep:
                     self.sweep()
+                if time.monotonic() >= self.next_lost_sweep:
+                    self.sweep_lost()
                 if time.monotonic() >= self.next_lag:
                     self.measure_lag()
         finally:
@@ -279,8 +286,24 @@ class Bridge:
             log.info("order seeded from in-flight messages", extra={"partition": partition,
                                                                    "channels": len(offsets)})
 
+    def sweep_lost(self) -> None:
+        """Send again at once what no worker took while something dispatched after it was
+        taken, or the queue emptied (LostTasks)."""
+        self.next_lost_sweep = time.monotonic() + SWEEP_INTERVAL
+        try:
+            lost = self.lost.sweep()
+        except Exception as exc:  # Redis or the broker failed: the next look tries again
+            log.warning("lost task sweep skipped", extra={"error": str(exc)})
+            return
+        for envelope in lost:
+            log.warning("redispatching a message no worker took", extra={"message_id": envelope.id})
+        if lost:
+            REDISPATCHED.labels("untaken").inc(len(lost))
+            self._dispatch(list(pack_tasks([(e.partition, e) for e in lost], self.settings.batch_size)))
+
     def sweep(self) -> None:
-        """Send again what was dispatched long ago and never finished (lost by the broker)."""
+        """Send again what was dispatched long ago and never finished, the fallback for what
+        `sweep_lost` cannot see (a worker that recorded a task and lost it)."""
         self.next_sweep = time.monotonic() + self.settings.sweep_interval
         try:
             stale = self.store.stale_dispatched(self.settings.redispatch_after)
@@ -292,19 +315,21 @@ class Bridge:
             # with it is in this index too, and is sent again as well.
             log.warning("redispatching a message no worker finished", extra={"message_id": envelope.id})
         if stale:
+            REDISPATCHED.labels("unfinished").inc(len(stale))
             self._dispatch([[envelope] for envelope in stale])
 
     def _dispatch(self, batches: list[list[Envelope]]) -> None:
         """Send each batch as a task, in order, once all of them are in the in-flight index
         (one Redis round trip for a poll's batches, not one each)."""
+        at = time.time()
         try:
-            self.store.track_dispatched([envelope for batch in batches for envelope in batch])
+            self.store.track_dispatched([envelope for batch in batches for envelope in batch], at)
         except redis.RedisError as exc:
             # Only the safety net is missing: the Celery broker (maybe another
             # Redis) still gets the tasks, which the state outage must not stop.
             log.warning("in-flight index unavailable", extra={"message_id": batches[0][0].id, "error": str(exc)})
         for batch in batches:
-            self._send(batch)
+            self._send(batch, at)
         DISPATCH_BATCHES.inc(len(batches))
 
     def measure_lag(self) -> None:
@@ -321,11 +346,12 @@ class Bridge:
         except KafkaException as exc:
             log.warning("consumer lag unavailable", extra={"error": str(exc)})
 
-    def _send(self, batch: list[Envelope]) -> None:
+    def _send(self, batch: list[Envelope], at: float) -> None:
         delay = 0.1
         while True:
             try:
-                self.celery.send_task(TASK_NAME, args=([e.to_wire() for e in batch],))
+                self.celery.send_task(TASK_NAME, args=([e.to_wire() for e in batch],),
+                                      headers={DISPATCHED_HEADER: at})
                 log.info("dispatched", extra={"message_id": batch[0].id, "count": len(batch),
                                               "partitions": offset_spans(batch)})
                 return

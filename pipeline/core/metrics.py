@@ -63,6 +63,9 @@ RECORDS_CONSUMED = Counter("herald_bridge_records_consumed_total", "Kafka record
 DISPATCH_BATCHES = Counter("herald_bridge_dispatch_batches_total", "Batches the bridge sent to Celery as tasks")
 OFFSET_GAPS = Counter("herald_bridge_skipped_offsets_total",
                       "Offsets the consumer passed over within a partition it owned (records the broker never gave)")
+REDISPATCHED = Counter("herald_bridge_redispatched_total",
+                       "Messages the bridge sent again, by why: no worker took them (untaken), or none "
+                       "finished them within twice the visibility timeout (unfinished)", ["reason"])
 BRIDGE_LAG = Gauge("herald_bridge_consumer_lag", "Records behind the partition's high watermark, "
                    "as this bridge's consumer sees it", ["partition"], multiprocess_mode="max")
 

@@ -21,6 +21,7 @@ racing, cannot deliver twice or move a status backwards.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pipeline.core.frames import Emission
@@ -131,9 +132,22 @@ class Store:
         return self.rates.count_in_window(key, per, member, record=record)
 
     # -- in flight -------------------------------------------------------------
-    def track_dispatched(self, envelopes: list[Envelope]) -> None:
-        """Remember dispatched messages until they pass their order gate."""
-        self.in_flight.track(envelopes)
+    def track_dispatched(self, envelopes: list[Envelope], at: float | None = None) -> None:
+        """Remember messages dispatched at `at` (by default now) until they pass their order
+        gate, and as queued until a worker takes them (InFlight.track)."""
+        self.in_flight.track(envelopes, time.time() if at is None else at)
+
+    def mark_taken(self, ids: list[str], dispatched_at: float) -> None:
+        """InFlight.taken."""
+        self.in_flight.taken(ids, dispatched_at)
+
+    def queue_ends(self) -> tuple[float | None, float | None]:
+        """InFlight.queue_ends."""
+        return self.in_flight.queue_ends()
+
+    def claim_queued(self, before: float, limit: int = 500) -> list[Envelope]:
+        """InFlight.claim_queued."""
+        return self.in_flight.claim_queued(before, limit)
 
     def stale_dispatched(self, older_than: float, limit: int = 500) -> list[Envelope]:
         """InFlight.stale."""

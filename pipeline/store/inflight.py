@@ -4,6 +4,14 @@ The broker can still lose a task (a worker killed between taking it and
 recording it as unacked); the bridge sends such stale ones again. A record
 leaves the index once it passed its order gate: in gate_pass.lua on a
 single Redis (the same two keys), with `forget` on a cluster.
+
+Beside it, what no worker took yet: the bridge adds a task's messages to
+`queued` by dispatch time, and a worker's main process removes them as it
+takes the task off the broker, raising the `taken` mark to the task's
+dispatch time. The broker's queue is first in, first out: a message queued
+before something already taken a while ago is lost (docs/design.md: "Under
+faults"). Each key is written by its own command: on a cluster they may live
+on different nodes.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from pipeline.core.messages import Envelope, decode, encode
 from pipeline.core.settings import Settings
 from pipeline.store.keys import Keys
 from pipeline.store.scripts import Runner
+
+TAKEN_MARK = "mark"  # the one member of the `taken` sorted set
 
 
 def forget(pipe: Any, keys: Keys, ids: list[str]) -> None:
@@ -32,13 +42,49 @@ class InFlight:
         self.keys = keys
         self.settings = settings
 
-    def track(self, envelopes: list[Envelope]) -> None:
-        """Remember dispatched messages until they pass their order gate."""
-        now = time.time()
+    def track(self, envelopes: list[Envelope], at: float) -> None:
+        """Remember messages dispatched at `at` (seconds since the epoch) until they pass their
+        order gate, and as queued until a worker takes them; one round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.in_flight_index, {e.id: now for e in envelopes}, nx=True)
+        pipe.zadd(self.keys.in_flight_index, {e.id: at for e in envelopes}, nx=True)
         pipe.hset(self.keys.in_flight_envelopes, mapping={e.id: encode(e) for e in envelopes})
+        pipe.zadd(self.keys.queued, {e.id: at for e in envelopes})
         pipe.execute()
+
+    def taken(self, ids: list[str], dispatched_at: float) -> None:
+        """A worker took off the broker a task the bridge dispatched at `dispatched_at`: its
+        messages are no longer queued, and the mark rises to that time (never falls)."""
+        pipe = self.redis.pipeline(transaction=False)
+        if ids:
+            pipe.zrem(self.keys.queued, *ids)
+        pipe.zadd(self.keys.taken, {TAKEN_MARK: dispatched_at}, gt=True)
+        pipe.execute()
+
+    def queue_ends(self) -> tuple[float | None, float | None]:
+        """(the taken mark, the oldest queued message's dispatch time), None where there is
+        none; one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zscore(self.keys.taken, TAKEN_MARK)
+        pipe.zrange(self.keys.queued, 0, 0, withscores=True)
+        mark, oldest = pipe.execute()
+        return (None if mark is None else float(mark)), (float(oldest[0][1]) if oldest else None)
+
+    def claim_queued(self, before: float, limit: int = 500) -> list[Envelope]:
+        """Take out of `queued` the messages dispatched before `before` and never taken; the
+        envelopes of those still in flight, in (partition, offset) order. Each is claimed by
+        one caller only (the bridge that removed it), so two bridges never both send it again."""
+        ids = typing.cast(list[str], self.redis.zrangebyscore(self.keys.queued, "-inf", f"({before}",
+                                                              start=0, num=limit))
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for msg_id in ids:
+            pipe.zrem(self.keys.queued, msg_id)
+        claimed = [msg_id for msg_id, removed in zip(ids, pipe.execute()) if removed]
+        if not claimed:
+            return []
+        envelopes = [decode(raw) for raw in self.redis.hmget(self.keys.in_flight_envelopes, claimed) if raw]
+        return sorted(envelopes, key=lambda e: (e.partition or 0, -1 if e.offset is None else e.offset))
 
     def stale(self, older_than: float, limit: int = 500) -> list[Envelope]:
         """Messages dispatched more than `older_than` seconds ago and still not finished;

@@ -166,6 +166,17 @@ class Keys:
         return self._own("inflight-envelopes")
 
     @property
+    def queued(self) -> str:
+        """Sorted set of the ids of messages the bridge dispatched and no worker took off the
+        Celery broker yet, by dispatch time (seconds since the epoch)."""
+        return self._own("queued")
+
+    @property
+    def taken(self) -> str:
+        """Sorted set of one member, `mark`: the latest dispatch time of a bridge task a worker took."""
+        return self._own("taken")
+
+    @property
     def nodes(self) -> str:
         """Sorted set of web processes (hub nodes) by their last heartbeat's time."""
         return self._own("nodes")

@@ -4,6 +4,7 @@ pure logic, with a fake consumer and store."""
 from __future__ import annotations
 
 from pipeline.bridge import OffsetGaps, pack_tasks
+from pipeline.bridge.lost import TakenBound
 
 
 def test_a_poll_of_several_partitions_is_one_task_in_each_partitions_order():
@@ -35,3 +36,18 @@ def test_offsets_a_partition_skipped_within_an_assignment_are_named():
     gaps.forget([6])
     assert gaps.see(6, 500) is None  # a new assignment resumes from its committed offset
     assert gaps.see(7, 42) == (41, 41)
+
+
+def test_a_bound_counts_once_it_is_a_grace_old_and_only_a_higher_one_adds_to_it():
+    # pipeline/bridge/lost.py: what a bound covers is lost only once its takers had time to record.
+    now = [0.0]
+    bound = TakenBound(grace=2.0, clock=lambda: now[0])
+    bound.see(100.0)
+    assert bound.settle() is None and bound.highest == 100.0
+    now[0] = 1.0
+    bound.see(99.0)  # lower: adds nothing
+    bound.see(105.0)
+    now[0] = 2.0
+    assert bound.settle() == 100.0
+    now[0] = 3.0
+    assert bound.settle() == 105.0 and bound.highest == 105.0

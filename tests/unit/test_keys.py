@@ -11,9 +11,9 @@ from pipeline.store.keys import Keys
 def test_no_user_named_key_is_one_of_heralds_own():
     keys = Keys("herald")
     own = {keys.dead_letter_index, keys.in_flight_index, keys.in_flight_envelopes, keys.presence_nodes,
-           keys.presence_reaper}
+           keys.presence_reaper, keys.queued, keys.taken}
     names = ["index", "channels", "reaper", "dlq-index", "inflight-index", "inflight-envelopes",
-             "presence-nodes", "presence-reaper", "_", "_:dlq-index"]
+             "queued", "taken", "presence-nodes", "presence-reaper", "_", "_:dlq-index"]
     named = set()
     for name in names:
         for build in (keys.history, keys.epoch, keys.gate, keys.waiting, keys.parked, keys.presence, keys.message,

@@ -205,20 +205,23 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_
     # was a third of the bridge's CPU while a backlog drained.
     from pipeline.bridge import Bridge
     from pipeline.core.messages import Envelope, encode
+    from pipeline.taskqueue import DISPATCHED_HEADER
 
-    scans, sent, tracked = [], [], []
+    scans, sent, tracked, stamps = [], [], [], []
 
     class Store:
         def in_flight_before(self, first_offsets):
             scans.append(dict(first_offsets))
             return {1: {"c1": 8}}
 
-        def track_dispatched(self, envelopes):
+        def track_dispatched(self, envelopes, at):
             tracked.append(sorted(e.id for e in envelopes))
+            stamps.append(at)
 
     class Celery:
-        def send_task(self, name, args):
+        def send_task(self, name, args, headers):
             sent.append(args[0])
+            stamps.append(headers[DISPATCHED_HEADER])
 
     class DeadLetters:
         store = Store()
@@ -259,6 +262,8 @@ def test_partitions_first_seen_in_one_poll_are_seeded_with_one_scan_and_tracked_
     # A poll's batches go into the in-flight index in one round trip, before any is sent.
     # One task per poll (pack_tasks), its partitions each in offset order.
     assert tracked == [["m0-5", "m0-6", "m1-10", "m1-9"], ["m2-3"]] and len(sent) == 2
+    # Each task carries the time its messages went into the queued set (docs/design.md: "Under faults").
+    assert stamps[0] == stamps[1] <= stamps[2] == stamps[3]
     prev = {w["id"]: w.get("prev") for batch in sent for w in batch}
     assert prev == {"m0-5": None, "m0-6": 5, "m1-9": 8, "m1-10": 9, "m2-3": None}
 
