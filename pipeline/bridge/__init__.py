@@ -1,7 +1,8 @@
 """The bridge: a Kafka consumer group that turns records into Celery tasks.
 
 At least once: a record's offset is stored only after its task was handed to
-the Celery broker; stored offsets are committed in the background, on
+the Celery broker and Redis has kept it (`pipeline.bridge.durability`);
+stored offsets are committed in the background, on
 partition revocation and at shutdown. Effects stay exactly once because the
 tasks deduplicate (see `pipeline.store`). Run it with `python -m pipeline.bridge`.
 """

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 
 import redis
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from pipeline.store import Store, connect, run_ids
 
@@ -46,10 +46,10 @@ CHECK_INTERVAL = 0.5  # seconds between checks of the servers' run ids
 def watched_servers(settings, store: Store) -> Callable[[], tuple[str, ...]]:
     """What the bridge checks: the run ids of the state Redis and of a Redis Celery broker
     apart from it (RabbitMQ confirms each task to disk: nothing of it to watch)."""
-    clients = [store.redis]
+    broker = []
     if settings.redis_broker and settings.celery_broker_url != settings.redis_url:
-        clients.append(connect(settings, 1, url=settings.celery_broker_url))
-    return lambda: tuple(run_id for client in clients for run_id in run_ids(client))
+        broker.append(connect(settings, 1, url=settings.celery_broker_url))
+    return lambda: tuple(run_id for client in (store.redis, *broker) for run_id in run_ids(client))
 
 
 class Durability:
@@ -111,9 +111,12 @@ class Durability:
 def rewind_positions(topic: str, committed: list[TopicPartition], oldest: dict[int, int]) -> list[TopicPartition]:
     """Where to read each partition again: its committed offset, or the oldest of its records
     still in flight (`oldest`, {partition: offset}) when lower; from the start when nothing
-    was committed (as the consumer's `auto.offset.reset` would)."""
+    was committed (as the consumer's `auto.offset.reset` would). Raises KafkaException when
+    the committed offset of one is unknown."""
     positions = []
     for tp in committed:
+        if tp.error:
+            raise KafkaException(tp.error)
         at = OFFSET_BEGINNING if tp.offset < 0 else min(tp.offset, oldest.get(tp.partition, tp.offset))
         positions.append(TopicPartition(topic, tp.partition, at))
     return positions
