@@ -1,7 +1,8 @@
 """The bridge: a Kafka consumer group that turns records into Celery tasks.
 
 At least once: a record's offset is stored only after its task was handed to
-the Celery broker; stored offsets are committed in the background, on
+the Celery broker and Redis has kept it (`pipeline.bridge.durability`);
+stored offsets are committed in the background, on
 partition revocation and at shutdown. Effects stay exactly once because the
 tasks deduplicate (see `pipeline.store`). Run it with `python -m pipeline.bridge`.
 """
@@ -23,6 +24,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from pipeline.bridge.durability import Durability, rewind_positions, watched_servers
 from pipeline.bridge.lost import SWEEP_INTERVAL, LostTasks
 from pipeline.core.errors import PermanentError
 from pipeline.core.logs import configure_logging
@@ -200,6 +202,7 @@ class Bridge:
         self.next_lost_sweep = time.monotonic() + SWEEP_INTERVAL
         self.next_lag = 0.0
         self.consumer = Consumer(consumer_config(settings))
+        self.durable = Durability(watched_servers(settings, self.store))
 
     def stop(self, *_args) -> None:
         """Finish the current batch, commit, leave the group (SIGTERM handler)."""
@@ -215,6 +218,8 @@ class Bridge:
                 records = self.consumer.consume(num_messages=self.settings.batch_size * 5, timeout=0.01)
                 if records:
                     self.handle(records)
+                if time.monotonic() >= self.durable.next_check:
+                    self.keep_durable()
                 # Also on RabbitMQ, which loses no task it confirmed: the sweep
                 # is what runs a line's head parked past HERALD_ORDER_WAIT
                 # again, for its last-resort pass (docs/design.md: "Order").
@@ -224,6 +229,7 @@ class Bridge:
                     self.sweep_lost()
                 if time.monotonic() >= self.next_lag:
                     self.measure_lag()
+            self._store(self.durable.settle())
         finally:
             self.consumer.close()
             log.info("bridge stopped")
@@ -262,10 +268,47 @@ class Bridge:
         if decoded:
             self._dispatch(list(pack_tasks(decoded, self.settings.batch_size)))
         if last_offsets:
-            self.consumer.store_offsets(offsets=[
-                TopicPartition(self.settings.topic, partition, offset + 1)
-                for partition, offset in last_offsets.items()
-            ])
+            # Stored once Redis has kept the tasks (keep_durable).
+            self.durable.hold({partition: offset + 1 for partition, offset in last_offsets.items()})
+
+    def keep_durable(self) -> None:
+        """Store the offsets Redis has kept; read again what a restarted Redis may have lost
+        (pipeline.bridge.durability)."""
+        self._store(self.durable.check())
+        if not self.durable.rewind_needed:
+            return
+        assigned = self.consumer.assignment()
+        partitions = {tp.partition for tp in assigned}
+        if not partitions:  # nothing to read again: a new assignment starts from what is committed
+            self.durable.rewound()
+            return
+        try:
+            oldest = self.store.oldest_in_flight(partitions)
+        except redis.RedisError as exc:  # the in-flight seed still orders what is read again
+            log.warning("in-flight index unavailable", extra={"error": str(exc)})
+            oldest = {}
+        try:
+            positions = rewind_positions(self.settings.topic, self.consumer.committed(assigned, timeout=10),
+                                         oldest)
+            for tp in positions:
+                self.consumer.seek(tp)
+        except KafkaException as exc:  # tried again at the next check; nothing is stored meanwhile
+            log.warning("reading again failed", extra={"error": str(exc)})
+            return
+        # What was seen of these partitions is ahead of the records read again.
+        self.order.forget(partitions)
+        self.gaps.forget(partitions)
+        self.unseeded.update(partitions)
+        self.durable.rewound()
+        log.warning("reading again after a redis restart",
+                    extra={"positions": {tp.partition: tp.offset for tp in positions}})
+
+    def _store(self, offsets: dict[int, int]) -> None:
+        # Only for partitions still assigned: a revoked one's next owner reads them again.
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        kept = [TopicPartition(self.settings.topic, p, o) for p, o in offsets.items() if p in assigned]
+        if kept:
+            self.consumer.store_offsets(offsets=kept)
 
     def _seed(self, first_offsets: dict[int, int]) -> None:
         # Records before a partition's first offset read here were dispatched

@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.core.frames import Emission
 from pipeline.core.messages import Envelope
 from pipeline.core.settings import Settings
-from pipeline.store.client import Client, check_at_start, connect
+from pipeline.store.client import Client, check_at_start, connect, run_ids
 from pipeline.store.connections import Connections
 from pipeline.store.effects import Effects
 from pipeline.store.gate import Gate, PassResult
@@ -40,7 +40,7 @@ from pipeline.store.scripts import Runner
 from pipeline.store.statuses import Statuses, expires_at, message_fields
 
 # What callers outside the store import from the package.
-__all__ = ["RATE_WINDOW_CAP", "Store", "check_at_start", "connect"]
+__all__ = ["RATE_WINDOW_CAP", "Store", "check_at_start", "connect", "run_ids"]
 
 
 class Store:
@@ -156,6 +156,10 @@ class Store:
     def in_flight_before(self, first_offsets: dict[int, int]) -> dict[int, dict[str, int]]:
         """InFlight.before."""
         return self.in_flight.before(first_offsets)
+
+    def oldest_in_flight(self, partitions: set[int]) -> dict[int, int]:
+        """InFlight.oldest."""
+        return self.in_flight.oldest(partitions)
 
     def count_run(self, task_id: str) -> int:
         """How many times a task has started (redeliveries and retries included)."""

@@ -91,6 +91,16 @@ def eviction_policy(client: Client) -> str | None:
         return None
 
 
+def run_ids(client: Client) -> tuple[str, ...]:
+    """The `run_id` of the server behind `client` (of each primary, by address, on a
+    cluster): a new one means the server restarted, keeping only what it had persisted."""
+    if isinstance(client, redis.RedisCluster):
+        cluster: Any = client  # redis-py's cluster client is untyped
+        return tuple(f"{node.name}={run_ids(cluster.get_redis_connection(node))[0]}"
+                     for node in sorted(cluster.get_primaries(), key=lambda node: node.name))
+    return (str(client.info("server")["run_id"]),)
+
+
 def redacted(url: str) -> str:
     """`url` without its password and query, fit for a log line."""
     parts = urlsplit(url)

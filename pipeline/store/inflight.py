@@ -111,6 +111,16 @@ class InFlight:
                 channels[envelope.channel] = max(at, channels.get(envelope.channel, -1))
         return latest
 
+    def oldest(self, partitions: set[int]) -> dict[int, int]:
+        """The lowest offset of each partition's dispatched, unfinished messages
+        ({partition: offset}, partitions with none left out); one scan of the index."""
+        lowest: dict[int, int] = {}
+        for _id, raw in self.redis.hscan_iter(self.keys.in_flight_envelopes, count=500):
+            envelope = decode(raw)
+            if envelope.partition in partitions and envelope.offset is not None:
+                lowest[envelope.partition] = min(envelope.offset, lowest.get(envelope.partition, envelope.offset))
+        return lowest
+
     def count_run(self, task_id: str) -> int:
         """How many times a task has started (redeliveries and retries included)."""
         key = self.keys.task_runs(task_id)
