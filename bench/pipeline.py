@@ -1,6 +1,6 @@
 """Pipeline benchmark: each stage alone, then the whole, side by side with a bare Kafka hop (docs/benchmarks.md).
 
-    python bench/pipeline.py            # short run, a minute or two
+    python bench/pipeline.py            # short run, a few minutes
     python bench/pipeline.py --full     # the sizes of docs/benchmarks.md
 
 Stages, each on a stack of its own (own Tansu, Redis, fresh topic):
