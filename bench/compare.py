@@ -2,19 +2,25 @@
 
     python bench/compare.py --ref 35f2339 -- --stages processing,e2e
     python bench/compare.py --ref HEAD~1 --rounds 3 --script bench/pipeline.py -- --stages processing
+    python bench/compare.py --ref 0fac590 --bench-from-head -- --stages overload
 
 The earlier commit is checked out in a temporary git worktree; the benchmark
 script (bench/pipeline.py by default, with the arguments after `--`) runs in
 each tree in turn, ref then head, for each round, so both meet the same noise.
 Each tree runs its own code: the benchmark's stacks start their processes from
-their own checkout. Prints one JSON object: for every number the benchmark
-printed, the median of each side and head / ref.
+their own checkout. A benchmark the ref lacks (a stage, a script) runs there
+with `--bench-from-head`: the head's bench/ is copied over the ref's, so both
+sides are measured by the same instrument while each runs its own Herald
+(pipeline/, tasks/, web/, and tests/harness.py, which starts the processes).
+Prints one JSON object: for every number the benchmark printed, the median of
+each side and head / ref.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +66,8 @@ def main() -> None:
     parser.add_argument("--ref", required=True, help="the earlier commit (e.g. HEAD~1)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
     parser.add_argument("--script", default="bench/pipeline.py", help="the benchmark to run in both trees")
+    parser.add_argument("--bench-from-head", action="store_true",
+                        help="run the head's bench/ in the ref's tree too (for a benchmark the ref lacks)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for one run")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the benchmark's own arguments")
     opts = parser.parse_args()
@@ -70,6 +78,9 @@ def main() -> None:
         ref_tree = Path(tmp) / "tree"
         subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(ref_tree), sha], cwd=ROOT, check=True)
         try:
+            if opts.bench_from_head:
+                shutil.copytree(ROOT / "bench", ref_tree / "bench", dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__"))
             runs: dict[str, list[dict[str, float]]] = {"ref": [], "head": []}
             for _ in range(opts.rounds):
                 runs["ref"].append(run(ref_tree, opts.script, args, opts.timeout))
@@ -82,8 +93,11 @@ def main() -> None:
         ref = statistics.median(r[key] for r in runs["ref"] if key in r)
         head = statistics.median(r[key] for r in runs["head"] if key in r)
         table[key] = {"ref": ref, "head": head, "head_over_ref": round(head / ref, 3) if ref else None}
-    print(json.dumps({"ref": sha, "rounds": opts.rounds, "script": opts.script, "args": args, "figures": table},
-                     indent=2))
+    # A stage the ref's bench/ lacks prints nothing there: say so rather than leave it out quietly.
+    head_only = sorted(set(runs["head"][0]) - set(runs["ref"][0]))
+    print(json.dumps({"ref": sha, "rounds": opts.rounds, "script": opts.script, "args": args,
+                      "bench_from_head": opts.bench_from_head, "figures": table,
+                      **({"head_only": head_only} if head_only else {})}, indent=2))
 
 
 if __name__ == "__main__":

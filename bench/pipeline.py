@@ -1,6 +1,6 @@
 """Pipeline benchmark: each stage alone, then the whole, side by side with a bare Kafka hop (docs/benchmarks.md).
 
-    python bench/pipeline.py            # short run, a minute or two
+    python bench/pipeline.py            # short run, a few minutes
     python bench/pipeline.py --full     # the sizes of docs/benchmarks.md
 
 Stages, each on a stack of its own (own Tansu, Redis, fresh topic):
@@ -10,7 +10,9 @@ limits at their defaults beside a web process with them off); processing (a back
 through the batch API, then the bridge and a worker started: first to last
 delivery); end to end (single POSTs at a fixed rate, POST to WebSocket frame);
 the bare Kafka hop (a producer to a consumer group on the same Tansu, same
-rate). Prints one JSON object, with the CPU seconds each process spent per
+rate); overload (bench/overload.py: single POSTs at twice the processing
+capacity measured in the same run, then batches at 7,000 msg/s; delivered
+rates beside that capacity). Prints one JSON object, with the CPU seconds each process spent per
 message (utime + stime from /proc). Figures are only as steady as the machine.
 """
 
@@ -38,6 +40,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.e2e import percentile
 from bench.e2e import run as run_e2e
+from bench.overload import overload
 from tests.harness import Stack
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -323,7 +326,7 @@ def main() -> None:
     """Parse arguments, run the chosen stages, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the sizes of docs/benchmarks.md (several minutes)")
-    parser.add_argument("--stages", default="ingest,processing,e2e", help="comma-separated")
+    parser.add_argument("--stages", default="ingest,processing,e2e,overload", help="comma-separated")
     parser.add_argument("--seconds", type=int, help="each ingest measurement (5; --full 10)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for ingest")
     parser.add_argument("--batch", type=int, default=100, help="messages per batch POST")
@@ -331,11 +334,25 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=100, help="channels of the backlog")
     parser.add_argument("--rates", type=float, nargs="+", help="end-to-end rates (250; --full 250 2000)")
     parser.add_argument("--e2e-seconds", type=float, help="each end-to-end run (10; --full 30)")
+    parser.add_argument("--overload-seconds", type=float, help="single POSTs offered (10; --full 30)")
+    parser.add_argument("--batch-seconds", type=float, help="batches offered (--overload-seconds, or 10; --full 20)")
+    parser.add_argument("--overload-factor", type=float, default=2.0, help="single POSTs offered, times capacity")
+    parser.add_argument("--overload-batch-rate", default="7000",
+                        help="batches offered, msg/s, or a factor of capacity (e.g. 2x)")
+    parser.add_argument("--overload-channels", type=int, default=40, help="channels of the overload runs")
+    parser.add_argument("--overload-senders", type=int, default=4,
+                        help="sender processes of single POSTs (a thread and a connection per channel in all)")
+    parser.add_argument("--batch-senders", type=int, default=8, help="sender processes of batches (one each)")
+    parser.add_argument("--overload-drain", type=float, help="seconds to wait for deliveries after the last "
+                        "POST (60; --full 120)")
     args = parser.parse_args()
     args.seconds = args.seconds or (10 if args.full else 5)
     args.backlog = args.backlog or (30_000 if args.full else 10_000)
     args.rates = args.rates or ([250, 2000] if args.full else [250])
     args.e2e_seconds = args.e2e_seconds or (30 if args.full else 10)
+    args.batch_seconds = args.batch_seconds or args.overload_seconds or (20 if args.full else 10)
+    args.overload_seconds = args.overload_seconds or (30 if args.full else 10)
+    args.overload_drain = args.overload_drain or (120 if args.full else 60)
     stages = args.stages.split(",")
     out = {"cpus": os.cpu_count()}
     if "ingest" in stages:
@@ -344,6 +361,15 @@ def main() -> None:
         out["processing"] = processing(args)
     if "e2e" in stages:
         out["end_to_end"] = whole(args)
+    if "overload" in stages:
+        # The capacity of this run: the processing stage's, measured alone (run here if not asked for).
+        if "processing" not in out:
+            out["processing"] = processing(args)
+        if not out["processing"]["msg_per_s"]:
+            raise SystemExit(f"overload: no processing capacity measured: {out['processing']}")
+        out["overload"] = overload(args, out["processing"]["msg_per_s"], new_stack)
+        # Measured again after: on a shared machine the spread says how far to trust the ratios.
+        out["overload"]["capacity_after_msg_per_s"] = processing(args)["msg_per_s"]
     print(json.dumps(out, indent=2))
 
 
