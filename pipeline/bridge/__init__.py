@@ -46,6 +46,7 @@ from pipeline.taskqueue import DISPATCHED_HEADER, TASK_NAME, make_celery, ready_
 
 log = logging.getLogger("herald.bridge")
 LAG_INTERVAL = 1.0  # seconds between updates of the consumer lag gauge
+GAP_REREADS = 3  # reads of a partition again from offsets the broker skipped, before the gap stands
 
 
 class ChannelOrder:
@@ -94,14 +95,16 @@ class OffsetGaps:
 
     Herald's topic has no transactions and no compaction, so within an
     assignment every offset is a record: a jump means records the broker
-    did not hand over, whose messages were accepted and will never be
-    delivered. Nothing here can fetch them again; it makes the loss seen (an
-    error line naming the offsets, herald_bridge_skipped_offsets_total), where
-    it was silent (bench/e2e.py saw such messages stay `accepted` on Tansu).
+    did not hand over (seen on Tansu under load: bench/overload.py), whose
+    messages were accepted. The bridge reads the partition again from the
+    first one missing, up to GAP_REREADS times, before the records after the
+    gap go on; a gap that stays is made seen (an error line naming the
+    offsets, herald_bridge_skipped_offsets_total), where it was silent.
     """
 
     def __init__(self):
         self._next: dict[int, int] = {}
+        self._rereads: dict[tuple[int, int], int] = {}  # (partition, first missing): reads again asked
 
     def see(self, partition: int, offset: int) -> tuple[int, int] | None:
         """Record a consumed offset; returns (first, last) skipped before it, or None."""
@@ -110,6 +113,22 @@ class OffsetGaps:
         if expected is not None and offset > expected:
             return expected, offset - 1
         return None
+
+    def reread(self, partition: int, first: int) -> bool:
+        """Whether to read `partition` again from `first`, its first missing offset, or to
+        let the gap stand: it stayed through GAP_REREADS reads."""
+        asked = self._rereads.get((partition, first), 0)
+        if asked >= GAP_REREADS:
+            self._rereads.pop((partition, first), None)
+            return False
+        if len(self._rereads) > 1000:  # gaps of partitions this bridge no longer reads
+            self._rereads.clear()
+        self._rereads[(partition, first)] = asked + 1
+        return True
+
+    def expect(self, partition: int, offset: int) -> None:
+        """The partition is read again from `offset`: the next record expected."""
+        self._next[partition] = offset
 
     def forget(self, partitions) -> None:
         """A new assignment starts from the committed offset: no gap to measure against."""
@@ -238,6 +257,7 @@ class Bridge:
         """Dispatch one polled set of records and store their offsets."""
         RECORDS_CONSUMED.inc(len(records))
         decoded, last_offsets = [], {}
+        rereading: set[int] = set()
         if self.unseeded:
             self._seed({record.partition(): record.offset() for record in reversed(records)
                         if not record.error() and record.partition() in self.unseeded})
@@ -246,12 +266,17 @@ class Bridge:
                 self._record_error(record.error())
                 continue
             partition, offset = record.partition(), record.offset()
-            last_offsets[partition] = offset
+            if partition in rereading:
+                continue
             skipped = self.gaps.see(partition, offset)
+            if skipped is not None and self._reread(partition, skipped[0]):
+                rereading.add(partition)  # this poll's later records of it come again, in order
+                continue
             if skipped is not None:
                 OFFSET_GAPS.inc(skipped[1] - skipped[0] + 1)
                 log.error("offsets skipped: the broker gave no records for them",
                           extra={"partition": partition, "first": skipped[0], "last": skipped[1]})
+            last_offsets[partition] = offset
             try:
                 message = decode(record.value())
             except PermanentError as exc:
@@ -270,6 +295,21 @@ class Bridge:
         if last_offsets:
             # Stored once Redis has kept the tasks (keep_durable).
             self.durable.hold({partition: offset + 1 for partition, offset in last_offsets.items()})
+
+    def _reread(self, partition: int, first: int) -> bool:
+        # Read the partition again from its first missing offset, if the gap has not
+        # stayed through GAP_REREADS reads already and the consumer can seek there.
+        if not self.gaps.reread(partition, first):
+            return False
+        try:
+            self.consumer.seek(TopicPartition(self.settings.topic, partition, first))
+        except KafkaException as exc:
+            log.warning("reading a gap again failed", extra={"partition": partition, "first": first,
+                                                             "error": str(exc)})
+            return False
+        self.gaps.expect(partition, first)
+        log.warning("offsets skipped: reading them again", extra={"partition": partition, "first": first})
+        return True
 
     def keep_durable(self) -> None:
         """Store the offsets Redis has kept; read again what a restarted Redis may have lost
