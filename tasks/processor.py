@@ -189,8 +189,11 @@ class Processor:
             try:
                 results = self._pass(due)
             except RETRYABLE as exc:
-                # Still parked, and due: the retry passes them.
-                raise RetryLater(due, exc) from exc
+                # Still parked, and due: they go on in a task of their own, with
+                # retries of their own (not this task's, which they never failed).
+                log.warning("taking parked records on failed; handing them on",
+                            extra={"message_ids": [e.id for e in due], "error": failure_reason(exc)})
+                return
             self._after_gate(due, results, outcome, passed)
             outcome.due = due = _due(results)
 
@@ -272,8 +275,8 @@ def _due(results: list[PassResult]) -> list[Envelope]:
     # passed in one round name the same successor.
     due: dict[tuple[str, int | None], Envelope] = {}
     for result in results:
-        if result.due is not None:
-            due.setdefault((result.due.channel, result.due.offset), result.due)
+        for envelope in result.due:
+            due.setdefault((envelope.channel, envelope.offset), envelope)
     return list(due.values())
 
 

@@ -4,9 +4,11 @@ taken on by whoever passes the gate next to it (gate_pass.lua; docs/design.md: "
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Literal, NamedTuple
 
+from pipeline.core.errors import PermanentError
 from pipeline.core.frames import MESSAGE_TAIL, message_frame_head, status_frame
 from pipeline.core.messages import Envelope, decode, encode
 from pipeline.core.settings import Settings
@@ -52,18 +54,35 @@ class GateArgs(NamedTuple):
     record: bytes  # the record as it is parked (`encode`)
 
 
+log = logging.getLogger("herald.processing")
 GATE_PASS = Script("gate_pass.lua", GateKeys, GateArgs, batched=True, constants={"SEPARATOR": ROUTE_SEPARATOR})
 
 
 class PassResult(NamedTuple):
     """What became of a record at its gate: `parked` while its predecessor is not handled;
     `forced` when it passed without it (parked HERALD_ORDER_WAIT); `due`: the parked
-    record that may pass now, next to the gate's new position, for the caller to take on."""
+    records that may pass now (next to the gate's new position, and behind this record
+    when it passed below the gate), for the caller to take on."""
 
     outcome: Literal["delivered", "duplicate", "skipped", "parked"]
     stream_id: str
     forced: bool
-    due: Envelope | None
+    due: tuple[Envelope, ...] = ()
+
+
+def _parked(envelope: Envelope, *raw: str) -> tuple[Envelope, ...]:
+    # The parked records a pass named. One this worker cannot read (written by
+    # another version, say) stays parked, for the bridge's sweep to send its
+    # record again; the pass that named it stands.
+    due = []
+    for record in raw:
+        if record:
+            try:
+                due.append(decode(record))
+            except PermanentError as exc:
+                log.error("a parked record cannot be read; left for the bridge's sweep",
+                          extra={"message_id": envelope.id, "channel": envelope.channel, "error": str(exc)})
+    return tuple(due)
 
 
 def oldest_kept(settings: Settings, channel: str, now: float) -> str:
@@ -113,8 +132,8 @@ class Gate:
         """
         now = time.time()
         replies = self.runner.run([self._call(envelope, now) for envelope in envelopes])
-        results = [PassResult(outcome, sid, forced == "1", decode(due) if due else None)
-                   for outcome, sid, forced, due in replies]
+        results = [PassResult(outcome, sid, forced == "1", _parked(envelope, at_gate, behind))
+                   for envelope, (outcome, sid, forced, at_gate, behind) in zip(envelopes, replies)]
         if self.runner.cluster:
             self._after_pass(envelopes, results)
         return results

@@ -219,7 +219,7 @@ def test_records_that_passed_their_gate_before_a_failure_are_never_dead_lettered
             return ["processing"] * len(envelopes)
 
         def deliver(self, envelopes):
-            return [PassResult("delivered", f"{n}-0", False, None) if n < 2 else PassResult("parked", "", False, None)
+            return [PassResult("delivered", f"{n}-0", False) if n < 2 else PassResult("parked", "", False)
                     for n in range(len(envelopes))]
 
     class Archive:

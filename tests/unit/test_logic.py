@@ -152,12 +152,12 @@ def _processor(deliver):
     return Processor(SETTINGS, store, Archive(), dead_letters=None)
 
 
-def test_a_transient_failure_while_taking_on_parked_records_retries_those_records():
-    # They are still parked, and due: the retry passes them (docs/design.md: "Order").
+def test_a_transient_failure_while_taking_on_parked_records_hands_them_on_with_retries_of_their_own():
+    # They are still parked, and due; folded into this task's retry they could be
+    # dead-lettered for its failures (docs/design.md: "Order").
     import redis
 
     from pipeline.core.messages import Envelope
-    from tasks.processor import RetryLater
 
     first = Envelope("a1", "a", "message", 1, "s", 0, partition=0, offset=5, prev=4)
     parked = Envelope("a2", "a", "message", 2, "s", 0, partition=0, offset=9, prev=5)
@@ -166,15 +166,11 @@ def test_a_transient_failure_while_taking_on_parked_records_retries_those_record
     def deliver(envelopes):
         calls.append([e.id for e in envelopes])
         if len(calls) == 1:
-            return [PassResult("delivered", "1-0", False, parked)]
+            return [PassResult("delivered", "1-0", False, (parked,))]
         raise redis.ConnectionError("Redis went away")
 
-    try:
-        _processor(deliver).run([first])
-    except RetryLater as pending:
-        assert [e.id for e in pending.remaining] == ["a2"]
-    else:
-        raise AssertionError("no RetryLater")
+    outcome = _processor(deliver).run([first])
+    assert outcome.delivered == 1 and outcome.due == [parked]
     assert calls == [["a1"], ["a2"]]
 
 
@@ -192,8 +188,8 @@ def test_parked_records_due_in_many_channels_are_taken_on_together_each_once():
     def deliver(envelopes):
         calls.append(len(envelopes))
         if len(calls) == 1:
-            return [PassResult("delivered", "1-0", False, due[e.channel]) for e in envelopes]
-        return [PassResult("delivered", "1-0", False, None)] * len(envelopes)
+            return [PassResult("delivered", "1-0", False, (due[e.channel],)) for e in envelopes]
+        return [PassResult("delivered", "1-0", False)] * len(envelopes)
 
     outcome = _processor(deliver).run(batch)
     assert outcome.delivered == 60 and not outcome.due
@@ -310,7 +306,7 @@ def test_a_batch_is_one_log_line_naming_its_messages(caplog):
     from pipeline.core.messages import Envelope
 
     batch = [Envelope(f"m{n}", "c", "message", n, "s", 0, partition=2, offset=10 + n, prev=9 + n) for n in range(50)]
-    results = [PassResult("delivered", "1-0", False, None)] * 49 + [PassResult("duplicate", "1-0", False, None)]
+    results = [PassResult("delivered", "1-0", False)] * 49 + [PassResult("duplicate", "1-0", False)]
     with caplog.at_level(logging.INFO, logger="herald.processing"):
         _processor(lambda envelopes: results).run(batch)
     (record,) = [r for r in caplog.records if r.name == "herald.processing"]

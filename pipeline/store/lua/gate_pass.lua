@@ -11,7 +11,7 @@
 -- `message` and the in-flight keys are given on a single Redis only: on a
 -- cluster they live in other slots, and the caller updates them once the
 -- record passed. Returns {outcome, stream id, '1' when forced past its
--- predecessor, the parked record now due at the gate or ''}.
+-- predecessor, the parked records now due: at the gate, behind this one ('' for none)}.
 local at = tonumber(offset)
 local last = redis.call('GET', gate)
 local forced = '0'
@@ -23,7 +23,7 @@ if prev ~= '' and tonumber(last or '-1') < tonumber(prev) then
     redis.call('HSET', parked, prev, record)
     redis.call('EXPIRE', waiting, idle_ttl)
     redis.call('EXPIRE', parked, idle_ttl)
-    return {'parked', '', '0', ''}
+    return {'parked', '', '0', '', ''}
   end
   forced = '1'
 end
@@ -33,15 +33,20 @@ if at > tonumber(last or '-1') then
   redis.call('SET', gate, offset, 'EX', idle_ttl)
   last = offset
 end
+-- The parked record next to the gate, and, when this record passed below the
+-- gate (the gate jumped: a record stamped without a predecessor, a forced
+-- pass), the one parked behind this record itself, which nothing else names.
 local due = ''
 if last then due = redis.call('HGET', parked, last) or '' end
+local behind = ''
+if at < tonumber(last or '-1') then behind = redis.call('HGET', parked, offset) or '' end
 if message then
   redis.call('ZREM', in_flight_index, msg_id)
   redis.call('HDEL', in_flight_envelopes, msg_id)
 end
 local marker = redis.call('GET', done)
-if marker then return {'duplicate', marker, forced, due} end
-if skip == '1' then return {'skipped', '', forced, due} end
+if marker then return {'duplicate', marker, forced, due, behind} end
+if skip == '1' then return {'skipped', '', forced, due, behind} end
 local sid = redis.call('XADD', history, 'MAXLEN', maxlen, '*', 'f', frame_head)
 if oldest ~= '' then redis.call('XTRIM', history, 'MINID', oldest) end
 -- An idle channel's keys expire (a message to each of many new channels
@@ -57,4 +62,4 @@ end
 redis.call(publish, message_channel, sid .. SEPARATOR .. frame_head .. sid .. frame_tail)
 redis.call(publish, status_channel, status_frame)
 if origin_channel ~= '' then redis.call(publish, origin_channel, origin_client .. SEPARATOR .. status_frame) end
-return {'delivered', sid, forced, due}
+return {'delivered', sid, forced, due, behind}
