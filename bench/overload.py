@@ -158,7 +158,7 @@ def history(store, channel: str) -> list[tuple[str, float]]:
 
 def _statuses(web, token: str, sent: dict[str, list], delivered: dict[str, list], sample: int = 100) -> dict:
     """What Herald says of up to `sample` messages missing from history at the end: still
-    `processing` (waiting at their gate) is not lost."""
+    `processing` (parked at their gate) is not lost."""
     in_history = {msg_id for ids in delivered.values() for msg_id, _ in ids}
     missing = [msg_id for ids in sent.values() for msg_id, _ in ids if msg_id not in in_history][:sample]
     found: collections.Counter = collections.Counter()

@@ -45,11 +45,9 @@ class RulesStep:
 
         Returns the envelopes and the record that marks those no rule matched
         (None when there are no rules). These come back as they were: the
-        caller marks them with `Envelope.with_rules(record)` only when they
-        leave it to be run again (a retry, a record back from waiting), which
-        is rare, so that they keep this decision and are not evaluated again,
-        perhaps under another version. Most messages match nothing, and a
-        copy of each would cost more than the rest of the rules step.
+        caller marks them with `Envelope.with_rules(record)` before they reach
+        their gate, so that a record parked there, or retried, keeps this
+        decision and is not evaluated again, perhaps under another version.
         """
         rule_set = self.current()
         if rule_set is None:
