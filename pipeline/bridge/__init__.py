@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import redis
 from confluent_kafka import (
@@ -373,33 +374,37 @@ class Bridge:
         """Send again at once what no worker took while something dispatched after it was
         taken, or the queue emptied (LostTasks)."""
         self.next_lost_sweep = time.monotonic() + SWEEP_INTERVAL
-        try:
-            lost = self.lost.sweep()
-        except Exception as exc:  # Redis or the broker failed: the next look tries again
-            log.warning("lost task sweep skipped", extra={"error": str(exc)})
-            return
-        for envelope in lost:
-            log.warning("redispatching a message no worker took", extra={"message_id": envelope.id})
-        if lost:
-            REDISPATCHED.labels("untaken").inc(len(lost))
-            self._dispatch(list(pack_tasks([(e.partition, e) for e in lost], self.settings.batch_size)))
+        lost = self._look("lost task sweep skipped", self.lost.sweep)
+        self._redispatch(lost, "untaken", "redispatching a message no worker took",
+                         list(pack_tasks([(e.partition, e) for e in lost], self.settings.batch_size)))
 
     def sweep(self) -> None:
         """Send again what was dispatched long ago and never finished, the fallback for what
-        `sweep_lost` cannot see (a worker that recorded a task and lost it)."""
+        `sweep_lost` cannot see (a worker that recorded a task and lost it). Each goes alone:
+        it still passes its channel's gate in order, and a predecessor lost with it is in
+        this index too, sent again as well."""
         self.next_sweep = time.monotonic() + self.settings.sweep_interval
+        stale = self._look("sweep skipped",
+                           lambda: self.store.stale_dispatched(self.settings.redispatch_after))
+        self._redispatch(stale, "unfinished", "redispatching a message no worker finished",
+                         [[envelope] for envelope in stale])
+
+    @staticmethod
+    def _look(skipped: str, find: Callable[[], list[Envelope]]) -> list[Envelope]:
+        # A sweep's look; a Redis or broker failure skips it, the next one tries again.
         try:
-            stale = self.store.stale_dispatched(self.settings.redispatch_after)
-        except redis.RedisError as exc:
-            log.warning("sweep skipped", extra={"error": str(exc)})
-            return
-        for envelope in stale:
-            # It still passes its channel's gate in order: a predecessor lost
-            # with it is in this index too, and is sent again as well.
-            log.warning("redispatching a message no worker finished", extra={"message_id": envelope.id})
-        if stale:
-            REDISPATCHED.labels("unfinished").inc(len(stale))
-            self._dispatch([[envelope] for envelope in stale])
+            return find()
+        except Exception as exc:
+            log.warning(skipped, extra={"error": str(exc)})
+            return []
+
+    def _redispatch(self, envelopes: list[Envelope], reason: str, event: str,
+                    batches: list[list[Envelope]]) -> None:
+        for envelope in envelopes:
+            log.warning(event, extra={"message_id": envelope.id})
+        if envelopes:
+            REDISPATCHED.labels(reason).inc(len(envelopes))
+            self._dispatch(batches)
 
     def _dispatch(self, batches: list[list[Envelope]]) -> None:
         """Send each batch as a task, in order, once all of them are in the in-flight index
