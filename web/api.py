@@ -12,6 +12,7 @@ from pipeline.core.ids import candidates
 from pipeline.core.messages import Envelope, Publish, parse_publish
 from pipeline.ingest import accepted_fields
 from web.auth import AuthError, Identity, bearer, verify
+from web.authorize import PUBLISH, SUBSCRIBE
 from web.openapi import STANDARD, Answer, Contract, read_body
 from web.problems import ANSWERS, answer_for, error_problem, item_problem, problem
 from web.schemas import (
@@ -87,7 +88,7 @@ def checked_message(body: Publish, identity: Identity, idempotency_key: str | No
                     max_bytes: int | None = None) -> tuple[Envelope, bool]:
     """The envelope of a validated message, once the caller may publish it; returns (envelope, idempotent)."""
     envelope = parse_publish(body, sender=identity.user, idempotency_key=idempotency_key, max_bytes=max_bytes)
-    if not identity.may_publish(envelope.channel):
+    if not services().permissions.allows(identity, PUBLISH, envelope.channel):
         raise Forbidden(f"This token may not publish to {envelope.channel}")
     return envelope, body.id is not None or idempotency_key is not None
 
@@ -214,14 +215,14 @@ def get_message(identity: Identity, path: MessagePath, query: MessageQuery):
     for global_id in candidates(query.sender or identity.user, msg_id):
         message = services().cache.read(services().store, global_id)
         # A 403 would tell that the id exists (docs/guide.md: Tokens).
-        if message is not None and identity.may_subscribe(message["channel"] or ""):
+        if message is not None and services().permissions.allows(identity, SUBSCRIBE, message["channel"] or ""):
             return message
     return problem(404, f"No message {msg_id} is known", slug="unknown-message")
 
 
 def readable_channel(identity: Identity, channel: str) -> None:
     """Check the caller's right to read a (valid) channel."""
-    if not identity.may_subscribe(channel):
+    if not services().permissions.allows(identity, SUBSCRIBE, channel):
         raise Forbidden(f"This token may not read {channel}")
 
 

@@ -22,6 +22,8 @@ from pipeline.dlq import DeadLetters
 from pipeline.ingest import Ingest
 from pipeline.kafka import Publisher
 from pipeline.store import Store, connect
+from pipeline.webhooks import Outbox
+from web.authorize import Permissions
 from web.probe import CachedProbe
 
 log = logging.getLogger("herald.web")
@@ -72,6 +74,16 @@ class Services:
     def ingest(self) -> Ingest:
         """The publish path shared by HTTP and WebSocket."""
         return Ingest(self.settings, self.store, self.publisher)
+
+    @functools.cached_property
+    def permissions(self) -> Permissions:
+        """Who may subscribe and publish where: token globs, then HERALD_AUTHORIZE_URL."""
+        return Permissions(self.settings)
+
+    @functools.cached_property
+    def outbox(self) -> Outbox:
+        """Webhook events this process appends (docs/webhooks.md)."""
+        return Outbox(self.store, self.settings)
 
     @functools.cached_property
     def dead_letters(self) -> DeadLetters:

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.events import Receiver, parse_receivers
 from pipeline.core.messages import CHANNEL_RE, namespace, valid_channel
 from pipeline.core.redis_tls import cert_reqs, check_ca_pem, redis_tls
 
@@ -453,6 +454,40 @@ class Settings:
     presence_ttl: int = env(
         "HERALD_PRESENCE_TTL", 15, whole(3, 3600),
         "seconds before a dead web process's presence and connection counts are cleared")
+    presence_grace: float = env(
+        "HERALD_PRESENCE_GRACE", 3.0, number(0, 300),
+        "seconds a user's last leave waits for a reconnect before presence.leave and channel.vacated are sent")
+    # Webhooks (docs/webhooks.md): where events go, how they are signed, batched and retried.
+    webhooks: tuple[Receiver, ...] = env(
+        "HERALD_WEBHOOK_URL", (), parse_receivers,
+        "webhook receivers, ';'-separated: a URL, then optionally the event globs it wants")
+    webhook_secret: str | None = env(
+        "HERALD_WEBHOOK_SECRET", None, _secret, "the HMAC-SHA256 key signing webhook POSTs, at least 32 bytes")
+    webhook_timeout: float = env(
+        "HERALD_WEBHOOK_TIMEOUT", 5.0, number(0.1, 60), "seconds a webhook POST waits for its answer")
+    webhook_batch: int = env("HERALD_WEBHOOK_BATCH", 500, whole(1, 10_000), "events one webhook POST carries, at most")
+    webhook_max_delay: float = env(
+        "HERALD_WEBHOOK_MAX_DELAY", 30.0, number(0.01, 3600), "seconds of the longest backoff of a failing receiver")
+    webhook_retry_for: float = env(
+        "HERALD_WEBHOOK_RETRY_FOR", 3600.0, number(1, 30 * 86400),
+        "seconds a batch a receiver keeps refusing is retried before it is dead-lettered")
+    webhook_backlog: int = env(
+        "HERALD_WEBHOOK_BACKLOG", 1_000_000, whole(1000, 100_000_000),
+        "events waiting for a lagging receiver, at most; past it the oldest are dead-lettered")
+    # Permissions from the deployment's own backend (docs/guide.md: "Permissions from your backend").
+    authorize_url: str | None = env(
+        "HERALD_AUTHORIZE_URL", None, url("http", "https"),
+        "asked about a subscribe or publish the token's globs do not allow")
+    authorize_ttl: float = env(
+        "HERALD_AUTHORIZE_TTL", 60.0, number(0, 86400), "seconds an answer of HERALD_AUTHORIZE_URL is cached")
+    authorize_timeout: float = env(
+        "HERALD_AUTHORIZE_TIMEOUT", 1.0, number(0.01, 30), "seconds a call to HERALD_AUTHORIZE_URL waits")
+    authorize_on_timeout: str = env(
+        "HERALD_AUTHORIZE_ON_TIMEOUT", "DENY", choice("DENY", "ALLOW"),
+        "what a call to HERALD_AUTHORIZE_URL that fails or times out decides: deny or allow")
+    revocation_ttl: int = env(
+        "HERALD_REVOCATION_TTL", 7 * 86400, whole(60, 365 * 86400),
+        "seconds a token revocation is kept: longer than any token lives")
     worker_lapse: float = env(
         "HERALD_WORKER_LAPSE", 5.0, number(1, 600), "seconds of silence after which a worker is taken for dead")
     # Unset: beyond the broker's hand-back of a dead worker's tasks (from_env).
@@ -618,6 +653,15 @@ class Settings:
             raise ConfigError(f"HERALD_SEND_QUEUE_BYTES ({settings.send_queue_bytes}) must be at least twice "
                               f"HERALD_HISTORY_PAGE_BYTES ({settings.history_page_bytes})")
         _check_redis_tls(settings)
+        if settings.webhooks and not settings.webhook_secret:
+            raise ConfigError("HERALD_WEBHOOK_URL is set but HERALD_WEBHOOK_SECRET is not: receivers check "
+                              "each POST's signature with it")
+        if settings.redis_broker and settings.webhook_max_delay * 2 > settings.visibility_timeout:
+            # As HERALD_RETRY_MAX_DELAY: a retry held past the visibility timeout runs twice.
+            raise ConfigError(
+                f"HERALD_WEBHOOK_MAX_DELAY ({settings.webhook_max_delay:g}s) must stay under half of "
+                f"HERALD_VISIBILITY_TIMEOUT ({settings.visibility_timeout}s)"
+            )
         if settings.redis_cluster:
             _check_cluster(environ, settings)
         if settings.redis_broker and settings.retry_max_delay * 2 > settings.visibility_timeout:

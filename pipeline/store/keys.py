@@ -223,6 +223,68 @@ class Keys:
         """Lock of the web process reaping presence this period."""
         return self._own("presence-reaper")
 
+    # -- events: occupancy and the webhook outbox ---------------------------
+    # Every key an event script touches shares the hash tag `{events}`: one
+    # script decides a transition (a channel's first subscriber, a user's last
+    # leave) and appends its event in order, atomically, on a cluster too.
+    @property
+    def events(self) -> str:
+        """The stream of webhook events, oldest first, read by each receiver from its cursor."""
+        return self._own("{events}:stream")
+
+    def webhook_cursor(self, receiver: str) -> str:
+        """The id of the last event of `events` a receiver (by its name) was sent or dead-lettered."""
+        return self._own(f"{{events}}:cursor:{receiver}")
+
+    def webhook_lease(self, receiver: str) -> str:
+        """The lease of the one delivery task that sends a receiver's events."""
+        return self._own(f"{{events}}:lease:{receiver}")
+
+    def webhook_dead_letters(self, receiver: str) -> str:
+        """A receiver's dead-lettered batches of events."""
+        return self._own(f"{{events}}:dlq:{receiver}")
+
+    @property
+    def subscribers(self) -> str:
+        """Hash of each channel with subscribers -> how many subscriptions it has, cluster-wide."""
+        return self._own("{events}:subscribers")
+
+    @property
+    def active_channels(self) -> str:
+        """Sorted set (all scores 0) of the channels with subscribers, for listing by prefix."""
+        return self._own("{events}:channels")
+
+    @property
+    def members(self) -> str:
+        """Hash of `[channel, user]` (JSON) -> that user's subscriptions to that channel."""
+        return self._own("{events}:members")
+
+    @property
+    def leaving(self) -> str:
+        """Sorted set of the leaves waiting out HERALD_PRESENCE_GRACE, by when they are due."""
+        return self._own("{events}:leaving")
+
+    def node_subscriptions(self, node: str) -> str:
+        """Hash of `[channel, user]` (JSON) -> a web process's subscriptions: once it died,
+        the reaper takes them off the counts."""
+        return self._own(f"{{events}}:node:{node}")
+
+    @property
+    def subscription_nodes(self) -> str:
+        """Set of the web processes that have a `node_subscriptions` hash."""
+        return self._own("{events}:nodes")
+
+    # -- tokens ----------------------------------------------------------------
+    @property
+    def revoked_tokens(self) -> str:
+        """Sorted set of revoked token ids (`jti`) by when their revocation lapses."""
+        return self._own("revoked-jti")
+
+    @property
+    def revoked_users(self) -> str:
+        """Hash of user -> the time (seconds) before which that user's tokens are revoked."""
+        return self._own("revoked-users")
+
     # -- pub/sub channels (a namespace apart from keys) ----------------------
     def message_channel(self, channel: str) -> str:
         """Pub/sub channel carrying a channel's `message` frames."""
@@ -235,6 +297,12 @@ class Keys:
     def presence_channel(self, channel: str) -> str:
         """Pub/sub channel carrying a channel's `join`/`leave` frames."""
         return self._channel("p", channel)
+
+    @property
+    def control_channel(self) -> str:
+        """Pub/sub channel every web process hears: the server API's commands (disconnect a
+        user, subscribe a user, a revocation)."""
+        return self._own("control")
 
     def node_channel(self, node: str) -> str:
         """Pub/sub channel of one web process, for frames meant for one of its clients."""

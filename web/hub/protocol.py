@@ -34,6 +34,7 @@ from pipeline.core.streamids import from_key as _format_sid
 from pipeline.core.streamids import key as stream_id_key
 from pipeline.core.streamids import valid as valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
+from web.authorize import PUBLISH, SUBSCRIBE
 from web.hub import frames
 from web.hub.batch import Batcher
 from web.hub.errors import BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
@@ -257,7 +258,7 @@ class Protocol:
     # -- subscribe and resume -------------------------------------------------
     def _subscribe(self, client: Client, frame: frames.Subscribe, ref) -> None:
         channel = frame.channel
-        if not client.identity.may_subscribe(channel):
+        if not self.services.permissions.allows(client.identity, SUBSCRIBE, channel):
             raise Forbidden(f"this token may not subscribe to {channel}")
         limit = self.settings.ws_max_subscriptions
         if channel not in client.subscriptions and len(client.subscriptions) >= limit:
@@ -370,7 +371,7 @@ class Protocol:
     # -- publish --------------------------------------------------------------
     def _publish(self, client: Client, frame: frames.PublishOp, ref) -> None:
         envelope = parse_publish(frame, sender=client.identity.user, max_bytes=self.settings.max_message_bytes)
-        if not client.identity.may_publish(envelope.channel):
+        if not self.services.permissions.allows(client.identity, PUBLISH, envelope.channel):
             raise Forbidden(f"this token may not publish to {envelope.channel}")
         try:
             answer = self.services.ingest.publish(envelope, idempotent=frame.id is not None,

@@ -1,0 +1,39 @@
+"""Webhooks (docs/webhooks.md): events appended to one Redis stream, sent to each receiver.
+
+Web processes and workers append events (`Outbox.emit`, or an occupancy
+script that appends the events its transition decides); each receiver reads
+the stream from a cursor of its own, in order, so a channel's events reach it
+in the order they were appended.
+"""
+
+from __future__ import annotations
+
+from pipeline.core.messages import dumps
+
+# The field of a stream entry that holds the event's JSON (the occupancy scripts are given it).
+EVENT_FIELD = "e"
+
+
+class Outbox:
+    """Appends events to the webhook stream, when a receiver wants them."""
+
+    def __init__(self, store, settings):
+        self.store = store
+        self.keys = store.keys
+        self.receivers = settings.webhooks
+
+    def wants(self, event_type: str) -> bool:
+        """True when some receiver wants events of `event_type` (else emitting them is skipped)."""
+        return any(receiver.wants(event_type) for receiver in self.receivers)
+
+    def emit(self, events: list[dict], pipe=None) -> None:
+        """Append the wanted ones of `events` (pipeline.core.events.event) in order: on `pipe`
+        when given (the caller executes it), else in one round trip of their own."""
+        wanted = [e for e in events if self.wants(e["type"])]
+        if not wanted:
+            return
+        target = pipe if pipe is not None else self.store.redis.pipeline(transaction=False)
+        for one in wanted:
+            target.xadd(self.keys.events, {EVENT_FIELD: dumps(one)})
+        if pipe is None:
+            target.execute()
