@@ -106,6 +106,7 @@ ANSWERS = {
     "no": lambda h: _json(h, 200, b'{"allow": false}'),
     "forbid": lambda h: _json(h, 403, b"{}"),
     "hang": lambda h: (time.sleep(SLOW_SECONDS), _json(h, 200, b'{"allow": true}')),
+    "late": lambda h: (time.sleep(TIMEOUT / 2), _json(h, 200, b'{"allow": true}')),
     "drip": _drip,
     "huge": _huge,
     "junk": lambda h: _json(h, 200, b"<html>allow</html>"),
@@ -210,17 +211,38 @@ def test_globs_that_allow_never_call_the_endpoint(stack, endpoint, authz):
 
 
 def test_answers_and_denials_are_cached_until_the_ttl(stack, endpoint, authz):
+    hits = metric(authz, "herald_authorize_cache_hits_total")
     ws, _ = client(authz, stack)
     yes, no = names("yes"), names("no")
     assert subscribe(ws, yes)["op"] == "subscribed" and forbidden(subscribe(ws, no))
     ws.send({"op": "unsubscribe", "channel": yes})
     assert subscribe(ws, yes)["op"] == "subscribed" and forbidden(subscribe(ws, no))
     assert len(endpoint.asked(yes)) == 1 and len(endpoint.asked(no)) == 1  # the second time: no call
+    assert metric(authz, "herald_authorize_cache_hits_total") >= hits + 2
     time.sleep(TTL + 0.2)
     ws.send({"op": "unsubscribe", "channel": yes})
     assert subscribe(ws, yes)["op"] == "subscribed" and forbidden(subscribe(ws, no))
     assert len(endpoint.asked(yes)) == 2 and len(endpoint.asked(no)) == 2  # expired: asked again
     ws.close()
+
+
+def test_concurrent_identical_questions_make_one_call(stack, endpoint, authz):
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    sockets = [client(authz, stack, user)[0] for _ in range(10)]
+    channel = names("late")  # answered after TIMEOUT / 2: every socket asks while the first call runs
+    for ws in sockets:
+        ws.send({"op": "subscribe", "channel": channel, "ref": "s"})
+    for ws in sockets:
+        assert ws.expect(lambda f: f.get("ref") == "s")["op"] == "subscribed"
+        ws.close()
+    assert len(endpoint.asked(channel)) == 1
+
+
+def metric(web, name: str) -> float:
+    """The sum of a metric's samples on a web process's /metrics."""
+    text = web.request("GET", "/metrics")[2]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and line[len(name)] in " {")
 
 
 def test_a_timeout_is_denied_or_allowed_as_configured(stack, endpoint, authz, authz_allow):
@@ -259,18 +281,21 @@ def test_a_hostile_endpoint_costs_only_its_own_decision(stack, endpoint, authz, 
     # Not queued behind the hostile decisions (each waits TIMEOUT): served meanwhile.
     served = time.monotonic() - sent
     assert subscribe(other, names("yes"))["op"] == "subscribed"
-    for n in range(5):
-        assert authz.request("POST", "/api/v1/messages", {"channel": own, "data": n}, token=token)[0] == 202
-        assert other.expect(lambda f: f["op"] == "message" and f["channel"] == own)["data"] == n
+    assert authz.request("POST", "/api/v1/messages", {"channel": own, "data": 0}, token=token)[0] == 202
     for ws, channel in zip(hostile, channels):
         assert forbidden(ws.expect(lambda f: f.get("ref") == "h", timeout=15)), channel
-        ws.send({"op": "ping"})
-        assert ws.expect(lambda f: f["op"] == "pong")  # the socket goes on
-        ws.close()
     # Each decision ended at the timeout, not when the endpoint was done.
     assert time.monotonic() - sent < SLOW_SECONDS / 2
     if namespace in ("drip", "hang"):
         assert served < TIMEOUT
+    for ws in hostile:
+        ws.send({"op": "ping"})
+        assert ws.expect(lambda f: f["op"] == "pong")  # the socket goes on
+        ws.close()
+    for n in range(5):
+        if n:
+            assert authz.request("POST", "/api/v1/messages", {"channel": own, "data": n}, token=token)[0] == 202
+        assert other.expect(lambda f: f["op"] == "message" and f["channel"] == own)["data"] == n
     assert [len(endpoint.asked(channel)) for channel in channels] == [1] * len(channels)  # no retries
     other.close()
 
