@@ -186,10 +186,8 @@ class Endpoint:
         self.secret = settings.webhook_secret or settings.secret_key
         if not self.secret:
             log.warning("authorize calls go unsigned: set HERALD_WEBHOOK_SECRET or HERALD_SECRET_KEY")
-        # Retries off, no redirects: one decision is one call, within its deadline.
-        self.pool = urllib3.PoolManager(num_pools=2, maxsize=max_calls, retries=False,
-                                        timeout=urllib3.Timeout(connect=settings.authorize_timeout,
-                                                                read=settings.authorize_timeout))
+        # Retries off, no redirects: one decision is one call, within its deadline (set per call).
+        self.pool = urllib3.PoolManager(num_pools=2, maxsize=max_calls, retries=False)
 
     def ask(self, user: str, op: str, channel: str, seconds: float) -> bool:
         """The endpoint's answer, within `seconds`, or AuthorizeFailed."""
