@@ -137,7 +137,7 @@ class Decider:
 
     def __init__(self, ask: Callable[[str, str, str, float], bool], *, ttl: float, timeout: float,
                  on_failure: bool, max_calls: int = MAX_CALLS, max_entries: int = MAX_ENTRIES):
-        self.ask, self.timeout, self.on_failure = ask, timeout, on_failure
+        self.ask, self.timeout, self.on_failure, self.max_calls = ask, timeout, on_failure, max_calls
         self.answers = Answers(ttl, max_entries)
         self.flights = SingleFlight()
         self._calls = threading.BoundedSemaphore(max_calls)
@@ -163,7 +163,7 @@ class Decider:
         # what a failing endpoint is asked.
         if not self._calls.acquire(timeout=max(0.0, deadline - time.monotonic())):
             AUTHORIZE_CALLS.labels("failed").inc()
-            raise AuthorizeFailed(f"{MAX_CALLS} calls already waiting for the endpoint")
+            raise AuthorizeFailed(f"no free call within the timeout ({self.max_calls} at once)")
         started = time.monotonic()
         try:
             allow = self.ask(*key, max(0.001, deadline - started))
@@ -208,7 +208,7 @@ class Endpoint:
             try:
                 status = response.status
                 if status == 403:
-                    return False
+                    return False  # its body is not read: the connection goes (a 200 keeps it)
                 if not 200 <= status < 300:
                     raise AuthorizeFailed(f"status {status}")
                 raw = response.read(MAX_ANSWER_BYTES + 1)
