@@ -163,3 +163,13 @@ def serve(settings: Settings, registry_factory: Callable[[], CollectorRegistry] 
                            f"{exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server
+
+
+# -- web: permissions from HERALD_AUTHORIZE_URL (web/authorize.py) -------------
+AUTHORIZE_CALLS = Counter("herald_authorize_calls_total", "Calls to HERALD_AUTHORIZE_URL, by result "
+                          "(allow, deny, failed: decided by HERALD_AUTHORIZE_ON_TIMEOUT)", ["result"])
+AUTHORIZE_CACHE_HITS = Counter("herald_authorize_cache_hits_total",
+                               "Decisions of HERALD_AUTHORIZE_URL answered from the process's cache")
+AUTHORIZE_LATENCY = Histogram("herald_authorize_seconds", "Time a call to HERALD_AUTHORIZE_URL took",
+                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                       10, 30))
