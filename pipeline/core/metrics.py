@@ -163,3 +163,13 @@ def serve(settings: Settings, registry_factory: Callable[[], CollectorRegistry] 
                            f"{exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server
+
+# -- webhooks (docs/webhooks.md) ----------------------------------------------
+WEBHOOK_EVENTS_SENT = Counter("herald_webhook_events_sent_total", "Webhook events a receiver accepted (a 2xx)",
+                              ["receiver"])
+WEBHOOK_FAILURES = Counter("herald_webhook_failures_total", "Webhook POSTs that failed (not a 2xx, a timeout, "
+                           "a refused connection)", ["receiver"])
+WEBHOOK_EVENTS_DEAD = Counter("herald_webhook_events_dead_lettered_total",
+                              "Webhook events moved to a receiver's dead letters", ["receiver"])
+WEBHOOK_LAG = Gauge("herald_webhook_lag_seconds", "Age of the newest webhook event minus that of the last one "
+                    "a receiver was sent, as the bridge sees it", ["receiver"], multiprocess_mode="max")
