@@ -14,7 +14,7 @@ from pipeline.core.settings import Settings
 from pipeline.store import Store, connect
 from pipeline.webhooks import Outbox
 from pipeline.webhooks.deadletters import ReplayFailed, WebhookDeadLetters
-from pipeline.webhooks.delivery import FAILED, IDLE, LOST, MORE, Delivery
+from pipeline.webhooks.delivery import FAILED, IDLE, LOST, Delivery
 from pipeline.webhooks.sender import ANSWER_BYTES, Sender
 from pipeline.webhooks.signing import verify
 from tests.harness import SECRET
