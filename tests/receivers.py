@@ -59,6 +59,9 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The answer's head and body are two writes: with Nagle's algorithm the body
+            # waits for the sender's delayed ACK (40 ms a POST).
+            disable_nagle_algorithm = True
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
