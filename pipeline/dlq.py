@@ -65,7 +65,7 @@ class DeadLetters:
         pipe.zadd(index, {letter_id: failed_at})
         # Entries expire; their ids leave the index with them, or it would grow for ever.
         pipe.zremrangebyscore(index, "-inf", failed_at - self._keep_seconds * 1000)
-        if self.outbox is not None and envelope is not None:
+        if self.outbox is not None and envelope is not None and self.outbox.wants("message.dead_lettered"):
             # A record never decoded has no message to tell about.
             self.outbox.emit([self.outbox.message_event("message.dead_lettered", envelope, reason=reason,
                                                         attempts=attempts)], pipe)

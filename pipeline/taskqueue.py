@@ -68,13 +68,15 @@ def make_celery(settings) -> Celery:
         worker_concurrency=settings.worker_concurrency,
     )
     app.conf.update(broker_options(settings))
-    # Webhook deliveries have a queue of their own, which the same workers consume:
-    # a message task never waits behind them, and the bridge's count of ready
-    # message tasks (ready_tasks, its lost-task sweep) never counts them.
-    arguments = {"x-queue-type": "quorum"} if settings.amqp_broker else None
-    app.conf.task_queues = [Queue(settings.task_queue, queue_arguments=arguments),
-                            Queue(webhook_queue(settings), queue_arguments=arguments)]
-    app.conf.task_routes = {WEBHOOK_TASK_NAME: {"queue": webhook_queue(settings)}}
+    if settings.webhooks:
+        # Webhook deliveries have a queue of their own, which the same workers consume
+        # (docs/webhooks.md): a message task never waits behind them, and the bridge's
+        # count of ready message tasks (ready_tasks, its lost-task sweep) never counts
+        # them. Without a receiver there is no such queue at all.
+        arguments = {"x-queue-type": "quorum"} if settings.amqp_broker else None
+        app.conf.task_queues = [Queue(settings.task_queue, queue_arguments=arguments),
+                                Queue(webhook_queue(settings), queue_arguments=arguments)]
+        app.conf.task_routes = {WEBHOOK_TASK_NAME: {"queue": webhook_queue(settings)}}
     return app
 
 

@@ -253,12 +253,15 @@ class Processor:
         # rules blocked. One round trip, and none when no receiver wants them.
         if self.outbox is None:
             return
+        delivered, rejected = self.outbox.wants("message.delivered"), self.outbox.wants("message.rejected")
         events = []
         for envelope, result in zip(envelopes, results):
-            if result.outcome in ("delivered", "duplicate"):
+            if delivered and result.outcome in ("delivered", "duplicate"):
                 events.append(self.outbox.message_event("message.delivered", envelope, stream_id=result.stream_id))
-            elif result.outcome == "skipped" and envelope.rules and envelope.rules.get("block"):
+            elif rejected and result.outcome == "skipped" and envelope.rules and envelope.rules.get("block"):
                 events.append(self.outbox.message_event("message.rejected", envelope, rule=envelope.rules["block"]))
+        if not events:
+            return
         try:
             self.outbox.emit(events)
         except RETRYABLE as exc:
