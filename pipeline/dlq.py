@@ -30,10 +30,12 @@ class NoDeadLetter(NotReplayable):
 class DeadLetters:
     """Writes a dead letter durably to Kafka first, then indexes it in Redis."""
 
-    def __init__(self, publisher, store, settings):
+    def __init__(self, publisher, store, settings, outbox=None):
         self.publisher = publisher
         self.store = store
         self.settings = settings
+        # pipeline.webhooks.Outbox when a receiver is configured: message.dead_lettered (docs/webhooks.md).
+        self.outbox = outbox
         # A dead letter is kept for a week of status lifetimes (Kafka keeps it as long as the topic does).
         self._keep_seconds = settings.status_ttl * 7
 
@@ -63,6 +65,10 @@ class DeadLetters:
         pipe.zadd(index, {letter_id: failed_at})
         # Entries expire; their ids leave the index with them, or it would grow for ever.
         pipe.zremrangebyscore(index, "-inf", failed_at - self._keep_seconds * 1000)
+        if self.outbox is not None and envelope is not None and self.outbox.wants("message.dead_lettered"):
+            # A record never decoded has no message to tell about.
+            self.outbox.emit([self.outbox.message_event("message.dead_lettered", envelope, reason=reason,
+                                                        attempts=attempts)], pipe)
         pipe.execute()
         DEAD_LETTERS.inc()
         log.warning("dead-lettered", extra={"message_id": letter_id, "reason": reason,

@@ -7,12 +7,15 @@ neither knows the other's code, so this module owns what they must agree on.
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
 from pipeline.core.redis_tls import redis_tls
 from pipeline.core.settings import AMQP_HEARTBEAT
 
-# The one task the bridge sends and the worker runs, by name.
+# The tasks the bridge sends and the worker runs, by name: a batch of messages,
+# and a webhook receiver's events (docs/webhooks.md).
 TASK_NAME = "process_message"
+WEBHOOK_TASK_NAME = "deliver_webhooks"
 # The message header of a task the bridge sent: when it was dispatched (seconds
 # since the epoch), which the worker that takes it records (docs/design.md: "Under faults").
 DISPATCHED_HEADER = "herald_dispatched"
@@ -65,7 +68,21 @@ def make_celery(settings) -> Celery:
         worker_concurrency=settings.worker_concurrency,
     )
     app.conf.update(broker_options(settings))
+    if settings.webhooks:
+        # Webhook deliveries have a queue of their own, which the same workers consume
+        # (docs/webhooks.md): a message task never waits behind them, and the bridge's
+        # count of ready message tasks (ready_tasks, its lost-task sweep) never counts
+        # them. Without a receiver there is no such queue at all.
+        arguments = {"x-queue-type": "quorum"} if settings.amqp_broker else None
+        app.conf.task_queues = [Queue(settings.task_queue, queue_arguments=arguments),
+                                Queue(webhook_queue(settings), queue_arguments=arguments)]
+        app.conf.task_routes = {WEBHOOK_TASK_NAME: {"queue": webhook_queue(settings)}}
     return app
+
+
+def webhook_queue(settings) -> str:
+    """The queue of webhook delivery tasks, beside the message tasks' queue."""
+    return f"{settings.task_queue}.webhooks"
 
 
 def broker_options(settings) -> dict:

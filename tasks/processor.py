@@ -113,12 +113,14 @@ class Processor:
     run again.
     """
 
-    def __init__(self, settings, store, archive, dead_letters, rules=None):
+    def __init__(self, settings, store, archive, dead_letters, rules=None, outbox=None):
         self.settings = settings
         self.store = store
         self.archive = archive
         self.dead_letters = dead_letters
         self.rules = rules  # pipeline.rules.step.RulesStep, or None to run no rules
+        # pipeline.webhooks.Outbox when a receiver is configured: message.* events (docs/webhooks.md).
+        self.outbox = outbox
 
     def run(self, envelopes: list[Envelope], *, take_on: bool = True) -> Outcome:
         """Process the batch once; raises RetryLater when a transient failure stops it.
@@ -233,6 +235,7 @@ class Processor:
             DELIVERED.labels(name).inc(len(ids))
         if len(passed_now) < len(envelopes):
             PARKED.inc(len(envelopes) - len(passed_now))
+        self._tell(envelopes, results)
         if handled:
             # One line per round, not per message: log lines cost a worker's CPU
             # in proportion. The web's "accepted" line ties each id to its request.
@@ -242,6 +245,27 @@ class Processor:
             self.archive.record_offsets(placed)
         except RETRYABLE as exc:
             # Run again, each record is a duplicate carrying its stream id.
+            raise RetryLater([e for e, r in zip(envelopes, results) if r.outcome != "parked"], exc) from exc
+
+    def _tell(self, envelopes: list[Envelope], results: list[PassResult]) -> None:
+        # message.delivered for what passed delivered, and again, same id, for a duplicate
+        # (a worker that died between the gate and here); message.rejected for what the
+        # rules blocked. One round trip, and none when no receiver wants them.
+        if self.outbox is None:
+            return
+        delivered, rejected = self.outbox.wants("message.delivered"), self.outbox.wants("message.rejected")
+        events = []
+        for envelope, result in zip(envelopes, results):
+            if delivered and result.outcome in ("delivered", "duplicate"):
+                events.append(self.outbox.message_event("message.delivered", envelope, stream_id=result.stream_id))
+            elif rejected and result.outcome == "skipped" and envelope.rules and envelope.rules.get("block"):
+                events.append(self.outbox.message_event("message.rejected", envelope, rule=envelope.rules["block"]))
+        if not events:
+            return
+        try:
+            self.outbox.emit(events)
+        except RETRYABLE as exc:
+            # Run again, each record passes as a duplicate and is told again.
             raise RetryLater([e for e, r in zip(envelopes, results) if r.outcome != "parked"], exc) from exc
 
     def check_rules(self) -> None:

@@ -26,6 +26,7 @@ from pipeline.taskqueue import TASK_NAME, make_celery
 from tasks.processor import RETRYABLE, Processor, RetryLater, backoff_delay, failure_reason
 from tasks.redelivery import Redelivery, to_wire
 from tasks.taken import Taken
+from tasks.webhooks import register as register_webhooks
 
 log = logging.getLogger("herald.tasks")
 
@@ -54,12 +55,16 @@ def processor() -> Processor:
         from pipeline.rules.repository import RulesStore
         from pipeline.rules.step import RulesStep
         from pipeline.store import Store, connect
+        from pipeline.webhooks import Outbox
 
         store = Store(connect(settings, settings.redis_pool_size), settings)
         publisher = Publisher(settings, client_id=f"herald-worker-{settings.node_id}")
         bloom = bloom_filter(settings, cache_client(settings) if settings.cache_url else store.redis)
+        # No receiver, no outbox: the message path does not even ask (docs/webhooks.md).
+        outbox = Outbox(store, settings) if settings.webhooks else None
         _processor = Processor(settings, store, Archive(settings.database_url, bloom),
-                               DeadLetters(publisher, store, settings), RulesStep(RulesStore(store, settings)))
+                               DeadLetters(publisher, store, settings, outbox), RulesStep(RulesStore(store, settings)),
+                               outbox=outbox)
     return _processor
 
 
@@ -69,6 +74,8 @@ def _send(envelopes: list[Envelope], **options) -> None:
 
 
 redelivery = Redelivery(settings, processor, _send)
+# docs/webhooks.md: its own queue, consumed by this worker beside the messages'.
+deliver_webhooks = register_webhooks(celery_app, settings)
 
 
 @signals.worker_process_init.connect

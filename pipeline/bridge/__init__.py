@@ -27,6 +27,7 @@ from confluent_kafka import (
 
 from pipeline.bridge.durability import Durability, rewind_positions, watched_servers
 from pipeline.bridge.lost import SWEEP_INTERVAL, LostTasks
+from pipeline.bridge.webhooks import WebhookStarter
 from pipeline.core.errors import PermanentError
 from pipeline.core.logs import configure_logging
 from pipeline.core.messages import Envelope, decode, from_headers, offset_spans
@@ -223,6 +224,7 @@ class Bridge:
         self.next_lag = 0.0
         self.consumer = Consumer(consumer_config(settings))
         self.durable = Durability(watched_servers(settings, self.store))
+        self.webhooks = WebhookStarter(settings, self.store, celery_app)
 
     def stop(self, *_args) -> None:
         """Finish the current batch, commit, leave the group (SIGTERM handler)."""
@@ -249,6 +251,8 @@ class Bridge:
                     self.sweep_lost()
                 if time.monotonic() >= self.next_lag:
                     self.measure_lag()
+                if time.monotonic() >= self.webhooks.next_check:
+                    self.webhooks.check()
             self._store(self.durable.settle())
         finally:
             self.consumer.close()

@@ -173,3 +173,13 @@ AUTHORIZE_CACHE_HITS = Counter("herald_authorize_cache_hits_total",
 AUTHORIZE_LATENCY = Histogram("herald_authorize_seconds", "Time a call to HERALD_AUTHORIZE_URL took",
                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                                        10, 30))
+
+# -- webhooks (docs/webhooks.md) ----------------------------------------------
+WEBHOOK_EVENTS_SENT = Counter("herald_webhook_events_sent_total", "Webhook events a receiver accepted (a 2xx)",
+                              ["receiver"])
+WEBHOOK_FAILURES = Counter("herald_webhook_failures_total", "Webhook POSTs that failed (not a 2xx, a timeout, "
+                           "a refused connection)", ["receiver"])
+WEBHOOK_EVENTS_DEAD = Counter("herald_webhook_events_dead_lettered_total",
+                              "Webhook events moved to a receiver's dead letters", ["receiver"])
+WEBHOOK_LAG = Gauge("herald_webhook_lag_seconds", "Age of the newest webhook event minus that of the last one "
+                    "a receiver was sent, as the bridge sees it", ["receiver"], multiprocess_mode="max")

@@ -10,6 +10,7 @@
   idempotency.py  claims of message ids and their first answers
   connections.py  WebSocket caps per user and address
   rates.py        rules' rate windows
+  webhooks.py     webhook receivers' cursors, delivery leases and dead letters
   keys.py         the key schema; pubsub.py the subscribers' pub/sub links
 
 Every change that must happen at most once (delivering a message, moving its
@@ -38,6 +39,7 @@ from pipeline.store.keys import Keys
 from pipeline.store.rates import RATE_WINDOW_CAP, Rates
 from pipeline.store.scripts import Runner
 from pipeline.store.statuses import Statuses, expires_at, message_fields
+from pipeline.store.webhooks import WebhookState
 
 # What callers outside the store import from the package.
 __all__ = ["RATE_WINDOW_CAP", "Store", "check_at_start", "connect", "run_ids"]
@@ -60,6 +62,7 @@ class Store:
         self.idempotency = Idempotency(self.runner, self.keys, settings)
         self.connections = Connections(self.runner, self.keys, settings)
         self.rates = Rates(self.runner, self.keys)
+        self.webhooks = WebhookState(self.runner, self.keys, [r.name for r in settings.webhooks])
 
     def publish(self, name: str, message: str, client: Any = None) -> None:
         """Publish on a pub/sub channel built by Keys (sharded on a cluster)."""

@@ -8,7 +8,9 @@ in the order they were appended.
 
 from __future__ import annotations
 
-from pipeline.core.messages import dumps
+from pipeline.core.events import event
+from pipeline.core.ids import client_id
+from pipeline.core.messages import Envelope, dumps
 
 # The field of a stream entry that holds the event's JSON (the occupancy scripts are given it).
 EVENT_FIELD = "e"
@@ -25,6 +27,19 @@ class Outbox:
     def wants(self, event_type: str) -> bool:
         """True when some receiver wants events of `event_type` (else emitting them is skipped)."""
         return any(receiver.wants(event_type) for receiver in self.receivers)
+
+    @staticmethod
+    def message_event(event_type: str, envelope: Envelope, **fields: object) -> dict[str, object]:
+        """A `message.*` event about `envelope`. Its id is the same each time the same outcome
+        of the same record is told (a worker that died after the gate and before the event
+        tells it again; the receiver dedupes): `<global id>.delivered` (a message is delivered
+        once), else `<global id>.<outcome>.<offset>` (a replayed message is a new record)."""
+        outcome = event_type.partition(".")[2]
+        event_id = f"{envelope.id}.{outcome}"
+        if outcome != "delivered":
+            event_id += f".{envelope.offset}"
+        return event(event_type, envelope.channel, event_id=event_id, message_id=client_id(envelope.id),
+                     global_id=envelope.id, sender=envelope.sender or None, offset=envelope.offset, **fields)
 
     def emit(self, events: list[dict], pipe=None) -> None:
         """Append the wanted ones of `events` (pipeline.core.events.event) in order: on `pipe`

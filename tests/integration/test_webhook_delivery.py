@@ -1,0 +1,154 @@
+"""Webhook delivery against a real Redis and real receivers, without the rest of the stack:
+the cursor, the lease, the trim, dead letters and the backlog (pipeline/webhooks/delivery.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from pipeline.core.events import event
+from pipeline.core.settings import Settings
+from pipeline.store import Store, connect
+from pipeline.webhooks import Outbox
+from pipeline.webhooks.deadletters import ReplayFailed, WebhookDeadLetters
+from pipeline.webhooks.delivery import FAILED, IDLE, LOST, Delivery
+from pipeline.webhooks.sender import ANSWER_BYTES, Sender
+from pipeline.webhooks.signing import verify
+from tests.harness import SECRET
+from tests.receivers import Answer, Receiver
+
+HOOK_SECRET = "webhook-secret-for-the-delivery-tests-0123"
+
+
+@pytest.fixture
+def receivers():
+    made = [Receiver().start(), Receiver().start()]
+    yield made
+    for receiver in made:
+        receiver.stop()
+
+
+def _system(redis_url: str, receivers: list[Receiver], **env):
+    settings = Settings.from_env({
+        "HERALD_SECRET_KEY": SECRET, "REDIS_URL": redis_url, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+        "HERALD_REDIS_PREFIX": f"w{uuid.uuid4().hex[:8]}", "HERALD_WEBHOOK_SECRET": HOOK_SECRET,
+        "HERALD_WEBHOOK_URL": "; ".join(r.url for r in receivers), **env})
+    store = Store(connect(settings), settings)
+    return settings, store, Outbox(store, settings)
+
+
+def _delivery(settings, store, index: int, token: str = "t1") -> Delivery:
+    receiver = settings.webhooks[index]
+    assert store.webhooks.take_lease(receiver.name, token, 30)
+    return Delivery(settings, store, Sender(settings), receiver, token)
+
+
+def _emit(outbox, count: int, channel: str = "c") -> list[str]:
+    events = [event("message.delivered", channel, n=n) for n in range(count)]
+    outbox.emit(events)
+    return [e["id"] for e in events]
+
+
+def test_events_go_signed_in_order_and_the_stream_is_trimmed_once_every_receiver_passed(spare_redis_url, receivers):
+    settings, store, outbox = _system(spare_redis_url, receivers, HERALD_WEBHOOK_BATCH="100")
+    ids = _emit(outbox, 250)
+    assert _delivery(settings, store, 0).run() is IDLE
+    first = receivers[0]
+    assert [e["id"] for e in first.events()] == ids
+    assert [len(p.events) for p in first.posts] == [100, 100, 50]
+    for post in first.posts:
+        assert verify(HOOK_SECRET, post.headers["Herald-Signature"], post.raw)
+        assert post.headers["Content-Type"] == "application/json" and post.headers["Herald-Delivery"]
+    # The other receiver has not read them: nothing is trimmed yet.
+    assert store.redis.xlen(store.keys.events) == 250
+    assert _delivery(settings, store, 1).run() is IDLE
+    assert [e["id"] for e in receivers[1].events()] == ids
+    assert store.redis.xlen(store.keys.events) <= 1  # the last entry (the least cursor) stays
+
+
+def test_a_task_whose_lease_went_to_another_moves_no_cursor(spare_redis_url, receivers):
+    settings, store, outbox = _system(spare_redis_url, receivers[:1])
+    _emit(outbox, 5)
+    name = settings.webhooks[0].name
+    stale = Delivery(settings, store, Sender(settings), settings.webhooks[0], "stale")
+    assert store.webhooks.take_lease(name, "holder", 30)
+    assert stale.run() is LOST
+    assert receivers[0].posts == [] and store.webhooks.cursor(name) == "0-0"
+
+
+def test_a_failing_batch_is_retried_first_then_dead_lettered_and_replayed(spare_redis_url, receivers):
+    settings, store, outbox = _system(spare_redis_url, receivers[:1], HERALD_WEBHOOK_RETRY_FOR="1",
+                                      HERALD_WEBHOOK_BATCH="10")
+    receiver = receivers[0]
+    receiver.answer = Answer(500)
+    ids = _emit(outbox, 15)
+    delivery = _delivery(settings, store, 0)
+    assert delivery.run() is FAILED and delivery.failing_since
+    since = delivery.failing_since
+    assert delivery.run(since) is FAILED  # the same batch again, nothing after it
+    assert {tuple(e["id"] for e in p.events) for p in receiver.posts} == {tuple(ids[:10])}
+    time.sleep(1.1)
+    # Still refused past HERALD_WEBHOOK_RETRY_FOR: both batches go to the dead letters, in turn.
+    assert delivery.run(since) is FAILED
+    assert delivery.run(delivery.failing_since, slice_seconds=0.5) in (FAILED, IDLE)
+    time.sleep(1.1)
+    assert delivery.run(delivery.failing_since) is IDLE
+    letters = WebhookDeadLetters(store, settings)
+    name = settings.webhooks[0].name
+    page = letters.page(name, limit=10)
+    assert page["total"] == 15 and len(page["items"]) == 10 and page["next"]
+    rest = letters.page(name, limit=10, after=page["next"])
+    listed = [i["event"]["id"] for i in rest["items"] + page["items"]]
+    assert sorted(listed) == sorted(ids) and rest["next"] is None
+    assert "HERALD_WEBHOOK_RETRY_FOR" in page["items"][0]["reason"]
+    # A replay the receiver refuses keeps them; one it accepts sends them, same ids, and removes them.
+    with pytest.raises(ReplayFailed):
+        letters.replay(name, [ids[3]])
+    assert letters.count(name) == 15
+    receiver.answer = Answer(200)
+    assert letters.replay(name, [ids[3], "no-such-event"]) == {"replayed": 1, "remaining": 14}
+    assert receiver.events()[-1]["id"] == ids[3]
+    assert letters.replay(name) == {"replayed": 14, "remaining": 0}
+    assert sorted(e["id"] for e in receiver.events()) == sorted(ids)
+
+
+def test_a_receiver_past_the_backlog_has_its_oldest_events_dead_lettered(spare_redis_url, receivers):
+    settings, store, outbox = _system(spare_redis_url, receivers[:1], HERALD_WEBHOOK_BACKLOG="1000",
+                                      HERALD_WEBHOOK_BATCH="500")
+    ids = _emit(outbox, 1600)
+    assert _delivery(settings, store, 0).run() is IDLE
+    name = settings.webhooks[0].name
+    dead = WebhookDeadLetters(store, settings).count(name)
+    got = [e["id"] for e in receivers[0].events()]
+    assert dead == 1000 and got == ids[dead:]  # dead-lettered a batch a round until within the backlog
+
+
+def test_a_huge_or_slow_answer_costs_only_its_own_post(spare_redis_url, receivers):
+    settings, store, outbox = _system(spare_redis_url, receivers[:1], HERALD_WEBHOOK_TIMEOUT="1")
+    receiver = receivers[0]
+    receiver.answer = Answer(200, b"x" * (50 * ANSWER_BYTES))
+    _emit(outbox, 3)
+    started = time.monotonic()
+    assert _delivery(settings, store, 0).run() is IDLE
+    assert time.monotonic() - started < 2 and len(receiver.events()) == 3
+    receiver.answer = Answer(200, delay=3)
+    _emit(outbox, 1)
+    started = time.monotonic()
+    store.webhooks.release_lease(settings.webhooks[0].name, "t1")
+    delivery = _delivery(settings, store, 0, token="t2")
+    assert delivery.run() is FAILED
+    assert time.monotonic() - started < 2.5  # the timeout, not the receiver, ends the wait
+
+
+def test_an_answer_that_is_a_redirect_or_refused_connection_is_a_failure(spare_redis_url, receivers):
+    settings, store, outbox = _system(spare_redis_url, receivers[:1])
+    sender = Sender(settings)
+    receivers[0].answer = Answer(302)
+    assert sender.post(receivers[0].url, b"{}")[0] is False
+    receivers[0].stop()
+    accepted, what = sender.post(receivers[0].url, b"{}")
+    assert accepted is False and what
+    assert json.loads(b'{"events":[]}') == {"events": []}
