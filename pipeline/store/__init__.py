@@ -10,6 +10,7 @@
   idempotency.py  claims of message ids and their first answers
   connections.py  WebSocket caps per user and address
   rates.py        rules' rate windows
+  occupancy.py    subscriptions counted per channel and user, and their events
   keys.py         the key schema; pubsub.py the subscribers' pub/sub links
 
 Every change that must happen at most once (delivering a message, moving its
@@ -35,6 +36,7 @@ from pipeline.store.history import History
 from pipeline.store.idempotency import Idempotency
 from pipeline.store.inflight import InFlight
 from pipeline.store.keys import Keys
+from pipeline.store.occupancy import Occupancy
 from pipeline.store.rates import RATE_WINDOW_CAP, Rates
 from pipeline.store.scripts import Runner
 from pipeline.store.statuses import Statuses, expires_at, message_fields
@@ -60,6 +62,7 @@ class Store:
         self.idempotency = Idempotency(self.runner, self.keys, settings)
         self.connections = Connections(self.runner, self.keys, settings)
         self.rates = Rates(self.runner, self.keys)
+        self.occupancy = Occupancy(self.runner, self.keys)
 
     def publish(self, name: str, message: str, client: Any = None) -> None:
         """Publish on a pub/sub channel built by Keys (sharded on a cluster)."""
