@@ -4,10 +4,11 @@ A subscribe writes the client's entry (a hash per channel), indexes it in a
 set of this node's own entries, and publishes a `join`; an unsubscribe or a
 close removes both and publishes a `leave`. Each web process keeps a liveness
 key fresh; entries of a process whose key expired (it died without cleaning
-up) are reaped, in a loop apart from the heartbeat, by whichever process holds
-the reaper lock that period, and their `leave` frames published then. The
-reaper reads only the dead process's index, a bounded share per period, never
-a whole channel; listings are paged (HSCAN).
+up) are reaped, in a loop apart from the heartbeat, every second by whichever
+process holds the reaper lock, and their `leave` frames published then; the
+same run takes the dead process's subscriptions off the occupancy counts
+(web/hub/occupancy.py). The reaper reads only the dead process's index, a
+bounded share per run, never a whole channel; listings are paged (HSCAN).
 """
 
 from __future__ import annotations
