@@ -190,14 +190,16 @@ class Occupancy:
         subscriptions, users = pipe.execute()
         return int(subscriptions or 0), int(users or 0)
 
-    def page(self, prefix: str, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        """Channels with subscribers whose names start with `prefix`, in name order, after the
-        channel `after` (the last of the page before), at most `limit` (<= MAX_PAGE): each
-        `{"channel", "subscribers", "users"}`, and the last channel when more follow."""
+    def page(self, prefix: str, after: bytes | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        """Channels with subscribers whose names start with `prefix`, in name order, after
+        `after` (the last channel of the page before, or any place in that order), at most
+        `limit` (<= MAX_PAGE): each `{"channel", "subscribers", "users"}`, and the last
+        channel when more follow."""
         limit = max(1, min(limit, MAX_PAGE))
+        start = prefix.encode()
         # Channel names are ASCII: every name starting with the prefix sorts below prefix + 0xff.
-        low = b"(" + after.encode() if after is not None and after >= prefix else b"[" + prefix.encode()
-        names = self.redis.zrangebylex(self.keys.active_channels, low, b"[" + prefix.encode() + b"\xff",
+        low = b"(" + after if after is not None and after >= start else b"[" + start
+        names = self.redis.zrangebylex(self.keys.active_channels, low, b"[" + start + b"\xff",
                                        start=0, num=limit + 1)
         more = len(names) > limit
         names = [n.decode() if isinstance(n, bytes) else n for n in names[:limit]]

@@ -113,10 +113,11 @@ def test_the_listing_is_bounded_and_paged_by_name(store):
     a.join_all([(f"p:{n:03d}", "u") for n in range(30)] + [("p", "u"), ("q:0", "u"), ("o:9", "u")])
     channels, last = store.occupancy.page("p:", None, 12)
     assert [c["channel"] for c in channels] == [f"p:{n:03d}" for n in range(12)] and last == "p:011"
-    channels, last = store.occupancy.page("p:", last, 100)
+    channels, last = store.occupancy.page("p:", last.encode(), 100)
     assert len(channels) == 18 and last is None
-    # A cursor below the prefix starts at the prefix.
-    assert store.occupancy.page("p:", "a", 1)[0][0]["channel"] == "p:000"
+    # A cursor below the prefix starts at the prefix; any bytes are a place in the order.
+    assert store.occupancy.page("p:", b"a", 1)[0][0]["channel"] == "p:000"
+    assert store.occupancy.page("p:", b"p:010\x00", 1)[0][0]["channel"] == "p:011"
     assert len(store.occupancy.page("", None, 5000)[0]) == 33  # a limit past MAX_PAGE is MAX_PAGE
 
 
