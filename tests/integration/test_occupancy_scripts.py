@@ -15,7 +15,7 @@ from pipeline.core.settings import Settings
 from pipeline.store import Store, connect
 from pipeline.store.occupancy import member, vacancy
 from pipeline.webhooks import EVENT_FIELD, Outbox
-from tests.harness import SECRET
+from tests.harness import SECRET, redis_cluster
 from web.hub.occupancy import Occupancy
 
 
@@ -127,3 +127,27 @@ def test_nothing_is_appended_when_no_receiver_wants_it(store):
     quiet.leave_all([("u", ["room"], quiet.closed_event("c", "u", 1000, ""))])
     assert store.occupancy.counts("room") == (0, 0)
     assert stream(store) == [] and not store.redis.exists(store.keys.leaving)
+
+
+def test_the_scripts_run_on_a_redis_cluster(tmp_path, spare_redis_url):
+    servers, url = redis_cluster(tmp_path)
+    try:
+        settings = Settings.from_env({"REDIS_URL": url, "REDIS_CLUSTER": "1", "CELERY_BROKER_URL": spare_redis_url,
+                                      "HERALD_SECRET_KEY": SECRET, "HERALD_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+                                      "HERALD_WEBHOOK_SECRET": "s" * 40, "HERALD_PRESENCE_GRACE": "5"})
+        client = connect(settings)
+        store = Store(client, settings)
+        live, dead = hub_side(store, "node-a"), hub_side(store, "node-dead")
+        live.join_all([(f"cl:{n}", "u") for n in range(20)])
+        dead.join_all([("cl:0", "v")])
+        live.leave_all([("u", ["cl:1"], live.closed_event("c", "u", 1000, ""))])
+        assert live.flush(time.time() + 6) == 2
+        assert live.reap(lambda nodes: {"node-a"} & set(nodes)) == 1
+        assert store.occupancy.counts("cl:0") == (1, 1) and store.occupancy.counts("cl:1") == (0, 0)
+        assert len(store.occupancy.page("cl:", None, 100)[0]) == 19
+        assert stream(store)[-3:] == [("presence.leave", "cl:1", "u"), ("channel.vacated", "cl:1", None),
+                                      ("presence.leave", "cl:0", "v")]
+        client.disconnect_connection_pools()
+    finally:
+        for server in servers:
+            server.stop()
