@@ -108,6 +108,19 @@ def test_a_dead_nodes_subscriptions_are_reaped_in_bounded_runs(store):
     assert len(stream(store)) == before + 51
 
 
+def test_a_process_started_under_a_dead_ones_name_takes_its_leftovers_off_first(store):
+    hub_side(store, "web.1", presence_grace=0.0).join_all([(f"c{n}", "u") for n in range(1500)] + [("c0", "w")])
+    before = len(stream(store))
+    # Restarted under the same HERALD_NODE_ID: its liveness key hides the dead one's counts from the reaper.
+    again = hub_side(store, "web.1", presence_grace=0.0)
+    again.start()
+    assert store.occupancy.counts("c0") == (0, 0) and store.occupancy.page("c", None, 10) == ([], None)
+    assert len(stream(store)) == before + 1501 * 2 - 1  # every leave and vacate (c0: two leaves, one vacate)
+    assert store.occupancy.nodes() == set()
+    again.join_all([("c0", "u")])
+    assert store.occupancy.counts("c0") == (1, 1)
+
+
 def test_the_listing_is_bounded_and_paged_by_name(store):
     a = hub_side(store, "node-a")
     a.join_all([(f"p:{n:03d}", "u") for n in range(30)] + [("p", "u"), ("q:0", "u"), ("o:9", "u")])

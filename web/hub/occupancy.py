@@ -97,7 +97,15 @@ class Occupancy:
 
     # -- the flusher ----------------------------------------------------------------
     def start(self) -> None:
-        """Start the flusher (a thread), when leaves here wait out a grace."""
+        """Take what a process of the same name left counted off (before any client is here),
+        then start the flusher (a thread), when leaves here wait out a grace."""
+        try:
+            # A process started under the name of one that died (HERALD_NODE_ID reused) keeps
+            # that name's liveness key fresh: the reaper would never see the dead one's counts.
+            while self._reap_node(self.node, REAP_ENTRIES):
+                pass
+        except redis.RedisError as exc:
+            log.warning("leftover subscriptions not reaped", extra={"node": self.node, "error": str(exc)})
         if self.waits and not self.running:
             self.running = True
             threading.Thread(target=self.run, name="occupancy-flusher", daemon=True).start()
@@ -147,12 +155,16 @@ class Occupancy:
         for node in dead:
             if read >= limit:
                 break
-            entries = self.counts.node_entries(node, limit - read)
-            read += len(entries)
-            appended = self.counts.reap(node, EVENT_FIELD, [
-                (entry, channel, self._body(LEAVE, channel, user=user), self._body(VACATED, channel))
-                for entry, channel, user in entries])
-            if entries:
-                log.info("dead node's subscriptions reaped",
-                         extra={"node": node, "entries": len(entries), "events": appended})
+            read += self._reap_node(node, limit - read)
         return read
+
+    def _reap_node(self, node: str, limit: int) -> int:
+        """Take up to `limit` of `node`'s counted subscriptions off; returns how many were read."""
+        entries = self.counts.node_entries(node, limit)
+        appended = self.counts.reap(node, EVENT_FIELD, [
+            (entry, channel, self._body(LEAVE, channel, user=user), self._body(VACATED, channel))
+            for entry, channel, user in entries])
+        if entries:
+            log.info("dead node's subscriptions reaped", extra={"node": node, "entries": len(entries),
+                                                                "events": appended})
+        return len(entries)
