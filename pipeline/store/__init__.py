@@ -11,6 +11,7 @@
   connections.py  WebSocket caps per user and address
   rates.py        rules' rate windows
   webhooks.py     webhook receivers' cursors, delivery leases and dead letters
+  occupancy.py    subscriptions counted per channel and user, and their events
   keys.py         the key schema; pubsub.py the subscribers' pub/sub links
 
 Every change that must happen at most once (delivering a message, moving its
@@ -36,6 +37,7 @@ from pipeline.store.history import History
 from pipeline.store.idempotency import Idempotency
 from pipeline.store.inflight import InFlight
 from pipeline.store.keys import Keys
+from pipeline.store.occupancy import Occupancy
 from pipeline.store.rates import RATE_WINDOW_CAP, Rates
 from pipeline.store.scripts import Runner
 from pipeline.store.statuses import Statuses, expires_at, message_fields
@@ -63,6 +65,7 @@ class Store:
         self.connections = Connections(self.runner, self.keys, settings)
         self.rates = Rates(self.runner, self.keys)
         self.webhooks = WebhookState(self.runner, self.keys, [r.name for r in settings.webhooks])
+        self.occupancy = Occupancy(self.runner, self.keys)
 
     def publish(self, name: str, message: str, client: Any = None) -> None:
         """Publish on a pub/sub channel built by Keys (sharded on a cluster)."""

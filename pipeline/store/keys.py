@@ -255,6 +255,11 @@ class Keys:
         return self._own("{events}:channels")
 
     @property
+    def channel_users(self) -> str:
+        """Hash of each channel with subscribers -> how many distinct users they are."""
+        return self._own("{events}:users")
+
+    @property
     def members(self) -> str:
         """Hash of `[channel, user]` (JSON) -> that user's subscriptions to that channel."""
         return self._own("{events}:members")

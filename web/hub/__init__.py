@@ -12,6 +12,7 @@ limits"). The parts:
 - `protocol`: the handshake's checks and the ops;
 - `errors`: the hub's refusals, and the one table of their WebSocket error codes;
 - `presence`: who is in a channel, this node's heartbeat, and reaping dead nodes' entries;
+- `occupancy`: subscriptions counted cluster-wide, and their webhook events;
 - `batch`: one Redis round trip for a burst of connects and subscribes;
 - `frames`: the protocol's frames as models, and its AsyncAPI document.
 """
@@ -30,6 +31,7 @@ from flask_sock import Sock
 
 from pipeline.core.messages import origin_of
 from pipeline.store.keys import Keys
+from web.hub.occupancy import Occupancy
 from web.hub.presence import Presence
 from web.hub.protocol import CLOSE_GOING_AWAY, Protocol
 from web.hub.router import Router
@@ -50,7 +52,8 @@ class Hub:
         self.node = self.settings.node_id
         self.clients: dict = {}
         self.running = False
-        self.presence = Presence(services.store, self.settings, self.node)
+        self.occupancy = Occupancy(services.store, services.outbox, self.settings, self.node)
+        self.presence = Presence(services.store, self.settings, self.node, self.occupancy)
         self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node,
                              self.clients, services.store.history)
         self.protocol = Protocol(self)
@@ -63,6 +66,7 @@ class Hub:
         threading.Thread(target=self.router.run, name="hub-listener", daemon=True).start()
         threading.Thread(target=self._ping, name="hub-pinger", daemon=True).start()
         threading.Thread(target=self._heartbeat, name="hub-heartbeat", daemon=True).start()
+        self.occupancy.start()
 
     def shutdown(self) -> None:
         """Close every connection with 1001 so clients reconnect to another process, and wait

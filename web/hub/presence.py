@@ -4,10 +4,11 @@ A subscribe writes the client's entry (a hash per channel), indexes it in a
 set of this node's own entries, and publishes a `join`; an unsubscribe or a
 close removes both and publishes a `leave`. Each web process keeps a liveness
 key fresh; entries of a process whose key expired (it died without cleaning
-up) are reaped, in a loop apart from the heartbeat, by whichever process holds
-the reaper lock that period, and their `leave` frames published then. The
-reaper reads only the dead process's index, a bounded share per period, never
-a whole channel; listings are paged (HSCAN).
+up) are reaped, in a loop apart from the heartbeat, every second by whichever
+process holds the reaper lock, and their `leave` frames published then; the
+same run takes the dead process's subscriptions off the occupancy counts
+(web/hub/occupancy.py). The reaper reads only the dead process's index, a
+bounded share per run, never a whole channel; listings are paged (HSCAN).
 """
 
 from __future__ import annotations
@@ -33,12 +34,17 @@ MAX_PAGE = 1000
 # Entries of dead nodes one reaper run reads and removes; the next run takes the next
 # ones. A run's replies stay this small however large a channel or a dead node is.
 REAP_ENTRIES = 1000
+# Seconds between two reaper runs (one web process a run, by the reaper lock): a dead
+# node is reaped within this of its liveness key lapsing (HERALD_PRESENCE_TTL).
+REAP_PERIOD = 1.0
 
 
 class Presence:
-    """Presence entries and this node's liveness, in the main Redis."""
+    """Presence entries and this node's liveness, in the main Redis. `occupancy`, when
+    given (web/hub/occupancy.py), has the dead nodes' subscriptions reaped beside."""
 
-    def __init__(self, store, settings, node: str):
+    def __init__(self, store, settings, node: str, occupancy=None):
+        self.occupancy = occupancy
         self.redis = store.redis
         self.store = store
         self.keys = store.keys
@@ -161,18 +167,22 @@ class Presence:
             self._reaper.start()
 
     def _reap_loop(self) -> None:
-        # Each period, the node holding the reaper lock reaps a share of the channels.
-        # It ends when this node stops beating (a stopping process); a beat starts it again.
+        # Each REAP_PERIOD, the node holding the reaper lock reaps a share of the dead
+        # nodes' entries: within a second of a node's liveness key lapsing, its users'
+        # leave events are out (docs/occupancy.md). It ends when this node stops beating
+        # (a stopping process); a beat starts it again.
         while time.monotonic() - self._beaten < 2 * self.period:
             try:
-                if self.redis.set(self.keys.presence_reaper, self.node, nx=True, ex=int(self.period)):
+                if self.redis.set(self.keys.presence_reaper, self.node, nx=True, px=int(REAP_PERIOD * 1000)):
                     for channel, entry in self.reap():
                         log.info("presence reaped", extra={"channel": channel, "client": entry["client"]})
+                    if self.occupancy is not None:
+                        self.occupancy.reap(self._alive)
             except redis.RedisError as exc:
                 log.warning("presence reaping failed", extra={"error": str(exc)})
             except Exception:  # a bad entry must not end the loop for good
                 log.exception("presence reaping failed")
-            time.sleep(self.period)
+            time.sleep(REAP_PERIOD)
         self._reaper = None
 
     @property

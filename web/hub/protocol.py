@@ -39,7 +39,7 @@ from web.hub import frames
 from web.hub.batch import Batcher
 from web.hub.errors import BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
 from web.hub.router import Subscription
-from web.hub.transport import LoopWatcher, WebSocket, wire_frame
+from web.hub.transport import ABNORMAL_CLOSURE, LoopWatcher, WebSocket, wire_frame
 from web.ratelimit import address_group
 
 log = logging.getLogger("herald.hub")
@@ -117,6 +117,9 @@ class Protocol:
         self._claim = Batcher(store.claim_connections)
         self._last_id = Batcher(lambda calls: store.last_ids([channel for (channel,) in calls]))
         self._join = Batcher(self.presence.join_all)
+        # Occupancy (web/hub/occupancy.py): every subscription counted, cluster-wide.
+        self._count_join = Batcher(hub.occupancy.join_all)
+        self._count_leave = Batcher(hub.occupancy.leave_all)
 
     # -- accepting ------------------------------------------------------------
     def accept(self, server) -> None:
@@ -306,6 +309,12 @@ class Protocol:
             raise Unavailable("history is unavailable, retry") from None
         if previous is not None:
             self.router.leave(self.router.names(channel, previous))
+        else:  # a subscribe that replaces one counts once
+            try:
+                self._count_join(channel, client.identity.user)
+            except redis.RedisError as exc:
+                log.warning("subscription not counted", extra={"client": client.id, "channel": channel,
+                                                               "error": str(exc)})
         reply = {"op": "subscribed", "channel": channel, "offset": offset, "recovered": recovered,
                  "replayed": len(replay)}
         if more:
@@ -361,12 +370,22 @@ class Protocol:
                 sub.last = stream_id_key(page[-1]["offset"])
             log.debug("replay page", extra={"client": client.id, "channel": channel, "messages": len(page)})
 
-    def _unsubscribe(self, client: Client, channel: str) -> None:
+    def _unsubscribe(self, client: Client, channel: str, count: bool = True) -> bool:
+        """End a subscription (False when there was none); `count`: take it off the occupancy
+        counts now (a closing client's are taken off together, by `_drop`)."""
         sub = self.index.detach(client, channel)
-        if sub is not None:
-            self.router.leave(self.router.names(channel, sub))
-            if sub.presence:
-                self.presence.leave(client, channel)
+        if sub is None:
+            return False
+        self.router.leave(self.router.names(channel, sub))
+        if sub.presence:
+            self.presence.leave(client, channel)
+        if count:
+            try:
+                self._count_leave(client.identity.user, [channel], None)
+            except redis.RedisError as exc:
+                log.warning("subscription not uncounted", extra={"client": client.id, "channel": channel,
+                                                                 "error": str(exc)})
+        return True
 
     # -- publish --------------------------------------------------------------
     def _publish(self, client: Client, frame: frames.PublishOp, ref) -> None:
@@ -386,7 +405,8 @@ class Protocol:
 
     # -- closing --------------------------------------------------------------
     def _drop(self, client: Client) -> None:
-        """Forget a closed client: its subscriptions, presence and connection count."""
+        """Forget a closed client: its subscriptions, presence, occupancy and connection count,
+        and append its `connection.closed` event."""
         worker = client.worker
         if worker is not None:
             # An op under way (a subscribe waiting on Redis) finishes first:
@@ -395,8 +415,16 @@ class Protocol:
         if client.expiry is not None:
             client.expiry.stop()
             client.expiry.close()
-        for channel in list(client.subscriptions):
-            self._unsubscribe(client, channel)
+        left = [channel for channel in list(client.subscriptions) if self._unsubscribe(client, channel, count=False)]
+        ws = client.ws
+        closing = self.hub.occupancy.closed_event(client.id, client.identity.user, ws.close_code or ABNORMAL_CLOSURE,
+                                                  ws.close_reason)
+        if left or closing is not None:
+            try:  # one batched call a client: 10,000 sockets closing at once cost few round trips
+                self._count_leave(client.identity.user, left, closing)
+            except redis.RedisError as exc:
+                log.warning("subscriptions not uncounted", extra={"client": client.id, "channels": len(left),
+                                                                  "error": str(exc)})
         if self.hub.clients.pop(client.id, None) is not None:
             WS_CONNECTIONS.dec()
         try:

@@ -44,6 +44,7 @@ RECEIVE_BYTES = 16 * 1024
 SEND_PIECES = 64  # queued elements handed to one sendmsg (well under IOV_MAX)
 CLOSE_WAIT = 10.0  # seconds a closing socket waits for its close frame to go out and the client's answer
 PING_FRAME = b"\x89\x00"
+ABNORMAL_CLOSURE = 1006  # the close code of a connection that ended with no close frame
 _READ, _WRITE = 1, 2
 
 
@@ -116,7 +117,7 @@ class WebSocket:
     __slots__ = ("_raw", "_proto", "_queue", "_offset", "_limit", "_queue_bytes", "_max_bytes",
                  "_reader", "_writer", "_timer", "_drained", "_message", "_size", "_early", "_on_message",
                  "_on_closed", "on_overflow", "on_too_large", "closing", "closed", "awaiting_pong", "queued",
-                 "_ping_ahead")
+                 "_ping_ahead", "close_code", "close_reason")
 
     def __init__(self, ws, queue_limit: int, max_message_bytes: int, queue_bytes: int):
         # The plain socket under gevent's wrapper (no watchers of its own):
@@ -153,6 +154,10 @@ class WebSocket:
         self.closing = self.closed = False
         self.awaiting_pong = False
         self._ping_ahead = 0  # queued bytes up to the end of the last ping: it is not out before they are
+        # How the connection ended: the code (and reason) of the first close frame sent or
+        # received, or 1006 when the TCP connection ended without one (RFC 6455 7.1.5).
+        self.close_code: int | None = None
+        self.close_reason = ""
 
     # -- reading -------------------------------------------------------------
     def read_message(self, deadline: float):
@@ -245,6 +250,7 @@ class WebSocket:
                 self._finish()  # the answer to our close
             else:
                 # The client closes: answer, and end the connection once the answer is out.
+                self.close_code, self.close_reason = int(event.code), event.reason or ""
                 self._send_last(self._proto.send(event.response()))
                 if not self._queue:
                     self._finish()
@@ -364,6 +370,7 @@ class WebSocket:
         """Close after what is queued so far (the close frame travels behind it)."""
         if self.closing:
             return
+        self.close_code, self.close_reason = code, reason
         try:
             frame = self._proto.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:
@@ -393,6 +400,8 @@ class WebSocket:
         if self.closed:
             return
         self.closed = self.closing = True
+        if self.close_code is None:
+            self.close_code = ABNORMAL_CLOSURE
         for watcher in (self._reader, self._writer, self._timer):
             if watcher is not None:
                 watcher.stop()

@@ -1,0 +1,34 @@
+-- KEYS: subscribers, channels, members, users, leaving, node, nodes, events
+-- ARGV: channel, member, vacancy, field, leave_due, vacate_due, leave, vacated
+-- One subscription less to `channel` by the user of `member`, on the web
+-- process whose `node` hash counts it; nothing when that hash does not (the
+-- reaper took the process's subscriptions off already, or Redis lost them).
+-- A user's last subscription appends `leave`, a channel's last `vacated`
+-- (each only when given), or, when its due time is given (not ''), waits in
+-- `leaving` until then (the grace; occupancy_flush.lua appends it). Returns
+-- how many events it appended.
+local own = tonumber(redis.call('HGET', node, member) or '0')
+if own <= 0 then return 0 end
+if own == 1 then redis.call('HDEL', node, member) else redis.call('HINCRBY', node, member, -1) end
+local appended = 0
+if redis.call('HINCRBY', members, member, -1) <= 0 then
+  redis.call('HDEL', members, member)
+  if redis.call('HINCRBY', users, channel, -1) <= 0 then redis.call('HDEL', users, channel) end
+  if leave_due ~= '' then
+    redis.call('ZADD', leaving, leave_due, member)
+  elseif leave ~= '' then
+    redis.call('XADD', events, '*', field, leave)
+    appended = appended + 1
+  end
+end
+if redis.call('HINCRBY', subscribers, channel, -1) <= 0 then
+  redis.call('HDEL', subscribers, channel)
+  redis.call('ZREM', channels, channel)
+  if vacate_due ~= '' then
+    redis.call('ZADD', leaving, vacate_due, vacancy)
+  elseif vacated ~= '' then
+    redis.call('XADD', events, '*', field, vacated)
+    appended = appended + 1
+  end
+end
+return appended

@@ -1,0 +1,69 @@
+"""kill -9 of a web process (docs/occupancy.md: "A web process that dies"): the presence
+reaper takes its subscriptions off the counts once its liveness key lapses, and its users'
+`presence.leave` and their channels' `channel.vacated` are in the webhook stream within
+HERALD_PRESENCE_TTL + 5 s, once each; a channel with a subscriber on a living process stays
+occupied."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import pytest
+
+from pipeline.webhooks import EVENT_FIELD
+from tests.harness import wait_until
+
+GRACE = 2.0
+
+
+def stream(stack) -> list[dict]:
+    return [json.loads(fields[EVENT_FIELD])
+            for _id, fields in stack.store().redis.xrange(stack.store().keys.events)]
+
+
+@pytest.mark.parametrize("ttl", [3, 6])
+def test_kill_9_of_the_process_holding_the_last_subscriber(make_stack, ttl):
+    stack = make_stack(env={"HERALD_PRESENCE_TTL": ttl, "HERALD_PRESENCE_GRACE": GRACE,
+                            "HERALD_WEBHOOK_URL": "http://127.0.0.1:9/hook presence.*,channel.*",
+                            "HERALD_WEBHOOK_SECRET": "s" * 40, "HERALD_WEBHOOK_MAX_DELAY": 2})
+    doomed, survivor = stack.web("web-doomed"), stack.web("web-survivor")
+    alone, shared = "room:alone", "room:shared"
+    sockets = []
+    for user, web, channel in (("alice", doomed, alone), ("bob", doomed, shared), ("carol", survivor, shared)):
+        client = web.ws(stack.token(user))
+        client.subscribe(channel)
+        sockets.append(client)
+    wait_until(lambda: len(stream(stack)) == 5, 5, what="the joins")  # 2 occupied, 3 joins
+
+    doomed.proc.kill()
+    killed = time.monotonic()
+    expected = {("presence.leave", alone, "alice"), ("channel.vacated", alone, None),
+                ("presence.leave", shared, "bob")}
+
+    def seen():
+        return {(e["type"], e["channel"], e.get("user")) for e in stream(stack)}
+
+    wait_until(lambda: expected <= seen(), ttl + 10, 0.05, "the dead process's leaves")
+    elapsed = time.monotonic() - killed
+    time.sleep(GRACE + 2)  # a vacate of the shared channel, or a repeat, would be in by now
+    events = stream(stack)
+    counted = collections.Counter((e["type"], e["channel"], e.get("user")) for e in events)
+    after = [(e["type"], e["channel"], e.get("user")) for e in events[5:]]
+    lost = len(expected - set(after))
+    duplicated = sum(n - 1 for n in counted.values() if n > 1) + len(set(after) - expected)
+    # Per channel: a user's leave comes before its channel's vacate.
+    reordered = int(after.index(("channel.vacated", alone, None)) < after.index(("presence.leave", alone, "alice")))
+    print(f"\nFAULT-FIGURES lost={lost} duplicated={duplicated} reordered={reordered}")
+    print(f"WEB-DEATH-FIGURES leave_and_vacated_after_kill={elapsed:.2f}s ttl={ttl}s bound={ttl + 5}s")
+    assert (lost, duplicated, reordered) == (0, 0, 0), after
+    assert elapsed <= ttl + 5
+    assert ("channel.vacated", shared, None) not in counted  # carol, on the living process, is still in
+    counts = stack.store().occupancy.counts(shared)
+    assert counts == (1, 1)
+    assert stack.store().occupancy.counts(alone) == (0, 0)
+    # The dead process is forgotten once its subscriptions are off the counts.
+    wait_until(lambda: len(stack.store().occupancy.nodes()) == 1, 5, what="the dead node to be forgotten")
+    for client in sockets:  # those of the dead process too: their sockets stay open until closed
+        client.close()
