@@ -55,9 +55,10 @@ def create_app(settings=None) -> Flask:
     services = Services(settings)
     app.extensions["herald"] = services
 
-    from web import api, cli, hub, ops, ratelimit
+    from web import api, cli, hub, ops, ratelimit, serverapi
 
     app.register_blueprint(api.blueprint)
+    serverapi.init_app(app, services)
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/api/v1/openapi.json", config={"app_name": "Herald"}))
     hub.init_app(app, services)
     cli.init_app(app)

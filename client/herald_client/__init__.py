@@ -13,7 +13,12 @@ It reconnects with capped exponential backoff and resumes every channel
 from the last offset it saw, so a dropped connection, or a close docs/protocol.md
 says to retry (1001 on a deploy, 1013, 4008, ...), loses no message. Only
 4001 (token refused) and 4003 (forbidden) end it, with `ServerClosed`;
-given `refresh_token`, a 4001 fetches a fresh token and goes on.
+given `refresh_token`, a 4001 fetches a fresh token and goes on. The
+channels a token lists (`channels`) resume too: the `connect` frame carries
+the last offset seen on each. A subscription the server API made lasts as
+long as the socket; one it ended is not resubscribed.
+
+`herald_client.server.HeraldServer` calls the server API (docs/server-api.md).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class HeraldClient:
         self.url, self.token, self.timeout, self.max_backoff = url, token, timeout, max_backoff
         self.refresh_token = refresh_token
         self.channels: dict[str, dict] = {}  # channel -> subscribe options, with the last offset seen
+        self.token_channels: dict[str, str] = {}  # the token's channels -> the last offset seen
         self.client_id: str | None = None
         self._refs = itertools.count(1)
         self._pending: list[dict] = []
@@ -80,7 +86,10 @@ class HeraldClient:
             self.token = self.refresh_token()
         self.close()
         self._sock = websocket.create_connection(self.url, timeout=self.timeout)
-        self._sock.send(json.dumps({"op": "connect", "token": self.token or ""}))
+        connect: dict = {"op": "connect", "token": self.token or ""}
+        if self.token_channels:
+            connect["since"] = self.token_channels
+        self._sock.send(json.dumps(connect))
         connected = self._receive(self.timeout)
         if connected.get("op") != "connected":
             raise RequestError(f"not connected: {connected}")
@@ -167,8 +176,17 @@ class HeraldClient:
             code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
             raise ServerClosed(code, data[2:].decode("utf-8", "replace"))
         frame = json.loads(data)
-        if frame.get("op") == "message" and frame.get("channel") in self.channels:
-            self.channels[frame["channel"]]["since"] = frame["offset"]
+        op, channel = frame.get("op"), frame.get("channel")
+        if op == "message":
+            if channel in self.channels:
+                self.channels[channel]["since"] = frame["offset"]
+            elif channel in self.token_channels:
+                self.token_channels[channel] = frame["offset"]
+        elif op == "subscribed" and frame.get("by") == "token":
+            # Resumed from where we were, or (first time, no message yet) from where the server stands.
+            self.token_channels.setdefault(channel, frame.get("offset") or "0-0")
+        elif op == "unsubscribed" and frame.get("by") == "server":
+            self.channels.pop(channel, None)
         return frame
 
     def _request(self, frame: dict) -> dict:
