@@ -16,7 +16,7 @@ from typing import Annotated
 
 import redis
 from flask import Blueprint, g, request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel
 
 from pipeline.core.messages import ChannelName
 from web import api
@@ -31,8 +31,9 @@ blueprint = Blueprint("serverapi", __name__, url_prefix="/api/v1")
 for _kind in ANSWERS:
     blueprint.register_error_handler(_kind, api.refused)
 
-FUTURE_SLACK = 60.0  # seconds an `issued_before` may lie ahead of this clock (another machine's)
 User = Annotated[str, Field(min_length=1, max_length=control.MAX_USER, description="the user (a token's `sub`)")]
+# JSON Schema's integer takes 4010.0 too; strict pydantic would not.
+WholeNumber = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 
 
 class _Request(BaseModel):
@@ -55,37 +56,39 @@ class UserChannelPath(_Request):
 class DisconnectBody(_Request):
     """How to close the user's sockets."""
 
-    code: int = Field(control.DISCONNECT_CODE, ge=4000, le=4999,
+    code: WholeNumber = Field(control.DISCONNECT_CODE, ge=4000, le=4999,
                       description="the close code, 4000-4999 (4010 by default)")
-    reason: Annotated[str, AfterValidator(control.check_reason)] = Field(
-        control.DISCONNECT_REASON, description=f"the close reason, at most {control.MAX_REASON_BYTES} bytes in UTF-8")
+    reason: Annotated[str, AfterValidator(control.clip_reason)] = Field(
+        control.DISCONNECT_REASON, max_length=control.MAX_REASON_BYTES,
+        description=f"the close reason, at most {control.MAX_REASON_BYTES} characters; cut to "
+                    f"{control.MAX_REASON_BYTES} bytes in UTF-8 (what a close frame carries)")
 
 
 class SubscribeBody(_Request):
     """The channel to subscribe the user's sockets to."""
 
-    channel: Annotated[str, AfterValidator(control.check_channel)]
+    channel: ChannelName
     since: StreamId | None = Field(None, description="replay the channel's history after this offset first")
 
 
-class RevocationBody(_Request):
-    """A token id, or a user (with the time before which that user's tokens are revoked: now by default)."""
+class TokenRevocation(_Request):
+    """One token, by its id."""
 
-    jti: str | None = Field(None, min_length=1, max_length=MAX_JTI, description="the token's `jti`")
-    user: User | None = None
-    issued_before: float | None = Field(None, ge=0, description="seconds since the epoch; tokens of `user` whose "
-                                                                "`iat` is earlier are revoked (default: now)")
+    jti: str = Field(min_length=1, max_length=MAX_JTI, description="the token's `jti`")
 
-    @model_validator(mode="after")
-    def one_kind(self):
-        """Either `jti`, or `user` (with an optional `issued_before`)."""
-        if (self.jti is None) == (self.user is None):
-            raise ValueError("give either jti, or user (with an optional issued_before)")
-        if self.jti is not None and self.issued_before is not None:
-            raise ValueError("issued_before goes with user, not jti")
-        if self.issued_before is not None and self.issued_before > time.time() + FUTURE_SLACK:
-            raise ValueError("issued_before may not lie in the future")
-        return self
+
+class UserRevocation(_Request):
+    """Every token of a user issued before a time."""
+
+    user: User
+    issued_before: float | None = Field(
+        None, ge=0, lt=1e11, description="seconds since the epoch (default: now); tokens of `user` whose `iat` is "
+                                         "earlier are revoked. A time ahead also refuses the tokens issued until "
+                                         "then. A user's cut-off only moves forward.")
+
+
+class RevocationBody(RootModel[TokenRevocation | UserRevocation]):
+    """A token id, or a user (with the time before which that user's tokens are revoked)."""
 
 
 class Published(BaseModel):
@@ -167,13 +170,12 @@ def unsubscribe(identity: Identity, path: UserChannelPath):
                         answers=_answers("Stored, and published to the web processes", Revoked), tags=("server",))
 def revoke(identity: Identity, body: RevocationBody):
     revocations = api.services().hub.revocations
-    if body.jti is not None:
-        lapses = revocations.record_token(body.jti)
-        return _published(control.RevokeToken(body.jti, lapses), jti=body.jti, lapses=lapses)
-    assert body.user is not None  # one_kind
-    cutoff = revocations.record_user(body.user, body.issued_before if body.issued_before is not None
-                                     else time.time())
-    return _published(control.RevokeUser(body.user, cutoff), user=body.user, issued_before=cutoff)
+    kind = body.root
+    if isinstance(kind, TokenRevocation):
+        lapses = revocations.record_token(kind.jti)
+        return _published(control.RevokeToken(kind.jti, lapses), jti=kind.jti, lapses=lapses)
+    cutoff = revocations.record_user(kind.user, kind.issued_before if kind.issued_before is not None else time.time())
+    return _published(control.RevokeUser(kind.user, cutoff), user=kind.user, issued_before=cutoff)
 
 
 def init_app(app, services) -> None:

@@ -123,14 +123,15 @@ def test_disconnect_closes_every_socket_of_the_user_on_both_processes_within_a_s
 
 
 def test_disconnect_with_a_code_and_reason_of_its_own(stack, admin):
-    user = unique()
+    user = unique("ünï")
     client = connected(stack.webs[1], stack.token(user))
     results, threads = closes([client])
+    # 100 characters, 200 bytes: cut to the 120 bytes a close frame takes, on a character's boundary.
     status, _ = call(stack.webs[0], admin, "POST", f"/users/{quote(user)}/disconnect",
-                     {"code": 4321, "reason": "banné"})
+                     {"code": 4321, "reason": "é" * 100})
     assert status == 202
     threads[0].join(5)
-    assert results[0][:2] == (4321, "banné")
+    assert results[0][:2] == (4321, "é" * 60)
 
 
 # -- subscribe and unsubscribe --------------------------------------------------------
@@ -388,7 +389,6 @@ def test_the_python_helper_drives_the_server_api(stack, admin):
     ("/users/u/disconnect", {"code": "4010"}, 422),
     ("/users/u/disconnect", {"code": True}, 422),
     ("/users/u/disconnect", {"reason": "x" * 121}, 422),
-    ("/users/u/disconnect", {"reason": "é" * 61}, 422),
     ("/users/u/disconnect", {"colour": "red"}, 422),
     ("/users/u/disconnect", {"reason": "x" * 10_000}, 413),
     (f"/users/{'u' * 300}/disconnect", {}, 400),
@@ -399,7 +399,8 @@ def test_the_python_helper_drives_the_server_api(stack, admin):
     ("/revocations", {"jti": "a", "user": "u"}, 422),
     ("/revocations", {"jti": "j" * 129}, 422),
     ("/revocations", {"jti": "a", "issued_before": 1}, 422),
-    ("/revocations", {"user": "u", "issued_before": time.time() + 3600}, 422),
+    ("/revocations", {"user": "u", "issued_before": 1e12}, 422),  # milliseconds, by mistake
+    ("/revocations", {"user": "u", "issued_before": -1}, 422),
     ("/revocations", {"user": "u", "issued_before": "now"}, 422),
 ])
 def test_hostile_bodies_are_refused(stack, admin, path, body, status):

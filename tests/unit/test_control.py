@@ -87,3 +87,14 @@ def test_out_of_bounds_commands_cannot_be_made(make):
 def test_hostile_payloads_are_refused(payload):
     with pytest.raises(BadCommand):
         decode(payload)
+
+
+@pytest.mark.parametrize("reason, clipped", [
+    ("short", "short"),
+    ("x" * 200, "x" * 120),
+    ("é" * 61, "é" * 60),  # 122 bytes: the last character would be cut in half
+    ("a\ud800b", "a?b"),
+])
+def test_a_reason_is_clipped_to_what_a_close_frame_carries(reason, clipped):
+    assert control.clip_reason(reason) == clipped
+    assert control.check_reason(clipped) == clipped

@@ -65,6 +65,12 @@ def check_reason(reason: object) -> str:
     return reason  # type: ignore[return-value]
 
 
+def clip_reason(reason: str) -> str:
+    """A close reason cut to MAX_REASON_BYTES bytes in UTF-8, on a character's boundary (what
+    cannot be encoded, a lone surrogate, becomes '?')."""
+    return reason.encode(errors="replace")[:MAX_REASON_BYTES].decode(errors="ignore")
+
+
 def check_channel(channel: object) -> str:
     """A channel name."""
     if not valid_channel(channel):
