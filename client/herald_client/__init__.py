@@ -12,7 +12,8 @@ scripts and apps that subscribe need none of the server's dependencies.
 It reconnects with capped exponential backoff and resumes every channel
 from the last offset it saw, so a dropped connection, or a close docs/protocol.md
 says to retry (1001 on a deploy, 1013, 4008, ...), loses no message. Only
-4001 (token refused) and 4003 (forbidden) end it, with `ServerClosed`;
+4001 (token refused), 4003 (forbidden) and 4010 (disconnected by the server
+API) end it, with `ServerClosed`;
 given `refresh_token`, a 4001 fetches a fresh token and goes on. The
 channels a token lists (`channels`) resume too: the `connect` frame carries
 the last offset seen on each. A subscription the server API made lasts as
@@ -33,6 +34,7 @@ import websocket
 
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
+CLOSE_DISCONNECTED = 4010  # the backend disconnected this user (docs/server-api.md): not undone by a reconnect
 
 
 class HeraldError(Exception):
@@ -205,7 +207,7 @@ class HeraldClient:
     def _reconnect(self, closed: ServerClosed | None = None) -> None:
         refreshed = False
         for attempt in itertools.count():
-            if closed is not None and closed.code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN):
+            if closed is not None and closed.code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_DISCONNECTED):
                 # A fresh token refused at once will be refused again: stop there.
                 if closed.code != CLOSE_UNAUTHORIZED or self.refresh_token is None or refreshed:
                     self.close()

@@ -449,3 +449,16 @@ def test_a_bad_since_on_connect_is_refused(stack, since):
 def test_a_command_for_a_user_with_no_sockets_costs_nothing(stack, admin):
     status, answer = call(stack.webs[0], admin, "POST", f"/users/{unique()}/disconnect", {})
     assert status == 202 and answer["hubs"] >= 2
+
+
+def test_the_python_client_ends_on_a_server_disconnect(stack, admin):
+    from herald_client import HeraldClient, ServerClosed
+    from herald_client.server import HeraldServer
+
+    user = unique()
+    with HeraldClient(f"ws://127.0.0.1:{stack.webs[1].port}/ws", stack.token(user)) as herald:
+        HeraldServer(stack.webs[0].base, admin).disconnect(user)
+        with pytest.raises(ServerClosed) as closed:
+            for _ in herald.frames(timeout=10):
+                pass
+    assert closed.value.code == 4010
