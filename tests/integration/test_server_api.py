@@ -263,7 +263,8 @@ def test_a_process_started_or_relinked_after_a_revocation_refuses_the_token(stac
         results, threads = closes([client], timeout=20)
         store = stack.store()
         store.redis.zadd(store.keys.revoked_tokens, {jti_of(missed): time.time() + 600})
-        killed = redis.Redis.from_url(stack.redis_url).client_kill_filter(_type="pubsub")
+        with redis.Redis.from_url(stack.redis_url) as admin_link:
+            killed = admin_link.client_kill_filter(_type="pubsub")
         assert killed >= 1
         threads[0].join(20)
         assert results[0] is not None and results[0][:2] == (4001, "token revoked")
@@ -462,3 +463,17 @@ def test_the_python_client_ends_on_a_server_disconnect(stack, admin):
             for _ in herald.frames(timeout=10):
                 pass
     assert closed.value.code == 4010
+
+
+def test_a_server_subscribe_to_a_channel_the_socket_has_changes_nothing(stack, admin):
+    user, channel = unique(), unique("room")
+    client = connected(stack.webs[0], stack.token(user))
+    client.subscribe(channel, presence=True)
+    call(stack.webs[1], admin, "POST", f"/users/{user}/subscriptions", {"channel": channel})
+    sent = publish(stack.webs[0], stack.token("sender"), channel, 1)
+    seen = client.drain(2.0)
+    assert [f["id"] for f in seen if f.get("op") == "message"] == [sent]
+    assert not [f for f in seen if f.get("op") == "subscribed"]
+    status, _, presence = stack.webs[0].request("GET", f"/api/v1/channels/{channel}/presence", token=admin)
+    assert status == 200 and [c["user"] for c in presence["clients"]] == [user]
+    client.close()

@@ -252,9 +252,14 @@ class Protocol:
                 return
             try:
                 if op.subscribe:
-                    fields = {"op": "subscribe", "channel": channel}
+                    current = client.subscriptions.get(channel)
+                    if current is not None and channel not in op.since:
+                        continue  # subscribed already, and no replay asked: nothing to do
+                    fields: dict = {"op": "subscribe", "channel": channel}
                     if channel in op.since:
                         fields["since"] = op.since[channel]
+                    if current is not None:  # a replay asked: the client's own options stay
+                        fields.update(status=current.status, presence=current.presence)
                     self._subscribe(client, frames.Subscribe.model_validate(fields), None, by=op.by)
                 elif channel in client.subscriptions:
                     self._unsubscribe(client, channel)
