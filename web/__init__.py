@@ -55,11 +55,12 @@ def create_app(settings=None) -> Flask:
     services = Services(settings)
     app.extensions["herald"] = services
 
-    from web import api, channels, cli, hub, ops, ratelimit, webhooks
+    from web import api, channels, cli, hub, ops, ratelimit, serverapi, webhooks
 
     app.register_blueprint(api.blueprint)
     app.register_blueprint(webhooks.blueprint)
     app.register_blueprint(channels.blueprint)
+    serverapi.init_app(app, services)
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/api/v1/openapi.json", config={"app_name": "Herald"}))
     hub.init_app(app, services)
     cli.init_app(app)

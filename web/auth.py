@@ -1,17 +1,20 @@
-"""Bearer tokens: HS256 JWTs with `sub`, `exp`, `publish`/`subscribe` channel globs and `admin`."""
+"""Bearer tokens: HS256 JWTs with `sub`, `exp`, `publish`/`subscribe` channel globs and `admin`; optionally
+`jti` and `iat` (what a revocation names: docs/server-api.md) and `channels` (subscribed on connect)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 import time
 
 import jwt
 
 from pipeline.core.errors import Refused
-from pipeline.core.messages import channel_allowed
+from pipeline.core.messages import channel_allowed, valid_channel
 
 LEEWAY_SECONDS = 10
+MAX_JTI = 128  # characters of a token id: a revocation names one, and the hubs keep it in memory
 
 
 class AuthError(Refused):
@@ -27,6 +30,9 @@ class Identity:
     subscribe: tuple[str, ...] = ()
     admin: bool = False
     expires: float | None = None
+    jti: str | None = None        # the token's id: revocable by it
+    issued: float | None = None   # `iat`: revocable by a user's `issued_before`
+    channels: tuple[str, ...] = ()  # subscribed on connect (web/hub/protocol.py)
 
     def may_publish(self, channel: str) -> bool:
         """True when a `publish` glob covers the channel."""
@@ -52,6 +58,9 @@ def verify(token: str | None, settings) -> Identity:
     # Checked on every use: a token verified earlier may have expired since.
     if identity.expires + LEEWAY_SECONDS < time.time():
         raise AuthError("the token has expired")
+    if len(identity.channels) > settings.ws_max_subscriptions:
+        raise AuthError(f"the token's channels claim lists more than {settings.ws_max_subscriptions} channels "
+                        f"(HERALD_WS_MAX_SUBSCRIPTIONS)")
     return identity
 
 
@@ -69,12 +78,21 @@ def _decode(token: str, secret: str) -> Identity:
         raise AuthError("the token has expired") from None
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"the token is invalid: {exc}") from None
+    jti, issued, channels = claims.get("jti"), claims.get("iat"), claims.get("channels", [])
+    if jti is not None and not (isinstance(jti, str) and 0 < len(jti) <= MAX_JTI):
+        raise AuthError(f"the token is invalid: jti must be a string of 1 to {MAX_JTI} characters")
+    if not isinstance(channels, list) or not all(valid_channel(channel) for channel in channels):
+        raise AuthError("the token is invalid: channels must be a list of channel names")
     return Identity(
         user=str(claims["sub"]),
         publish=_globs(claims.get("publish")),
         subscribe=_globs(claims.get("subscribe")),
         admin=claims.get("admin") is True,
         expires=float(claims["exp"]),
+        jti=jti,
+        # PyJWT checked that `iat`, when present, is a number.
+        issued=float(issued) if issued is not None else None,
+        channels=tuple(dict.fromkeys(channels)),
     )
 
 
@@ -86,13 +104,17 @@ def bearer(header: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def mint(settings, sub: str, *, publish=("*",), subscribe=("*",), admin=False, ttl: int = 3600) -> str:
-    """Sign a token (for `flask token`, `make dev` and tests)."""
+def mint(settings, sub: str, *, publish=("*",), subscribe=("*",), admin=False, ttl: int = 3600,
+         channels=()) -> str:
+    """Sign a token (for `flask token`, `make dev` and tests), with a random `jti` and `iat`
+    so that it can be revoked."""
     if not settings.secret_key:
         raise AuthError("HERALD_SECRET_KEY is not set")
-    now = int(time.time())
-    claims = {"sub": sub, "iat": now, "exp": now + ttl, "publish": list(publish),
-              "subscribe": list(subscribe), "admin": admin}
+    now = time.time()
+    claims = {"sub": sub, "jti": secrets.token_urlsafe(12), "iat": now, "exp": int(now) + ttl,
+              "publish": list(publish), "subscribe": list(subscribe), "admin": admin}
+    if channels:
+        claims["channels"] = list(channels)
     return jwt.encode(claims, settings.secret_key, algorithm="HS256")
 
 

@@ -12,8 +12,14 @@ scripts and apps that subscribe need none of the server's dependencies.
 It reconnects with capped exponential backoff and resumes every channel
 from the last offset it saw, so a dropped connection, or a close docs/protocol.md
 says to retry (1001 on a deploy, 1013, 4008, ...), loses no message. Only
-4001 (token refused) and 4003 (forbidden) end it, with `ServerClosed`;
-given `refresh_token`, a 4001 fetches a fresh token and goes on.
+4001 (token refused), 4003 (forbidden) and 4010 (disconnected by the server
+API) end it, with `ServerClosed`;
+given `refresh_token`, a 4001 fetches a fresh token and goes on. The
+channels a token lists (`channels`) resume too: the `connect` frame carries
+the last offset seen on each. A subscription the server API made lasts as
+long as the socket; one it ended is not resubscribed.
+
+`herald_client.server.HeraldServer` calls the server API (docs/server-api.md).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import websocket
 
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
+CLOSE_DISCONNECTED = 4010  # the backend disconnected this user (docs/server-api.md): not undone by a reconnect
 
 
 class HeraldError(Exception):
@@ -62,6 +69,7 @@ class HeraldClient:
         self.url, self.token, self.timeout, self.max_backoff = url, token, timeout, max_backoff
         self.refresh_token = refresh_token
         self.channels: dict[str, dict] = {}  # channel -> subscribe options, with the last offset seen
+        self.token_channels: dict[str, str] = {}  # the token's channels -> the last offset seen
         self.client_id: str | None = None
         self._refs = itertools.count(1)
         self._pending: list[dict] = []
@@ -80,7 +88,10 @@ class HeraldClient:
             self.token = self.refresh_token()
         self.close()
         self._sock = websocket.create_connection(self.url, timeout=self.timeout)
-        self._sock.send(json.dumps({"op": "connect", "token": self.token or ""}))
+        connect: dict = {"op": "connect", "token": self.token or ""}
+        if self.token_channels:
+            connect["since"] = self.token_channels
+        self._sock.send(json.dumps(connect))
         connected = self._receive(self.timeout)
         if connected.get("op") != "connected":
             raise RequestError(f"not connected: {connected}")
@@ -167,8 +178,17 @@ class HeraldClient:
             code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
             raise ServerClosed(code, data[2:].decode("utf-8", "replace"))
         frame = json.loads(data)
-        if frame.get("op") == "message" and frame.get("channel") in self.channels:
-            self.channels[frame["channel"]]["since"] = frame["offset"]
+        op, channel = frame.get("op"), frame.get("channel")
+        if op == "message":
+            if channel in self.channels:
+                self.channels[channel]["since"] = frame["offset"]
+            elif channel in self.token_channels:
+                self.token_channels[channel] = frame["offset"]
+        elif op == "subscribed" and frame.get("by") == "token":
+            # Resumed from where we were, or (first time, no message yet) from where the server stands.
+            self.token_channels.setdefault(channel, frame.get("offset") or "0-0")
+        elif op == "unsubscribed" and frame.get("by") == "server":
+            self.channels.pop(channel, None)
         return frame
 
     def _request(self, frame: dict) -> dict:
@@ -187,7 +207,7 @@ class HeraldClient:
     def _reconnect(self, closed: ServerClosed | None = None) -> None:
         refreshed = False
         for attempt in itertools.count():
-            if closed is not None and closed.code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN):
+            if closed is not None and closed.code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_DISCONNECTED):
                 # A fresh token refused at once will be refused again: stop there.
                 if closed.code != CLOSE_UNAUTHORIZED or self.refresh_token is None or refreshed:
                     self.close()

@@ -13,6 +13,7 @@ limits"). The parts:
 - `errors`: the hub's refusals, and the one table of their WebSocket error codes;
 - `presence`: who is in a channel, this node's heartbeat, and reaping dead nodes' entries;
 - `occupancy`: subscriptions counted cluster-wide, and their webhook events;
+- `control`: the server API's commands (disconnect, subscribe a user, revoke), read on the control channel;
 - `batch`: one Redis round trip for a burst of connects and subscribes;
 - `frames`: the protocol's frames as models, and its AsyncAPI document.
 """
@@ -32,30 +33,78 @@ from flask_sock import Sock
 from pipeline.core.messages import origin_of
 from pipeline.store.keys import Keys
 from web.hub.occupancy import Occupancy
+from web.hub.control import Control
 from web.hub.presence import Presence
 from web.hub.protocol import CLOSE_GOING_AWAY, Protocol
 from web.hub.router import Router
 from web.hub.transport import NoThread
 from web.problems import problem
+from web.revocations import Revocations
 
 log = logging.getLogger("herald.hub")
 
 SHUTDOWN_WAIT = 5.0  # seconds a stopping process waits for its clients' close frames to go out
 
 
+class Clients(dict):
+    """This process's clients by id, indexed also by user and by token id as they are added
+    and removed, so that a server API command finds a user's sockets without a walk over all."""
+
+    def __init__(self):
+        super().__init__()
+        self._users: dict[str, dict[str, object]] = {}
+        self._tokens: dict[str, dict[str, object]] = {}
+
+    def __setitem__(self, client_id, client) -> None:
+        super().__setitem__(client_id, client)
+        self._users.setdefault(client.identity.user, {})[client_id] = client
+        if client.identity.jti is not None:
+            self._tokens.setdefault(client.identity.jti, {})[client_id] = client
+
+    def pop(self, client_id, default=None):
+        """Remove a client from the map and from both indexes; `default` when it is not there."""
+        client = super().pop(client_id, None)
+        if client is None:
+            return default
+        _unindex(self._users, client.identity.user, client_id)
+        if client.identity.jti is not None:
+            _unindex(self._tokens, client.identity.jti, client_id)
+        return client
+
+    def of_user(self, user: str) -> list:
+        """The user's live clients in this process."""
+        return list(self._users.get(user, {}).values())
+
+    def of_token(self, jti: str) -> list:
+        """The live clients in this process connected with the token `jti`."""
+        return list(self._tokens.get(jti, {}).values())
+
+
+def _unindex(index: dict, key: str, client_id: str) -> None:
+    entries = index.get(key)
+    if entries is not None:
+        entries.pop(client_id, None)
+        if not entries:
+            del index[key]
+
+
 class Hub:
-    """This process's clients, router, protocol and presence."""
+    """This process's clients, router, protocol, presence, and the server API's control."""
 
     def __init__(self, services):
         self.services = services
         self.settings = services.settings
         self.node = self.settings.node_id
-        self.clients: dict = {}
+        self.clients = Clients()
         self.running = False
         self.occupancy = Occupancy(services.store, services.outbox, self.settings, self.node)
         self.presence = Presence(services.store, self.settings, self.node, self.occupancy)
+        self.presence = Presence(services.store, self.settings, self.node)
+        self.revocations = Revocations(services)
+        self.control = Control(self)
         self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node,
-                             self.clients, services.store.history)
+                             self.clients, services.store.history, on_control=self.control.handle,
+                             on_connect=self._linked)
         self.protocol = Protocol(self)
 
     def start(self) -> None:
@@ -77,6 +126,15 @@ class Hub:
         deadline = time.monotonic() + SHUTDOWN_WAIT
         while self.clients and time.monotonic() < deadline:
             gevent.sleep(0.05)
+
+    def _linked(self, reconnecting: bool) -> None:
+        # The control channel is subscribed: read the revocations now, and
+        # close the sockets of those published while the link was down.
+        self.revocations.load()
+        if reconnecting:
+            closed = self.control.close_revoked()
+            if closed:
+                log.info("revoked sockets closed after reconnect", extra={"sockets": closed})
 
     def member(self, client_id: str) -> str:
         """The client's name in the cluster-wide connection counts."""

@@ -8,7 +8,7 @@ tests/integration/test_ws_frames.py, so the document cannot drift from them.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
@@ -26,11 +26,19 @@ class _Frame(BaseModel):
 
 
 # -- what a client sends --------------------------------------------------
+Offset = Annotated[str, Field(pattern=streamids.PATTERN)]
+
+
 class Connect(_Frame):
     """The first frame, when the token is not in the URL (`?token=`)."""
 
     op: Literal["connect"]
     token: str
+    # None stands only for "absent"; the type stays a map: a null is refused.
+    since: dict[ChannelName, Offset] = Field(
+        None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
+        description="for the token's `channels`: the `offset` of the last message seen on each, to resume "
+                    "after it (at most HERALD_WS_MAX_SUBSCRIPTIONS entries; other channels are ignored)")
     ref: Any = Ref
 
 
@@ -92,6 +100,10 @@ class Subscribed(_Frame):
     # None stands only for "absent"; the type stays `bool`: the frame never carries a null.
     more: bool = Field(None, json_schema_extra=no_null_default,  # type: ignore[assignment]
                        description="more replay pages follow")
+    by: Literal["server", "token"] = Field(
+        None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
+        description="absent when the client asked; `server`: the server API subscribed it; `token`: one of "
+                    "its token's `channels`, subscribed on connect")
     ref: Any = Ref
 
 
@@ -100,6 +112,8 @@ class Unsubscribed(_Frame):
 
     op: Literal["unsubscribed"]
     channel: str
+    by: Literal["server"] = Field(None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
+                                  description="absent when the client asked; `server`: the server API ended it")
     ref: Any = Ref
 
 

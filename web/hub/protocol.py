@@ -28,7 +28,7 @@ from pipeline.core.errors import (
     InvalidInput,
     Refused,
 )
-from pipeline.core.messages import CHANNEL_RE, dumps, field_errors, loads, new_id, parse_publish
+from pipeline.core.messages import CHANNEL_RE, dumps, field_errors, loads, new_id, parse_publish, valid_channel
 from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.core.streamids import from_key as _format_sid
 from pipeline.core.streamids import key as stream_id_key
@@ -37,6 +37,8 @@ from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.authorize import PUBLISH, SUBSCRIBE
 from web.hub import frames
 from web.hub.batch import Batcher
+from web.hub.control import REVOKED_REASON
+from web.hub.control import Subscribe as SubscribeCommand
 from web.hub.errors import BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
 from web.hub.router import Subscription
 from web.hub.transport import ABNORMAL_CLOSURE, LoopWatcher, WebSocket, wire_frame
@@ -64,6 +66,22 @@ SINCE_PROBLEM = "since is an offset from a message frame"
 CLIENT_OPS: dict[str, type[frames.Ping | frames.Subscribe | frames.Unsubscribe | frames.PublishOp]] = {
     "ping": frames.Ping, "subscribe": frames.Subscribe, "unsubscribe": frames.Unsubscribe, "publish": frames.PublishOp}
 DROP_WAIT = 60.0  # seconds a closed client's cleanup waits for its op under way (bounded by Redis timeouts)
+SINCE_MAP_PROBLEM = "since must map channel names to offsets from message frames"
+BY_SERVER, BY_TOKEN = "server", "token"  # the `by` of a subscription the client did not ask for
+
+
+class ServerOp:
+    """Subscribes or unsubscribes the server makes for a client (a server API command, a
+    token's `channels`), queued in the client's inbox as one entry: they run in order with
+    the client's own ops, through the same code, in the client's op greenlet."""
+
+    __slots__ = ("channels", "subscribe", "since", "by")
+
+    def __init__(self, channels: tuple[str, ...], subscribe: bool, since: dict[str, str], by: str):
+        self.channels, self.subscribe, self.since, self.by = channels, subscribe, since, by
+
+    def __len__(self) -> int:
+        return 0  # the inbox's byte bound counts what the client sent, not this
 
 
 class Client:
@@ -136,9 +154,10 @@ class Protocol:
             # Shutting down: send the client to another process now.
             ws.close(CLOSE_GOING_AWAY, "server going away")
             return
-        identity = self._authenticate(ws, request.args.get("token"))
-        if identity is None:
+        authenticated = self._authenticate(ws, request.args.get("token"))
+        if authenticated is None:
             return
+        identity, since = authenticated
         client_id = new_id()
         try:
             over = self._claim(self.hub.member(client_id), identity.user, remote)
@@ -164,11 +183,17 @@ class Protocol:
                                                          + 0.05)
             client.expiry.start(ws.close, CLOSE_UNAUTHORIZED, "token expired")
         ws.start(lambda raw: self._received(client, raw), lambda: gevent.spawn(self._drop, client))
+        # The token's channels, as if the client had subscribed (resuming after the
+        # connect frame's `since`): queued before any frame it sends is read.
+        if identity.channels:
+            self._enqueue(client, ServerOp(identity.channels, True, since, BY_TOKEN))
 
     def _authenticate(self, ws: WebSocket, token):
         # One deadline from the upgrade: pings and parts of a frame do not
         # extend it, and nothing is answered before it is met.
+        # Returns (identity, the connect frame's `since` map), or None once it closed the socket.
         ref = None
+        since: dict = {}
         if token is None and self.settings.auth:
             raw = ws.read_message(time.monotonic() + CONNECT_TIMEOUT)
             if raw is None:
@@ -182,12 +207,72 @@ class Protocol:
             if not isinstance(token, str):
                 ws.close(CLOSE_UNAUTHORIZED, "token must be a string")
                 return None
+            since = frame.get("since", {})
+            if not self._valid_since(since):
+                ws.close(CLOSE_POLICY, SINCE_MAP_PROBLEM)
+                return None
         try:
-            return verify(token, self.settings)
+            identity = verify(token, self.settings)
         except AuthError as exc:
             ws.close(CLOSE_UNAUTHORIZED, str(exc)[:120])
             log.info("ws unauthorized", extra={"error": str(exc), "ref": ref})
             return None
+        revocations = self.hub.revocations
+        try:
+            revocations.ensure_loaded()  # loaded at the link's connect; this is a request before it
+        except redis.RedisError as exc:
+            ws.close(CLOSE_TRY_AGAIN, "try again later")
+            log.warning("ws refused: revocations unavailable", extra={"user": identity.user, "error": str(exc)})
+            return None
+        if revocations.revoked(identity):
+            ws.close(CLOSE_UNAUTHORIZED, REVOKED_REASON)
+            log.info("ws unauthorized: token revoked", extra={"user": identity.user, "jti": identity.jti})
+            return None
+        return identity, since
+
+    def _valid_since(self, since) -> bool:
+        """A connect frame's `since`: at most HERALD_WS_MAX_SUBSCRIPTIONS channels, each to an offset."""
+        return (isinstance(since, dict) and len(since) <= self.settings.ws_max_subscriptions
+                and all(valid_channel(channel) and valid_stream_id(offset) for channel, offset in since.items()))
+
+    # -- what the server does for a client --------------------------------------
+    def by_server(self, client: Client, command) -> None:
+        """Queue a server API `subscribe` or `unsubscribe` command's op for one of the user's clients."""
+        subscribe = isinstance(command, SubscribeCommand)
+        since = {command.channel: command.since} if subscribe and command.since is not None else {}
+        self._enqueue(client, ServerOp((command.channel,), subscribe, since, BY_SERVER))
+
+    def _enqueue(self, client: Client, op: ServerOp) -> None:
+        if client.ws.closing:
+            return
+        client.inbox.append(op)
+        if client.worker is None:
+            client.worker = gevent.spawn(self._work, client)
+
+    def _server_op(self, client: Client, op: ServerOp) -> None:
+        for channel in op.channels:
+            if client.ws.closing:
+                return
+            try:
+                if op.subscribe:
+                    current = client.subscriptions.get(channel)
+                    if current is not None and channel not in op.since:
+                        continue  # subscribed already, and no replay asked: nothing to do
+                    fields: dict = {"op": "subscribe", "channel": channel}
+                    if channel in op.since:
+                        fields["since"] = op.since[channel]
+                    if current is not None:  # a replay asked: the client's own options stay
+                        fields.update(status=current.status, presence=current.presence)
+                    self._subscribe(client, frames.Subscribe.model_validate(fields), None, by=op.by)
+                elif channel in client.subscriptions:
+                    self._unsubscribe(client, channel)
+                    client.send({"op": "unsubscribed", "channel": channel, "by": op.by})
+            except (Unavailable, Refused) as exc:
+                log.warning("server op failed", extra={"client": client.id, "user": client.identity.user,
+                                                       "channel": channel, "by": op.by, "error": str(exc)})
+                if op.by == BY_TOKEN and isinstance(exc, Unavailable):
+                    # The client did not ask for it, so it would not ask again: it reconnects, and resumes.
+                    client.ws.close(CLOSE_TRY_AGAIN, "try again later")
 
     # -- frames ---------------------------------------------------------------
     def _received(self, client: Client, raw) -> None:
@@ -217,6 +302,15 @@ class Protocol:
             client.worker = None
 
     def _frame(self, client: Client, raw) -> None:
+        if isinstance(raw, ServerOp):
+            self._server_op(client, raw)
+            return
+        # A revoked token's socket is closed by the `revoke` command; a process that
+        # missed it (its link was down) refuses the next frame here, from its copy.
+        if self.hub.revocations.revoked(client.identity):
+            client.ws.close(CLOSE_UNAUTHORIZED, REVOKED_REASON)
+            log.info("ws closed: token revoked", extra={"client": client.id, "user": client.identity.user})
+            return
         frame = _parse(raw)
         ref = frame.get("ref") if isinstance(frame, dict) else None
         try:
@@ -259,9 +353,10 @@ class Protocol:
             self._publish(client, parsed, ref)
 
     # -- subscribe and resume -------------------------------------------------
-    def _subscribe(self, client: Client, frame: frames.Subscribe, ref) -> None:
+    def _subscribe(self, client: Client, frame: frames.Subscribe, ref, by: str | None = None) -> None:
         channel = frame.channel
-        if not self.services.permissions.allows(client.identity, SUBSCRIBE, channel):
+        # `by`: the server (or the token's `channels`) subscribes the client; it decides, not the globs.
+        if by is None and not self.services.permissions.allows(client.identity, SUBSCRIBE, channel):
             raise Forbidden(f"this token may not subscribe to {channel}")
         limit = self.settings.ws_max_subscriptions
         if channel not in client.subscriptions and len(client.subscriptions) >= limit:
@@ -319,6 +414,8 @@ class Protocol:
                  "replayed": len(replay)}
         if more:
             reply["more"] = True  # `replayed` and `offset` count the first page; more pages follow
+        if by is not None:
+            reply["by"] = by
         client.send(_with_ref(reply, ref))
         self._replay(client, channel, sub, replay, more)
         # Presence only for `presence: true` (web/hub/frames.py).

@@ -111,10 +111,15 @@ class Router:
     (docs/design.md: "Under faults", the hub catches up from history).
     """
 
-    def __init__(self, settings, keys, node: str, clients: dict, history):
+    def __init__(self, settings, keys, node: str, clients: dict, history, *, on_control=None, on_connect=None):
         self.settings = settings
         self.keys = keys
         self.node_channel = keys.node_channel(node)
+        # Subscribed always, beside the node channel: the server API's commands (web/hub/control.py).
+        self.control_channel = keys.control_channel
+        self._on_control = on_control or (lambda payload: None)
+        # Called once both are confirmed (at start and after each reconnect), before any message is read on.
+        self._on_connect = on_connect or (lambda reconnecting: None)
         self.index = Index()
         self._clients = clients                        # client id -> the hub's Client
         self._history = history                        # store.history
@@ -216,11 +221,11 @@ class Router:
                     link.close()
 
     def _connect(self, link, reconnecting: bool) -> None:
-        link.send(True, [self.node_channel])
+        link.send(True, [self.node_channel, self.control_channel])
         with self._lock:
-            self._unconfirmed = {self.node_channel: 1}
+            self._unconfirmed = {self.node_channel: 1, self.control_channel: 1}
             self._link = link
-            waiting = {self.node_channel, *self._users}
+            waiting = {self.node_channel, self.control_channel, *self._users}
             if self._users:
                 self._send(True, list(self._users))
         # Messages read before every channel is confirmed wait behind the
@@ -240,6 +245,7 @@ class Router:
                 self._confirmed(item)
                 if item["type"] == "subscribe":
                     waiting.discard(item["channel"])
+        self._on_connect(reconnecting)
         if reconnecting:
             self._catch_up()
         log.info("hub listening", extra={"node": self.node_channel, "channels": len(self._users)})
@@ -292,6 +298,10 @@ class Router:
         if name == self.node_channel:
             for payload in payloads:
                 self._to_client(payload)
+            return
+        if name == self.control_channel:
+            for payload in payloads:
+                self._on_control(payload)
             return
         kind, channel = self._kinds.get(name, ("", ""))
         if kind == "m":
