@@ -32,8 +32,8 @@ from flask_sock import Sock
 
 from pipeline.core.messages import origin_of
 from pipeline.store.keys import Keys
-from web.hub.occupancy import Occupancy
 from web.hub.control import Control
+from web.hub.occupancy import Occupancy
 from web.hub.presence import Presence
 from web.hub.protocol import CLOSE_GOING_AWAY, Protocol
 from web.hub.router import Router
@@ -99,7 +99,6 @@ class Hub:
         self.running = False
         self.occupancy = Occupancy(services.store, services.outbox, self.settings, self.node)
         self.presence = Presence(services.store, self.settings, self.node, self.occupancy)
-        self.presence = Presence(services.store, self.settings, self.node)
         self.revocations = Revocations(services)
         self.control = Control(self)
         self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node,
