@@ -195,6 +195,6 @@ def test_connection_closed_carries_the_close_code(stack, hooked):
     for _ in range(200):
         client.send({"op": "ping"})
     assert close_code(client) == 4029
+    client.close()  # the server's close is answered: its socket goes now, not after CLOSE_WAIT
     closed = closed_event(stack, client_id)
     assert closed["code"] == 4029 and closed["reason"].startswith("too many frames")
-    client.close()
