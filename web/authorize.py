@@ -12,8 +12,6 @@ failure, decided by HERALD_AUTHORIZE_ON_TIMEOUT.
 from __future__ import annotations
 
 import collections
-import hashlib
-import hmac
 import json
 import logging
 import threading
@@ -24,11 +22,10 @@ import gevent
 import urllib3
 
 from pipeline.core.metrics import AUTHORIZE_CACHE_HITS, AUTHORIZE_CALLS, AUTHORIZE_LATENCY
+from pipeline.webhooks.signing import SIGNATURE_HEADER, signature
 from web.auth import Identity
 
 SUBSCRIBE, PUBLISH = "subscribe", "publish"
-# The header signing a call, and its form: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
-SIGNATURE_HEADER = "Herald-Signature"
 # `{"allow": false}` is 16 bytes: anything near this is not an answer.
 MAX_ANSWER_BYTES = 4096
 # Answers cached per process, at most (about 200 bytes each).
@@ -43,12 +40,6 @@ log = logging.getLogger("herald.authorize")
 class AuthorizeFailed(Exception):
     """The endpoint gave no answer: a timeout, a refused connection, a status other than
     2xx or 403, or a body that is not `{"allow": <bool>}` within MAX_ANSWER_BYTES."""
-
-
-def signature(secret: str, body: bytes, timestamp: int) -> str:
-    """The Herald-Signature header's value for `body` sent at `timestamp` (unix seconds)."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
 
 
 class Answers:
@@ -194,7 +185,7 @@ class Endpoint:
         body = json.dumps({"user": user, "channel": channel, "op": op}, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.secret:
-            headers[SIGNATURE_HEADER] = signature(self.secret, body, int(time.time()))
+            headers[SIGNATURE_HEADER] = signature(self.secret, body)
         # The socket timeouts bound each read; this bounds them all together
         # (a drip of a byte a second would pass every read's timeout).
         with gevent.Timeout(seconds, AuthorizeFailed(f"no answer within {seconds:.3f}s")):

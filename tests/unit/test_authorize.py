@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from web.authorize import Answers, AuthorizeFailed, Decider, SingleFlight, _allow, signature
+from pipeline.webhooks.signing import signature
+from web.authorize import Answers, AuthorizeFailed, Decider, SingleFlight, _allow
 
 
 class Clock:
