@@ -1,33 +1,30 @@
 """kill -9 of a web process (docs/occupancy.md: "A web process that dies"): the presence
 reaper takes its subscriptions off the counts once its liveness key lapses, and its users'
-`presence.leave` and their channels' `channel.vacated` are in the webhook stream within
-HERALD_PRESENCE_TTL + 5 s, once each; a channel with a subscriber on a living process stays
-occupied."""
+`presence.leave` and their channels' `channel.vacated` reach a real webhook receiver (through
+the bridge's starter and a worker's delivery task) within HERALD_PRESENCE_TTL + 5 s, once
+each; a channel with a subscriber on a living process stays occupied."""
 
 from __future__ import annotations
 
 import collections
-import json
 import time
 
 import pytest
 
-from pipeline.webhooks import EVENT_FIELD
 from tests.harness import wait_until
+from tests.receivers import Receiver
 
 GRACE = 2.0
 
 
-def stream(stack) -> list[dict]:
-    return [json.loads(fields[EVENT_FIELD])
-            for _id, fields in stack.store().redis.xrange(stack.store().keys.events)]
-
-
 @pytest.mark.parametrize("ttl", [3, 6])
 def test_kill_9_of_the_process_holding_the_last_subscriber(make_stack, ttl):
+    receiver = Receiver().start()
     stack = make_stack(env={"HERALD_PRESENCE_TTL": ttl, "HERALD_PRESENCE_GRACE": GRACE,
-                            "HERALD_WEBHOOK_URL": "http://127.0.0.1:9/hook presence.*,channel.*",
+                            "HERALD_WEBHOOK_URL": f"{receiver.url} presence.*,channel.*",
                             "HERALD_WEBHOOK_SECRET": "s" * 40, "HERALD_WEBHOOK_MAX_DELAY": 2})
+    stack.worker()
+    stack.bridge()
     doomed, survivor = stack.web("web-doomed"), stack.web("web-survivor")
     alone, shared = "room:alone", "room:shared"
     sockets = []
@@ -35,7 +32,7 @@ def test_kill_9_of_the_process_holding_the_last_subscriber(make_stack, ttl):
         client = web.ws(stack.token(user))
         client.subscribe(channel)
         sockets.append(client)
-    wait_until(lambda: len(stream(stack)) == 5, 5, what="the joins")  # 2 occupied, 3 joins
+    wait_until(lambda: len(receiver.events()) == 5, 20, what="the joins")  # 2 occupied, 3 joins
 
     doomed.proc.kill()
     killed = time.monotonic()
@@ -43,12 +40,12 @@ def test_kill_9_of_the_process_holding_the_last_subscriber(make_stack, ttl):
                 ("presence.leave", shared, "bob")}
 
     def seen():
-        return {(e["type"], e["channel"], e.get("user")) for e in stream(stack)}
+        return {(e["type"], e["channel"], e.get("user")) for e in receiver.events()}
 
     wait_until(lambda: expected <= seen(), ttl + 10, 0.05, "the dead process's leaves")
     elapsed = time.monotonic() - killed
     time.sleep(GRACE + 2)  # a vacate of the shared channel, or a repeat, would be in by now
-    events = stream(stack)
+    events = receiver.events()
     counted = collections.Counter((e["type"], e["channel"], e.get("user")) for e in events)
     after = [(e["type"], e["channel"], e.get("user")) for e in events[5:]]
     lost = len(expected - set(after))
@@ -67,3 +64,4 @@ def test_kill_9_of_the_process_holding_the_last_subscriber(make_stack, ttl):
     wait_until(lambda: len(stack.store().occupancy.nodes()) == 1, 5, what="the dead node to be forgotten")
     for client in sockets:  # those of the dead process too: their sockets stay open until closed
         client.close()
+    receiver.stop()
