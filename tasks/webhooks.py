@@ -85,5 +85,5 @@ def register(app, settings):
             # The lease lapses; the bridge starts the receiver's delivery again.
             log.warning("webhook delivery stopped: Redis failed", extra={"receiver": receiver, "error": str(exc)})
             return "error"
-        return str(outcome)
+        return outcome.value
     return deliver_webhooks

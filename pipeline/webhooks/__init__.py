@@ -4,6 +4,11 @@ Web processes and workers append events (`Outbox.emit`, or an occupancy
 script that appends the events its transition decides); each receiver reads
 the stream from a cursor of its own, in order, so a channel's events reach it
 in the order they were appended.
+
+- `signing`: the Herald-Signature header and `verify`, what a receiver checks;
+- `sender`: one POST, bounded in time and in what it reads;
+- `delivery`: one receiver's batches from its cursor, under its lease;
+- `deadletters`: a receiver's dead letters, listed and replayed.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ oldest dead-lettered as well, so the stream stays bounded.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import time
 
@@ -66,11 +67,16 @@ def body(events: list[bytes]) -> bytes:
     return b'{"events":[' + b",".join(events) + b"]}"
 
 
-class Outcome(str):
-    """What a task's rounds came to: IDLE (nothing left), MORE (its slice ended), FAILED."""
+class Outcome(enum.Enum):
+    """What a task's rounds came to."""
+
+    IDLE = "idle"  # nothing left to send
+    MORE = "more"  # the slice ended with events left
+    FAILED = "failed"  # a batch failed: it is sent again after a backoff
+    LOST = "lost"  # another task holds the lease now
 
 
-IDLE, MORE, FAILED, LOST = Outcome("idle"), Outcome("more"), Outcome("failed"), Outcome("lost")
+IDLE, MORE, FAILED, LOST = Outcome.IDLE, Outcome.MORE, Outcome.FAILED, Outcome.LOST
 
 
 class Delivery:

@@ -61,3 +61,48 @@ def test_a_receiver_down_for_a_minute_gets_every_event_once_in_order(make_stack,
         assert failed_posts > 5  # it did fail, and was retried with backoff, not hammered
     finally:
         receiver.stop()
+
+
+def test_a_worker_killed_mid_post_leaves_the_batch_to_be_sent_again(make_stack, channels):
+    # The receiver answers after 3 s: the worker is killed while its POST waits (the
+    # receiver, finishing it, counts it as not accepted). The lease lapses
+    # (HERALD_WEBHOOK_TIMEOUT + 13 s), the bridge starts delivery again on the new worker,
+    # and the batch comes again with the same event ids.
+    receiver = Receiver(Answer(500, delay=3)).start()
+    try:
+        stack = make_stack(env={"HERALD_WEBHOOK_URL": f"{receiver.url} message.delivered",
+                                "HERALD_WEBHOOK_SECRET": "webhook-secret-for-the-fault-test-0123456",
+                                "HERALD_WEBHOOK_TIMEOUT": 5, "HERALD_WEBHOOK_MAX_DELAY": 2})
+        worker = stack.worker()
+        stack.bridge()
+        web = stack.web()
+        token = stack.token()
+        published = []
+        for n in range(20):
+            status, _, body = web.request("POST", "/api/v1/messages", {"channel": channels[0], "data": {"n": n}},
+                                          token=token)
+            assert status == 202, body
+            published.append(body["id"])
+        wait_until(lambda: "webhook delivery started" in stack.procs[1].log(), 30, what="delivery started")
+        time.sleep(1.5)  # the POST is in flight, its answer 1.5 s away
+        receiver.answer = Answer(200)
+        worker.kill()
+        killed_at = time.monotonic()
+        stack.worker("worker2")
+        wait_until(lambda: set(published) <= {e["message_id"] for e in receiver.events()}, 60, interval=0.5,
+                   what="every event after the kill")
+        seconds = time.monotonic() - killed_at
+        in_flight = {e["id"] for e in receiver.posts[0].events}
+        assert receiver.posts[0].status == 500 and in_flight <= {e["id"] for e in receiver.events()}
+        first: dict[str, dict] = {}
+        for event in receiver.events():
+            first.setdefault(event["id"], event)
+        got = [e["message_id"] for e in first.values()]
+        lost = len(set(published) - set(got))
+        duplicated = len(got) - len(set(got))
+        reordered = sum(1 for a, b in zip(got, got[1:]) if published.index(a) > published.index(b))
+        print(f"\nFAULT-FIGURES lost={lost} duplicated={duplicated} reordered={reordered} "
+              f"(in_flight_events={len(in_flight)} seconds_after_kill={seconds:.1f})")
+        assert (lost, duplicated, reordered) == (0, 0, 0)
+    finally:
+        receiver.stop()

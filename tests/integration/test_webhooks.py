@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from pipeline.taskqueue import webhook_queue
 from pipeline.webhooks.signing import verify
 from tests.harness import Stack, wait_until
 from tests.receivers import Answer, Receiver
@@ -171,3 +172,25 @@ def test_the_webhook_api_bounds_its_inputs_and_is_for_admins(hooked):
     assert status == 422
     status, _, document = web.request("GET", "/api/v1/openapi.json")
     assert "/api/v1/webhooks/{name}/dead-letters/replay" in document["paths"]
+
+
+def test_webhooks_with_a_rabbitmq_broker(tmp_path):
+    # The webhook queue is a quorum queue beside the messages' (pipeline/taskqueue.py).
+    import kombu
+
+    receiver = Receiver().start()
+    system = Stack(tmp_path / "amqp", broker="amqp", HERALD_WEBHOOK_URL=receiver.url,
+                   HERALD_WEBHOOK_SECRET=HOOK_SECRET)
+    try:
+        system.worker()
+        system.bridge()
+        web = system.web("web-amqp")
+        channel = f"hooks:{uuid.uuid4().hex[:8]}"
+        ids = _publish(web, system.token(), channel, 3)
+        events = wait_until(lambda: (got := _events(receiver, channel)) and len(got) >= 3 and got, 30, what="events")
+        assert [e["message_id"] for e in events] == ids
+    finally:
+        system.stop()
+        receiver.stop()
+        with kombu.Connection(system.settings.celery_broker_url, connect_timeout=5) as connection:
+            connection.default_channel.queue_delete(webhook_queue(system.settings))  # durable: it would outlive us

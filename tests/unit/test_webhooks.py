@@ -74,3 +74,19 @@ def test_backoff_starts_near_half_a_second_doubles_and_is_capped_with_full_jitte
     ceilings = [backoff_delay(attempt, BACKOFF_BASE, 30.0, rand=lambda: 1.0) for attempt in range(10)]
     assert ceilings[:4] == [0.5, 1.0, 2.0, 4.0] and ceilings[-1] == 30.0
     assert backoff_delay(5, BACKOFF_BASE, 30.0, rand=lambda: 0.0) == 0.0
+
+
+def test_without_a_receiver_the_bridge_never_looks_and_the_worker_has_no_webhook_queue():
+    from pipeline.bridge.webhooks import WebhookStarter
+    from pipeline.core.settings import Settings
+    from pipeline.taskqueue import WEBHOOK_TASK_NAME, make_celery, webhook_queue
+    base = {"HERALD_SECRET_KEY": "a-secret-key-that-is-long-enough-for-hs256",
+            "REDIS_URL": "redis://127.0.0.1:9/0", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
+    quiet = Settings.from_env(base)
+    assert WebhookStarter(quiet, store=None, celery_app=None).next_check == float("inf")
+    assert not make_celery(quiet).conf.task_routes
+    hooked = Settings.from_env({**base, "HERALD_WEBHOOK_URL": "http://127.0.0.1:9/hooks",
+                                "HERALD_WEBHOOK_SECRET": SECRET})
+    app = make_celery(hooked)
+    assert app.conf.task_routes[WEBHOOK_TASK_NAME]["queue"] == webhook_queue(hooked)
+    assert {q.name for q in app.conf.task_queues} == {hooked.task_queue, webhook_queue(hooked)}
