@@ -56,8 +56,8 @@ class UserChannelPath(_Request):
 class DisconnectBody(_Request):
     """How to close the user's sockets."""
 
-    code: WholeNumber = Field(control.DISCONNECT_CODE, ge=4000, le=4999,
-                      description="the close code, 4000-4999 (4010 by default)")
+    code: WholeNumber = Field(control.DISCONNECT_CODE, ge=control.CODES.start, le=control.CODES.stop - 1,
+                              description="the close code, 4000-4999 (4010 by default)")
     reason: Annotated[str, AfterValidator(control.clip_reason)] = Field(
         control.DISCONNECT_REASON, max_length=control.MAX_REASON_BYTES,
         description=f"the close reason, at most {control.MAX_REASON_BYTES} characters; cut to "
