@@ -5,8 +5,11 @@ they do not allow, the deployment's own endpoint (HERALD_AUTHORIZE_URL; docs/gui
 The endpoint is hostile until bounded: one decision costs at most
 HERALD_AUTHORIZE_TIMEOUT (waiting for a free call, connecting and reading
 together), an answer is read up to MAX_ANSWER_BYTES, and at most MAX_CALLS
-calls run at once in a process. Whatever does not end in an answer is a
-failure, decided by HERALD_AUTHORIZE_ON_TIMEOUT.
+calls run at once in a process. No answer in time (a timeout, a refused
+connection, a 5xx) is decided by HERALD_AUTHORIZE_ON_TIMEOUT: allowed, or
+refused as `unavailable` (HTTP 503), which a client retries and which never
+closes its socket. An answer that is not one (another 4xx, a body that is not
+`{"allow": <bool>}`) is denied whatever the policy.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Hashable
 import gevent
 import urllib3
 
+from pipeline.core.errors import TransientError
 from pipeline.core.metrics import AUTHORIZE_CACHE_HITS, AUTHORIZE_CALLS, AUTHORIZE_LATENCY
 from pipeline.webhooks.signing import SIGNATURE_HEADER, signature
 from web.auth import Identity
@@ -38,8 +42,19 @@ log = logging.getLogger("herald.authorize")
 
 
 class AuthorizeFailed(Exception):
-    """The endpoint gave no answer: a timeout, a refused connection, a status other than
-    2xx or 403, or a body that is not `{"allow": <bool>}` within MAX_ANSWER_BYTES."""
+    """The endpoint gave no answer: a timeout, a refused connection, a 5xx, or no free call
+    in time. HERALD_AUTHORIZE_ON_TIMEOUT decides."""
+
+
+class BadAnswer(AuthorizeFailed):
+    """The endpoint answered, but not an answer: a 4xx other than 403 (a wrong URL, a secret
+    it does not share), or a body that is not `{"allow": <bool>}` within MAX_ANSWER_BYTES.
+    Denied whatever the policy: a misconfiguration must not open every channel."""
+
+
+class AuthorizeUnavailable(TransientError):
+    """The endpoint gave no answer and the policy denies: the op is refused as `unavailable`
+    (HTTP 503), worth retrying and never counted against the client as a bad frame."""
 
 
 class Answers:
@@ -112,7 +127,8 @@ class SingleFlight:
         if not flight.done.wait(wait):
             raise AuthorizeFailed("the identical call did not end in time")
         if flight.error is not None:
-            raise AuthorizeFailed(f"the identical call failed: {flight.error}")
+            kind = BadAnswer if isinstance(flight.error, BadAnswer) else AuthorizeFailed
+            raise kind(f"the identical call failed: {flight.error}")
         assert flight.result is not None
         return flight.result
 
@@ -143,10 +159,16 @@ class Decider:
         deadline = time.monotonic() + self.timeout
         try:
             return self.flights.do(key, lambda: self._call(key, deadline), self.timeout)
-        except Exception as exc:  # whatever a hostile endpoint makes fail is decided by the policy
+        except BadAnswer as exc:
+            log.error("authorize endpoint misanswered: denied", extra={"user": user, "op": op, "channel": channel,
+                                                                       "error": str(exc)[:200]})
+            return False
+        except Exception as exc:  # whatever else a hostile endpoint makes fail is decided by the policy
             log.warning("authorize failed", extra={"user": user, "op": op, "channel": channel,
                                                    "error": str(exc)[:200], "allow": self.on_failure})
-            return self.on_failure
+            if self.on_failure:
+                return True
+            raise AuthorizeUnavailable("permissions could not be checked now, retry") from None
 
     def _call(self, key: tuple[str, str, str], deadline: float) -> bool:
         # Failures are not cached: a blip would otherwise decide (deny, or
@@ -200,11 +222,13 @@ class Endpoint:
                 status = response.status
                 if status == 403:
                     return False  # its body is not read: the connection goes (a 200 keeps it)
+                if 400 <= status < 500:
+                    raise BadAnswer(f"status {status}")
                 if not 200 <= status < 300:
                     raise AuthorizeFailed(f"status {status}")
                 raw = response.read(MAX_ANSWER_BYTES + 1)
                 if len(raw) > MAX_ANSWER_BYTES:
-                    raise AuthorizeFailed(f"an answer of more than {MAX_ANSWER_BYTES} bytes")
+                    raise BadAnswer(f"an answer of more than {MAX_ANSWER_BYTES} bytes")
                 finished = True
                 return _allow(raw)
             except urllib3.exceptions.HTTPError as exc:
@@ -220,9 +244,9 @@ def _allow(raw: bytes) -> bool:
     try:
         answer = json.loads(raw)
     except ValueError:
-        raise AuthorizeFailed("an answer that is not JSON") from None
+        raise BadAnswer("an answer that is not JSON") from None
     if not isinstance(answer, dict) or not isinstance(answer.get("allow"), bool):
-        raise AuthorizeFailed('an answer without "allow": true or false')
+        raise BadAnswer('an answer without "allow": true or false')
     return answer["allow"]
 
 

@@ -32,6 +32,7 @@ from pipeline.core.errors import (
 from pipeline.dlq import NoDeadLetter, NotReplayable
 from pipeline.ingest import ClaimUnavailable
 from web.auth import AuthError
+from web.authorize import AuthorizeUnavailable
 
 TITLES = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
@@ -80,6 +81,9 @@ ANSWERS: dict[type[Exception], HttpAnswer] = {
     ClaimUnavailable: _KAFKA_DOWN,
     RedisUnavailable: _REDIS_DOWN,
     redis.RedisError: _REDIS_DOWN,
+    AuthorizeUnavailable: HttpAnswer(503, TITLES[503], "authorize-unavailable",
+                                     "Permissions could not be checked (HERALD_AUTHORIZE_URL); retry later",
+                                     _RETRY_SOON),
     ArchiveUnavailable: HttpAnswer(503, TITLES[503], "archive-unavailable",
                                    "The message archive is unreachable; retry later", _RETRY_SOON),
 }

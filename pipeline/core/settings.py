@@ -484,7 +484,7 @@ class Settings:
         "HERALD_AUTHORIZE_TIMEOUT", 1.0, number(0.01, 30), "seconds a call to HERALD_AUTHORIZE_URL waits")
     authorize_on_timeout: str = env(
         "HERALD_AUTHORIZE_ON_TIMEOUT", "DENY", choice("DENY", "ALLOW"),
-        "what a call to HERALD_AUTHORIZE_URL that fails or times out decides: deny or allow")
+        "what a call to HERALD_AUTHORIZE_URL that gets no answer decides: deny or allow")
     revocation_ttl: int = env(
         "HERALD_REVOCATION_TTL", 7 * 86400, whole(60, 365 * 86400),
         "seconds a token revocation is kept: longer than any token lives")

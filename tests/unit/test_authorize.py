@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pipeline.webhooks.signing import signature
-from web.authorize import Answers, AuthorizeFailed, Decider, SingleFlight, _allow
+from web.authorize import Answers, AuthorizeFailed, AuthorizeUnavailable, BadAnswer, Decider, SingleFlight, _allow
 
 
 class Clock:
@@ -124,7 +124,8 @@ def test_decider_caches_answers_and_denials_but_not_failures():
     for _ in range(3):
         assert decider.decide("u", "subscribe", "yes") is True
         assert decider.decide("u", "subscribe", "no") is False
-        assert decider.decide("u", "subscribe", "broken") is False
+        with pytest.raises(AuthorizeUnavailable):
+            decider.decide("u", "subscribe", "broken")
     assert asked.count(("u", "subscribe", "yes")) == 1
     assert asked.count(("u", "subscribe", "no")) == 1
     assert asked.count(("u", "subscribe", "broken")) == 3
@@ -133,12 +134,23 @@ def test_decider_caches_answers_and_denials_but_not_failures():
     assert len(asked) == 7
 
 
-@pytest.mark.parametrize("on_failure", [False, True])
-def test_decider_applies_the_policy_to_any_failure(on_failure):
+def test_no_answer_follows_the_policy_deny_as_unavailable_allow_as_allowed():
     def ask(user, op, channel, seconds):
         raise ValueError("not even an AuthorizeFailed")
 
-    assert Decider(ask, ttl=60, timeout=1, on_failure=on_failure).decide("u", "subscribe", "c") is on_failure
+    # Denied by the policy, the op is refused as an outage: a client retries it, its socket stays.
+    with pytest.raises(AuthorizeUnavailable):
+        Decider(ask, ttl=60, timeout=1, on_failure=False).decide("u", "subscribe", "c")
+    assert Decider(ask, ttl=60, timeout=1, on_failure=True).decide("u", "subscribe", "c") is True
+
+
+@pytest.mark.parametrize("on_failure", [False, True])
+def test_an_answer_that_is_not_one_is_denied_whatever_the_policy(on_failure):
+    # A 401 from a secret the endpoint does not share must not open every channel under ALLOW.
+    def ask(user, op, channel, seconds):
+        raise BadAnswer("status 401")
+
+    assert Decider(ask, ttl=60, timeout=1, on_failure=on_failure).decide("u", "subscribe", "c") is False
 
 
 def test_decider_bounds_concurrent_calls_and_the_excess_fails_within_the_timeout():
@@ -157,7 +169,8 @@ def test_decider_bounds_concurrent_calls_and_the_excess_fails_within_the_timeout
         thread.start()
     time.sleep(0.1)
     started = time.monotonic()
-    assert decider.decide("u", "subscribe", "c") is False  # no free call within 0.3 s: the policy (deny)
+    with pytest.raises(AuthorizeUnavailable):  # no free call within 0.3 s: the policy (deny)
+        decider.decide("u", "subscribe", "c")
     assert 0.2 < time.monotonic() - started < 1
     assert sorted(running) == ["a", "b"]
     release.set()

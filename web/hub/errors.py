@@ -17,6 +17,7 @@ from pipeline.core.errors import (
     TransientError,
     Unencodable,
 )
+from web.authorize import AuthorizeUnavailable
 from web.hub import frames
 
 
@@ -42,6 +43,7 @@ class TooManySubscriptions(Refused):
 # the protocol's (frames.ErrorCode): an HTTP title changes none of them.
 ERROR_CODES: dict[type[HeraldError], frames.ErrorCode] = {
     Unavailable: "unavailable",
+    AuthorizeUnavailable: "unavailable",
     Refused: "bad_frame",
     BadFrame: "bad_frame",
     BadChannel: "bad_channel",
@@ -55,7 +57,7 @@ ERROR_CODES: dict[type[HeraldError], frames.ErrorCode] = {
 }
 
 
-def error_code(exc: Unavailable | Refused) -> frames.ErrorCode:
+def error_code(exc: Unavailable | AuthorizeUnavailable | Refused) -> frames.ErrorCode:
     """The code of the `error` frame answering `exc`."""
     for kind in type(exc).__mro__:
         code = ERROR_CODES.get(kind)

@@ -34,7 +34,7 @@ from pipeline.core.streamids import from_key as _format_sid
 from pipeline.core.streamids import key as stream_id_key
 from pipeline.core.streamids import valid as valid_stream_id
 from web.auth import LEEWAY_SECONDS, AuthError, verify
-from web.authorize import PUBLISH, SUBSCRIBE
+from web.authorize import PUBLISH, SUBSCRIBE, AuthorizeUnavailable
 from web.hub import frames
 from web.hub.batch import Batcher
 from web.hub.control import REVOKED_REASON
@@ -319,7 +319,7 @@ class Protocol:
                 raise BadFrame("ref must be JSON a reply can carry")
             self._handle(client, frame)
             client.bad = 0
-        except (Unavailable, Refused) as exc:
+        except (Unavailable, AuthorizeUnavailable, Refused) as exc:
             client.send(_with_ref({"op": "error", "code": error_code(exc), "message": str(exc)}, ref))
             # An outage says nothing about the client's frames (docs/protocol.md: "WebSocket close codes and errors").
             if isinstance(exc, Refused):
