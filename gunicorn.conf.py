@@ -4,6 +4,7 @@ gevent because one process must hold thousands of WebSockets; each gunicorn
 worker is its own hub node, and the Kafka producer is made after the fork.
 """
 
+import os
 import shutil
 import sys
 
@@ -44,6 +45,12 @@ def on_starting(server):
     from pipeline.kafka.topics import require_topics
     from pipeline.store import check_at_start
 
+    if os.environ.get("HERALD_NODE_ID") and _settings.web_concurrency > 1:
+        # Each worker is a hub node of its own: named alike, each would take its siblings'
+        # subscriptions for a dead predecessor's and take them off the counts.
+        print("herald web: cannot start: HERALD_NODE_ID names one process, and WEB_CONCURRENCY="
+              f"{_settings.web_concurrency} starts several: leave HERALD_NODE_ID unset", file=sys.stderr)
+        sys.exit(1)
     try:
         warning = check_at_start(_settings)
     except StartupError as exc:  # one line, no traceback (docs/operations.md)

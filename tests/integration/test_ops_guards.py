@@ -135,3 +135,10 @@ def test_dev_token_answers_only_this_machine_even_on_an_open_port(stack):
 def test_auth_off_outside_development_does_not_start(spare_redis_url):
     line = refused_start(start_environment(REDIS_URL=spare_redis_url, HERALD_AUTH="off"), "web")
     assert "HERALD_AUTH=off lets anyone in as an admin: it is for development only" in line, line
+
+
+def test_one_node_name_for_several_web_workers_does_not_start(spare_redis_url):
+    # Alike named, each worker would take its siblings' subscriptions for a dead one's (docs/occupancy.md).
+    line = refused_start(start_environment(REDIS_URL=spare_redis_url, HERALD_NODE_ID="web.1", WEB_CONCURRENCY="2"),
+                         "web")
+    assert "HERALD_NODE_ID names one process" in line, line
