@@ -656,7 +656,7 @@ class Settings:
         if settings.webhooks and not settings.webhook_secret:
             raise ConfigError("HERALD_WEBHOOK_URL is set but HERALD_WEBHOOK_SECRET is not: receivers check "
                               "each POST's signature with it")
-        if settings.redis_broker and settings.webhook_max_delay * 2 > settings.visibility_timeout:
+        if settings.webhooks and settings.redis_broker and settings.webhook_max_delay * 2 > settings.visibility_timeout:
             # As HERALD_RETRY_MAX_DELAY: a retry held past the visibility timeout runs twice.
             raise ConfigError(
                 f"HERALD_WEBHOOK_MAX_DELAY ({settings.webhook_max_delay:g}s) must stay under half of "
