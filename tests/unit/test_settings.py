@@ -231,3 +231,25 @@ def test_rate_limits_off_turns_every_limit_off():
 def test_bad_rate_limits_are_refused_with_the_item_at_fault(value, words):
     with pytest.raises(ConfigError, match=f"HERALD_RATE_LIMITS item .*{words}"):
         Settings.from_env({**BASE, "HERALD_RATE_LIMITS": value})
+
+
+def test_webhook_settings_are_checked_only_with_a_receiver():
+    # A short visibility timeout (the fault tests' 4 s) is fine without webhooks...
+    base = {"HERALD_SECRET_KEY": "k" * 40, "HERALD_VISIBILITY_TIMEOUT": "4", "HERALD_RETRY_MAX_DELAY": "1"}
+    assert Settings.from_env(base).webhooks == ()
+    hooked = {**base, "HERALD_WEBHOOK_URL": "https://app.example/hooks presence.*,channel.*; http://b:9/h"}
+    # ...but a receiver needs its secret, and retries held under half the visibility timeout.
+    with pytest.raises(ConfigError, match="HERALD_WEBHOOK_SECRET"):
+        Settings.from_env(hooked)
+    with pytest.raises(ConfigError, match="HERALD_WEBHOOK_MAX_DELAY"):
+        Settings.from_env({**hooked, "HERALD_WEBHOOK_SECRET": "s" * 40})
+    settings = Settings.from_env({**hooked, "HERALD_WEBHOOK_SECRET": "s" * 40, "HERALD_WEBHOOK_MAX_DELAY": "1"})
+    first, second = settings.webhooks
+    assert first.wants("presence.join") and first.wants("channel.vacated") and not first.wants("message.delivered")
+    assert second.wants("message.delivered") and first.name != second.name
+
+
+@pytest.mark.parametrize("raw", ["ftp://x/h", "https://a/h nosuch.event", "https://a/h; https://a/h", "/relative"])
+def test_bad_webhook_receivers_name_the_variable(raw):
+    with pytest.raises(ConfigError, match="HERALD_WEBHOOK_URL"):
+        Settings.from_env({"HERALD_SECRET_KEY": "k" * 40, "HERALD_WEBHOOK_URL": raw})
