@@ -62,7 +62,8 @@
       this.pending.forEach((p, ref) => {
         if (!queued.has(ref)) { p.reject(new Error("disconnected")); this.pending.delete(ref); }
       });
-      if (this.closed || code === 4001 || code === 4003) return;
+      // 4001 (token refused or revoked), 4003 (forbidden), 4010 (disconnected by the server): final.
+      if (this.closed || code === 4001 || code === 4003 || code === 4010) return;
       const delay = Math.min(this.maxDelay, 250 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
       this.attempt += 1;
       this.emit("reconnecting", { code, reason, delay, attempt: this.attempt });
