@@ -365,6 +365,10 @@ def test_the_python_helper_drives_the_server_api(stack, admin):
     client = connected(stack.webs[1], token)
     assert server.subscribe(user, room)["hubs"] >= 2
     assert client.expect(lambda f: f["op"] == "subscribed")["by"] == "server"
+    # The reads of the counts (web/channels.py) through the same helper.
+    occupancy = wait_until(lambda: (o := server.occupancy(room))["subscribers"] == 1 and o, 5, what="the count")
+    assert occupancy["users"] == 1
+    assert [c["channel"] for c in server.channels(prefix=room)["channels"]] == [room]
     assert server.unsubscribe(user, room)["command"] == "unsubscribe"
     assert client.expect(lambda f: f["op"] == "unsubscribed")["by"] == "server"
     results, threads = closes([client])
