@@ -15,6 +15,7 @@ from pipeline.core.messages import channel_allowed, valid_channel
 
 LEEWAY_SECONDS = 10
 MAX_JTI = 128  # characters of a token id: a revocation names one, and the hubs keep it in memory
+MAX_USER = 256  # characters of a token's `sub`: the server API names users, and must reach every one
 
 
 class AuthError(Refused):
@@ -58,6 +59,9 @@ def verify(token: str | None, settings) -> Identity:
     # Checked on every use: a token verified earlier may have expired since.
     if identity.expires + LEEWAY_SECONDS < time.time():
         raise AuthError("the token has expired")
+    if identity.expires - time.time() > settings.revocation_ttl + LEEWAY_SECONDS:
+        # A revocation is kept HERALD_REVOCATION_TTL: a token living longer would outlive it.
+        raise AuthError(f"the token lives longer than HERALD_REVOCATION_TTL ({settings.revocation_ttl} s) allows")
     if len(identity.channels) > settings.ws_max_subscriptions:
         raise AuthError(f"the token's channels claim lists more than {settings.ws_max_subscriptions} channels "
                         f"(HERALD_WS_MAX_SUBSCRIPTIONS)")
@@ -79,6 +83,8 @@ def _decode(token: str, secret: str) -> Identity:
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"the token is invalid: {exc}") from None
     jti, issued, channels = claims.get("jti"), claims.get("iat"), claims.get("channels", [])
+    if not 0 < len(str(claims["sub"])) <= MAX_USER:
+        raise AuthError(f"the token is invalid: sub must be 1 to {MAX_USER} characters")
     if jti is not None and not (isinstance(jti, str) and 0 < len(jti) <= MAX_JTI):
         raise AuthError(f"the token is invalid: jti must be a string of 1 to {MAX_JTI} characters")
     if not isinstance(channels, list) or not all(valid_channel(channel) for channel in channels):

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from pipeline.core.messages import ChannelName
 from web import api
-from web.auth import MAX_JTI, AuthError, Identity
+from web.auth import MAX_JTI, MAX_USER, AuthError, Identity
 from web.hub import control
 from web.openapi import STANDARD, Answer
 from web.problems import ANSWERS, error_problem
@@ -31,7 +31,7 @@ blueprint = Blueprint("serverapi", __name__, url_prefix="/api/v1")
 for _kind in ANSWERS:
     blueprint.register_error_handler(_kind, api.refused)
 
-User = Annotated[str, Field(min_length=1, max_length=control.MAX_USER, description="the user (a token's `sub`)")]
+User = Annotated[str, Field(min_length=1, max_length=MAX_USER, description="the user (a token's `sub`)")]
 # JSON Schema's integer takes 4010.0 too; strict pydantic would not.
 WholeNumber = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 

@@ -481,3 +481,41 @@ def test_a_server_subscribe_to_a_channel_the_socket_has_changes_nothing(stack, a
     status, _, presence = stack.webs[0].request("GET", f"/api/v1/channels/{channel}/presence", token=admin)
     assert status == 200 and [c["user"] for c in presence["clients"]] == [user]
     client.close()
+
+
+def test_a_revocation_reaches_sockets_still_connecting(stack, admin):
+    """Sockets whose connect was under way when the revocation's command went out (their
+    check passed, they were not yet in the hub's index) are closed too, not left open."""
+    web, user = stack.webs[0], unique()
+    token = stack.token(user, channels=[unique("room")])
+    opened, lock = [], threading.Lock()
+
+    def connect():
+        try:
+            ws = websocket.create_connection(f"ws://127.0.0.1:{web.port}/ws?token={token}", timeout=10)
+        except (OSError, websocket.WebSocketException):
+            return  # refused at connect: revoked already
+        with lock:
+            opened.append(ws)
+
+    threads = [threading.Thread(target=connect) for _ in range(80)]
+    for n, thread in enumerate(threads):
+        thread.start()
+        if n == 40:
+            assert web.request("POST", "/api/v1/revocations", {"user": user}, token=admin)[0] == 202
+    for thread in threads:
+        thread.join(15)
+    time.sleep(1.0)
+    still_open = 0
+    for ws in opened:
+        ws.settimeout(1.0)
+        try:
+            while ws.recv_data()[0] != websocket.ABNF.OPCODE_CLOSE:
+                pass
+        except websocket.WebSocketTimeoutException:
+            still_open += 1
+        except (OSError, websocket.WebSocketException):
+            pass  # closed
+        ws.close()
+    print(f"\nREVOKE-RACE-FIGURES connected={len(opened)} still_open_1s_after={still_open}")
+    assert still_open == 0

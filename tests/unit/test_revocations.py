@@ -58,3 +58,22 @@ def test_the_client_index_follows_adds_and_removes():
     clients.pop("3")
     assert clients.of_user("alice") == [] and clients.of_token("t1") == [] and not clients
     assert clients._users == {} and clients._tokens == {}
+
+
+def test_a_token_outliving_its_revocation_or_with_an_unnameable_user_is_refused():
+    import time
+
+    import pytest
+
+    from pipeline.core.settings import Settings
+    from web.auth import MAX_USER, AuthError, mint, verify
+
+    settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 40, "HERALD_REVOCATION_TTL": "3600"})
+    assert verify(mint(settings, "u", ttl=3600), settings).user == "u"
+    # A revocation is kept an hour: a token of a day would be usable again after it lapsed.
+    with pytest.raises(AuthError, match="HERALD_REVOCATION_TTL"):
+        verify(mint(settings, "u", ttl=86400), settings)
+    # A user the server API cannot name could be neither disconnected nor revoked by user.
+    with pytest.raises(AuthError, match="sub must be"):
+        verify(mint(settings, "u" * (MAX_USER + 1)), settings)
+    assert verify(mint(settings, "u" * MAX_USER), settings).expires > time.time()

@@ -22,12 +22,11 @@ import logging
 
 from pipeline.core.messages import valid_channel
 from pipeline.core.streamids import valid as valid_stream_id
-from web.auth import MAX_JTI
+from web.auth import MAX_JTI, MAX_USER
 
 log = logging.getLogger("herald.hub")
 
 MAX_COMMAND_BYTES = 4096
-MAX_USER = 256  # characters of a user name (a token's `sub`) a command may name
 MAX_REASON_BYTES = 120  # a close frame carries 123 bytes of reason at most
 DISCONNECT_CODE = 4010
 DISCONNECT_REASON = "disconnected by the server"

@@ -183,6 +183,11 @@ class Protocol:
                                                          + 0.05)
             client.expiry.start(ws.close, CLOSE_UNAUTHORIZED, "token expired")
         ws.start(lambda raw: self._received(client, raw), lambda: gevent.spawn(self._drop, client))
+        if self.hub.revocations.revoked(identity):
+            # Revoked while this connect was under way: the command found no socket to close.
+            ws.close(CLOSE_UNAUTHORIZED, REVOKED_REASON)
+            log.info("ws closed: token revoked during connect", extra={"client": client.id, "user": identity.user})
+            return
         # The token's channels, as if the client had subscribed (resuming after the
         # connect frame's `since`): queued before any frame it sends is read.
         if identity.channels:
