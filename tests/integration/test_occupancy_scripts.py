@@ -259,3 +259,18 @@ def test_a_script_call_handles_a_bounded_number_of_subscriptions(store, monkeypa
     assert store.occupancy.page("c", None, 10) == ([], None)
     assert sizes and max(sizes) <= MAX_ENTRIES
     assert len(sizes) >= 3 + 2 + 2  # 5,000 joins, 2,500 leaves, 2,500 reaped
+
+
+def test_with_more_pending_leaves_than_a_reap_reads_a_vacate_waits_until_the_horizon(store, monkeypatch):
+    monkeypatch.setattr("pipeline.store.occupancy.PENDING_READ", 2)
+    alive, dead = hub_side(store, "node-alive"), hub_side(store, "node-dead")
+    alive.join_all([("s1", "room", "u1"), ("s2", "hall", "u2")])
+    dead.join_all([("d1", "room", "v")])
+    alive.leave_all([("s1", "u1", ["room"], None), ("s2", "u2", ["hall"], None)])  # 3 pending: more than read
+    alive.reap(lambda nodes: {"node-alive"} & set(nodes))
+    leaving = store.keys.leaving
+    assert store.redis.zscore(leaving, vacancy("room")) >= store.redis.zscore(leaving, member("room", "u1"))
+    assert alive.flush(time.time() + 6) == 4
+    room = [e for e in stream(store) if e[1] == "room"]
+    assert room[-3:] == [("presence.leave", "room", "v"), ("presence.leave", "room", "u1"),
+                         ("channel.vacated", "room", None)]
