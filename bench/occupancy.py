@@ -33,10 +33,10 @@ from web.hub.occupancy import Occupancy
 
 
 def run(occupancy: Occupancy, sockets: int, batch: int) -> dict:
-    calls = [(f"room:{n}" if n % 2 else "room:shared", f"user{n}") for n in range(sockets)]
+    calls = [(f"socket{n}", f"room:{n}" if n % 2 else "room:shared", f"user{n}") for n in range(sockets)]
     for start in range(0, sockets, MAX_BATCH):
         occupancy.join_all(calls[start:start + MAX_BATCH])
-    leaves = [(user, [channel], None) for channel, user in calls]
+    leaves = [(client, user, [channel], None) for client, channel, user in calls]
     started, trips = time.perf_counter(), 0
     for start in range(0, sockets, batch):
         occupancy.leave_all(leaves[start:start + batch])

@@ -11,8 +11,12 @@ builds them, pipeline.core.events, and leaves out those no receiver wants).
 A user's last leave and a channel's last subscriber wait in `leaving` until
 due (HERALD_PRESENCE_GRACE): a pending leave's member is the user's
 `members` field, a pending vacate's is `[channel]` (JSON, `vacancy`). Each
-web process counts what it added in its own hash (`node_subscriptions`), so
-the subscriptions of one that died are taken off by the reaper.
+web process keeps what it added in its own hash (`node_subscriptions`), an
+entry a subscription (`subscription`: [channel, user, client]), so a leave
+takes off exactly its own count (or nothing), a retried one nothing twice,
+and the subscriptions of a process that died are taken off by the reaper.
+A script call handles at most MAX_ENTRIES subscriptions: a burst is split
+into calls that each hold Redis briefly.
 """
 
 from __future__ import annotations
@@ -22,10 +26,15 @@ from typing import Any, NamedTuple
 
 from pipeline.core.messages import dumps
 from pipeline.store.keys import Keys
-from pipeline.store.scripts import Runner, Script
+from pipeline.store.scripts import Call, Runner, Script
 
 # Channels a listing page holds, at most.
 MAX_PAGE = 1000
+# Subscriptions one script call (a batched run of joins or leaves, or a reap) handles, at
+# most: 50,000 leaves in one call held Redis for 1.4 s; 2,000 hold it for tens of ms.
+MAX_ENTRIES = 2000
+# Pending leaves a reap reads to find which emptied channels still wait on one.
+PENDING_READ = 5000
 
 
 class CountKeys(NamedTuple):
@@ -44,6 +53,7 @@ class JoinArgs(NamedTuple):
     member: str  # member(channel, user)
     vacancy: str  # vacancy(channel)
     node_name: str
+    subscription: str  # subscription(channel, user, client): its entry in the node's hash
     field: str  # the stream entry's field (pipeline.webhooks.EVENT_FIELD)
     occupied: str  # the channel.occupied event's JSON, or ''
     join: str  # the presence.join event's JSON, or ''
@@ -53,6 +63,7 @@ class LeaveArgs(NamedTuple):
     channel: str
     member: str
     vacancy: str
+    subscription: str
     field: str
     leave_due: float | str  # when a pending leave is due, or '' for none (its event now)
     vacate_due: float | str
@@ -76,7 +87,9 @@ class FlushArgs(NamedTuple):
 class ReapArgs(NamedTuple):
     node_name: str
     field: str
-    entries: list[str]  # (member, channel, leave event or '', vacated event or '') each
+    horizon: float | str  # the latest a pending leave can be due, or '' when leaves never wait
+    pending_read: int  # PENDING_READ
+    entries: list[str]  # (subscription, member, vacancy, channel, leave event or '', vacated event or '') each
 
 
 JOIN = Script("occupancy_join.lua", CountKeys, JoinArgs, batched=True)
@@ -86,8 +99,13 @@ REAP = Script("occupancy_reap.lua", CountKeys, ReapArgs)
 
 
 def member(channel: str, user: str) -> str:
-    """A user's field in `members` and in a node's hash, and its pending leave in `leaving`."""
+    """A user's field in `members`, and its pending leave in `leaving`."""
     return dumps([channel, user])
+
+
+def subscription(channel: str, user: str, client: str) -> str:
+    """A subscription's field in the hash of the web process that counted it."""
+    return dumps([channel, user, client])
 
 
 def vacancy(channel: str) -> str:
@@ -106,6 +124,7 @@ class Join(NamedTuple):
 
     channel: str
     user: str
+    client: str
     occupied: str = ""
     join: str = ""
 
@@ -116,6 +135,7 @@ class Leave(NamedTuple):
 
     channel: str
     user: str
+    client: str
     leave_due: float | str = ""
     vacate_due: float | str = ""
     leave: str = ""
@@ -137,19 +157,28 @@ class Occupancy:
 
     # -- writes ----------------------------------------------------------------
     def join(self, node: str, field: str, joins: list[Join]) -> int:
-        """Count subscriptions made on `node`, in order, in one round trip; returns the events appended."""
+        """Count subscriptions made on `node` (each once however often given), in order, a
+        round trip per MAX_ENTRIES; returns the events appended."""
         keys = self._count_keys(node)
-        return sum(self.runner.run([
-            JOIN(keys, JoinArgs(j.channel, member(j.channel, j.user), vacancy(j.channel), node, field,
-                                j.occupied, j.join)) for j in joins]))
+        return self._run([
+            JOIN(keys, JoinArgs(j.channel, member(j.channel, j.user), vacancy(j.channel), node,
+                                subscription(j.channel, j.user, j.client), field, j.occupied, j.join))
+            for j in joins])
 
     def leave(self, node: str, field: str, leaves: list[Leave]) -> int:
-        """Take subscriptions that ended on `node` off, in order, in one round trip; returns the
+        """Take subscriptions that ended on `node` off (each one counted there, once: a leave
+        given again takes nothing), in order, a round trip per MAX_ENTRIES; returns the
         events appended at once."""
         keys = self._count_keys(node)
-        return sum(self.runner.run([
-            LEAVE(keys, LeaveArgs(one.channel, member(one.channel, one.user), vacancy(one.channel), field,
-                                  one.leave_due, one.vacate_due, one.leave, one.vacated)) for one in leaves]))
+        return self._run([
+            LEAVE(keys, LeaveArgs(one.channel, member(one.channel, one.user), vacancy(one.channel),
+                                  subscription(one.channel, one.user, one.client), field,
+                                  one.leave_due, one.vacate_due, one.leave, one.vacated)) for one in leaves])
+
+    def _run(self, calls: list[Call]) -> int:
+        # A script call at most MAX_ENTRIES long: Redis runs each whole, and serves no one meanwhile.
+        return sum(sum(self.runner.run(calls[start:start + MAX_ENTRIES]))
+                   for start in range(0, len(calls), MAX_ENTRIES))
 
     def due(self, now: float, limit: int) -> list[str]:
         """Pending leaves and vacates due by `now`, oldest first, at most `limit`."""
@@ -171,15 +200,24 @@ class Occupancy:
         return set(self.redis.smembers(self.keys.subscription_nodes))
 
     def node_entries(self, node: str, limit: int) -> list[tuple[str, str, str]]:
-        """Up to about `limit` of a web process's counted (member, channel, user)."""
+        """Up to about `limit` of a web process's counted subscriptions: (entry, channel, user)."""
         _cursor, found = self.redis.hscan(self.keys.node_subscriptions(node), 0, count=limit)
-        return [(entry, *json.loads(entry)) for entry in list(found)[:limit]]
+        return [(entry, *json.loads(entry)[:2]) for entry in list(found)[:limit]]
 
-    def reap(self, node: str, field: str, entries: list[tuple[str, str, str, str]]) -> int:
-        """Take a dead web process's counted (member, channel, leave event, vacated event) off
-        the counts, appending the events of what that leaves empty; returns how many."""
-        flat = [value for entry in entries for value in entry]
-        return int(self.runner.one(REAP(self._count_keys(node), ReapArgs(node, field, flat))))
+    def reap(self, node: str, field: str, horizon: float | str,
+             entries: list[tuple[str, str, str, str, str]]) -> int:
+        """Take a dead web process's counted subscriptions (entry, channel, user, leave event,
+        vacated event) off the counts, a call per MAX_ENTRIES, appending the events of what
+        that leaves empty (a channel's vacate waits while a living user's leave of it waits:
+        `horizon` is the latest such a leave can be due, '' when none waits); returns how many."""
+        keys = self._count_keys(node)
+        appended = 0
+        for start in range(0, max(len(entries), 1), MAX_ENTRIES):  # an empty hash too: it leaves `nodes`
+            flat: list[str] = []
+            for entry, channel, user, leave, vacated in entries[start:start + MAX_ENTRIES]:
+                flat += [entry, member(channel, user), vacancy(channel), channel, leave, vacated]
+            appended += int(self.runner.one(REAP(keys, ReapArgs(node, field, horizon, PENDING_READ, flat))))
+        return appended
 
     # -- reads -----------------------------------------------------------------
     def counts(self, channel: str) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from pipeline.store.occupancy import subscription
 from pipeline.webhooks import EVENT_FIELD
 from tests.harness import close_code, wait_until
 
@@ -198,3 +199,27 @@ def test_connection_closed_carries_the_close_code(stack, hooked):
     client.close()  # the server's close is answered: its socket goes now, not after CLOSE_WAIT
     closed = closed_event(stack, client_id)
     assert closed["code"] == 4029 and closed["reason"].startswith("too many frames")
+
+
+def test_a_leave_redis_refused_is_retried_and_its_close_event_goes_out_at_once(stack, hooked, admin, channel):
+    web = hooked[0]
+    client, client_id = connect(web, stack, "frank")
+    client.subscribe(channel)
+    store = stack.store()
+    entry = subscription(channel, "frank", client_id)  # the web process's entry of this subscription
+    node = next(key for key in map(store.keys.node_subscriptions, store.occupancy.nodes())
+                if store.redis.hexists(key, entry))
+    store.redis.rename(node, node + ":aside")
+    store.redis.set(node, "not a hash")  # the process's leave script now fails (WRONGTYPE) before writing
+    try:
+        client.close()
+        closed_event(stack, client_id)  # not held back by the failed leave
+        assert occupancy(web, admin, channel)["subscribers"] == 1
+    finally:
+        store.redis.delete(node)
+        store.redis.rename(node + ":aside", node)
+    # The process tries the leave again (after 1 s): the channel is left and vacated, once.
+    wait_until(lambda: occupancy(web, admin, channel)["subscribers"] == 0, 10, what="the retried leave")
+    wait_until(lambda: len(kinds(stack, channel)) == 4, GRACE + 5, what="the leave and vacate")
+    assert kinds(stack, channel) == [("channel.occupied", None), ("presence.join", "frank"),
+                                     ("presence.leave", "frank"), ("channel.vacated", None)]

@@ -411,7 +411,7 @@ class Protocol:
             self.router.leave(self.router.names(channel, previous))
         else:  # a subscribe that replaces one counts once
             try:
-                self._count_join(channel, client.identity.user)
+                self._count_join(client.id, channel, client.identity.user)
             except redis.RedisError as exc:
                 log.warning("subscription not counted", extra={"client": client.id, "channel": channel,
                                                                "error": str(exc)})
@@ -481,12 +481,8 @@ class Protocol:
         self.router.leave(self.router.names(channel, sub))
         if sub.presence:
             self.presence.leave(client, channel)
-        if count:
-            try:
-                self._count_leave(client.identity.user, [channel], None)
-            except redis.RedisError as exc:
-                log.warning("subscription not uncounted", extra={"client": client.id, "channel": channel,
-                                                                 "error": str(exc)})
+        if count:  # a leave Redis refuses is kept and tried again (web/hub/occupancy.py)
+            self._count_leave(client.id, client.identity.user, [channel], None)
         return True
 
     # -- publish --------------------------------------------------------------
@@ -522,11 +518,9 @@ class Protocol:
         closing = self.hub.occupancy.closed_event(client.id, client.identity.user, ws.close_code or ABNORMAL_CLOSURE,
                                                   ws.close_reason)
         if left or closing is not None:
-            try:  # one batched call a client: 10,000 sockets closing at once cost few round trips
-                self._count_leave(client.identity.user, left, closing)
-            except redis.RedisError as exc:
-                log.warning("subscriptions not uncounted", extra={"client": client.id, "channels": len(left),
-                                                                  "error": str(exc)})
+            # One batched call a client: 10,000 sockets closing at once cost few round trips. A
+            # leave Redis refuses is kept and tried again; the closed event goes out regardless.
+            self._count_leave(client.id, client.identity.user, left, closing)
         if self.hub.clients.pop(client.id, None) is not None:
             WS_CONNECTIONS.dec()
         try:

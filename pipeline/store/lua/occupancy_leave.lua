@@ -1,15 +1,14 @@
 -- KEYS: subscribers, channels, members, users, leaving, node, nodes, events
--- ARGV: channel, member, vacancy, field, leave_due, vacate_due, leave, vacated
--- One subscription less to `channel` by the user of `member`, on the web
--- process whose `node` hash counts it; nothing when that hash does not (the
--- reaper took the process's subscriptions off already, or Redis lost them).
--- A user's last subscription appends `leave`, a channel's last `vacated`
--- (each only when given), or, when its due time is given (not ''), waits in
--- `leaving` until then (the grace; occupancy_flush.lua appends it). Returns
--- how many events it appended.
-local own = tonumber(redis.call('HGET', node, member) or '0')
-if own <= 0 then return 0 end
-if own == 1 then redis.call('HDEL', node, member) else redis.call('HINCRBY', node, member, -1) end
+-- ARGV: channel, member, vacancy, subscription, field, leave_due, vacate_due, leave, vacated
+-- One subscription less to `channel` by the user of `member`: the one the
+-- `node` hash keeps as `subscription` ([channel, user, client]); nothing when
+-- that hash does not have it (never counted, taken off already by an earlier
+-- try of this leave, or by the reaper), so a leave never takes off another
+-- socket's count and a retried one is harmless. A user's last subscription
+-- appends `leave`, a channel's last `vacated` (each only when given), or,
+-- when its due time is given (not ''), waits in `leaving` until then (the
+-- grace; occupancy_flush.lua appends it). Returns how many events it appended.
+if redis.call('HDEL', node, subscription) == 0 then return 0 end
 local appended = 0
 if redis.call('HINCRBY', members, member, -1) <= 0 then
   redis.call('HDEL', members, member)

@@ -1,19 +1,46 @@
 -- KEYS: subscribers, channels, members, users, leaving, node, nodes, events
--- ARGV: node_name, field, entries...
+-- ARGV: node_name, field, horizon, pending_read, entries...
 -- Takes a dead web process's subscriptions off the counts: `entries` are
--- quadruples (a member of its `node` hash, that member's channel, the leave
--- event, the vacated event; '' for one not wanted). Each member still in the
--- hash is removed with all it counted; a user left with none appends its
--- leave, a channel left with none its vacate, at once (no grace: a client
--- that reconnected elsewhere counts again already). Once the hash is empty
--- the process leaves `nodes`. Returns how many events it appended.
+-- sextuples (a subscription of its `node` hash, its member [channel, user],
+-- its channel's vacancy [channel], the channel, the leave event, the vacated
+-- event; '' for one not wanted). Each still in the hash is removed and
+-- counts one less; a user left with none appends its leave at once (no
+-- grace: a client that reconnected elsewhere counts again already). A
+-- channel left with none appends its vacate at once, unless a living user's
+-- leave of it waits out its grace: then the vacate waits too, due with the
+-- last such leave (at the same due time a leave, [c, u], sorts before the
+-- vacate, [c], so the flusher ends it first), and the channel's events stay
+-- in order. `horizon` is the latest a pending leave can be due ('' when
+-- leaves never wait); `leaving` is read once, at most `pending_read`
+-- entries: when there are more, every emptied channel's vacate waits until
+-- the horizon. Once the hash is empty the process leaves `nodes`. Returns
+-- how many events it appended.
 local appended = 0
-for i = 1, #entries, 4 do
-  local member, channel, leave, vacated = entries[i], entries[i + 1], entries[i + 2], entries[i + 3]
-  local own = tonumber(redis.call('HGET', node, member) or '0')
-  if own > 0 then
-    redis.call('HDEL', node, member)
-    if redis.call('HINCRBY', members, member, -own) <= 0 then
+local last_leave  -- channel -> due of its last pending leave, read when a channel first empties
+local function vacate_due(channel)
+  if horizon == '' then return nil end
+  if last_leave == nil then
+    local limit = tonumber(pending_read)
+    local found = redis.call('ZRANGE', leaving, 0, limit - 1, 'WITHSCORES')
+    if #found >= 2 * limit then
+      last_leave = false  -- too many to read here: every vacate waits until the horizon
+    else
+      last_leave = {}
+      for i = 1, #found, 2 do
+        local parts = cjson.decode(found[i])
+        local due = tonumber(found[i + 1])
+        if #parts > 1 and (last_leave[parts[1]] or -math.huge) < due then last_leave[parts[1]] = due end
+      end
+    end
+  end
+  if last_leave == false then return horizon end
+  return last_leave[channel]
+end
+for i = 1, #entries, 6 do
+  local subscription, member, vacancy, channel = entries[i], entries[i + 1], entries[i + 2], entries[i + 3]
+  local leave, vacated = entries[i + 4], entries[i + 5]
+  if redis.call('HDEL', node, subscription) == 1 then
+    if redis.call('HINCRBY', members, member, -1) <= 0 then
       redis.call('HDEL', members, member)
       if redis.call('HINCRBY', users, channel, -1) <= 0 then redis.call('HDEL', users, channel) end
       if leave ~= '' then
@@ -21,16 +48,17 @@ for i = 1, #entries, 4 do
         appended = appended + 1
       end
     end
-    if redis.call('HINCRBY', subscribers, channel, -own) <= 0 then
+    if redis.call('HINCRBY', subscribers, channel, -1) <= 0 then
       redis.call('HDEL', subscribers, channel)
       redis.call('ZREM', channels, channel)
-      if vacated ~= '' then
+      local due = vacate_due(channel)
+      if due ~= nil then
+        redis.call('ZADD', leaving, due, vacancy)
+      elseif vacated ~= '' then
         redis.call('XADD', events, '*', field, vacated)
         appended = appended + 1
       end
     end
-  elseif own < 0 then
-    redis.call('HDEL', node, member)
   end
 end
 if redis.call('HLEN', node) == 0 then redis.call('SREM', nodes, node_name) end
