@@ -5,7 +5,8 @@ hang, redirect or refuse. The whole exchange (connect, send, status line and
 headers, the answer read) ends within HERALD_WEBHOOK_TIMEOUT: a watchdog
 shuts the connection's socket down at the deadline, since socket timeouts
 bound each read, not their sum (a receiver dripping its headers a byte at a
-time would hold the POST as long as it likes). The POST follows no redirect,
+time would hold the POST as long as it likes). Name resolution alone is out
+of its reach (the resolver's own timeout bounds it). The POST follows no redirect,
 reads at most ANSWER_BYTES of the answer (and drops the connection rather
 than read more) and counts anything but a 2xx as a failure.
 """
