@@ -33,6 +33,9 @@ BACKLOG = "backlog: the receiver was more than HERALD_WEBHOOK_BACKLOG events beh
 def lease_seconds(settings) -> float:
     """How long a lease lasts untouched: a round's POST and slice, and a margin; past it, a task
     that died (a worker killed mid-POST) is taken for gone and another sends the batch again."""
+    # Invariant: a lease outlives the longest POST. A round renews it before each POST, and a
+    # POST ends within webhook_timeout + sender.DEADLINE_SLACK (0.5 s) whatever the receiver does
+    # (the Sender's watchdog cuts it), 12.5 s within this lease: no second task starts meanwhile.
     return settings.webhook_timeout + SLICE + LEASE_MARGIN
 
 

@@ -4,18 +4,21 @@ the cursor, the lease, the trim, dead letters and the backlog (pipeline/webhooks
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 import uuid
 
 import pytest
 
+from devtools import embedded
 from pipeline.core.events import event
 from pipeline.core.settings import Settings
 from pipeline.store import Store, connect
 from pipeline.webhooks import Outbox
 from pipeline.webhooks.deadletters import ReplayFailed, WebhookDeadLetters
 from pipeline.webhooks.delivery import FAILED, IDLE, LOST, Delivery
-from pipeline.webhooks.sender import ANSWER_BYTES, Sender
+from pipeline.webhooks.sender import ANSWER_BYTES, DEADLINE_SLACK, Sender
 from pipeline.webhooks.signing import verify
 from tests.harness import SECRET
 from tests.receivers import Answer, Receiver
@@ -152,3 +155,102 @@ def test_an_answer_that_is_a_redirect_or_refused_connection_is_a_failure(spare_r
     accepted, what = sender.post(receivers[0].url, b"{}")
     assert accepted is False and what
     assert json.loads(b'{"events":[]}') == {"events": []}
+
+
+class Dripper:
+    """A raw-socket receiver that drips its status line and headers a byte each `every` seconds
+    on its first `drips` connections (past any socket timeout's reach), then answers 200."""
+
+    def __init__(self, drips: int = 1, every: float = 0.2):
+        self.drips, self.every, self.port = drips, every, embedded.free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.connections = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def start(self) -> Dripper:
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn, self.connections <= self.drips), daemon=True).start()
+
+    def _answer(self, conn: socket.socket, drip: bool) -> None:
+        # One request after another on the connection (keep-alive), until the sender hangs up.
+        with conn:
+            try:
+                data = b""
+                while True:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        data += chunk
+                    head, _, data = data.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(data) < length:
+                        data += conn.recv(65536)
+                    data = data[length:]
+                    if drip:  # ~20 s of status line and headers, unless the sender hangs up
+                        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+                            conn.sendall(bytes([byte]))
+                            time.sleep(self.every)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+
+
+def test_a_receiver_dripping_its_headers_is_cut_at_the_timeout_and_holds_the_lease_no_longer(
+        spare_redis_url, receivers):
+    dripper = Dripper().start()
+    try:
+        settings, store, outbox = _system(spare_redis_url, [dripper, receivers[0]], HERALD_WEBHOOK_TIMEOUT="1")
+        ids = _emit(outbox, 3)
+        sender = Sender(settings)
+        name = settings.webhooks[0].name
+        assert store.webhooks.take_lease(name, "t1", 30)
+        taken_by_another = []
+
+        def second_task():  # the bridge's view: tries to take the lease while the POST hangs
+            while not done.is_set():
+                if store.webhooks.take_lease(name, "t2", 30):
+                    taken_by_another.append(time.monotonic())
+                time.sleep(0.05)
+
+        done = threading.Event()
+        watcher = threading.Thread(target=second_task)
+        watcher.start()
+        started = time.monotonic()
+        try:
+            outcome = Delivery(settings, store, sender, settings.webhooks[0], "t1").run()
+        finally:
+            took = time.monotonic() - started
+            done.set()
+            watcher.join()
+        print(f"DRIP-FIGURES timeout=1.0s post_took={took:.2f}s bound={1 + DEADLINE_SLACK:.1f}s")
+        assert outcome is FAILED and took < 1 + DEADLINE_SLACK
+        assert taken_by_another == [] and store.webhooks.renew_lease(name, "t1", 30)
+        assert store.webhooks.cursor(name) == "0-0"  # the batch is sent again, not lost
+        # The same Sender: the good receiver's POST and the dripper's, now answering at once, go
+        # through; the cut connection never went back to the pool, a good one stays in it (keep-alive).
+        good = settings.webhooks[1]
+        assert store.webhooks.take_lease(good.name, "t1", 30)
+        assert Delivery(settings, store, sender, good, "t1").run() is IDLE
+        assert [e["id"] for e in receivers[0].events()] == ids
+        assert Delivery(settings, store, sender, settings.webhooks[0], "t1").run() is IDLE
+        assert store.webhooks.cursor(name) != "0-0" and dripper.connections == 2
+        assert sender.post(dripper.url, b'{"events":[]}') == (True, "HTTP 200")
+        assert dripper.connections == 2  # the same connection again
+    finally:
+        dripper.stop()
