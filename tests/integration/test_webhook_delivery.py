@@ -34,19 +34,42 @@ def receivers():
         receiver.stop()
 
 
+# What a test opened (Redis clients, HTTP pools), closed after it: a socket left to the
+# garbage collector warns in whichever later test it is collected.
+_opened: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_what_was_opened():
+    yield
+    while _opened:
+        thing = _opened.pop()
+        if isinstance(thing, Sender):
+            thing.pool.clear()
+        else:
+            thing.redis.connection_pool.disconnect()
+
+
+def _sender(settings) -> Sender:
+    sender = Sender(settings)
+    _opened.append(sender)
+    return sender
+
+
 def _system(redis_url: str, receivers: list[Receiver], **env):
     settings = Settings.from_env({
         "HERALD_SECRET_KEY": SECRET, "REDIS_URL": redis_url, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
         "HERALD_REDIS_PREFIX": f"w{uuid.uuid4().hex[:8]}", "HERALD_WEBHOOK_SECRET": HOOK_SECRET,
         "HERALD_WEBHOOK_URL": "; ".join(r.url for r in receivers), **env})
     store = Store(connect(settings), settings)
+    _opened.append(store)
     return settings, store, Outbox(store, settings)
 
 
 def _delivery(settings, store, index: int, token: str = "t1") -> Delivery:
     receiver = settings.webhooks[index]
     assert store.webhooks.take_lease(receiver.name, token, 30)
-    return Delivery(settings, store, Sender(settings), receiver, token)
+    return Delivery(settings, store, _sender(settings), receiver, token)
 
 
 def _emit(outbox, count: int, channel: str = "c") -> list[str]:
@@ -76,7 +99,7 @@ def test_a_task_whose_lease_went_to_another_moves_no_cursor(spare_redis_url, rec
     settings, store, outbox = _system(spare_redis_url, receivers[:1])
     _emit(outbox, 5)
     name = settings.webhooks[0].name
-    stale = Delivery(settings, store, Sender(settings), settings.webhooks[0], "stale")
+    stale = Delivery(settings, store, _sender(settings), settings.webhooks[0], "stale")
     assert store.webhooks.take_lease(name, "holder", 30)
     assert stale.run() is LOST
     assert receivers[0].posts == [] and store.webhooks.cursor(name) == "0-0"
@@ -100,6 +123,7 @@ def test_a_failing_batch_is_retried_first_then_dead_lettered_and_replayed(spare_
     time.sleep(1.1)
     assert delivery.run(delivery.failing_since) is IDLE
     letters = WebhookDeadLetters(store, settings)
+    _opened.append(letters.sender)
     name = settings.webhooks[0].name
     page = letters.page(name, limit=10)
     assert page["total"] == 15 and len(page["items"]) == 10 and page["next"]
@@ -148,7 +172,7 @@ def test_a_huge_or_slow_answer_costs_only_its_own_post(spare_redis_url, receiver
 
 def test_an_answer_that_is_a_redirect_or_refused_connection_is_a_failure(spare_redis_url, receivers):
     settings, store, outbox = _system(spare_redis_url, receivers[:1])
-    sender = Sender(settings)
+    sender = _sender(settings)
     receivers[0].answer = Answer(302)
     assert sender.post(receivers[0].url, b"{}")[0] is False
     receivers[0].stop()
@@ -217,7 +241,7 @@ def test_a_receiver_dripping_its_headers_is_cut_at_the_timeout_and_holds_the_lea
     try:
         settings, store, outbox = _system(spare_redis_url, [dripper, receivers[0]], HERALD_WEBHOOK_TIMEOUT="1")
         ids = _emit(outbox, 3)
-        sender = Sender(settings)
+        sender = _sender(settings)
         name = settings.webhooks[0].name
         assert store.webhooks.take_lease(name, "t1", 30)
         taken_by_another = []
