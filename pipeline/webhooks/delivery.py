@@ -52,17 +52,35 @@ def batch(entries: list[tuple[str, dict]], wants, max_events: int, max_bytes: in
     """The batch of stream `entries` (id, fields) a receiver (`wants(type)`) is sent next: in
     order, at most `max_events` wanted ones and `max_bytes` of body (one at least)."""
     events: list[bytes] = []
+    parsed: list[dict] = []
     size, last = len(b'{"events":[]}'), None
     for entry_id, fields in entries:
         raw = fields[EVENT_FIELD]
         raw = raw.encode() if isinstance(raw, str) else raw
-        if wants(loads(raw)["type"]):
+        event = loads(raw)
+        if wants(event["type"]):
             if events and (len(events) >= max_events or size + len(raw) + 1 > max_bytes):
                 break
             events.append(raw)
+            parsed.append(event)
             size += len(raw) + 1
         last = entry_id
-    return Batch(events, last)
+    return Batch(in_channel_order(events, parsed), last)
+
+
+def in_channel_order(events: list[bytes], parsed: list[dict]) -> list[bytes]:
+    """The batch with each channel's message events in Kafka order (by `offset`), in the places
+    those events hold: workers append them after the order gate in a round trip of their own,
+    so two workers passing a channel's records one after the other may append them crosswise."""
+    places: dict[str, list[int]] = {}
+    for n, event in enumerate(parsed):
+        if event["type"].startswith("message.") and isinstance(event.get("offset"), int):
+            places.setdefault(event.get("channel", ""), []).append(n)
+    ordered = list(events)
+    for positions in places.values():
+        for place, source in zip(positions, sorted(positions, key=lambda n: parsed[n]["offset"])):
+            ordered[place] = events[source]
+    return ordered
 
 
 def body(events: list[bytes]) -> bytes:

@@ -7,15 +7,30 @@ import re
 import time
 import uuid
 
+import pytest
+
 from pipeline.core.messages import Envelope
 from pipeline.core.settings import Settings
 from pipeline.store import Store, connect
+
+# The stores a test opened, closed after it: a socket left to the garbage collector
+# warns in whichever later test it is collected.
+_opened: list[Store] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_stores():
+    yield
+    while _opened:
+        _opened.pop().redis.connection_pool.disconnect()
 
 
 def _store(url: str, **env: str) -> Store:
     settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": url,
                                   "HERALD_REDIS_PREFIX": f"g{uuid.uuid4().hex[:8]}", **env})
-    return Store(connect(settings, 2), settings)
+    store = Store(connect(settings, 2), settings)
+    _opened.append(store)
+    return store
 
 
 def _line(channel: str, count: int, first: int = 10) -> list[Envelope]:

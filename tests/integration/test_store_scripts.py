@@ -5,16 +5,31 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
+
 from pipeline.core.messages import Envelope, now_ms
 from pipeline.core.settings import Settings
 from pipeline.store import RATE_WINDOW_CAP, Store, connect
 from pipeline.store.rates import RATE_WINDOW
 
+# The stores a test opened, closed after it: a socket left to the garbage collector
+# warns in whichever later test it is collected.
+_opened: list[Store] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_stores():
+    yield
+    while _opened:
+        _opened.pop().redis.connection_pool.disconnect()
+
 
 def _store(url: str) -> Store:
     settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": url,
                                   "HERALD_REDIS_PREFIX": f"s{uuid.uuid4().hex[:8]}"})
-    return Store(connect(settings, 2), settings)
+    store = Store(connect(settings, 2), settings)
+    _opened.append(store)
+    return store
 
 
 def _script_exists_calls(store: Store) -> int:

@@ -90,3 +90,21 @@ def test_without_a_receiver_the_bridge_never_looks_and_the_worker_has_no_webhook
     app = make_celery(hooked)
     assert app.conf.task_routes[WEBHOOK_TASK_NAME]["queue"] == webhook_queue(hooked)
     assert {q.name for q in app.conf.task_queues} == {hooked.task_queue, webhook_queue(hooked)}
+
+
+def test_a_batch_puts_each_channels_message_events_in_kafka_order():
+    # Two workers append consecutive records' events crosswise; presence events keep their places.
+    from pipeline.core.messages import dumps
+    from pipeline.webhooks import EVENT_FIELD
+    from pipeline.webhooks.delivery import batch
+
+    stored = [{"type": "message.delivered", "channel": "a", "offset": 7},
+              {"type": "presence.join", "channel": "a", "user": "u"},
+              {"type": "message.delivered", "channel": "b", "offset": 3},
+              {"type": "message.delivered", "channel": "a", "offset": 5},
+              {"type": "message.dead_lettered", "channel": "b", "offset": 2}]
+    entries = [(f"{n}-0", {EVENT_FIELD: dumps(e)}) for n, e in enumerate(stored)]
+    sent = [json.loads(raw) for raw in batch(entries, lambda _type: True, 100).events]
+    assert [(e["type"], e["channel"], e.get("offset")) for e in sent] == [
+        ("message.delivered", "a", 5), ("presence.join", "a", None), ("message.dead_lettered", "b", 2),
+        ("message.delivered", "a", 7), ("message.delivered", "b", 3)]
