@@ -7,6 +7,8 @@ import uuid
 import pytest
 
 from devtools import embedded
+from pipeline.core.settings import Settings
+from pipeline.store import Store, connect
 from tests.harness import running_stack
 
 
@@ -53,3 +55,22 @@ def spare_redis_url(tmp_path_factory):
         yield f"redis://127.0.0.1:{server.port}/0"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def spare_store(spare_redis_url):
+    """Makes Stores on the spare Redis, each under a key prefix of its own (`**env`: more
+    settings); each is closed after the test: a socket left to the garbage collector warns
+    in whichever later test it is collected."""
+    made: list[Store] = []
+
+    def make(**env: str) -> Store:
+        settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": spare_redis_url,
+                                      "HERALD_REDIS_PREFIX": f"s{uuid.uuid4().hex[:8]}", **env})
+        store = Store(connect(settings, 2), settings)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.redis.close()

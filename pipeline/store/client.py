@@ -35,7 +35,8 @@ def connect(settings: Settings, pool_size: int = 4, *, url: str | None = None) -
         return redis.RedisCluster.from_url(address, connection_pool_class=redis.BlockingConnectionPool,
                                            **options)
     pool = redis.BlockingConnectionPool.from_url(address, health_check_interval=15, **options)
-    return redis.Redis(connection_pool=pool)
+    # The client owns its pool: closing it closes the pool's sockets (a pool merely passed in stays open).
+    return redis.Redis.from_pool(pool)
 
 
 def check_at_start(settings: Settings) -> str | None:

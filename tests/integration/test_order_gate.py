@@ -7,30 +7,8 @@ import re
 import time
 import uuid
 
-import pytest
-
 from pipeline.core.messages import Envelope
-from pipeline.core.settings import Settings
-from pipeline.store import Store, connect
-
-# The stores a test opened, closed after it: a socket left to the garbage collector
-# warns in whichever later test it is collected.
-_opened: list[Store] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_stores():
-    yield
-    while _opened:
-        _opened.pop().redis.connection_pool.disconnect()
-
-
-def _store(url: str, **env: str) -> Store:
-    settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": url,
-                                  "HERALD_REDIS_PREFIX": f"g{uuid.uuid4().hex[:8]}", **env})
-    store = Store(connect(settings, 2), settings)
-    _opened.append(store)
-    return store
+from pipeline.store import Store
 
 
 def _line(channel: str, count: int, first: int = 10) -> list[Envelope]:
@@ -47,8 +25,8 @@ def _history(store: Store, channel: str) -> list[str]:
         store.keys.history(channel))]
 
 
-def test_records_parked_in_any_order_are_taken_on_in_order_by_whoever_passes_before_them(spare_redis_url):
-    store = _store(spare_redis_url)
+def test_records_parked_in_any_order_are_taken_on_in_order_by_whoever_passes_before_them(spare_store):
+    store = spare_store()
     channel = f"c{uuid.uuid4().hex[:8]}"
     line = _line(channel, 5)
     for record in reversed(line[1:]):  # every later record reaches the gate first
@@ -65,10 +43,10 @@ def test_records_parked_in_any_order_are_taken_on_in_order_by_whoever_passes_bef
     assert not store.redis.exists(store.keys.parked(channel), store.keys.waiting(channel))
 
 
-def test_a_record_taken_on_by_a_worker_that_died_is_brought_back_by_the_next_pass(spare_redis_url):
+def test_a_record_taken_on_by_a_worker_that_died_is_brought_back_by_the_next_pass(spare_store):
     # The parked entry leaves only when its record passes: a task run again
     # (its predecessor a duplicate now) brings it back.
-    store = _store(spare_redis_url)
+    store = spare_store()
     channel = f"c{uuid.uuid4().hex[:8]}"
     first, second, third = _line(channel, 3)
     store.deliver([third])
@@ -81,8 +59,8 @@ def test_a_record_taken_on_by_a_worker_that_died_is_brought_back_by_the_next_pas
     assert _history(store, channel) == [first.id, second.id, third.id]
 
 
-def test_a_lines_head_alone_passes_without_its_predecessor_once_parked_order_wait(spare_redis_url):
-    store = _store(spare_redis_url, HERALD_ORDER_WAIT="1")
+def test_a_lines_head_alone_passes_without_its_predecessor_once_parked_order_wait(spare_store):
+    store = spare_store(HERALD_ORDER_WAIT="1")
     channel = f"c{uuid.uuid4().hex[:8]}"
     lost, head, behind = _line(channel, 3)
     store.deliver([behind])
@@ -97,10 +75,10 @@ def test_a_lines_head_alone_passes_without_its_predecessor_once_parked_order_wai
     assert store.deliver([lost])[0].outcome == "delivered"  # late, after its successors: what forcing costs
 
 
-def test_a_record_passing_below_a_gate_that_jumped_brings_back_the_one_parked_behind_it(spare_redis_url):
+def test_a_record_passing_below_a_gate_that_jumped_brings_back_the_one_parked_behind_it(spare_store):
     # A record stamped without its predecessor (the bridge forgot the channel)
     # moves the gate past a line: the line's records are still taken on.
-    store = _store(spare_redis_url)
+    store = spare_store()
     channel = f"c{uuid.uuid4().hex[:8]}"
     a, b, c = _line(channel, 3)  # offsets 10, 12, 14
     jumped = Envelope(f"{channel}-x", channel, "message", {}, "s", 0, partition=0, offset=30, prev=None)
@@ -112,8 +90,8 @@ def test_a_record_passing_below_a_gate_that_jumped_brings_back_the_one_parked_be
     assert not store.redis.exists(store.keys.parked(channel))
 
 
-def test_a_parked_record_this_worker_cannot_read_is_left_parked_and_the_pass_stands(spare_redis_url):
-    store = _store(spare_redis_url)
+def test_a_parked_record_this_worker_cannot_read_is_left_parked_and_the_pass_stands(spare_store):
+    store = spare_store()
     channel = f"c{uuid.uuid4().hex[:8]}"
     first, second = _line(channel, 2)
     store.redis.hset(store.keys.parked(channel), str(first.offset), b'{"id": "x"}')  # another version's record

@@ -5,31 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 
-import pytest
-
 from pipeline.core.messages import Envelope, now_ms
-from pipeline.core.settings import Settings
-from pipeline.store import RATE_WINDOW_CAP, Store, connect
+from pipeline.store import RATE_WINDOW_CAP, Store
 from pipeline.store.rates import RATE_WINDOW
-
-# The stores a test opened, closed after it: a socket left to the garbage collector
-# warns in whichever later test it is collected.
-_opened: list[Store] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_stores():
-    yield
-    while _opened:
-        _opened.pop().redis.connection_pool.disconnect()
-
-
-def _store(url: str) -> Store:
-    settings = Settings.from_env({"HERALD_SECRET_KEY": "k" * 32, "REDIS_URL": url,
-                                  "HERALD_REDIS_PREFIX": f"s{uuid.uuid4().hex[:8]}"})
-    store = Store(connect(settings, 2), settings)
-    _opened.append(store)
-    return store
 
 
 def _script_exists_calls(store: Store) -> int:
@@ -37,8 +15,8 @@ def _script_exists_calls(store: Store) -> int:
     return stats.get("cmdstat_script|exists", {}).get("calls", 0)
 
 
-def test_a_batch_is_one_round_trip_without_script_exists_and_survives_a_script_flush(spare_redis_url):
-    store = _store(spare_redis_url)
+def test_a_batch_is_one_round_trip_without_script_exists_and_survives_a_script_flush(spare_store):
+    store = spare_store()
     channel = f"c{uuid.uuid4().hex[:8]}"
     batch = [Envelope(f"m{n}-{uuid.uuid4().hex[:6]}", channel, "message", n, "s", 0, partition=0, offset=n,
                       prev=n - 1 if n else None) for n in range(3)]
@@ -52,14 +30,14 @@ def test_a_batch_is_one_round_trip_without_script_exists_and_survives_a_script_f
     assert store.get_message(batch[0].id)["status"] == "delivered"
 
 
-def test_every_script_is_loaded_again_after_a_flush(spare_redis_url):
-    store = _store(spare_redis_url)
+def test_every_script_is_loaded_again_after_a_flush(spare_store):
+    store = spare_store()
     store.redis.script_flush()
     assert store.claim_connections([("node/a", "u1", "10.0.0.1")]) == [None]
 
 
-def test_a_batch_is_accepted_in_one_script_call_that_keeps_a_later_status(spare_redis_url):
-    store = _store(spare_redis_url)
+def test_a_batch_is_accepted_in_one_script_call_that_keeps_a_later_status(spare_store):
+    store = spare_store()
     channel = f"c{uuid.uuid4().hex[:8]}"
     ts = now_ms()
     batch = [Envelope(f"a{n}-{uuid.uuid4().hex[:6]}", channel, "message", {"n": n, "text": "é"}, f"s{n}", ts + n)
@@ -90,8 +68,8 @@ def _evalsha_calls(store: Store) -> int:
     return store.redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
 
 
-def test_a_batchs_calls_of_one_script_are_one_call_with_each_calls_own_reply(spare_redis_url):
-    store = _store(spare_redis_url)
+def test_a_batchs_calls_of_one_script_are_one_call_with_each_calls_own_reply(spare_store):
+    store = spare_store()
     channels = [f"c{uuid.uuid4().hex[:8]}" for _ in range(2)]
     # Offsets 0..5 alternate between two channels; the last one's predecessor (offset 7) never came.
     batch = [Envelope(f"b{n}-{uuid.uuid4().hex[:6]}", channels[n % 2], "message", n, "s", 0, partition=0,
@@ -113,9 +91,9 @@ def test_a_batchs_calls_of_one_script_are_one_call_with_each_calls_own_reply(spa
     assert all(batch[n].id in history[channels[n % 2]][n // 2] for n in range(6))
 
 
-def test_a_rate_window_holds_at_most_its_cap_of_ids(spare_redis_url):
+def test_a_rate_window_holds_at_most_its_cap_of_ids(spare_store):
     # A flood within a day-long window must not store every id it sent.
-    store = _store(spare_redis_url)
+    store = spare_store()
     key = store.keys.rate("flood", "sender", "mallory")
     pipe = store.redis.pipeline(transaction=False)
     for n in range(RATE_WINDOW_CAP):

@@ -7,20 +7,16 @@ import json
 import socket
 import threading
 import time
-import uuid
 
 import pytest
 
 from devtools import embedded
 from pipeline.core.events import event
-from pipeline.core.settings import Settings
-from pipeline.store import Store, connect
 from pipeline.webhooks import Outbox
 from pipeline.webhooks.deadletters import ReplayFailed, WebhookDeadLetters
 from pipeline.webhooks.delivery import FAILED, IDLE, LOST, Delivery
 from pipeline.webhooks.sender import ANSWER_BYTES, DEADLINE_SLACK, Sender
 from pipeline.webhooks.signing import verify
-from tests.harness import SECRET
 from tests.receivers import Answer, Receiver
 
 HOOK_SECRET = "webhook-secret-for-the-delivery-tests-0123"
@@ -34,20 +30,15 @@ def receivers():
         receiver.stop()
 
 
-# What a test opened (Redis clients, HTTP pools), closed after it: a socket left to the
-# garbage collector warns in whichever later test it is collected.
-_opened: list = []
+# The HTTP pools a test opened, closed after it (its stores close with `spare_store`).
+_opened: list[Sender] = []
 
 
 @pytest.fixture(autouse=True)
-def _close_what_was_opened():
+def _close_senders():
     yield
     while _opened:
-        thing = _opened.pop()
-        if isinstance(thing, Sender):
-            thing.pool.clear()
-        else:
-            thing.redis.connection_pool.disconnect()
+        _opened.pop().pool.clear()
 
 
 def _sender(settings) -> Sender:
@@ -56,14 +47,10 @@ def _sender(settings) -> Sender:
     return sender
 
 
-def _system(redis_url: str, receivers: list[Receiver], **env):
-    settings = Settings.from_env({
-        "HERALD_SECRET_KEY": SECRET, "REDIS_URL": redis_url, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
-        "HERALD_REDIS_PREFIX": f"w{uuid.uuid4().hex[:8]}", "HERALD_WEBHOOK_SECRET": HOOK_SECRET,
-        "HERALD_WEBHOOK_URL": "; ".join(r.url for r in receivers), **env})
-    store = Store(connect(settings), settings)
-    _opened.append(store)
-    return settings, store, Outbox(store, settings)
+def _system(spare_store, receivers: list[Receiver], **env):
+    store = spare_store(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9", HERALD_WEBHOOK_SECRET=HOOK_SECRET,
+                        HERALD_WEBHOOK_URL="; ".join(r.url for r in receivers), **env)
+    return store.settings, store, Outbox(store, store.settings)
 
 
 def _delivery(settings, store, index: int, token: str = "t1") -> Delivery:
@@ -78,8 +65,8 @@ def _emit(outbox, count: int, channel: str = "c") -> list[str]:
     return [e["id"] for e in events]
 
 
-def test_events_go_signed_in_order_and_the_stream_is_trimmed_once_every_receiver_passed(spare_redis_url, receivers):
-    settings, store, outbox = _system(spare_redis_url, receivers, HERALD_WEBHOOK_BATCH="100")
+def test_events_go_signed_in_order_and_the_stream_is_trimmed_once_every_receiver_passed(spare_store, receivers):
+    settings, store, outbox = _system(spare_store, receivers, HERALD_WEBHOOK_BATCH="100")
     ids = _emit(outbox, 250)
     assert _delivery(settings, store, 0).run() is IDLE
     first = receivers[0]
@@ -95,8 +82,8 @@ def test_events_go_signed_in_order_and_the_stream_is_trimmed_once_every_receiver
     assert store.redis.xlen(store.keys.events) <= 1  # the last entry (the least cursor) stays
 
 
-def test_a_task_whose_lease_went_to_another_moves_no_cursor(spare_redis_url, receivers):
-    settings, store, outbox = _system(spare_redis_url, receivers[:1])
+def test_a_task_whose_lease_went_to_another_moves_no_cursor(spare_store, receivers):
+    settings, store, outbox = _system(spare_store, receivers[:1])
     _emit(outbox, 5)
     name = settings.webhooks[0].name
     stale = Delivery(settings, store, _sender(settings), settings.webhooks[0], "stale")
@@ -105,8 +92,8 @@ def test_a_task_whose_lease_went_to_another_moves_no_cursor(spare_redis_url, rec
     assert receivers[0].posts == [] and store.webhooks.cursor(name) == "0-0"
 
 
-def test_a_failing_batch_is_retried_first_then_dead_lettered_and_replayed(spare_redis_url, receivers):
-    settings, store, outbox = _system(spare_redis_url, receivers[:1], HERALD_WEBHOOK_RETRY_FOR="1",
+def test_a_failing_batch_is_retried_first_then_dead_lettered_and_replayed(spare_store, receivers):
+    settings, store, outbox = _system(spare_store, receivers[:1], HERALD_WEBHOOK_RETRY_FOR="1",
                                       HERALD_WEBHOOK_BATCH="10")
     receiver = receivers[0]
     receiver.answer = Answer(500)
@@ -142,8 +129,8 @@ def test_a_failing_batch_is_retried_first_then_dead_lettered_and_replayed(spare_
     assert sorted(e["id"] for e in receiver.events()) == sorted(ids)
 
 
-def test_a_receiver_past_the_backlog_has_its_oldest_events_dead_lettered(spare_redis_url, receivers):
-    settings, store, outbox = _system(spare_redis_url, receivers[:1], HERALD_WEBHOOK_BACKLOG="1000",
+def test_a_receiver_past_the_backlog_has_its_oldest_events_dead_lettered(spare_store, receivers):
+    settings, store, outbox = _system(spare_store, receivers[:1], HERALD_WEBHOOK_BACKLOG="1000",
                                       HERALD_WEBHOOK_BATCH="500")
     ids = _emit(outbox, 1600)
     assert _delivery(settings, store, 0).run() is IDLE
@@ -153,8 +140,8 @@ def test_a_receiver_past_the_backlog_has_its_oldest_events_dead_lettered(spare_r
     assert dead == 1000 and got == ids[dead:]  # dead-lettered a batch a round until within the backlog
 
 
-def test_a_huge_or_slow_answer_costs_only_its_own_post(spare_redis_url, receivers):
-    settings, store, outbox = _system(spare_redis_url, receivers[:1], HERALD_WEBHOOK_TIMEOUT="1")
+def test_a_huge_or_slow_answer_costs_only_its_own_post(spare_store, receivers):
+    settings, store, outbox = _system(spare_store, receivers[:1], HERALD_WEBHOOK_TIMEOUT="1")
     receiver = receivers[0]
     receiver.answer = Answer(200, b"x" * (50 * ANSWER_BYTES))
     _emit(outbox, 3)
@@ -170,8 +157,8 @@ def test_a_huge_or_slow_answer_costs_only_its_own_post(spare_redis_url, receiver
     assert time.monotonic() - started < 2.5  # the timeout, not the receiver, ends the wait
 
 
-def test_an_answer_that_is_a_redirect_or_refused_connection_is_a_failure(spare_redis_url, receivers):
-    settings, store, outbox = _system(spare_redis_url, receivers[:1])
+def test_an_answer_that_is_a_redirect_or_refused_connection_is_a_failure(spare_store, receivers):
+    settings, store, outbox = _system(spare_store, receivers[:1])
     sender = _sender(settings)
     receivers[0].answer = Answer(302)
     assert sender.post(receivers[0].url, b"{}")[0] is False
@@ -236,10 +223,10 @@ class Dripper:
 
 
 def test_a_receiver_dripping_its_headers_is_cut_at_the_timeout_and_holds_the_lease_no_longer(
-        spare_redis_url, receivers):
+        spare_store, receivers):
     dripper = Dripper().start()
     try:
-        settings, store, outbox = _system(spare_redis_url, [dripper, receivers[0]], HERALD_WEBHOOK_TIMEOUT="1")
+        settings, store, outbox = _system(spare_store, [dripper, receivers[0]], HERALD_WEBHOOK_TIMEOUT="1")
         ids = _emit(outbox, 3)
         sender = _sender(settings)
         name = settings.webhooks[0].name
