@@ -60,7 +60,7 @@ def create_app(settings=None) -> Flask:
     app.register_blueprint(api.blueprint)
     app.register_blueprint(webhooks.blueprint)
     app.register_blueprint(channels.blueprint)
-    serverapi.init_app(app, services)
+    app.register_blueprint(serverapi.blueprint)
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/api/v1/openapi.json", config={"app_name": "Herald"}))
     hub.init_app(app, services)
     cli.init_app(app)

@@ -47,11 +47,14 @@ def services():
 
 
 def identify() -> Identity | AuthError:
-    """The caller's Identity, or the AuthError its token earned; verified once per
-    request (the rate limiter keys by it before the view runs)."""
+    """The caller's Identity, or the AuthError its token earned (a revoked one too); verified
+    once per request (the rate limiter keys by it before the view runs). Raises
+    redis.RedisError when the revocations cannot be read (a 503)."""
     if "identity" not in g:
         try:
-            g.identity = verify(bearer(request.headers.get("Authorization")), services().settings)
+            identity = verify(bearer(request.headers.get("Authorization")), services().settings)
+            services().revocations.check(identity)
+            g.identity = identity
         except AuthError as exc:
             g.identity = exc
     return g.identity

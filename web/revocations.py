@@ -19,21 +19,11 @@ import logging
 import threading
 import time
 
-from web.auth import Identity
+from web.auth import AuthError, Identity
 
 log = logging.getLogger("herald.web")
 
-LOAD_PAGE = 10_000  # revoked token ids read per round trip while loading
-
-# A user's cut-off only moves forward: a later, earlier cut-off must not un-revoke tokens.
-_RAISE_CUTOFF = """
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-if not stored or tonumber(ARGV[2]) > tonumber(stored) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return ARGV[2]
-end
-return stored
-"""
+REVOKED_REASON = "token revoked"
 
 
 class Revocations:
@@ -63,57 +53,50 @@ class Revocations:
     # -- the local copy ---------------------------------------------------------
     def load(self) -> None:
         """Read every live revocation from Redis into the copy (raises redis.RedisError)."""
-        store = self._services.store
-        client, keys = store.redis, store.keys
         with self._loading:
-            now = time.time()
-            tokens: dict[str, float] = {}
-            start = 0
-            while True:
-                page = client.zrangebyscore(keys.revoked_tokens, now, "+inf", start=start, num=LOAD_PAGE,
-                                            withscores=True)
-                tokens.update((_text(jti), float(lapse)) for jti, lapse in page)
-                if len(page) < LOAD_PAGE:
-                    break
-                start += LOAD_PAGE
-            users = {_text(user): float(cutoff) for user, cutoff in client.hgetall(keys.revoked_users).items()}
-            # Whole dicts swapped in: a check never sees half a load.
-            self.tokens, self.users, self.loaded = tokens, users, True
-        log.info("revocations loaded", extra={"tokens": len(tokens), "users": len(users)})
+            self._read()
 
     def ensure_loaded(self) -> None:
         """Load the copy if no link has yet (a request before the hub's first connect)."""
         if not self.loaded:
-            self.load()
+            with self._loading:
+                if not self.loaded:  # another caller may have loaded it meanwhile
+                    self._read()
+
+    def _read(self) -> None:
+        # Called with the lock held: a command applied meanwhile waits, then goes into the new copy.
+        tokens, users = self._services.store.revocations.read()
+        # Whole dicts swapped in: a check never sees half a load.
+        self.tokens, self.users, self.loaded = tokens, users, True
+        log.info("revocations loaded", extra={"tokens": len(tokens), "users": len(users)})
 
     def apply_token(self, jti: str, lapse: float) -> None:
         """Add a token id revoked until `lapse` to the copy, dropping lapsed ones now and then."""
-        self.tokens[jti] = max(lapse, self.tokens.get(jti, 0.0))
-        if len(self.tokens) % 1024 == 0:
-            now = time.time()
-            self.tokens = {k: v for k, v in self.tokens.items() if v > now}
+        with self._loading:
+            self.tokens[jti] = max(lapse, self.tokens.get(jti, 0.0))
+            if len(self.tokens) % 1024 == 0:
+                now = time.time()
+                self.tokens = {k: v for k, v in self.tokens.items() if v > now}
 
     def apply_user(self, user: str, issued_before: float) -> None:
         """Add (or move forward) a user's cut-off in the copy."""
-        self.users[user] = max(issued_before, self.users.get(user, issued_before))
+        with self._loading:
+            self.users[user] = max(issued_before, self.users.get(user, issued_before))
+
+    def check(self, identity: Identity) -> None:
+        """Raise AuthError when `identity`'s token is revoked: the one check of a connect, a
+        frame and an HTTP request (raises redis.RedisError when the copy cannot be loaded)."""
+        self.ensure_loaded()
+        if self.revoked(identity):
+            raise AuthError(REVOKED_REASON)
 
     # -- recording (the server API) ---------------------------------------------
     def record_token(self, jti: str) -> float:
-        """Write a token id's revocation to Redis (pruning lapsed ones); returns when it lapses."""
-        store = self._services.store
-        now = time.time()
-        lapse = now + self.ttl
-        with store.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(store.keys.revoked_tokens, {jti: lapse}, gt=True)  # GT still adds a new member
-            pipe.zremrangebyscore(store.keys.revoked_tokens, "-inf", now)
-            pipe.execute()
+        """Write a token id's revocation to Redis; returns when it lapses."""
+        lapse = time.time() + self.ttl
+        self._services.store.revocations.revoke_token(jti, lapse)
         return lapse
 
     def record_user(self, user: str, issued_before: float) -> float:
         """Write a user's cut-off to Redis; returns the cut-off in force (never earlier than before)."""
-        store = self._services.store
-        return float(store.redis.eval(_RAISE_CUTOFF, 1, store.keys.revoked_users, user, repr(issued_before)))
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        return self._services.store.revocations.revoke_user(user, issued_before)

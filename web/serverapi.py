@@ -14,16 +14,15 @@ import logging
 import time
 from typing import Annotated
 
-import redis
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel
 
 from pipeline.core.messages import ChannelName
 from web import api
-from web.auth import MAX_JTI, MAX_USER, AuthError, Identity
+from web.auth import MAX_JTI, MAX_USER, Identity
 from web.hub import control
 from web.openapi import STANDARD, Answer
-from web.problems import ANSWERS, error_problem
+from web.problems import ANSWERS
 from web.schemas import StreamId
 
 log = logging.getLogger("herald.web")
@@ -115,9 +114,7 @@ def _answers(what: str, model: type[BaseModel] = Published) -> dict[int, Answer]
 def publish(command: control.Command) -> int:
     """Publish a command on the control channel; returns how many hubs received it."""
     store = api.services().store
-    # PUBLISH's answer is the count (store.publish drops it).
-    return int(store.redis.execute_command(store.runner.publish_command, store.keys.control_channel,
-                                           control.encode(command)))
+    return int(store.publish(store.keys.control_channel, control.encode(command)))
 
 
 def _published(command: control.Command, **fields) -> tuple[dict, int]:
@@ -169,31 +166,10 @@ def unsubscribe(identity: Identity, path: UserChannelPath):
                                     "`iat` cannot be revoked.",
                         answers=_answers("Stored, and published to the web processes", Revoked), tags=("server",))
 def revoke(identity: Identity, body: RevocationBody):
-    revocations = api.services().hub.revocations
+    revocations = api.services().revocations
     kind = body.root
     if isinstance(kind, TokenRevocation):
         lapses = revocations.record_token(kind.jti)
         return _published(control.RevokeToken(kind.jti, lapses), jti=kind.jti, lapses=lapses)
     cutoff = revocations.record_user(kind.user, kind.issued_before if kind.issued_before is not None else time.time())
     return _published(control.RevokeUser(kind.user, cutoff), user=kind.user, issued_before=cutoff)
-
-
-def init_app(app, services) -> None:
-    """Register the server API, and refuse a revoked token on every HTTP request (401)."""
-    app.register_blueprint(blueprint)
-
-    @app.before_request
-    def refuse_revoked():
-        if not request.path.startswith("/api/") or "Authorization" not in request.headers:
-            return None
-        identity = api.identify()  # verified once per request: the views reuse it
-        if not isinstance(identity, Identity):
-            return None
-        revocations = services.hub.revocations
-        try:
-            revocations.ensure_loaded()
-        except redis.RedisError as exc:
-            return error_problem(exc)
-        if revocations.revoked(identity):
-            g.identity = AuthError("the token has been revoked")
-        return None

@@ -25,6 +25,7 @@ from pipeline.store import Store, connect
 from pipeline.webhooks import Outbox
 from web.authorize import Permissions
 from web.probe import CachedProbe
+from web.revocations import Revocations
 
 log = logging.getLogger("herald.web")
 
@@ -79,6 +80,11 @@ class Services:
     def permissions(self) -> Permissions:
         """Who may subscribe and publish where: token globs, then HERALD_AUTHORIZE_URL."""
         return Permissions(self.settings)
+
+    @functools.cached_property
+    def revocations(self) -> Revocations:
+        """This process's copy of the token revocations (web/revocations.py)."""
+        return Revocations(self)
 
     @functools.cached_property
     def outbox(self) -> Outbox:

@@ -12,6 +12,7 @@
   rates.py        rules' rate windows
   webhooks.py     webhook receivers' cursors, delivery leases and dead letters
   occupancy.py    subscriptions counted per channel and user, and their events
+  revocations.py  revoked token ids and users' revocation cut-offs
   keys.py         the key schema; pubsub.py the subscribers' pub/sub links
 
 Every change that must happen at most once (delivering a message, moving its
@@ -39,6 +40,7 @@ from pipeline.store.inflight import InFlight
 from pipeline.store.keys import Keys
 from pipeline.store.occupancy import Occupancy
 from pipeline.store.rates import RATE_WINDOW_CAP, Rates
+from pipeline.store.revocations import RevokedTokens
 from pipeline.store.scripts import Runner
 from pipeline.store.statuses import Statuses, expires_at, message_fields
 from pipeline.store.webhooks import WebhookState
@@ -66,10 +68,12 @@ class Store:
         self.rates = Rates(self.runner, self.keys)
         self.webhooks = WebhookState(self.runner, self.keys, [r.name for r in settings.webhooks])
         self.occupancy = Occupancy(self.runner, self.keys)
+        self.revocations = RevokedTokens(self.runner, self.keys)
 
-    def publish(self, name: str, message: str, client: Any = None) -> None:
-        """Publish on a pub/sub channel built by Keys (sharded on a cluster)."""
-        self.runner.publish(name, message, client)
+    def publish(self, name: str, message: str, client: Any = None) -> Any:
+        """Publish on a pub/sub channel built by Keys (sharded on a cluster); returns how many
+        subscribers received it (the pipeline, when `client` is one)."""
+        return self.runner.publish(name, message, client)
 
     def mget(self, keys: list[str]) -> list[Any]:
         """GET of many keys in one call (spread over their nodes on a cluster)."""

@@ -309,11 +309,11 @@ class Runner:
         node of the channel's slot carries it."""
         return "SPUBLISH" if self.cluster else "PUBLISH"
 
-    def publish(self, name: str, message: str, client: Any = None) -> None:
+    def publish(self, name: str, message: str, client: Any = None) -> Any:
         """Publish on a pub/sub channel built by Keys (with `publish_command`), through
-        `client` (a pipeline) when given."""
+        `client` (a pipeline) when given; returns PUBLISH's answer (the pipeline, pipelined)."""
         target = self.client if client is None else client
-        target.execute_command(self.publish_command, name, message)
+        return target.execute_command(self.publish_command, name, message)
 
     def mget(self, keys: list[str]) -> list[Any]:
         """GET of many keys in one call (spread over their nodes on a cluster)."""

@@ -39,7 +39,6 @@ from web.hub.protocol import CLOSE_GOING_AWAY, Protocol
 from web.hub.router import Router
 from web.hub.transport import NoThread
 from web.problems import problem
-from web.revocations import Revocations
 
 log = logging.getLogger("herald.hub")
 
@@ -99,7 +98,7 @@ class Hub:
         self.running = False
         self.occupancy = Occupancy(services.store, services.outbox, self.settings, self.node)
         self.presence = Presence(services.store, self.settings, self.node, self.occupancy)
-        self.revocations = Revocations(services)
+        self.revocations = services.revocations
         self.control = Control(self)
         self.router = Router(self.settings, Keys(self.settings.redis_prefix, self.settings.redis_cluster), self.node,
                              self.clients, services.store.history, on_control=self.control.handle,

@@ -23,6 +23,7 @@ import logging
 from pipeline.core.messages import valid_channel
 from pipeline.core.streamids import valid as valid_stream_id
 from web.auth import MAX_JTI, MAX_USER
+from web.revocations import REVOKED_REASON
 
 log = logging.getLogger("herald.hub")
 
@@ -31,7 +32,6 @@ MAX_REASON_BYTES = 120  # a close frame carries 123 bytes of reason at most
 DISCONNECT_CODE = 4010
 DISCONNECT_REASON = "disconnected by the server"
 REVOKED_CODE = 4001
-REVOKED_REASON = "token revoked"
 CODES = range(4000, 5000)  # the close codes a disconnect may choose: the application's range (RFC 6455 7.4.2)
 
 

@@ -37,12 +37,12 @@ from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.authorize import PUBLISH, SUBSCRIBE, AuthorizeUnavailable
 from web.hub import frames
 from web.hub.batch import Batcher
-from web.hub.control import REVOKED_REASON
 from web.hub.control import Subscribe as SubscribeCommand
 from web.hub.errors import BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
 from web.hub.router import Subscription
 from web.hub.transport import ABNORMAL_CLOSURE, LoopWatcher, WebSocket, wire_frame
 from web.ratelimit import address_group
+from web.revocations import REVOKED_REASON
 
 log = logging.getLogger("herald.hub")
 # History reads go to Redis, and to the archive for offsets older than the stream retains.
@@ -218,20 +218,14 @@ class Protocol:
                 return None
         try:
             identity = verify(token, self.settings)
+            self.hub.revocations.check(identity)
         except AuthError as exc:
             ws.close(CLOSE_UNAUTHORIZED, str(exc)[:120])
             log.info("ws unauthorized", extra={"error": str(exc), "ref": ref})
             return None
-        revocations = self.hub.revocations
-        try:
-            revocations.ensure_loaded()  # loaded at the link's connect; this is a request before it
-        except redis.RedisError as exc:
+        except redis.RedisError as exc:  # the revocations could not be read
             ws.close(CLOSE_TRY_AGAIN, "try again later")
-            log.warning("ws refused: revocations unavailable", extra={"user": identity.user, "error": str(exc)})
-            return None
-        if revocations.revoked(identity):
-            ws.close(CLOSE_UNAUTHORIZED, REVOKED_REASON)
-            log.info("ws unauthorized: token revoked", extra={"user": identity.user, "jti": identity.jti})
+            log.warning("ws refused: revocations unavailable", extra={"error": str(exc), "ref": ref})
             return None
         return identity, since
 
