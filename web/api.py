@@ -38,7 +38,26 @@ from web.schemas import (
 )
 
 log = logging.getLogger("herald.web")
-blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def refused(exc: Exception):
+    """The problem for an error web/problems.py maps; an outage is logged with its text."""
+    answer = answer_for(exc)
+    if answer is not None and answer.status >= 500:
+        log.warning("request refused: service unavailable",
+                    extra={"error": str(exc), "problem": answer.slug, "request_id": g.get("request_id")})
+    return error_problem(exc)
+
+
+def api_blueprint(name: str) -> Blueprint:
+    """A blueprint under /api/v1 whose errors web/problems.py maps are answered as problems."""
+    bp = Blueprint(name, __name__, url_prefix="/api/v1")
+    for kind in ANSWERS:
+        bp.register_error_handler(kind, refused)
+    return bp
+
+
+blueprint = api_blueprint("api")
 
 
 def services():
@@ -73,18 +92,6 @@ def authenticate(level: str = "token") -> Identity:
 
 contract = Contract(authenticate)
 
-
-def refused(exc: Exception):
-    """The problem for an error web/problems.py maps; an outage is logged with its text."""
-    answer = answer_for(exc)
-    if answer is not None and answer.status >= 500:
-        log.warning("request refused: service unavailable",
-                    extra={"error": str(exc), "problem": answer.slug, "request_id": g.get("request_id")})
-    return error_problem(exc)
-
-
-for _kind in ANSWERS:
-    blueprint.register_error_handler(_kind, refused)
 
 
 def checked_message(body: Publish, identity: Identity, idempotency_key: str | None,

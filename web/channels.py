@@ -10,18 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from flask import Blueprint
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.store.occupancy import MAX_PAGE
-from web.api import contract, refused, services
+from web.api import api_blueprint, contract, services
 from web.openapi import STANDARD, Answer
-from web.problems import ANSWERS
 from web.schemas import ChannelPath
 
-blueprint = Blueprint("channels", __name__, url_prefix="/api/v1")
-for _kind in ANSWERS:
-    blueprint.register_error_handler(_kind, refused)
+blueprint = api_blueprint("channels")
 
 
 def encode_cursor(channel: str) -> str:

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Annotated
 
-from flask import Blueprint, g
+from flask import g
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel
 
 from pipeline.core.messages import ChannelName
@@ -22,13 +22,10 @@ from web import api
 from web.auth import MAX_JTI, MAX_USER, Identity
 from web.hub import control
 from web.openapi import STANDARD, Answer
-from web.problems import ANSWERS
 from web.schemas import StreamId
 
 log = logging.getLogger("herald.web")
-blueprint = Blueprint("serverapi", __name__, url_prefix="/api/v1")
-for _kind in ANSWERS:
-    blueprint.register_error_handler(_kind, api.refused)
+blueprint = api.api_blueprint("serverapi")
 
 User = Annotated[str, Field(min_length=1, max_length=MAX_USER, description="the user (a token's `sub`)")]
 # JSON Schema's integer takes 4010.0 too; strict pydantic would not.

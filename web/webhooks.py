@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from flask import Blueprint, current_app
+from flask import current_app
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.webhooks.deadletters import MAX_IDS, ReplayFailed, UnknownReceiver, WebhookDeadLetters
-from web.api import contract, refused, services
+from web.api import api_blueprint, contract, services
 from web.auth import Identity
 from web.openapi import STANDARD, Answer
-from web.problems import ANSWERS, problem
+from web.problems import problem
 
-blueprint = Blueprint("webhooks", __name__, url_prefix="/api/v1")
-for _kind in ANSWERS:
-    blueprint.register_error_handler(_kind, refused)
+blueprint = api_blueprint("webhooks")
 
 ReceiverName = Annotated[str, Field(pattern=r"^[0-9a-f]{12}$", description="the receiver's name (GET /webhooks)")]
 LetterId = Annotated[str, Field(pattern=r"^[0-9]{1,19}-[0-9]{1,19}$")]
