@@ -32,12 +32,11 @@ import uuid
 from pathlib import Path
 
 import gevent
-import gevent.lock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from connections import Client, cpu_seconds  # bench/connections.py, imported once gevent patched
+from connections import Client, cpu_seconds, open_all  # bench/connections.py, imported once gevent patched
 
 from tests.receivers import Receiver
 
@@ -65,23 +64,9 @@ def _measure(info: dict, count: int, channels: int, receiver: Receiver | None) -
     host = info["url"].split("://", 1)[1]
     tag = uuid.uuid4().hex[:6]
     stats = {"delivered": 0, "failed": 0, "retried": 0, "closed": 0, "latencies": [], "last": 0.0}
-    gate = gevent.lock.BoundedSemaphore(200)  # connect in waves, within the listen backlog
-    clients: list[Client] = []
-    for n in range(count):
-        clients.append(Client(f"ws://{host}/ws?token={info['token']}", f"close:{tag}-{n % channels}", stats))
-
-    connected: list[Client] = []
-
-    def connect_and_read(client: Client) -> None:
-        with gate:
-            ok = client.connect()
-        if ok:
-            connected.append(client)
-            client.read()
-
-    readers = [gevent.spawn(connect_and_read, c) for c in clients]
-    while len(connected) + stats["failed"] < count:
-        gevent.sleep(0.1)
+    clients = [Client(f"ws://{host}/ws?token={info['token']}", f"close:{tag}-{n % channels}", stats)
+               for n in range(count)]
+    connected, readers = open_all(clients, stats)
     gevent.sleep(2)
     before = len(receiver.events()) if receiver else 0
     cpu = cpu_seconds(info["pid"])

@@ -112,6 +112,27 @@ class Client:
                 self.stats["last"] = now
 
 
+def open_all(clients: list[Client], stats: dict) -> tuple[list[Client], list]:
+    """Connect `clients` in waves of 200 (within the listen backlog), each reading from the
+    moment it is subscribed; returns (the connected ones, their readers) once each connected
+    or failed."""
+    gate = gevent.lock.BoundedSemaphore(200)
+    connected: list[Client] = []
+
+    def connect_and_read(client: Client) -> None:
+        # A client that leaves the server's pings unanswered while the others connect is dropped.
+        with gate:
+            ok = client.connect()
+        if ok:
+            connected.append(client)
+            client.read()
+
+    readers = [gevent.spawn(connect_and_read, c) for c in clients]
+    while len(connected) + stats["failed"] < len(clients):
+        gevent.sleep(0.1)
+    return connected, readers
+
+
 def run(base: str, token: str, pid: int | None, count: int, channels: int, messages: int, interval: float):
     """Open, subscribe, broadcast, measure; returns the figures."""
     import http.client
@@ -125,21 +146,7 @@ def run(base: str, token: str, pid: int | None, count: int, channels: int, messa
     before = rss_kb(pid) if pid else None
     clients = [Client(url, names[i % channels], stats) for i in range(count)]
     started = time.monotonic()
-    gate = gevent.lock.BoundedSemaphore(200)  # connect in waves, within the listen backlog
-
-    def connect_and_read(client: Client) -> None:
-        # Read from the moment it is subscribed: a client that leaves the
-        # server's pings unanswered while the others connect is dropped.
-        with gate:
-            ok = client.connect()
-        if ok:
-            connected.append(client)
-            client.read()
-
-    connected: list[Client] = []
-    readers = [gevent.spawn(connect_and_read, c) for c in clients]
-    while len(connected) + stats["failed"] < count:
-        gevent.sleep(0.1)
+    connected, readers = open_all(clients, stats)
     connect_seconds = time.monotonic() - started
     gevent.sleep(2)
     after = rss_kb(pid) if pid else None
