@@ -3,8 +3,8 @@ pure logic, with a fake consumer and store."""
 
 from __future__ import annotations
 
-from pipeline.bridge import OffsetGaps, pack_tasks
 from pipeline.bridge.lost import TakenBound
+from pipeline.bridge.records import OffsetGaps, pack_tasks
 
 
 def test_a_poll_of_several_partitions_is_one_task_in_each_partitions_order():

@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from pipeline.bridge import ChannelOrder, group_batches
+from pipeline.bridge.records import ChannelOrder, group_batches
 from pipeline.core.settings import Settings
 from pipeline.core.streamids import key as stream_id_key
 from pipeline.store.gate import PassResult
