@@ -93,9 +93,9 @@ class ReapArgs(NamedTuple):
 
 
 JOIN = Script("occupancy_join.lua", CountKeys, JoinArgs, batched=True)
-LEAVE = Script("occupancy_leave.lua", CountKeys, LeaveArgs, batched=True)
+LEAVE = Script("occupancy_leave.lua", CountKeys, LeaveArgs, batched=True, uses=("occupancy.lua",))
 FLUSH = Script("occupancy_flush.lua", FlushKeys, FlushArgs)
-REAP = Script("occupancy_reap.lua", CountKeys, ReapArgs)
+REAP = Script("occupancy_reap.lua", CountKeys, ReapArgs, uses=("occupancy.lua",))
 
 
 def member(channel: str, user: str) -> str:

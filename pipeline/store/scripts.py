@@ -144,16 +144,20 @@ def _source(text: str) -> Source:
 
 class Script(Generic[K, A]):
     """One file of `lua/`, with the NamedTuples of its KEYS and ARGV and the constants
-    generated into it; `batched` scripts also have a form that runs many calls at once."""
+    generated into it; `batched` scripts also have a form that runs many calls at once.
+    `uses` names files of `lua/lib/` (local functions two scripts share), put between
+    the named slots and the script's own text."""
 
     def __init__(self, file: str, keys: type[K], args: type[A], *, batched: bool = False,
-                 constants: Mapping[str, object] | None = None) -> None:
+                 constants: Mapping[str, object] | None = None, uses: tuple[str, ...] = ()) -> None:
         self.file = file
         self.keys = keys
         self.args = args
-        self.text = resources.files("pipeline.store").joinpath("lua", file).read_text()
+        lua = resources.files("pipeline.store").joinpath("lua")
+        self.text = lua.joinpath(file).read_text()
         shared = "".join(f"local {name} = {lua_literal(value)}\n" for name, value in (constants or {}).items())
-        body = prelude("KEYS", keys) + prelude("ARGV", args) + self.text
+        library = "".join(lua.joinpath("lib", name).read_text() for name in uses)
+        body = prelude("KEYS", keys) + prelude("ARGV", args) + library + self.text
         self.source = _source(shared + body)
         # The constants outside the per-call function: made once a batch, not once a call.
         self.batched = _source(shared + _many(body)) if batched else None

@@ -8,26 +8,13 @@
 -- appends `leave`, a channel's last `vacated` (each only when given), or,
 -- when its due time is given (not ''), waits in `leaving` until then (the
 -- grace; occupancy_flush.lua appends it). Returns how many events it appended.
-if redis.call('HDEL', node, subscription) == 0 then return 0 end
+local taken, user_left, emptied = take_off(subscription, member, channel)
+if not taken then return 0 end
 local appended = 0
-if redis.call('HINCRBY', members, member, -1) <= 0 then
-  redis.call('HDEL', members, member)
-  if redis.call('HINCRBY', users, channel, -1) <= 0 then redis.call('HDEL', users, channel) end
-  if leave_due ~= '' then
-    redis.call('ZADD', leaving, leave_due, member)
-  elseif leave ~= '' then
-    redis.call('XADD', events, '*', field, leave)
-    appended = appended + 1
-  end
+if user_left then
+  if leave_due ~= '' then redis.call('ZADD', leaving, leave_due, member) else appended = append(leave) end
 end
-if redis.call('HINCRBY', subscribers, channel, -1) <= 0 then
-  redis.call('HDEL', subscribers, channel)
-  redis.call('ZREM', channels, channel)
-  if vacate_due ~= '' then
-    redis.call('ZADD', leaving, vacate_due, vacancy)
-  elseif vacated ~= '' then
-    redis.call('XADD', events, '*', field, vacated)
-    appended = appended + 1
-  end
+if emptied then
+  if vacate_due ~= '' then redis.call('ZADD', leaving, vacate_due, vacancy) else appended = appended + append(vacated) end
 end
 return appended

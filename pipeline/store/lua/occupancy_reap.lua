@@ -39,26 +39,11 @@ end
 for i = 1, #entries, 6 do
   local subscription, member, vacancy, channel = entries[i], entries[i + 1], entries[i + 2], entries[i + 3]
   local leave, vacated = entries[i + 4], entries[i + 5]
-  if redis.call('HDEL', node, subscription) == 1 then
-    if redis.call('HINCRBY', members, member, -1) <= 0 then
-      redis.call('HDEL', members, member)
-      if redis.call('HINCRBY', users, channel, -1) <= 0 then redis.call('HDEL', users, channel) end
-      if leave ~= '' then
-        redis.call('XADD', events, '*', field, leave)
-        appended = appended + 1
-      end
-    end
-    if redis.call('HINCRBY', subscribers, channel, -1) <= 0 then
-      redis.call('HDEL', subscribers, channel)
-      redis.call('ZREM', channels, channel)
-      local due = vacate_due(channel)
-      if due ~= nil then
-        redis.call('ZADD', leaving, due, vacancy)
-      elseif vacated ~= '' then
-        redis.call('XADD', events, '*', field, vacated)
-        appended = appended + 1
-      end
-    end
+  local _, user_left, emptied = take_off(subscription, member, channel)
+  if user_left then appended = appended + append(leave) end
+  if emptied then
+    local due = vacate_due(channel)
+    if due ~= nil then redis.call('ZADD', leaving, due, vacancy) else appended = appended + append(vacated) end
   end
 end
 if redis.call('HLEN', node) == 0 then redis.call('SREM', nodes, node_name) end
