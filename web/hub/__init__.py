@@ -15,7 +15,8 @@ limits"). The parts:
 - `occupancy`: subscriptions counted cluster-wide, and their webhook events;
 - `control`: the server API's commands (disconnect, subscribe a user, revoke), read on the control channel;
 - `batch`: one Redis round trip for a burst of connects and subscribes;
-- `frames`: the protocol's frames as models, and its AsyncAPI document.
+- `frames`: the protocol's frames as models, and its AsyncAPI document;
+- `sse`: `/sse`, the same subscriptions as a Server-Sent Events stream.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from flask_sock import Sock
 
 from pipeline.core.messages import origin_of
 from pipeline.store.keys import Keys
+from web.hub import sse
 from web.hub.control import Control
 from web.hub.occupancy import Occupancy
 from web.hub.presence import Presence
@@ -179,6 +181,8 @@ def init_app(app, services) -> Hub:
     @sock.route("/ws")
     def websocket(ws):
         hub.protocol.accept(ws)
+
+    sse.init_app(app, hub)
 
     return hub
 

@@ -40,7 +40,7 @@ from web.hub.batch import Batcher
 from web.hub.control import Subscribe as SubscribeCommand
 from web.hub.errors import BadChannel, BadFrame, TooManySubscriptions, Unavailable, error_code
 from web.hub.router import Subscription
-from web.hub.transport import ABNORMAL_CLOSURE, LoopWatcher, WebSocket, wire_frame
+from web.hub.transport import ABNORMAL_CLOSURE, LoopWatcher, Socket, WebSocket, wire_frame
 from web.ratelimit import address_group
 from web.revocations import REVOKED_REASON
 
@@ -71,13 +71,14 @@ BY_SERVER, BY_TOKEN = "server", "token"  # the `by` of a subscription the client
 
 
 class ServerOp:
-    """Subscribes or unsubscribes the server makes for a client (a server API command, a
-    token's `channels`), queued in the client's inbox as one entry: they run in order with
-    the client's own ops, through the same code, in the client's op greenlet."""
+    """Subscribes or unsubscribes made for a client outside its frames (a server API command, a
+    token's `channels`, an event stream's channels: `by` None, checked as the client's own),
+    queued in the client's inbox as one entry: they run in order with the client's own ops,
+    through the same code, in the client's op greenlet."""
 
     __slots__ = ("channels", "subscribe", "since", "by")
 
-    def __init__(self, channels: tuple[str, ...], subscribe: bool, since: dict[str, str], by: str):
+    def __init__(self, channels: tuple[str, ...], subscribe: bool, since: dict[str, str], by: str | None):
         self.channels, self.subscribe, self.since, self.by = channels, subscribe, since, by
 
     def __len__(self) -> int:
@@ -90,7 +91,7 @@ class Client:
     __slots__ = ("id", "ws", "identity", "remote", "subscriptions", "tokens", "refilled", "bad", "inbox",
                  "inbox_size", "worker", "expiry")
 
-    def __init__(self, client_id: str, ws: WebSocket, identity, remote: str, rate: float):
+    def __init__(self, client_id: str, ws: Socket, identity, remote: str, rate: float):
         self.id = client_id
         self.ws = ws
         self.identity = identity
@@ -160,7 +161,7 @@ class Protocol:
         identity, since = authenticated
         client_id = new_id()
         try:
-            over = self._claim(self.hub.member(client_id), identity.user, remote)
+            over = self.claim(client_id, identity.user, remote)
         except redis.RedisError as exc:
             ws.close(CLOSE_TRY_AGAIN, "try again later")
             log.warning("ws refused: Redis unavailable", extra={"user": identity.user, "error": str(exc)})
@@ -171,18 +172,8 @@ class Protocol:
             return
         client = Client(client_id, ws, identity, remote, self.settings.ws_rate)
         ws.on_too_large = lambda: ws.close(CLOSE_TOO_LARGE, "frame too large")
-        ws.on_overflow = lambda: _overflowed(client)
-        self.hub.clients[client.id] = client
-        WS_CONNECTIONS.inc()
-        log.info("ws connected", extra={"client": client.id, "user": identity.user, "remote": remote})
-        client.send({"op": "connected", "client": client.id, "user": identity.user,
-                     "ping_interval": self.settings.ping_interval})
-        if identity.expires is not None:
-            # No polling: one loop timer per connection whose token expires.
-            client.expiry = gevent.get_hub().loop.timer(max(0.0, identity.expires + LEEWAY_SECONDS - time.time())
-                                                         + 0.05)
-            client.expiry.start(ws.close, CLOSE_UNAUTHORIZED, "token expired")
-        ws.start(lambda raw: self._received(client, raw), lambda: gevent.spawn(self._drop, client))
+        self.admit(client)
+        ws.start(lambda raw: self._received(client, raw), lambda: gevent.spawn(self.drop, client))
         if self.hub.revocations.revoked(identity):
             # Revoked while this connect was under way: the command found no socket to close.
             ws.close(CLOSE_UNAUTHORIZED, REVOKED_REASON)
@@ -192,6 +183,27 @@ class Protocol:
         # connect frame's `since`): queued before any frame it sends is read.
         if identity.channels:
             self._enqueue(client, ServerOp(identity.channels, True, since, BY_TOKEN))
+
+    def claim(self, client_id: str, user: str, remote: str):
+        """Count a new connection against its user's and address's caps, across all web processes;
+        returns the cap it is over (then nothing was counted), or None. Raises redis.RedisError."""
+        return self._claim(self.hub.member(client_id), user, remote)
+
+    def admit(self, client: Client) -> None:
+        """Make a claimed, authenticated client one of the hub's: registered, sent `connected`,
+        and closed (4001) when its token expires. Its socket calls `drop` once closed."""
+        ws, identity = client.ws, client.identity
+        ws.on_overflow = lambda: _overflowed(client)
+        self.hub.clients[client.id] = client
+        WS_CONNECTIONS.inc()
+        log.info("ws connected", extra={"client": client.id, "user": identity.user, "remote": client.remote})
+        client.send({"op": "connected", "client": client.id, "user": identity.user,
+                     "ping_interval": self.settings.ping_interval})
+        if identity.expires is not None:
+            # No polling: one loop timer per connection whose token expires.
+            client.expiry = gevent.get_hub().loop.timer(max(0.0, identity.expires + LEEWAY_SECONDS - time.time())
+                                                         + 0.05)
+            client.expiry.start(ws.close, CLOSE_UNAUTHORIZED, "token expired")
 
     def _authenticate(self, ws: WebSocket, token):
         # One deadline from the upgrade: pings and parts of a frame do not
@@ -241,6 +253,11 @@ class Protocol:
         since = {command.channel: command.since} if subscribe and command.since is not None else {}
         self._enqueue(client, ServerOp((command.channel,), subscribe, since, BY_SERVER))
 
+    def subscribe_all(self, client: Client, channels: tuple[str, ...], since: dict[str, str]) -> None:
+        """Queue subscribes the client asked for outside any frame (an event stream's channels,
+        resuming each in `since` after its offset), checked and answered as its own `subscribe`s."""
+        self._enqueue(client, ServerOp(channels, True, since, None))
+
     def _enqueue(self, client: Client, op: ServerOp) -> None:
         if client.ws.closing:
             return
@@ -266,11 +283,15 @@ class Protocol:
                 elif channel in client.subscriptions:
                     self._unsubscribe(client, channel)
                     client.send({"op": "unsubscribed", "channel": channel, "by": op.by})
-            except (Unavailable, Refused) as exc:
+            except (Unavailable, AuthorizeUnavailable, Refused) as exc:
                 log.warning("server op failed", extra={"client": client.id, "user": client.identity.user,
                                                        "channel": channel, "by": op.by, "error": str(exc)})
-                if op.by == BY_TOKEN and isinstance(exc, Unavailable):
-                    # The client did not ask for it, so it would not ask again: it reconnects, and resumes.
+                if op.by is None and isinstance(exc, Refused):
+                    # An event stream cannot ask again: its reconnect is answered 403.
+                    client.ws.close(CLOSE_FORBIDDEN, str(exc)[:120])
+                elif op.by != BY_SERVER and not isinstance(exc, Refused):
+                    # Neither a token's channels nor an event stream's are asked for again:
+                    # it reconnects, and resumes.
                     client.ws.close(CLOSE_TRY_AGAIN, "try again later")
 
     # -- frames ---------------------------------------------------------------
@@ -468,7 +489,7 @@ class Protocol:
 
     def _unsubscribe(self, client: Client, channel: str, count: bool = True) -> bool:
         """End a subscription (False when there was none); `count`: take it off the occupancy
-        counts now (a closing client's are taken off together, by `_drop`)."""
+        counts now (a closing client's are taken off together, by `drop`)."""
         sub = self.index.detach(client, channel)
         if sub is None:
             return False
@@ -496,7 +517,7 @@ class Protocol:
         client.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
 
     # -- closing --------------------------------------------------------------
-    def _drop(self, client: Client) -> None:
+    def drop(self, client: Client) -> None:
         """Forget a closed client: its subscriptions, presence, occupancy and connection count,
         and append its `connection.closed` event."""
         worker = client.worker

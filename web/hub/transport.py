@@ -70,10 +70,48 @@ def wire_frame(text: str) -> bytes:
     return _head(0x81, len(payload)) + payload
 
 
+def text_payloads(data: bytes) -> list[bytes]:
+    """The payloads of the text frames in `data`, whole unmasked frames as `wire_frame` writes
+    them (control frames are skipped): what the router wrote, for a client that is not a
+    WebSocket (an event stream, web/hub/sse.py)."""
+    payloads = []
+    at = 0
+    while at < len(data):
+        first, size = data[at], data[at + 1] & 0x7F
+        at += 2
+        if size == 126:
+            (size,) = struct.unpack_from("!H", data, at)
+            at += 2
+        elif size == 127:
+            (size,) = struct.unpack_from("!Q", data, at)
+            at += 8
+        if first == 0x81:
+            payloads.append(data[at:at + size])
+        at += size
+    return payloads
+
+
 def close_frame(code: int, reason: str) -> bytes:
     """A close frame with `code` and `reason` (cut to the 123 bytes a control frame allows)."""
     payload = struct.pack("!H", code) + reason.encode()[:123]
     return _head(0x88, len(payload)) + payload
+
+
+class Socket(Protocol):
+    """What the hub's protocol uses of a client's connection: a `WebSocket`, or an event stream."""
+
+    closing: bool
+    close_code: int | None
+    close_reason: str
+    on_overflow: Callable[[], None] | None
+
+    def push(self, data: bytes) -> None: ...
+
+    def ping(self) -> bool: ...
+
+    def wait_drained(self, timeout: float) -> bool: ...
+
+    def close(self, code: int, reason: str) -> None: ...
 
 
 def _head(first: int, size: int) -> bytes:
