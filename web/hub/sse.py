@@ -29,7 +29,7 @@ from pipeline.core.streamids import valid as valid_stream_id
 from web.auth import bearer, verify
 from web.authorize import SUBSCRIBE, AuthorizeUnavailable
 from web.hub.protocol import CLOSE_POLICY, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, Client
-from web.hub.transport import CLOSE_WAIT, text_payloads
+from web.hub.transport import CLOSE_WAIT, SEND_BUFFER_BYTES, text_payloads
 from web.problems import error_problem, problem
 from web.ratelimit import address_group
 from web.revocations import REVOKED_REASON
@@ -99,6 +99,11 @@ class EventStream:
         self.channels = frozenset(channels)  # those the id tracks: the stream's own
         self.positions = positions           # the offset of each as far as sent
         self._sock = sock                    # the connection, cut when the stream must end now
+        if sock is not None:
+            try:  # as a WebSocket's: bounded memory, and a stalled reader shows in its queue soon
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            except OSError:
+                pass
         self._limit, self._max_bytes = settings.send_queue_size, settings.send_queue_bytes
         self._queue: list[bytes] = []
         self.queued = 0
@@ -147,6 +152,7 @@ class EventStream:
         if self.closing:
             return True
         if self._pinged:
+            log.info("sse heartbeat not taken")
             self.close(CLOSE_POLICY, "heartbeat not taken")
             self._cut()
             return False
