@@ -47,7 +47,8 @@ def create_app(settings=None) -> Flask:
     # Browser pages on HERALD_CORS_ORIGINS may call the HTTP API (none by
     # default). Tokens travel in the Authorization header, never in cookies,
     # so no credentials are allowed, and a wildcard origin is refused by the settings.
-    CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
+    CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)},
+                         r"/sse": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
          allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
          expose_headers=["X-Request-ID", "Retry-After", "Location", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                          "X-RateLimit-Reset"], max_age=600)

@@ -210,9 +210,11 @@ class EventStream:
                 chunk = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
                 self._queue.clear()
                 self.queued = 0
+                heartbeat = self._pinged  # queued, so in this chunk
                 yield chunk
-                if not self._queue:
+                if heartbeat:
                     self._pinged = False
+                if not self._queue:
                     self._drained.set()
             if self.closing and not self._queue:
                 return
