@@ -8,7 +8,7 @@ import types
 import pytest
 
 from pipeline.core.errors import InvalidRequest
-from web.hub.sse import MAX_EVENT_ID, EventStream, decode_id, encode_id, requested_channels
+from web.hub.sse import HEARTBEAT, MAX_EVENT_ID, EventStream, decode_id, encode_id, requested_channels
 from web.hub.transport import PING_FRAME, text_payloads, wire_frame
 
 SETTINGS = types.SimpleNamespace(send_queue_size=4, send_queue_bytes=64 * 1024)
@@ -101,3 +101,29 @@ def test_a_stream_past_its_queue_is_closed_too_slow():
     assert not stream.closing and stream.queued
     stream.push(frame)
     assert overflowed and stream.closing and stream.close_code == 4008 and not stream.queued
+
+
+def test_the_body_writes_what_is_queued_and_ends_once_closed():
+    stream = EventStream(SETTINGS, ("a",), {}, None)
+    closed = []
+    stream.on_closed = lambda: closed.append(True)
+    body = stream.events()
+    assert next(body) == b"retry: 3000\n\n"
+    stream.push(wire_frame(json.dumps({"op": "message", "channel": "a", "offset": "1-0"})))
+    assert not stream.wait_drained(0.01)
+    assert next(body).startswith(b"event: message\nid: a~1-0\n")
+    assert stream.ping()
+    assert next(body) == HEARTBEAT
+    stream.close(1001, "server going away")
+    assert list(body) == []  # what was queued is out: the body ends
+    assert not stream._pinged and not stream.wait_drained(0.01)  # drained, but closing
+    stream.finish()
+    stream.finish()
+    assert closed == [True]
+
+
+def test_a_heartbeat_not_written_by_the_next_one_cuts_the_stream():
+    stream = EventStream(SETTINGS, ("a",), {}, None)
+    assert stream.ping()
+    assert not stream.ping()
+    assert stream.closing and stream.close_code == 1008
