@@ -12,8 +12,6 @@ import uuid
 
 import pytest
 
-from tests.harness import Stack
-
 
 class Sse:
     """A Server-Sent Events reader, as a browser's EventSource reads (one connection)."""
@@ -208,22 +206,15 @@ def test_bounds_are_problems_and_cost_only_their_own_request(stack, token):
 
 
 @pytest.fixture(scope="module")
-def small_queues(tmp_path_factory):
-    """A stack whose send queues are short and whose heartbeats are frequent."""
-    system = Stack(tmp_path_factory.mktemp("sse"), HERALD_SEND_QUEUE=32, HERALD_PING_INTERVAL=2,
-                   HERALD_WS_MAX_PER_USER=1000)
-    try:
-        system.worker()
-        system.bridge()
-        system.webs = [system.web()]
-        yield system
-    finally:
-        system.stop()
+def small_queues(stack):
+    """A web process on the shared stack whose send queues are short and heartbeats frequent."""
+    web = stack.web("web-sse", HERALD_SEND_QUEUE=32, HERALD_PING_INTERVAL=2)
+    yield web
+    web.proc.stop(10)
 
 
-def test_heartbeats_keep_an_idle_stream_open(small_queues):
-    web = small_queues.webs[0]
-    reader = Sse(web, _channels(1), token=small_queues.token())
+def test_heartbeats_keep_an_idle_stream_open(small_queues, token):
+    reader = Sse(small_queues, _channels(1), token=token)
     try:
         reader.expect("subscribed")
         # HERALD_PING_INTERVAL=2 here: a generous bound for two.
@@ -232,9 +223,8 @@ def test_heartbeats_keep_an_idle_stream_open(small_queues):
         reader.close()
 
 
-def test_a_reader_that_takes_nothing_is_cut_and_a_websocket_on_its_channel_is_not_held_up(small_queues):
-    web = small_queues.webs[0]
-    token = small_queues.token()
+def test_a_reader_that_takes_nothing_is_cut_and_a_websocket_on_its_channel_is_not_held_up(small_queues, token):
+    web = small_queues
     channel = _channels(1)[0]
     # A tiny receive buffer, and then it reads nothing.
     slow = socket.socket()
