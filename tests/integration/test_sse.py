@@ -16,13 +16,15 @@ import pytest
 class Sse:
     """A Server-Sent Events reader, as a browser's EventSource reads (one connection)."""
 
-    def __init__(self, web, channels, *, token=None, query_token=None, last_id=None):
+    def __init__(self, web, channels, *, token=None, query_token=None, last_id=None, query_last_id=None):
         self.conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=15)
         self.conn.connect()
         self.sock = self.conn.sock  # kept: the connection hands it to the response
         query = "&".join(f"channel={channel}" for channel in channels)
         if query_token:
             query += f"&token={query_token}"
+        if query_last_id:
+            query += f"&last_event_id={query_last_id}"
         headers = {"Accept": "text/event-stream"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -168,6 +170,25 @@ def test_three_channels_in_order_then_an_exact_resume_after_a_cut(stack, token):
     assert (lost, duplicated, reordered) == (0, 0, 0)
 
 
+def test_a_new_stream_resumes_from_an_id_on_its_url(stack, token):
+    web = stack.webs[1]
+    channels = _channels(2)
+    first = Sse(web, channels, token=token)
+    try:
+        ids = [_publish(web, token, channels[n % 2], n) for n in range(4)]
+        assert [first.expect("message")["id"] for _ in ids] == ids
+        last_id = first.last_id
+    finally:
+        first.close()
+    missed = [_publish(web, token, channels[n % 2], n) for n in range(4, 8)]
+    # A fresh token, as after a refresh; the id travels on the URL.
+    second = Sse(web, channels, token=stack.token(), query_last_id=last_id)
+    try:
+        assert sorted(second.expect("message")["id"] for _ in missed) == sorted(missed)
+    finally:
+        second.close()
+
+
 def test_bounds_are_problems_and_cost_only_their_own_request(stack, token):
     web = stack.webs[0]
     channels = _channels(1)
@@ -208,7 +229,7 @@ def test_bounds_are_problems_and_cost_only_their_own_request(stack, token):
 @pytest.fixture(scope="module")
 def small_queues(stack):
     """A web process on the shared stack whose send queues are short and heartbeats frequent."""
-    web = stack.web("web-sse", HERALD_SEND_QUEUE=32, HERALD_PING_INTERVAL=2)
+    web = stack.web("web-sse", HERALD_SEND_QUEUE=64, HERALD_PING_INTERVAL=2)
     yield web
     web.proc.stop(10)
 

@@ -242,7 +242,9 @@ def open_stream(hub) -> Response:
         identity = verify(bearer(request.headers.get("Authorization")) or request.args.get("token"), settings)
         hub.revocations.check(identity)
         channels = requested_channels(request.args.getlist("channel"), settings.ws_max_subscriptions)
-        resume = decode_id(request.headers.get("Last-Event-ID", ""), settings.ws_max_subscriptions)
+        # `last_event_id` on the URL: for a new EventSource (a fresh token), which cannot set the header.
+        last_id = request.headers.get("Last-Event-ID", request.args.get("last_event_id", ""))
+        resume = decode_id(last_id, settings.ws_max_subscriptions)
         for channel in channels:
             if not hub.services.permissions.allows(identity, SUBSCRIBE, channel):
                 raise Forbidden(f"this token may not subscribe to {channel}")
