@@ -1,4 +1,5 @@
-"""Accepting messages: idempotency, then Kafka, then the `accepted` status.
+"""Accepting messages: idempotency, then Kafka, then the `accepted` status; and sending
+ephemeral ones, which skip all three.
 
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
 an answer means Kafka acknowledged the record (never a 202 otherwise).
@@ -163,6 +164,22 @@ class Ingest:
                 if isinstance(result, BaseException):
                     raise result
         return results
+
+    def send(self, envelope: Envelope, *, idempotent: bool) -> dict:
+        """Send an ephemeral message (docs/protocol.md: "Ephemeral messages") straight to its
+        channel's subscribers: no Kafka, no claim, no status; returns `{id, channel, status: "sent"}`.
+        With `idempotent`, the client's id is checked and scoped as a published one's (its frame
+        shows it as sent), but nothing remembers it: a repeat is sent again."""
+        if idempotent:
+            if len(envelope.id) > MAX_CLIENT_ID:
+                raise IdTooLong()
+            envelope = replace(envelope, id=scoped(envelope.sender, envelope.id))
+        try:
+            self.store.publish_ephemeral(envelope)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"cannot publish the ephemeral message: {exc}") from None
+        PUBLISHES.labels("sent").inc()
+        return {"id": client_id(envelope.id), "channel": envelope.channel, "status": "sent"}
 
     def _claim(self, envelope: Envelope, claim: str) -> dict | None:
         """None once this request owns the (global) id; else the first answer. Only the id's

@@ -179,7 +179,7 @@ class HeraldClient:
             raise ServerClosed(code, data[2:].decode("utf-8", "replace"))
         frame = json.loads(data)
         op, channel = frame.get("op"), frame.get("channel")
-        if op == "message":
+        if op == "message" and "offset" in frame:  # an ephemeral message has none: it moves no resume point
             if channel in self.channels:
                 self.channels[channel]["since"] = frame["offset"]
             elif channel in self.token_channels:
