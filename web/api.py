@@ -31,7 +31,7 @@ from web.schemas import (
     MessageQuery,
     Presence,
     PresenceQuery,
-    Published,
+    PublishAnswer,
     PublishHeaders,
     RulesDecision,
     RuleSet,
@@ -106,7 +106,7 @@ def checked_message(body: Publish, identity: Identity, idempotency_key: str | No
 
 def _accept_answers() -> dict[int, Answer]:
     return {202: Answer("Accepted: Kafka acknowledged the record; or `sent`: an ephemeral message was published",
-                        Published),
+                        PublishAnswer),
             403: Answer("The token may not publish to this channel"),
             409: Answer("A request with this id or Idempotency-Key is still under way", headers=("Retry-After",)),
             503: Answer(STANDARD[503], headers=("Retry-After",))}

@@ -138,7 +138,7 @@ class Sent(BaseModel):
     status: Literal["sent"]
 
 
-class Published(RootModel[Accepted | Sent]):
+class PublishAnswer(RootModel[Accepted | Sent]):
     """A message Kafka acknowledged, or an ephemeral one sent."""
 
 
