@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pydantic
 import pytest
 
 from pipeline.core.errors import ConfigError
@@ -45,7 +46,10 @@ def test_the_frame_is_a_message_frame_without_an_offset():
     frame = json.loads(ephemeral_frame(envelope))
     assert "offset" not in frame and frame["ephemeral"] is True
     assert frame["id"] == "t1" and frame["sender"] == "ann"
-    server_frame(frame)  # the AsyncAPI model takes it
+    server_frame(frame)  # the AsyncAPI model takes it; a stored message's frame needs its offset
+    for wrong in ({k: v for k, v in frame.items() if k != "ephemeral"}, {**frame, "offset": "1-0"}):
+        with pytest.raises(pydantic.ValidationError):
+            server_frame(wrong)
     assert split_routed(routed("", ephemeral_frame(envelope))) == ("", ephemeral_frame(envelope))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from pipeline.core import streamids
@@ -136,6 +136,13 @@ class MessageFrame(_Frame):
     ephemeral: Literal[True] = Field(None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
                                      description="an ephemeral message (docs/protocol.md: Ephemeral messages): "
                                                  "sent to those subscribed now, not stored, not resumable")
+
+    @model_validator(mode="after")
+    def _offset_or_ephemeral(self) -> MessageFrame:
+        # A stored message has its place in history; only an ephemeral one has none.
+        if (self.offset is None) == (self.ephemeral is None):
+            raise ValueError("a message frame has an offset, or is ephemeral, not both")
+        return self
 
 
 class StatusFrame(_Frame):
