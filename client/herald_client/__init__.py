@@ -140,7 +140,8 @@ class HeraldClient:
         return self._request({"op": "unsubscribe", "channel": channel})
 
     def publish(self, channel: str, data, *, type: str | None = None, id: str | None = None) -> dict:
-        """Publish through Kafka; returns the `ack` once Kafka has the message."""
+        """Publish through Kafka; returns the `ack` once Kafka has the message (`status: "sent"` on an
+        ephemeral channel, once it went to the subscribers: docs/protocol.md, "Ephemeral messages")."""
         frame = {"op": "publish", "channel": channel, "data": data}
         if type:
             frame["type"] = type
