@@ -19,7 +19,7 @@ import redis
 
 from pipeline.core.errors import HeraldError, IdempotencyConflict, InvalidInput, RedisUnavailable
 from pipeline.core.ids import MAX_CLIENT_ID, client_id, scoped
-from pipeline.core.messages import Envelope, encode, new_id, to_headers
+from pipeline.core.messages import Envelope, Publish, encode, new_id, to_headers
 from pipeline.core.metrics import PUBLISHES
 
 log = logging.getLogger("herald.ingest")
@@ -225,6 +225,12 @@ class Ingest:
             # Kafka has the records: the answers stand, the worker fills the status in.
             log.warning("status store unavailable", extra={"message_id": envelopes[accepted[0][0]].id,
                                                            "count": len(accepted), "error": str(exc)})
+
+
+def ephemeral(settings, message: Publish) -> bool:
+    """Whether a message goes straight to subscribers (`Ingest.send`): it asks to, or its channel's
+    namespace is in HERALD_EPHEMERAL_NAMESPACES."""
+    return bool(message.ephemeral) or settings.ephemeral(message.channel)
 
 
 def accepted_fields(answers: list[dict]) -> dict:

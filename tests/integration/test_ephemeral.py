@@ -1,5 +1,6 @@
 """Ephemeral messages on real processes (docs/protocol.md: "Ephemeral messages"): published over
-HTTP and over the WebSocket straight to subscribers, with no Kafka record and no history; still
+HTTP and over the WebSocket straight to subscribers, by namespace or by the `ephemeral` flag, with
+no Kafka record and no history; still
 refused where the token may not publish, still rate-limited; and a flood of them leaves the
 durable messages of other channels delivered, once each and in order."""
 
@@ -86,6 +87,22 @@ def test_a_subscriber_gets_them_from_http_and_the_websocket_and_nothing_is_store
     assert status == 200 and page["messages"] == []
     for msg_id in ("h1", ack["id"]):
         assert eph.request("GET", f"/api/v1/messages/{msg_id}", token=token)[0] == 404
+
+
+def test_the_flag_makes_one_message_of_a_stored_channel_ephemeral(stack, eph):
+    channel, token = f"test:{uuid.uuid4().hex[:12]}", stack.token(user())
+    records = topic_size(stack)
+    with socket_of(eph, token) as subscriber, socket_of(eph, token) as publisher:
+        subscriber.subscribe(channel)
+        for n, flagged in enumerate((False, True, False)):
+            publisher.send({"op": "publish", "channel": channel, "data": n, "ephemeral": flagged, "ref": n})
+            ack = publisher.expect(lambda f: f.get("op") == "ack")
+            assert ack["status"] == ("sent" if flagged else "accepted")
+            frame = subscriber.expect(is_message(channel))  # each before the next is sent: in this order
+            assert frame["data"] == n and ("offset" in frame) is not flagged
+    assert topic_size(stack) == records + 2
+    status, _, page = eph.request("GET", f"/api/v1/channels/{channel}/history", token=token)
+    assert [m["data"] for m in page["messages"]] == [0, 2]
 
 
 def test_the_tokens_publish_globs_still_decide(stack, eph):

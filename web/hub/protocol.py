@@ -33,6 +33,7 @@ from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.core.streamids import from_key as _format_sid
 from pipeline.core.streamids import key as stream_id_key
 from pipeline.core.streamids import valid as valid_stream_id
+from pipeline.ingest import ephemeral
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.authorize import PUBLISH, SUBSCRIBE, AuthorizeUnavailable
 from web.hub import frames
@@ -489,7 +490,7 @@ class Protocol:
         if not self.services.permissions.allows(client.identity, PUBLISH, envelope.channel):
             raise Forbidden(f"this token may not publish to {envelope.channel}")
         try:
-            if self.settings.ephemeral(envelope.channel):
+            if ephemeral(self.settings, frame):
                 answer = self.services.ingest.send(envelope, idempotent=frame.id is not None)
             else:
                 answer = self.services.ingest.publish(envelope, idempotent=frame.id is not None,
