@@ -2,7 +2,8 @@
 ephemeral ones, which skip all three.
 
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
-an answer means Kafka acknowledged the record (never a 202 otherwise).
+`accepted` means Kafka acknowledged the record (never otherwise); `sent`, that
+Redis took an ephemeral message's frame for its subscribers.
 An id the client chose is scoped to its sender here, before anything is
 claimed or written (pipeline/core/ids.py, docs/design.md: "Message ids").
 """

@@ -118,8 +118,8 @@ def _accept_answers() -> dict[int, Answer]:
                                 "`Idempotency-Key`) is the sender's (docs/protocol.md: Message ids): the same one from "
                                 "the same sender within HERALD_STATUS_TTL returns the first answer. With `ephemeral: "
                                 "true`, or on a channel of HERALD_EPHEMERAL_NAMESPACES, 202 `sent` once it was "
-                                "published to the subscribers: "
-                                "nothing is stored, nor deduplicated (docs/protocol.md: Ephemeral messages).",
+                                "published to the subscribers: nothing is stored, nor deduplicated (docs/protocol.md: "
+                                "Ephemeral messages).",
                     answers=_accept_answers(), tags=("messages",))
 def publish_one(identity: Identity, headers: PublishHeaders, body: Publish):
     key = headers.idempotency_key

@@ -141,7 +141,7 @@ class MessageFrame(_Frame):
     def _offset_or_ephemeral(self) -> MessageFrame:
         # A stored message has its place in history; only an ephemeral one has none.
         if (self.offset is None) == (self.ephemeral is None):
-            raise ValueError("a message frame has an offset, or is ephemeral, not both")
+            raise ValueError("a message frame has either an offset or `ephemeral: true`")
         return self
 
 
