@@ -125,7 +125,7 @@ def test_the_rate_limits_apply(stack, limited):
     assert statuses == [202, 202, 202, 429, 429]
     client = limited.ws(stack.token(user()))
     try:
-        for n in range(40):  # past the burst of twice HERALD_WS_RATE
+        for n in range(25):  # past the burst of twice HERALD_WS_RATE
             client.send({"op": "publish", "channel": channel, "data": n})
         assert close_code(client) == 4029
     finally:
@@ -164,11 +164,12 @@ def test_a_flood_leaves_other_channels_durable_messages_delivered_once_in_order(
         for thread in threads:
             thread.start()
         try:
-            # One client's flood, in runs of 100 whose acks it reads (its send queue is bounded too).
-            for start in range(0, count, 100):
-                for n in range(start, start + 100):
+            # One client's flood, in runs of 40 whose acks it reads: its frames waiting for their
+            # op (at most 64) and its send queue are bounded too.
+            for start in range(0, count, 40):
+                for n in range(start, start + 40):
                     flooder.send({"op": "publish", "channel": flood, "data": n})
-                for _ in range(100):
+                for _ in range(40):
                     assert flooder.expect(lambda f: f.get("op") in ("ack", "error"))["op"] == "ack"
         finally:
             for thread in threads:
