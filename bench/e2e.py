@@ -32,10 +32,11 @@ def percentile(values, pct):
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
-def run(base: str, token: str, rate: float, duration: float, channels: int, senders: int) -> dict:
-    """Drive the system; returns the figures."""
+def run(base: str, token: str, rate: float, duration: float, channels: int, senders: int,
+        namespace: str = "bench") -> dict:
+    """Drive the system, on channels of `namespace`; returns the figures."""
     parts = urlsplit(base)
-    prefix = f"bench:{uuid.uuid4().hex[:8]}"
+    prefix = f"{namespace}:{uuid.uuid4().hex[:8]}"
     names = [f"{prefix}-{i}" for i in range(channels)]
     sent_at: dict[str, float] = {}
     latencies: list[float] = []

@@ -1,7 +1,9 @@
-"""Accepting messages: idempotency, then Kafka, then the `accepted` status.
+"""Accepting messages: idempotency, then Kafka, then the `accepted` status; and sending
+ephemeral ones, which skip all three.
 
 Shared by the HTTP API and the WebSocket hub, so both answer the same way:
-an answer means Kafka acknowledged the record (never a 202 otherwise).
+`accepted` means Kafka acknowledged the record (never otherwise); `sent`, that
+Redis took an ephemeral message's frame for its subscribers.
 An id the client chose is scoped to its sender here, before anything is
 claimed or written (pipeline/core/ids.py, docs/design.md: "Message ids").
 """
@@ -18,7 +20,7 @@ import redis
 
 from pipeline.core.errors import HeraldError, IdempotencyConflict, InvalidInput, RedisUnavailable
 from pipeline.core.ids import MAX_CLIENT_ID, client_id, scoped
-from pipeline.core.messages import Envelope, encode, new_id, to_headers
+from pipeline.core.messages import Envelope, Publish, encode, new_id, to_headers
 from pipeline.core.metrics import PUBLISHES
 
 log = logging.getLogger("herald.ingest")
@@ -164,6 +166,22 @@ class Ingest:
                     raise result
         return results
 
+    def send(self, envelope: Envelope, *, idempotent: bool) -> dict:
+        """Send an ephemeral message (docs/protocol.md: "Ephemeral messages") straight to its
+        channel's subscribers: no Kafka, no claim, no status; returns `{id, channel, status: "sent"}`.
+        With `idempotent`, the client's id is checked and scoped as a published one's (its frame
+        shows it as sent), but nothing remembers it: a repeat is sent again."""
+        if idempotent:
+            if len(envelope.id) > MAX_CLIENT_ID:
+                raise IdTooLong()
+            envelope = replace(envelope, id=scoped(envelope.sender, envelope.id))
+        try:
+            self.store.publish_ephemeral(envelope)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"cannot publish the ephemeral message: {exc}") from None
+        PUBLISHES.labels("sent").inc()
+        return {"id": client_id(envelope.id), "channel": envelope.channel, "status": "sent"}
+
     def _claim(self, envelope: Envelope, claim: str) -> dict | None:
         """None once this request owns the (global) id; else the first answer. Only the id's
         own sender reaches its claim: another sender's same id is another global id."""
@@ -208,6 +226,12 @@ class Ingest:
             # Kafka has the records: the answers stand, the worker fills the status in.
             log.warning("status store unavailable", extra={"message_id": envelopes[accepted[0][0]].id,
                                                            "count": len(accepted), "error": str(exc)})
+
+
+def ephemeral(settings, message: Publish) -> bool:
+    """Whether a message goes straight to subscribers (`Ingest.send`): it asks to, or its channel's
+    namespace is in HERALD_EPHEMERAL_NAMESPACES."""
+    return bool(message.ephemeral) or settings.ephemeral(message.channel)
 
 
 def accepted_fields(answers: list[dict]) -> dict:

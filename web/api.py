@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, g, request
 from pipeline.core.errors import Forbidden, HeraldError, InvalidInput, InvalidRuleSet, Refused, UnsupportedMedia
 from pipeline.core.ids import candidates
 from pipeline.core.messages import Envelope, Publish, parse_publish
-from pipeline.ingest import accepted_fields
+from pipeline.ingest import accepted_fields, ephemeral
 from web.auth import AuthError, Identity, bearer, verify
 from web.authorize import PUBLISH, SUBSCRIBE
 from web.openapi import STANDARD, Answer, Contract, read_body
@@ -31,6 +31,7 @@ from web.schemas import (
     MessageQuery,
     Presence,
     PresenceQuery,
+    PublishAnswer,
     PublishHeaders,
     RulesDecision,
     RuleSet,
@@ -103,8 +104,9 @@ def checked_message(body: Publish, identity: Identity, idempotency_key: str | No
     return envelope, body.id is not None or idempotency_key is not None
 
 
-def _accept_answers(status: int = 202) -> dict[int, Answer]:
-    return {status: Answer("Accepted: Kafka acknowledged the record", Accepted),
+def _accept_answers() -> dict[int, Answer]:
+    return {202: Answer("Accepted: Kafka acknowledged the record; or `sent`: an ephemeral message was published",
+                        PublishAnswer),
             403: Answer("The token may not publish to this channel"),
             409: Answer("A request with this id or Idempotency-Key is still under way", headers=("Retry-After",)),
             503: Answer(STANDARD[503], headers=("Retry-After",))}
@@ -114,12 +116,19 @@ def _accept_answers(status: int = 202) -> dict[int, Answer]:
                     body_limit=lambda settings: settings.max_message_bytes, headers=PublishHeaders,
                     description="Answers 202 only after Kafka acknowledged the record. An `id` (or "
                                 "`Idempotency-Key`) is the sender's (docs/protocol.md: Message ids): the same one from "
-                                "the same sender within HERALD_STATUS_TTL returns the first answer.",
+                                "the same sender within HERALD_STATUS_TTL returns the first answer. With `ephemeral: "
+                                "true`, or on a channel of HERALD_EPHEMERAL_NAMESPACES, 202 `sent` once it was "
+                                "published to the subscribers: nothing is stored, nor deduplicated (docs/protocol.md: "
+                                "Ephemeral messages).",
                     answers=_accept_answers(), tags=("messages",))
 def publish_one(identity: Identity, headers: PublishHeaders, body: Publish):
     key = headers.idempotency_key
     envelope, idempotent = checked_message(body, identity, key, services().settings.max_message_bytes)
     g.message_id = envelope.id
+    if ephemeral(services().settings, body):
+        sent = services().ingest.send(envelope, idempotent=idempotent)
+        g.log_fields = {"channel": envelope.channel, "status": "sent"}
+        return sent, 202
     # The access line says what was accepted: one line per request, not two.
     answer = services().ingest.publish(envelope, idempotent=idempotent, request_id=g.request_id,
                                        log_accepted=False)
@@ -148,7 +157,9 @@ def duplicate_ids(items: list[Publish]) -> list[dict]:
                                 "or a problem for a message whose data is past the data limits (400, docs/guide.md: "
                                 "The HTTP API and its schema), this token may not publish (403), one larger than "
                                 "HERALD_MAX_MESSAGE_BYTES (413), one whose id is under way (409) or one Kafka "
-                                "did not take (503).",
+                                "did not take (503). An ephemeral message (`ephemeral: true`, or a channel of "
+                                "HERALD_EPHEMERAL_NAMESPACES) is sent at once, in its place in the batch, and its "
+                                "result is `sent` (or 503).",
                     answers={202: Answer("One result per message, in order", BatchResults),
                              503: Answer(STANDARD[503], headers=("Retry-After",))}, tags=("messages",))
 def publish_batch(identity: Identity, body: Batch):
@@ -166,6 +177,12 @@ def publish_batch(identity: Identity, body: Batch):
             envelope, idempotent = checked_message(item, identity, None, settings.max_message_bytes)
         except Refused as exc:
             results[index] = item_problem(exc)
+            continue
+        if ephemeral(settings, item):
+            try:
+                results[index] = services().ingest.send(envelope, idempotent=idempotent)
+            except HeraldError as exc:
+                results[index] = item_problem(exc)
             continue
         envelopes.append(envelope)
         flags.append(idempotent)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, WithJsonSchema
 
 from pipeline.core.ids import MAX_CLIENT_ID
 from pipeline.core.messages import ChannelName, MessageId, Publish, no_null_default
@@ -129,6 +129,19 @@ class Accepted(BaseModel):
     offset: int
 
 
+class Sent(BaseModel):
+    """An ephemeral message sent to its channel's subscribers (docs/protocol.md: Ephemeral messages):
+    nothing stored, so GET /messages/{id} does not know it."""
+
+    id: str = Field(description="the id as sent (its frame carries it), or the one Herald minted")
+    channel: str
+    status: Literal["sent"]
+
+
+class PublishAnswer(RootModel[Accepted | Sent]):
+    """A message Kafka acknowledged, or an ephemeral one sent."""
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 
@@ -142,7 +155,7 @@ class Problem(BaseModel):
 class BatchResults(BaseModel):
     """One result per message of a batch, in order."""
 
-    results: list[Accepted | Problem]
+    results: list[Accepted | Sent | Problem]
 
 
 class Message(BaseModel):

@@ -140,7 +140,8 @@ class HeraldClient:
         return self._request({"op": "unsubscribe", "channel": channel})
 
     def publish(self, channel: str, data, *, type: str | None = None, id: str | None = None) -> dict:
-        """Publish through Kafka; returns the `ack` once Kafka has the message."""
+        """Publish through Kafka; returns the `ack` once Kafka has the message (`status: "sent"` on an
+        ephemeral channel, once it went to the subscribers: docs/protocol.md, "Ephemeral messages")."""
         frame = {"op": "publish", "channel": channel, "data": data}
         if type:
             frame["type"] = type
@@ -179,7 +180,7 @@ class HeraldClient:
             raise ServerClosed(code, data[2:].decode("utf-8", "replace"))
         frame = json.loads(data)
         op, channel = frame.get("op"), frame.get("channel")
-        if op == "message":
+        if op == "message" and "offset" in frame:  # an ephemeral message has none: it moves no resume point
             if channel in self.channels:
                 self.channels[channel]["since"] = frame["offset"]
             elif channel in self.token_channels:

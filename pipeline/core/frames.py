@@ -4,8 +4,9 @@ A `message` frame is stored without its offset, which Redis assigns when it
 appends the frame to a channel's history (XADD): the store keeps the frame's
 head (`message_frame_head`, ending in `"offset":"`) and closes it with the
 stream id and `MESSAGE_TAIL` when it is read or published (`close_message`;
-the Lua scripts are handed MESSAGE_TAIL as an argument). A `status` frame is
-whole. `web/hub/frames.py` describes these frames as a schema; this writes them.
+the Lua scripts are handed MESSAGE_TAIL as an argument). An ephemeral
+message's frame, in no history, has no offset and is whole, as is a
+`status` frame. `web/hub/frames.py` describes these frames as a schema; this writes them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def message_frame_head(envelope: Envelope) -> str:
     if envelope.rules and envelope.rules.get("tags"):
         frame["tags"] = envelope.rules["tags"]  # a rule's `tag` action
     return dumps(frame)[:-1] + OFFSET_OPEN
+
+
+def ephemeral_frame(envelope: Envelope) -> str:
+    """The `message` frame of an ephemeral message (docs/protocol.md: "Ephemeral messages"):
+    whole at once, with `ephemeral: true` and no offset, as it is in no history."""
+    return dumps({"op": "message", "channel": envelope.channel, "id": client_id(envelope.id), "type": envelope.type,
+                  "data": envelope.data, "sender": envelope.sender, "ts": envelope.ts, "ephemeral": True})
 
 
 def close_message(head: str, sid: str) -> str:

@@ -169,6 +169,11 @@ class Publish(BaseModel):
         None, json_schema_extra=no_null_default,
         description="the client's id for the message: the same id within HERALD_STATUS_TTL is answered "
                     "with the first answer and published once")
+    # None stands only for "absent" (false), so a message's JSON is as it was sent; the type stays `bool`.
+    ephemeral: bool = Field(None, json_schema_extra=no_null_default,  # type: ignore[assignment]
+                            description="true: send it straight to the channel's subscribers, at most once: no "
+                                        "Kafka, history or status (docs/protocol.md: Ephemeral messages); every "
+                                        "message of HERALD_EPHEMERAL_NAMESPACES is")
 
 
 # pydantic's error types, said the way the API says them (docs/protocol.md: "Errors").

@@ -45,7 +45,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 # -- web --------------------------------------------------------------------
 PUBLISHES = Counter("herald_publishes_total", "Messages offered for publishing, by result "
-                    "(accepted, duplicate: an idempotent retry answered from the first, refused)", ["result"])
+                    "(accepted, duplicate: an idempotent retry answered from the first, refused, "
+                    "sent: ephemeral)", ["result"])
 PRODUCE_LATENCY = Histogram("herald_produce_seconds", "Time from producing a record until Kafka acknowledged it",
                             buckets=LATENCY_BUCKETS)
 WS_CONNECTIONS = Gauge("herald_ws_connections", "Open WebSocket connections", multiprocess_mode="livesum")

@@ -204,6 +204,15 @@ def _retention(name: str, raw: str) -> Retention:
     return tuple(rules)
 
 
+def _namespaces(name: str, raw: str) -> tuple[str, ...]:
+    # "typing,cursors": the part before a channel's first ':' (messages.namespace), so no ':'.
+    spaces = words(name, raw)
+    for space in spaces:
+        if ":" in space or not valid_channel(space):
+            raise ConfigError(f"{name} item {space!r} is not a namespace (a channel name's part before its first ':')")
+    return spaces
+
+
 def _rate_limits(name: str, raw: str) -> RateLimits:
     # "publish=100/second;batch.address=50/second;admin=off", or "off" for every
     # limit. GROUP= sets both the per-token and the per-address limit, GROUP.token=
@@ -426,6 +435,10 @@ class Settings:
     history_retention: Retention = env(
         "HERALD_HISTORY_RETENTION", (), _retention,
         "per namespace, entries / seconds kept: chat=500/86400,alerts=50/3600")
+    # docs/protocol.md: "Ephemeral messages".
+    ephemeral_namespaces: tuple[str, ...] = env(
+        "HERALD_EPHEMERAL_NAMESPACES", (), _namespaces,
+        "namespaces whose messages go straight to subscribers: no Kafka, history or status")
     status_ttl: int = env(
         "HERALD_STATUS_TTL", 86400, whole(60, 30 * 86400),
         "seconds a message's status, dedupe marker and idempotency answer are kept")
@@ -680,6 +693,11 @@ class Settings:
             if name == space:
                 return maxlen, age
         return self.history_maxlen, self.history_max_age
+
+    def ephemeral(self, channel: str) -> bool:
+        """True when a channel's namespace is in HERALD_EPHEMERAL_NAMESPACES: its messages are
+        published straight to its subscribers, never to Kafka or history."""
+        return namespace(channel) in self.ephemeral_namespaces
 
 
 def variables() -> Iterator[tuple[dataclasses.Field[Any], Var]]:

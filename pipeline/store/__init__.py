@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.core.frames import Emission
+from pipeline.core.frames import Emission, ephemeral_frame
 from pipeline.core.messages import Envelope
 from pipeline.core.settings import Settings
 from pipeline.store.client import Client, check_at_start, connect, run_ids
@@ -37,7 +37,7 @@ from pipeline.store.gate import Gate, PassResult
 from pipeline.store.history import History
 from pipeline.store.idempotency import Idempotency
 from pipeline.store.inflight import InFlight
-from pipeline.store.keys import Keys
+from pipeline.store.keys import Keys, routed
 from pipeline.store.occupancy import Occupancy
 from pipeline.store.rates import RATE_WINDOW_CAP, Rates
 from pipeline.store.revocations import RevokedTokens
@@ -74,6 +74,11 @@ class Store:
         """Publish on a pub/sub channel built by Keys (sharded on a cluster); returns how many
         subscribers received it (the pipeline, when `client` is one)."""
         return self.runner.publish(name, message, client)
+
+    def publish_ephemeral(self, envelope: Envelope) -> None:
+        """Publish an ephemeral message's frame on its channel's message pub/sub channel, as the
+        delivery script publishes a stored one but with no stream id: in no history, no status."""
+        self.publish(self.keys.message_channel(envelope.channel), routed("", ephemeral_frame(envelope)))
 
     def mget(self, keys: list[str]) -> list[Any]:
         """GET of many keys in one call (spread over their nodes on a cluster)."""

@@ -27,9 +27,15 @@ from pipeline.core.messages import parse_origin
 
 # A routed pub/sub payload is "<head>\n<frame>": on a channel's message
 # channel the head is the message's stream id (the hub drops what a resumed
-# client already has), on a node channel the client the frame is for. The
-# Lua scripts write it too: they are given this separator (pipeline/store/scripts.py).
+# client already has), empty for an ephemeral message, which has none; on a
+# node channel the client the frame is for. The Lua scripts write it too:
+# they are given this separator (pipeline/store/scripts.py).
 ROUTE_SEPARATOR = "\n"
+
+
+def routed(head: str, frame: str) -> str:
+    """A routed payload of `frame` under `head`."""
+    return f"{head}{ROUTE_SEPARATOR}{frame}"
 
 
 def split_routed(payload: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from pipeline.core.frames import status_frame
 from pipeline.core.ids import client_id
 from pipeline.core.messages import Envelope, dumps_bytes
 from pipeline.core.settings import Settings
-from pipeline.store.keys import ROUTE_SEPARATOR, Keys
+from pipeline.store.keys import ROUTE_SEPARATOR, Keys, routed
 from pipeline.store.scripts import Call, Runner, Script
 
 STATUS_RANK = {"accepted": 1, "processing": 2, "delivered": 3, "failed": 3, "rejected": 3}
@@ -126,7 +126,7 @@ class Statuses:
             self.runner.publish(self.keys.status_channel(envelope.channel), frame, client)
         node, target = self.keys.origin_route(origin)
         if node:
-            self.runner.publish(node, f"{target}{ROUTE_SEPARATOR}{frame}", client)
+            self.runner.publish(node, routed(target, frame), client)
 
     def accept_calls(self, accepted: list[tuple[Envelope, int, int]]) -> list[Call]:
         """The calls that note records Kafka acknowledged, (envelope, partition, offset) each,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from pipeline.core import streamids
@@ -118,7 +118,7 @@ class Unsubscribed(_Frame):
 
 
 class MessageFrame(_Frame):
-    """A message of a subscribed channel, in the channel's order."""
+    """A message of a subscribed channel, in the channel's order (an ephemeral one as it comes)."""
 
     op: Literal["message"]
     channel: str
@@ -127,10 +127,22 @@ class MessageFrame(_Frame):
     data: Any
     sender: str | None
     ts: int
-    offset: str = Field(description="its place in the channel's history: `since` to resume after it")
-    # None stands only for "absent"; the type stays `list[str]`: the frame never carries a null.
+    # None stands only for "absent"; the types stay `str` and `list[str]`: the frame never carries a null.
+    offset: str = Field(None, json_schema_extra=no_null_default,  # type: ignore[assignment]
+                        description="its place in the channel's history: `since` to resume after it; absent "
+                                    "from an ephemeral message, which is in no history")
     tags: list[str] = Field(None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
                             description="tags rules gave it")
+    ephemeral: Literal[True] = Field(None, json_schema_extra=no_null_default,  # type: ignore[arg-type]
+                                     description="an ephemeral message (docs/protocol.md: Ephemeral messages): "
+                                                 "sent to those subscribed now, not stored, not resumable")
+
+    @model_validator(mode="after")
+    def _offset_or_ephemeral(self) -> MessageFrame:
+        # A stored message has its place in history; only an ephemeral one has none.
+        if (self.offset is None) == (self.ephemeral is None):
+            raise ValueError("a message frame has either an offset or `ephemeral: true`")
+        return self
 
 
 class StatusFrame(_Frame):
@@ -152,11 +164,11 @@ class PresenceFrame(_Frame):
 
 
 class Ack(_Frame):
-    """Kafka acknowledged a published message."""
+    """Kafka acknowledged a published message (`accepted`), or an ephemeral one was sent (`sent`)."""
 
     op: Literal["ack"]
     id: str
-    status: Literal["accepted"]
+    status: Literal["accepted", "sent"]
     ref: Any = Ref
 
 

@@ -33,6 +33,7 @@ from pipeline.core.metrics import SLOW_CLOSES, WS_CONNECTIONS
 from pipeline.core.streamids import from_key as _format_sid
 from pipeline.core.streamids import key as stream_id_key
 from pipeline.core.streamids import valid as valid_stream_id
+from pipeline.ingest import ephemeral
 from web.auth import LEEWAY_SECONDS, AuthError, verify
 from web.authorize import PUBLISH, SUBSCRIBE, AuthorizeUnavailable
 from web.hub import frames
@@ -402,7 +403,11 @@ class Protocol:
         try:
             self.router.join(names)
             try:
-                if since:
+                if self.settings.ephemeral(channel):
+                    # No history to read, nor trimmed: a `since` replays nothing, and there
+                    # is no gap to report (docs/protocol.md: "Ephemeral messages").
+                    replay, recovered, more = [], True, False
+                elif since:
                     page = self.services.history(channel, since, size)
                     replay, recovered, more = page["messages"], page["recovered"], page["next"] is not None
                     sub.last = stream_id_key(replay[-1]["offset"]) if replay else stream_id_key(since)
@@ -506,15 +511,18 @@ class Protocol:
         if not self.services.permissions.allows(client.identity, PUBLISH, envelope.channel):
             raise Forbidden(f"this token may not publish to {envelope.channel}")
         try:
-            answer = self.services.ingest.publish(envelope, idempotent=frame.id is not None,
-                                                  origin=self.hub.member(client.id), request_id=new_id())
+            if ephemeral(self.settings, frame):
+                answer = self.services.ingest.send(envelope, idempotent=frame.id is not None)
+            else:
+                answer = self.services.ingest.publish(envelope, idempotent=frame.id is not None,
+                                                      origin=self.hub.member(client.id), request_id=new_id())
         except Refused:
             raise
         except HeraldError as exc:
             # Its text names internal hosts: logged, not sent (docs/protocol.md: "WebSocket close codes and errors").
             log.warning("ws publish refused: service unavailable", extra={"client": client.id, "error": str(exc)})
             raise Unavailable("the message was not accepted, retry later") from None
-        client.send(_with_ref({"op": "ack", "id": answer["id"], "status": "accepted"}, ref))
+        client.send(_with_ref({"op": "ack", "id": answer["id"], "status": answer["status"]}, ref))
 
     # -- closing --------------------------------------------------------------
     def drop(self, client: Client) -> None:
@@ -555,7 +563,9 @@ def _go_live(sub: Subscription) -> bool:
     False when they overflowed meanwhile (then history is read on)."""
     while sub.backlog and not sub.overflowed:
         key, live = sub.backlog.pop(0)
-        if key > sub.last:
+        if key is None:  # ephemeral: in no history, so never replayed
+            sub.ws.push(live)
+        elif key > sub.last:
             sub.last = key
             sub.ws.push(live)
     sub.held = 0

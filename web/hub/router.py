@@ -52,9 +52,13 @@ class Subscription:
         self.held = 0             # bytes held now
         self.overflowed = False   # more came: they were dropped, and are read from history
 
-    def offer(self, key: tuple[int, int], frame: bytes) -> None:
-        """Send a message frame (`key`: its parsed offset) unless the replay already sent it."""
+    def offer(self, key: tuple[int, int] | None, frame: bytes) -> None:
+        """Send a message frame (`key`: its parsed offset, None for an ephemeral message) unless
+        the replay already sent it."""
         if self.backlog is not None:
+            # An ephemeral frame is held too, in its place among the others, so that
+            # nothing comes before the `subscribed` reply and the replay; if the
+            # backlog overflows it is lost with them, and history does not have it.
             # A frame is in history before it is published (one Lua script,
             # docs/design.md: "Delivery guarantees"), so a replay that falls behind the
             # live flow drops what it holds and reads it from history instead.
@@ -68,7 +72,9 @@ class Subscription:
             self.backlog.append((key, frame))
             self.held += len(frame)
             return
-        if key > self.last:
+        if key is None:
+            self.ws.push(frame)
+        elif key > self.last:
             self.last = key
             self.ws.push(frame)
 
@@ -308,7 +314,8 @@ class Router:
             subs = self.index.channels.get(channel)
             if subs:
                 frames = [split_routed(payload) for payload in payloads]
-                self.send_messages(subs, [stream_id_key(sid) for sid, _ in frames],
+                # An ephemeral message has no stream id (pipeline/store/keys.py: routed payloads).
+                self.send_messages(subs, [stream_id_key(sid) if sid else None for sid, _ in frames],
                                    [wire_frame(frame) for _, frame in frames])
         elif kind:
             watchers = self.index.watchers[kind].get(channel)
@@ -327,14 +334,17 @@ class Router:
 
         A live subscriber that has none of them yet gets them all in one
         send; one replaying history, or resuming at the seam, gets each
-        frame it lacks.
+        frame it lacks. An ephemeral frame (key None) has no offset to order
+        or drop it by: every live subscriber gets it.
         """
-        first, last = keys[0], keys[-1]
+        stored = [key for key in keys if key is not None]
+        first, last = (stored[0], stored[-1]) if stored else (None, None)
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         targets = list(subs.values())
         for sub in targets:
-            if sub.backlog is None and sub.last < first:
-                sub.last = last
+            if sub.backlog is None and (first is None or sub.last < first):
+                if last is not None:
+                    sub.last = last
                 sub.ws.push(data)
             else:
                 for key, frame in zip(keys, frames):

@@ -90,7 +90,8 @@
           break;
         case "message": {
           const sub = this.channels.get(frame.channel);
-          if (sub) { sub.offset = frame.offset; sub.handler(frame); }
+          // An ephemeral message has no offset: it moves no resume point.
+          if (sub) { if (frame.offset) sub.offset = frame.offset; sub.handler(frame); }
           break;
         }
         case "subscribed": {
