@@ -80,15 +80,17 @@ def test_message_events_carry_every_channels_position():
         {"op": "message", "channel": "a", "offset": "6-0"},
         {"op": "message", "channel": "b", "offset": "7-1"},
         {"op": "message", "channel": "other", "offset": "8-0"},
+        {"op": "message", "channel": "a", "ephemeral": True},
     ]
     stream.push(b"".join(wire_frame(json.dumps(frame, separators=(",", ":"))) for frame in frames))
     events = _events(stream._queue[0])
     assert [event["event"] for event in events] == ["connected", "subscribed", "subscribed", "message", "message",
-                                                    "message"]
+                                                    "message", "message"]
     assert [json.loads(event["data"]) for event in events] == frames
-    # A replay of `a` from 5-0 keeps it there; `b`, live, starts before every offset.
+    # A replay of `a` from 5-0 keeps it there; `b`, live, starts before every offset; an
+    # ephemeral message, with no offset, leaves the id as it was.
     assert [event.get("id") for event in events] == [None, "a~5-0", "a~5-0!b~0-0", "a~6-0!b~0-0", "a~6-0!b~7-1",
-                                                     None]
+                                                     None, None]
 
 
 def test_a_stream_past_its_queue_is_closed_too_slow():

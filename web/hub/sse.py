@@ -136,7 +136,8 @@ class EventStream:
         name = frame.get("op", "message")
         channel = frame.get("channel")
         head = f"event: {name}\n"
-        if channel in self.channels and name in ("message", "subscribed"):
+        # An ephemeral message has no offset to resume from: its event leaves the id as it was.
+        if channel in self.channels and name in ("message", "subscribed") and not frame.get("ephemeral"):
             if name == "message":
                 self.positions[channel] = frame["offset"]
             elif not frame.get("replayed"):
